@@ -1,0 +1,3 @@
+from kedavra.cli import main
+
+raise SystemExit(main())
