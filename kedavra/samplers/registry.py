@@ -1,0 +1,144 @@
+"""The sampler table (names from kedavra, diffusers, A1111 and ComfyUI) and `sample`, the one entry point."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from kedavra.forward_process import add_noise, check_finite
+from kedavra.samplers.ddpm import sample_ddim, sample_ddpm
+from kedavra.samplers.denoiser import Denoiser, Model
+from kedavra.samplers.dpm_solver import sample_dpmpp_2m, sample_dpmpp_2m_sde
+from kedavra.samplers.euler import sample_euler, sample_euler_ancestral, sample_heun
+from kedavra.samplers.unipc import sample_unipc
+from kedavra.schedule import SCHEDULE_PRESETS, NoiseSchedule
+from kedavra.timesteps import SPACINGS, make_plan, start_index_for_strength
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """One sampler: its function, the view its state lives in ("vp" or "ve"), and the names users know."""
+
+    name: str
+    fn: Callable
+    view: str
+    stochastic: bool
+    diffusers: str  # the diffusers scheduler (and settings) that computes the same trajectory
+    a1111: str  # the name in AUTOMATIC1111's web UI ("" where it has none)
+    comfyui: str  # the sampler_name in ComfyUI ("" where it has none)
+    evaluations_per_step: int = 1  # Heun: 2 per step, minus one on the last
+
+    def evaluations(self, steps: int) -> int:
+        """Model evaluations for a run of `steps` steps ending at σ = 0."""
+        return steps if self.evaluations_per_step == 1 else 2 * steps - 1
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    spec.name: spec
+    for spec in [
+        SamplerSpec("ddpm", sample_ddpm, "vp", True, "DDPMScheduler", "DDPM", "ddpm"),
+        SamplerSpec("ddpm_large", functools.partial(sample_ddpm, variance="fixed_large"), "vp", True,
+                    'DDPMScheduler(variance_type="fixed_large")', "", ""),
+        SamplerSpec("ddim", sample_ddim, "vp", False, "DDIMScheduler", "DDIM", "ddim"),
+        SamplerSpec("euler", sample_euler, "ve", False, "EulerDiscreteScheduler", "Euler", "euler"),
+        SamplerSpec("euler_a", sample_euler_ancestral, "ve", True, "EulerAncestralDiscreteScheduler", "Euler a",
+                    "euler_ancestral"),
+        SamplerSpec("heun", sample_heun, "ve", False, "HeunDiscreteScheduler", "Heun", "heun", 2),
+        SamplerSpec("dpmpp_2m", sample_dpmpp_2m, "vp", False, "DPMSolverMultistepScheduler", "DPM++ 2M",
+                    "dpmpp_2m"),
+        SamplerSpec("dpmpp_2m_sde", sample_dpmpp_2m_sde, "vp", True,
+                    'DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")', "DPM++ 2M SDE",
+                    "dpmpp_2m_sde"),
+        SamplerSpec("unipc", sample_unipc, "vp", False, "UniPCMultistepScheduler", "UniPC", "uni_pc"),
+    ]
+}
+
+_EXTRA_ALIASES = {"k_euler": "euler", "k_euler_a": "euler_a", "k_euler_ancestral": "euler_a", "k_heun": "heun",
+                  "dpm++ 2m": "dpmpp_2m", "dpmsolvermultistep": "dpmpp_2m", "unipcmultistep": "unipc"}
+
+
+def _normalise(name: str) -> str:
+    return " ".join(name.strip().lower().replace("-", " ").split())
+
+
+def _alias_table() -> dict[str, str]:
+    table = {}
+    for spec in SAMPLERS.values():
+        for alias in (spec.name, spec.a1111, spec.comfyui, spec.diffusers.split("(")[0]):
+            if alias and _normalise(alias) not in table:
+                table[_normalise(alias)] = spec.name
+    table.update({_normalise(k): v for k, v in _EXTRA_ALIASES.items()})
+    return table
+
+
+_ALIASES = _alias_table()
+
+
+def resolve_sampler(name: str) -> tuple[SamplerSpec, bool]:
+    """(spec, karras) for a sampler name of kedavra, diffusers, A1111 or ComfyUI, case-insensitive.
+
+    A trailing " Karras" (A1111's "DPM++ 2M Karras") or "_karras" asks for Karras σ spacing."""
+    if not isinstance(name, str):
+        raise ValueError(f"sampler must be a name (str), got {name!r}")
+    key = _normalise(name)
+    karras = False
+    for suffix in (" karras", "_karras"):
+        if key.endswith(suffix):
+            key, karras = key[: -len(suffix)].strip(), True
+    if key not in _ALIASES:
+        raise ValueError(f"unknown sampler {name!r}; allowed: {', '.join(SAMPLERS)} "
+                         "(or their diffusers / A1111 / ComfyUI names, optionally with ' Karras')")
+    return SAMPLERS[_ALIASES[key]], karras
+
+
+def sample(
+    model: Model,
+    noise: torch.Tensor,
+    *,
+    sampler: str = "euler",
+    steps: int = 20,
+    schedule: NoiseSchedule = SCHEDULE_PRESETS["sd"],
+    prediction_type: str = "eps",
+    spacing: str = "leading",
+    steps_offset: int = 0,
+    karras: bool = False,
+    final_sigma: str = "zero",
+    eta: float = 0.0,
+    init: torch.Tensor | None = None,
+    strength: float = 1.0,
+    generator: torch.Generator | None = None,
+    callback: Callable | None = None,
+) -> torch.Tensor:
+    """Run the reverse process from `noise` (standard normal, the shape of a sample) to a sample.
+
+    init/strength: image-to-image; the run starts part-way, at the step a fraction `strength` of the way
+    from the end, from init noised to that level (x_t = √ᾱ_t init + √(1-ᾱ_t) noise, DDPM eq. 4).
+    Without init it starts from x_T = noise (VP), as Stable Diffusion does.
+    callback(i, n, x, x0_hat) is called after each step. Returns the sample at the final level (the clean
+    sample when final_sigma is "zero"; with "sigma_min" the state at σ(t=0) in the sampler's view).
+    """
+    spec, karras_from_name = resolve_sampler(sampler)
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; allowed: {', '.join(SPACINGS)}")
+    if eta and spec.name != "ddim":
+        raise ValueError(f"eta={eta} applies only to the ddim sampler, not {spec.name!r}")
+    check_finite(noise, "noise")
+    plan = make_plan(schedule, steps, spacing, steps_offset, karras or karras_from_name, final_sigma)
+    denoiser = model if isinstance(model, Denoiser) else Denoiser(model, prediction_type)
+    if init is not None:
+        check_finite(init, "init")
+        if init.shape != noise.shape:
+            raise ValueError(f"init has shape {tuple(init.shape)} but noise has {tuple(noise.shape)}; they must match")
+        plan = plan.start_at(start_index_for_strength(steps, strength))
+        x = add_noise(init, noise, plan.alpha_bar[0].item())
+    elif strength != 1.0:
+        raise ValueError(f"strength={strength} needs an init sample (image-to-image); without one it must be 1.0")
+    else:
+        x = noise
+    if spec.view == "ve":
+        x = x * (1 + plan.sigmas[0].item() ** 2) ** 0.5  # x_VE = x_t / √ᾱ
+    options = {"eta": eta} if spec.name == "ddim" else {}
+    return spec.fn(denoiser, x, plan, generator=generator, callback=callback, **options)

@@ -1,0 +1,74 @@
+"""UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework"), order 2, B(h) = e^h - 1
+("bh2"), data prediction, in the VP view; the variant A1111, ComfyUI and diffusers run for Stable Diffusion.
+
+Each step: correct the current sample with the model output just computed (UniC, the paper's Alg. 1),
+then predict the next one (UniP, Alg. 2). Symbols as in dpm_solver.py (a = √ᾱ, s = √(1-ᾱ), λ = log a/s);
+with ĥ = -h the φ-functions are h φ_1 = e^{ĥ} - 1, φ_2 = (φ_1·h/ĥ... ) as in the paper's eq. 10.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kedavra.samplers.denoiser import Denoiser
+from kedavra.samplers.dpm_solver import vp_scales
+from kedavra.timesteps import SamplingPlan
+
+
+def _unipc_weights(h: float, r: float | None) -> tuple[float, float, float]:
+    """(e^{-h} - 1, predictor weight of D1, (corrector weights of D1, of the new output)).
+
+    With ĥ = -h: b_1 = (φ(ĥ)/ĥ - 1)/B(h), b_2 = 2((φ(ĥ)/ĥ - 1)/ĥ - 1/2)/B(h), φ(ĥ) = B(h) = e^{ĥ} - 1
+    (UniPC, Zhao et al. 2023, eq. 10 and Thm. 3.1 with B(h) = e^h - 1). The order-2 predictor uses the
+    fixed weight 1/2; the corrector solves R ρ = b for R = [[1, 1], [r, 1]] (or ρ = 1/2 at order 1).
+    """
+    hh = -h
+    phi1 = math.expm1(hh)
+    b1 = (phi1 / hh - 1) / phi1
+    if r is None:
+        return phi1, 0.0, (0.0, 0.5)
+    b2 = 2 * ((phi1 / hh - 1) / hh - 0.5) / phi1
+    # solve [[1, 1], [r, 1]] [ρ_1, ρ_2] = [b1, b2]
+    rho1 = (b1 - b2) / (1 - r)
+    rho2 = b1 - rho1
+    return phi1, 0.5, (rho1, rho2)
+
+
+def _lam(plan: SamplingPlan, i: int) -> float:
+    return vp_scales(plan.sigmas[i].item())[2]
+
+
+def sample_unipc(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, generator=None, callback=None):
+    """UniPC-2 (bh2): n model evaluations; the last step is first order and uncorrected."""
+    n = len(plan)
+    x0s: list[torch.Tensor] = []  # data predictions at the levels visited so far
+    x_before, order_before = None, 0  # the sample the previous predictor started from, and its order
+    for i in range(n):
+        x0 = denoiser.vp(x, plan.timesteps[i].item(), 1 / (1 + plan.sigmas[i].item() ** 2))[0]
+        if x_before is not None:  # UniC: correct x_i using x̂_0 at x_i
+            a, s, lam = vp_scales(plan.sigmas[i].item())
+            _, s_prev, lam_prev = vp_scales(plan.sigmas[i - 1].item())
+            h = lam - lam_prev
+            m0 = x0s[-1]
+            r = (_lam(plan, i - 2) - lam_prev) / h if order_before == 2 else None
+            phi1, _, (rho_d1, rho_new) = _unipc_weights(h, r)
+            correction = rho_new * (x0 - m0)
+            if r is not None:
+                correction = correction + rho_d1 * (x0s[-2] - m0) / r
+            x = (s / s_prev) * x_before - a * phi1 * m0 - a * phi1 * correction
+        x0s = (x0s + [x0])[-2:]
+        order = min(2, n - i, len(x0s))  # warm-up and lower order at the final step
+        a_next, s_next, lam_next = vp_scales(plan.sigmas[i + 1].item())
+        _, s, lam = vp_scales(plan.sigmas[i].item())
+        h = lam_next - lam
+        phi1 = math.expm1(-h)
+        x_next = (s_next / s) * x - a_next * phi1 * x0  # UniP, order 1 (= DPM-Solver++ first order)
+        if order == 2:
+            r = (_lam(plan, i - 1) - lam) / h
+            x_next = x_next - a_next * phi1 * 0.5 * (x0s[-2] - x0) / r
+        if callback is not None:
+            callback(i, n, x_next, x0)
+        x_before, order_before, x = x, order, x_next
+    return x

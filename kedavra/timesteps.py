@@ -1,0 +1,124 @@
+"""Which timesteps a sampler visits: spacings, Karras σ, and starting part-way for image-to-image.
+
+A sampler with n steps evaluates the model at n training timesteps t_0 > t_1 > ... > t_{n-1} and moves
+the sample through the noise levels σ_0 > σ_1 > ... > σ_{n-1} > σ_n, where σ_n is the level it ends on
+(0, the clean sample, by default). `SamplingPlan` holds both, plus ᾱ at each level.
+
+Spacings (the names diffusers' `timestep_spacing` uses; Lin et al. 2023, table 2, compares them):
+    leading   t_i = (n-1-i)·⌊T/n⌋ + offset       SD 1.x/2.x's default, with steps_offset = 1
+    trailing  t_i = round(T - i·T/n) - 1          starts at the last step t = T-1 (needed with zero terminal SNR)
+    linspace  t_i = round(linspace(T-1, 0, n))
+Karras σ (Karras et al. 2022, eq. 5, ρ = 7) replaces the σ's of the spaced steps by
+σ_i = (σ_max^{1/ρ} + i/(n-1) (σ_min^{1/ρ} - σ_max^{1/ρ}))^ρ between the same end points, evaluated at the
+fractional timesteps whose σ these are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kedavra.schedule import NoiseSchedule
+
+SPACINGS = ("leading", "trailing", "linspace")
+FINAL_SIGMAS = ("zero", "sigma_min")
+KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5 and table 1
+# ᾱ floor where the σ-space samplers meet a zero-terminal-SNR schedule (σ = ∞ there): the value
+# diffusers uses (2^-24, about fp32's resolution near 1), giving σ_max ≈ 4096.
+ZERO_SNR_ALPHA_BAR_FLOOR = 2.0**-24
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """timesteps (n,) float64; alpha_bar and sigmas (n+1,) float64: level of step i and the final level.
+
+    `alpha_bar` is exact (0 at a zero-terminal-SNR start); `sigmas` is √((1-ᾱ)/ᾱ) with ᾱ floored at
+    ZERO_SNR_ALPHA_BAR_FLOOR so σ stays finite for the σ-space samplers.
+    """
+
+    timesteps: torch.Tensor
+    alpha_bar: torch.Tensor
+    sigmas: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    def start_at(self, index: int) -> SamplingPlan:
+        """The plan from step `index` on (image-to-image starts part-way)."""
+        return SamplingPlan(self.timesteps[index:], self.alpha_bar[index:], self.sigmas[index:])
+
+
+def check_steps(steps, num_train_timesteps: int) -> None:
+    """Raise ValueError unless 1 <= steps <= num_train_timesteps."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_train_timesteps:
+        raise ValueError(f"steps must be an integer from 1 to {num_train_timesteps} (training steps), got {steps!r}")
+
+
+def spaced_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "leading", steps_offset: int = 0):
+    """Integer timesteps, descending, shape (steps,), by the named spacing (see the module docstring)."""
+    T = schedule.num_train_timesteps
+    check_steps(steps, T)
+    if spacing == "leading":
+        ratio = T // steps
+        timesteps = torch.arange(steps - 1, -1, -1, dtype=torch.float64) * ratio + steps_offset
+    elif spacing == "trailing":
+        timesteps = torch.round(T - torch.arange(steps, dtype=torch.float64) * (T / steps)) - 1
+    elif spacing == "linspace":
+        timesteps = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round()
+    else:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; allowed: {', '.join(SPACINGS)}")
+    if timesteps.max() > T - 1:
+        raise ValueError(f"steps_offset {steps_offset} puts the first timestep past {T - 1}; lower it")
+    return timesteps
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = KARRAS_RHO) -> torch.Tensor:
+    """σ_i = (σ_max^{1/ρ} + i/(n-1)(σ_min^{1/ρ} - σ_max^{1/ρ}))^ρ, i = 0..n-1 (Karras et al. 2022, eq. 5)."""
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def make_plan(
+    schedule: NoiseSchedule,
+    steps: int,
+    spacing: str = "leading",
+    steps_offset: int = 0,
+    karras: bool = False,
+    final_sigma: str = "zero",
+) -> SamplingPlan:
+    """The timesteps and noise levels of an n-step sampler (see the module docstring).
+
+    final_sigma: "zero" ends on the clean sample (σ_n = 0, ᾱ_n = 1); "sigma_min" ends on the training
+    schedule's first level σ_n = σ(t=0) (DDIM's `set_alpha_to_one=False`, as Stable Diffusion's config has it).
+    """
+    if final_sigma not in FINAL_SIGMAS:
+        raise ValueError(f"unknown final_sigma {final_sigma!r}; allowed: {', '.join(FINAL_SIGMAS)}")
+    timesteps = spaced_timesteps(schedule, steps, spacing, steps_offset)
+    alpha_bar = schedule.alpha_bar[timesteps.long()]
+    if karras:
+        floored = alpha_bar.clamp(min=ZERO_SNR_ALPHA_BAR_FLOOR)
+        sigma_ends = ((1 - floored) / floored).sqrt()
+        sigmas = karras_sigmas(sigma_ends[-1].item(), sigma_ends[0].item(), steps)
+        timesteps = schedule.sigma_to_t(sigmas, alpha_bar_floor=ZERO_SNR_ALPHA_BAR_FLOOR)
+        alpha_bar = 1 / (1 + sigmas**2)
+    final = torch.ones(1, dtype=torch.float64) if final_sigma == "zero" else schedule.alpha_bar[:1]
+    alpha_bar = torch.cat([alpha_bar, final])
+    floored = alpha_bar.clamp(min=ZERO_SNR_ALPHA_BAR_FLOOR)
+    sigmas = ((1 - floored) / floored).sqrt()
+    return SamplingPlan(timesteps, alpha_bar, sigmas)
+
+
+def start_index_for_strength(steps: int, strength: float) -> int:
+    """First step of an image-to-image run: strength 1 starts from pure noise (index 0), strength s runs
+    the last ⌊s·n⌋ of the n steps (the convention of SD's img2img scripts and diffusers)."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+        raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
+    denoise_steps = min(int(steps * strength), steps)
+    if denoise_steps == 0:
+        raise ValueError(
+            f"strength {strength} with {steps} steps leaves no step to run; use strength >= {1 / steps:.3g} "
+            "or more steps"
+        )
+    return steps - denoise_steps
