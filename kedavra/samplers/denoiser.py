@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from kedavra.forward_process import check_prediction_type, to_x0_eps
+from kedavra.forward_process import check_finite, check_prediction_type, to_x0_eps
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -33,7 +33,12 @@ class Denoiser:
     def _run(self, x_t: torch.Tensor, t: float) -> torch.Tensor:
         t_batch = torch.full((x_t.shape[0],), float(t), dtype=torch.float32, device=x_t.device)
         self.evaluations += 1
-        return self.model(x_t, t_batch)
+        output = self.model(x_t, t_batch)
+        if output.shape != x_t.shape:
+            raise ValueError(f"the model returned shape {tuple(output.shape)} for input {tuple(x_t.shape)}; "
+                             "it must return a prediction of the input's shape")
+        check_finite(output, f"the model's output at t={t:.4g}")
+        return output
 
     def vp(self, x_t: torch.Tensor, t: float, alpha_bar: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(x̂_0, ε̂) at x_t, timestep t with ᾱ_t = alpha_bar, in the VP view."""

@@ -1,0 +1,123 @@
+"""Samplers: relations that must hold between them, reproducibility, image-to-image, bad input."""
+
+import pytest
+import torch
+
+from kedavra.samplers import SAMPLERS, Denoiser, resolve_sampler, sample
+from kedavra.schedule import get_schedule
+
+SHAPE = (2, 3, 4, 4)
+
+
+def smooth_eps_model(x, t):
+    t = t.reshape(-1, *([1] * (x.ndim - 1)))
+    return 0.5 * torch.tanh(x) + 0.2 * torch.cos(t / 200)
+
+
+def noise(seed=0, dtype=torch.float32):
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_a_constant_clean_prediction_is_returned_exactly(name):
+    """If the model always predicts the same x_0, every sampler (stochastic ones too) ends on it: each step
+    keeps x_0 and only shrinks the noise, and the last step to σ = 0 removes it."""
+    target = torch.linspace(-1, 1, 96).reshape(SHAPE)
+    out = sample(lambda x, t: target, noise(), sampler=name, steps=7, prediction_type="x0",
+                 generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(out, target, atol=1e-5)
+
+
+def test_ddim_eta0_is_euler():
+    """DDIM with η = 0 is Euler's method on the probability-flow ODE in the VE view (Karras et al. 2022,
+    sec. 3 and table 1); the two differ only by rounding."""
+    a = sample(smooth_eps_model, noise(), sampler="ddim", steps=15)
+    b = sample(smooth_eps_model, noise(), sampler="euler", steps=15)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_ddim_eta1_is_ddpm_and_euler_ancestral():
+    """DDIM with η = 1 has the variance of DDPM's posterior (DDIM eq. 16), and Euler ancestral is the same
+    step in the VE view: with the same noise draws all three trajectories coincide."""
+    runs = [sample(smooth_eps_model, noise(), sampler=name, steps=12, generator=torch.Generator().manual_seed(5),
+                   **kw) for name, kw in [("ddpm", {}), ("ddim", {"eta": 1.0}), ("euler_a", {})]]
+    assert torch.allclose(runs[0], runs[1], atol=1e-4) and torch.allclose(runs[0], runs[2], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", [n for n, s in SAMPLERS.items() if s.stochastic])
+def test_same_seed_same_result_other_seed_other_result(name):
+    def run(seed):
+        return sample(smooth_eps_model, noise(), sampler=name, steps=8, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(run(1), run(1))
+    assert not torch.allclose(run(1), run(2))
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_evaluation_count(name):
+    denoiser = Denoiser(smooth_eps_model, "eps")
+    sample(denoiser, noise(), sampler=name, steps=6, generator=torch.Generator().manual_seed(0))
+    assert denoiser.evaluations == SAMPLERS[name].evaluations(6) == (11 if name == "heun" else 6)
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m", "unipc", "heun"])
+def test_image_to_image_runs_the_last_steps_from_the_noised_init(name):
+    init = torch.linspace(-1, 1, 96).reshape(SHAPE)
+    calls = []
+    out = sample(smooth_eps_model, noise(), sampler=name, steps=20, init=init, strength=0.3,
+                 callback=lambda i, n, x, x0: calls.append(n))
+    assert len(calls) == 6 and calls[0] == 6  # ⌊0.3·20⌋ = 6 steps
+    # strength 0 would leave the image untouched; a small strength stays close to it
+    assert (out - init).abs().mean() < (noise() - init).abs().mean()
+
+
+def test_model_sees_training_timesteps():
+    seen = []
+    sample(lambda x, t: seen.append(t.clone()) or torch.zeros_like(x), noise(), sampler="euler", steps=4,
+           spacing="leading", steps_offset=1)
+    assert [t[0].item() for t in seen] == [751.0, 501.0, 251.0, 1.0] and seen[0].shape == (SHAPE[0],)
+
+
+def test_zero_terminal_snr_with_v_prediction_is_finite():
+    schedule = get_schedule("sd-zero-snr")
+    for name in SAMPLERS:
+        out = sample(smooth_eps_model, noise(), sampler=name, steps=10, schedule=schedule, prediction_type="v",
+                     spacing="trailing", generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(out).all(), name
+
+
+@pytest.mark.parametrize("alias,expected,karras", [
+    ("Euler a", "euler_a", False), ("DPM++ 2M Karras", "dpmpp_2m", True), ("euler_ancestral", "euler_a", False),
+    ("DPMSolverMultistepScheduler", "dpmpp_2m", False), ("uni_pc", "unipc", False), ("DPM++ 2M SDE", "dpmpp_2m_sde",
+    False), ("k_euler", "euler", False), ("dpmpp_2m_karras", "dpmpp_2m", True)])
+def test_names_users_know_resolve(alias, expected, karras):
+    spec, k = resolve_sampler(alias)
+    assert spec.name == expected and k == karras
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"sampler": "plms"}, "unknown sampler 'plms'; allowed: ddpm"),
+    ({"steps": 0}, "steps must be an integer from 1 to 1000"),
+    ({"steps": 1001}, "steps must be an integer from 1 to 1000"),
+    ({"spacing": "even"}, "unknown timestep spacing 'even'"),
+    ({"prediction_type": "noise"}, "unknown prediction type 'noise'"),
+    ({"strength": 0.5}, "needs an init sample"),
+    ({"init": torch.zeros(SHAPE), "strength": 1.5}, r"strength must be a number in \[0, 1\], got 1.5"),
+    ({"init": torch.zeros(1, 3), "strength": 0.5}, "init has shape"),
+    ({"init": torch.full(SHAPE, float("nan")), "strength": 0.5}, "init must be finite"),
+    ({"sampler": "euler", "eta": 0.5}, "eta=0.5 applies only to the ddim sampler"),
+])
+def test_bad_input_is_refused_naming_the_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sample(smooth_eps_model, noise(), **kwargs)
+
+
+def test_non_finite_noise_is_refused():
+    bad = noise()
+    bad[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="noise must be finite, but 1 of 96 values"):
+        sample(smooth_eps_model, bad)
+
+
+def test_a_model_that_returns_nan_is_named():
+    with pytest.raises(ValueError, match=r"the model's output at t=999 must be finite"):
+        sample(lambda x, t: torch.full_like(x, float("nan")), noise(), steps=5, spacing="trailing")
