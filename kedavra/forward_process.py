@@ -123,8 +123,16 @@ def training_target(eps: torch.Tensor, x0: torch.Tensor, alpha_bar, prediction_t
     raise ValueError(f"unknown prediction type {prediction_type!r}; allowed: {', '.join(PREDICTION_TYPES)}")
 
 
-def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def randn_like(x: torch.Tensor, generator) -> torch.Tensor:
     """Standard normal noise shaped like x, drawn on the generator's device (so a seed gives the same
-    numbers on CPU and GPU when the generator is a CPU one), then moved to x's device."""
+    numbers on CPU and GPU when the generator is a CPU one), then moved to x's device.
+
+    `generator` may be a list with one generator per batch row: row i is then drawn from generator i
+    alone, so a batch gives the same rows as separate runs seeded alike.
+    """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}; give one per row")
+        return torch.cat([randn_like(x[i : i + 1], g) for i, g in enumerate(generator)])
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)

@@ -121,3 +121,16 @@ def test_non_finite_noise_is_refused():
 def test_a_model_that_returns_nan_is_named():
     with pytest.raises(ValueError, match=r"the model's output at t=999 must be finite"):
         sample(lambda x, t: torch.full_like(x, float("nan")), noise(), steps=5, spacing="trailing")
+
+
+@pytest.mark.parametrize("name", [n for n, s in SAMPLERS.items() if s.stochastic])
+def test_a_batch_with_one_generator_per_row_equals_single_runs(name):
+    """With a generator per image, image i of a batch is the image a single run with seed i gives."""
+    seeds = [11, 12, 13]
+    batch_noise = torch.cat([torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    batch = sample(smooth_eps_model, batch_noise, sampler=name, steps=6,
+                   generator=[torch.Generator().manual_seed(s + 100) for s in seeds])
+    for i, s in enumerate(seeds):
+        single = sample(smooth_eps_model, batch_noise[i : i + 1], sampler=name, steps=6,
+                        generator=torch.Generator().manual_seed(s + 100))
+        assert torch.allclose(batch[i : i + 1], single, atol=1e-6)
