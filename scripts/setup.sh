@@ -17,3 +17,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     $pip install -q torch==2.13.0 2>/dev/null || echo "torch 2.13.0 not available here; pip will pick a release in the declared range"
 fi
 $pip install -q -e ".${extras}"
+if [ -n "$extras" ]; then
+    # open_clip's tokenizer is the SD 2.x tokenizer oracle; its package would pull torchvision and a CUDA
+    # torch, so it comes without dependencies (the test loads only its tokenizer module).
+    $pip install -q --no-deps open-clip-torch ftfy wcwidth
+fi
