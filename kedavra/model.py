@@ -1,0 +1,229 @@
+"""A whole Stable Diffusion model: the four components, the noise schedule they were trained with, and
+what the U-Net predicts.
+
+`ModelConfig` is the one object that travels inside every kedavra checkpoint (as JSON, see
+`to_dict` / `from_dict`); `StableDiffusion` holds the components built from it. Families:
+
+    sd15            SD 1.x (CompVis v1-inference.yaml): CLIP ViT-L/14 text encoder, ε-prediction, 512 px
+    sd15-inpaint    SD 1.5 inpainting (runwayml): the same with a 9-channel U-Net input
+    sd21            SD 2.x 768-v (Stability v2-inference-v.yaml): OpenCLIP ViT-H/14, v-prediction, 768 px
+    sd21-base       SD 2.x base (v2-inference.yaml): the same architecture, ε-prediction, 512 px
+    sd21-inpaint    SD 2 inpainting (512-inpainting-ema): ε-prediction, 9-channel input, 512 px
+    tiny            small components that fit together (text width = U-Net context width), SD 1.x style,
+                    for tests and CPU training
+    tiny-inpaint    tiny with the 9-channel inpainting U-Net input
+    tiny-sd2        tiny with SD 2.x traits (exact-GELU text encoder stored in OpenCLIP layout, Linear
+                    transformer projections, 16-wide heads, zero-padded prompts, v-prediction)
+"""
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from kedavra.schedule import NoiseSchedule, get_schedule
+from kedavra.text_encoder import TextEncoder, TextEncoderConfig
+from kedavra.timesteps import SPACINGS
+from kedavra.tokenizer import VOCAB_SIZE, Tokenizer, TokenizerConfig
+from kedavra.unet import INPAINT_IN_CHANNELS, UNet, UNetConfig
+from kedavra.vae import AutoencoderKL, VAEConfig, get_vae_config
+
+PREDICTION_TYPES = ("eps", "v")  # what the U-Net outputs: the noise ε (DDPM) or v (Salimans & Ho 2022, eq. 7)
+COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "schedule")
+_COMPONENT_TYPES = {
+    "tokenizer": TokenizerConfig,
+    "text_encoder": TextEncoderConfig,
+    "unet": UNetConfig,
+    "vae": VAEConfig,
+    "schedule": NoiseSchedule,
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model and sample from it the way it was trained.
+
+    spacing / steps_offset: the default timestep plan for samplers (diffusers' `timestep_spacing` and
+    `steps_offset`; SD ships "leading" with offset 1). image_size: the default output side in pixels.
+    """
+
+    family: str
+    tokenizer: TokenizerConfig
+    text_encoder: TextEncoderConfig
+    unet: UNetConfig
+    vae: VAEConfig
+    schedule: NoiseSchedule
+    prediction_type: str = "eps"
+    image_size: int = 512
+    spacing: str = "leading"
+    steps_offset: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.family, str) or not self.family:
+            raise ValueError(f"ModelConfig.family must be a non-empty str, got {self.family!r}")
+        for name, kind in _COMPONENT_TYPES.items():
+            if not isinstance(getattr(self, name), kind):
+                raise ValueError(
+                    f"ModelConfig.{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}"
+                )
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"ModelConfig.prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}"
+            )
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"ModelConfig.spacing must be one of {SPACINGS}, got {self.spacing!r}")
+        if not isinstance(self.steps_offset, int) or isinstance(self.steps_offset, bool) or self.steps_offset < 0:
+            raise ValueError(f"ModelConfig.steps_offset must be an int >= 0, got {self.steps_offset!r}")
+        text, unet, vae = self.text_encoder, self.unet, self.vae
+        if text.width != unet.context_dim:
+            raise ValueError(
+                f"text encoder width {text.width} must equal the U-Net's context_dim {unet.context_dim} "
+                "(the U-Net cross-attends to the text encoder's output)"
+            )
+        if text.vocab_size != VOCAB_SIZE or text.max_positions < self.tokenizer.max_length:
+            raise ValueError(
+                f"text encoder (vocab_size={text.vocab_size}, max_positions={text.max_positions}) does not fit the "
+                f"tokenizer (vocabulary {VOCAB_SIZE}, max_length {self.tokenizer.max_length})"
+            )
+        allowed_inputs = (vae.latent_channels, 2 * vae.latent_channels + 1)  # plain, or inpainting
+        if unet.in_channels not in allowed_inputs or unet.out_channels != vae.latent_channels:
+            raise ValueError(
+                f"U-Net in/out channels {unet.in_channels}/{unet.out_channels} do not fit the VAE's "
+                f"{vae.latent_channels} latent channels (in must be one of {allowed_inputs}, out {vae.latent_channels})"
+            )
+        multiple = vae.downsample_factor * unet.downsample_factor
+        if not isinstance(self.image_size, int) or self.image_size < multiple or self.image_size % multiple:
+            raise ValueError(
+                f"ModelConfig.image_size must be a positive multiple of {multiple}, got {self.image_size!r}"
+            )
+
+    @property
+    def inpainting(self) -> bool:
+        """True when the U-Net also takes the masked image's latents and the mask (9 input channels for SD)."""
+        return self.unet.in_channels == 2 * self.vae.latent_channels + 1
+
+    @classmethod
+    def from_preset(cls, name: str) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model family {name!r}; known: {', '.join(PRESETS)}")
+        return PRESETS[name]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (tuples become lists); `from_dict` inverts it exactly."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        """Rebuild a config from `to_dict` output (or its JSON round trip). Unknown keys are an error;
+        component fields left out take their dataclass defaults."""
+        if not isinstance(data, dict):
+            raise ValueError(f"ModelConfig.from_dict needs a dict, got {type(data).__name__}")
+        values = _checked_fields(cls, data, "ModelConfig")
+        for name, kind in _COMPONENT_TYPES.items():
+            if name not in values:
+                raise ValueError(f"ModelConfig dict lacks the {name!r} section")
+            section = values[name]
+            if not isinstance(section, dict):
+                raise ValueError(f"ModelConfig.{name} must be a dict, got {type(section).__name__}")
+            values[name] = kind(**_checked_fields(kind, section, f"ModelConfig.{name}"))
+        return cls(**values)
+
+    def describe(self) -> str:
+        """One line: family, prediction type, sizes."""
+        return (
+            f"{self.family}: {self.prediction_type}-prediction, {self.image_size} px, "
+            f"text encoder {self.text_encoder.num_layers}x{self.text_encoder.width}, "
+            f"U-Net {self.unet.base_channels}x{list(self.unet.channel_multipliers)} in={self.unet.in_channels} "
+            f"context={self.unet.context_dim}, VAE f={self.vae.downsample_factor} scale={self.vae.scaling_factor}, "
+            f"{self.schedule.kind} schedule, {self.spacing} spacing offset {self.steps_offset}"
+        )
+
+
+def _checked_fields(kind: type, data: dict[str, Any], where: str) -> dict[str, Any]:
+    """`data` with unknown keys rejected and lists turned back into tuples where the field is a tuple."""
+    fields = {f.name for f in dataclasses.fields(kind) if f.init}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; allowed: {sorted(fields)}")
+    hints = typing.get_type_hints(kind)
+    values = dict(data)
+    for name, value in data.items():
+        if typing.get_origin(hints[name]) is tuple and isinstance(value, list):
+            values[name] = tuple(value)
+    return values
+
+
+def _family(
+    name: str, tokenizer: str, text: TextEncoderConfig, unet: str | UNetConfig, vae: str, prediction: str, size: int
+) -> ModelConfig:
+    return ModelConfig(
+        family=name,
+        tokenizer=TokenizerConfig.from_preset(tokenizer),
+        text_encoder=text,
+        unet=UNetConfig.from_preset(unet) if isinstance(unet, str) else unet,
+        vae=get_vae_config(vae),
+        schedule=get_schedule("sd"),  # every SD 1.x / 2.x model: scaled_linear 0.00085..0.012 over 1000 steps
+        prediction_type=prediction,
+        image_size=size,
+    )
+
+
+_TEXT_SD15 = TextEncoderConfig.from_preset("sd15")
+_TEXT_SD21 = TextEncoderConfig.from_preset("sd21")
+_TEXT_TINY = TextEncoderConfig.from_preset("tiny")
+TINY_IMAGE_SIZE = 32  # tiny VAE f = 2, so 16 x 16 latents: small enough to train on a CPU
+PRESETS: dict[str, ModelConfig] = {
+    "sd15": _family("sd15", "sd15", _TEXT_SD15, "sd15", "sd", "eps", 512),
+    "sd15-inpaint": _family("sd15-inpaint", "sd15", _TEXT_SD15, "sd15-inpaint", "sd", "eps", 512),
+    "sd21": _family("sd21", "sd21", _TEXT_SD21, "sd21", "sd", "v", 768),
+    "sd21-base": _family("sd21-base", "sd21", _TEXT_SD21, "sd21", "sd", "eps", 512),
+    "sd21-inpaint": _family("sd21-inpaint", "sd21", _TEXT_SD21, "sd21-inpaint", "sd", "eps", 512),
+    "tiny": _family("tiny", "sd15", _TEXT_TINY, "tiny", "tiny", "eps", TINY_IMAGE_SIZE),
+    "tiny-inpaint": _family(
+        "tiny-inpaint",
+        "sd15",
+        _TEXT_TINY,
+        dataclasses.replace(UNetConfig.from_preset("tiny"), in_channels=INPAINT_IN_CHANNELS),
+        "tiny",
+        "eps",
+        TINY_IMAGE_SIZE,
+    ),
+    "tiny-sd2": _family(
+        "tiny-sd2",
+        "sd21",
+        dataclasses.replace(_TEXT_TINY, activation="gelu"),
+        dataclasses.replace(UNetConfig.from_preset("tiny"), num_heads=None, head_dim=16, use_linear_projection=True),
+        "tiny",
+        "v",
+        TINY_IMAGE_SIZE,
+    ),
+}
+
+
+class StableDiffusion(nn.Module):
+    """The components of one model: `.tokenizer`, `.text_encoder`, `.unet`, `.vae`, and `.config`.
+
+    Constructing it initialises the weights at random (for training from scratch); under
+    `with torch.device("meta"):` it allocates nothing, which is how the checkpoint loader builds it.
+    Its `state_dict()` keys are prefixed "text_encoder.", "unet." and "vae.".
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"StableDiffusion needs a ModelConfig, got {type(config).__name__}")
+        self.config = config
+        self.tokenizer = Tokenizer(config.tokenizer)
+        self.text_encoder = TextEncoder(config.text_encoder)
+        self.unet = UNet(config.unet)
+        self.vae = AutoencoderKL(config.vae)
+        self.source: str | None = None  # set by the checkpoint loader: what was read and what was detected
+
+    def describe(self) -> str:
+        """The config in one line, and where the weights came from when they were loaded."""
+        lines = [self.config.describe()]
+        if self.source:
+            lines.append(self.source)
+        return "\n".join(lines)

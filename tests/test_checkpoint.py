@@ -1,0 +1,770 @@
+"""Tests for kedavra.model and kedavra.checkpoint.
+
+Oracles: diffusers' UNet2DConditionModel and AutoencoderKL and transformers' CLIPTextModel, built offline for
+kedavra's configs with every parameter re-drawn under a fixed seed, saved as a diffusers folder (their own
+save_pretrained) and as an original single file (tests/sd_keys.py, itself checked against diffusers' original ->
+diffusers converters), then loaded with load_model and compared output by output. Full-size cases are slow.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import pickle
+import subprocess
+import sys
+import types
+
+import pytest
+import sd_keys
+import torch
+from diffusers import AutoencoderKL as DiffusersVAE
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_clip_checkpoint,
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
+)
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from kedavra.checkpoint import (
+    CONFIG_KEY,
+    PROBE_THRESHOLD,
+    CheckpointError,
+    SafetensorsFile,
+    UnsafeCheckpointError,
+    load_model,
+    probe_prediction_type,
+    save_model,
+    write_safetensors,
+)
+from kedavra.model import PRESETS, ModelConfig, StableDiffusion
+from kedavra.schedule import get_schedule
+from kedavra.text_encoder import convert_text_encoder_state_dict
+from kedavra.tokenizer import load_vocabulary
+from kedavra.unet import convert_unet_state_dict
+from kedavra.vae import convert_vae_state_dict
+
+PARITY_ATOL = 1e-5  # fp32, the brief's bound for every component output
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# ---- reference models ------------------------------------------------------------------------------------
+
+
+def reference_models(config: ModelConfig, seed: int = 0, device: str | None = None):
+    """(CLIPTextModel, UNet2DConditionModel, AutoencoderKL) shaped like `config`, parameters drawn under `seed`.
+
+    device="meta" builds them without memory (for key and shape checks)."""
+    t, u, v = config.text_encoder, config.unet, config.vae
+    with torch.device(device or "cpu"):
+        text = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=t.vocab_size,
+                hidden_size=t.width,
+                intermediate_size=t.mlp_width,
+                num_hidden_layers=t.num_layers,
+                num_attention_heads=t.num_heads,
+                max_position_embeddings=t.max_positions,
+                hidden_act=t.activation,
+                layer_norm_eps=t.layer_norm_eps,
+            )
+        )
+        unet = UNet2DConditionModel(
+            in_channels=u.in_channels,
+            out_channels=u.out_channels,
+            down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in u.attention_per_level),
+            up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(u.attention_per_level)),
+            block_out_channels=u.level_channels,
+            layers_per_block=u.res_blocks_per_level,
+            cross_attention_dim=u.context_dim,
+            attention_head_dim=[u.heads(c)[0] for c in u.level_channels],  # a head count in diffusers (its #2011)
+            use_linear_projection=u.use_linear_projection,
+            upcast_attention=u.upcast_attention,
+            norm_num_groups=u.norm_groups,
+            sample_size=config.image_size // v.downsample_factor,
+        )
+        vae = DiffusersVAE(
+            down_block_types=("DownEncoderBlock2D",) * v.num_levels,
+            up_block_types=("UpDecoderBlock2D",) * v.num_levels,
+            block_out_channels=v.block_channels,
+            layers_per_block=v.num_res_blocks,
+            latent_channels=v.latent_channels,
+            norm_num_groups=v.norm_groups,
+            scaling_factor=v.scaling_factor,
+            sample_size=config.image_size,
+        )
+    if device != "meta":
+        generator = torch.Generator().manual_seed(seed)
+        for model in (text, unet, vae):
+            randomize(model, generator)
+    return text.eval(), unet.eval(), vae.eval()
+
+
+def randomize(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Norm gains near 1, matrices scaled by 1/sqrt(fan-in) so activations stay O(1), the rest small."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * noise)
+            elif "embedding" in name:
+                p.copy_(noise)
+            elif p.ndim >= 2:
+                p.copy_(noise / math.sqrt(p[0].numel()))
+            else:
+                p.copy_(0.1 * noise)
+
+
+def kedavra_state(refs, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The references' weights under kedavra's names (prefixed as StableDiffusion.state_dict has them)."""
+    converters = (convert_text_encoder_state_dict, convert_unet_state_dict, convert_vae_state_dict)
+    state = {}
+    for name, ref, convert in zip(("text_encoder", "unet", "vae"), refs, converters, strict=True):
+        state.update(
+            {f"{name}.{k}": v for k, v in convert(ref.state_dict(), "diffusers", getattr(config, name)).items()}
+        )
+    return state
+
+
+def write_original(path, refs, config: ModelConfig, metadata=None, dtype=torch.float32):
+    original = sd_keys.original_state_dict(kedavra_state(refs, config), config)
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in original.items()}
+    save_file(tensors, str(path), metadata=metadata)  # the safetensors library's own writer
+    return path
+
+
+def write_diffusers(folder: pathlib.Path, refs, config: ModelConfig, prediction_type: str = "epsilon"):
+    text, unet, vae = refs
+    for name, model in (("text_encoder", text), ("unet", unet), ("vae", vae)):
+        model.save_pretrained(folder / name)
+    DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=prediction_type,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="trailing",
+    ).save_pretrained(folder / "scheduler")
+    (folder / "tokenizer").mkdir()
+    (folder / "tokenizer" / "vocab.json").write_text(json.dumps(load_vocabulary().ids))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return folder
+
+
+def max_errors(ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(max abs error, max abs error / max |ref|)."""
+    diff = (ours - ref).abs().max().item()
+    return diff, diff / ref.abs().max().item()
+
+
+def assert_parity(model: StableDiffusion, refs) -> dict[str, tuple[float, float]]:
+    text, unet, vae = refs
+    config = model.config
+    generator = torch.Generator().manual_seed(7)
+    ids = model.tokenizer(["a photo of an astronaut riding a horse", ""])
+    latent = config.image_size // config.vae.downsample_factor
+    x = torch.randn(2, config.unet.in_channels, latent, latent, generator=generator)
+    context = torch.randn(2, 77, config.unet.context_dim, generator=generator)
+    t = torch.tensor([10.0, 980.0])
+    images = torch.rand(1, 3, config.image_size, config.image_size, generator=generator) * 2 - 1
+    z = torch.randn(1, config.vae.latent_channels, latent, latent, generator=generator)
+    with torch.no_grad():
+        pairs = {
+            "text_encoder": (model.text_encoder(ids), text(ids).last_hidden_state),
+            "unet": (model.unet(x, t, context), unet(x, t, encoder_hidden_states=context).sample),
+            "vae.encode": (model.vae.encode(images).mean, vae.encode(images).latent_dist.mean),
+            "vae.decode": (model.vae.decode(z), vae.decode(z).sample),
+        }
+    errors = {name: max_errors(ours, ref) for name, (ours, ref) in pairs.items()}
+    for name, (absolute, _) in errors.items():
+        assert absolute <= PARITY_ATOL, (name, errors)
+    return errors
+
+
+@pytest.fixture(scope="module")
+def tiny_refs():
+    return {name: reference_models(PRESETS[name]) for name in ("tiny", "tiny-sd2")}
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tiny_refs, tmp_path_factory):
+    return write_original(tmp_path_factory.mktemp("tiny") / "tiny.safetensors", tiny_refs["tiny"], PRESETS["tiny"])
+
+
+# ---- ModelConfig and StableDiffusion --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_round_trip_through_json_exactly(name):
+    config = PRESETS[name]
+    assert config.family == name
+    back = ModelConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert back == config
+    assert back.unet.channel_multipliers == config.unet.channel_multipliers  # a tuple again, not a list
+
+
+def test_preset_facts():
+    assert PRESETS["sd21"].prediction_type == "v" and PRESETS["sd21"].image_size == 768  # v2-inference-v.yaml
+    assert PRESETS["sd21-base"].prediction_type == "eps" and PRESETS["sd21-base"].image_size == 512
+    assert PRESETS["sd15-inpaint"].inpainting and PRESETS["sd21-inpaint"].inpainting and not PRESETS["sd15"].inpainting
+    for config in PRESETS.values():
+        assert config.text_encoder.width == config.unet.context_dim
+        assert (config.spacing, config.steps_offset) == ("leading", 1)  # SD's scheduler_config.json
+
+
+def test_config_from_dict_rejects_unknown_and_missing_keys():
+    data = PRESETS["tiny"].to_dict()
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['colour'\] in ModelConfig;"):
+        ModelConfig.from_dict({**data, "colour": "red"})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['heads'\] in ModelConfig.unet; allowed: .*num_heads"):
+        ModelConfig.from_dict({**data, "unet": {**data["unet"], "heads": 3}})
+    with pytest.raises(ValueError, match="lacks the 'vae' section"):
+        ModelConfig.from_dict({k: v for k, v in data.items() if k != "vae"})
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"prediction_type": "x0"}, "prediction_type must be one of"),
+        ({"spacing": "even"}, "spacing must be one of"),
+        ({"image_size": 30}, "image_size must be a positive multiple of 4"),
+        ({"family": ""}, "family must be a non-empty str"),
+    ],
+)
+def test_config_rejects_bad_values(changes, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(PRESETS["tiny"], **changes)
+
+
+def test_config_rejects_components_that_do_not_fit():
+    tiny = PRESETS["tiny"]
+    with pytest.raises(ValueError, match="text encoder width 768 must equal the U-Net's context_dim 64"):
+        dataclasses.replace(tiny, text_encoder=PRESETS["sd15"].text_encoder)
+    with pytest.raises(ValueError, match="do not fit the VAE's 4 latent channels"):
+        dataclasses.replace(tiny, unet=dataclasses.replace(tiny.unet, in_channels=5))
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd21"])
+def test_full_size_model_builds_on_meta_with_the_reference_parameter_count(name):
+    config = PRESETS[name]
+    with torch.device("meta"):
+        model = StableDiffusion(config)
+    assert all(p.is_meta for p in model.parameters())
+    refs = reference_models(config, device="meta")
+    for ours, ref in zip((model.text_encoder, model.unet, model.vae), refs, strict=True):
+        assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
+    if name == "sd15":  # SD 1.5: 123,060,480 text + 859,520,964 U-Net + 83,653,863 VAE
+        assert sum(p.numel() for p in model.parameters()) == 1_066_235_307
+
+
+# ---- the original layout (tests/sd_keys.py) against diffusers' converters -----------------------------------
+
+
+def check_original_layout(refs, config: ModelConfig) -> dict:
+    """diffusers' original -> diffusers converters turn sd_keys' layout back into the reference state dicts."""
+    text, unet, vae = refs
+    original = sd_keys.original_state_dict(kedavra_state(refs, config), config)
+    levels = config.vae.num_levels
+    unet_back = convert_ldm_unet_checkpoint(original, {"layers_per_block": config.unet.res_blocks_per_level})
+    vae_back = convert_ldm_vae_checkpoint(
+        original, {"down_block_types": (0,) * levels, "up_block_types": (0,) * levels}
+    )
+    if config.text_encoder.activation == "quick_gelu":
+        text_back = convert_ldm_clip_checkpoint(original)
+    else:
+        text_back = convert_open_clip_checkpoint(text, original)
+    text_back = {k.removeprefix("text_model."): v for k, v in text_back.items()}  # transformers 5 drops it
+    extra_layer = f"encoder.layers.{config.text_encoder.num_layers}."  # SD 2.x files hold one more, unused
+    text_back = {k: v for k, v in text_back.items() if not k.startswith(extra_layer) and k != "text_projection.weight"}
+    text_back.pop("embeddings.position_ids", None)
+    for back, ref in ((unet_back, unet), (vae_back, vae), (text_back, text)):
+        expected = ref.state_dict()
+        assert set(back) == set(expected), sorted(set(back) ^ set(expected))[:5]
+        for key, tensor in expected.items():
+            assert back[key].shape == tensor.shape, key
+            if not tensor.is_meta:
+                assert torch.equal(back[key], tensor), key
+    return original
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-sd2"])
+def test_original_layout_matches_diffusers_converters(tiny_refs, name):
+    check_original_layout(tiny_refs[name], PRESETS[name])
+
+
+@pytest.mark.parametrize(
+    "name, text_keys",
+    [
+        ("sd15", 197),  # CLIP ViT-L/14: 12 layers x 16 + 4 embedding/final-norm tensors + position_ids
+        ("sd21", 24 * 12 + 6),  # OpenCLIP ViT-H/14: 24 resblocks x 12 + 6 (SD uses 23 resblocks)
+    ],
+)
+def test_full_size_original_key_set(name, text_keys):
+    """The full key set of a real SD 1.5 / 2.1 file (686 U-Net, 248 VAE tensors; v1-5-pruned-emaonly and
+    v2-1_768-ema-pruned), checked against diffusers' converters on the meta device, is what load_model eats."""
+    config = PRESETS[name]
+    refs = reference_models(config, device="meta")
+    original = check_original_layout(refs, config)
+    count = lambda prefix: sum(k.startswith(prefix) for k in original)  # noqa: E731
+    assert (count("model.diffusion_model."), count("first_stage_model."), count("cond_stage_model.")) == (
+        686,
+        248,
+        text_keys,
+    )
+
+
+# ---- loading ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-sd2"])
+def test_original_single_file_loads_with_parity_and_detection(tiny_refs, tmp_path, name):
+    path = write_original(tmp_path / "model.safetensors", tiny_refs[name], PRESETS[name])
+    model = load_model(path)
+    assert model.config == PRESETS[name]
+    assert_parity(model, tiny_refs[name])
+    assert "family: " + name + " (detected: U-Net cross-attention width 64" in model.describe()
+    assert ("OpenCLIP" if name == "tiny-sd2" else "OpenAI CLIP") in model.describe()
+    assert "the file's betas agree" in model.describe()
+
+
+def test_inpainting_is_detected_from_the_first_conv(tmp_path):
+    config = PRESETS["tiny-inpaint"]
+    refs = reference_models(config)
+    model = load_model(write_original(tmp_path / "inpaint.safetensors", refs, config))
+    assert model.config == config and model.config.inpainting
+    assert "9 input channels" in model.describe()
+    assert_parity(model, refs)
+
+
+def test_probe_settles_families_that_differ_only_in_prediction_type(tiny_refs, tmp_path, monkeypatch):
+    """Like sd21 (v, 768) and sd21-base (eps, 512): same shapes, so the loaded U-Net is probed."""
+    base = dataclasses.replace(PRESETS["tiny-sd2"], family="tiny-sd2-base", prediction_type="eps", image_size=16)
+    monkeypatch.setitem(PRESETS, "tiny-sd2-base", base)
+    model = load_model(write_original(tmp_path / "m.safetensors", tiny_refs["tiny-sd2"], PRESETS["tiny-sd2"]))
+    assert "prediction type: " + model.config.prediction_type + " (probed: " in model.describe()
+    family = {"v": "tiny-sd2", "eps": "tiny-sd2-base"}[model.config.prediction_type]
+    assert model.config == PRESETS[family]
+
+
+@pytest.mark.parametrize("name, prediction", [("tiny", "v_prediction"), ("tiny-sd2", "epsilon")])
+def test_diffusers_folder_loads_with_parity_and_scheduler_settings(tiny_refs, tmp_path, name, prediction):
+    folder = write_diffusers(tmp_path / "model", tiny_refs[name], PRESETS[name], prediction)
+    model = load_model(folder)
+    expected = {"v_prediction": "v", "epsilon": "eps"}[prediction]
+    assert model.config == dataclasses.replace(PRESETS[name], prediction_type=expected, spacing="trailing")
+    assert f"prediction type: {expected} (scheduler/scheduler_config.json prediction_type='{prediction}')" in (
+        model.describe()
+    )
+    assert_parity(model, tiny_refs[name])
+
+
+def test_diffusers_folder_with_bin_weights_and_fp16_variant(tiny_refs, tmp_path):
+    folder = write_diffusers(tmp_path / "model", tiny_refs["tiny"], PRESETS["tiny"])
+    unet_file = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(tiny_refs["tiny"][1].state_dict(), folder / "unet" / "diffusion_pytorch_model.bin")
+    unet_file.unlink()
+    vae_file = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    vae_file.rename(folder / "vae" / "diffusion_pytorch_model.fp16.safetensors")
+    model = load_model(folder)
+    first_line = model.source.splitlines()[0]
+    assert first_line.endswith("(diffusers folder; safetensors/torch zip; 368 float32), loaded as float32 on cpu")
+    assert_parity(model, tiny_refs["tiny"])
+
+
+def test_metadata_and_arguments_override_the_family_default(tiny_refs, tmp_path):
+    path = write_original(
+        tmp_path / "m.safetensors", tiny_refs["tiny-sd2"], PRESETS["tiny-sd2"], {"modelspec.prediction_type": "epsilon"}
+    )
+    model = load_model(path)
+    assert model.config.prediction_type == "eps"
+    assert "metadata modelspec.prediction_type='epsilon'" in model.describe()
+    model = load_model(path, prediction_type="v")
+    assert model.config.prediction_type == "v" and "given by the prediction_type argument" in model.describe()
+    model = load_model(path, family="tiny-sd2")
+    assert "given by the family argument" in model.describe()
+    with pytest.raises(
+        CheckpointError, match=r"m\.safetensors: .*240 missing keys.*loading as family sd21, given by the"
+    ):
+        load_model(path, family="sd21")  # the wrong family: its converter names what does not match
+
+
+class ModelCheckpoint:
+    """Pickled under Lightning's name by the test below, as SD 1.x-era .ckpt files carry it."""
+
+    def __init__(self):
+        self.best_model_path = "epoch=5.ckpt"
+
+
+def test_ckpt_loads_through_the_restricted_unpickler(tiny_refs, tmp_path, monkeypatch):
+    """A Lightning-era .ckpt (state_dict, global_step and a ModelCheckpoint callback) loads; the callback is
+    replaced by an inert stand-in, never imported."""
+    config = PRESETS["tiny"]
+    original = sd_keys.original_state_dict(kedavra_state(tiny_refs["tiny"], config), config)
+    names = ("pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint")
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    sys.modules[names[-1]].ModelCheckpoint = ModelCheckpoint
+    monkeypatch.setattr(ModelCheckpoint, "__module__", names[-1])
+    payload = {"state_dict": original, "global_step": 470000, "callbacks": {"ModelCheckpoint": ModelCheckpoint()}}
+    torch.save(payload, tmp_path / "model.ckpt")
+    for name in names:
+        monkeypatch.delitem(sys.modules, name)
+    model = load_model(tmp_path / "model.ckpt")
+    assert model.config == config
+    assert "torch zip" in model.describe()
+    assert_parity(model, tiny_refs["tiny"])
+
+
+def test_kedavra_format_round_trip_is_bitwise(tiny_file, tmp_path):
+    model = load_model(tiny_file)
+    save_model(model, tmp_path / "k.safetensors")
+    with safe_open(str(tmp_path / "k.safetensors"), "pt") as f:
+        assert ModelConfig.from_dict(json.loads(f.metadata()[CONFIG_KEY])) == model.config
+    back = load_model(tmp_path / "k.safetensors")
+    assert back.config == model.config
+    assert "stored in the kedavra checkpoint" in back.describe()
+    ours, theirs = model.state_dict(), back.state_dict()
+    assert list(ours) == list(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) and ours[k].dtype == theirs[k].dtype for k in ours)
+    half = load_model(tiny_file, dtype=torch.float16)
+    save_model(half, tmp_path / "h.safetensors")
+    back = load_model(tmp_path / "h.safetensors", dtype=torch.float16)
+    assert all(torch.equal(t, back.state_dict()[k]) for k, t in half.state_dict().items())
+
+
+def test_saving_over_the_file_the_model_aliases(tiny_file, tmp_path):
+    """Weights alias the mapped file; save_model writes a new file and renames it over the old one, so the
+    model never reads bytes being rewritten."""
+    path = tmp_path / "k.safetensors"
+    save_model(load_model(tiny_file), path)
+    model = load_model(path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    save_model(model, path)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in load_model(path).state_dict().items())
+
+
+def mapped_ranges(path: pathlib.Path) -> list[tuple[int, int]]:
+    """Address ranges where this process maps `path` (Linux /proc/self/maps)."""
+    ranges = []
+    for line in pathlib.Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == str(path):
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((low, high))
+    return ranges
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/maps").exists(), reason="needs Linux /proc/self/maps")
+def test_weights_alias_the_file_when_dtypes_agree_and_are_converted_otherwise(tiny_refs, tmp_path):
+    path = write_original(tmp_path / "h.safetensors", tiny_refs["tiny"], PRESETS["tiny"], dtype=torch.float16)
+    reference = SafetensorsFile(path).tensor("model.diffusion_model.input_blocks.0.0.weight").clone()
+    as_stored = load_model(path, dtype=torch.float16)
+    converted = load_model(path)  # fp16 file -> fp32 model: a copy per tensor
+    ranges = mapped_ranges(path.resolve())
+    inside = lambda t: any(low <= t.data_ptr() < high for low, high in ranges)  # noqa: E731
+    assert all(inside(p) for p in as_stored.parameters())  # no copy at all
+    assert not any(inside(p) for p in converted.parameters())
+    assert as_stored.unet.conv_in.weight.dtype == torch.float16
+    assert torch.equal(as_stored.unet.conv_in.weight, reference)
+    assert all(p.dtype == torch.float32 for p in converted.parameters())
+    assert torch.equal(converted.unet.conv_in.weight, reference.float())
+
+
+def test_reader_aliases_mapped_pages_without_copying(tiny_file):
+    file = SafetensorsFile(tiny_file)
+    a = file.tensor("model.diffusion_model.input_blocks.0.0.weight")
+    b = file.tensor("model.diffusion_model.input_blocks.0.0.weight")
+    assert a.data_ptr() == b.data_ptr()  # two views of the same mapped bytes
+    a.add_(1.0)  # copy-on-write: the file is untouched
+    assert torch.equal(SafetensorsFile(tiny_file).tensor("model.diffusion_model.input_blocks.0.0.weight") + 1, a)
+
+
+def test_safetensors_reader_and_writer_agree_with_the_library(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 5, generator=generator),
+        "f16": torch.randn(7, generator=generator).half(),
+        "bf16": torch.randn(2, 3, generator=generator).bfloat16(),
+        "i64": torch.arange(5),
+        "u8": torch.arange(3, dtype=torch.uint8),
+        "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+    }
+    save_file(tensors, str(tmp_path / "lib.safetensors"), metadata={"a": "b"})
+    ours = SafetensorsFile(tmp_path / "lib.safetensors")
+    assert ours.metadata == {"a": "b"}
+    assert all(torch.equal(ours.tensor(k), t) and ours.tensor(k).dtype == t.dtype for k, t in tensors.items())
+    write_safetensors(tmp_path / "ours.safetensors", tensors, {"c": "d"})
+    with safe_open(str(tmp_path / "ours.safetensors"), "pt") as f:
+        assert f.metadata() == {"c": "d"}
+        assert all(torch.equal(f.get_tensor(k), t) and f.get_tensor(k).dtype == t.dtype for k, t in tensors.items())
+
+
+# ---- ε or v ---------------------------------------------------------------------------------------------------
+
+
+def gaussian_denoiser(prediction_type: str, variance: float, schedule):
+    """The optimal predictor for data x0 ~ N(0, variance I): x̂0 = √ᾱ s² x / (ᾱ s² + 1 - ᾱ), then ε̂ or v̂."""
+
+    def model(x, t):
+        alpha_bar = schedule.alpha_bar_at(t).to(x.dtype)[:, None, None, None]
+        x0 = alpha_bar.sqrt() * variance * x / (alpha_bar * variance + 1 - alpha_bar)
+        eps = (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
+        return eps if prediction_type == "eps" else alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0
+
+    return model
+
+
+@pytest.mark.parametrize("variance", [0.25, 1.0, 2.0])
+def test_probe_tells_eps_from_v_with_the_stated_slopes(variance):
+    schedule = get_schedule("sd")
+    alpha_bar = float(schedule.alpha_bar[-1])  # ≈ 0.0047
+    k = variance / (alpha_bar * variance + 1 - alpha_bar)
+    slopes = {  # the docstring's formulas
+        "eps": (1 - alpha_bar * k) / math.sqrt(1 - alpha_bar),
+        "v": math.sqrt(alpha_bar) * (1 - k) / math.sqrt(1 - alpha_bar),
+    }
+    for kind, expected in slopes.items():
+        found, slope = probe_prediction_type(gaussian_denoiser(kind, variance, schedule), 4, schedule)
+        assert found == kind
+        assert slope == pytest.approx(expected, abs=1e-6)  # the model runs in float32
+    assert slopes["eps"] > 0.99 and abs(slopes["v"]) < 0.07 and 0.07 < PROBE_THRESHOLD < 0.99
+
+
+# ---- bad input ------------------------------------------------------------------------------------------------
+
+
+def test_not_a_checkpoint(tmp_path):
+    cases = {
+        "image.safetensors": (b"\x89PNG\r\n\x1a\n" + bytes(100), "a PNG image, not a checkpoint"),
+        "notes.ckpt": (b"just some notes\n", "not a checkpoint: a text file"),
+        "page.safetensors": (b"<!DOCTYPE html><html>404</html>", "an HTML page"),
+        "empty.safetensors": (b"", "empty file"),
+        "noise.bin": (bytes(range(150, 250)), r"unrecognised content"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointError, match=rf"{name}: .*{message}"):
+            load_model(tmp_path / name)
+    with pytest.raises(FileNotFoundError, match="missing.safetensors: no such file"):
+        load_model(tmp_path / "missing.safetensors")
+    with pytest.raises(CheckpointError, match="not a diffusers model folder: no unet/"):
+        load_model(tmp_path)
+
+
+def test_git_lfs_pointer(tmp_path):
+    pointer = tmp_path / "v1-5-pruned-emaonly.safetensors"
+    pointer.write_text(
+        "version https://git-lfs.github.com/spec/v1\n"
+        "oid sha256:6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa\nsize 4265146304\n"
+    )
+    with pytest.raises(CheckpointError, match=r"v1-5-pruned-emaonly.safetensors: a Git LFS pointer.*`git lfs pull`"):
+        load_model(pointer)
+
+
+def test_truncated_and_corrupt_safetensors(tiny_file, tmp_path):
+    data = tiny_file.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        CheckpointError,
+        match=r"cut.safetensors: truncated \.safetensors: the header describes \d+ "
+        r"bytes of tensor data but the file holds only \d+",
+    ):
+        load_model(cut)
+    header_cut = tmp_path / "header_cut.safetensors"
+    header_cut.write_bytes(data[:100])
+    with pytest.raises(CheckpointError, match=r"header_cut.safetensors: truncated .* the header alone should be"):
+        load_model(header_cut)
+    bloated = tmp_path / "bloated.safetensors"
+    bloated.write_bytes((2 * len(data)).to_bytes(8, "little") + data[8:])  # a header longer than the file
+    with pytest.raises(CheckpointError, match=rf"bloated.safetensors: truncated .* should be {2 * len(data)} bytes"):
+        load_model(bloated)
+    garbled = tmp_path / "garbled.safetensors"
+    garbled.write_bytes(data[:9] + b"\xff" * 20 + data[29:])
+    with pytest.raises(
+        CheckpointError, match="garbled.safetensors: corrupt .safetensors: the header is not valid JSON"
+    ):
+        load_model(garbled)
+
+
+def test_wrong_architecture_names_what_was_expected(tmp_path):
+    sdxl = {
+        "conditioner.embedders.1.model.positional_embedding": torch.zeros(77, 8),
+        "model.diffusion_model.label_emb.0.0.weight": torch.zeros(2, 2),
+    }
+    save_file(sdxl, str(tmp_path / "sdxl.safetensors"))
+    with pytest.raises(
+        CheckpointError,
+        match=r"sdxl.safetensors: this looks like an SDXL .* expected model\."
+        r"diffusion_model\.\* \(U-Net\), first_stage_model",
+    ):
+        load_model(tmp_path / "sdxl.safetensors")
+    save_file({"lora_unet_down_blocks_0.alpha": torch.ones(())}, str(tmp_path / "lora.safetensors"))
+    with pytest.raises(CheckpointError, match="lora.safetensors: this looks like a LoRA"):
+        load_model(tmp_path / "lora.safetensors")
+    save_file({"weight": torch.ones(3)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match=r"other.safetensors: unknown architecture: no U-Net weights \(1 keys"):
+        load_model(tmp_path / "other.safetensors")
+
+
+def test_unknown_width_is_an_unknown_architecture(tiny_refs, tmp_path):
+    tensors = dict(
+        SafetensorsFile(write_original(tmp_path / "a.safetensors", tiny_refs["tiny"], PRESETS["tiny"])).tensors()
+    )
+    key = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
+    tensors[key] = torch.zeros(64, 48)
+    save_file({k: v.clone() for k, v in tensors.items()}, str(tmp_path / "b.safetensors"))
+    with pytest.raises(CheckpointError, match=r"b.safetensors: unknown architecture \(U-Net cross-attention width 48"):
+        load_model(tmp_path / "b.safetensors")
+
+
+def test_missing_and_unexpected_keys_are_counted_and_named(tiny_file, tmp_path):
+    tensors = {k: v.clone() for k, v in SafetensorsFile(tiny_file).tensors().items()}
+    dropped = sorted(k for k in tensors if k.startswith("model.diffusion_model.output_blocks.1."))
+    for key in dropped:
+        del tensors[key]
+    save_file(tensors, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(
+        CheckpointError,
+        match=rf"missing.safetensors: U-Net state dict .* {len(dropped)} missing keys "
+        r"\[output_blocks\.1\.0\.emb_layers",
+    ):
+        load_model(tmp_path / "missing.safetensors")
+    tensors = {k: v.clone() for k, v in SafetensorsFile(tiny_file).tensors().items()}
+    tensors["model.diffusion_model.extra.weight"] = torch.zeros(2)
+    tensors["mystery"] = torch.zeros(2)
+    save_file(tensors, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(CheckpointError, match=r"extra.safetensors: 1 unexpected keys outside .*: mystery"):
+        load_model(tmp_path / "extra.safetensors")
+    del tensors["mystery"]
+    save_file(tensors, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(CheckpointError, match=r"1 unexpected keys \[extra.weight\]"):
+        load_model(tmp_path / "extra.safetensors")
+
+
+def test_diffusers_folder_with_a_different_vocabulary(tiny_refs, tmp_path):
+    folder = write_diffusers(tmp_path / "model", tiny_refs["tiny"], PRESETS["tiny"])
+    (folder / "tokenizer" / "vocab.json").write_text(json.dumps({"a": 0, "b": 1}))
+    with pytest.raises(CheckpointError, match="vocab.json: the tokenizer has 2 tokens; kedavra uses .* 49408"):
+        load_model(folder)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown family 'sdxl'; allowed: sd15, "):
+        load_model("x.safetensors", family="sdxl")
+    with pytest.raises(ValueError, match="unknown prediction_type 'x0'"):
+        load_model("x.safetensors", prediction_type="x0")
+    with pytest.raises(ValueError, match="dtype must be a floating-point"):
+        load_model("x.safetensors", dtype=torch.int8)
+
+
+# ---- pickled code is refused, never run ----------------------------------------------------------------------
+
+
+class SystemPayload:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+class TouchPayload:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.target),))
+
+
+@pytest.mark.parametrize("payload", [SystemPayload, TouchPayload])
+@pytest.mark.parametrize("container", ["zip", "legacy", "pickle", "diffusers-bin"])
+def test_planted_payload_is_refused_without_running(tiny_file, tmp_path, payload, container):
+    marker = tmp_path / "PWNED"
+    state = {k: v.clone() for k, v in SafetensorsFile(tiny_file).tensors().items()}
+    state["model_ema.decay"] = payload(marker)  # hidden among the weights
+    if container == "zip":
+        path = tmp_path / "model.ckpt"
+        torch.save({"state_dict": state}, path)
+    elif container == "legacy":  # torch.save's format before torch 1.6
+        path = tmp_path / "model.ckpt"
+        torch.save({"state_dict": state}, path, _use_new_zipfile_serialization=False)
+    elif container == "pickle":  # a bare pickle: its tensors name torch.storage._load_from_bytes first
+        path = tmp_path / "model.ckpt"
+        with open(path, "wb") as f:
+            pickle.dump({"state_dict": state}, f, protocol=2)
+    else:
+        path = tmp_path / "folder"
+        for name in ("unet", "vae", "text_encoder"):
+            (path / name).mkdir(parents=True)
+            torch.save({"conv_in.weight": payload(marker)}, path / name / "diffusion_pytorch_model.bin")
+    assert not marker.exists()
+    named = r"_load_from_bytes" if container == "pickle" else r"system|Path|getattr"
+    with pytest.raises(
+        UnsafeCheckpointError,
+        match=rf"refused: this pickled checkpoint contains code references \(.*({named}).*\) that could run arbitrary",
+    ):
+        load_model(path)
+    assert not marker.exists()
+
+
+# ---- full size ------------------------------------------------------------------------------------------------
+
+
+def write_random_original(path, config: ModelConfig, dtype: torch.dtype, seed: int = 0):
+    """A random-weight original single file for `config`, written one tensor at a time (bounded memory)."""
+    with torch.device("meta"):
+        model = StableDiffusion(config)
+    layout = sd_keys.original_state_dict(model.state_dict(), config, extras=False)
+    layout = {
+        k: torch.empty(v.shape, dtype=dtype if v.is_floating_point() else v.dtype, device="meta")
+        for k, v in layout.items()
+    }
+    generator = torch.Generator().manual_seed(seed)
+
+    def fill(name, like):
+        return (torch.randn(like.shape, generator=generator) * 0.02).to(like.dtype)
+
+    write_safetensors(path, layout, fill=fill)
+    return layout
+
+
+@pytest.mark.slow  # writes and loads 2.1 / 2.6 GB: ~1 min each on a 2-core CPU, peak ~6 GB
+@pytest.mark.parametrize("name", ["sd15", "sd21"])
+def test_full_size_random_checkpoint_loads_strictly(tmp_path, name):
+    config = PRESETS[name]
+    path = tmp_path / f"{name}.safetensors"
+    write_random_original(path, config, torch.float16)
+    model = load_model(path)
+    assert not any(p.is_meta for p in model.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    described = model.describe()
+    if name == "sd15":
+        assert model.config == config
+    else:  # SD 2.x 768-v and 512-base share the weights' shapes: the probe decides
+        assert model.config.family in ("sd21", "sd21-base") and "(probed: " in described
+    file = SafetensorsFile(path)
+    assert torch.equal(model.unet.conv_out.weight, file.tensor("model.diffusion_model.out.2.weight").float())
+    assert torch.equal(model.vae.decoder.conv_out.bias, file.tensor("first_stage_model.decoder.conv_out.bias").float())
+
+
+@pytest.mark.slow  # SD 1.5 fp16 file (2.1 GB) into an fp32 model in a fresh process: ~1 min
+def test_full_size_load_peak_memory_is_bounded():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "measure_load_memory.py"), "--dtypes", "float16", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=170,
+    )
+    rows = json.loads(result.stdout.splitlines()[-1])
+    assert rows[0]["ratio"] <= 1.3, rows
