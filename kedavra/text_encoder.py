@@ -164,11 +164,12 @@ class TextEncoder(nn.Module):
         self.final_norm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
         if config.projection_dim is not None:
             self.text_projection = nn.Linear(config.width, config.projection_dim, bias=False)
-        self._init_weights()
+        if self.position_embedding.device.type != "meta":  # a loader fills meta weights; init would be wasted
+            self._init_weights()
 
     def _init_weights(self) -> None:
         """Standard deviations of OpenCLIP's TextTransformer.init_parameters, biases zero; for training
-        from scratch (no-ops on the meta device)."""
+        from scratch (skipped on the meta device)."""
         width, depth = self.config.width, self.config.num_layers
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.position_embedding, std=0.01)
