@@ -107,7 +107,9 @@ class NoiseSchedule:
         low = t.floor().long().clamp(max=self.num_train_timesteps - 1)
         high = (low + 1).clamp(max=self.num_train_timesteps - 1)
         w = t - low
-        return torch.exp((1 - w) * log_sigmas[low] + w * log_sigmas[high])
+        between = (1 - w) * log_sigmas[low] + w * log_sigmas[high]
+        # at integer t use the table as is: 0·∞ would turn a zero-terminal-SNR σ_{T-1} = ∞ into NaN
+        return torch.exp(torch.where(w == 0, log_sigmas[low], between))
 
     def sigma_to_t(self, sigma: torch.Tensor, alpha_bar_floor: float = 0.0) -> torch.Tensor:
         """The fractional timestep whose σ is `sigma` (inverse of `sigma_at`, interpolating in log σ).

@@ -136,3 +136,8 @@ def test_strength_picks_the_last_steps():
 def test_bad_input_is_refused_with_a_clear_error(bad):
     with pytest.raises(ValueError, match=r"allowed|must|got|strength|leaves"):
         bad()
+
+
+def test_zero_terminal_snr_alpha_bar_at_the_last_step_is_zero_not_nan():
+    s = get_schedule("sd-zero-snr")
+    assert s.alpha_bar_at(torch.tensor([999.0, 0.0])).tolist() == [0.0, pytest.approx(s.alpha_bar[0].item())]
