@@ -1,0 +1,74 @@
+"""A whole text-to-image run against diffusers' StableDiffusionPipeline: the same weights (a tiny model
+with random weights, saved as a diffusers folder and loaded by kedavra's checkpoint loader), prompt,
+negative prompt, sampler, steps, guidance scale and seeds give the same latents and the same image."""
+
+import gzip
+import json
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from test_checkpoint import reference_models, write_diffusers  # noqa: E402
+
+from kedavra.checkpoint import load_model  # noqa: E402
+from kedavra.model import ModelConfig  # noqa: E402
+from kedavra.pipeline import Pipeline  # noqa: E402
+from kedavra.tokenizer import NUM_MERGES, VOCAB_PATH, byte_alphabet  # noqa: E402
+
+IMAGE_TOL = 1e-4  # decoded images in [0, 1], fp32
+LATENT_REL_TOL = 1e-4
+
+
+def clip_tokenizer(folder):
+    """transformers' CLIPTokenizer built offline from kedavra's vendored CLIP vocabulary."""
+    merges = gzip.open(VOCAB_PATH, "rt", encoding="utf-8").read().split("\n")[1 : NUM_MERGES + 1]
+    alphabet = sorted(byte_alphabet())  # CLIP orders the byte characters by code point
+    tokens = [*alphabet, *(c + "</w>" for c in alphabet), *(m.replace(" ", "") for m in merges)]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+@pytest.fixture(scope="module")
+def both(tmp_path_factory):
+    """(kedavra Pipeline, diffusers StableDiffusionPipeline) over the same tiny random weights."""
+    config = ModelConfig.from_preset("tiny")
+    refs = reference_models(config, seed=1)
+    folder = write_diffusers(tmp_path_factory.mktemp("tiny_sd"), refs, config)
+    # SD 1.x's scheduler settings: leading spacing with steps_offset 1
+    scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                 timestep_spacing="leading", steps_offset=1)
+    scheduler.save_pretrained(folder / "scheduler")
+    text, unet, vae = refs
+    reference = diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=clip_tokenizer(tmp_path_factory.mktemp("tok")), unet=unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    reference.set_progress_bar_config(disable=True)
+    return Pipeline(load_model(folder)), reference
+
+
+@pytest.mark.parametrize("sampler,scheduler_class", [
+    ("euler", "EulerDiscreteScheduler"), ("euler_a", "EulerAncestralDiscreteScheduler")])
+def test_text_to_image_matches_diffusers(both, sampler, scheduler_class):
+    ours, reference = both
+    reference.scheduler = getattr(diffusers, scheduler_class).from_config(reference.scheduler.config)
+    seed, size = 42, ours.config.image_size
+    kwargs = dict(prompt="a red circle above a blue square", negative_prompt="blurry", guidance_scale=7.5)
+    theirs = reference(**kwargs, num_inference_steps=12, height=size, width=size, num_images_per_prompt=2,
+                       generator=[torch.Generator().manual_seed(seed + i) for i in range(2)], output_type="latent")
+    result = ours(**kwargs, steps=12, sampler=sampler, seed=seed, num_images=2)
+    rel = ((result.latents - theirs.images).abs().max() / theirs.images.abs().max()).item()
+    print(f"{sampler}: latent max relative error {rel:.2e}")
+    assert rel < LATENT_REL_TOL
+    ref_decoded = reference.vae.decode(theirs.images / reference.vae.config.scaling_factor).sample
+    ref_images = (ref_decoded / 2 + 0.5).clamp(0, 1)
+    our_images = ours.model.vae.decode_latents(result.latents) / 2 + 0.5
+    image_error = (our_images - ref_images).abs().max().item()
+    print(f"{sampler}: image max abs error {image_error:.2e}")
+    assert image_error < IMAGE_TOL
+    assert result.seeds == [42, 43]
