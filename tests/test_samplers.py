@@ -134,3 +134,25 @@ def test_a_batch_with_one_generator_per_row_equals_single_runs(name):
         single = sample(smooth_eps_model, batch_noise[i : i + 1], sampler=name, steps=6,
                         generator=torch.Generator().manual_seed(s + 100))
         assert torch.allclose(batch[i : i + 1], single, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_a", "ddim", "dpmpp_2m", "unipc", "heun", "ddpm"])
+def test_mask_keeps_init_outside_and_generates_inside(name):
+    """With a model that always predicts x_0 = target, the masked region ends on target and the rest on init."""
+    init, target = torch.full(SHAPE, -0.5), torch.linspace(-1, 1, 96).reshape(SHAPE)
+    mask = torch.zeros(SHAPE[0], 1, *SHAPE[2:])
+    mask[..., :2, :] = 1  # generate the top half
+    out = sample(lambda x, t: target, noise(), sampler=name, steps=8, prediction_type="x0", init=init,
+                 strength=1.0, mask=mask, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(out[..., :2, :], target[..., :2, :], atol=1e-5)
+    assert torch.allclose(out[..., 2:, :], init[..., 2:, :], atol=1e-5)
+
+
+def test_bad_masks():
+    init = torch.zeros(SHAPE)
+    with pytest.raises(ValueError, match="mask needs an init"):
+        sample(smooth_eps_model, noise(), mask=torch.ones(SHAPE))
+    with pytest.raises(ValueError, match=r"mask values must lie in \[0, 1\]"):
+        sample(smooth_eps_model, noise(), init=init, mask=torch.full(SHAPE, 2.0))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        sample(smooth_eps_model, noise(), init=init, mask=torch.ones(3, 1, 5, 5))

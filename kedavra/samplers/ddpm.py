@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from kedavra.forward_process import randn_like
-from kedavra.samplers.denoiser import Denoiser
+from kedavra.samplers.denoiser import Denoiser, after_step
 from kedavra.timesteps import SamplingPlan
 
 DDPM_VARIANCES = ("fixed_small", "fixed_large")
@@ -38,8 +38,7 @@ def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, generat
             posterior_variance = max((1 - alpha_bar_prev) / (1 - alpha_bar) * beta, DDPM_MIN_VARIANCE)
             var = posterior_variance if variance == "fixed_small" else beta
             x_next = x_next + var**0.5 * randn_like(x, generator)
-        if callback is not None:
-            callback(i, n, x_next, x0)
+        x_next = after_step(callback, i, n, x_next, x0)
         x = x_next
     return x
 
@@ -61,7 +60,6 @@ def sample_ddim(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, generat
         x_next = alpha_bar_prev**0.5 * x0 + (1 - alpha_bar_prev - sigma_t**2) ** 0.5 * eps
         if sigma_t > 0:
             x_next = x_next + sigma_t * randn_like(x, generator)
-        if callback is not None:
-            callback(i, n, x_next, x0)
+        x_next = after_step(callback, i, n, x_next, x0)
         x = x_next
     return x

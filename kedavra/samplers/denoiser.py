@@ -53,3 +53,12 @@ class Denoiser:
         if self.prediction_type == "v":
             return x / scale**2 - (sigma / scale) * output  # x_0 = √ᾱ x_t - √(1-ᾱ) v, with x_t = x/√(σ²+1)
         return output
+
+
+def after_step(callback: Callable | None, i: int, n: int, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """Report step i of n to `callback(i, n, x, x0_hat)`; a tensor it returns replaces x (inpainting puts
+    the known region back this way), None leaves x as it is."""
+    if callback is None:
+        return x
+    replacement = callback(i, n, x, x0)
+    return x if replacement is None else replacement

@@ -10,7 +10,7 @@ import torch
 
 from kedavra.forward_process import add_noise, check_finite
 from kedavra.samplers.ddpm import sample_ddim, sample_ddpm
-from kedavra.samplers.denoiser import Denoiser, Model
+from kedavra.samplers.denoiser import Denoiser, Model, after_step
 from kedavra.samplers.dpm_solver import sample_dpmpp_2m, sample_dpmpp_2m_sde
 from kedavra.samplers.euler import sample_euler, sample_euler_ancestral, sample_heun
 from kedavra.samplers.unipc import sample_unipc
@@ -109,6 +109,7 @@ def sample(
     eta: float = 0.0,
     init: torch.Tensor | None = None,
     strength: float = 1.0,
+    mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     callback: Callable | None = None,
 ) -> torch.Tensor:
@@ -117,6 +118,10 @@ def sample(
     init/strength: image-to-image; the run starts part-way, at the step a fraction `strength` of the way
     from the end, from init noised to that level (x_t = √ᾱ_t init + √(1-ᾱ_t) noise, DDPM eq. 4).
     Without init it starts from x_T = noise (VP), as Stable Diffusion does.
+    mask (with init): 1 where to generate, 0 where to keep init, broadcastable to the sample (e.g. (B, 1, h, w)).
+    After every step the kept region is replaced by init noised to the next step's level with the same noise,
+    so only the masked region is generated (inpainting with an ordinary model, as SD's img2img scripts and
+    diffusers' inpainting pipeline do for 4-channel U-Nets).
     callback(i, n, x, x0_hat) is called after each step. Returns the sample at the final level (the clean
     sample when final_sigma is "zero"; with "sigma_min" the state at σ(t=0) in the sampler's view).
     """
@@ -140,5 +145,34 @@ def sample(
         x = noise
     if spec.view == "ve":
         x = x * (1 + plan.sigmas[0].item() ** 2) ** 0.5  # x_VE = x_t / √ᾱ
+    if mask is not None:
+        callback = _keep_outside_mask(init, noise, mask, plan, spec.view, callback)
     options = {"eta": eta} if spec.name == "ddim" else {}
     return spec.fn(denoiser, x, plan, generator=generator, callback=callback, **options)
+
+
+def _keep_outside_mask(init, noise, mask, plan, view: str, callback: Callable | None) -> Callable:
+    """A step callback that puts init, noised to the level just reached, back where mask is 0."""
+    if init is None:
+        raise ValueError("mask needs an init sample (the image whose unmasked part is kept)")
+    check_finite(mask, "mask")
+    if mask.min() < 0 or mask.max() > 1:
+        raise ValueError(f"mask values must lie in [0, 1], got min {mask.min().item()} max {mask.max().item()}")
+    try:
+        torch.broadcast_shapes(mask.shape, init.shape)
+    except RuntimeError:
+        shapes = f"mask of shape {tuple(mask.shape)} does not broadcast to the sample's {tuple(init.shape)}"
+        raise ValueError(shapes) from None
+
+    def blend(i, n, x, x0):
+        level = i + 1
+        if view == "ve":
+            known = init + plan.sigmas[level].item() * noise  # x_VE = x_0 + σ ε
+        else:
+            known = add_noise(init, noise, plan.alpha_bar[level].item())
+        x = mask * x + (1 - mask) * known
+        if callback is not None:
+            x = after_step(callback, i, n, x, x0)
+        return x
+
+    return blend

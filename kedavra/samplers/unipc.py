@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from kedavra.samplers.denoiser import Denoiser
+from kedavra.samplers.denoiser import Denoiser, after_step
 from kedavra.samplers.dpm_solver import vp_scales
 from kedavra.timesteps import SamplingPlan
 
@@ -68,7 +68,6 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, genera
         if order == 2:
             r = (_lam(plan, i - 1) - lam) / h
             x_next = x_next - a_next * phi1 * 0.5 * (x0s[-2] - x0) / r
-        if callback is not None:
-            callback(i, n, x_next, x0)
+        x_next = after_step(callback, i, n, x_next, x0)
         x_before, order_before, x = x, order, x_next
     return x
