@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from kedavra.device import default_device, default_dtype, parse_precision
 from kedavra.model import StableDiffusion
+from kedavra.prompt_weighting import encode_prompt_pairs
 from kedavra.samplers import resolve_sampler, sample
 from kedavra.timesteps import check_steps
 
@@ -42,10 +44,17 @@ class GenerationResult:
 class Pipeline:
     """Generate images with a `StableDiffusion` model (see `__call__`)."""
 
-    def __init__(self, model: StableDiffusion, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        self.model = model.to(device=device, dtype=dtype).eval()
-        self.device = torch.device(device)
-        self.dtype = dtype
+    def __init__(self, model: StableDiffusion, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = None):
+        """device: "cpu", "cuda", ... (default: CUDA if present); dtype: "fp32", "bf16", "fp16" or a torch dtype
+        (default: bf16 where the hardware runs it natively, e.g. a CPU with AMX, else fp32). The samplers'
+        arithmetic stays in fp32 whatever the networks run in."""
+        self.device = torch.device(device) if device is not None else default_device()
+        self.dtype = parse_precision(dtype) or default_dtype(self.device)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        if self.device.type == "cpu":  # oneDNN's convolutions run fastest on channels-last activations
+            self.model.unet.to(memory_format=torch.channels_last)
+            self.model.vae.to(memory_format=torch.channels_last)
         self.config = model.config
 
     @property
@@ -54,10 +63,12 @@ class Pipeline:
         return self.config.vae.downsample_factor * self.config.unet.downsample_factor
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Prompts -> (B, L, D) text-encoder hidden states, the U-Net's cross-attention context."""
-        ids = self.model.tokenizer(list(prompts)).to(self.device)
-        return self.model.text_encoder(ids)
+    def encode_prompts(self, prompts: Sequence[str], negative_prompts: Sequence[str]):
+        """(context, negative context), each (B, 77·k, D): the text encoder's hidden states for the prompts and
+        the negative prompts (the unconditional side of guidance), with A1111's emphasis syntax "(word:1.3)",
+        "[word]", BREAK, and prompts longer than 75 tokens in chunks of 77 (see kedavra.prompt_weighting).
+        Plain prompts of up to 75 tokens give exactly text_encoder(tokenizer(prompt))."""
+        return encode_prompt_pairs(self.model.tokenizer, self.model.text_encoder, list(prompts), list(negative_prompts))
 
     def check_request(self, width: int, height: int, steps: int, guidance_scale: float, num_images: int,
                       seed: int | None, sampler: str) -> None:
@@ -89,7 +100,9 @@ class Pipeline:
         height: int | None = None,
         num_images: int = 1,
         init_image: Image.Image | torch.Tensor | None = None,
-        strength: float = 0.8,
+        strength: float | None = None,
+        mask: Image.Image | torch.Tensor | None = None,
+        guidance_rescale: float = 0.0,
         karras: bool = False,
         eta: float = 0.0,
         callback: Callable | None = None,
@@ -98,7 +111,14 @@ class Pipeline:
 
         Image i uses seed + i (A1111's convention); its noise and every random draw of its sampler come
         from a CPU generator seeded with it, so a seed gives the same image on any device, and a batch the
-        same images as single calls. init_image/strength: image to image (strength 1 ignores the image).
+        same images as single calls.
+        init_image, strength: image to image; strength (default 0.8, or 1.0 with a mask) is the fraction of the
+            steps run from the noised image (1 starts from pure noise).
+        mask: inpainting (needs init_image): white (>= 0.5) where to paint, black where to keep the image; an
+            inpainting model (9-channel U-Net) sees the mask and the masked image, any other model has the kept
+            region put back after every step.
+        guidance_rescale: φ of Lin et al. 2023 (sec. 3.4, eq. 15-16): rescale the guided prediction's std to the
+            conditional one's and mix by φ; 0.7 is their choice for v-prediction and zero-terminal-SNR models.
         """
         prompts = [prompt] * num_images if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -109,40 +129,85 @@ class Pipeline:
         width = self.config.image_size if width is None else width
         height = self.config.image_size if height is None else height
         self.check_request(width, height, steps, guidance_scale, len(prompts), seed, sampler)
+        if not isinstance(guidance_rescale, (int, float)) or not 0 <= guidance_rescale <= 1:
+            raise ValueError(f"guidance_rescale must be a number in [0, 1], got {guidance_rescale!r}")
+        if mask is not None and init_image is None:
+            raise ValueError("mask needs init_image: inpainting repaints part of a given image")
+        if self.config.inpainting and mask is None:
+            raise ValueError(f"{self.config.family} is an inpainting model: give init_image and mask")
+        strength = (1.0 if mask is not None else 0.8) if strength is None else strength
         seed = secrets.randbelow(MAX_SEED + 1 - len(prompts)) if seed is None else seed
         seeds = [(seed + i) % (MAX_SEED + 1) for i in range(len(prompts))]
         generators = [torch.Generator().manual_seed(s) for s in seeds]
 
         f = self.config.vae.downsample_factor
         latent_shape = (1, self.config.vae.latent_channels, height // f, width // f)
-        init_latents = None
+        noise = torch.cat([torch.randn(latent_shape, generator=g) for g in generators]).to(self.device)
+        init_latents = latent_mask = extra_channels = None
         if init_image is not None:
             images = self._image_batch(init_image, len(prompts), width, height)
-            init_latents = torch.cat([
-                self.model.vae.encode_to_latents(images[i : i + 1], generator=generators[i]) for i in range(len(seeds))
-            ])
-        noise = torch.cat([torch.randn(latent_shape, generator=g) for g in generators]).to(self.device, self.dtype)
+            init_latents = self._encode_images(images, generators)
+        if mask is not None:
+            pixel_mask = self._mask_batch(mask, len(prompts), width, height)  # (B, 1, H, W), 1 = paint
+            latent_mask = torch.nn.functional.interpolate(pixel_mask, size=(height // f, width // f))
+            if self.config.inpainting:  # the U-Net sees the mask and the image with the painted part blacked out
+                masked_latents = self._encode_images(images * (1 - pixel_mask), generators)
+                extra_channels = torch.cat([latent_mask, masked_latents], dim=1)
 
-        denoise = self._guided_unet(self.encode_prompts(prompts), self.encode_prompts(negatives), guidance_scale)
+        context, uncond_context = self.encode_prompts(prompts, negatives)
+        denoise = self._guided_unet(context, uncond_context, guidance_scale, guidance_rescale, extra_channels)
+        blend_mask = latent_mask if latent_mask is not None and not self.config.inpainting else None
         latents = sample(
             denoise, noise, sampler=sampler, steps=steps, schedule=self.config.schedule,
             prediction_type=self.config.prediction_type, spacing=self.config.spacing,
             steps_offset=self.config.steps_offset, karras=karras, eta=eta, init=init_latents,
-            strength=strength if init_latents is not None else 1.0, generator=generators, callback=callback,
+            strength=strength if init_latents is not None else 1.0, mask=blend_mask, generator=generators,
+            callback=callback,
         )
-        images = self.model.vae.decode_latents(latents)
-        return GenerationResult(to_pil(images), seeds, latents)
+        return GenerationResult(to_pil(self.decode(latents)), seeds, latents)
 
-    def _guided_unet(self, context: torch.Tensor, uncond_context: torch.Tensor, guidance_scale: float):
-        """The model the sampler drives: the U-Net with classifier-free guidance folded in."""
-        unet = self.model.unet
-        if guidance_scale == 1.0:
-            return lambda x_t, t: unet(x_t, t, context)
-        both = torch.cat([uncond_context, context])  # (2B, L, D): unconditional first, as diffusers orders them
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [-1, 1] through the VAE decoder; never black or NaN: if the decoder's output in
+        the working precision is not finite (fp16 overflows in SD's VAE), decode again in fp32."""
+        vae = self.model.vae
+        images = vae.decode_latents(latents.to(self.dtype)).float()
+        if not torch.isfinite(images).all() and self.dtype != torch.float32:
+            vae.float()
+            try:
+                images = vae.decode_latents(latents.float())
+            finally:
+                vae.to(self.dtype)
+        return images
+
+    def _encode_images(self, images: torch.Tensor, generators) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, C, h, w) scaled latents, image i's posterior drawn with generator i."""
+        vae = self.model.vae
+        return torch.cat([
+            vae.encode_to_latents(images[i : i + 1].to(self.dtype), generator=g).float()
+            for i, g in enumerate(generators)
+        ])
+
+    def _guided_unet(self, context, uncond_context, guidance_scale: float, guidance_rescale: float,
+                     extra_channels: torch.Tensor | None):
+        """The model the sampler drives: the U-Net (in the working precision, on fp32 samples) with
+        classifier-free guidance folded in; an inpainting U-Net also gets the mask and masked-image latents."""
+        unet, dtype = self.model.unet, self.dtype
+        use_guidance = guidance_scale != 1.0
+        both = torch.cat([uncond_context, context]) if use_guidance else context  # unconditional first
 
         def guided(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            out_uncond, out_cond = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
-            return out_uncond + guidance_scale * (out_cond - out_uncond)  # Ho and Salimans 2022, eq. 6
+            x_in = x_t if extra_channels is None else torch.cat([x_t, extra_channels], dim=1)
+            if not use_guidance:
+                return unet(x_in.to(dtype), t, both).float()
+            out_uncond, out_cond = unet(torch.cat([x_in, x_in]).to(dtype), torch.cat([t, t]), both).float().chunk(2)
+            guided_out = out_uncond + guidance_scale * (out_cond - out_uncond)  # Ho and Salimans 2022, eq. 6
+            if guidance_rescale > 0:  # Lin et al. 2023, eq. 15-16
+                dims = list(range(1, guided_out.ndim))
+                guided_std = guided_out.std(dim=dims, keepdim=True).clamp_min(1e-12)  # 0 only if all-constant
+                rescaled = guided_out * (out_cond.std(dim=dims, keepdim=True) / guided_std)
+                guided_out = guidance_rescale * rescaled + (1 - guidance_rescale) * guided_out
+            return guided_out
 
         return guided
 
@@ -159,7 +224,22 @@ class Pipeline:
                              f"it must be RGB {width}x{height} (the requested size)")
         if tensor.shape[0] not in (1, batch):
             raise ValueError(f"init_image holds {tensor.shape[0]} images for a batch of {batch}; give 1 or {batch}")
-        return tensor.expand(batch, -1, -1, -1).to(self.device, self.dtype)
+        return tensor.expand(batch, -1, -1, -1).to(self.device)
+
+    def _mask_batch(self, mask, batch: int, width: int, height: int) -> torch.Tensor:
+        """A mask (PIL image, white = paint, or a (B|1, 1, H, W) / (H, W) tensor in [0, 1]) -> (B, 1, H, W) of 0/1."""
+        if isinstance(mask, Image.Image):
+            tensor = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255)[None, None]
+        elif isinstance(mask, torch.Tensor):
+            tensor = mask.float().reshape(-1, 1, *mask.shape[-2:]) if mask.ndim >= 2 else mask
+        else:
+            raise ValueError(f"mask must be a PIL image or a tensor, got {type(mask).__name__}")
+        if tensor.ndim != 4 or tensor.shape[-2:] != (height, width):
+            raise ValueError(f"mask is {tuple(tensor.shape[-2:])[::-1]} (width, height); it must be {width}x{height}, "
+                             "the size of the image")
+        if tensor.shape[0] not in (1, batch):
+            raise ValueError(f"mask holds {tensor.shape[0]} masks for a batch of {batch}; give 1 or {batch}")
+        return (tensor >= 0.5).float().expand(batch, -1, -1, -1).to(self.device)  # binarised, as SD's pipelines do
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

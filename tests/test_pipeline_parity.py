@@ -49,7 +49,7 @@ def both(tmp_path_factory):
         vae=vae, text_encoder=text, tokenizer=clip_tokenizer(tmp_path_factory.mktemp("tok")), unet=unet,
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     reference.set_progress_bar_config(disable=True)
-    return Pipeline(load_model(folder)), reference
+    return Pipeline(load_model(folder), dtype="fp32"), reference
 
 
 @pytest.mark.parametrize("sampler,scheduler_class", [

@@ -1,0 +1,46 @@
+"""Which device and precision to run on: bf16 where the hardware has fast bf16 matrix units, else fp32."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@cache
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU multiplies bf16 matrices natively (Intel AMX or AVX-512 BF16), where a bf16 matmul
+    runs several times faster than an fp32 one; elsewhere bf16 on the CPU is emulated and slower."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    if any(probe is not None for probe in probes):
+        return any(probe is not None and probe() for probe in probes)
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = cpuinfo.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA GPUs that support it and on CPUs with native bf16, else fp32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
+
+
+def parse_precision(name: str | torch.dtype | None) -> torch.dtype | None:
+    """"fp32" / "bf16" / "fp16" / "auto" (None) or a torch dtype -> dtype (None means choose by device)."""
+    if name is None or name == "auto" or isinstance(name, torch.dtype):
+        if isinstance(name, torch.dtype) and name not in PRECISIONS.values():
+            raise ValueError(f"unsupported dtype {name}; allowed: {', '.join(map(str, PRECISIONS.values()))}")
+        return None if name in (None, "auto") else name
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown precision {name!r}; allowed: auto, {', '.join(PRECISIONS)}")
+    return PRECISIONS[name]
