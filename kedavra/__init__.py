@@ -2,6 +2,17 @@
 
 The data's walk from prompt to pixels, one module per step:
 tokenizer -> text_encoder -> (schedule, noise) -> sampler driving the unet -> vae -> image.
+
+    import kedavra
+    pipe = kedavra.load("model.safetensors")
+    pipe("a red circle above a blue square", seed=1).images[0].save("out.png")
 """
 
 __version__ = "0.1.0"
+
+
+def load(name_or_path, **options):
+    """A ready Pipeline for a model name or path; see kedavra.api.load."""
+    from kedavra.api import load as _load
+
+    return _load(name_or_path, **options)
