@@ -67,9 +67,10 @@ def status_kib(field: str) -> int:
 def child(path: str, dtype: str, release: bool) -> None:
     """Runs in a fresh process: load, touch every weight, print one JSON line."""
     import kedavra.checkpoint as checkpoint
+    import kedavra.checkpoint.safetensors_io as safetensors_io
 
     if not release:
-        checkpoint._CAN_RELEASE = False  # ablation: keep the consumed file pages mapped
+        safetensors_io._CAN_RELEASE = False  # ablation: keep the consumed file pages mapped
     baseline = status_kib("VmRSS")
     start = time.perf_counter()
     model = checkpoint.load_model(path, dtype=DTYPES[dtype])
