@@ -120,6 +120,8 @@ class Pipeline:
         guidance_rescale: φ of Lin et al. 2023 (sec. 3.4, eq. 15-16): rescale the guided prediction's std to the
             conditional one's and mix by φ; 0.7 is their choice for v-prediction and zero-terminal-SNR models.
         """
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or not 1 <= num_images <= MAX_IMAGES:
+            raise ValueError(f"num_images must be an integer from 1 to {MAX_IMAGES}, got {num_images!r}")
         prompts = [prompt] * num_images if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompt must be a str or a non-empty list of str, got {prompt!r}")
@@ -142,11 +144,11 @@ class Pipeline:
 
         f = self.config.vae.downsample_factor
         latent_shape = (1, self.config.vae.latent_channels, height // f, width // f)
-        noise = torch.cat([torch.randn(latent_shape, generator=g) for g in generators]).to(self.device)
         init_latents = latent_mask = extra_channels = None
-        if init_image is not None:
+        if init_image is not None:  # encoded before the noise is drawn, as diffusers' img2img does
             images = self._image_batch(init_image, len(prompts), width, height)
             init_latents = self._encode_images(images, generators)
+        noise = torch.cat([torch.randn(latent_shape, generator=g) for g in generators]).to(self.device)
         if mask is not None:
             pixel_mask = self._mask_batch(mask, len(prompts), width, height)  # (B, 1, H, W), 1 = paint
             latent_mask = torch.nn.functional.interpolate(pixel_mask, size=(height // f, width // f))

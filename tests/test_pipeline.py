@@ -1,0 +1,135 @@
+"""The pipeline: guidance, seeds and batches, precision, image to image, inpainting, and bad input."""
+
+import pytest
+import torch
+from PIL import Image
+
+from kedavra.model import ModelConfig, StableDiffusion
+from kedavra.pipeline import Pipeline, from_pil, to_pil
+
+
+def tiny_model(family="tiny", seed=0) -> StableDiffusion:
+    """A tiny model with every weight random (the U-Net's zero-initialised output layers too), so that
+    guidance and seeds visibly change the result."""
+    torch.manual_seed(seed)
+    model = StableDiffusion(ModelConfig.from_preset(family))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return model
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Pipeline(tiny_model(), dtype="fp32")
+
+
+def test_batch_equals_single_calls_with_the_same_seeds(pipe):
+    batch = pipe("a red circle", seed=10, num_images=3, steps=6, sampler="euler_a")
+    assert batch.seeds == [10, 11, 12]
+    for i, seed in enumerate(batch.seeds):
+        single = pipe("a red circle", seed=seed, steps=6, sampler="euler_a")
+        # equal up to float rounding: a batch runs other matrix kernels than a single image
+        assert torch.allclose(batch.latents[i : i + 1], single.latents, rtol=1e-4, atol=1e-4)
+
+
+def test_same_seed_same_image_other_seed_other_image(pipe):
+    a, b, c = (pipe("a blue square", seed=s, steps=5).latents for s in (1, 1, 2))
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_guidance_scale_one_is_the_conditional_model_alone(pipe):
+    """w = 1 in ε̃ = ε(∅) + w(ε(c) - ε(∅)) leaves ε(c): the negative prompt must not matter."""
+    a = pipe("a circle", negative_prompt="", guidance_scale=1.0, seed=3, steps=4).latents
+    b = pipe("a circle", negative_prompt="something else entirely", guidance_scale=1.0, seed=3, steps=4).latents
+    assert torch.equal(a, b)
+    c = pipe("a circle", negative_prompt="something else entirely", guidance_scale=5.0, seed=3, steps=4).latents
+    assert not torch.allclose(a, c)
+
+
+def test_guidance_rescale_zero_is_plain_guidance_and_one_matches_the_conditional_std(pipe):
+    a = pipe("a circle", seed=3, steps=4, guidance_rescale=0.0).latents
+    b = pipe("a circle", seed=3, steps=4).latents
+    assert torch.equal(a, b)
+    seen = []
+    guided = pipe._guided_unet(*pipe.encode_prompts(["a circle"], [""]), 7.5, 1.0, None)
+    unguided = pipe._guided_unet(*pipe.encode_prompts(["a circle"], [""]), 1.0, 0.0, None)
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500.0])
+    seen = guided(x, t), unguided(x, t)
+    assert seen[0].std().item() == pytest.approx(seen[1].std().item(), rel=1e-4)  # Lin et al. 2023, eq. 15
+
+
+def test_bf16_stays_close_to_fp32():
+    model = tiny_model()
+    fp32 = Pipeline(model, dtype="fp32")("a circle", seed=4, steps=5, guidance_scale=3.0).latents
+    bf16 = Pipeline(model, dtype="bf16")("a circle", seed=4, steps=5, guidance_scale=3.0).latents
+    assert (bf16 - fp32).abs().max() / fp32.abs().max() < 0.05  # bf16 keeps 8 bits of mantissa
+
+
+def test_image_to_image_small_strength_stays_near_the_image(pipe):
+    image = pipe("a circle", seed=5, steps=6).images[0]
+    with torch.no_grad():
+        start = pipe.model.vae.encode_to_latents(from_pil(image), generator=torch.Generator().manual_seed(6))
+    near = pipe("a circle", seed=6, steps=10, init_image=image, strength=0.2).latents
+    far = pipe("a circle", seed=6, steps=10, init_image=image, strength=1.0).latents
+    assert (near - start).abs().mean() < 0.5 * (far - start).abs().mean()
+
+
+@pytest.mark.parametrize("family", ["tiny", "tiny-inpaint"])
+def test_inpainting_keeps_the_unmasked_latents(family):
+    pipe = Pipeline(tiny_model(family), dtype="fp32")
+    init = Image.fromarray((torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(1)) * 255).byte().numpy())
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (0, 0, 32, 16))  # paint the top half
+    result = pipe("a circle", seed=7, steps=6, init_image=init, mask=mask)
+    assert result.images[0].size == (32, 32)
+    if family == "tiny":  # an ordinary model gets the kept latents put back exactly
+        with torch.no_grad():
+            kept = pipe.model.vae.encode_to_latents(from_pil(init), generator=torch.Generator().manual_seed(7))
+        assert torch.allclose(result.latents[..., 8:, :], kept[..., 8:, :], atol=1e-5)
+
+
+def test_pil_round_trip():
+    image = Image.fromarray((torch.arange(48).reshape(4, 4, 3) * 5).byte().numpy())
+    assert list(to_pil(from_pil(image))[0].getdata()) == list(image.getdata())
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"width": 30}, "width must be a multiple of 4 from 4 to 2048, got 30"),
+    ({"height": 0}, "height must be a multiple of 4"),
+    ({"width": 4096}, "width must be a multiple of 4 from 4 to 2048, got 4096"),
+    ({"steps": 0}, "steps must be an integer from 1 to 1000"),
+    ({"sampler": "plms"}, "unknown sampler 'plms'"),
+    ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number"),
+    ({"num_images": 0}, "num_images must be an integer from 1 to 64"),
+    ({"seed": -1}, "seed must be an integer from 0 to 4294967295"),
+    ({"guidance_rescale": 2}, r"guidance_rescale must be a number in \[0, 1\]"),
+    ({"mask": Image.new("L", (32, 32))}, "mask needs init_image"),
+    ({"init_image": Image.new("RGB", (64, 64))}, "init_image is 64x64 with 3 channels; it must be RGB 32x32"),
+    ({"init_image": Image.new("RGB", (32, 32)), "mask": Image.new("L", (16, 16))}, "it must be 32x32"),
+    ({"init_image": Image.new("RGB", (32, 32)), "strength": 1.5}, r"strength must be a number in \[0, 1\]"),
+    ({"negative_prompt": ["a", "b"]}, "got 2 negative prompts for 1 prompts"),
+])
+def test_bad_requests_are_refused_before_work(pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pipe("a circle", **{"steps": 2, **kwargs})
+
+
+def test_an_inpainting_model_needs_a_mask():
+    with pytest.raises(ValueError, match="tiny-inpaint is an inpainting model: give init_image and mask"):
+        Pipeline(tiny_model("tiny-inpaint"), dtype="fp32")("a circle", steps=2)
+
+
+def test_decode_falls_back_to_fp32_when_the_working_precision_overflows(monkeypatch):
+    pipe = Pipeline(tiny_model(), dtype="bf16")
+    original = pipe.model.vae.decode_latents
+
+    def overflow_in_bf16(latents, **kw):
+        out = original(latents, **kw)
+        return out.fill_(float("inf")) if latents.dtype == torch.bfloat16 else out
+
+    monkeypatch.setattr(pipe.model.vae, "decode_latents", overflow_in_bf16)
+    images = pipe.decode(torch.randn(1, 4, 16, 16))
+    assert torch.isfinite(images).all() and next(pipe.model.vae.parameters()).dtype == torch.bfloat16
