@@ -26,10 +26,14 @@ from kedavra.model import StableDiffusion
 from kedavra.prompt_weighting import encode_prompt_pairs
 from kedavra.samplers import resolve_sampler, sample
 from kedavra.timesteps import check_steps
+from kedavra.vae import Tiling
 
 MAX_SIDE = 2048  # largest width/height accepted, in pixels: beyond it a CPU run takes hours
 MAX_IMAGES = 64  # largest batch accepted in one call
 MAX_SEED = 2**32 - 1  # seeds are 32-bit, as in A1111 and diffusers' examples
+# Images larger than this on a side go through the VAE in 512-pixel tiles (diffusers' enable_vae_tiling sizes),
+# which bounds the decoder's activation memory; smaller ones are processed whole, exactly.
+VAE_TILING = Tiling(tile_size=512, overlap=128, threshold=1024)
 
 
 @dataclass
@@ -173,11 +177,11 @@ class Pipeline:
         """Latents -> images in [-1, 1] through the VAE decoder; never black or NaN: if the decoder's output in
         the working precision is not finite (fp16 overflows in SD's VAE), decode again in fp32."""
         vae = self.model.vae
-        images = vae.decode_latents(latents.to(self.dtype)).float()
+        images = vae.decode_latents(latents.to(self.dtype), tiling=VAE_TILING).float()
         if not torch.isfinite(images).all() and self.dtype != torch.float32:
             vae.float()
             try:
-                images = vae.decode_latents(latents.float())
+                images = vae.decode_latents(latents.float(), tiling=VAE_TILING)
             finally:
                 vae.to(self.dtype)
         return images
@@ -186,7 +190,7 @@ class Pipeline:
         """(B, 3, H, W) in [-1, 1] -> (B, C, h, w) scaled latents, image i's posterior drawn with generator i."""
         vae = self.model.vae
         return torch.cat([
-            vae.encode_to_latents(images[i : i + 1].to(self.dtype), generator=g).float()
+            vae.encode_to_latents(images[i : i + 1].to(self.dtype), generator=g, tiling=VAE_TILING).float()
             for i, g in enumerate(generators)
         ])
 
