@@ -15,6 +15,7 @@ from kedavra import __version__
 
 # Modules that define subcommands, in the order `kedavra --help` lists them.
 COMMAND_MODULES = (
+    "kedavra.commands.generate",
     "kedavra.commands.samplers",
     "kedavra.toy.command",
     "kedavra.viz.command",

@@ -34,6 +34,8 @@ MAX_SEED = 2**32 - 1  # seeds are 32-bit, as in A1111 and diffusers' examples
 # Images larger than this on a side go through the VAE in 512-pixel tiles (diffusers' enable_vae_tiling sizes),
 # which bounds the decoder's activation memory; smaller ones are processed whole, exactly.
 VAE_TILING = Tiling(tile_size=512, overlap=128, threshold=1024)
+DEFAULT_IMG2IMG_STRENGTH = 0.8  # share of the steps run from the noised init image (A1111's and diffusers' 0.75-0.8)
+DEFAULT_INPAINT_STRENGTH = 1.0  # inpainting starts the painted region from pure noise
 
 
 @dataclass
@@ -67,12 +69,13 @@ class Pipeline:
         return self.config.vae.downsample_factor * self.config.unet.downsample_factor
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str], negative_prompts: Sequence[str]):
+    def encode_prompts(self, prompts: Sequence[str], negative_prompts: Sequence[str], clip_skip: int | None = None):
         """(context, negative context), each (B, 77·k, D): the text encoder's hidden states for the prompts and
         the negative prompts (the unconditional side of guidance), with A1111's emphasis syntax "(word:1.3)",
         "[word]", BREAK, and prompts longer than 75 tokens in chunks of 77 (see kedavra.prompt_weighting).
         Plain prompts of up to 75 tokens give exactly text_encoder(tokenizer(prompt))."""
-        return encode_prompt_pairs(self.model.tokenizer, self.model.text_encoder, list(prompts), list(negative_prompts))
+        return encode_prompt_pairs(self.model.tokenizer, self.model.text_encoder, list(prompts), list(negative_prompts),
+                                   clip_skip=clip_skip)
 
     def check_request(self, width: int, height: int, steps: int, guidance_scale: float, num_images: int,
                       seed: int | None, sampler: str) -> None:
@@ -107,6 +110,7 @@ class Pipeline:
         strength: float | None = None,
         mask: Image.Image | torch.Tensor | None = None,
         guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
         karras: bool = False,
         eta: float = 0.0,
         callback: Callable | None = None,
@@ -123,6 +127,8 @@ class Pipeline:
             region put back after every step.
         guidance_rescale: φ of Lin et al. 2023 (sec. 3.4, eq. 15-16): rescale the guided prediction's std to the
             conditional one's and mix by φ; 0.7 is their choice for v-prediction and zero-terminal-SNR models.
+        clip_skip: take the text encoder's output that many layers from the end (A1111's "Clip skip"; default
+            the model's own, 1 = the last layer).
         """
         if isinstance(num_images, bool) or not isinstance(num_images, int) or not 1 <= num_images <= MAX_IMAGES:
             raise ValueError(f"num_images must be an integer from 1 to {MAX_IMAGES}, got {num_images!r}")
@@ -137,11 +143,14 @@ class Pipeline:
         self.check_request(width, height, steps, guidance_scale, len(prompts), seed, sampler)
         if not isinstance(guidance_rescale, (int, float)) or not 0 <= guidance_rescale <= 1:
             raise ValueError(f"guidance_rescale must be a number in [0, 1], got {guidance_rescale!r}")
+        if strength is not None and init_image is None:
+            raise ValueError(f"strength={strength} needs init_image: it sets how much of that image is repainted")
         if mask is not None and init_image is None:
             raise ValueError("mask needs init_image: inpainting repaints part of a given image")
         if self.config.inpainting and mask is None:
             raise ValueError(f"{self.config.family} is an inpainting model: give init_image and mask")
-        strength = (1.0 if mask is not None else 0.8) if strength is None else strength
+        if strength is None:
+            strength = DEFAULT_INPAINT_STRENGTH if mask is not None else DEFAULT_IMG2IMG_STRENGTH
         seed = secrets.randbelow(MAX_SEED + 1 - len(prompts)) if seed is None else seed
         seeds = [(seed + i) % (MAX_SEED + 1) for i in range(len(prompts))]
         generators = [torch.Generator().manual_seed(s) for s in seeds]
@@ -160,7 +169,7 @@ class Pipeline:
                 masked_latents = self._encode_images(images * (1 - pixel_mask), generators)
                 extra_channels = torch.cat([latent_mask, masked_latents], dim=1)
 
-        context, uncond_context = self.encode_prompts(prompts, negatives)
+        context, uncond_context = self.encode_prompts(prompts, negatives, clip_skip)
         denoise = self._guided_unet(context, uncond_context, guidance_scale, guidance_rescale, extra_channels)
         blend_mask = latent_mask if latent_mask is not None and not self.config.inpainting else None
         latents = sample(

@@ -133,3 +133,14 @@ def test_decode_falls_back_to_fp32_when_the_working_precision_overflows(monkeypa
     monkeypatch.setattr(pipe.model.vae, "decode_latents", overflow_in_bf16)
     images = pipe.decode(torch.randn(1, 4, 16, 16))
     assert torch.isfinite(images).all() and next(pipe.model.vae.parameters()).dtype == torch.bfloat16
+
+
+def test_strength_without_an_init_image_is_refused(pipe):
+    with pytest.raises(ValueError, match="strength=0.5 needs init_image"):
+        pipe("a circle", steps=2, strength=0.5)
+
+
+def test_clip_skip_changes_the_context(pipe):
+    a = pipe.encode_prompts(["a circle"], [""], clip_skip=1)[0]
+    b = pipe.encode_prompts(["a circle"], [""], clip_skip=2)[0]
+    assert a.shape == b.shape and not torch.allclose(a, b)

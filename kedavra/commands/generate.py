@@ -1,0 +1,401 @@
+"""`kedavra generate`: text to image, image to image and inpainting from the command line.
+
+    kedavra generate "a photo of a cat" --model v1-5-pruned-emaonly.safetensors -o cat.png
+    kedavra generate "a cat, oil painting" --model m.safetensors --init-image cat.png --strength 0.6 -o art.png
+    kedavra generate --from-png cat.png --model m.safetensors -o again.png     # the same pixels again
+
+Every PNG carries its generation parameters in AUTOMATIC1111's "parameters" text (kedavra.png_info), with the
+seed of that image, so `--from-png` (or A1111's "PNG Info" tab) reads them back. The settings of a run come, in
+order of precedence, from the flags given, the `--from-png` file, and the defaults below.
+
+Input is checked before the model loads wherever the check does not need the model (sizes, steps, strength,
+sampler, images, output folder, the PNG's parameters); the model-dependent checks (a side that is not a multiple
+of the model's size multiple, more steps than training timesteps) run right after it loads, before sampling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from kedavra.api import embedded_models, load, resolve_model
+from kedavra.device import parse_precision
+from kedavra.grid import image_grid
+from kedavra.model import PREDICTION_TYPES, PRESETS
+from kedavra.pipeline import DEFAULT_IMG2IMG_STRENGTH, DEFAULT_INPAINT_STRENGTH, MAX_IMAGES, MAX_SEED, MAX_SIDE
+from kedavra.png_info import GenerationParameters, model_hash, read_parameters, write_png
+from kedavra.samplers import SamplerSpec, resolve_sampler
+from kedavra.timesteps import start_index_for_strength
+
+DEFAULT_STEPS = 20
+# DPM++ 2M (Lu et al. 2022, "DPM-Solver++", multistep 2nd order): deterministic, so an image depends on its seed's
+# noise alone, and it converges in fewer steps than Euler, so 20 are enough.
+DEFAULT_SAMPLER = "dpmpp_2m"
+DEFAULT_CFG_SCALE = 7.5  # diffusers' StableDiffusionPipeline default (A1111's is 7)
+DEFAULT_OUTPUT = "."  # the current folder, files numbered as A1111 numbers them
+
+KARRAS_SCHEDULE = "Karras"  # A1111's "Schedule type" value for Karras σ spacing
+# A1111 (v1.9 on) writes a "Schedule type" always; these two mean the sampler's own: the model's spacing, except
+# that its 'DPM++ 2M' defaults to Karras (modules/sd_samplers_kdiffusion.py: {'scheduler': 'karras'}).
+DEFAULT_SCHEDULES = ("Automatic", "Uniform")
+AUTOMATIC_KARRAS = ("dpmpp_2m",)
+ETA_KEY = "Eta DDIM"  # A1111 (modules/sd_samplers_compvis.py) writes DDIM's η under this key when it is not 0
+GUIDANCE_RESCALE_KEY = "CFG rescale"  # SD.Next's key for Lin et al. 2023's φ (A1111 itself has no such option)
+HIRES_PREFIX = "Hires"  # A1111's hires-fix keys ("Hires upscale", "Hires steps", ...)
+NUMBERED_FILE = re.compile(r"(\d{5})-")  # A1111's output names: 00000-SEED.png, counting up in a folder
+# The weight files of a diffusers folder's U-Net, in the order kedavra.checkpoint reads them.
+UNET_WEIGHT_NAMES = tuple(f"diffusion_pytorch_model{variant}{suffix}"
+                          for variant in ("", ".fp16") for suffix in (".safetensors", ".bin"))
+
+EXAMPLES = """examples:
+  kedavra generate "a photo of a cat" --model v1-5-pruned-emaonly.safetensors -o cat.png
+  kedavra generate "a castle" --model m.safetensors -n 4 --grid --seed 7 -o castle.png
+  kedavra generate "a cat in a hat" --model m.safetensors --init-image cat.png --strength 0.6 -o hat.png
+  kedavra generate "a red ball" --model m.safetensors --init-image room.png --mask mask.png -o ball.png
+  kedavra generate --from-png cat.png --model v1-5-pruned-emaonly.safetensors -o cat-again.png
+  kedavra generate --from-png cat.png --model m.safetensors --steps 30 --sampler "DPM++ 2M Karras" -o cat-30.png
+"""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate", help="text to image, image to image and inpainting with an SD 1.x / 2.x model",
+        description="Generate images from a prompt with a Stable Diffusion 1.x / 2.x checkpoint (a single\n"
+                    ".safetensors/.ckpt file, a diffusers folder or kedavra's format). Each PNG carries its\n"
+                    "parameters in A1111's 'parameters' text; --from-png reproduces an image from them.\n"
+                    "Prints each file written with its seed; a progress bar goes to stderr.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("prompt", nargs="?", default=None,
+                        help="what to draw; A1111's (word:1.3) emphasis and BREAK work (needed unless --from-png)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", metavar="PATH_OR_NAME",
+                       help="checkpoint file, diffusers folder or embedded model name (default: the first "
+                            "embedded model; none ships yet, so this is needed)")
+    model.add_argument("--family", metavar="NAME",
+                       help=f"model family instead of the detected one: {', '.join(PRESETS)}")
+    model.add_argument("--prediction-type", metavar="TYPE",
+                       help=f"what the U-Net predicts, instead of the detected: {', '.join(PREDICTION_TYPES)}")
+    model.add_argument("--device", metavar="DEVICE",
+                       help="cpu, cuda, cuda:1, mps (default: CUDA if present, else the CPU)")
+    model.add_argument("--precision", default="auto", metavar="auto|fp32|bf16|fp16",
+                       help="network precision (default auto: bf16 where the hardware runs it fast, fp16 on GPUs "
+                            "without bf16, else fp32)")
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--negative", metavar="TEXT", help="negative prompt: what to steer away from")
+    sampling.add_argument("--steps", type=int, metavar="N", help=f"sampler steps (default {DEFAULT_STEPS})")
+    sampling.add_argument("--sampler", metavar="NAME",
+                          help=f"kedavra, A1111, ComfyUI or diffusers name, e.g. euler_a, 'DPM++ 2M Karras' "
+                               f"(default {DEFAULT_SAMPLER}; `kedavra samplers` lists them)")
+    sampling.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None,
+                          help="Karras et al. 2022 noise levels (--no-karras turns off what a PNG or name says)")
+    sampling.add_argument("--cfg-scale", type=float, metavar="F",
+                          help=f"classifier-free guidance scale w (default {DEFAULT_CFG_SCALE}; 1 = no guidance)")
+    sampling.add_argument("--guidance-rescale", type=float, metavar="F",
+                          help="Lin et al. 2023 guidance rescale φ in [0, 1] (default 0; 0.7 for v-models)")
+    sampling.add_argument("--eta", type=float, metavar="F", help="DDIM's η (ddim sampler only; default 0)")
+    sampling.add_argument("--seed", type=int, metavar="N",
+                          help=f"seed of the first image, 0 to {MAX_SEED}; image i uses seed + i (default: random)")
+    sampling.add_argument("--width", type=int, metavar="PX",
+                          help="image width (default: the init image's, else the model's image size)")
+    sampling.add_argument("--height", type=int, metavar="PX", help="image height (default as --width)")
+    sampling.add_argument("-n", "--num-images", type=int, default=1, metavar="N",
+                          help="images in the batch (default 1)")
+    image = parser.add_argument_group("image to image and inpainting")
+    image.add_argument("--init-image", metavar="PATH", help="start from this image (resized to --width/--height)")
+    image.add_argument("--strength", type=float, metavar="F",
+                       help=f"how much of the init image to repaint, in [0, 1] (default {DEFAULT_IMG2IMG_STRENGTH}, "
+                            f"or {DEFAULT_INPAINT_STRENGTH} with --mask)")
+    image.add_argument("--mask", metavar="PATH",
+                       help="inpainting: white where to paint, black where to keep the init image (same size)")
+    output = parser.add_argument_group("output")
+    output.add_argument("-o", "--output", default=DEFAULT_OUTPUT, metavar="PATH",
+                        help="a .png file (several images: PATH_STEM-0.png, PATH_STEM-1.png, ...) or an "
+                             "existing folder (files 00000-SEED.png, ...) (default: the current folder)")
+    output.add_argument("--grid", action="store_true", help="also write the batch as one grid PNG (PATH_STEM-grid.png)")
+    output.add_argument("--from-png", metavar="IMAGE.png",
+                        help="take the parameters from a PNG this tool or A1111 wrote; flags given override them")
+    output.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One run's generation settings, resolved from the flags, a --from-png file and the defaults.
+
+    width / height None: the init image's, else the model's image size. strength: None for text to image."""
+
+    prompt: str
+    negative_prompt: str
+    steps: int
+    sampler: SamplerSpec
+    karras: bool
+    cfg_scale: float
+    guidance_rescale: float
+    eta: float
+    seed: int | None
+    width: int | None
+    height: int | None
+    num_images: int
+    strength: float | None
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"--steps must be at least 1, got {self.steps}")
+        for name in ("width", "height"):
+            side = getattr(self, name)
+            if side is not None and not 1 <= side <= MAX_SIDE:
+                raise ValueError(f"--{name} must be from 1 to {MAX_SIDE} pixels (and a multiple of the model's "
+                                 f"size multiple), got {side}")
+        if not math.isfinite(self.cfg_scale) or self.cfg_scale < 0:
+            raise ValueError(f"--cfg-scale must be a finite number >= 0, got {self.cfg_scale}")
+        if not 0 <= self.guidance_rescale <= 1:
+            raise ValueError(f"--guidance-rescale must be in [0, 1], got {self.guidance_rescale}")
+        if not math.isfinite(self.eta) or self.eta < 0:
+            raise ValueError(f"--eta must be a finite number >= 0, got {self.eta}")
+        if self.eta and self.sampler.name != "ddim":
+            raise ValueError(f"--eta {self.eta} applies only to the ddim sampler, not {self.sampler.name}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"--seed must be from 0 to {MAX_SEED}, got {self.seed}")
+        if not 1 <= self.num_images <= MAX_IMAGES:
+            raise ValueError(f"--num-images must be from 1 to {MAX_IMAGES}, got {self.num_images}")
+        if self.strength is not None and not 0 <= self.strength <= 1:
+            raise ValueError(f"--strength must be in [0, 1], got {self.strength}")
+        self.parameters(seed=0, width=1, height=1, model=None, model_hash_=None)  # PNG text must hold it
+
+    def parameters(self, seed: int, width: int, height: int, model: str | None,
+                   model_hash_: str | None) -> GenerationParameters:
+        """What goes into the PNG of the image with this seed."""
+        extra = {}
+        if self.guidance_rescale:
+            extra[GUIDANCE_RESCALE_KEY] = repr(float(self.guidance_rescale))
+        if self.eta:
+            extra[ETA_KEY] = repr(float(self.eta))
+        return GenerationParameters(
+            prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
+            sampler=self.sampler.a1111 or self.sampler.name, schedule_type=KARRAS_SCHEDULE if self.karras else None,
+            cfg_scale=self.cfg_scale, seed=seed, width=width, height=height, model_hash=model_hash_, model=model,
+            denoising_strength=self.strength, extra=extra)
+
+
+def resolve_settings(args, png: GenerationParameters | None, notes: list[str]) -> Settings:
+    """Flags over the PNG's parameters over the defaults; what cannot be reproduced is added to `notes`."""
+
+    def pick(flag, from_png, default):
+        return flag if flag is not None else from_png if from_png is not None else default
+
+    extra = png.extra if png is not None else {}
+    has_init_image = args.init_image is not None
+    if args.mask is not None and not has_init_image:
+        raise ValueError("--mask needs --init-image: inpainting repaints part of a given image")
+    if args.prompt is None and png is None:
+        raise ValueError("give a prompt, or --from-png IMAGE.png to take it from an image")
+    spec, karras = resolve_sampler(pick(args.sampler, png and png.sampler, DEFAULT_SAMPLER))
+    if args.karras is not None:
+        karras = args.karras
+    elif png is not None and png.schedule_type is not None:
+        automatic_karras = png.schedule_type == DEFAULT_SCHEDULES[0] and spec.name in AUTOMATIC_KARRAS
+        karras = karras or png.schedule_type == KARRAS_SCHEDULE or automatic_karras
+        if png.schedule_type not in (KARRAS_SCHEDULE, *DEFAULT_SCHEDULES):
+            notes.append(f"schedule type {png.schedule_type!r} is not supported; using the model's default spacing")
+    strength = args.strength
+    if png is not None and png.denoising_strength is not None and strength is None:
+        if has_init_image:
+            strength = png.denoising_strength
+        elif any(key.startswith(HIRES_PREFIX) for key in extra):
+            notes.append("hires fix is not supported; generating the first pass only")
+        else:
+            raise ValueError(f"{args.from_png} was made from an init image (Denoising strength "
+                             f"{png.denoising_strength}); give it with --init-image (and --mask if it was inpainted)")
+    if strength is not None and not has_init_image:
+        raise ValueError(f"--strength {strength} needs --init-image: it is the part of an init image repainted")
+    if strength is None and has_init_image:
+        strength = DEFAULT_INPAINT_STRENGTH if args.mask is not None else DEFAULT_IMG2IMG_STRENGTH
+    if png is not None and png.clip_skip not in (None, 1):
+        notes.append(f"Clip skip {png.clip_skip} is not supported; using the text encoder's last layer")
+    return Settings(
+        prompt=pick(args.prompt, png and png.prompt, ""),
+        negative_prompt=pick(args.negative, png and png.negative_prompt, ""),
+        steps=pick(args.steps, png and png.steps, DEFAULT_STEPS),
+        sampler=spec, karras=karras,
+        cfg_scale=pick(args.cfg_scale, png and png.cfg_scale, DEFAULT_CFG_SCALE),
+        guidance_rescale=pick(args.guidance_rescale, _number(extra, GUIDANCE_RESCALE_KEY), 0.0),
+        eta=pick(args.eta, _number(extra, ETA_KEY) if spec.name == "ddim" else None, 0.0),
+        seed=pick(args.seed, png and png.seed, None),
+        width=pick(args.width, png and png.width, None),
+        height=pick(args.height, png and png.height, None),
+        num_images=args.num_images,
+        strength=strength,
+    )
+
+
+def _number(extra: dict[str, str], key: str) -> float | None:
+    if key not in extra:
+        return None
+    try:
+        return float(extra[key])
+    except ValueError:
+        raise ValueError(f"the PNG's {key!r} must be a number, got {extra[key]!r}") from None
+
+
+# ---- files ------------------------------------------------------------------------------------------------------
+
+
+def check_output(output: str) -> Path:
+    """The output path: an existing folder, or a .png file in an existing folder."""
+    path = Path(output).expanduser()
+    if path.is_dir():
+        return path
+    if output.endswith(("/", "\\")):
+        raise ValueError(f"output folder {output} does not exist")
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"output {output!r} must be a .png file or an existing folder")
+    if not path.parent.is_dir():
+        raise ValueError(f"output folder {path.parent} does not exist (for {output})")
+    return path
+
+
+def output_paths(output: Path, seeds: list[int]) -> tuple[list[Path], Path]:
+    """(a path per image, the grid's path): OUT.png, or OUT-0.png, OUT-1.png, ... for several images and
+    OUT-grid.png; in a folder NNNNN-SEED.png numbered on from the highest NNNNN- there, then NNNNN-grid.png."""
+    if output.is_dir():
+        first = 1 + max((int(match[1]) for p in output.iterdir() if (match := NUMBERED_FILE.match(p.name))),
+                        default=-1)
+        images = [output / f"{first + i:05d}-{seed}.png" for i, seed in enumerate(seeds)]
+        return images, output / f"{first + len(seeds):05d}-grid.png"
+    if len(seeds) == 1:
+        images = [output]
+    else:
+        images = [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(len(seeds))]
+    return images, output.with_name(f"{output.stem}-grid{output.suffix}")
+
+
+def read_image(path: str, what: str, mode: str) -> Image.Image:
+    """The image file at `path` in `mode` ("RGB", "L"), turned upright by its EXIF orientation; ValueError naming
+    the file when it is missing or not an image Pillow reads."""
+    try:
+        with Image.open(path) as image:
+            return ImageOps.exif_transpose(image).convert(mode)
+    except (OSError, Image.DecompressionBombError, SyntaxError) as error:  # Pillow raises SyntaxError on bad headers
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise ValueError(f"cannot read {what} {path}: {reason}") from None
+
+
+def model_identity(path: Path) -> tuple[str, str | None]:
+    """(A1111's "Model": the file stem or folder name, "Model hash": AutoV2 of the file, or for a diffusers folder
+    of its U-Net weights file; None when the U-Net is sharded over several files)."""
+    if path.is_file():
+        return path.stem, model_hash(path)
+    for name in UNET_WEIGHT_NAMES:
+        if (path / "unet" / name).is_file():
+            return path.name, model_hash(path / "unet" / name)
+        if (path / "unet" / f"{name}.index.json").is_file():
+            return path.name, None
+    return path.name, None
+
+
+def choose_model(flag: str | None, png: GenerationParameters | None) -> str:
+    """--model, else the PNG's model when it is an embedded one, else the first embedded model."""
+    if flag is not None:
+        return flag
+    embedded = embedded_models()
+    if png is not None and png.model in embedded:
+        return png.model
+    if embedded:
+        return next(iter(embedded))
+    raise ValueError("no model given and none ships with kedavra yet: pass --model PATH (an SD 1.x / 2.x "
+                     ".safetensors or .ckpt file, or a diffusers folder)")
+
+
+def check_device(name: str | None) -> torch.device | None:
+    """--device as a torch.device, refusing one this machine lacks."""
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown --device {name!r}; e.g. cpu, cuda, cuda:1, mps") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {name}: no such CUDA GPU here ({torch.cuda.device_count()} found)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS (Apple GPU) is not available here")
+    return device
+
+
+# ---- the command ------------------------------------------------------------------------------------------------
+
+
+def run(args) -> int:
+    png = read_parameters(args.from_png) if args.from_png is not None else None
+    notes: list[str] = []
+    settings = resolve_settings(args, png, notes)
+    output = check_output(args.output)
+    device, dtype = check_device(args.device), parse_precision(args.precision)
+    if args.family is not None and args.family not in PRESETS:
+        raise ValueError(f"unknown --family {args.family!r}; allowed: {', '.join(PRESETS)}")
+    if args.prediction_type is not None and args.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown --prediction-type {args.prediction_type!r}; allowed: {', '.join(PREDICTION_TYPES)}")
+    init_image, mask = read_inputs(args.init_image, args.mask)
+    steps_to_run = settings.steps
+    if init_image is not None:
+        steps_to_run -= start_index_for_strength(settings.steps, settings.strength)  # refuses one that runs none
+    model_path = resolve_model(choose_model(args.model, png))
+    model_name, model_hash_ = model_identity(model_path)
+    if png is not None and png.model_hash and model_hash_ and png.model_hash != model_hash_:
+        notes.append(f"{args.from_png} was made with model {png.model or '?'} (hash {png.model_hash}); this run uses "
+                     f"{model_name} (hash {model_hash_}), so the image will differ")
+    for note in notes:
+        print(f"kedavra generate: note: {note}", file=sys.stderr)
+
+    pipe = load(model_path, device=device, dtype=dtype, family=args.family, prediction_type=args.prediction_type)
+    width, height = _size(settings, init_image, pipe.config.image_size)
+    try:
+        pipe.check_request(width, height, settings.steps, settings.cfg_scale, settings.num_images, settings.seed,
+                           settings.sampler.name)
+    except ValueError as error:
+        if init_image is not None and None in (settings.width, settings.height):
+            raise ValueError(f"{error} (from init image {args.init_image}; --width/--height resize it)") from None
+        raise
+    if init_image is not None and init_image.size != (width, height):
+        init_image = init_image.resize((width, height), Image.Resampling.LANCZOS)
+        mask = mask.resize((width, height), Image.Resampling.NEAREST) if mask is not None else None
+
+    with tqdm(total=steps_to_run, desc="sampling", unit="step", file=sys.stderr, disable=args.quiet) as bar:
+        result = pipe(settings.prompt, settings.negative_prompt, steps=settings.steps, sampler=settings.sampler.name,
+                      karras=settings.karras, guidance_scale=settings.cfg_scale,
+                      guidance_rescale=settings.guidance_rescale, eta=settings.eta, seed=settings.seed, width=width,
+                      height=height, num_images=settings.num_images, init_image=init_image,
+                      strength=settings.strength, mask=mask, callback=lambda i, n, x, x0: bar.update(1))
+
+    image_paths, grid_path = output_paths(output, result.seeds)
+    for image, seed, path in zip(result.images, result.seeds, image_paths, strict=True):
+        write_png(image, path, settings.parameters(seed, width, height, model_name, model_hash_))
+        print(f"{path}  seed {seed}")
+    if args.grid:
+        first = settings.parameters(result.seeds[0], width, height, model_name, model_hash_)  # A1111: the first image's
+        write_png(image_grid(result.images), grid_path, first)
+        print(f"{grid_path}  grid of {len(result.images)}")
+    return 0
+
+
+def read_inputs(init_path: str | None, mask_path: str | None) -> tuple[Image.Image | None, Image.Image | None]:
+    """The init image (RGB) and the mask (L), refusing a mask of another size than the image."""
+    init_image = read_image(init_path, "init image", "RGB") if init_path is not None else None
+    mask = read_image(mask_path, "mask", "L") if mask_path is not None else None
+    if mask is not None and mask.size != init_image.size:
+        raise ValueError(f"mask {mask_path} is {mask.size[0]}x{mask.size[1]} but init image {init_path} is "
+                         f"{init_image.size[0]}x{init_image.size[1]}; they must be the same size")
+    return init_image, mask
+
+
+def _size(settings: Settings, init_image: Image.Image | None, model_size: int) -> tuple[int, int]:
+    """--width/--height (or the PNG's), else the init image's size, else the model's image size."""
+    default_width, default_height = init_image.size if init_image is not None else (model_size, model_size)
+    return (settings.width or default_width, settings.height or default_height)

@@ -1,0 +1,331 @@
+"""`kedavra generate` end to end on a tiny model with random weights: files and names written, the PNG parameters
+per image, bitwise reproduction (same seed, --from-png, an A1111-written text), image to image, inpainting, and
+one line + exit status 2 for every kind of bad input. Also the grid layout (A1111's default rule).
+
+Exactness checks run in fp32 (`--precision fp32`); one run uses bf16 (the default on a CPU with AMX).
+"""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, PngImagePlugin
+
+from kedavra import __version__
+from kedavra.checkpoint import save_model
+from kedavra.cli import build_parser, main
+from kedavra.commands.generate import model_identity, resolve_settings
+from kedavra.grid import grid_shape, image_grid
+from kedavra.model import ModelConfig, StableDiffusion
+from kedavra.png_info import GenerationParameters, format_parameters, model_hash, read_parameters, read_png_text
+from kedavra.viz.sample_image import draw_sample_image
+
+PROMPT = "a red circle above a blue square"
+STEPS = "3"  # enough for every sampler path to run more than one step, cheap at 32 px
+SIZE = 32  # the tiny preset's image size
+WEIGHT_STD = 0.05  # random weights: small enough that activations stay finite, large enough that images are not flat
+# Inpainting, measured with this file's model and settings (fp32, seed 3, 3 steps): pixels at least 4 px from the
+# 16x16 mask differ from the same run with nothing masked (the VAE round trip of the init image) by at most 3
+# levels (mean 1.7); regenerating everything (an all-white mask) moves them by up to 12 (mean 3.8). The decoder's
+# GroupNorm statistics and mid-block attention span the whole image, so far pixels move a little, never 0.
+KEPT_TOLERANCE = 5  # levels of 255: the measured 3 plus room for other BLAS/oneDNN kernels
+MASK_MARGIN = 4  # pixels: the border of the mask where the decoder's convolutions mix painted and kept latents
+FAR_FROM_FULL = 8  # levels: the measured 12 for a full regeneration, less room
+BF16_TOLERANCE = 4  # levels of 255: bf16 networks against fp32, measured max 1 (mean 0.03) at 2 steps
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    """The tiny preset with every weight ~ N(0, WEIGHT_STD²), the U-Net's zero-initialised output convs too."""
+    torch.manual_seed(0)
+    model = StableDiffusion(ModelConfig.from_preset("tiny"))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            torch.nn.init.normal_(parameter, std=WEIGHT_STD)
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    save_model(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Input files: a 32x32 picture, masks, and files that are not what they claim."""
+    folder = tmp_path_factory.mktemp("inputs")
+    draw_sample_image(SIZE).save(folder / "init.png")
+    square = np.zeros((SIZE, SIZE), np.uint8)
+    square[8:24, 8:24] = 255  # paint the centre 16x16
+    Image.fromarray(square).save(folder / "mask.png")
+    Image.fromarray(np.zeros((SIZE, SIZE), np.uint8)).save(folder / "black.png")
+    Image.fromarray(np.full((SIZE, SIZE), 255, np.uint8)).save(folder / "white.png")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(folder / "small_mask.png")
+    Image.new("RGB", (SIZE, SIZE)).save(folder / "no_parameters.png")
+    (folder / "not_an_image.png").write_text("hello")
+    return folder
+
+
+def generate(*argv) -> int:
+    return main(["generate", *map(str, argv)])
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def single(model_file, tmp_path_factory):
+    """One fp32 image with non-default settings, and what the command printed."""
+    out = tmp_path_factory.mktemp("single") / "cat.png"
+    argv = [PROMPT, "--model", model_file, "--negative", "blurry, lowres", "--steps", STEPS, "--sampler", "euler_a",
+            "--cfg-scale", "5", "--guidance-rescale", "0.5", "--seed", "7", "--precision", "fp32", "-q", "-o", out]
+    assert generate(*argv) == 0
+    return out, argv
+
+
+def test_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        generate("--help")
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--model", "--from-png", "--init-image", "--mask", "--grid", "--precision", "examples:"):
+        assert option in text
+
+
+def test_one_image_carries_its_parameters(single, model_file):
+    out, _ = single
+    image = Image.open(out)
+    assert image.size == (SIZE, SIZE) and image.mode == "RGB"
+    assert pixels(out).std() > 1  # not a flat image: the randomised output convs reach the pixels
+    params = read_parameters(out)
+    assert params == GenerationParameters(
+        prompt=PROMPT, negative_prompt="blurry, lowres", steps=3, sampler="Euler a", cfg_scale=5.0, seed=7,
+        width=SIZE, height=SIZE, model_hash=model_hash(model_file), model="tiny",
+        extra={"CFG rescale": "0.5"}, version=f"kedavra {__version__}")
+
+
+def test_same_seed_gives_the_same_pixels(single, tmp_path, capsys):
+    out, argv = single
+    again = tmp_path / "again.png"
+    assert generate(*argv[:-1], again) == 0
+    assert capsys.readouterr().out.strip() == f"{again}  seed 7"
+    assert np.array_equal(pixels(again), pixels(out))
+
+
+def test_from_png_reproduces_the_pixels(single, model_file, tmp_path):
+    out, _ = single
+    again = tmp_path / "from_png.png"
+    assert generate("--from-png", out, "--model", model_file, "--precision", "fp32", "-q", "-o", again) == 0
+    assert np.array_equal(pixels(again), pixels(out))
+    assert read_png_text(again) == read_png_text(out)
+
+
+def test_from_png_flags_override(single, model_file, tmp_path):
+    """A flag given wins over the PNG; the rest still comes from the PNG."""
+    out, _ = single
+    args = build_parser().parse_args(["generate", "--from-png", str(out), "--steps", "5", "--no-karras",
+                                      "--sampler", "DPM++ 2M Karras"])
+    settings = resolve_settings(args, read_parameters(out), [])
+    assert (settings.steps, settings.sampler.name, settings.karras) == (5, "dpmpp_2m", False)
+    assert (settings.prompt, settings.negative_prompt, settings.cfg_scale) == (PROMPT, "blurry, lowres", 5.0)
+    assert (settings.seed, settings.guidance_rescale) == (7, 0.5)
+
+
+@pytest.mark.parametrize(("sampler", "schedule_type", "expected", "noted"), [
+    ("DPM++ 2M Karras", None, ("dpmpp_2m", True), False),  # A1111 before v1.9: the schedule in the name
+    ("DPM++ 2M", None, ("dpmpp_2m", False), False),
+    ("DPM++ 2M", "Karras", ("dpmpp_2m", True), False),  # A1111 v1.9 on
+    ("DPM++ 2M", "Automatic", ("dpmpp_2m", True), False),  # A1111's 'DPM++ 2M' defaults to {'scheduler': 'karras'}
+    ("Euler a", "Automatic", ("euler_a", False), False),
+    ("Euler", "Uniform", ("euler", False), False),
+    ("Euler", "Exponential", ("euler", False), True),  # not supported: said on stderr
+])
+def test_a1111_sampler_and_schedule_type(sampler, schedule_type, expected, noted):
+    png = GenerationParameters(prompt="a", steps=20, sampler=sampler, schedule_type=schedule_type, cfg_scale=7,
+                               seed=1, width=512, height=512)
+    notes = []
+    settings = resolve_settings(build_parser().parse_args(["generate", "--from-png", "a.png"]), png, notes)
+    assert (settings.sampler.name, settings.karras) == expected
+    assert bool(notes) == noted
+
+
+def test_a1111_text_with_an_old_sampler_name(model_file, tmp_path, capsys):
+    """A1111 before v1.9 folded the schedule into the name: "DPM++ 2M Karras" means dpmpp_2m with Karras σ."""
+    text = ("a castle on a hill\nNegative prompt: fog\nSteps: 3, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 42, "
+            "Size: 32x32, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Clip skip: 1, Version: v1.5.1")
+    chunks = PngImagePlugin.PngInfo()
+    chunks.add_text("parameters", text)
+    Image.new("RGB", (SIZE, SIZE)).save(tmp_path / "a1111.png", pnginfo=chunks)
+    assert generate("--from-png", tmp_path / "a1111.png", "--model", model_file, "--precision", "fp32", "-q",
+                    "-o", tmp_path / "from_a1111.png") == 0
+    notes = capsys.readouterr().err.strip().splitlines()
+    assert len(notes) == 1 and "6ce0161689" in notes[0] and "will differ" in notes[0]
+    assert generate("a castle on a hill", "--negative", "fog", "--steps", STEPS, "--sampler", "dpmpp_2m", "--karras",
+                    "--cfg-scale", "7", "--seed", "42", "--model", model_file, "--precision", "fp32", "-q",
+                    "-o", tmp_path / "direct.png") == 0
+    assert np.array_equal(pixels(tmp_path / "from_a1111.png"), pixels(tmp_path / "direct.png"))
+    params = read_parameters(tmp_path / "direct.png")
+    assert (params.sampler, params.schedule_type, params.seed) == ("DPM++ 2M", "Karras", 42)
+
+
+def test_batch_with_grid(single, model_file, tmp_path, capsys):
+    out = tmp_path / "batch.png"
+    assert generate(PROMPT, "--model", model_file, "--negative", "blurry, lowres", "--steps", STEPS, "--sampler",
+                    "euler_a", "--cfg-scale", "5", "--guidance-rescale", "0.5", "--seed", "7", "-n", "3", "--grid",
+                    "--precision", "fp32", "-q", "-o", out) == 0
+    paths = [tmp_path / f"batch-{i}.png" for i in range(3)]
+    assert capsys.readouterr().out.splitlines() == [
+        *(f"{path}  seed {seed}" for path, seed in zip(paths, (7, 8, 9), strict=True)),
+        f"{tmp_path / 'batch-grid.png'}  grid of 3"]
+    assert not out.exists()
+    assert [read_parameters(path).seed for path in paths] == [7, 8, 9]
+    assert np.array_equal(pixels(paths[0]), pixels(single[0]))  # image i of a batch = a single run with seed + i
+    assert not np.array_equal(pixels(paths[0]), pixels(paths[1]))
+    grid = pixels(tmp_path / "batch-grid.png")
+    assert grid.shape == (2 * SIZE, 2 * SIZE, 3)  # 3 images: A1111's round(√3) = 2 rows of 2
+    tiles = [grid[:SIZE, :SIZE], grid[:SIZE, SIZE:], grid[SIZE:, :SIZE]]
+    assert all(np.array_equal(tile, pixels(path)) for tile, path in zip(tiles, paths, strict=True))
+    assert (grid[SIZE:, SIZE:] == 0).all()
+    assert read_parameters(tmp_path / "batch-grid.png").seed == 7  # A1111 gives a grid its first image's text
+
+
+def test_folder_output_in_bf16(model_file, tmp_path, capsys):
+    """-o FOLDER numbers the files on from the highest NNNNN- there; bf16 writes the same text as fp32 and pixels
+    within BF16_TOLERANCE of fp32's."""
+    (tmp_path / "00041-5.png").write_bytes(b"")
+    common = [PROMPT, "--model", model_file, "--steps", "2", "--seed", "5", "-q"]
+    assert generate(*common, "-n", "2", "--precision", "bf16", "-o", tmp_path) == 0
+    names = [tmp_path / "00042-5.png", tmp_path / "00043-6.png"]
+    assert capsys.readouterr().out.splitlines() == [f"{names[0]}  seed 5", f"{names[1]}  seed 6"]
+    params = read_parameters(names[1])
+    assert (params.seed, params.sampler, params.steps, params.cfg_scale) == (6, "DPM++ 2M", 2, 7.5)
+    assert generate(*common, "--precision", "fp32", "-o", tmp_path / "fp32.png") == 0
+    assert read_png_text(tmp_path / "fp32.png") == read_png_text(names[0])
+    assert np.abs(pixels(names[0]) - pixels(tmp_path / "fp32.png")).max() <= BF16_TOLERANCE
+
+
+def test_image_to_image_and_back_from_its_png(model_file, images, tmp_path, capsys):
+    out = tmp_path / "img2img.png"
+    assert generate(PROMPT, "--model", model_file, "--init-image", images / "init.png", "--strength", "0.5",
+                    "--steps", "4", "--seed", "11", "--precision", "fp32", "-q", "-o", out) == 0
+    params = read_parameters(out)
+    assert (params.denoising_strength, params.steps, params.seed) == (0.5, 4, 11)
+    again = tmp_path / "again.png"
+    assert generate("--from-png", out, "--init-image", images / "init.png", "--model", model_file,
+                    "--precision", "fp32", "-q", "-o", again) == 0
+    assert np.array_equal(pixels(again), pixels(out))
+    capsys.readouterr()
+    assert generate("--from-png", out, "--model", model_file, "-o", tmp_path / "x.png") == 2  # init image needed
+    assert "Denoising strength 0.5" in capsys.readouterr().err
+
+
+def test_inpainting_keeps_the_unmasked_pixels(model_file, images, tmp_path):
+    """Compared with the same run keeping everything (an all-black mask: the VAE round trip of the init image),
+    pixels far from the mask barely move, while regenerating everything (an all-white mask) moves them more."""
+    for name in ("mask", "black", "white"):
+        assert generate(PROMPT, "--model", model_file, "--init-image", images / "init.png", "--mask",
+                        images / f"{name}.png", "--steps", STEPS, "--seed", "3", "--precision", "fp32", "-q",
+                        "-o", tmp_path / f"{name}.png") == 0
+    assert read_parameters(tmp_path / "mask.png").denoising_strength == 1.0  # inpainting's default strength
+    kept = pixels(tmp_path / "black.png")
+    far = np.ones((SIZE, SIZE), bool)
+    far[8 - MASK_MARGIN : 24 + MASK_MARGIN, 8 - MASK_MARGIN : 24 + MASK_MARGIN] = False
+    inpainted = np.abs(pixels(tmp_path / "mask.png") - kept).max(axis=-1)
+    regenerated = np.abs(pixels(tmp_path / "white.png") - kept).max(axis=-1)
+    assert inpainted[far].max() <= KEPT_TOLERANCE
+    assert regenerated[far].max() >= FAR_FROM_FULL
+    assert inpainted[8:24, 8:24].mean() > 2 * inpainted[far].mean()  # the masked square was repainted
+
+
+# name -> (argv builder, text the one stderr line must hold). `m` is a missing --model: the check runs before the
+# model is looked up; `real` the tiny model file, for the checks that need its config.
+BAD_INPUTS = {
+    "width not a multiple": (lambda f: [PROMPT, *f.real, "--width", "30"], "got 30"),  # tiny: 4 = VAE f 2 x U-Net 2
+    "steps past training": (lambda f: [PROMPT, *f.real, "--steps", "1001"], "got 1001"),  # 1000 timesteps
+    "width zero": (lambda f: [PROMPT, *f.m, "--width", "0"], "--width must be from 1 to 2048 pixels"),
+    "height negative": (lambda f: [PROMPT, *f.m, "--height", "-8"], "got -8"),
+    "width above limit": (lambda f: [PROMPT, *f.m, "--width", "4096"], "got 4096"),
+    "steps zero": (lambda f: [PROMPT, *f.m, "--steps", "0"], "--steps must be at least 1, got 0"),
+    "strength above 1": (lambda f: [PROMPT, *f.m, *f.init, "--strength", "1.5"], "got 1.5"),
+    "strength below 0": (lambda f: [PROMPT, *f.m, *f.init, "--strength", "-0.1"], "got -0.1"),
+    "strength runs no step": (lambda f: [PROMPT, *f.m, *f.init, "--strength", "0.1", "--steps", "5"], "strength 0.1"),
+    "strength without init": (lambda f: [PROMPT, *f.m, "--strength", "0.5"], "--init-image"),
+    "mask of another size": (lambda f: [PROMPT, *f.m, *f.init, "--mask", f.images / "small_mask.png"], "16x16"),
+    "mask without init": (lambda f: [PROMPT, *f.m, "--mask", f.images / "mask.png"], "--init-image"),
+    "init not an image": (lambda f: [PROMPT, *f.m, "--init-image", f.images / "not_an_image.png"], "not_an_image"),
+    "init missing": (lambda f: [PROMPT, *f.m, "--init-image", f.images / "nowhere.png"], "nowhere.png"),
+    "unknown sampler": (lambda f: [PROMPT, *f.m, "--sampler", "warp_drive"], "warp_drive"),
+    "eta with a non-ddim sampler": (lambda f: [PROMPT, *f.m, "--eta", "0.5"], "--eta 0.5"),
+    "seed negative": (lambda f: [PROMPT, *f.m, "--seed", "-1"], "got -1"),
+    "no images": (lambda f: [PROMPT, *f.m, "-n", "0"], "--num-images must be from 1 to 64, got 0"),
+    "cfg negative": (lambda f: [PROMPT, *f.m, "--cfg-scale", "-2"], "got -2.0"),
+    "guidance rescale above 1": (lambda f: [PROMPT, *f.m, "--guidance-rescale", "2"], "got 2.0"),
+    "unknown precision": (lambda f: [PROMPT, *f.m, "--precision", "fp8"], "fp8"),
+    "unknown device": (lambda f: [PROMPT, *f.m, "--device", "warp9"], "warp9"),
+    "unknown family": (lambda f: [PROMPT, *f.m, "--family", "sdxl"], "sdxl"),
+    "unknown prediction type": (lambda f: [PROMPT, *f.m, "--prediction-type", "x0"], "x0"),
+    "no prompt": (lambda f: [*f.m], "give a prompt"),
+    "prompt line the PNG cannot hold": (lambda f: ["a cat\nNegative prompt: x", *f.m], "Negative prompt: x"),
+    "png without parameters": (lambda f: ["--from-png", f.images / "no_parameters.png", *f.m], "no_parameters.png"),
+    "png that is no png": (lambda f: ["--from-png", f.images / "not_an_image.png", *f.m], "not_an_image.png"),
+    "output folder missing": (lambda f: [PROMPT, *f.m, "-o", f.out.parent / "nope" / "out.png"], "nope"),
+    "output not png": (lambda f: [PROMPT, *f.m, "-o", f.out.with_suffix(".jpg")], "out.jpg"),
+    "model missing": (lambda f: [PROMPT, *f.m], "missing.safetensors"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_line_and_status_2(case, model_file, images, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    files = SimpleNamespace(real=["--model", model_file], m=["--model", tmp_path / "missing.safetensors"],
+                            init=["--init-image", images / "init.png"], images=images, out=out)
+    build, needle = BAD_INPUTS[case]
+    argv = build(files)
+    assert generate(*argv, "-q", *([] if "-o" in argv else ["-o", out])) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kedavra generate: error: "), err
+    assert needle in lines[0], lines[0]
+    assert not list(tmp_path.glob("*.png"))
+
+
+@pytest.mark.parametrize(("count", "shape"), [(1, (1, 1)), (2, (1, 2)), (3, (2, 2)), (4, (2, 2)), (5, (2, 3)),
+                                              (6, (2, 3)), (7, (3, 3)), (8, (3, 3)), (10, (3, 4)), (16, (4, 4))])
+def test_grid_shape_follows_a1111(count, shape):
+    """rows = round(√n), columns = ⌈n / rows⌉ (A1111 image_grid, default settings), worked by hand."""
+    assert grid_shape(count) == shape
+
+
+def test_image_grid_places_tiles_row_by_row():
+    tiles = [Image.new("RGB", (3, 2), (10 * i, 0, 0)) for i in range(5)]
+    grid = np.asarray(image_grid(tiles, columns=2, padding=1, background=(0, 0, 255)))
+    assert grid.shape == (3 * 2 + 4, 2 * 3 + 3, 3)  # 3 rows of 2 tiles, 1 px around and between
+    assert grid[1, 1].tolist() == [0, 0, 0] and grid[1, 5].tolist() == [10, 0, 0]
+    assert grid[4, 1].tolist() == [20, 0, 0] and grid[7, 1].tolist() == [40, 0, 0]
+    assert grid[7, 5].tolist() == [0, 0, 255] and grid[0, 0].tolist() == [0, 0, 255]
+    with pytest.raises(ValueError, match="one size"):
+        image_grid([Image.new("RGB", (2, 2)), Image.new("RGB", (3, 2))])
+
+
+def test_format_of_the_written_text(single):
+    """The chunk is exactly format_parameters of what read_parameters gives back (A1111's layout)."""
+    out, _ = single
+    text = read_png_text(out)["parameters"]
+    assert text == format_parameters(read_parameters(out))
+    assert text.startswith(f"{PROMPT}\nNegative prompt: blurry, lowres\nSteps: 3, Sampler: Euler a, CFG scale: 5, "
+                           "Seed: 7, Size: 32x32, Model hash: ")
+
+
+def test_model_identity_of_a_file_and_a_diffusers_folder(model_file, tmp_path):
+    """A file: its stem and AutoV2 hash. A diffusers folder: its name and the hash of the U-Net weights file the
+    loader reads (diffusion_pytorch_model.safetensors before .bin); none when the U-Net is sharded."""
+    assert model_identity(model_file) == ("tiny", model_hash(model_file))
+    unet = tmp_path / "my-model" / "unet"
+    unet.mkdir(parents=True)
+    (unet / "diffusion_pytorch_model.bin").write_bytes(b"bin")
+    assert model_identity(unet.parent) == ("my-model", model_hash(unet / "diffusion_pytorch_model.bin"))
+    (unet / "diffusion_pytorch_model.safetensors").write_bytes(b"safetensors")
+    assert model_identity(unet.parent) == ("my-model", model_hash(unet / "diffusion_pytorch_model.safetensors"))
+    sharded = tmp_path / "sharded" / "unet"
+    sharded.mkdir(parents=True)
+    (sharded / "diffusion_pytorch_model.safetensors.index.json").write_text("{}")
+    assert model_identity(sharded.parent) == ("sharded", None)
