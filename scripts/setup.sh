@@ -22,3 +22,17 @@ if [ -n "$extras" ]; then
     # torch, so it comes without dependencies (the test loads only its tokenizer module).
     $pip install -q --no-deps open-clip-torch ftfy wcwidth
 fi
+# The emoji data set draws the Noto Color Emoji font (Debian/Ubuntu package fonts-noto-color-emoji, a few seconds to
+# install). It is installed here only when this runs as root with apt-get at hand; otherwise, or when that fails
+# (no network), the command is printed and everything else still works: only the emoji data set needs the font.
+emoji_font=/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
+emoji_install="apt-get update && apt-get install -y fonts-noto-color-emoji"
+if [ ! -f "$emoji_font" ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        { timeout 120 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 120 apt-get install -y -qq \
+            fonts-noto-color-emoji; } >/dev/null 2>&1 \
+            || echo "could not install the emoji font; the emoji data set needs: $emoji_install"
+    else
+        echo "the emoji data set needs the Noto Color Emoji font; as root: $emoji_install"
+    fi
+fi

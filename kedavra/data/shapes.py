@@ -1,0 +1,512 @@
+"""Procedural shapes: coloured circles, squares, triangles, stars, crosses and diamonds on plain backgrounds,
+captioned in the style of GenEval's prompts (Ghosh et al. 2023, "GenEval: An Object-Focused Framework for
+Evaluating Text-to-Image Alignment"): "a red circle", "a large blue square", "two green triangles",
+"a red circle and a blue square", "a yellow star above a purple cross".
+
+Every item is a pure function of (seed, split, index): a prompt is sampled (`PromptSpec`), a layout realises it
+(`Scene`, the ground truth the evaluator is tested against), and Pillow draws it at 4x and box-filters it down
+(anti-aliasing by supersampling), so no image is ever stored.
+
+Held out of the train split (`ShapesConfig.hold_out`, on by default), so that the test split can ask for
+combinations a model never saw:
+    colour of a shape    shape i of `shapes` never wears colour (i + 1) of `colours`: with the defaults an orange
+                         circle, a yellow square, a green triangle, a blue star, a purple cross, a pink diamond
+    two-object pairs     shapes i and i + n/2 never share a two-object image: circle+star, square+cross,
+                         triangle+diamond (in either order, in "and" and in spatial-relation prompts)
+The test split draws from the full space with its own seed stream, so it holds both seen and held-out prompts;
+`evaluation_prompts(..., held_out=True)` lists only held-out ones.
+
+Coordinates are pixels of the final image, x to the right and y down, the image spanning [0, image_size).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from kedavra.data.folder import image_to_tensor
+
+SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars",
+           "cross": "crosses", "diamond": "diamonds"}
+# Object colours, chosen so that every pair is >= 100 apart in RGB (Euclidean; the closest pair, orange/yellow, is
+# 107 apart) and the nearest-colour rule of the evaluator cannot confuse them. GenEval's colour
+# list (red, orange, yellow, green, blue, purple, pink, brown, black, white) less brown, which sits too close to
+# red and orange at 32x32.
+PALETTE = {
+    "red": (220, 20, 20),
+    "orange": (255, 128, 0),
+    "yellow": (255, 235, 0),
+    "green": (20, 170, 40),
+    "blue": (30, 70, 230),
+    "purple": (150, 40, 190),
+    "pink": (255, 105, 180),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
+BACKGROUNDS = {"black": (0, 0, 0), "gray": (110, 110, 110), "white": (255, 255, 255)}
+MIN_CONTRAST = 100.0  # an object's colour is at least this far (RGB Euclidean) from its background
+SIZES = ("small", "large")
+# Half the side of an object's bounding box, as a fraction of the image side, drawn uniformly in the range. Small
+# is the smallest at which a star still reads as a star at 32x32 (a 9-10 px box); large leaves room to move.
+SIZE_RADIUS = {"small": (0.14, 0.17), "large": (0.24, 0.30)}
+RELATIONS = ("left of", "right of", "above", "below")
+PROMPT_KINDS = ("single", "count", "pair", "relation")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four")
+MAX_OBJECTS = len(NUMBER_WORDS) - 1  # four small objects are what fits a 32x32 image with gaps between them
+MIN_IMAGE_SIZE = 16  # below this a small star is a 4 px blob
+SUPERSAMPLE = 4  # draw at 4x and box-filter down: 16 coverage levels on every edge
+BORDER_MARGIN = 0.04  # fraction of the side kept free between any object and the image border
+OBJECT_GAP = 0.08  # fraction of the side kept free between the bounding boxes of two objects
+RELATION_DOMINANCE = 2.0  # a generated "left of" moves at least this many times further in x than in y
+STAR_INNER_RATIO = 0.45  # inner / outer radius of the star (a regular pentagram's 0.382 vanishes at 9 px)
+CROSS_HALF_WIDTH = 1 / 3  # half the arm width of the plus, in its unit box [-1, 1]: arms a third of the box
+LAYOUT_RESTARTS = 200  # placement restarts before a layout is declared impossible (never reached by the presets)
+LAYOUT_TRIES = 64  # candidate centres drawn at once for each object before the layout restarts
+PROMPT_TRIES = 1_000  # draws per wanted evaluation prompt before concluding that none of the asked sort exists
+SPLIT_STREAMS = {"train": 0, "test": 1}  # the seed stream of each split: items are rng([seed, stream, index])
+DEFAULT_SIZES = {"train": 50_000, "test": 1_000}
+
+
+def _normalise(points: list[tuple[float, float]]) -> tuple[tuple[float, float], ...]:
+    """Stretch a polygon to fill the unit box [-1, 1]^2 exactly, so a bounding box is all a template needs."""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    sx, sy = 2 / (max(xs) - min(xs)), 2 / (max(ys) - min(ys))
+    return tuple(((x - min(xs)) * sx - 1, (y - min(ys)) * sy - 1) for x, y in points)
+
+
+def _star() -> tuple[tuple[float, float], ...]:
+    points = []
+    for k in range(10):  # outer and inner vertices alternate, the first outer one pointing up
+        angle = -math.pi / 2 + k * math.pi / 5
+        radius = 1.0 if k % 2 == 0 else STAR_INNER_RATIO
+        points.append((radius * math.cos(angle), radius * math.sin(angle)))
+    return _normalise(points)
+
+
+def _cross() -> tuple[tuple[float, float], ...]:
+    w = CROSS_HALF_WIDTH
+    return ((-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w),
+            (-w, -w))
+
+
+# Each shape's outline in its unit box [-1, 1]^2 (y down); the circle is the ellipse inscribed in the box.
+OUTLINES: dict[str, tuple[tuple[float, float], ...] | None] = {
+    "circle": None,
+    "square": ((-1, -1), (1, -1), (1, 1), (-1, 1)),
+    "triangle": ((0, -1), (1, 1), (-1, 1)),
+    "star": _star(),
+    "cross": _cross(),
+    "diamond": ((0, -1), (1, 0), (0, 1), (-1, 0)),
+}
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], fill) -> None:
+    """Fill `shape` stretched to the box (x0, y0, x1, y1) (pixel edges of the canvas `draw` paints on)."""
+    x0, y0, x1, y1 = box
+    outline = OUTLINES[shape]
+    if outline is None:
+        draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)  # Pillow's ellipse box is inclusive of its last pixel
+        return
+    half_w, half_h, cx, cy = (x1 - x0) / 2, (y1 - y0) / 2, (x0 + x1) / 2, (y0 + y1) / 2
+    draw.polygon([(cx + u * half_w, cy + v * half_h) for u, v in outline], fill=fill)
+
+
+def shape_coverage(shape: str, box: tuple[float, float, float, float], height: int, width: int) -> np.ndarray:
+    """Float array (height, width) in [0, 1]: the fraction of each pixel `shape` covers when stretched to `box`
+    (pixel coordinates), drawn exactly as the data set draws it. The evaluator's templates."""
+    canvas = Image.new("L", (width * SUPERSAMPLE, height * SUPERSAMPLE), 0)
+    draw_shape(ImageDraw.Draw(canvas), shape, tuple(c * SUPERSAMPLE for c in box), 255)
+    small = canvas.resize((width, height), Image.Resampling.BOX)
+    return np.asarray(small, dtype=np.float32) / 255
+
+
+def _check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(map(str, allowed))}")
+
+
+@dataclass(frozen=True)
+class ObjectSpec:
+    """One object a prompt asks for; colour and size None when the prompt does not name them."""
+
+    shape: str
+    colour: str | None = None
+    size: str | None = None
+
+    def __post_init__(self):
+        _check_choice("shape", self.shape, SHAPES)
+        if self.colour is not None:
+            _check_choice("colour", self.colour, tuple(PALETTE))
+        if self.size is not None:
+            _check_choice("size", self.size, SIZES)
+
+    def phrase(self) -> str:
+        """'a large red circle', 'an orange star'."""
+        words = " ".join(w for w in (self.size, self.colour, self.shape) if w is not None)
+        return ("an " if words[0] in "aeiou" else "a ") + words
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """A structured prompt: kind in PROMPT_KINDS, its objects, the count (kind 'count') or relation ('relation').
+
+    single    1 object, may name a size          "a large red circle"
+    count     1 object, count 2..MAX_OBJECTS     "two green triangles"
+    pair      2 objects of different shapes      "a red circle and a blue square"
+    relation  2 objects of different shapes      "a red circle left of a blue square" (the first relative to
+              the second, as in GenEval)
+    """
+
+    kind: str
+    objects: tuple[ObjectSpec, ...]
+    count: int = 1
+    relation: str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "objects", tuple(self.objects))
+        _check_choice("prompt kind", self.kind, PROMPT_KINDS)
+        expected = 1 if self.kind in ("single", "count") else 2
+        if len(self.objects) != expected or not all(isinstance(o, ObjectSpec) for o in self.objects):
+            raise ValueError(f"a {self.kind!r} prompt takes {expected} ObjectSpec(s), got {self.objects!r}")
+        if self.kind == "count":
+            if isinstance(self.count, bool) or not isinstance(self.count, int) or not 2 <= self.count <= MAX_OBJECTS:
+                raise ValueError(f"count must be an integer in 2..{MAX_OBJECTS}, got {self.count!r}")
+        elif self.count != 1:
+            raise ValueError(f"only 'count' prompts take a count, got count={self.count!r} for {self.kind!r}")
+        if self.kind == "relation":
+            _check_choice("relation", self.relation, RELATIONS)
+        elif self.relation is not None:
+            raise ValueError(f"only 'relation' prompts take a relation, got {self.relation!r} for {self.kind!r}")
+        if expected == 2 and self.objects[0].shape == self.objects[1].shape:
+            raise ValueError(f"the two objects of a {self.kind!r} prompt need different shapes, got "
+                             f"{self.objects[0].shape!r} twice")
+        if any(o.size is not None for o in self.objects) and self.kind != "single":
+            raise ValueError(f"only 'single' prompts name a size, got {self.objects!r}")
+
+    @property
+    def caption(self) -> str:
+        """The prompt in words; `parse_prompt(spec.caption) == spec`."""
+        first = self.objects[0]
+        if self.kind == "single":
+            return first.phrase()
+        if self.kind == "count":
+            words = (NUMBER_WORDS[self.count], first.colour, PLURALS[first.shape])
+            return " ".join(w for w in words if w is not None)
+        link = "and" if self.kind == "pair" else self.relation
+        return f"{first.phrase()} {link} {self.objects[1].phrase()}"
+
+
+_OBJECT = (rf"an? (?:({'|'.join(SIZES)}) )?(?:({'|'.join(PALETTE)}) )?({'|'.join(SHAPES)})")
+_COUNT = (rf"({'|'.join(NUMBER_WORDS[2:])}) (?:({'|'.join(PALETTE)}) )?({'|'.join(PLURALS.values())})")
+_TWO = re.compile(rf"{_OBJECT} (and|{'|'.join(RELATIONS)}) {_OBJECT}")
+
+
+def parse_prompt(text: str) -> PromptSpec:
+    """The PromptSpec of a caption in the data set's grammar (case and surrounding spaces ignored)."""
+    if not isinstance(text, str):
+        raise ValueError(f"a prompt must be a string, got {type(text).__name__}")
+    words = " ".join(text.lower().split())
+    if match := re.fullmatch(_OBJECT, words):
+        size, colour, shape = match.groups()
+        return PromptSpec("single", (ObjectSpec(shape, colour, size),))
+    if match := re.fullmatch(_COUNT, words):
+        number, colour, plural = match.groups()
+        shape = next(s for s, p in PLURALS.items() if p == plural)
+        return PromptSpec("count", (ObjectSpec(shape, colour),), count=NUMBER_WORDS.index(number))
+    if match := _TWO.fullmatch(words):
+        size_a, colour_a, shape_a, link, size_b, colour_b, shape_b = match.groups()
+        objects = (ObjectSpec(shape_a, colour_a, size_a), ObjectSpec(shape_b, colour_b, size_b))
+        if link == "and":
+            return PromptSpec("pair", objects)
+        return PromptSpec("relation", objects, relation=link)
+    raise ValueError(f"cannot parse prompt {text!r}; expected forms like 'a large red circle', 'two green "
+                     f"triangles', 'a red circle and a blue square', 'a red circle left of a blue square' with "
+                     f"shapes {SHAPES}, colours {tuple(PALETTE)}, sizes {SIZES}, relations {RELATIONS}")
+
+
+@dataclass(frozen=True)
+class ShapesConfig:
+    """What the shapes data set draws. `kind_weights` are the probabilities of PROMPT_KINDS (in that order);
+    `size_word_probability` is how often a single-object caption names its size; `hold_out` keeps the held-out
+    combinations (module docstring) out of the train split."""
+
+    image_size: int = 32
+    shapes: tuple[str, ...] = SHAPES
+    colours: tuple[str, ...] = tuple(PALETTE)
+    backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)
+    max_objects: int = MAX_OBJECTS
+    kind_weights: tuple[float, ...] = (0.4, 0.2, 0.2, 0.2)
+    size_word_probability: float = 0.5
+    hold_out: bool = True
+
+    def __post_init__(self):
+        for name in ("shapes", "colours", "backgrounds", "kind_weights"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not hasattr(value, "__iter__"):
+                raise ValueError(f"{name} must be a sequence, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        size = self.image_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < MIN_IMAGE_SIZE:
+            raise ValueError(f"image_size must be an integer >= {MIN_IMAGE_SIZE} (smaller shapes are unreadable), "
+                             f"got {size!r}")
+        for name, allowed in (("shapes", SHAPES), ("colours", tuple(PALETTE)), ("backgrounds", tuple(BACKGROUNDS))):
+            chosen = getattr(self, name)
+            if not chosen or len(set(chosen)) != len(chosen):
+                raise ValueError(f"{name} must be a non-empty list without repeats, got {chosen!r}")
+            for value in chosen:
+                _check_choice(name[:-1], value, allowed)
+        n = self.max_objects
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_OBJECTS:
+            raise ValueError(f"max_objects must be an integer in 1..{MAX_OBJECTS}, got {n!r}")
+        weights = self.kind_weights
+        if (len(weights) != len(PROMPT_KINDS) or not all(isinstance(w, int | float) and w >= 0 for w in weights)
+                or not math.isclose(sum(weights), 1.0, abs_tol=1e-6)):
+            raise ValueError(f"kind_weights must be {len(PROMPT_KINDS)} probabilities >= 0 for {PROMPT_KINDS} "
+                             f"summing to 1, got {weights!r}")
+        if n < 2 and any(weights[1:]):
+            raise ValueError(f"max_objects=1 allows only 'single' prompts; kind_weights must be (1, 0, 0, 0), got "
+                             f"{weights!r}")
+        if len(self.shapes) < 2 and (weights[2] or weights[3]):
+            raise ValueError(f"two-object prompts need at least two shapes, got shapes={self.shapes!r} with "
+                             f"kind_weights={weights!r}")
+        if not 0 <= self.size_word_probability <= 1:
+            raise ValueError(f"size_word_probability must be in [0, 1], got {self.size_word_probability!r}")
+        for a in self.colours:
+            for b in self.colours:
+                if not _backgrounds_for((a, b), self.backgrounds):
+                    raise ValueError(f"no background in {self.backgrounds} contrasts (>= {MIN_CONTRAST} RGB) with "
+                                     f"both {a!r} and {b!r}; add a background or drop a colour")
+
+    def held_out_colours(self) -> frozenset[tuple[str, str]]:
+        """(shape, colour) pairs the train split never draws (module docstring)."""
+        if not self.hold_out or len(self.colours) < 2:
+            return frozenset()
+        return frozenset((s, self.colours[(i + 1) % len(self.colours)]) for i, s in enumerate(self.shapes))
+
+    def held_out_pairs(self) -> frozenset[frozenset[str]]:
+        """Unordered shape pairs that never share a train image (module docstring)."""
+        half = len(self.shapes) // 2
+        if not self.hold_out or half < 2:
+            return frozenset()
+        return frozenset(frozenset((self.shapes[i], self.shapes[i + half])) for i in range(half))
+
+    def is_held_out(self, spec: PromptSpec) -> bool:
+        """Whether `spec` asks for a held-out combination."""
+        colours = self.held_out_colours()
+        if any((o.shape, o.colour) in colours for o in spec.objects):
+            return True
+        return len(spec.objects) == 2 and frozenset(o.shape for o in spec.objects) in self.held_out_pairs()
+
+
+def _backgrounds_for(colours, backgrounds) -> tuple[str, ...]:
+    """The backgrounds at least MIN_CONTRAST away from every colour in `colours`."""
+    return tuple(b for b in backgrounds
+                 if all(math.dist(PALETTE[c], BACKGROUNDS[b]) >= MIN_CONTRAST for c in colours))
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    """One drawn object: its bounding box is centre ± radius (pixels)."""
+
+    shape: str
+    colour: str
+    size: str
+    centre: tuple[float, float]
+    radius: float
+
+    @property
+    def bbox(self) -> tuple[float, float, float, float]:
+        (x, y), r = self.centre, self.radius
+        return (x - r, y - r, x + r, y + r)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Everything an image shows, and the prompt it realises."""
+
+    image_size: int
+    background: str
+    objects: tuple[ShapeObject, ...]
+    spec: PromptSpec
+
+    @property
+    def caption(self) -> str:
+        return self.spec.caption
+
+    def render(self) -> Image.Image:
+        """The RGB image: drawn at SUPERSAMPLE x and box-filtered down (each pixel the mean of its sub-pixels)."""
+        big = self.image_size * SUPERSAMPLE
+        canvas = Image.new("RGB", (big, big), BACKGROUNDS[self.background])
+        draw = ImageDraw.Draw(canvas)
+        for obj in self.objects:
+            draw_shape(draw, obj.shape, tuple(c * SUPERSAMPLE for c in obj.bbox), PALETTE[obj.colour])
+        return canvas.resize((self.image_size, self.image_size), Image.Resampling.BOX)
+
+
+def relation_holds(relation: str, a, b, dominance: float):
+    """Whether centre `a` is `relation` of centre `b` (arrays (..., 2) or pairs): the displacement along the
+    relation's axis points the right way and is at least `dominance` times the one across it (y grows down)."""
+    dx, dy = np.asarray(a)[..., 0] - np.asarray(b)[..., 0], np.asarray(a)[..., 1] - np.asarray(b)[..., 1]
+    along, across = {"left of": (-dx, dy), "right of": (dx, dy), "above": (-dy, dx), "below": (dy, dx)}[relation]
+    return (along > 0) & (along >= dominance * np.abs(across))
+
+
+def _layout(radii: list[float], relation: str | None, image_size: int, rng: np.random.Generator):
+    """Centres for objects of the given radii, inside the margins, their boxes pairwise OBJECT_GAP apart, and
+    (for a relation) object 0 `relation` of object 1 by RELATION_DOMINANCE. Each object takes the first valid
+    of LAYOUT_TRIES uniform candidates; if none is valid the layout starts again."""
+    margin, gap = BORDER_MARGIN * image_size, OBJECT_GAP * image_size
+    for _ in range(LAYOUT_RESTARTS):
+        centres: list[np.ndarray] = []
+        for r in radii:
+            candidates = rng.uniform(r + margin, image_size - r - margin, size=(LAYOUT_TRIES, 2))  # (T, 2)
+            valid = np.ones(LAYOUT_TRIES, dtype=bool)
+            for centre, placed_r in zip(centres, radii[:len(centres)], strict=True):
+                reach = r + placed_r + gap  # boxes are apart when the centres are this far apart on some axis
+                valid &= (np.abs(candidates - centre) >= reach).any(axis=1)
+            if relation is not None and len(centres) == 1:
+                valid &= relation_holds(relation, centres[0], candidates, RELATION_DOMINANCE)
+            if not valid.any():
+                break
+            centres.append(candidates[int(np.argmax(valid))])
+        if len(centres) == len(radii):
+            return [(float(x), float(y)) for x, y in centres]
+    raise ValueError(f"cannot place {len(radii)} objects of radii {radii} in a {image_size}x{image_size} image")
+
+
+def prompt_to_scene(prompt: str | PromptSpec, rng: np.random.Generator, config: ShapesConfig | None = None) -> Scene:
+    """A random scene that realises `prompt` (a caption or a PromptSpec), drawn with `rng`.
+
+    Colours the prompt leaves open come from `config.colours`; a single object without a size word is small or
+    large at random; objects of multi-object scenes are small. The background is one of `config.backgrounds`
+    that contrasts with every object."""
+    config = config or ShapesConfig()
+    spec = parse_prompt(prompt) if isinstance(prompt, str) else prompt
+    if not isinstance(spec, PromptSpec):
+        raise ValueError(f"prompt must be a caption or a PromptSpec, got {type(prompt).__name__}")
+    count = spec.count if spec.kind == "count" else len(spec.objects)
+    if count > config.max_objects:
+        raise ValueError(f"prompt {spec.caption!r} has {count} objects; this config draws at most "
+                         f"{config.max_objects}")
+    wanted = [spec.objects[0]] * spec.count if spec.kind == "count" else list(spec.objects)
+    if spec.kind == "count":
+        colours = [spec.objects[0].colour or _pick(config.colours, rng)] * spec.count
+    else:
+        colours = [o.colour or _pick(config.colours, rng) for o in spec.objects]
+    if spec.kind == "single":
+        sizes = [spec.objects[0].size or _pick(SIZES, rng)]
+    else:
+        sizes = ["small"] * len(wanted)
+    radii = [float(rng.uniform(*SIZE_RADIUS[s])) * config.image_size for s in sizes]
+    centres = _layout(radii, spec.relation, config.image_size, rng)
+    backgrounds = _backgrounds_for(set(colours), config.backgrounds) or _backgrounds_for(set(colours), BACKGROUNDS)
+    if not backgrounds:
+        raise ValueError(f"no background contrasts with all of the colours {sorted(set(colours))}")
+    background = _pick(backgrounds, rng)
+    objects = tuple(ShapeObject(o.shape, c, s, centre, r)
+                    for o, c, s, centre, r in zip(wanted, colours, sizes, centres, radii, strict=True))
+    return Scene(config.image_size, background, objects, spec)
+
+
+def sample_prompt(config: ShapesConfig, rng: np.random.Generator) -> PromptSpec:
+    """A random prompt: kind by `kind_weights`, shapes and colours uniform over the config's choices."""
+    kind = PROMPT_KINDS[int(rng.choice(len(PROMPT_KINDS), p=np.asarray(config.kind_weights)))]
+    if kind == "single":
+        size = _pick(SIZES, rng) if rng.random() < config.size_word_probability else None
+        return PromptSpec(kind, (ObjectSpec(_pick(config.shapes, rng), _pick(config.colours, rng), size),))
+    if kind == "count":
+        count = int(rng.integers(2, config.max_objects + 1))
+        return PromptSpec(kind, (ObjectSpec(_pick(config.shapes, rng), _pick(config.colours, rng)),), count=count)
+    first, second = rng.choice(len(config.shapes), size=2, replace=False)
+    colour_a = _pick(config.colours, rng)
+    if kind == "pair":  # "and" prompts bind two different colours (GenEval's colour attribution)
+        colour_b = _pick(tuple(c for c in config.colours if c != colour_a) or config.colours, rng)
+    else:
+        colour_b = _pick(config.colours, rng)
+    objects = (ObjectSpec(config.shapes[first], colour_a), ObjectSpec(config.shapes[second], colour_b))
+    return PromptSpec(kind, objects, relation=_pick(RELATIONS, rng) if kind == "relation" else None)
+
+
+def _pick(options, rng: np.random.Generator):
+    """One of `options`, uniformly."""
+    return options[int(rng.integers(len(options)))]
+
+
+def check_split(split: str) -> str:
+    _check_choice("split", split, tuple(SPLIT_STREAMS))
+    return split
+
+
+def item_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """The generator of item `index`: its own stream, so any index is reproducible alone."""
+    return np.random.default_rng([seed, SPLIT_STREAMS[split], index])
+
+
+def evaluation_prompts(config: ShapesConfig | None = None, *, per_kind: int = 50, seed: int = 0,
+                       held_out: bool | None = None) -> list[PromptSpec]:
+    """`per_kind` prompts of each kind with a non-zero weight, drawn independently (so they may repeat) from a
+    seed stream of their own. held_out: True keeps only prompts with a held-out combination, False only
+    train-distribution ones, None any."""
+    config = config or ShapesConfig()
+    if isinstance(per_kind, bool) or not isinstance(per_kind, int) or per_kind < 1:
+        raise ValueError(f"per_kind must be a positive integer, got {per_kind!r}")
+    if held_out and not (config.held_out_colours() or config.held_out_pairs()):
+        raise ValueError("held_out=True needs a config with hold_out=True and at least two colours")
+    rng = np.random.default_rng([seed, len(SPLIT_STREAMS)])  # a stream apart from both splits'
+    prompts = []
+    for kind, weight in zip(PROMPT_KINDS, config.kind_weights, strict=True):
+        if not weight:
+            continue
+        only = replace(config, kind_weights=tuple(float(k == kind) for k in PROMPT_KINDS))
+        chosen: list[PromptSpec] = []
+        for _ in range(per_kind * PROMPT_TRIES):
+            spec = sample_prompt(only, rng)
+            if held_out is None or config.is_held_out(spec) == held_out:
+                chosen.append(spec)
+                if len(chosen) == per_kind:
+                    break
+        else:
+            raise ValueError(f"this config has no {'held-out' if held_out else 'seen'} {kind!r} prompts")
+        prompts.extend(chosen)
+    return prompts
+
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """`size` items {"image": (3, H, W) in [-1, 1], "caption": str}, item i a pure function of (seed, split, i)."""
+
+    def __init__(self, config: ShapesConfig | None = None, *, split: str = "train", size: int | None = None,
+                 seed: int = 0):
+        self.config = config or ShapesConfig()
+        self.split = check_split(split)
+        size = DEFAULT_SIZES[split] if size is None else size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be a positive integer, got {size!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        self.size, self.seed = size, seed
+
+    def __len__(self) -> int:
+        return self.size
+
+    def spec(self, index: int) -> PromptSpec:
+        return self.scene(index).spec
+
+    def scene(self, index: int) -> Scene:
+        """The ground truth behind item `index`: prompt, objects with their boxes, background."""
+        if isinstance(index, bool) or not isinstance(index, int | np.integer) or not -self.size <= index < self.size:
+            raise IndexError(f"index {index!r} out of range for a data set of {self.size} items")
+        rng = item_rng(self.seed, self.split, int(index) % self.size)
+        while True:
+            spec = sample_prompt(self.config, rng)
+            if self.split == "test" or not self.config.is_held_out(spec):
+                return prompt_to_scene(spec, rng, self.config)
+
+    def __getitem__(self, index: int) -> dict:
+        scene = self.scene(index)
+        return {"image": image_to_tensor(scene.render()), "caption": scene.caption}
