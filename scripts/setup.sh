@@ -21,6 +21,12 @@ if [ -n "$extras" ]; then
     # open_clip's tokenizer is the SD 2.x tokenizer oracle; its package would pull torchvision and a CUDA
     # torch, so it comes without dependencies (the test loads only its tokenizer module).
     $pip install -q --no-deps open-clip-torch ftfy wcwidth
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && [ ! -x /usr/bin/chromedriver ]; then
+        # headless Chromium + driver for tests/test_serving_browser.py (selenium uses /usr/bin/chromedriver and
+        # never downloads one); without them that test skips and says why
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+            >/dev/null 2>&1 || echo "could not install chromium; the browser test will be skipped"
+    fi
 fi
 # The emoji data set draws the Noto Color Emoji font (Debian/Ubuntu package fonts-noto-color-emoji, a few seconds to
 # install). It is installed here only when this runs as root with apt-get at hand; otherwise, or when that fails

@@ -1,0 +1,137 @@
+"""`kedavra serve`: AUTOMATIC1111's HTTP API and a web page for one model, on this machine by default.
+
+    kedavra serve --model v1-5-pruned-emaonly.safetensors               # http://127.0.0.1:7860/
+    kedavra serve --models-dir ~/models --port 7861                     # the first model there; switch by name
+    KEDAVRA_API_KEY=... kedavra serve --model m.safetensors --host 0.0.0.0   # others reach it, with the key
+
+Binding anything but a loopback address needs an API key; with a key, every API request must carry it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+from pathlib import Path
+
+from kedavra.api import load, resolve_model
+from kedavra.commands.generate import check_device, choose_model
+from kedavra.device import parse_precision
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860  # A1111's port, so its clients find the server where they look
+DEFAULT_QUEUE_SIZE = 8  # requests waiting behind the running one before new ones get 503
+DEFAULT_MAX_BODY_MB = 20  # a few base64 PNGs at 2048 px fit, a runaway upload does not
+DEFAULT_PREVIEW_EVERY = 4  # steps between live previews: a full VAE decode costs about as much as a step or more
+API_KEY_ENV = "KEDAVRA_API_KEY"
+# Open connections uvicorn serves at once before answering 503 itself: far above the queue, so that waiting
+# clients and progress polls fit, but bounded.
+CONNECTION_LIMIT = 256
+KEEP_ALIVE_S = 5  # uvicorn's default idle keep-alive
+# On Ctrl-C, requests still waiting after this long are cancelled, which interrupts the running job.
+GRACEFUL_SHUTDOWN_S = 10
+MAX_PORT = 65535
+
+EXAMPLES = """examples:
+  kedavra serve --model v1-5-pruned-emaonly.safetensors
+  kedavra serve --models-dir ~/models --queue-size 4
+  KEDAVRA_API_KEY=$(openssl rand -hex 16) kedavra serve --model m.safetensors --host 0.0.0.0
+  curl -s localhost:7860/sdapi/v1/txt2img -H 'Content-Type: application/json' -d '{"prompt": "a cat", "steps": 20}'
+"""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="serve AUTOMATIC1111's HTTP API (/sdapi/v1) and a web page for a model",
+        description="Serve a Stable Diffusion model over AUTOMATIC1111's HTTP API (/sdapi/v1: txt2img, img2img,\n"
+                    "progress, interrupt, samplers, sd-models, options) and a web page at /. The API is described\n"
+                    "at /docs. One generation runs at a time; the others wait in a bounded queue.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", metavar="PATH_OR_NAME",
+                       help="checkpoint file, diffusers folder or embedded model name (default: the first model in "
+                            "--models-dir, else the first embedded model)")
+    model.add_argument("--models-dir", metavar="DIR",
+                       help="a folder of models (.safetensors, .ckpt, diffusers folders) listed by /sdapi/v1/sd-models "
+                            "and selectable by name through the sd_model_checkpoint option")
+    model.add_argument("--device", metavar="DEVICE", help="cpu, cuda, cuda:1, mps (default: CUDA if present)")
+    model.add_argument("--precision", default="auto", metavar="auto|fp32|bf16|fp16",
+                       help="network precision (default auto: bf16 where the hardware runs it fast, else fp32)")
+    model.add_argument("--threads", type=int, metavar="N", help="torch threads for generation (default: torch's)")
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default=DEFAULT_HOST,
+                        help=f"address to listen on (default {DEFAULT_HOST}; anything but a loopback address needs "
+                             "--api-key)")
+    server.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    server.add_argument("--api-key", metavar="KEY",
+                        help=f"require 'Authorization: Bearer KEY' (or basic auth, password KEY) on every API "
+                             f"request (default: ${API_KEY_ENV}, else none)")
+    server.add_argument("--queue-size", type=int, default=DEFAULT_QUEUE_SIZE, metavar="N",
+                        help=f"requests that may wait behind the running one; more get 503 with Retry-After "
+                             f"(default {DEFAULT_QUEUE_SIZE})")
+    server.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB, metavar="MB",
+                        help=f"largest request body in MiB; larger ones get 413 (default {DEFAULT_MAX_BODY_MB})")
+    server.add_argument("--preview-every", type=int, default=DEFAULT_PREVIEW_EVERY, metavar="STEPS",
+                        help=f"decode a live preview for /sdapi/v1/progress at most every STEPS steps "
+                             f"(default {DEFAULT_PREVIEW_EVERY})")
+    server.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                        help="uvicorn's log level (default info)")
+    parser.set_defaults(func=run)
+
+
+def server_config(host: str, api_key: str | None, max_body_mb: float):
+    """The app's ServerConfig; refuses to listen beyond the loopback without an API key."""
+    from kedavra.serving.app import ServerConfig, is_loopback
+
+    if not is_loopback(host) and api_key is None:
+        raise ValueError(f"refusing to listen on {host} without an API key: anyone who reaches this machine could "
+                         f"use the server. Give --api-key KEY (or set {API_KEY_ENV}), or listen on {DEFAULT_HOST}")
+    if not 0 < max_body_mb < float("inf"):
+        raise ValueError(f"--max-body-mb must be a positive number, got {max_body_mb}")
+    return ServerConfig(api_key=api_key, max_body_bytes=int(max_body_mb * 2**20), loopback_only=is_loopback(host))
+
+
+def check_counts(args) -> None:
+    """The integer options, refused before the model loads."""
+    if not 0 <= args.port <= MAX_PORT:
+        raise ValueError(f"--port must be from 0 to {MAX_PORT}, got {args.port}")
+    if args.queue_size < 0:
+        raise ValueError(f"--queue-size must be 0 or more, got {args.queue_size}")
+    if args.preview_every < 1:
+        raise ValueError(f"--preview-every must be 1 or more steps, got {args.preview_every}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be 1 or more, got {args.threads}")
+
+
+def run(args) -> int:
+    try:
+        import uvicorn
+
+        from kedavra.serving.app import create_app
+        from kedavra.serving.worker import ModelCatalog, Worker
+    except ImportError as error:
+        raise ValueError(f"kedavra serve needs fastapi and uvicorn ({error}): pip install fastapi uvicorn") from None
+
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    config = server_config(args.host, api_key, args.max_body_mb)
+    check_counts(args)
+    models_dir = Path(args.models_dir).expanduser() if args.models_dir is not None else None
+    if args.model is not None:
+        model_path = resolve_model(args.model)
+    else:
+        listed = ModelCatalog(models_dir).entries()
+        model_path = listed[0].path if listed else resolve_model(choose_model(None, None))
+    catalog = ModelCatalog(models_dir, initial=model_path)
+    device, dtype = check_device(args.device), parse_precision(args.precision)
+    loader = functools.partial(load, device=device, dtype=dtype)
+    entry = catalog.identify(catalog.entries()[0])
+    worker = Worker(loader(model_path), entry, catalog, loader, queue_size=args.queue_size,
+                    preview_every=args.preview_every, threads=args.threads)
+    app = create_app(worker, config)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"kedavra serve: {entry.title} at http://{shown}:{args.port}/ (API {shown}:{args.port}/sdapi/v1, "
+          f"description /docs){'; API key required' if api_key else ''}", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, limit_concurrency=CONNECTION_LIMIT,
+                timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    return 0

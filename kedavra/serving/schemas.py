@@ -1,0 +1,215 @@
+"""The HTTP API's request and response bodies, in AUTOMATIC1111's shapes (its modules/api/models.py).
+
+Requests carry A1111's field names and defaults so that its clients (the `webuiapi` package, scripts written
+for A1111) work unchanged. Ranges are checked here, where the request enters, and a bad field is answered 422
+naming it (FastAPI turns a pydantic error into {"detail": [{"loc": ["body", "steps"], "msg": ...}]}); what
+depends on the loaded model (width a multiple of its size multiple) is checked by the app against the model.
+
+Fields A1111 has and kedavra does not act on are accepted so that its clients' requests parse, and named in
+the response's notes when they are set to something that would change the image (see `ignored_settings`).
+Unknown fields are kept and echoed back in "parameters", as A1111 echoes its whole request.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from typing import Annotated, Any
+
+from PIL import Image, ImageOps
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from kedavra.pipeline import MAX_SEED, MAX_SIDE
+
+MAX_STEPS = 150  # A1111's "Sampling steps" slider maximum (modules/ui.py)
+MAX_BATCH_SIZE = 8  # A1111's "Batch size" slider maximum
+MAX_N_ITER = 100  # A1111's "Batch count" slider maximum
+MAX_CFG_SCALE = 30.0  # A1111's "CFG Scale" slider maximum
+RANDOM_SEED = -1  # A1111: seed -1 asks for a random one
+A1111_DEFAULT_SAMPLER = "Euler"  # A1111's API default (`sampler_index: str = "Euler"` in modules/api/models.py)
+A1111_DEFAULT_STEPS = 50  # A1111's StableDiffusionProcessing default
+A1111_DEFAULT_CFG_SCALE = 7.0  # A1111's StableDiffusionProcessing default
+A1111_DEFAULT_IMG2IMG_STRENGTH = 0.75  # A1111's StableDiffusionProcessingImg2Img default denoising_strength
+A1111_INPAINT_ORIGINAL = 1  # A1111 inpainting_fill: 0 fill, 1 original, 2 latent noise, 3 latent nothing
+# An uploaded image is refused above this many pixels before Pillow decodes it (a small PNG can claim a huge
+# canvas): four times the largest generation size on a side.
+MAX_INPUT_PIXELS = (4 * MAX_SIDE) ** 2
+# Schedule types: A1111's /sdapi/v1/schedulers names and labels for the noise-level spacings kedavra has.
+# "automatic" is the sampler's own choice (Karras for DPM++ 2M, as in A1111), "uniform" the model's spacing.
+SCHEDULERS = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras"}
+DATA_URL_PREFIX = "data:"  # "data:image/png;base64,...." as browsers and webuiapi send images
+BASE64_MARKER = ";base64"
+
+
+def decode_image(text: str) -> Image.Image:
+    """A base64 image (bare, or a data: URL) -> a decoded, upright PIL image; ValueError saying what is wrong."""
+    if text.startswith(DATA_URL_PREFIX):
+        header, comma, text = text.partition(",")
+        if not comma or not header.endswith(BASE64_MARKER):
+            raise ValueError("a data: URL must be 'data:<type>;base64,<data>'")
+    try:
+        data = base64.b64decode("".join(text.split()), validate=True)
+    except binascii.Error as error:
+        raise ValueError(f"not base64: {error}") from None
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.width * image.height > MAX_INPUT_PIXELS:
+            raise ValueError(f"the image is {image.width}x{image.height}; at most {MAX_INPUT_PIXELS} pixels are "
+                             "accepted")
+        image.load()
+    except (OSError, SyntaxError, Image.DecompressionBombError) as error:  # Pillow: SyntaxError on bad headers
+        reason = type(error).__name__ if isinstance(error, OSError) else error  # OSError's text names a buffer
+        raise ValueError(f"not an image Pillow can read ({len(data)} bytes starting {data[:8]!r}): {reason}") from None
+    return ImageOps.exif_transpose(image)
+
+
+def _check_image(text: str) -> str:
+    decode_image(text)
+    return text
+
+
+Base64Image = Annotated[str, AfterValidator(_check_image)]
+Seed = Annotated[int, Field(ge=RANDOM_SEED, le=MAX_SEED, description="-1 for a random seed")]
+Side = Annotated[int | None, Field(ge=1, le=MAX_SIDE, description="pixels; default the model's image size")]
+
+
+class GenerationRequest(BaseModel):
+    """What txt2img and img2img share (A1111's StableDiffusionProcessing fields)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: Seed = RANDOM_SEED
+    sampler_name: str | None = Field(None, description="A1111, kedavra, ComfyUI or diffusers name")
+    sampler_index: str = Field(A1111_DEFAULT_SAMPLER, description="A1111's older name for sampler_name")
+    scheduler: str | None = Field(None, description=f"schedule type: {', '.join(SCHEDULERS.values())}")
+    batch_size: int = Field(1, ge=1, le=MAX_BATCH_SIZE)
+    n_iter: int = Field(1, ge=1, le=MAX_N_ITER, description="batches run one after another")
+    steps: int = Field(A1111_DEFAULT_STEPS, ge=1, le=MAX_STEPS)
+    cfg_scale: float = Field(A1111_DEFAULT_CFG_SCALE, ge=0, le=MAX_CFG_SCALE, allow_inf_nan=False)
+    width: Side = None
+    height: Side = None
+    eta: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="DDIM's η (DDIM only)")
+    send_images: bool = True
+    # Accepted for A1111's clients; kedavra does not act on them (named in the notes when set).
+    styles: list[str] = []
+    subseed: int = -1
+    subseed_strength: float = Field(0.0, allow_inf_nan=False)
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    override_settings: dict[str, Any] | None = None
+    save_images: bool = False
+    script_name: str | None = None
+    alwayson_scripts: dict[str, Any] = {}
+
+    @property
+    def sampler(self) -> str:
+        """A1111's rule: sampler_name, else sampler_index."""
+        return self.sampler_name or self.sampler_index
+
+
+class Txt2ImgRequest(GenerationRequest):
+    """POST /sdapi/v1/txt2img (A1111's StableDiffusionTxt2ImgProcessingAPI)."""
+
+    denoising_strength: float | None = Field(None, ge=0, le=1, allow_inf_nan=False,
+                                             description="hires fix only, which kedavra lacks: ignored")
+    enable_hr: bool = False
+
+
+class Img2ImgRequest(GenerationRequest):
+    """POST /sdapi/v1/img2img (A1111's StableDiffusionImg2ImgProcessingAPI)."""
+
+    init_images: list[Base64Image] = Field(min_length=1, max_length=MAX_BATCH_SIZE,
+                                           description="base64 images (or data: URLs): one, or one per batch image")
+    denoising_strength: float = Field(A1111_DEFAULT_IMG2IMG_STRENGTH, ge=0, le=1, allow_inf_nan=False)
+    mask: Base64Image | None = Field(None, description="inpainting: white where to paint")
+    inpainting_mask_invert: int = Field(0, ge=0, le=1, description="1: paint where the mask is black")
+    resize_mode: int = Field(0, description="only 0 (just resize) is done")
+    include_init_images: bool = False
+    mask_blur: int | None = None
+    inpainting_fill: int = 0
+    inpaint_full_res: bool = True
+
+
+def ignored_settings(request: GenerationRequest) -> list[str]:
+    """Notes for the A1111 settings in `request` that kedavra accepts but does not carry out."""
+    set_but_ignored = {
+        "restore_faces": request.restore_faces,
+        "tiling": request.tiling,
+        "styles": request.styles,
+        "subseed_strength": request.subseed_strength,
+        "override_settings": request.override_settings,
+        "save_images (images are never written on the server)": request.save_images,
+        "script_name": request.script_name,
+        "alwayson_scripts": request.alwayson_scripts,
+    }
+    if isinstance(request, Txt2ImgRequest):
+        set_but_ignored["enable_hr (hires fix)"] = request.enable_hr
+    if isinstance(request, Img2ImgRequest):
+        set_but_ignored["resize_mode (only 0, just resize)"] = request.resize_mode
+        if request.mask is not None:
+            set_but_ignored["mask_blur"] = request.mask_blur
+            set_but_ignored["inpaint_full_res"] = request.inpaint_full_res
+            # kedavra always keeps the original image under the mask as the starting point.
+            set_but_ignored["inpainting_fill (always 1, original)"] = request.inpainting_fill != A1111_INPAINT_ORIGINAL
+    return [f"{name} is not supported and was ignored" for name, value in set_but_ignored.items() if value]
+
+
+# ---- responses ----------------------------------------------------------------------------------------------------
+
+
+class GenerationResponse(BaseModel):
+    """A1111's TextToImageResponse / ImageToImageResponse: base64 PNGs, the request echoed, info as a JSON string."""
+
+    images: list[str]
+    parameters: dict[str, Any]
+    info: str
+
+
+class ProgressState(BaseModel):
+    """A1111's shared.state.dict(), plus `queued`: requests waiting behind the running one."""
+
+    skipped: bool = False
+    interrupted: bool = False
+    job: str = ""
+    job_count: int = 0
+    job_timestamp: str = "0"
+    job_no: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+    queued: int = 0
+
+
+class ProgressResponse(BaseModel):
+    """GET /sdapi/v1/progress."""
+
+    progress: float
+    eta_relative: float
+    state: ProgressState
+    current_image: str | None = None
+    textinfo: str | None = None
+
+
+class SamplerItem(BaseModel):
+    name: str
+    aliases: list[str]
+    options: dict[str, str]
+
+
+class SchedulerItem(BaseModel):
+    name: str
+    label: str
+    aliases: list[str] | None = None
+    default_rho: float = -1
+    need_inner_model: bool = False
+
+
+class SDModelItem(BaseModel):
+    title: str
+    model_name: str
+    hash: str | None
+    sha256: str | None
+    filename: str
+    config: str | None = None

@@ -1,0 +1,468 @@
+"""`kedavra serve` against real HTTP: the `webuiapi` client unchanged, the A1111 response shapes, validation (422
+naming the field), the body limit (413), the bounded queue (503 + Retry-After), interrupt and client disconnects,
+API keys (401), the Host guard (403), model switching only among listed names, and a small concurrent load test.
+
+Servers run in this process: uvicorn in a thread on a free loopback port, over a Worker owning a tiny
+random-weight model in fp32 (the same kind of model tests/test_generate_cli.py uses).
+"""
+
+import base64
+import contextlib
+import importlib.util
+import io
+import json
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kedavra.api import load
+from kedavra.checkpoint import save_model
+from kedavra.cli import main
+from kedavra.model import ModelConfig, StableDiffusion
+from kedavra.png_info import PARAMETERS_KEYWORD, model_hash, parse_parameters
+from kedavra.samplers import resolve_sampler
+from kedavra.viz.sample_image import draw_sample_image
+
+webuiapi = pytest.importorskip("webuiapi")
+uvicorn = pytest.importorskip("uvicorn")
+from kedavra.serving.app import ServerConfig, create_app, is_authorized, is_loopback  # noqa: E402
+from kedavra.serving.command import server_config  # noqa: E402
+from kedavra.serving.worker import ModelCatalog, Worker  # noqa: E402
+
+SIZE = 32  # the tiny preset's image size
+STEPS = 2
+LONG_STEPS = 150  # a job that runs for seconds at 32 px, for tests that interrupt or cancel it
+INTERRUPTED_STEPS = 60  # a batch long enough to catch the second of two running
+WEIGHT_STD = 0.05  # as tests/test_generate_cli.py: images are not flat, activations stay finite
+API_KEY = "test-key-0123456789"
+BODY_LIMIT = 2**20  # 1 MiB for the main test server
+WAIT_S = 30.0  # longest wait for a state the server should reach within a second or two
+LOAD_TEST = Path(__file__).resolve().parents[1] / "scripts" / "load_test_server.py"
+
+
+def tiny_model(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    model = StableDiffusion(ModelConfig.from_preset("tiny"))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            torch.nn.init.normal_(parameter, std=WEIGHT_STD)
+    save_model(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    """Two tiny models with different weights, and a file that is not a model."""
+    folder = tmp_path_factory.mktemp("models")
+    tiny_model(folder / "tiny.safetensors", seed=0)
+    tiny_model(folder / "other.safetensors", seed=1)
+    (folder / "notes.txt").write_text("not a model")
+    return folder
+
+
+def loader(path):
+    return load(path, dtype="fp32")
+
+
+def make_worker(models_dir: Path, queue_size: int = 8) -> Worker:
+    catalog = ModelCatalog(models_dir, initial=models_dir / "tiny.safetensors")
+    entry = catalog.identify(catalog.entries()[0])
+    return Worker(loader(entry.path), entry, catalog, loader, queue_size=queue_size, preview_every=1)
+
+
+@contextlib.contextmanager
+def serve(worker: Worker, config: ServerConfig):
+    """uvicorn serving create_app(worker, config) in a thread on a free 127.0.0.1 port; yields the base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(worker, config), log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + WAIT_S
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the test server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(WAIT_S)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(models_dir):
+    worker = make_worker(models_dir)
+    with serve(worker, ServerConfig(api_key=None, max_body_bytes=BODY_LIMIT)) as url:
+        yield url, worker
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server[0], timeout=WAIT_S) as http:
+        yield http
+
+
+def webui(url: str, **auth) -> "webuiapi.WebUIApi":
+    port = int(url.rsplit(":", 1)[1])
+    return webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler a", steps=STEPS, **auth)
+
+
+def b64_png(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def decode_png(text: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(text)))
+
+
+def wait_until(condition, what: str):
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def start_long_job(url: str, results: list, **fields) -> threading.Thread:
+    """POST a LONG_STEPS txt2img in a thread; its (status, json) lands in `results`."""
+
+    def post():
+        response = httpx.post(f"{url}/sdapi/v1/txt2img", timeout=WAIT_S * 4,
+                              json={"prompt": "long", "steps": LONG_STEPS, "seed": 1, **fields})
+        results.append((response.status_code, response.json()))
+
+    thread = threading.Thread(target=post, daemon=True)
+    thread.start()
+    return thread
+
+
+def running(worker: Worker) -> bool:
+    return worker.progress(want_image=False).state.sampling_step > 0
+
+
+# ---- the real client ----------------------------------------------------------------------------------------------
+
+
+def test_webuiapi_txt2img_matches_the_pipeline(server, models_dir):
+    url, worker = server
+    result = webui(url).txt2img(prompt="a red circle", negative_prompt="blurry", seed=7, steps=STEPS, width=SIZE,
+                                height=SIZE, cfg_scale=5, sampler_name="Euler a")
+    assert len(result.images) == 1 and result.images[0].size == (SIZE, SIZE)
+    info = result.info
+    assert (info["seed"], info["all_seeds"], info["width"], info["sampler_name"]) == (7, [7], SIZE, "Euler a")
+    text = info["infotexts"][0]
+    assert result.images[0].text[PARAMETERS_KEYWORD] == text  # the PNG carries the same parameters
+    params = parse_parameters(text)
+    assert (params.prompt, params.negative_prompt, params.seed, params.steps, params.sampler, params.cfg_scale) == \
+        ("a red circle", "blurry", 7, STEPS, "Euler a", 5.0)
+    assert (params.model, params.model_hash) == ("tiny", model_hash(models_dir / "tiny.safetensors"))
+    assert result.parameters["prompt"] == "a red circle" and result.parameters["seed"] == 7  # the request echoed
+    direct = worker.pipeline("a red circle", "blurry", steps=STEPS, sampler="euler_a", guidance_scale=5, seed=7,
+                             width=SIZE, height=SIZE).images[0]
+    assert np.array_equal(np.asarray(result.images[0].convert("RGB")), np.asarray(direct))
+
+
+def test_batches_and_n_iter_number_the_seeds_as_a1111(server):
+    url, _ = server
+    result = webui(url).txt2img(prompt="a cat", seed=100, batch_size=2, n_iter=2, steps=STEPS, width=SIZE,
+                                height=SIZE)
+    assert result.info["all_seeds"] == [100, 101, 102, 103] and len(result.images) == 4
+    assert [parse_parameters(t).seed for t in result.info["infotexts"]] == [100, 101, 102, 103]
+    assert [image.text[PARAMETERS_KEYWORD] for image in result.images] == result.info["infotexts"]
+    again = webui(url).txt2img(prompt="a cat", seed=102, batch_size=2, steps=STEPS, width=SIZE, height=SIZE)
+    assert again.images[0].tobytes() == result.images[2].tobytes()  # seed 102 is seed 102, whatever batch it is in
+    randomised = webui(url).txt2img(prompt="a cat", seed=-1, batch_size=2, steps=STEPS, width=SIZE, height=SIZE)
+    first = randomised.info["seed"]
+    assert randomised.info["all_seeds"] == [first, first + 1] and randomised.parameters["seed"] == -1
+
+
+def test_webuiapi_img2img_and_inpainting(server):
+    url, _ = server
+    api = webui(url)
+    init = draw_sample_image(64)  # resized to the requested 32x32, as A1111's resize_mode 0
+    result = api.img2img(images=[init], prompt="a cat", denoising_strength=0.5, seed=3, steps=4, width=SIZE,
+                         height=SIZE)
+    assert result.images[0].size == (SIZE, SIZE)
+    params = parse_parameters(result.info["infotexts"][0])
+    assert params.denoising_strength == 0.5 and params.seed == 3
+    assert result.parameters["init_images"] is None  # not sent back, as A1111 without include_init_images
+    mask = Image.new("L", (SIZE, SIZE))
+    mask.paste(255, (8, 8, 24, 24))
+    inpainted = api.img2img(images=[init], mask_image=mask, prompt="a ball", seed=3, steps=4, width=SIZE,
+                            height=SIZE)
+    assert inpainted.images[0].size == (SIZE, SIZE)
+    assert any("mask_blur" in note for note in inpainted.info["notes"])  # webuiapi sends mask_blur=4: ignored
+
+
+def test_img2img_takes_bare_base64_and_data_urls(client):
+    init = b64_png(draw_sample_image(SIZE))
+    answers = [client.post("/sdapi/v1/img2img", json={"init_images": [image], "seed": 5, "steps": 4,
+                                                      "denoising_strength": 0.5, "prompt": "x"}).json()
+               for image in (init, f"data:image/png;base64,{init}")]
+    assert answers[0]["images"] == answers[1]["images"]
+    assert json.loads(answers[0]["info"])["width"] == SIZE  # width/height default to the init image's
+
+
+def test_inverted_mask_paints_where_the_mask_is_black(client):
+    init = b64_png(draw_sample_image(SIZE))
+    black, white = (b64_png(Image.new("L", (SIZE, SIZE), level)) for level in (0, 255))
+    request = {"init_images": [init], "seed": 5, "steps": 4, "prompt": "x"}
+    plain = client.post("/sdapi/v1/img2img", json={**request, "mask": black}).json()
+    inverted = client.post("/sdapi/v1/img2img", json={**request, "mask": white, "inpainting_mask_invert": 1}).json()
+    assert plain["images"] == inverted["images"]
+
+
+def test_listing_endpoints_through_webuiapi(server, models_dir):
+    url, _ = server
+    api = webui(url)
+    samplers = api.get_samplers()
+    names = [s["name"] for s in samplers]
+    assert {"Euler a", "Euler", "DPM++ 2M", "DDIM", "UniPC"} <= set(names)
+    assert all(resolve_sampler(name) for name in names)
+    assert {"name", "aliases", "options"} <= set(samplers[0])
+    models = {m["model_name"]: m for m in api.get_sd_models()}
+    assert set(models) == {"tiny", "other"}  # notes.txt is not listed
+    assert models["tiny"]["hash"] == model_hash(models_dir / "tiny.safetensors")
+    assert models["tiny"]["title"] == f"tiny.safetensors [{models['tiny']['hash']}]"
+    assert models["other"]["hash"] is None  # hashed once loaded, as A1111
+    assert api.util_get_current_model() == models["tiny"]["title"]
+    assert api.util_get_scheduler_names() == ["automatic", "karras", "uniform"]
+    idle = api.get_progress()
+    assert (idle["progress"], idle["state"]["job_count"], idle["current_image"]) == (0.0, 0, None)
+
+
+@pytest.mark.parametrize(("body", "loc"), [
+    ({"steps": 0}, ["body", "steps"]),
+    ({"steps": 151}, ["body", "steps"]),
+    ({"width": 30}, ["body", "width"]),  # not a multiple of the tiny model's 4
+    ({"height": 4096}, ["body", "height"]),
+    ({"batch_size": 9}, ["body", "batch_size"]),
+    ({"cfg_scale": 31}, ["body", "cfg_scale"]),
+    ({"seed": -2}, ["body", "seed"]),
+    ({"sampler_name": "nope"}, ["body", "sampler_name"]),
+    ({"scheduler": "exponential"}, ["body", "scheduler"]),
+    ({"eta": 2}, ["body", "eta"]),
+    ({"prompt": "a cat\nNegative prompt: x"}, ["body"]),  # A1111's parameters text could not hold it
+])
+def test_bad_txt2img_fields_are_422_naming_the_field(client, body, loc):
+    response = client.post("/sdapi/v1/txt2img", json={"steps": STEPS, **body})
+    assert response.status_code == 422
+    assert loc in [detail["loc"] for detail in response.json()["detail"]]
+
+
+@pytest.mark.parametrize(("body", "loc"), [
+    ({"init_images": ["not base64!"]}, ["body", "init_images", 0]),
+    ({"init_images": [base64.b64encode(b"hello").decode()]}, ["body", "init_images", 0]),
+    ({"init_images": ["data:image/png,abc"]}, ["body", "init_images", 0]),
+    ({"init_images": []}, ["body", "init_images"]),
+    ({"denoising_strength": 1.5}, ["body", "denoising_strength"]),
+    ({"denoising_strength": 0.1}, ["body", "denoising_strength"]),  # 0.1 of 2 steps runs none
+    ({"mask": "????"}, ["body", "mask"]),
+])
+def test_bad_img2img_fields_are_422_naming_the_field(client, body, loc):
+    request = {"init_images": [b64_png(draw_sample_image(SIZE))], "steps": STEPS, **body}
+    response = client.post("/sdapi/v1/img2img", json=request)
+    assert response.status_code == 422
+    assert loc in [detail["loc"] for detail in response.json()["detail"]]
+
+
+def test_nan_cfg_scale_is_422(client):
+    response = client.post("/sdapi/v1/txt2img", content=b'{"cfg_scale": NaN}',
+                           headers={"Content-Type": "application/json"})
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "cfg_scale"]
+
+
+def test_bodies_over_the_limit_are_413_before_they_are_read(client):
+    too_big = b"x" * (BODY_LIMIT + 1)
+    declared = client.post("/sdapi/v1/txt2img", content=too_big, headers={"Content-Type": "application/json"})
+    assert declared.status_code == 413
+
+    def chunks():  # no Content-Length: the limit applies to what arrives
+        for start in range(0, len(too_big), 2**16):
+            yield too_big[start:start + 2**16]
+
+    streamed = client.post("/sdapi/v1/txt2img", content=chunks(), headers={"Content-Type": "application/json"})
+    assert streamed.status_code == 413
+
+
+# ---- queue, interrupt, disconnects --------------------------------------------------------------------------------
+
+
+def test_full_queue_is_503_with_retry_after_and_interrupt_returns_what_is_done(models_dir):
+    worker = make_worker(models_dir, queue_size=1)
+    with serve(worker, ServerConfig(api_key=None, max_body_bytes=BODY_LIMIT)) as url:
+        long_result, waiting_result = [], []
+        long_job = start_long_job(url, long_result, n_iter=2)
+        wait_until(lambda: running(worker), "the long job to start")
+        progress = httpx.get(f"{url}/sdapi/v1/progress").json()
+        assert progress["state"]["job_count"] == 2 and 0 < progress["progress"] < 1
+        assert progress["state"]["sampling_steps"] == LONG_STEPS
+        wait_until(lambda: httpx.get(f"{url}/sdapi/v1/progress").json()["current_image"] is not None, "a preview")
+        preview = decode_png(httpx.get(f"{url}/sdapi/v1/progress").json()["current_image"])
+        assert preview.size == (SIZE, SIZE)  # the x0 prediction decoded
+        waiting = threading.Thread(target=lambda: waiting_result.append(httpx.post(
+            f"{url}/sdapi/v1/txt2img", json={"steps": STEPS, "seed": 9, "width": SIZE}, timeout=WAIT_S * 4)))
+        waiting.start()
+        wait_until(lambda: worker.queued() == 1, "the second request to queue")
+        refused = httpx.post(f"{url}/sdapi/v1/txt2img", json={"steps": STEPS})
+        assert refused.status_code == 503 and int(refused.headers["Retry-After"]) >= 1
+        assert httpx.post(f"{url}/sdapi/v1/interrupt").json() == {"interrupted": True}
+        long_job.join(WAIT_S)
+        waiting.join(WAIT_S)
+        status, interrupted = long_result[0]
+        info = json.loads(interrupted["info"])
+        assert status == 200 and interrupted["images"] == [] and info["interrupted"] and info["all_seeds"] == []
+        assert waiting_result[0].status_code == 200 and json.loads(waiting_result[0].json()["info"])["seed"] == 9
+        assert worker.counts["interrupted"] == 1 and worker.counts["rejected"] == 1
+
+
+def test_interrupt_keeps_the_batches_already_finished(server):
+    url, worker = server
+    results = []
+    job = start_long_job(url, results, n_iter=2, seed=50, steps=INTERRUPTED_STEPS)
+    wait_until(lambda: worker.progress(want_image=False).state.job_no == 1, "the second batch to start")
+    httpx.post(f"{url}/sdapi/v1/interrupt")
+    job.join(WAIT_S)
+    status, answer = results[0]
+    info = json.loads(answer["info"])
+    assert status == 200 and info["interrupted"] and info["all_seeds"] == [50] and len(answer["images"]) == 1
+    assert parse_parameters(info["infotexts"][0]).seed == 50
+
+
+def test_unicode_prompts_travel_in_itxt(client):
+    prompt = "un chat qui dort \u2014 \U0001f431"
+    answer = client.post("/sdapi/v1/txt2img", json={"prompt": prompt, "seed": 1, "steps": STEPS}).json()
+    assert decode_png(answer["images"][0]).text[PARAMETERS_KEYWORD].startswith(prompt + "\n")
+
+
+def test_a_client_that_hangs_up_cancels_its_work(server):
+    url, worker = server
+    before = dict(worker.counts)
+    long_result = []
+    long_job = start_long_job(url, long_result)  # runs while the next request waits in the queue
+    wait_until(lambda: running(worker), "the long job to start")
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{url}/sdapi/v1/txt2img", json={"steps": STEPS}, timeout=0.5)
+    wait_until(lambda: worker.counts["cancelled"] == before["cancelled"] + 1, "the queued request to be dropped")
+    assert worker.queued() == 0
+    httpx.post(f"{url}/sdapi/v1/interrupt")
+    long_job.join(WAIT_S)
+
+    started = time.monotonic()
+    with pytest.raises(httpx.TimeoutException):  # now the running job's client leaves
+        httpx.post(f"{url}/sdapi/v1/txt2img", json={"steps": LONG_STEPS, "seed": 2}, timeout=1.0)
+    wait_until(lambda: worker.counts["interrupted"] == before["interrupted"] + 2, "the running job to stop")
+    wait_until(lambda: worker.progress().state.job_count == 0, "the worker to be idle")
+    assert time.monotonic() - started < WAIT_S / 2  # far less than LONG_STEPS steps
+
+
+@pytest.fixture(scope="module")
+def load_test():
+    """scripts/load_test_server.py as a module."""
+    spec = importlib.util.spec_from_file_location("load_test_server", LOAD_TEST)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_small_load_test(server, load_test):
+    """scripts/load_test_server.py at a small size: 8 clients, 40 requests, every answer checked."""
+    url, worker = server
+    report = load_test.run_load_test(url, clients=8, requests=40, steps=STEPS, size=SIZE, deadline_s=300)
+    assert report["problems"] == []
+    assert report["completed"] == 40 - report["abandoned"] and report["repeated_seed_requests"] == 10
+
+
+# ---- security -----------------------------------------------------------------------------------------------------
+
+
+def test_api_key_is_required_on_the_api(models_dir):
+    worker = make_worker(models_dir)
+    with serve(worker, ServerConfig(api_key=API_KEY, max_body_bytes=BODY_LIMIT)) as url:
+        samplers = f"{url}/sdapi/v1/samplers"
+        assert httpx.get(samplers).status_code == 401
+        assert httpx.get(samplers, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(samplers, auth=("user", "wrong")).status_code == 401
+        assert httpx.get(samplers, headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+        assert httpx.get(samplers, auth=("anyone", API_KEY)).status_code == 200
+        refused = httpx.post(f"{url}/sdapi/v1/txt2img", json={"steps": STEPS})
+        assert refused.status_code == 401 and "WWW-Authenticate" in refused.headers
+        # an oversized body is refused unread either way (the body limit answers first when it is declared)
+        assert httpx.post(f"{url}/sdapi/v1/txt2img", content=b"x" * (BODY_LIMIT * 4)).status_code in (401, 413)
+        assert httpx.get(f"{url}/").status_code == 200  # the page asks for the key itself
+        api = webui(url, username="kedavra", password=API_KEY)  # A1111's --api-auth style, as webuiapi sends it
+        assert api.txt2img(prompt="x", seed=1, steps=STEPS, width=SIZE, height=SIZE).info["seed"] == 1
+
+
+def test_authorization_header_forms():
+    basic = base64.b64encode(f"user:{API_KEY}".encode()).decode()
+    assert is_authorized(f"Bearer {API_KEY}", API_KEY) and is_authorized(f"Basic {basic}", API_KEY)
+    for header in (None, "", API_KEY, f"Bearer {API_KEY}x", "Basic !!!", f"Token {API_KEY}"):
+        assert not is_authorized(header, API_KEY)
+
+
+def test_non_loopback_hosts_are_refused(client):
+    assert client.get("/sdapi/v1/samplers", headers={"Host": "evil.example:7860"}).status_code == 403
+    assert all(is_loopback(h) for h in ("localhost:7860", "127.0.0.1", "127.1.2.3:80", "[::1]:7860", "::1"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "example.com", "10.0.0.1:7860", "", "[::]:7860"))
+
+
+def test_listening_beyond_the_loopback_needs_a_key(models_dir, capsys, monkeypatch):
+    monkeypatch.delenv("KEDAVRA_API_KEY", raising=False)
+    assert main(["serve", "--host", "0.0.0.0", "--model", str(models_dir / "tiny.safetensors")]) == 2
+    assert "--api-key" in capsys.readouterr().err
+    assert server_config("0.0.0.0", API_KEY, 20).loopback_only is False
+    assert server_config("::1", None, 20).loopback_only is True
+    with pytest.raises(ValueError, match="API key"):
+        server_config("192.168.1.5", None, 20)
+
+
+def test_models_switch_only_among_listed_names(server, models_dir, client):
+    url, _ = server
+    for name in ("../tiny.safetensors", str(models_dir / "other.safetensors"), "/etc/passwd", "notes.txt"):
+        response = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": name})
+        assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "sd_model_checkpoint"]
+    api = webui(url)
+    try:
+        switched = api.set_options({"sd_model_checkpoint": "other.safetensors", "some_option": 1})
+        assert switched["ignored"] == ["some_option"]
+        assert api.util_get_current_model().startswith("other.safetensors [")
+        made = api.txt2img(prompt="x", seed=1, steps=STEPS, width=SIZE, height=SIZE)
+        assert parse_parameters(made.info["infotexts"][0]).model == "other"
+    finally:
+        api.set_options({"sd_model_checkpoint": "tiny"})
+    assert api.util_get_current_model().startswith("tiny.safetensors [")
+
+
+def test_page_and_api_description_are_served(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert 'src="app.js"' in page.text and client.get("/app.js").status_code == 200
+    assert client.get("/style.css").status_code == 200
+    assert client.get("/index.html").status_code == 404 and client.get("/static/app.js").status_code == 404
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/progress", "/sdapi/v1/interrupt"} <= set(paths)
+
+
+def test_kedavra_serve_runs_as_a_process(models_dir, load_test):
+    """The command itself: `python -m kedavra serve` answers webuiapi, and stops on SIGTERM (uvicorn shuts down,
+    then re-raises the signal, so the exit status is -SIGTERM)."""
+    port = load_test.free_port()
+    process = load_test.start_server(models_dir / "tiny.safetensors", port, queue_size=2, threads=1)
+    try:
+        result = webui(f"http://127.0.0.1:{port}").txt2img(prompt="x", seed=4, steps=STEPS, width=SIZE, height=SIZE)
+        assert result.info["all_seeds"] == [4] and result.images[0].size == (SIZE, SIZE)
+    finally:
+        process.terminate()
+        assert process.wait(WAIT_S) in (0, -signal.SIGTERM)
