@@ -27,6 +27,7 @@ Older A1111 versions folded the schedule into the sampler name ("DPM++ 2M Karras
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -254,31 +255,46 @@ def _parse_float(values: dict[str, str], key: str) -> float:
 # ---- the PNG file -----------------------------------------------------------------------------------------------
 
 
+def encode_png(image: Image.Image, params: GenerationParameters | None,
+               extra_text: dict[str, str] | None = None) -> bytes:
+    """`image` as PNG file bytes with `params` in its "parameters" chunk (None: no such chunk, as for a preview).
+
+    The text goes in a tEXt chunk, or iTXt (UTF-8) when it is not Latin-1, as Pillow's add_text and hence A1111
+    do; `extra_text` adds more text chunks ({"Software": ...}).
+    """
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
+    texts = {PARAMETERS_KEYWORD: format_parameters(params)} if params is not None else {}
+    chunks = PngImagePlugin.PngInfo()
+    for keyword, text in {**texts, **_check_extra_text(extra_text)}.items():
+        if _is_latin1(text):
+            chunks.add_text(keyword, text)
+        else:
+            chunks.add_itxt(keyword, text)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=chunks)
+    return buffer.getvalue()
+
+
 def write_png(image: Image.Image, path: str | os.PathLike, params: GenerationParameters,
               extra_text: dict[str, str] | None = None) -> Path:
     """Save `image` as a PNG with `params` in its "parameters" chunk, atomically; returns the path.
 
-    The text goes in a tEXt chunk, or iTXt (UTF-8) when it is not Latin-1, as Pillow's add_text and hence A1111
-    do; `extra_text` adds more text chunks ({"Software": ...}). The file is written beside `path` under a
-    temporary name, flushed to disk, then renamed over `path`, so `path` is never a half-written file.
+    The bytes are encode_png's. The file is written beside `path` under a temporary name, flushed to disk, then
+    renamed over `path`, so `path` is never a half-written file.
     """
     if not isinstance(image, Image.Image):
         raise ValueError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist")
-    chunks = PngImagePlugin.PngInfo()
-    for keyword, text in {PARAMETERS_KEYWORD: format_parameters(params), **_check_extra_text(extra_text)}.items():
-        if _is_latin1(text):
-            chunks.add_text(keyword, text)
-        else:
-            chunks.add_itxt(keyword, text)
+    data = encode_png(image, params, extra_text)
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     # os.open with 0o666 lets the umask set the mode, as for any new file (mkstemp would make it 0o600).
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with open(descriptor, "wb") as file:
-            image.save(file, format="PNG", pnginfo=chunks)
+            file.write(data)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)

@@ -15,7 +15,8 @@ from PIL import Image, PngImagePlugin
 from kedavra import __version__
 from kedavra.checkpoint import save_model
 from kedavra.cli import build_parser, main
-from kedavra.commands.generate import model_identity, resolve_settings
+from kedavra.commands.generate import resolve_settings
+from kedavra.generation_settings import model_identity
 from kedavra.grid import grid_shape, image_grid
 from kedavra.model import ModelConfig, StableDiffusion
 from kedavra.png_info import GenerationParameters, format_parameters, model_hash, read_parameters, read_png_text

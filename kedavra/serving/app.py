@@ -33,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 
 from kedavra import __version__
-from kedavra.commands.generate import AUTOMATIC_KARRAS, Settings
+from kedavra.generation_settings import AUTOMATIC_KARRAS, Settings, schedule_karras
 from kedavra.pipeline import MAX_SEED, MAX_SIDE, Pipeline
 from kedavra.png_info import KEDAVRA_VERSION
 from kedavra.samplers import SAMPLERS, SamplerSpec, resolve_sampler
@@ -181,13 +181,13 @@ def _echoable(value: Any) -> Any:
 # ---- requests into tasks ------------------------------------------------------------------------------------------
 
 
-def schedule_karras(scheduler: str | None, spec: SamplerSpec, karras_from_name: bool) -> bool:
+def request_karras(scheduler: str | None, spec: SamplerSpec, karras_from_name: bool) -> bool:
     """Whether a request's schedule type means Karras σ spacing (A1111's "automatic": the sampler's own)."""
     name = (scheduler or "automatic").strip().lower()
     if name not in SCHEDULERS:
         raise field_error("scheduler", f"unknown schedule type {scheduler!r}; allowed: "
                                        f"{', '.join(SCHEDULERS.values())} (or their lower-case names)", scheduler)
-    return karras_from_name or name == "karras" or (name == "automatic" and spec.name in AUTOMATIC_KARRAS)
+    return schedule_karras(SCHEDULERS[name], spec, karras_from_name)
 
 
 def build_task(body: GenerationRequest, pipe: Pipeline) -> GenerationTask:
@@ -196,7 +196,7 @@ def build_task(body: GenerationRequest, pipe: Pipeline) -> GenerationTask:
         spec, karras_from_name = resolve_sampler(body.sampler)
     except ValueError as error:
         raise field_error("sampler_name", str(error), body.sampler) from None
-    karras = schedule_karras(body.scheduler, spec, karras_from_name)
+    karras = request_karras(body.scheduler, spec, karras_from_name)
     init_images = [decode_image(text).convert("RGB") for text in getattr(body, "init_images", [])]
     width, height = request_size(body, pipe, init_images[0].size if init_images else None)
     init_images, mask, strength = img2img_inputs(body, width, height, init_images)

@@ -20,6 +20,7 @@ from typing import Annotated, Any
 from PIL import Image, ImageOps
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from kedavra.generation_settings import DEFAULT_SCHEDULES, KARRAS_SCHEDULE
 from kedavra.pipeline import MAX_SEED, MAX_SIDE
 
 MAX_STEPS = 150  # A1111's "Sampling steps" slider maximum (modules/ui.py)
@@ -36,8 +37,9 @@ A1111_INPAINT_ORIGINAL = 1  # A1111 inpainting_fill: 0 fill, 1 original, 2 laten
 # canvas): four times the largest generation size on a side.
 MAX_INPUT_PIXELS = (4 * MAX_SIDE) ** 2
 # Schedule types: A1111's /sdapi/v1/schedulers names and labels for the noise-level spacings kedavra has.
-# "automatic" is the sampler's own choice (Karras for DPM++ 2M, as in A1111), "uniform" the model's spacing.
-SCHEDULERS = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras"}
+# "automatic" is the sampler's own choice (Karras for DPM++ 2M, as in A1111), "uniform" the model's spacing:
+# {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras"}.
+SCHEDULERS = {label.lower(): label for label in (*DEFAULT_SCHEDULES, KARRAS_SCHEDULE)}
 DATA_URL_PREFIX = "data:"  # "data:image/png;base64,...." as browsers and webuiapi send images
 BASE64_MARKER = ";base64"
 

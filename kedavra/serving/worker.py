@@ -16,7 +16,6 @@ path from a request is ever opened.
 from __future__ import annotations
 
 import base64
-import io
 import math
 import statistics
 import threading
@@ -28,11 +27,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
-from kedavra.commands.generate import Settings, model_identity
+from kedavra.generation_settings import Settings, model_identity
 from kedavra.pipeline import MAX_SEED, Pipeline, from_pil, to_pil
-from kedavra.png_info import PARAMETERS_KEYWORD, SHORT_HASH_LENGTH, format_parameters, sha256_file
+from kedavra.png_info import SHORT_HASH_LENGTH, encode_png, format_parameters, sha256_file
 from kedavra.serving.schemas import ProgressResponse, ProgressState
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt")  # single-file checkpoints kedavra.checkpoint reads
@@ -173,20 +172,6 @@ class Job:
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
     timestamp: str = field(default_factory=lambda: time.strftime(JOB_TIMESTAMP_FORMAT))
-
-
-def encode_png(image: Image.Image, parameters_text: str | None = None) -> bytes:
-    """PNG bytes, with A1111's "parameters" text chunk when given (tEXt, or iTXt when not Latin-1, as write_png)."""
-    chunks = PngImagePlugin.PngInfo()
-    if parameters_text is not None:
-        try:
-            parameters_text.encode("latin-1")
-            chunks.add_text(PARAMETERS_KEYWORD, parameters_text)
-        except UnicodeEncodeError:
-            chunks.add_itxt(PARAMETERS_KEYWORD, parameters_text)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=chunks)
-    return buffer.getvalue()
 
 
 @dataclass
@@ -383,11 +368,11 @@ class Worker:
                 interrupted = True
                 break
             for image, image_seed in zip(result.images, result.seeds, strict=True):
-                text = format_parameters(settings.parameters(image_seed, settings.width, settings.height,
-                                                             model.model_name, model.short_hash))
-                images.append(encode_png(image, text))
+                params = settings.parameters(image_seed, settings.width, settings.height, model.model_name,
+                                             model.short_hash)
+                images.append(encode_png(image, params))
                 seeds.append(image_seed)
-                infotexts.append(text)
+                infotexts.append(format_parameters(params))
         return GenerationOutcome(images, seeds, infotexts, interrupted, model, job.timestamp)
 
     def _step_callback(self, job: Job, pipe: Pipeline) -> Callable:
@@ -399,7 +384,7 @@ class Worker:
                 p.step, p.steps, p.textinfo = i + 1, n, f"Sampling step {i + 1}/{n}"
                 wanted = self._preview_wanted and (p.preview is None or i + 1 - p.preview_step >= self.preview_every)
             if wanted and i + 1 < n:  # the last step's prediction is the image itself, sent in the response
-                preview = base64.b64encode(encode_png(to_pil(pipe.decode(x0[:1]))[0])).decode("ascii")
+                preview = base64.b64encode(encode_png(to_pil(pipe.decode(x0[:1]))[0], None)).decode("ascii")
                 with self._condition:
                     self._progress.preview, self._progress.preview_step = preview, i + 1
                     self._preview_wanted = False
