@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "kedavra.commands.samplers",
     "kedavra.serving.command",
     "kedavra.toy.command",
+    "kedavra.training.command",
     "kedavra.viz.command",
 )
 

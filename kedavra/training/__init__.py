@@ -1,0 +1,25 @@
+"""Training kedavra's models from scratch: the VAE, then the U-Net with its text encoder (latent diffusion's two
+stages), on a CPU or GPUs, resumable bitwise, under torchrun for several processes.
+
+    from kedavra.training import TrainConfig, train
+    train(TrainConfig(data="shapes", preset="tiny", stage="vae", steps=3000, out_dir="runs/vae"))
+    train(TrainConfig(data="shapes", stage="unet", vae="runs/vae/model.safetensors", out_dir="runs/unet"))
+
+or `kedavra train --help` (docs/training.md). Modules, one concept each:
+  config         TrainConfig: every choice of a run, validated; stage defaults; what may change on resume
+  batches        the data set checked at the door, the epoch order, the global batch; token-id cache
+  losses         the VAE objective (L1/MSE + β·KL) and the diffusion objective (ε / v, min-SNR-γ)
+  optim          AdamW and the warm-up / cosine learning-rate schedule
+  ema            the exponential moving average of the weights, with LDM's warm-up
+  stages         what each stage trains: model building, frozen parts, snapshots, the VAE's latent scale
+  checkpointing  atomic checkpoints, the `latest` link, resume checks
+  distributed    torchrun / torch.distributed setup and the collectives the loop uses
+  report         metrics.jsonl, the loss plot, sample grids
+  loop           the training loop and `train`
+  command        the `kedavra train` command
+"""
+
+from kedavra.training.config import STAGE_DEFAULTS, STAGES, TrainConfig
+from kedavra.training.loop import NonFiniteLossError, Trainer, TrainResult, train
+
+__all__ = ["STAGES", "STAGE_DEFAULTS", "NonFiniteLossError", "TrainConfig", "TrainResult", "Trainer", "train"]

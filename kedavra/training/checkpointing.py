@@ -1,0 +1,178 @@
+"""Checkpoints of a run, written so that a crash at any moment leaves the latest one whole.
+
+Layout of a run folder:
+    OUT/checkpoints/step_00001000/   one checkpoint:
+        model.safetensors              the trained weights (kedavra format: load_model reads it, config inside)
+        ema.safetensors                the EMA weights, the same format (what sampling and export use)
+        training_state.pt              optimizer, generators, data position, EMA count, counters
+        train_config.json              the TrainConfig of the run
+    OUT/latest -> checkpoints/step_00001000   a symbolic link to the newest complete checkpoint
+
+Writing: the files go into a hidden folder beside the final one; each file and the folder are fsync'ed; the
+folder is renamed into place (atomic); then a new link is made under a temporary name and renamed over
+`latest` (atomic). Until that last rename, `latest` names the previous checkpoint, complete and untouched.
+`atomic_write` does the same for single files (the exported model, plots, sample grids).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from kedavra.checkpoint import CONFIG_KEY, save_model
+from kedavra.model import ModelConfig, StableDiffusion
+from kedavra.training.config import TrainConfig, config_differences
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST = "latest"
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+STATE_FILE = "training_state.pt"
+CONFIG_FILE = "train_config.json"
+STATE_FORMAT = 1  # version of training_state.pt's layout
+PARTIAL_MARK = ".partial-"
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint holds, read back: the configs, the weights (model and EMA) and the training state."""
+
+    path: Path
+    config: TrainConfig
+    model_config: ModelConfig
+    model_state: dict[str, torch.Tensor]
+    ema_state: dict[str, torch.Tensor]
+    state: dict[str, Any]
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call write(temporary path) beside `path`, fsync the result, and rename it over `path`."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}{PARTIAL_MARK}{os.getpid()}")
+    try:
+        write(partial)
+        _fsync(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    _fsync(path.parent)
+    return path
+
+
+def save_checkpoint(run_dir: Path, step: int, model: StableDiffusion, ema_model: StableDiffusion,
+                    state: dict[str, Any], config: TrainConfig, keep: int) -> Path:
+    """Write checkpoint `step` of the run in `run_dir`, point `latest` at it, keep the newest `keep`."""
+    folder = run_dir / CHECKPOINTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / step_dir_name(step)
+    partial = folder / f".{final.name}{PARTIAL_MARK}{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    try:
+        save_model(model, partial / MODEL_FILE)
+        save_model(ema_model, partial / EMA_FILE)
+        torch.save({"format": STATE_FORMAT, **state}, partial / STATE_FILE)
+        (partial / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+        for file in partial.iterdir():
+            _fsync(file)
+        _fsync(partial)
+        if final.exists():  # left by a run that crashed after writing it but before moving `latest` onto it
+            shutil.rmtree(final)
+        os.rename(partial, final)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    _fsync(folder)
+    link = run_dir / f".{LATEST}{PARTIAL_MARK}{os.getpid()}"
+    link.unlink(missing_ok=True)
+    os.symlink(Path(CHECKPOINTS_DIR) / final.name, link)
+    os.replace(link, run_dir / LATEST)
+    _fsync(run_dir)
+    _prune(folder, keep, keep_name=final.name)
+    return final
+
+
+def remove_partials(run_dir: Path) -> None:
+    """Delete what interrupted writes left behind (hidden *.partial-PID files and folders)."""
+    for folder in (run_dir, run_dir / CHECKPOINTS_DIR):
+        if folder.is_dir():
+            for leftover in folder.glob(f".*{PARTIAL_MARK}*"):
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path | None:
+    """The checkpoint folder `path` stands for: a run folder (its `latest`), or a checkpoint folder itself.
+    None when `path` is a folder with no checkpoint yet."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    latest = path / LATEST
+    if latest.is_symlink() or latest.exists():
+        target = latest.resolve()
+        if not (target / STATE_FILE).is_file():
+            raise ValueError(f"{latest} points to {target}, which is not a complete checkpoint")
+        return target
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"resume path {str(path)!r} is a file; give a run folder or a checkpoint folder")
+    return None
+
+
+def load_checkpoint(folder: Path) -> Checkpoint:
+    """Read a checkpoint folder written by `save_checkpoint`; ValueError naming what is missing or broken."""
+    missing = [name for name in (MODEL_FILE, EMA_FILE, STATE_FILE, CONFIG_FILE) if not (folder / name).is_file()]
+    if missing:
+        raise ValueError(f"checkpoint {folder} is incomplete: no {', '.join(missing)}")
+    try:
+        config = TrainConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
+        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+        with safe_open(folder / MODEL_FILE, framework="pt") as file:
+            model_config = ModelConfig.from_dict(json.loads(file.metadata()[CONFIG_KEY]))
+        model_state = load_file(folder / MODEL_FILE)
+        ema_state = load_file(folder / EMA_FILE)
+    except (OSError, RuntimeError, KeyError, TypeError, json.JSONDecodeError, ValueError) as error:
+        raise ValueError(f"cannot read checkpoint {folder}: {error}") from error
+    if state.get("format") != STATE_FORMAT:
+        raise ValueError(f"checkpoint {folder} has training-state format {state.get('format')!r}; "
+                         f"this kedavra reads format {STATE_FORMAT}")
+    return Checkpoint(folder, config, model_config, model_state, ema_state, state)
+
+
+def check_same_run(stored: TrainConfig, new: TrainConfig, where: Path) -> None:
+    """Refuse to resume the checkpoint at `where` with a config that would change the run, naming each field."""
+    differences = config_differences(stored, new)
+    if differences:
+        listed = "; ".join(f"{name}: checkpoint {old!r}, now {value!r}" for name, (old, value) in differences.items())
+        raise ValueError(f"cannot resume {where}: its config differs in {len(differences)} field(s): {listed}. "
+                         "Resume with the checkpoint's settings (kedavra train --resume DIR alone takes them) or "
+                         "start a new run in another folder")
+
+
+def _prune(folder: Path, keep: int, keep_name: str) -> None:
+    steps = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    for old in steps[:-keep]:
+        if old.name != keep_name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's data to the disk (a folder: its entries, so a rename survives a crash)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,164 @@
+"""`kedavra train`: train the VAE, then the U-Net and text encoder, from scratch (docs/training.md).
+
+    kedavra train --data shapes --preset tiny --stage vae -o runs/vae
+    kedavra train --stage unet --vae runs/vae/model.safetensors -o runs/unet
+    kedavra train -o runs/sd                       # both stages: runs/sd/vae, then runs/sd/unet
+    kedavra train --resume runs/unet --steps 40000 # continue a run (here: longer), with its stored settings
+    torchrun --nproc_per_node=2 -m kedavra train ...   # data parallel over processes (gloo / NCCL)
+
+Flags map one to one onto TrainConfig fields. A fresh run takes the defaults for the flags not given; a resumed
+run (--resume DIR, or an output folder that already holds checkpoints) takes the stored config, and the flags
+given must agree with it except for the fields that may change on resume (kedavra.training.config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from kedavra.model import PREDICTION_TYPES, PRESETS
+from kedavra.schedule import SCHEDULE_PRESETS
+from kedavra.training.checkpointing import find_checkpoint
+from kedavra.training.config import LR_SCHEDULES, PRECISIONS, RECON_LOSSES, STAGE_DEFAULTS, STAGES, TrainConfig
+from kedavra.training.loop import RUN_CONFIG_FILE, train
+
+DEFAULTS = TrainConfig()  # a stage-"all" config: the defaults of every field that has one
+
+
+def _optional_float(text: str) -> float | None:
+    """A float, or None for "none" / 0 (to switch the option off)."""
+    if text.lower() == "none":
+        return None
+    value = float(text)
+    return None if value == 0 else value
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train the VAE and the text-to-image U-Net (with its text encoder) from scratch",
+        description="Train latent diffusion from scratch: the VAE (stage vae), then the U-Net and the CLIP text "
+        "encoder on the frozen VAE's latents (stage unet), or both (stage all). Checkpoints are atomic and a run "
+        "resumes exactly where it stopped; under torchrun it trains data-parallel. See docs/training.md.",
+    )
+    add = parser.add_argument
+    s = argparse.SUPPRESS  # flags not given stay absent, so a resumed run keeps its stored values
+    vae_d, unet_d = STAGE_DEFAULTS["vae"], STAGE_DEFAULTS["unet"]
+    add("--data", default=s, help=f"data set: shapes, emoji, digits, or a folder of captioned images "
+        f"(default {DEFAULTS.data})")
+    add("--image-size", type=int, default=s, help=f"training image side in pixels (default {DEFAULTS.image_size})")
+    add("--preset", choices=[p for p in PRESETS if not PRESETS[p].inpainting], default=s,
+        help=f"model preset (default {DEFAULTS.preset})")
+    add("--stage", choices=STAGES, default=s, help=f"what to train (default {DEFAULTS.stage}): vae; unet (needs "
+        "--vae); all = vae into OUT/vae, then unet into OUT/unet")
+    add("--vae", default=s, help="stage unet: the trained VAE (model.safetensors of a vae run, or its folder)")
+    add("--steps", type=int, default=s, help=f"optimizer steps (stage all: of the unet stage; default vae "
+        f"{vae_d.steps}, unet {unet_d.steps})")
+    add("--vae-steps", type=int, default=s, help=f"stage all: steps of the vae stage (default {vae_d.steps})")
+    add("--batch-size", type=int, default=s, help=f"global batch per optimizer step (default vae {vae_d.batch_size}, "
+        f"unet {unet_d.batch_size})")
+    add("--lr", type=float, default=s, help=f"peak learning rate (default vae {vae_d.lr}, unet {unet_d.lr})")
+    add("--warmup-steps", type=int, default=s, help=f"linear warm-up steps (default vae {vae_d.warmup_steps}, unet "
+        f"{unet_d.warmup_steps})")
+    add("--lr-schedule", choices=LR_SCHEDULES, default=s, help=f"after warm-up (default {DEFAULTS.lr_schedule})")
+    add("--min-lr-ratio", type=float, default=s, help=f"cosine: final lr / peak lr (default {DEFAULTS.min_lr_ratio})")
+    add("--weight-decay", type=float, default=s, help=f"AdamW weight decay (default {DEFAULTS.weight_decay})")
+    add("--grad-clip", type=_optional_float, default=s, help=f"max gradient norm, none or 0 to switch off "
+        f"(default {DEFAULTS.grad_clip})")
+    add("--accumulation", type=int, default=s, help=f"micro-steps per optimizer step (default {DEFAULTS.accumulation})")
+    add("--ema-decay", type=float, default=s, help=f"EMA decay, warmed up (default {DEFAULTS.ema_decay})")
+    add("--prediction-type", choices=PREDICTION_TYPES, default=s,
+        help="what the U-Net predicts (default: the preset's)")
+    add("--schedule", choices=list(SCHEDULE_PRESETS), default=s, help="noise schedule (default: the preset's, sd)")
+    add("--min-snr-gamma", type=_optional_float, default=s, help=f"min-SNR-γ loss weighting, none or 0 for plain "
+        f"MSE (default {DEFAULTS.min_snr_gamma})")
+    add("--caption-dropout", type=float, default=s, help=f"share of empty captions, for classifier-free guidance "
+        f"(default {DEFAULTS.caption_dropout})")
+    add("--recon-loss", choices=RECON_LOSSES, default=s,
+        help=f"VAE reconstruction loss (default {DEFAULTS.recon_loss})")
+    add("--kl-weight", type=float, default=s, help=f"VAE KL weight β (default {DEFAULTS.kl_weight})")
+    add("--precision", choices=PRECISIONS, default=s, help=f"autocast precision (default {DEFAULTS.precision})")
+    add("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=s,
+        help="recompute U-Net blocks in the backward pass (less memory, slower; default off)")
+    add("--latent-cache", action=argparse.BooleanOptionalAction, default=s,
+        help="encode the data set's VAE posteriors once instead of every batch (default on)")
+    add("--seed", type=int, default=s, help=f"seed of the run (default {DEFAULTS.seed})")
+    add("--sample-interval", type=int, default=s, help=f"steps between sample grids (and one at the end), 0 = none "
+        f"(default {DEFAULTS.sample_interval})")
+    add("--checkpoint-interval", type=int, default=s, help=f"steps between checkpoints, 0 = only at the end "
+        f"(default {DEFAULTS.checkpoint_interval})")
+    add("--log-interval", type=int, default=s, help=f"steps between metrics.jsonl lines (default "
+        f"{DEFAULTS.log_interval})")
+    add("--keep-checkpoints", type=int, default=s, help=f"newest checkpoints kept (default "
+        f"{DEFAULTS.keep_checkpoints})")
+    add("--max-nonfinite", type=int, default=s, help=f"stop after this many consecutive non-finite steps (default "
+        f"{DEFAULTS.max_nonfinite})")
+    add("--sample-prompt", dest="sample_prompts", action="append", default=s,
+        help="a prompt of the sample grids (repeat the flag; default: the first distinct captions of the data)")
+    add("-o", "--out-dir", default=s, help=f"run folder (default {DEFAULTS.out_dir})")
+    add("--resume", metavar="DIR", help="continue the run in DIR with its stored settings (an output folder that "
+        "holds checkpoints is resumed without it too)")
+    add("--stop-after", type=int, metavar="STEP", help="stop with a checkpoint once STEP steps are done "
+        "(resume later)")
+    add("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when present; under torchrun the rank's GPU)")
+    add("--threads", type=int, help="CPU threads for torch (default: torch's, one per core)")
+    add("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's TrainConfig: the flags given over the stored config (--resume) or over the defaults."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {name: value for name, value in vars(args).items() if name in fields}
+    if "sample_prompts" in given:
+        given["sample_prompts"] = tuple(given["sample_prompts"])
+    if args.resume is None:
+        return TrainConfig(**given)
+    stored_path = Path(args.resume) / RUN_CONFIG_FILE
+    if not stored_path.is_file():  # a stage folder of an "all" run: its latest checkpoint holds the config
+        checkpoint = find_checkpoint(args.resume) if Path(args.resume).is_dir() else None
+        if checkpoint is None:
+            raise ValueError(f"--resume {args.resume}: no {RUN_CONFIG_FILE} or checkpoint there; give the folder of "
+                             "a kedavra train run")
+        stored_path = checkpoint / RUN_CONFIG_FILE
+    if "out_dir" in given and Path(given["out_dir"]) != Path(args.resume):
+        raise ValueError(f"--resume {args.resume} continues that folder; -o {given['out_dir']} names another")
+    try:
+        stored = TrainConfig.from_dict(json.loads(stored_path.read_text()))
+    except (json.JSONDecodeError, TypeError) as error:
+        raise ValueError(f"cannot read {stored_path}: {error}") from error
+    return dataclasses.replace(stored, **given, out_dir=str(args.resume))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ValueError(f"--stop-after must be >= 1, got {args.stop_after}")
+    config = config_from_args(args)
+    results = train(config, device=args.device, stop_after=args.stop_after, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return 0
+    for result in results:
+        finite = [x for x in result.losses[-50:] if math.isfinite(x)]
+        loss = f"{sum(finite) / len(finite):.4g}" if finite else "n/a"
+        state = "finished" if result.finished else "stopped"
+        print(f"{result.run_dir}: {state} at step {result.step}; loss (last {len(finite)} steps) {loss}; "
+              f"{result.images_per_s:.1f} images/s; {result.skipped} skipped steps")
+        if result.checkpoint is not None:
+            print(f"  checkpoint: {result.checkpoint}")
+        if result.model_path is not None:
+            print(f"  model (EMA weights): {result.model_path}")
+    return 0

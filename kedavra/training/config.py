@@ -1,0 +1,250 @@
+"""`TrainConfig`: every choice that shapes a training run, validated, stored inside every checkpoint.
+
+Two stages, as latent diffusion trains them (Rombach et al. 2022, sec. 3):
+    vae   the KL autoencoder alone: reconstruction + β·KL (kedavra.training.losses)
+    unet  the U-Net and the CLIP text encoder, jointly, through the diffusion loss on the latents of a frozen,
+          trained VAE (`vae` names its checkpoint)
+    all   vae, then unet on the VAE just trained (sub-folders OUT/vae and OUT/unet)
+
+Fields left as None take the stage's default from `STAGE_DEFAULTS` when the config is built (for stage "all",
+when each stage's own config is made), so a stored config always holds the values the run used. Runtime choices
+that do not change the result (device, progress bar) are arguments of `train`, not fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from kedavra.model import PREDICTION_TYPES, PRESETS
+from kedavra.schedule import SCHEDULE_PRESETS
+
+STAGES = ("vae", "unet", "all")
+PRECISIONS = ("fp32", "bf16")  # bf16: autocast around the forward pass, fp32 master weights and optimizer state
+RECON_LOSSES = ("l1", "mse")
+LR_SCHEDULES = ("constant", "cosine")
+MAX_SEED = 2**32 - 1  # 32-bit seeds, as kedavra.pipeline takes them
+
+
+@dataclass(frozen=True)
+class StageDefaults:
+    """What a stage uses when the config leaves the field as None (measured on "shapes", tiny, 32 px: see
+    docs/training.md)."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+
+
+STAGE_DEFAULTS = {
+    "vae": StageDefaults(steps=3000, batch_size=32, lr=4e-4, warmup_steps=100),
+    "unet": StageDefaults(steps=20000, batch_size=64, lr=4e-4, warmup_steps=500),
+}
+# Fields that may change when a run is resumed: they do not alter the steps already taken. `steps` may change
+# (train longer) only under the constant schedule, where the learning rate does not depend on it.
+RESUMABLE_FIELDS = ("out_dir", "sample_interval", "checkpoint_interval", "log_interval", "keep_checkpoints")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. `batch_size` is the global batch of one optimizer step: split over
+    `accumulation` micro-steps and over the processes of a torchrun launch.
+
+    data             kedavra.data name ("shapes", "emoji", "digits") or an image folder
+    image_size       side of the training images in pixels
+    preset           kedavra.model preset the components are built from ("tiny", ...)
+    stage            "vae", "unet" or "all" (module docstring)
+    vae              kedavra checkpoint whose VAE the unet stage uses (required for stage "unet")
+    steps            optimizer steps (for "all": of the unet stage); vae_steps: of the vae stage of "all"
+    lr, warmup_steps peak AdamW learning rate, reached linearly over warmup_steps
+    lr_schedule      "constant" after warm-up, or "cosine" decay to min_lr_ratio * lr at the last step
+    weight_decay     AdamW's decoupled weight decay (Loshchilov and Hutter 2019)
+    grad_clip        max global gradient norm (None: no clipping; the norm is still logged)
+    accumulation     micro-steps per optimizer step
+    ema_decay        EMA decay, warmed up as min(decay, (1 + n) / (10 + n)) after n updates
+    prediction_type  "eps" or "v" (None: the preset's); schedule: a kedavra.schedule preset (None: the preset's)
+    min_snr_gamma    γ of min-SNR-γ loss weighting (Hang et al. 2023); None for the plain MSE
+    caption_dropout  probability of training on the empty caption (classifier-free guidance, Ho and Salimans 2022)
+    recon_loss       the VAE's reconstruction loss, "l1" or "mse"; kl_weight: β on the KL term
+    precision        "fp32" or "bf16" autocast
+    gradient_checkpointing  recompute the U-Net's blocks in the backward pass (memory for time)
+    latent_cache     unet stage: encode the data set's posteriors once per run instead of every batch
+    seed             seed of the initial weights and of every random draw of the run
+    sample_interval  optimizer steps between sample grids, and one at the end (0: no sample grids)
+    checkpoint_interval, log_interval  optimizer steps between checkpoints (0: only at the end) and log lines
+    keep_checkpoints how many step checkpoints to keep (the newest)
+    max_nonfinite    stop with an error after this many consecutive steps with a non-finite loss or gradient
+    sample_prompts   prompts of the sample grids (empty: the first distinct captions of the data)
+    out_dir          where checkpoints, samples, metrics.jsonl and the loss plot go
+    """
+
+    data: str = "shapes"
+    image_size: int = 32
+    preset: str = "tiny"
+    stage: str = "all"
+    vae: str | None = None
+    steps: int | None = None
+    vae_steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    warmup_steps: int | None = None
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float | None = 1.0
+    accumulation: int = 1
+    ema_decay: float = 0.999
+    prediction_type: str | None = None
+    schedule: str | None = None
+    min_snr_gamma: float | None = 5.0  # Hang et al. 2023, sec. 4: γ = 5 works best across their settings
+    caption_dropout: float = 0.1
+    recon_loss: str = "l1"
+    kl_weight: float = 1e-6  # LDM's KL-f autoencoders (ldm/configs/autoencoder/*.yaml kl_weight: 0.000001)
+    precision: str = "bf16"
+    gradient_checkpointing: bool = False
+    latent_cache: bool = True
+    seed: int = 0
+    sample_interval: int = 1000
+    checkpoint_interval: int = 500
+    log_interval: int = 10
+    keep_checkpoints: int = 3
+    max_nonfinite: int = 20
+    sample_prompts: tuple[str, ...] = ()
+    out_dir: str = "runs/train"
+
+    def __post_init__(self):
+        if isinstance(self.sample_prompts, list):  # lists arrive from JSON
+            object.__setattr__(self, "sample_prompts", tuple(self.sample_prompts))
+        _check_choice("stage", self.stage, STAGES)
+        if self.stage == "all":  # each stage's run fills in its own defaults (kedavra.training.loop.stage_configs)
+            if self.vae_steps is None:
+                object.__setattr__(self, "vae_steps", STAGE_DEFAULTS["vae"].steps)
+            if self.steps is None:
+                object.__setattr__(self, "steps", STAGE_DEFAULTS["unet"].steps)
+        else:
+            for name in ("steps", "batch_size", "lr", "warmup_steps"):
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, getattr(STAGE_DEFAULTS[self.stage], name))
+        self._validate()
+
+    def _validate(self) -> None:
+        if not isinstance(self.data, str) or not self.data:
+            raise ValueError(f"data must be a data set name or folder, got {self.data!r}")
+        _check_choice("preset", self.preset, tuple(PRESETS))
+        model = PRESETS[self.preset]
+        if model.inpainting:
+            raise ValueError(f"preset {self.preset!r} is an inpainting model; training supports text-to-image presets")
+        multiple = model.vae.downsample_factor * model.unet.downsample_factor
+        _check_int("image_size", self.image_size, multiple)
+        if self.image_size % multiple:
+            raise ValueError(f"image_size must be a multiple of {multiple} for preset {self.preset!r}, "
+                             f"got {self.image_size}")
+        if self.stage == "unet" and not self.vae:
+            raise ValueError("stage 'unet' needs `vae`: the checkpoint of a trained VAE (kedavra train --stage vae)")
+        if self.vae is not None and (not isinstance(self.vae, str) or self.stage != "unet"):
+            raise ValueError(f"vae names the trained VAE of stage 'unet' (stage 'all' trains its own); "
+                             f"stage {self.stage!r} got vae={self.vae!r}")
+        for name in ("steps", "accumulation", "max_nonfinite", "keep_checkpoints", "log_interval"):
+            _check_int(name, getattr(self, name), 1)
+        if self.stage == "all":
+            _check_int("vae_steps", self.vae_steps, 1)
+        elif self.vae_steps is not None:
+            raise ValueError(f"vae_steps is for stage 'all'; stage {self.stage!r} uses steps, got {self.vae_steps!r}")
+        for name in ("seed", "sample_interval", "checkpoint_interval"):
+            _check_int(name, getattr(self, name), 0)
+        if self.seed > MAX_SEED:
+            raise ValueError(f"seed must be an integer from 0 to {MAX_SEED}, got {self.seed}")
+        # None only for stage "all" (its stages' defaults); every stage's own config holds values
+        if self.batch_size is not None:
+            _check_int("batch_size", self.batch_size, 1)
+            if self.batch_size % self.accumulation:
+                raise ValueError(f"batch_size {self.batch_size} must be a multiple of accumulation {self.accumulation}")
+        if self.warmup_steps is not None:
+            _check_int("warmup_steps", self.warmup_steps, 0)
+        if self.lr is not None:
+            _check_float("lr", self.lr, 0.0, 1.0, low_open=True)
+        _check_float("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        _check_float("weight_decay", self.weight_decay, 0.0, 1.0)
+        _check_float("ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
+        _check_float("caption_dropout", self.caption_dropout, 0.0, 1.0, high_open=True)
+        _check_float("kl_weight", self.kl_weight, 0.0, math.inf, high_open=True)
+        if self.grad_clip is not None:
+            _check_float("grad_clip", self.grad_clip, 0.0, math.inf, low_open=True, high_open=True)
+        if self.min_snr_gamma is not None:
+            _check_float("min_snr_gamma", self.min_snr_gamma, 0.0, math.inf, low_open=True, high_open=True)
+        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_choice("recon_loss", self.recon_loss, RECON_LOSSES)
+        _check_choice("precision", self.precision, PRECISIONS)
+        if self.prediction_type is not None:
+            _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        if self.schedule is not None:
+            _check_choice("schedule", self.schedule, tuple(SCHEDULE_PRESETS))
+        if SCHEDULE_PRESETS[self.schedule_name].zero_terminal_snr and self.model_config_prediction == "eps":
+            raise ValueError(f"schedule {self.schedule_name!r} has zero terminal SNR, where ε-prediction is "
+                             "undefined (x_T holds no signal; Lin et al. 2023, sec. 3.2): use prediction_type 'v'")
+        for name in ("gradient_checkpointing", "latent_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not all(isinstance(p, str) for p in self.sample_prompts):
+            raise ValueError(f"sample_prompts must be strings, got {self.sample_prompts!r}")
+        if not isinstance(self.out_dir, str) or not self.out_dir:
+            raise ValueError(f"out_dir must be a non-empty path, got {self.out_dir!r}")
+
+    @property
+    def schedule_name(self) -> str:
+        """The noise schedule preset this run uses (the model preset's when `schedule` is None)."""
+        if self.schedule is not None:
+            return self.schedule
+        preset = PRESETS[self.preset].schedule
+        return next(name for name, s in SCHEDULE_PRESETS.items() if s == preset)
+
+    @property
+    def model_config_prediction(self) -> str:
+        return self.prediction_type or PRESETS[self.preset].prediction_type
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Rebuild from `to_dict` output (or its JSON round trip); unknown keys are an error."""
+        if not isinstance(data, dict):
+            raise ValueError(f"TrainConfig.from_dict needs a dict, got {type(data).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {unknown}; allowed: {sorted(fields)}")
+        return cls(**data)
+
+
+def config_differences(stored: TrainConfig, new: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """Fields whose change would make a resumed run differ from the stored one: name -> (stored, new)."""
+    allowed = set(RESUMABLE_FIELDS)
+    if stored.lr_schedule == "constant":
+        allowed.add("steps")
+    return {
+        f.name: (getattr(stored, f.name), getattr(new, f.name))
+        for f in dataclasses.fields(TrainConfig)
+        if f.name not in allowed and getattr(stored, f.name) != getattr(new, f.name)
+    }
+
+
+def _check_choice(name: str, value, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_float(name: str, value, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        bounds = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a finite number in {bounds}, got {value!r}")

@@ -1,0 +1,491 @@
+"""The training loop: `train(config)` runs a stage (or both), resumes exactly, and runs under torchrun.
+
+One optimizer step on the global batch of B = batch_size items:
+  1. the items at the sampler's position (kedavra.training.batches), and every random number of the step drawn
+     for all B rows from the run's one generator, in a fixed order: vae stage, the posterior's ε; unet stage,
+     t ~ U{0..T-1}, the noise ε, the caption-dropout coins, the posterior's ε
+  2. the batch split into `accumulation` micro-batches, each split over the processes; each process takes its
+     rows of the items and of the draws, and back-propagates mean-loss / accumulation (DDP averages over ranks)
+  3. the loss summed over the processes; the gradient norm, clipped; a non-finite loss or norm skips the step
+     (no optimizer or EMA update, counted, logged; `max_nonfinite` in a row stop the run with an error)
+  4. learning rate for the step (kedavra.training.optim), AdamW, EMA update
+So the result depends on the global batch, not on how it is split (up to float rounding), and a run resumed
+from a checkpoint continues bitwise: weights, optimizer, EMA, the generator, the data position and the forked
+global RNG (which only dropout would use) are all restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from kedavra.checkpoint import save_model
+from kedavra.forward_process import add_noise, training_target
+from kedavra.model import StableDiffusion
+from kedavra.training import checkpointing, report
+from kedavra.training.batches import DataPosition, TokenCache, TrainingData, open_dataset
+from kedavra.training.config import TrainConfig
+from kedavra.training.distributed import Distributed, close_distributed, init_distributed
+from kedavra.training.ema import EMA
+from kedavra.training.losses import DiffusionObjective, VAEObjective, diffusion_loss, min_snr_weight
+from kedavra.training.optim import learning_rate, make_optimizer, set_learning_rate
+from kedavra.training.stages import (
+    SCALE_PROBE_ITEMS,
+    build_model,
+    freeze_untrained,
+    latent_scale,
+    model_from_state,
+    stream_seed,
+    trained_parameters,
+    with_latent_scale,
+)
+
+EXPORT_FILE = "model.safetensors"  # the finished run's EMA model, for `kedavra generate --model`
+RUN_CONFIG_FILE = checkpointing.CONFIG_FILE  # OUT/train_config.json, beside the checkpoints
+CACHE_CHUNK = 128  # images per VAE encoder call when the latent cache is filled
+RECONSTRUCTION_ITEMS = 8  # originals shown in the vae stage's reconstruction grids
+
+
+class NonFiniteLossError(ValueError):
+    """Training stopped: too many consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclass
+class TrainResult:
+    """What a stage's run did in this call: the steps it took and their global mean losses (NaN for skipped
+    steps), the final step reached, where things were written."""
+
+    run_dir: Path
+    step: int
+    losses: list[float]
+    skipped: int
+    finished: bool  # reached config.steps (False: stopped early by stop_after or Ctrl-C)
+    checkpoint: Path | None
+    model_path: Path | None  # the exported EMA model, once finished
+    seconds: float  # training time of this call, sampling and checkpoints excluded
+    images_per_s: float
+
+
+def stage_configs(config: TrainConfig) -> list[TrainConfig]:
+    """The runs `config` stands for: itself, or for stage "all" a vae run in OUT/vae and a unet run in OUT/unet
+    on that VAE (fields left None take each stage's defaults)."""
+    if config.stage != "all":
+        return [config]
+    out = Path(config.out_dir)
+    vae = dataclasses.replace(config, stage="vae", steps=config.vae_steps, vae_steps=None, out_dir=str(out / "vae"))
+    unet = dataclasses.replace(config, stage="unet", vae_steps=None, vae=str(out / "vae" / EXPORT_FILE),
+                               out_dir=str(out / "unet"))
+    return [vae, unet]
+
+
+def train(config: TrainConfig, *, dataset=None, device: str | torch.device | None = None, resume: bool = True,
+          stop_after: int | None = None, progress: bool = False) -> list[TrainResult]:
+    """Run the stage(s) of `config`; one TrainResult per stage run.
+
+    dataset: a map-style data set of {"image", "caption"} items (default: kedavra.data's `config.data`).
+    device: "cpu", "cuda", ... (default: CUDA when present; under torchrun the rank's GPU).
+    resume: continue from OUT_DIR/latest when it exists (its config must match, see checkpointing.check_same_run);
+        False refuses to touch a folder that holds checkpoints.
+    stop_after: stop (with a checkpoint) once this many steps are done: an interruption on purpose.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"train needs a TrainConfig, got {type(config).__name__}")
+    context = init_distributed(device)
+    try:
+        results = []
+        for i, stage_config in enumerate(stage_configs(config)):
+            trainer = Trainer(stage_config, context, dataset=dataset, resume=resume, progress=progress)
+            if i == 0 and context.is_main:  # once the Trainer has accepted the folder (resume checks passed)
+                _write_run_config(config)
+            results.append(trainer.run(stop_after))
+            if not results[-1].finished:
+                break
+        return results
+    finally:
+        close_distributed(context)
+
+
+def _write_run_config(config: TrainConfig) -> None:
+    """OUT/train_config.json: the config of the whole run, which `kedavra train --resume OUT` starts from."""
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(config.to_dict(), indent=1) + "\n"
+    checkpointing.atomic_write(out / RUN_CONFIG_FILE, lambda partial: partial.write_text(text))
+
+
+class Trainer:
+    """One stage's run; see the module docstring for a step."""
+
+    def __init__(self, config: TrainConfig, context: Distributed, *, dataset=None, resume: bool = True,
+                 progress: bool = False):
+        self.config = config
+        self.context = context
+        self.device = context.device
+        self.progress = progress
+        self.run_dir = Path(config.out_dir)
+        micro = context.world_size * config.accumulation
+        if config.batch_size % micro:
+            raise ValueError(f"batch_size {config.batch_size} must be a multiple of accumulation x processes = "
+                             f"{config.accumulation} x {context.world_size} = {micro}")
+        self.micro_size = config.batch_size // micro
+        checkpoint = self._find_checkpoint(resume)
+        data_source = dataset if dataset is not None else open_dataset(config.data, config.image_size, config.seed)
+        self.data = TrainingData(data_source, config.image_size, config.batch_size, config.seed)
+
+        if checkpoint is not None:
+            model = model_from_state(checkpoint.model_config, checkpoint.model_state)
+        else:
+            model = build_model(config)
+        self.model: StableDiffusion = model.to(self.device)
+        freeze_untrained(self.model, config.stage)
+        self.params = trained_parameters(self.model, config.stage)
+        if config.stage == "vae":
+            self.objective = VAEObjective(self.model.vae, config.recon_loss, config.kl_weight)
+        else:
+            self.model.unet.enable_gradient_checkpointing(config.gradient_checkpointing)
+            self.objective = DiffusionObjective(self.model.text_encoder, self.model.unet)
+            self.tokens = TokenCache(self.model.tokenizer)
+            self.alpha_bar = self.model.config.schedule.alpha_bar.float()  # (T,) ᾱ_t, DDPM eq. 4
+        if context.active:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.network = DistributedDataParallel(self.objective, device_ids=device_ids)
+        else:
+            self.network = self.objective
+        self.optimizer = make_optimizer(self.params.values(), config.lr, config.weight_decay, self.device)
+        self.ema = EMA(self.params, config.ema_decay)
+        self.generator = torch.Generator().manual_seed(stream_seed(config.seed, "draws"))
+        self.global_rng = torch.Generator().manual_seed(stream_seed(config.seed, "global")).get_state()
+        self.step = 0
+        self.position = DataPosition()
+        self.skipped = 0
+        self.consecutive_nonfinite = 0
+        self.train_seconds = 0.0
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        self.resumed_from = checkpoint.path if checkpoint is not None else None
+        self._snapshot_step, self._snapshot_models = None, None
+        self.latents = self._fill_latent_cache() if config.stage == "unet" and config.latent_cache else None
+
+    # ---- setup -----------------------------------------------------------------------------------------
+
+    def _find_checkpoint(self, resume: bool):
+        found = checkpointing.find_checkpoint(self.run_dir) if self.run_dir.exists() else None
+        if found is None:
+            return None
+        if not resume:
+            raise ValueError(f"{self.run_dir} already holds checkpoints ({found.name}); resume it or choose another "
+                             "output folder")
+        checkpoint = checkpointing.load_checkpoint(found)
+        checkpointing.check_same_run(checkpoint.config, self.config, found)
+        return checkpoint
+
+    def _restore(self, checkpoint) -> None:
+        state = checkpoint.state
+        if state["data_size"] != self.data.size:
+            raise ValueError(f"cannot resume {checkpoint.path}: its data set had {state['data_size']} items, this one "
+                             f"has {self.data.size}; the run would not continue on the same data order")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.ema.load_state_dict({k: v.to(self.device) for k, v in checkpoint.ema_state.items() if k in self.params},
+                                 state["ema_updates"])
+        self.generator.set_state(state["generator"])
+        self.global_rng = state["global_rng"]
+        self.step = state["step"]
+        self.position = DataPosition(state["epoch"], state["batch"])
+        self.skipped = state["skipped"]
+        self.consecutive_nonfinite = state["consecutive_nonfinite"]
+        self.train_seconds = state["train_seconds"]
+
+    @torch.no_grad()
+    def _fill_latent_cache(self) -> tuple[Tensor, Tensor]:
+        """The frozen VAE's posterior (mean, std) of every item, each (N, C, h, w): encoded once, sampled every
+        step with fresh ε (the same distribution as encoding each batch, at a fraction of the cost)."""
+        vae = self.model.vae
+        means, stds = [], []
+        starts = range(0, self.data.size, CACHE_CHUNK)
+        show = self.progress and self.context.is_main
+        for start in tqdm(starts, desc="encoding latents", unit="chunk", disable=not show, dynamic_ncols=True):
+            indices = range(start, min(start + CACHE_CHUNK, self.data.size))
+            images = self.data.images(indices).to(self.device)
+            self.data.captions(indices)
+            with self._autocast():
+                posterior = vae.encode(images)
+            means.append(posterior.mean.float())
+            stds.append(posterior.std.float())
+        return torch.cat(means), torch.cat(stds)
+
+    def _autocast(self):
+        if self.config.precision != "bf16":
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
+        if self.device.type == "cpu":  # measured: CPU flash attention's bf16 backward is 2x slower than the math path
+            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        return stack
+
+    # ---- one step --------------------------------------------------------------------------------------
+
+    def _draws(self, batch: int) -> dict[str, Tensor]:
+        """Every random number of one global batch, in a fixed order (module docstring, step 1)."""
+        model, g = self.model.config, self.generator
+        f = model.vae.downsample_factor
+        latent_shape = (batch, model.vae.latent_channels, self.config.image_size // f, self.config.image_size // f)
+        if self.config.stage == "vae":
+            return {"posterior": torch.randn(latent_shape, generator=g)}
+        return {
+            "t": torch.randint(0, model.schedule.num_train_timesteps, (batch,), generator=g),
+            "noise": torch.randn(latent_shape, generator=g),
+            "drop": torch.rand(batch, generator=g) < self.config.caption_dropout,
+            "posterior": torch.randn(latent_shape, generator=g),
+        }
+
+    def _micro_loss(self, indices: Tensor, draws: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-sample (loss, recon, kl) of one micro-batch; recon and kl are zeros for the unet stage."""
+        device = self.device
+        if self.config.stage == "vae":
+            images = self.data.images(indices).to(device)
+            with self._autocast():
+                return self.network(images, draws["posterior"].to(device))
+        if self.latents is not None:
+            mean, std = (cached[indices].to(device) for cached in self.latents)
+        else:
+            with torch.no_grad(), self._autocast():
+                posterior = self.model.vae.encode(self.data.images(indices).to(device))
+            mean, std = posterior.mean.float(), posterior.std.float()
+        latents = (mean + std * draws["posterior"].to(device)) * self.model.config.vae.scaling_factor
+        noise = draws["noise"].to(device)
+        alpha_bar = self.alpha_bar[draws["t"]].to(device)  # (B,)
+        x_t = add_noise(latents, noise, alpha_bar)  # DDPM eq. 4
+        prediction_type = self.model.config.prediction_type
+        target = training_target(noise, latents, alpha_bar, prediction_type)
+        captions = ["" if drop else c for c, drop in zip(self.data.captions(indices), draws["drop"], strict=True)]
+        with self._autocast():
+            prediction = self.network(x_t, draws["t"].to(device), self.tokens(captions).to(device))
+        gamma = self.config.min_snr_gamma
+        weights = min_snr_weight(alpha_bar, gamma, prediction_type) if gamma is not None else None
+        loss = diffusion_loss(prediction, target, weights)
+        zeros = torch.zeros_like(loss)
+        return loss, zeros, zeros
+
+    def _train_step(self) -> tuple[float, dict[str, float]]:
+        """One optimizer step; returns (global mean loss, other metrics). Skips the update if not finite."""
+        config, context = self.config, self.context
+        indices = self.data.indices(self.position)
+        draws = self._draws(config.batch_size)
+        sums = torch.zeros(3, dtype=torch.float64)  # loss, recon, kl summed over this process's rows
+        for k in range(config.accumulation):
+            start = (k * context.world_size + context.rank) * self.micro_size
+            rows = slice(start, start + self.micro_size)
+            last = k == config.accumulation - 1
+            sync = self.network.no_sync() if context.active and not last else contextlib.nullcontext()
+            with sync:
+                loss, recon, kl = self._micro_loss(indices[rows], {name: d[rows] for name, d in draws.items()})
+                (loss.mean() / config.accumulation).backward()
+            sums += torch.stack([loss.detach().sum(), recon.detach().sum(), kl.detach().sum()]).double().cpu()
+        totals = context.sum(sums) / config.batch_size
+        limit = config.grad_clip if config.grad_clip is not None else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), limit))
+        loss_value = float(totals[0])
+        metrics = {"lr": learning_rate(self.step, lr=config.lr, warmup_steps=config.warmup_steps,
+                                       total_steps=config.steps, schedule=config.lr_schedule,
+                                       min_lr_ratio=config.min_lr_ratio),
+                   "grad_norm": grad_norm, "recon": float(totals[1]), "kl": float(totals[2])}
+        if math.isfinite(loss_value) and math.isfinite(grad_norm):
+            set_learning_rate(self.optimizer, metrics["lr"])
+            self.optimizer.step()
+            metrics["ema_decay"] = self.ema.update()
+            self.consecutive_nonfinite = 0
+        else:
+            self.skipped += 1
+            self.consecutive_nonfinite += 1
+            loss_value = math.nan
+        self.optimizer.zero_grad(set_to_none=True)
+        self.position = self.position.advanced(self.data.batches_per_epoch)
+        self.step += 1
+        return loss_value, metrics
+
+    # ---- the run ---------------------------------------------------------------------------------------
+
+    def run(self, stop_after: int | None = None) -> TrainResult:
+        config, context = self.config, self.context
+        if context.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            checkpointing.remove_partials(self.run_dir)
+            self.metrics = report.MetricsLog(self.run_dir, self.step if self.resumed_from else None)
+        self.prompts = (list(config.sample_prompts) or self.data.sample_prompts()) if context.is_main else []
+        end = config.steps if stop_after is None else min(config.steps, stop_after)
+        losses: list[float] = []
+        seconds_at_start = self.train_seconds
+        last_checkpoint = self.resumed_from
+        interval = report.Interval(config.kl_weight if config.stage == "vae" else None, config.image_size)
+        devices = [self.device] if self.device.type == "cuda" else []
+        bar = tqdm(total=config.steps, initial=self.step, desc=f"train {config.stage}", unit="step",
+                   disable=not (self.progress and context.is_main), dynamic_ncols=True)
+        with torch.random.fork_rng(devices=devices), _GracefulStop() as stop:
+            torch.set_rng_state(self.global_rng)
+            try:
+                while self.step < end:
+                    started = time.perf_counter()
+                    loss, metrics = self._train_step()
+                    elapsed = time.perf_counter() - started
+                    self.train_seconds += elapsed
+                    losses.append(loss)
+                    interval.add(loss, metrics, elapsed, config.batch_size)
+                    bar.update(1)
+                    if self.consecutive_nonfinite >= config.max_nonfinite:
+                        last_checkpoint = self._save()
+                        raise NonFiniteLossError(
+                            f"stopped at step {self.step}: the loss or gradient was not finite for "
+                            f"{self.consecutive_nonfinite} consecutive steps (steps "
+                            f"{self.step - self.consecutive_nonfinite + 1}-{self.step}); the weights are untouched "
+                            f"by them and saved in {last_checkpoint}. Lower lr, check the data, or try fp32")
+                    if self.step % config.log_interval == 0 or self.step == end:
+                        self._log(interval, bar)
+                    if _due(self.step, config.sample_interval):
+                        self._sample()
+                    if _due(self.step, config.checkpoint_interval):
+                        last_checkpoint = self._save()
+                    if self.context.sum(torch.tensor([float(stop.requested)]))[0] > 0:
+                        break
+            finally:
+                bar.close()
+            self._log(interval, bar)  # steps since the last line, when stopped early
+            self.global_rng = torch.get_rng_state()
+            finished = self.step >= config.steps
+            if last_checkpoint is None or not str(last_checkpoint).endswith(checkpointing.step_dir_name(self.step)):
+                last_checkpoint = self._save()
+            model_path = None
+            if finished:
+                if losses and config.sample_interval > 0 and not _due(self.step, config.sample_interval):
+                    self._sample()
+                model_path = self._export()
+        seconds = self.train_seconds - seconds_at_start
+        images = len(losses) * config.batch_size
+        return TrainResult(self.run_dir, self.step, losses, self.skipped, finished, last_checkpoint, model_path,
+                           seconds, images / seconds if seconds > 0 else 0.0)
+
+    def _log(self, interval: report.Interval, bar) -> None:
+        """A metrics.jsonl line (rank 0) for the steps since the last one, and the progress bar's numbers."""
+        row = interval.flush(self.step, self.position.epoch, self.skipped, self.train_seconds)
+        if row is None or not self.context.is_main:
+            return
+        self.metrics.write(row)
+        bar.set_postfix(loss=f"{row['loss']:.4g}" if row["loss"] is not None else "nan",
+                        img_s=f"{row['images_per_s']:.1f}", skipped=self.skipped)
+
+    # ---- snapshots, samples, checkpoints -----------------------------------------------------------------
+
+    def _snapshots(self) -> tuple[StableDiffusion, StableDiffusion]:
+        """(trained, EMA) copies of the model on the CPU, made once per step; from the vae stage with the
+        measured latent scale in their configs."""
+        if self._snapshot_step == self.step:
+            return self._snapshot_models
+        state = self.model.state_dict()
+        ema_state = {**state, **self.ema.state_dict()}
+        models = []
+        for weights in (state, ema_state):
+            model = model_from_state(self.model.config, weights)
+            if self.config.stage == "vae":
+                probe = self.data.images(range(min(self.data.size, SCALE_PROBE_ITEMS)))
+                generator = torch.Generator().manual_seed(stream_seed(self.config.seed, "scale"))
+                scale = latent_scale(model.vae, probe, generator)
+                if scale is not None:  # else (no finite latents yet) the config keeps its scale
+                    model.config = with_latent_scale(model.config, scale)
+                    model.vae.config = model.config.vae
+            models.append(model)
+        self._snapshot_step, self._snapshot_models = self.step, (models[0], models[1])
+        return self._snapshot_models
+
+    def _training_state(self) -> dict:
+        return {
+            "step": self.step, "epoch": self.position.epoch, "batch": self.position.batch,
+            "order_seed": self.config.seed, "data_size": self.data.size, "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(), "global_rng": torch.get_rng_state(),
+            "ema_updates": self.ema.updates, "skipped": self.skipped,
+            "consecutive_nonfinite": self.consecutive_nonfinite, "train_seconds": self.train_seconds,
+            "world_size": self.context.world_size,
+        }
+
+    def _save(self) -> Path:
+        """Write a checkpoint (rank 0) and the loss plot; every rank waits for it."""
+        path = self.run_dir / checkpointing.CHECKPOINTS_DIR / checkpointing.step_dir_name(self.step)
+        state = self._training_state()  # before the snapshots, which must not change it
+        if self.context.is_main:
+            with _own_rng():
+                trained, ema_model = self._snapshots()
+            path = checkpointing.save_checkpoint(self.run_dir, self.step, trained, ema_model, state,
+                                                 self.config, self.config.keep_checkpoints)
+            report.plot_loss(self.run_dir / report.METRICS_FILE, self.run_dir / report.LOSS_PLOT_FILE,
+                             f"{self.config.stage} stage, {self.config.preset}, {self.config.data}")
+        self.context.barrier()
+        return path
+
+    def _sample(self) -> None:
+        """A sample grid of the EMA weights (vae stage: reconstructions) in OUT/samples (rank 0)."""
+        if self.context.is_main:
+            folder = self.run_dir / report.SAMPLES_DIR
+            folder.mkdir(exist_ok=True)
+            path = folder / f"step_{self.step:08d}.png"
+            with _own_rng():
+                _, ema_model = self._snapshots()
+                if self.config.stage == "vae":
+                    images = self.data.images(range(min(self.data.size, RECONSTRUCTION_ITEMS)))
+                    report.reconstruction_grid(ema_model, images, path, self.device)
+                else:
+                    report.sample_grid(ema_model, self.prompts, path, self.device)
+        self.context.barrier()
+
+    def _export(self) -> Path:
+        """The EMA model as OUT/model.safetensors (written atomically), ready for `kedavra generate`."""
+        path = self.run_dir / EXPORT_FILE
+        if self.context.is_main:
+            with _own_rng():
+                _, ema_model = self._snapshots()
+            checkpointing.atomic_write(path, lambda partial: save_model(ema_model, partial))
+        self.context.barrier()
+        return path
+
+
+def _own_rng():
+    """Snapshots, samples and exports run on a fork of the global RNG: whatever they draw from it (nothing, as
+    written) cannot shift the training run's random stream."""
+    return torch.random.fork_rng(devices=[])
+
+
+def _due(step: int, interval: int) -> bool:
+    return interval > 0 and step % interval == 0
+
+
+class _GracefulStop:
+    """While active, the first Ctrl-C (SIGINT) asks the loop to stop after the current step, with a checkpoint;
+    a second one interrupts at once. Outside the main thread it does nothing."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = None
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
