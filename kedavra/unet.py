@@ -18,7 +18,7 @@ stripped) onto this module's parameter names, deriving every index from the conf
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +31,6 @@ from kedavra.transformer import CrossAttention, SpatialTransformer
 TIME_EMBED_MULT = 4  # LDM openaimodel.py: time_embed_dim = model_channels * 4
 MAX_PERIOD = 10_000  # Vaswani et al. 2017, Sec. 3.5: wavelengths up to 10000 * 2*pi
 RESNET_NORM_EPS = 1e-5  # LDM normalization(): GroupNorm32 with torch's default eps
-LAYOUTS = ("diffusers", "ldm")
 
 
 @dataclass(frozen=True)
@@ -394,142 +393,3 @@ class UNet(nn.Module):
                 h = level.resample(h)  # (B, C_level, 2H, 2W)
 
         return self.conv_out(F.silu(self.norm_out(h)))
-
-
-# ---- checkpoint key conversion ------------------------------------------------------------------
-
-# Leaf names inside a ResBlock, per layout, where they differ from ours.
-_RESNET_LEAVES = {
-    "diffusers": {"shortcut": "conv_shortcut"},
-    "ldm": {
-        "norm1": "in_layers.0",
-        "conv1": "in_layers.2",
-        "time_emb_proj": "emb_layers.1",
-        "norm2": "out_layers.0",
-        "conv2": "out_layers.3",
-        "shortcut": "skip_connection",
-    },
-}
-# Dotted fragments inside a SpatialTransformer that differ from ours (the same in both layouts).
-_TRANSFORMER_FRAGMENTS = (
-    (".to_out.", ".to_out.0."),
-    (".ff.geglu.proj.", ".ff.net.0.proj."),
-    (".ff.proj_out.", ".ff.net.2."),
-)
-
-
-def _module_table(config: UNetConfig) -> dict[str, tuple[str, str, str]]:
-    """Our module prefix -> (kind, diffusers prefix, ldm prefix); kind is plain, resnet or transformer.
-
-    LDM numbering: input_blocks.N counts conv_in, every (ResBlock[, transformer]) and every
-    downsampler in order; output_blocks.N counts every (ResBlock[, transformer][, upsampler]).
-    """
-    levels = len(config.channel_multipliers)
-    n_res = config.res_blocks_per_level
-    table = {
-        "time_embedding.linear_1": ("plain", "time_embedding.linear_1", "time_embed.0"),
-        "time_embedding.linear_2": ("plain", "time_embedding.linear_2", "time_embed.2"),
-        "conv_in": ("plain", "conv_in", "input_blocks.0.0"),
-        "mid_block.resnets.0": ("resnet", "mid_block.resnets.0", "middle_block.0"),
-        "mid_block.attentions.0": ("transformer", "mid_block.attentions.0", "middle_block.1"),
-        "mid_block.resnets.1": ("resnet", "mid_block.resnets.1", "middle_block.2"),
-        "norm_out": ("plain", "conv_norm_out", "out.0"),
-        "conv_out": ("plain", "conv_out", "out.2"),
-    }
-    block = 1
-    for i, attend in enumerate(config.attention_per_level):
-        for j in range(n_res):
-            ours = f"down_blocks.{i}.resnets.{j}"
-            table[ours] = ("resnet", ours, f"input_blocks.{block}.0")
-            if attend:
-                ours = f"down_blocks.{i}.attentions.{j}"
-                table[ours] = ("transformer", ours, f"input_blocks.{block}.1")
-            block += 1
-        if i < levels - 1:
-            table[f"down_blocks.{i}.resample.conv"] = (
-                "plain",
-                f"down_blocks.{i}.downsamplers.0.conv",
-                f"input_blocks.{block}.0.op",
-            )
-            block += 1
-    block = 0
-    for u in range(levels):
-        attend = config.attention_per_level[levels - 1 - u]
-        for j in range(n_res + 1):
-            ours = f"up_blocks.{u}.resnets.{j}"
-            table[ours] = ("resnet", ours, f"output_blocks.{block}.0")
-            position = 1
-            if attend:
-                ours = f"up_blocks.{u}.attentions.{j}"
-                table[ours] = ("transformer", ours, f"output_blocks.{block}.1")
-                position = 2
-            if j == n_res and u < levels - 1:
-                table[f"up_blocks.{u}.resample.conv"] = (
-                    "plain",
-                    f"up_blocks.{u}.upsamplers.0.conv",
-                    f"output_blocks.{block}.{position}.conv",
-                )
-            block += 1
-    return table
-
-
-def _source_key(key: str, layout: str, table: Mapping[str, tuple[str, str, str]]) -> str:
-    """The name that our parameter `key` has in `layout`."""
-    parts = key.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        prefix = ".".join(parts[:cut])
-        if prefix in table:
-            kind, diffusers_prefix, ldm_prefix = table[prefix]
-            leaf = ".".join(parts[cut:])
-            if kind == "resnet":
-                head, _, tail = leaf.partition(".")
-                leaf = f"{_RESNET_LEAVES[layout].get(head, head)}.{tail}"
-            elif kind == "transformer":
-                leaf = "." + leaf
-                for ours, theirs in _TRANSFORMER_FRAGMENTS:
-                    leaf = leaf.replace(ours, theirs)
-                leaf = leaf[1:]
-            return f"{diffusers_prefix if layout == 'diffusers' else ldm_prefix}.{leaf}"
-    raise KeyError(f"no checkpoint name known for U-Net parameter {key!r}")
-
-
-def _some(keys: list[str], count: int = 5) -> str:
-    return ", ".join(keys[:count]) + (", ..." if len(keys) > count else "")
-
-
-def convert_unet_state_dict(state: Mapping[str, Tensor], layout: str, config: UNetConfig) -> dict[str, Tensor]:
-    """Rename a U-Net state dict in `layout` ("diffusers" or "ldm", component prefix already stripped)
-    to this module's names, for `UNet(config).load_state_dict(..., strict=True)`.
-
-    Tensors are passed through (or reshaped as views: transformer proj_in/proj_out weights move
-    between the (C, C, 1, 1) conv form and the (C, C) Linear form the config asks for).
-    """
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown U-Net checkpoint layout {layout!r}; allowed: {LAYOUTS}")
-    with torch.device("meta"):
-        expected = UNet(config).state_dict()
-    table = _module_table(config)
-    sources = {key: _source_key(key, layout, table) for key in expected}
-    missing = sorted(src for src in sources.values() if src not in state)
-    unexpected = sorted(set(state) - set(sources.values()))
-    if missing or unexpected:
-        message = (
-            f"U-Net state dict does not match layout {layout!r} for this config: "
-            f"{len(missing)} missing keys [{_some(missing)}], "
-            f"{len(unexpected)} unexpected keys [{_some(unexpected)}]"
-        )
-        if any(k.startswith("model.diffusion_model.") for k in unexpected):
-            message += "; strip the 'model.diffusion_model.' prefix before converting"
-        raise ValueError(message)
-    converted, mismatched = {}, []
-    for key, src in sources.items():
-        tensor, shape = state[src], expected[key].shape
-        is_projection = key.endswith((".proj_in.weight", ".proj_out.weight")) and ".ff." not in key
-        if is_projection and tensor.shape != shape and tensor.numel() == shape.numel():
-            tensor = tensor.reshape(shape)  # (C, C) <-> (C, C, 1, 1)
-        if tensor.shape != shape:
-            mismatched.append(f"{src}: {tuple(tensor.shape)}, expected {tuple(shape)}")
-        converted[key] = tensor
-    if mismatched:
-        raise ValueError(f"U-Net state dict has {len(mismatched)} tensors of the wrong shape: {_some(mismatched)}")
-    return converted

@@ -46,8 +46,8 @@ from kedavra.model import PRESETS, ModelConfig, StableDiffusion
 from kedavra.schedule import get_schedule
 from kedavra.text_encoder import convert_text_encoder_state_dict
 from kedavra.tokenizer import load_vocabulary
-from kedavra.unet import convert_unet_state_dict
-from kedavra.vae import convert_vae_state_dict
+from kedavra.unet_keys import convert_unet_state_dict
+from kedavra.vae_keys import convert_vae_state_dict
 
 PARITY_ATOL = 1e-5  # fp32, the brief's bound for every component output
 REPO = pathlib.Path(__file__).resolve().parents[1]

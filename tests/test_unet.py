@@ -18,7 +18,8 @@ from diffusers.models.embeddings import get_timestep_embedding
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kedavra.unet import PRESETS, UNet, UNetConfig, convert_unet_state_dict, timestep_embedding
+from kedavra.unet import PRESETS, UNet, UNetConfig, timestep_embedding
+from kedavra.unet_keys import convert_unet_state_dict
 
 TINY = UNetConfig.from_preset("tiny")
 # An SD 2.x-shaped tiny model: 16-wide heads instead of a head count, Linear projections.

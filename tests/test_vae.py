@@ -19,11 +19,11 @@ from kedavra.vae import (
     DiagonalGaussian,
     Tiling,
     VAEConfig,
-    convert_vae_state_dict,
     get_vae_config,
     run_tiled,
     tile_starts,
 )
+from kedavra.vae_keys import convert_vae_state_dict
 
 PARITY_ATOL = 1e-4  # fp32, from the brief; measured error is 0 (same op sequence as diffusers)
 

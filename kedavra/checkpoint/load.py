@@ -15,8 +15,8 @@ from kedavra.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
 from kedavra.checkpoint.sources import COMPONENTS, CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION, _open, _Source
 from kedavra.model import PREDICTION_TYPES, PRESETS, StableDiffusion
 from kedavra.text_encoder import convert_text_encoder_state_dict
-from kedavra.unet import convert_unet_state_dict
-from kedavra.vae import convert_vae_state_dict
+from kedavra.unet_keys import convert_unet_state_dict
+from kedavra.vae_keys import convert_vae_state_dict
 
 logger = logging.getLogger(__name__)
 
