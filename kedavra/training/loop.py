@@ -344,6 +344,7 @@ class Trainer:
                     interval.add(loss, metrics, elapsed, config.batch_size)
                     bar.update(1)
                     if self.consecutive_nonfinite >= config.max_nonfinite:
+                        self._log(interval, bar)
                         last_checkpoint = self._save()
                         raise NonFiniteLossError(
                             f"stopped at step {self.step}: the loss or gradient was not finite for "
@@ -358,9 +359,9 @@ class Trainer:
                         last_checkpoint = self._save()
                     if self.context.sum(torch.tensor([float(stop.requested)]))[0] > 0:
                         break
+                self._log(interval, bar)  # the steps since the last line, when stopped early
             finally:
                 bar.close()
-            self._log(interval, bar)  # steps since the last line, when stopped early
             self.global_rng = torch.get_rng_state()
             finished = self.step >= config.steps
             if last_checkpoint is None or not str(last_checkpoint).endswith(checkpointing.step_dir_name(self.step)):
