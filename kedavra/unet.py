@@ -10,6 +10,9 @@ Walk of `UNet.forward` for the "sd15" preset on a (B, 4, 64, 64) latent:
   conv_in (B, 320, 64, 64) -> down levels at 64, 32, 16, 8 (each pushes its outputs as skips)
   -> mid (B, 1280, 8, 8) -> up levels at 8, 16, 32, 64 (each pops and concatenates skips)
   -> GroupNorm, SiLU, conv_out (B, 4, 64, 64).
+Any H, W >= 1 works: each stride-2 conv gives ceil(n / 2), and each Upsample resizes to the size of the
+skip it meets next, so a (B, 4, 65, 97) latent (520 x 776 pixels) walks 65x97, 33x49, 17x25, 9x13 down
+and back up, as diffusers' UNet2DConditionModel does with its `upsample_size`.
 
 `convert_unet_state_dict` maps the two checkpoint layouts in the wild ("diffusers":
 UNet2DConditionModel names; "ldm": the CompVis/Stability single file, `model.diffusion_model.`
@@ -128,7 +131,8 @@ class UNetConfig:
 
     @property
     def downsample_factor(self) -> int:
-        """H and W of the input must be multiples of this (one stride-2 conv per level but the last)."""
+        """The down path's total downsampling (one stride-2 conv per level but the last). Inputs whose H and W
+        are multiples of it halve exactly at every level; others are rounded up there (see `Upsample`)."""
         return 2 ** (len(self.channel_multipliers) - 1)
 
     def heads(self, channels: int) -> tuple[int, int]:
@@ -224,7 +228,7 @@ class ResBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halve H and W with a stride-2 3x3 conv."""
+    """Halve H and W with a stride-2 3x3 conv (padding 1): n -> ceil(n / 2)."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -235,14 +239,23 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double H and W: nearest-neighbour upsampling, then a 3x3 conv."""
+    """Double H and W (or resize to `size`): nearest-neighbour upsampling, then a 3x3 conv.
+
+    `size` is that of the skip the output meets next; it is one less than double where the down path
+    rounded an odd side up (diffusers' Upsample2D `output_size`, which its U-Net passes as `upsample_size`).
+    """
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        height, width = x.shape[-2:]
+        if size is None or tuple(size) == (2 * height, 2 * width):
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
+        else:
+            x = F.interpolate(x, size=tuple(size), mode="nearest")  # (B, C, *size)
+        return self.conv(x)
 
 
 class Level(nn.Module):
@@ -258,7 +271,7 @@ class Level(nn.Module):
 
 
 class UNet(nn.Module):
-    """forward(x_t (B, C_in, H, W), t (B,) or scalar, context (B, L, D_ctx)) -> (B, C_out, H, W)."""
+    """forward(x_t (B, C_in, H, W), t (B,) or scalar, context (B, L, D_ctx)) -> (B, C_out, H, W), any H, W >= 1."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -343,12 +356,8 @@ class UNet(nn.Module):
         config = self.config
         if x.ndim != 4 or x.shape[1] != config.in_channels:
             raise ValueError(f"UNet input x must be (B, {config.in_channels}, H, W), got shape {tuple(x.shape)}")
-        factor = config.downsample_factor
-        if x.shape[2] % factor or x.shape[3] % factor:
-            raise ValueError(
-                f"UNet input H, W = {tuple(x.shape[2:])} must be multiples of {factor} "
-                f"(2 ** (levels - 1) for {len(config.channel_multipliers)} levels)"
-            )
+        if min(x.shape[2:]) < 1:
+            raise ValueError(f"UNet input H, W = {tuple(x.shape[2:])} must each be at least 1")
         batch = x.shape[0]
         if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != config.context_dim:
             raise ValueError(
@@ -375,7 +384,7 @@ class UNet(nn.Module):
                     h = self._run(level.attentions[j], h, context)
                 skips.append(h)
             if level.resample is not None:
-                h = level.resample(h)  # (B, C_level, H/2, W/2)
+                h = level.resample(h)  # (B, C_level, ceil(H/2), ceil(W/2))
                 skips.append(h)
 
         mid = self.mid_block
@@ -390,6 +399,6 @@ class UNet(nn.Module):
                 if level.attentions:
                     h = self._run(level.attentions[j], h, context)
             if level.resample is not None:
-                h = level.resample(h)  # (B, C_level, 2H, 2W)
+                h = level.resample(h, skips[-1].shape[2:])  # (B, C_level, H_skip, W_skip): 2H, 2W unless rounded
 
         return self.conv_out(F.silu(self.norm_out(h)))

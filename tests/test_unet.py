@@ -18,13 +18,15 @@ from diffusers.models.embeddings import get_timestep_embedding
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kedavra.unet import PRESETS, UNet, UNetConfig, timestep_embedding
+from kedavra.unet import PRESETS, UNet, UNetConfig, Upsample, timestep_embedding
 from kedavra.unet_keys import convert_unet_state_dict
 
 TINY = UNetConfig.from_preset("tiny")
 # An SD 2.x-shaped tiny model: 16-wide heads instead of a head count, Linear projections.
 TINY_LINEAR = dataclasses.replace(TINY, num_heads=None, head_dim=16, use_linear_projection=True)
 TINY_INPAINT = dataclasses.replace(TINY, in_channels=9)
+# SD 1.5's four levels and attention pattern at tiny widths: three halvings, so odd sides round up thrice.
+TINY_DEEP = dataclasses.replace(TINY, channel_multipliers=(1, 2, 2, 2), attention_per_level=(False, True, True, False))
 PARITY_ATOL = 1e-4  # fp32, the brief's bound
 LDM_PREFIX = "model.diffusion_model."  # CompVis single-file U-Net prefix
 
@@ -124,9 +126,11 @@ def diffusers_to_ldm(state: dict, config: UNetConfig) -> dict:
     return out
 
 
-def inputs(config: UNetConfig, batch=1, size=16, tokens=7, seed=1):
+def inputs(config: UNetConfig, batch=1, size: int | tuple[int, int] = 16, tokens=7, seed=1):
+    """(x, context) drawn under `seed`; size is the latent side, or (H, W)."""
+    height, width = (size, size) if isinstance(size, int) else size
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, config.in_channels, size, size, generator=generator)
+    x = torch.randn(batch, config.in_channels, height, width, generator=generator)
     context = torch.randn(batch, tokens, config.context_dim, generator=generator)
     return x, context
 
@@ -137,8 +141,12 @@ def errors(ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return diff, diff / ref.abs().max().item()
 
 
-def check_parity(config: UNetConfig, size: int, tokens: int, t, batch=1, layouts=("diffusers", "ldm")):
+def check_parity(
+    config: UNetConfig, size: int | tuple[int, int], tokens: int, t, batch=1, layouts=("diffusers", "ldm")
+) -> list[tuple[float, float]]:
+    """Assert our U-Net matches diffusers' within PARITY_ATOL; return (abs, rel) error per layout."""
     ref = reference_unet(config)
+    found = []
     x, context = inputs(config, batch, size, tokens)
     with torch.no_grad():
         expected = ref(x, t, context).sample
@@ -146,8 +154,11 @@ def check_parity(config: UNetConfig, size: int, tokens: int, t, batch=1, layouts
         for layout in layouts:
             state = ref.state_dict() if layout == "diffusers" else diffusers_to_ldm(ref.state_dict(), config)
             got = kedavra_from(state, config, layout)(x, t, context)
+            assert got.shape == expected.shape
             abs_err, rel_err = errors(got, expected)
             assert abs_err < PARITY_ATOL, (layout, abs_err, rel_err)
+            found.append((abs_err, rel_err))
+    return found
 
 
 # ---- config ---------------------------------------------------------------------------------------
@@ -369,8 +380,8 @@ def test_bf16_autocast_runs_and_stays_close():
 @settings(max_examples=12, deadline=None)
 @given(
     batch=st.integers(1, 2),
-    height=st.integers(1, 12).map(lambda n: 2 * n),
-    width=st.integers(1, 12).map(lambda n: 2 * n),
+    height=st.integers(1, 24),
+    width=st.integers(1, 24),
     tokens=st.integers(1, 9),
 )
 def test_output_shape_across_sizes(batch, height, width, tokens):
@@ -386,7 +397,7 @@ def test_output_shape_across_sizes(batch, height, width, tokens):
     ("x_shape", "context_shape", "t", "message"),
     [
         ((1, 3, 8, 8), (1, 7, 64), 1.0, r"\(B, 4, H, W\), got shape \(1, 3, 8, 8\)"),
-        ((1, 4, 8, 7), (1, 7, 64), 1.0, r"H, W = \(8, 7\) must be multiples of 2"),
+        ((1, 4, 0, 7), (1, 7, 64), 1.0, r"H, W = \(0, 7\) must each be at least 1"),
         ((1, 4, 8, 8), (1, 7, 768), 1.0, r"context_dim=64\), got shape \(1, 7, 768\)"),
         ((2, 4, 8, 8), (1, 7, 64), 1.0, r"B=2"),
         ((2, 4, 8, 8), (2, 7, 64), torch.ones(3), r"scalar or shape \(2,\), got \(3,\)"),
@@ -418,3 +429,40 @@ def test_meta_construction_matches_reference_size(name):
 @pytest.mark.parametrize("name", ["sd15", "sd21"])
 def test_full_size_parity(name):
     check_parity(PRESETS[name], size=32, tokens=77, t=torch.tensor([421.5]))
+
+
+# ---- any latent size -----------------------------------------------------------------------------
+
+
+def test_upsample_to_double_is_the_plain_path_and_odd_sizes_take_nearest_rows():
+    """A size of exactly 2H x 2W gives the scale-2 result bit for bit; another size picks source row
+    floor(i * H / H_out) (torch's nearest, as diffusers' Upsample2D with output_size)."""
+    upsample = Upsample(1)
+    with torch.no_grad():  # an identity 3x3 conv, so the output is the resized input itself
+        upsample.conv.weight.zero_()
+        upsample.conv.weight[0, 0, 1, 1] = 1.0
+        upsample.conv.bias.zero_()
+        x = torch.arange(6.0).reshape(1, 1, 2, 3)
+        assert torch.equal(upsample(x, (4, 6)), upsample(x))
+        # rows floor(i * 2/3) for i < 3 -> 0, 0, 1; columns floor(j * 3/5) for j < 5 -> 0, 0, 1, 1, 2
+        expected = torch.tensor([[0.0, 0, 1, 1, 2], [0, 0, 1, 1, 2], [3, 3, 4, 4, 5]])
+        assert torch.equal(upsample(x, (3, 5))[0, 0], expected)
+
+
+@pytest.mark.parametrize(
+    ("config", "size", "batch"),
+    [
+        (TINY, (13, 21), 2),  # 13x21 -> 7x11 and back
+        (TINY_LINEAR, (40, 57), 1),
+        (TINY_DEEP, (13, 21), 1),  # 13x21, 7x11, 4x6, 2x3: rounded up at every level
+        (TINY_DEEP, (1, 3), 1),
+    ],
+)
+def test_parity_at_latent_sizes_the_down_path_cannot_halve(config, size, batch):
+    check_parity(config, size, tokens=7, t=torch.arange(batch) * 400.0 + 12.5, batch=batch, layouts=("diffusers",))
+
+
+@pytest.mark.slow  # 860M parameters: 40-60 s and ~4 GiB on a 2-core CPU
+def test_sd15_parity_at_an_odd_latent_size():
+    # 136x104 pixels: 17x13, 9x7, 5x4, 3x2 down the path, so every level's upsampler resizes.
+    check_parity(PRESETS["sd15"], size=(17, 13), tokens=77, t=torch.tensor([421.5]), layouts=("diffusers",))
