@@ -12,6 +12,8 @@ what the U-Net predicts.
     tiny            small components that fit together (text width = U-Net context width), SD 1.x style,
                     for tests and CPU training
     tiny-inpaint    tiny with the 9-channel inpainting U-Net input
+    small           tiny's text encoder and VAE with a wider, three-level U-Net (48 channels, attention at the
+                    8x8 and 4x4 latents, so every pixel sees the whole image): the embedded default's shape
     tiny-sd2        tiny with SD 2.x traits (exact-GELU text encoder stored in OpenCLIP layout, Linear
                     transformer projections, 16-wide heads, zero-padded prompts, v-prediction)
 """
@@ -181,6 +183,20 @@ PRESETS: dict[str, ModelConfig] = {
     "sd21-base": _family("sd21-base", "sd21", _TEXT_SD21, "sd21", "sd", "eps", 512),
     "sd21-inpaint": _family("sd21-inpaint", "sd21", _TEXT_SD21, "sd21-inpaint", "sd", "eps", 512),
     "tiny": _family("tiny", "sd15", _TEXT_TINY, "tiny", "tiny", "eps", TINY_IMAGE_SIZE),
+    "small": _family(
+        "small",
+        "sd15",
+        _TEXT_TINY,
+        dataclasses.replace(
+            UNetConfig.from_preset("tiny"),
+            base_channels=48,
+            channel_multipliers=(1, 2, 2),
+            attention_per_level=(False, True, True),
+        ),
+        "tiny",
+        "eps",
+        TINY_IMAGE_SIZE,
+    ),
     "tiny-inpaint": _family(
         "tiny-inpaint",
         "sd15",

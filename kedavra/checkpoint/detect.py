@@ -24,8 +24,9 @@ def _architecture(config: ModelConfig) -> tuple:
     return config.tokenizer, config.text_encoder, config.unet, config.vae
 
 
-def _unet_facts(source: _Source) -> tuple[int, int, bool]:
-    """(cross-attention width, input channels, Linear transformer projections) read off the U-Net's shapes."""
+def _unet_facts(source: _Source) -> tuple[int, int, int, bool]:
+    """(cross-attention width, input channels, base channels, Linear transformer projections) read off the U-Net's
+    shapes."""
     layout, state = source.parts["unet"]
     conv_in = state.get("conv_in.weight" if layout == "diffusers" else "input_blocks.0.0.weight")
     to_k = next((t for k, t in sorted(state.items()) if k.endswith("attn2.to_k.weight")), None)
@@ -36,15 +37,15 @@ def _unet_facts(source: _Source) -> tuple[int, int, bool]:
             "unknown architecture: the U-Net has no first conv / cross-attention "
             f"(attn2.to_k) / transformer proj_in weights; found {_some(sorted(state), 4)}",
         )
-    return to_k.shape[1], conv_in.shape[1], proj_in.ndim == 2
+    return to_k.shape[1], conv_in.shape[1], conv_in.shape[0], proj_in.ndim == 2
 
 
 def _candidates(source: _Source) -> tuple[list[str], str]:
     """Presets whose architecture matches the weights, and the facts they were matched on."""
-    context, channels, linear = _unet_facts(source)
+    context, channels, base, linear = _unet_facts(source)
     style = source.hints.text_style
     facts = (
-        f"U-Net cross-attention width {context}, {channels} input channels, "
+        f"U-Net cross-attention width {context}, {channels} input channels, {base} base channels, "
         f"{'Linear' if linear else '1x1-conv'} transformer projections, "
         f"{ {'clip': 'OpenAI CLIP', 'openclip': 'OpenCLIP', None: 'unknown'}[style] } text encoder"
     )
@@ -53,12 +54,14 @@ def _candidates(source: _Source) -> tuple[list[str], str]:
         for name, preset in PRESETS.items()
         if preset.unet.context_dim == context
         and preset.unet.in_channels == channels
+        and preset.unet.base_channels == base
         and preset.unet.use_linear_projection == linear
         and (style is None or _text_style(preset) == style)
     ]
     if not names:
         known = "; ".join(
-            f"{n}: width {p.unet.context_dim}, {p.unet.in_channels} channels, {_text_style(p)}"
+            f"{n}: width {p.unet.context_dim}, {p.unet.in_channels} channels, {p.unet.base_channels} base channels, "
+            f"{_text_style(p)}"
             for n, p in PRESETS.items()
         )
         raise _fail(

@@ -1,0 +1,85 @@
+"""Prompt adherence of a text-to-image model on the shapes grammar, GenEval-style (Ghosh et al. 2023).
+
+`measure_adherence` generates one image per held-out or seen prompt of `kedavra.data.shapes.evaluation_prompts`
+(the same number of prompts of each kind: single object, count, pair, relation) and scores each image with the
+shapes evaluator (kedavra/evaluation/shapes_eval.py): object, colour, count, position, colour binding. The
+prompts, seeds and sampler settings are part of the result, so a report says exactly what was measured.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from kedavra.data.shapes import ShapesConfig, evaluation_prompts
+from kedavra.evaluation.shapes_eval import EvaluationReport, evaluate_batch
+
+# The settings the embedded model is reported with (docs/embedded_model.md): what `kedavra generate` uses for it.
+DEFAULT_STEPS = 20
+DEFAULT_SAMPLER = "dpmpp_2m"
+DEFAULT_GUIDANCE = 5.0
+HELD_OUT_CHOICES = {"held-out": True, "seen": False, "any": None}
+
+
+@dataclass
+class AdherenceResult:
+    """The evaluator's report over the generated images, with what produced them."""
+
+    report: EvaluationReport
+    prompts: list[str]
+    seeds: list[int]
+    images: list[Image.Image] = field(repr=False)
+    settings: dict
+    seconds: float
+
+    def summary(self) -> dict:
+        """JSON-ready: per-category accuracy and counts, overall, the settings and the wall time."""
+        return {
+            "accuracy": self.report.accuracy,
+            "counts": self.report.counts,
+            "overall": self.report.overall,
+            "images": len(self.images),
+            "settings": self.settings,
+            "seconds": round(self.seconds, 1),
+        }
+
+
+def measure_adherence(
+    pipe,
+    *,
+    per_kind: int = 50,
+    prompts: str = "held-out",
+    seed: int = 0,
+    steps: int = DEFAULT_STEPS,
+    sampler: str = DEFAULT_SAMPLER,
+    guidance_scale: float = DEFAULT_GUIDANCE,
+    batch_size: int = 50,
+    shapes_config: ShapesConfig | None = None,
+) -> AdherenceResult:
+    """Generate `per_kind` images for each prompt kind and score them.
+
+    prompts: "held-out" (colour/shape combinations the shapes data set never shows in training), "seen" (its
+        training distribution) or "any". Image i uses seed `seed + i`; the prompts come from their own seed stream.
+    """
+    if prompts not in HELD_OUT_CHOICES:
+        raise ValueError(f"prompts must be one of {sorted(HELD_OUT_CHOICES)}, got {prompts!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    config = shapes_config or ShapesConfig()
+    specs = evaluation_prompts(config, per_kind=per_kind, seed=seed, held_out=HELD_OUT_CHOICES[prompts])
+    captions = [spec.caption for spec in specs]
+    size = pipe.model.config.image_size
+    start = time.perf_counter()
+    images, seeds = [], []
+    for first in range(0, len(captions), batch_size):
+        chunk = captions[first : first + batch_size]
+        result = pipe(chunk, steps=steps, sampler=sampler, guidance_scale=guidance_scale, seed=seed + first,
+                      width=size, height=size)
+        images += result.images
+        seeds += result.seeds
+    seconds = time.perf_counter() - start
+    settings = {"per_kind": per_kind, "prompts": prompts, "seed": seed, "steps": steps, "sampler": sampler,
+                "guidance_scale": guidance_scale, "size": size}
+    return AdherenceResult(evaluate_batch(images, captions), captions, seeds, images, settings, seconds)

@@ -1,0 +1,63 @@
+"""Prompt adherence of a model on the shapes grammar: the table in docs/embedded_model.md.
+
+    .venv/bin/python scripts/shapes_adherence.py                                   # the embedded default
+    .venv/bin/python scripts/shapes_adherence.py runs/sd/unet/model.safetensors --prompts seen --per-kind 100
+
+Prints the evaluator's Markdown table per prompt set; --json writes the summaries, --grid a PNG of the first
+64 images of each set (prompt order: single, count, pair, relation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import kedavra
+from kedavra.api import DEFAULT_MODEL
+from kedavra.evaluation.adherence import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    HELD_OUT_CHOICES,
+    measure_adherence,
+)
+from kedavra.grid import image_grid
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", nargs="?", default=None, help="model name or path (default: the embedded default)")
+    parser.add_argument("--prompts", nargs="+", default=["held-out", "seen"], choices=sorted(HELD_OUT_CHOICES))
+    parser.add_argument("--per-kind", type=int, default=50, help="prompts of each kind (single, count, pair, relation)")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--sampler", default=DEFAULT_SAMPLER)
+    parser.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--json", type=Path, default=None, help="write the summaries here")
+    parser.add_argument("--grid", type=Path, default=None, help="write PREFIX-<prompts>.png grids")
+    args = parser.parse_args(argv)
+    try:
+        pipe = kedavra.load(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype)
+        summaries = {}
+        for which in args.prompts:
+            result = measure_adherence(pipe, per_kind=args.per_kind, prompts=which, seed=args.seed, steps=args.steps,
+                                       sampler=args.sampler, guidance_scale=args.guidance_scale)
+            summaries[which] = result.summary()
+            print(f"## {which} prompts ({len(result.images)} images, {result.seconds:.1f} s)\n")
+            print(result.report.table() + "\n", flush=True)
+            if args.grid:
+                image_grid(result.images[:64], columns=8).save(f"{args.grid}-{which}.png")
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        args.json.write_text(json.dumps(summaries, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
