@@ -156,3 +156,13 @@ def test_bad_masks():
         sample(smooth_eps_model, noise(), init=init, mask=torch.full(SHAPE, 2.0))
     with pytest.raises(ValueError, match="does not broadcast"):
         sample(smooth_eps_model, noise(), init=init, mask=torch.ones(3, 1, 5, 5))
+
+
+def test_a_callback_that_returns_a_non_tensor_leaves_the_sample_alone():
+    """A progress bar's update() returns True when it redraws: only a returned tensor may replace x."""
+    from kedavra.samplers.denoiser import after_step
+
+    x, x0 = torch.ones(1, 2), torch.zeros(1, 2)
+    assert after_step(lambda *args: True, 0, 5, x, x0) is x
+    assert after_step(lambda *args: None, 0, 5, x, x0) is x
+    assert after_step(lambda *args: x0, 0, 5, x, x0) is x0

@@ -57,8 +57,8 @@ class Denoiser:
 
 def after_step(callback: Callable | None, i: int, n: int, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     """Report step i of n to `callback(i, n, x, x0_hat)`; a tensor it returns replaces x (inpainting puts
-    the known region back this way), None leaves x as it is."""
+    the known region back this way); anything else (None, or a progress bar's True) leaves x as it is."""
     if callback is None:
         return x
     replacement = callback(i, n, x, x0)
-    return x if replacement is None else replacement
+    return replacement if isinstance(replacement, torch.Tensor) else x
