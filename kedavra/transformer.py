@@ -11,6 +11,8 @@ GroupNorm -> proj_in -> [LayerNorm + self-attention, LayerNorm + cross-attention
 LayerNorm + GEGLU feed-forward, each residual] x depth -> proj_out -> + input.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -24,6 +26,12 @@ class CrossAttention(nn.Module):
 
     Runs through `F.scaled_dot_product_attention`. With `slice_size` set, the queries are processed
     `slice_size` tokens at a time, bounding the score matrix at (B, Nh, slice_size, S_ctx).
+
+    `recorder`, off (None) by default, is an opt-in hook for visualisations: a callable that, when set, is
+    handed the attention probabilities softmax(Q K^T / sqrt(Dh)) of every call as one float32 tensor
+    (B, Nh, S, L). They are then computed explicitly, in float32 and for all queries at once (slice_size is
+    not used), and the output is the same as SDPA's up to float rounding; with no recorder the SDPA path
+    above runs unchanged.
     """
 
     def __init__(self, query_dim: int, context_dim: int, num_heads: int, head_dim: int):
@@ -32,6 +40,7 @@ class CrossAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.slice_size: int | None = None
+        self.recorder: Callable[[Tensor], None] | None = None
         self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
@@ -47,7 +56,9 @@ class CrossAttention(nn.Module):
         k = self._split_heads(self.to_k(context))  # (B, Nh, L, Dh)
         v = self._split_heads(self.to_v(context))  # (B, Nh, L, Dh)
         # Vaswani et al. 2017, eq. 1: softmax(Q K^T / sqrt(Dh)) V; SDPA's default scale is 1/sqrt(Dh).
-        if self.slice_size is None or self.slice_size >= q.shape[2]:
+        if self.recorder is not None:
+            out = self._attend_recorded(q, k, v)  # (B, Nh, S, Dh)
+        elif self.slice_size is None or self.slice_size >= q.shape[2]:
             out = F.scaled_dot_product_attention(q, k, v)  # (B, Nh, S, Dh)
         else:
             chunks = [
@@ -59,13 +70,20 @@ class CrossAttention(nn.Module):
         out = out.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)  # (B, S, Nh*Dh)
         return self.to_out(out)
 
+    def _attend_recorded(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Vaswani et al. 2017, eq. 1 written out, handing the probabilities to `recorder` on the way."""
+        scores = q.float() @ k.float().transpose(-2, -1) * self.head_dim**-0.5  # (B, Nh, S, L)
+        probabilities = scores.softmax(dim=-1)  # (B, Nh, S, L): each query's row sums to 1
+        self.recorder(probabilities)
+        return probabilities.to(v.dtype) @ v  # (B, Nh, S, Dh)
+
 
 class GEGLU(nn.Module):
     """Gated GELU projection: Shazeer 2020 ("GLU Variants Improve Transformer"), eq. 6: x W * GELU(x V)."""
 
     def __init__(self, dim: int, inner_dim: int):
         super().__init__()
-        self.proj = nn.Linear(dim, 2 * inner_dim)
+        self.proj = nn.Linear(dim, 2 * inner_dim)  # rows [0, inner) give the value W, [inner, 2 inner) the gate V
 
     def forward(self, x: Tensor) -> Tensor:
         value, gate = self.proj(x).chunk(2, dim=-1)  # each (B, S, inner)
