@@ -1,5 +1,6 @@
 """Training kedavra's models from scratch: the VAE, then the U-Net with its text encoder (latent diffusion's two
-stages), on a CPU or GPUs, resumable bitwise, under torchrun for several processes.
+stages), on a CPU or GPUs, resumable bitwise, under torchrun for several processes; or fine-tuning any loaded
+model (`TrainConfig.init`: an embedded name, a kedavra file, an SD 1.x / 2.x checkpoint or diffusers folder).
 
     from kedavra.training import TrainConfig, train
     train(TrainConfig(data="shapes", preset="tiny", stage="vae", steps=3000, out_dir="runs/vae"))

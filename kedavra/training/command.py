@@ -1,8 +1,10 @@
-"""`kedavra train`: train the VAE, then the U-Net and text encoder, from scratch (docs/training.md).
+"""`kedavra train`: train the VAE, then the U-Net and text encoder, from scratch, or fine-tune a trained model
+(docs/training.md).
 
     kedavra train --data shapes --preset tiny --stage vae -o runs/vae
     kedavra train --stage unet --vae runs/vae/model.safetensors -o runs/unet
     kedavra train -o runs/sd                       # both stages: runs/sd/vae, then runs/sd/unet
+    kedavra train --init kedavra-shapes --data photos/ --stage unet --freeze-text-encoder -o runs/ft  # fine-tune
     kedavra train --resume runs/unet --steps 40000 # continue a run (here: longer), with its stored settings
     torchrun --nproc_per_node=2 -m kedavra train ...   # data parallel over processes (gloo / NCCL)
 
@@ -46,22 +48,32 @@ def _flag(name: str) -> str:
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "train",
-        help="train the VAE and the text-to-image U-Net (with its text encoder) from scratch",
+        help="train the VAE and the text-to-image U-Net (with its text encoder) from scratch, or fine-tune a model",
         description="Train latent diffusion from scratch: the VAE (stage vae), then the U-Net and the CLIP text "
-        "encoder on the frozen VAE's latents (stage unet), or both (stage all). Checkpoints are atomic and a run "
-        "resumes exactly where it stopped; under torchrun it trains data-parallel. See docs/training.md.",
+        "encoder on the frozen VAE's latents (stage unet), or both (stage all); or fine-tune a trained model "
+        "(--init: an embedded name, a kedavra file, an SD 1.x/2.x single file or a diffusers folder). Checkpoints are "
+        "atomic and a run resumes exactly where it stopped; under torchrun it trains data-parallel. See "
+        "docs/training.md.",
     )
     add = parser.add_argument
     s = argparse.SUPPRESS  # flags not given stay absent, so a resumed run keeps its stored values
     vae_d, unet_d = STAGE_DEFAULTS["vae"], STAGE_DEFAULTS["unet"]
     add("--data", default=s, help=f"data set: shapes, emoji, digits, or a folder of captioned images "
         f"(default {DEFAULTS.data})")
-    add("--image-size", type=int, default=s, help=f"training image side in pixels (default {DEFAULTS.image_size})")
+    add("--image-size", type=int, default=s, help=f"training image side in pixels (default: the preset's, "
+        f"{DEFAULTS.preset} {DEFAULTS.image_size}; with --init the model's; a multiple of its VAE's factor)")
     add("--preset", choices=[p for p in PRESETS if not PRESETS[p].inpainting], default=s,
-        help=f"model preset (default {DEFAULTS.preset})")
+        help=f"model preset to train from scratch (default {DEFAULTS.preset}; not with --init)")
+    add("--init", metavar="MODEL", default=s, help="fine-tune this model instead: an embedded name (kedavra-shapes), "
+        "a kedavra .safetensors, an SD 1.x/2.x single file (.safetensors, .ckpt) or a diffusers folder; the run "
+        "starts from its weights and keeps its config (family, schedule, prediction type, VAE scaling factor)")
     add("--stage", choices=STAGES, default=s, help=f"what to train (default {DEFAULTS.stage}): vae; unet (needs "
-        "--vae); all = vae into OUT/vae, then unet into OUT/unet")
-    add("--vae", default=s, help="stage unet: the trained VAE (model.safetensors of a vae run, or its folder)")
+        "--vae or --init); all = vae into OUT/vae, then unet into OUT/unet")
+    add("--vae", default=s, help="stage unet from scratch: the trained VAE (model.safetensors of a vae run, or its "
+        "folder); not with --init, whose model brings its VAE")
+    add("--freeze-text-encoder", dest="train_text_encoder", action="store_false", default=s,
+        help="unet stage: train the U-Net alone, the text encoder frozen (usual for SD fine-tunes; default: "
+        "trained with the U-Net)")
     add("--steps", type=int, default=s, help=f"optimizer steps (stage all: of the unet stage; default vae "
         f"{vae_d.steps}, unet {unet_d.steps})")
     add("--vae-steps", type=int, default=s, help=f"stage all: steps of the vae stage (default {vae_d.steps})")
@@ -78,8 +90,9 @@ def register(subparsers) -> None:
     add("--accumulation", type=int, default=s, help=f"micro-steps per optimizer step (default {DEFAULTS.accumulation})")
     add("--ema-decay", type=float, default=s, help=f"EMA decay, warmed up (default {DEFAULTS.ema_decay})")
     add("--prediction-type", choices=PREDICTION_TYPES, default=s,
-        help="what the U-Net predicts (default: the preset's)")
-    add("--schedule", choices=list(SCHEDULE_PRESETS), default=s, help="noise schedule (default: the preset's, sd)")
+        help="what the U-Net predicts (default: the preset's or the --init model's)")
+    add("--schedule", choices=list(SCHEDULE_PRESETS), default=s,
+        help="noise schedule (default: the preset's, sd, or the --init model's)")
     add("--min-snr-gamma", type=_optional_float, default=s, help=f"min-SNR-γ loss weighting, none or 0 for plain "
         f"MSE (default {DEFAULTS.min_snr_gamma})")
     add("--caption-dropout", type=float, default=s, help=f"share of empty captions, for classifier-free guidance "

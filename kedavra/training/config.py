@@ -2,9 +2,16 @@
 
 Two stages, as latent diffusion trains them (Rombach et al. 2022, sec. 3):
     vae   the KL autoencoder alone: reconstruction + β·KL (kedavra.training.losses)
-    unet  the U-Net and the CLIP text encoder, jointly, through the diffusion loss on the latents of a frozen,
-          trained VAE (`vae` names its checkpoint)
+    unet  the U-Net and the CLIP text encoder (unless `train_text_encoder` is off), jointly, through the diffusion
+          loss on the latents of a frozen, trained VAE (`vae` names its checkpoint)
     all   vae, then unet on the VAE just trained (sub-folders OUT/vae and OUT/unet)
+
+A run starts either from a `preset`'s random weights (from scratch) or from a trained model, `init` (fine-tuning):
+an embedded model name, a kedavra .safetensors, an SD 1.x / 2.x single file or a diffusers folder, whose weights
+and ModelConfig (family, schedule, prediction type, VAE scaling factor) the run starts from and keeps. Under
+`init` the unet stage trains on the model's own VAE, so `vae` is not given; `prediction_type` and `schedule`
+left None mean the model's, and `image_size` left None the model's, filled in when the stage's run reads the model
+(kedavra.training.stages.resolved_config).
 
 Fields left as None take the stage's default from `STAGE_DEFAULTS` when the config is built (for stage "all",
 when each stage's own config is made), so a stored config always holds the values the run used. Runtime choices
@@ -19,13 +26,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from kedavra.model import PREDICTION_TYPES, PRESETS
-from kedavra.schedule import SCHEDULE_PRESETS
+from kedavra.schedule import SCHEDULE_PRESETS, NoiseSchedule
 
 STAGES = ("vae", "unet", "all")
 PRECISIONS = ("fp32", "bf16")  # bf16: autocast around the forward pass, fp32 master weights and optimizer state
 RECON_LOSSES = ("l1", "mse")
 LR_SCHEDULES = ("constant", "cosine")
 MAX_SEED = 2**32 - 1  # 32-bit seeds, as kedavra.pipeline takes them
+DEFAULT_PRESET = "tiny"  # what a run without `init` builds when `preset` is not given
 
 
 @dataclass(frozen=True)
@@ -54,10 +62,12 @@ class TrainConfig:
     `accumulation` micro-steps and over the processes of a torchrun launch.
 
     data             kedavra.data name ("shapes", "emoji", "digits") or an image folder
-    image_size       side of the training images in pixels
-    preset           kedavra.model preset the components are built from ("tiny", ...)
+    image_size       side of the training images in pixels (None: the preset's, or the init model's)
+    preset           kedavra.model preset the components are built from (None: "tiny"; not with init)
+    init             the trained model to fine-tune (module docstring); None: train the preset from scratch
     stage            "vae", "unet" or "all" (module docstring)
-    vae              kedavra checkpoint whose VAE the unet stage uses (required for stage "unet")
+    vae              kedavra checkpoint whose VAE the unet stage uses (required for stage "unet" without init)
+    train_text_encoder  unet stage: train the text encoder with the U-Net (False: frozen, as SD fine-tunes do)
     steps            optimizer steps (for "all": of the unet stage); vae_steps: of the vae stage of "all"
     lr, warmup_steps peak AdamW learning rate, reached linearly over warmup_steps
     lr_schedule      "constant" after warm-up, or "cosine" decay to min_lr_ratio * lr at the last step
@@ -65,7 +75,7 @@ class TrainConfig:
     grad_clip        max global gradient norm (None: no clipping; the norm is still logged)
     accumulation     micro-steps per optimizer step
     ema_decay        EMA decay, warmed up as min(decay, (1 + n) / (10 + n)) after n updates
-    prediction_type  "eps" or "v" (None: the preset's); schedule: a kedavra.schedule preset (None: the preset's)
+    prediction_type  "eps" or "v"; schedule: a kedavra.schedule preset (None: the preset's or the init model's)
     min_snr_gamma    γ of min-SNR-γ loss weighting (Hang et al. 2023); None for the plain MSE
     caption_dropout  probability of training on the empty caption (classifier-free guidance, Ho and Salimans 2022)
     recon_loss       the VAE's reconstruction loss, "l1" or "mse"; kl_weight: β on the KL term
@@ -82,10 +92,12 @@ class TrainConfig:
     """
 
     data: str = "shapes"
-    image_size: int = 32
-    preset: str = "tiny"
+    image_size: int | None = None
+    preset: str | None = None
+    init: str | None = None
     stage: str = "all"
     vae: str | None = None
+    train_text_encoder: bool = True
     steps: int | None = None
     vae_steps: int | None = None
     batch_size: int | None = None
@@ -119,7 +131,12 @@ class TrainConfig:
         if isinstance(self.sample_prompts, list):  # lists arrive from JSON
             object.__setattr__(self, "sample_prompts", tuple(self.sample_prompts))
         _check_choice("stage", self.stage, STAGES)
-        if self.stage == "all":  # each stage's run fills in its own defaults (kedavra.training.loop.stage_configs)
+        if self.init is None:  # from scratch: the preset and its image size (under init: the model's, see above)
+            if self.preset is None:
+                object.__setattr__(self, "preset", DEFAULT_PRESET)
+            if self.image_size is None and self.preset in PRESETS:
+                object.__setattr__(self, "image_size", PRESETS[self.preset].image_size)
+        if self.stage == "all":  # each stage's run fills in its own defaults (kedavra.training.stages.stage_configs)
             if self.vae_steps is None:
                 object.__setattr__(self, "vae_steps", STAGE_DEFAULTS["vae"].steps)
             if self.steps is None:
@@ -133,20 +150,18 @@ class TrainConfig:
     def _validate(self) -> None:
         if not isinstance(self.data, str) or not self.data:
             raise ValueError(f"data must be a data set name or folder, got {self.data!r}")
-        _check_choice("preset", self.preset, tuple(PRESETS))
-        model = PRESETS[self.preset]
-        if model.inpainting:
-            raise ValueError(f"preset {self.preset!r} is an inpainting model; training supports text-to-image presets")
-        multiple = model.vae.downsample_factor * model.unet.downsample_factor
-        _check_int("image_size", self.image_size, multiple)
-        if self.image_size % multiple:
-            raise ValueError(f"image_size must be a multiple of {multiple} for preset {self.preset!r}, "
-                             f"got {self.image_size}")
-        if self.stage == "unet" and not self.vae:
-            raise ValueError("stage 'unet' needs `vae`: the checkpoint of a trained VAE (kedavra train --stage vae)")
+        if self.init is None:
+            self._validate_preset()
+        else:
+            self._validate_init()
         if self.vae is not None and (not isinstance(self.vae, str) or self.stage != "unet"):
             raise ValueError(f"vae names the trained VAE of stage 'unet' (stage 'all' trains its own); "
                              f"stage {self.stage!r} got vae={self.vae!r}")
+        if not isinstance(self.train_text_encoder, bool):
+            raise ValueError(f"train_text_encoder must be True or False, got {self.train_text_encoder!r}")
+        if self.stage == "vae" and not self.train_text_encoder:
+            raise ValueError("train_text_encoder=False (--freeze-text-encoder) is for stage 'unet' or 'all'; "
+                             "stage 'vae' trains only the VAE")
         for name in ("steps", "accumulation", "max_nonfinite", "keep_checkpoints", "log_interval"):
             _check_int(name, getattr(self, name), 1)
         if self.stage == "all":
@@ -182,9 +197,9 @@ class TrainConfig:
             _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         if self.schedule is not None:
             _check_choice("schedule", self.schedule, tuple(SCHEDULE_PRESETS))
-        if SCHEDULE_PRESETS[self.schedule_name].zero_terminal_snr and self.model_config_prediction == "eps":
-            raise ValueError(f"schedule {self.schedule_name!r} has zero terminal SNR, where ε-prediction is "
-                             "undefined (x_T holds no signal; Lin et al. 2023, sec. 3.2): use prediction_type 'v'")
+        if self.init is None:  # under init, checked against the model's own (stages.finetune_model_config)
+            check_schedule_fits(SCHEDULE_PRESETS[self.schedule_name], f"schedule {self.schedule_name!r}",
+                                self.model_config_prediction)
         for name in ("gradient_checkpointing", "latent_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -193,9 +208,42 @@ class TrainConfig:
         if not isinstance(self.out_dir, str) or not self.out_dir:
             raise ValueError(f"out_dir must be a non-empty path, got {self.out_dir!r}")
 
+    def _validate_preset(self) -> None:
+        _check_choice("preset", self.preset, tuple(PRESETS))
+        model = PRESETS[self.preset]
+        if model.inpainting:
+            raise ValueError(f"preset {self.preset!r} is an inpainting model; training supports text-to-image presets")
+        multiple = model.vae.downsample_factor * model.unet.downsample_factor
+        _check_int("image_size", self.image_size, multiple)
+        if self.image_size % multiple:
+            raise ValueError(f"image_size must be a multiple of {multiple} for preset {self.preset!r}, "
+                             f"got {self.image_size}")
+        if self.stage == "unet" and not self.vae:
+            raise ValueError("stage 'unet' needs `vae`: the checkpoint of a trained VAE (kedavra train --stage vae), "
+                             "or `init`: a trained model to fine-tune")
+
+    def _validate_init(self) -> None:
+        """Fine-tuning: the model brings its architecture and its VAE, so neither a preset nor a VAE is given; the
+        image size is checked against the model's VAE when it is read (stages.resolved_config)."""
+        if not isinstance(self.init, str) or not self.init:
+            raise ValueError(f"init must be a model name or path, got {self.init!r}")
+        if self.preset is not None:
+            raise ValueError(f"preset {self.preset!r} and init {self.init!r} both say what to train: a preset's "
+                             "random weights (from scratch) or a trained model's (fine-tuning); give one of them")
+        if self.vae is not None:
+            raise ValueError(f"init {self.init!r} and vae {self.vae!r} both name a VAE: a fine-tune trains on the "
+                             "init model's own VAE; give one of them")
+        if self.image_size is not None:
+            _check_int("image_size", self.image_size, 1)
+
+    @property
+    def model_name(self) -> str:
+        """What the run starts from: the init model's name or path, or the preset's name."""
+        return self.init if self.init is not None else self.preset
+
     @property
     def schedule_name(self) -> str:
-        """The noise schedule preset this run uses (the model preset's when `schedule` is None)."""
+        """The noise schedule preset of a run from scratch (the model preset's when `schedule` is None)."""
         if self.schedule is not None:
             return self.schedule
         preset = PRESETS[self.preset].schedule
@@ -203,6 +251,7 @@ class TrainConfig:
 
     @property
     def model_config_prediction(self) -> str:
+        """The prediction type of a run from scratch (the model preset's when `prediction_type` is None)."""
         return self.prediction_type or PRESETS[self.preset].prediction_type
 
     def to_dict(self) -> dict[str, Any]:
@@ -230,6 +279,13 @@ def config_differences(stored: TrainConfig, new: TrainConfig) -> dict[str, tuple
         for f in dataclasses.fields(TrainConfig)
         if f.name not in allowed and getattr(stored, f.name) != getattr(new, f.name)
     }
+
+
+def check_schedule_fits(schedule: NoiseSchedule, named: str, prediction_type: str) -> None:
+    """Refuse ε-prediction on a zero-terminal-SNR schedule, where it is undefined; `named` says which schedule."""
+    if schedule.zero_terminal_snr and prediction_type == "eps":
+        raise ValueError(f"{named} has zero terminal SNR, where ε-prediction is undefined (x_T holds no "
+                         "signal; Lin et al. 2023, sec. 3.2): use prediction_type 'v'")
 
 
 def _check_choice(name: str, value, allowed: tuple[str, ...]) -> None:

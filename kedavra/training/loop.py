@@ -17,7 +17,6 @@ global RNG (which only dropout would use) are all restored.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import signal
@@ -42,17 +41,20 @@ from kedavra.training.ema import EMA
 from kedavra.training.losses import DiffusionObjective, VAEObjective, diffusion_loss, min_snr_weight
 from kedavra.training.optim import learning_rate, make_optimizer, set_learning_rate
 from kedavra.training.stages import (
+    EXPORT_FILE,
     SCALE_PROBE_ITEMS,
     build_model,
     freeze_untrained,
     latent_scale,
+    measures_latent_scale,
     model_from_state,
+    resolved_config,
+    stage_configs,
     stream_seed,
     trained_parameters,
     with_latent_scale,
 )
 
-EXPORT_FILE = "model.safetensors"  # the finished run's EMA model, for `kedavra generate --model`
 RUN_CONFIG_FILE = checkpointing.CONFIG_FILE  # OUT/train_config.json, beside the checkpoints
 CACHE_CHUNK = 128  # images per VAE encoder call when the latent cache is filled
 RECONSTRUCTION_ITEMS = 8  # originals shown in the vae stage's reconstruction grids
@@ -76,18 +78,6 @@ class TrainResult:
     model_path: Path | None  # the exported EMA model, once finished
     seconds: float  # training time of this call, sampling and checkpoints excluded
     images_per_s: float
-
-
-def stage_configs(config: TrainConfig) -> list[TrainConfig]:
-    """The runs `config` stands for: itself, or for stage "all" a vae run in OUT/vae and a unet run in OUT/unet
-    on that VAE (fields left None take each stage's defaults)."""
-    if config.stage != "all":
-        return [config]
-    out = Path(config.out_dir)
-    vae = dataclasses.replace(config, stage="vae", steps=config.vae_steps, vae_steps=None, out_dir=str(out / "vae"))
-    unet = dataclasses.replace(config, stage="unet", vae_steps=None, vae=str(out / "vae" / EXPORT_FILE),
-                               out_dir=str(out / "unet"))
-    return [vae, unet]
 
 
 def train(config: TrainConfig, *, dataset=None, device: str | torch.device | None = None, resume: bool = True,
@@ -141,16 +131,18 @@ class Trainer:
                              f"{config.accumulation} x {context.world_size} = {micro}")
         self.micro_size = config.batch_size // micro
         checkpoint = self._find_checkpoint(resume)
-        data_source = dataset if dataset is not None else open_dataset(config.data, config.image_size, config.seed)
-        self.data = TrainingData(data_source, config.image_size, config.batch_size, config.seed)
-
         if checkpoint is not None:
             model = model_from_state(checkpoint.model_config, checkpoint.model_state)
         else:
             model = build_model(config)
+        self.config = config = resolved_config(config, model.config)  # a fine-tune's image size: its model's
+        if checkpoint is not None:
+            checkpointing.check_same_run(checkpoint.config, config, checkpoint.path)
+        data_source = dataset if dataset is not None else open_dataset(config.data, config.image_size, config.seed)
+        self.data = TrainingData(data_source, config.image_size, config.batch_size, config.seed)
         self.model: StableDiffusion = model.to(self.device)
-        freeze_untrained(self.model, config.stage)
-        self.params = trained_parameters(self.model, config.stage)
+        freeze_untrained(self.model, config)
+        self.params = trained_parameters(self.model, config)
         if config.stage == "vae":
             self.objective = VAEObjective(self.model.vae, config.recon_loss, config.kl_weight)
         else:
@@ -187,9 +179,7 @@ class Trainer:
         if not resume:
             raise ValueError(f"{self.run_dir} already holds checkpoints ({found.name}); resume it or choose another "
                              "output folder")
-        checkpoint = checkpointing.load_checkpoint(found)
-        checkpointing.check_same_run(checkpoint.config, self.config, found)
-        return checkpoint
+        return checkpointing.load_checkpoint(found)  # checked against the config once it is resolved
 
     def _restore(self, checkpoint) -> None:
         state = checkpoint.state
@@ -397,7 +387,7 @@ class Trainer:
         models = []
         for weights in (state, ema_state):
             model = model_from_state(self.model.config, weights)
-            if self.config.stage == "vae":
+            if measures_latent_scale(self.config):
                 probe = self.data.images(range(min(self.data.size, SCALE_PROBE_ITEMS)))
                 generator = torch.Generator().manual_seed(stream_seed(self.config.seed, "scale"))
                 scale = latent_scale(model.vae, probe, generator)
@@ -428,7 +418,7 @@ class Trainer:
             path = checkpointing.save_checkpoint(self.run_dir, self.step, trained, ema_model, state,
                                                  self.config, self.config.keep_checkpoints)
             report.plot_loss(self.run_dir / report.METRICS_FILE, self.run_dir / report.LOSS_PLOT_FILE,
-                             f"{self.config.stage} stage, {self.config.preset}, {self.config.data}")
+                             f"{self.config.stage} stage, {self.config.model_name}, {self.config.data}")
         self.context.barrier()
         return path
 

@@ -1,13 +1,19 @@
-"""What each stage trains, built from a TrainConfig: the model, its trainable part and objective, and the
-snapshots a run saves and samples with.
+"""What each stage trains, built from a TrainConfig: the runs a config stands for, the model, its trainable part
+and objective, and the snapshots a run saves and samples with.
 
     vae   trains model.vae with VAEObjective; the rest of the model is carried along untrained
-    unet  trains model.text_encoder and model.unet with DiffusionObjective; model.vae comes from the trained
-          VAE checkpoint (`TrainConfig.vae`) and stays frozen
+    unet  trains model.unet and (unless `train_text_encoder` is off) model.text_encoder with DiffusionObjective;
+          model.vae comes from the trained VAE checkpoint (`TrainConfig.vae`), or is the init model's, and stays
+          frozen
+
+From scratch the model is the preset's, drawn from the run's seed. A fine-tune (`TrainConfig.init`) loads the
+model with kedavra.checkpoint.load_model and keeps its ModelConfig, only `prediction_type` and `schedule` replaced
+where the config names them.
 
 A VAE's latents reach the U-Net multiplied by `VAEConfig.scaling_factor`; LDM (sec. 4.3.2, App. D.1) sets it to
 1 / (std of the latents of a batch of training data). `latent_scale` measures it for a trained VAE and every
-model the vae stage saves carries it in its config, so the unet stage trains on unit-variance latents.
+model the vae stage saves from scratch carries it in its config, so the unet stage trains on unit-variance latents.
+A fine-tuned VAE keeps the init model's factor: its U-Net was trained on latents scaled by it.
 """
 
 from __future__ import annotations
@@ -20,13 +26,36 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from kedavra.api import resolve_model
 from kedavra.checkpoint import load_model
 from kedavra.model import PRESETS, ModelConfig, StableDiffusion
 from kedavra.schedule import get_schedule
-from kedavra.training.config import TrainConfig
+from kedavra.training.config import TrainConfig, check_schedule_fits
 
+EXPORT_FILE = "model.safetensors"  # the finished run's EMA model, for `kedavra generate --model`
 SCALE_PROBE_ITEMS = 256  # training items whose latents set the scaling factor (LDM: one batch, App. D.1)
-TRAINED = {"vae": ("vae",), "unet": ("text_encoder", "unet")}  # the components each stage trains
+
+
+def stage_configs(config: TrainConfig) -> list[TrainConfig]:
+    """The runs `config` stands for: itself, or for stage "all" a vae run in OUT/vae and a unet run in OUT/unet
+    on that VAE (fields left None take each stage's defaults). A fine-tune's unet run starts from the vae run's
+    exported model: the init model with its VAE fine-tuned."""
+    if config.stage != "all":
+        return [config]
+    out = Path(config.out_dir)
+    vae = dataclasses.replace(config, stage="vae", steps=config.vae_steps, vae_steps=None, train_text_encoder=True,
+                              out_dir=str(out / "vae"))
+    vae_model = str(out / "vae" / EXPORT_FILE)
+    start = {"init": vae_model} if config.init is not None else {"vae": vae_model}
+    unet = dataclasses.replace(config, stage="unet", vae_steps=None, out_dir=str(out / "unet"), **start)
+    return [vae, unet]
+
+
+def trained_components(config: TrainConfig) -> tuple[str, ...]:
+    """The components the stage of `config` trains (the others are frozen)."""
+    if config.stage == "vae":
+        return ("vae",)
+    return ("text_encoder", "unet") if config.train_text_encoder else ("unet",)
 
 
 def stream_seed(seed: int, stream: str) -> int:
@@ -50,8 +79,11 @@ def model_config_for(config: TrainConfig, vae_config=None) -> ModelConfig:
 
 
 def build_model(config: TrainConfig) -> StableDiffusion:
-    """A fresh model for the stage, its initial weights drawn from the run's seed (the global RNG is forked, so
-    the caller's is untouched); for the unet stage with the trained VAE's weights."""
+    """The model a stage's run starts from: the init model (fine-tuning), or a fresh one, its initial weights drawn
+    from the run's seed (the global RNG is forked, so the caller's is untouched), for the unet stage with the
+    trained VAE's weights."""
+    if config.init is not None:
+        return _load_init(config)
     trained_vae = _load_trained_vae(config) if config.stage == "unet" else None
     model_config = model_config_for(config, trained_vae.config if trained_vae is not None else None)
     with torch.random.fork_rng(devices=[]):
@@ -76,6 +108,44 @@ def _load_trained_vae(config: TrainConfig):
     return vae
 
 
+def _load_init(config: TrainConfig) -> StableDiffusion:
+    """The init model, read by kedavra.checkpoint.load_model (whose error names an unreadable file), with the
+    config's prediction type and schedule where it names them."""
+    model = load_model(resolve_model(config.init))
+    if model.config.inpainting:
+        channels = model.config.unet.in_channels
+        raise ValueError(f"init {config.init!r} is an inpainting model (its U-Net takes {channels} input channels: "
+                         "latents, mask, masked image); training supports text-to-image models")
+    model.config = finetune_model_config(config, model.config)
+    return model
+
+
+def finetune_model_config(config: TrainConfig, loaded: ModelConfig) -> ModelConfig:
+    """The ModelConfig a fine-tune trains and saves: the loaded one, with `prediction_type` and `schedule`
+    replaced where the config names them."""
+    changed = dataclasses.replace(
+        loaded,
+        prediction_type=config.prediction_type or loaded.prediction_type,
+        schedule=get_schedule(config.schedule) if config.schedule is not None else loaded.schedule,
+    )
+    named = f"schedule {config.schedule!r}" if config.schedule is not None else f"init {config.init!r}'s schedule"
+    check_schedule_fits(changed.schedule, named, changed.prediction_type)
+    return changed
+
+
+def resolved_config(config: TrainConfig, model_config: ModelConfig) -> TrainConfig:
+    """`config` with the fields a fine-tune takes from its model filled in (image_size) and checked against the
+    model (`model_config`: the init model's, or the resumed checkpoint's, which keeps it)."""
+    if config.init is None:
+        return config
+    size = config.image_size if config.image_size is not None else model_config.image_size
+    factor = model_config.vae.downsample_factor
+    if size % factor:
+        raise ValueError(f"image_size must be a multiple of {factor} (the downsampling factor of init "
+                         f"{config.init!r}'s VAE), got {size}")
+    return dataclasses.replace(config, image_size=size)
+
+
 def model_from_state(model_config: ModelConfig, state: dict[str, Tensor]) -> StableDiffusion:
     """A model holding copies of the tensors in `state` (a full state dict), built without random init."""
     with torch.device("meta"):
@@ -88,18 +158,25 @@ def with_latent_scale(model_config: ModelConfig, scale: float) -> ModelConfig:
     return dataclasses.replace(model_config, vae=dataclasses.replace(model_config.vae, scaling_factor=scale))
 
 
-def trained_parameters(model: StableDiffusion, stage: str) -> dict[str, nn.Parameter]:
+def measures_latent_scale(config: TrainConfig) -> bool:
+    """Whether the models a run saves carry a newly measured latent scale: a vae run from scratch's (a fine-tune
+    keeps its model's, module docstring)."""
+    return config.stage == "vae" and config.init is None
+
+
+def trained_parameters(model: StableDiffusion, config: TrainConfig) -> dict[str, nn.Parameter]:
     """The parameters a stage trains, named as in the model's state dict ("unet.conv_in.weight", ...)."""
-    return {f"{part}.{name}": p for part in TRAINED[stage] for name, p in getattr(model, part).named_parameters()}
+    return {f"{part}.{name}": p for part in trained_components(config)
+            for name, p in getattr(model, part).named_parameters()}
 
 
-def freeze_untrained(model: StableDiffusion, stage: str) -> None:
+def freeze_untrained(model: StableDiffusion, config: TrainConfig) -> None:
     """requires_grad and train mode on the stage's components; the others frozen, in eval mode."""
+    trained = trained_components(config)
     for part in ("text_encoder", "unet", "vae"):
         module = getattr(model, part)
-        trained = part in TRAINED[stage]
-        module.requires_grad_(trained)
-        module.train(trained)
+        module.requires_grad_(part in trained)
+        module.train(part in trained)
 
 
 @torch.no_grad()
