@@ -1,0 +1,253 @@
+"""Packed oneDNN weights (kedavra.acceleration): the same numbers as the eager layers, repacking when the weight
+or the input shape changes, autograd left alone, and a pipeline that gives the same images with and without."""
+
+import copy
+import io
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from kedavra.acceleration import (
+    PackedConv2d,
+    PackedGEGLU,
+    PackedLinear,
+    optimize_for_inference,
+    pack_weights,
+    packing_available,
+    release_packed_weights,
+)
+from kedavra.model import ModelConfig, StableDiffusion
+from kedavra.pipeline import Pipeline
+from kedavra.transformer import GEGLU
+from kedavra.unet import UNet
+
+pytestmark = pytest.mark.skipif(not packing_available(), reason="this PyTorch build has no oneDNN packed-weight ops")
+
+# torch.testing.assert_close's default tolerance for bf16 (rtol 1.6e-2 = about two bf16 rounding steps, atol 1e-5)
+BF16_RTOL, BF16_ATOL = 1.6e-2, 1e-5
+# Whole pipeline, bf16: 8-bit images packed vs eager; measured 0 (bitwise) on the tiny model, allowed one level
+# for the GEGLU halves' rare one-step roundings (module docstring of kedavra.acceleration).
+PIPELINE_MAX_LEVELS = 1
+
+
+def random_input(*shape, dtype=torch.bfloat16, channels_last=False, seed=0):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def conv_pair(cin, cout, kernel, stride=1, dtype=torch.bfloat16, channels_last=True, seed=0):
+    """An eager conv and its packed twin sharing the same parameters."""
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2).to(dtype)
+    if channels_last:
+        conv = conv.to(memory_format=torch.channels_last)
+    return conv, PackedConv2d.from_conv(conv)
+
+
+def cached(layer) -> int:
+    """How many packed copies `layer` holds right now."""
+    return sum(cache.entry is not None for cache in layer.__dict__.get("_packed", ()))
+
+
+# ---- layers ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    ("cin", "cout", "kernel", "stride", "side", "channels_last"),
+    [
+        (320, 320, 3, 1, 8, True),  # SD 1.5's first-level ResBlock conv on a small map
+        (64, 128, 3, 2, 9, True),  # stride-2 Downsample on an odd side
+        (128, 64, 1, 1, 8, True),  # 1x1 shortcut / transformer projection
+        (4, 32, 3, 1, 8, False),  # conv_in on a contiguous (NCHW) input
+    ],
+)
+@torch.no_grad()
+def test_packed_conv_is_bitwise_the_eager_conv(dtype, cin, cout, kernel, stride, side, channels_last):
+    conv, packed = conv_pair(cin, cout, kernel, stride, dtype, channels_last)
+    x = random_input(2, cin, side, side, dtype=dtype, channels_last=channels_last)
+    out = packed(x)
+    assert cached(packed) == 1
+    assert torch.equal(out, conv(x))
+    assert torch.equal(packed(x), out)  # the second call reuses the packed copy
+
+
+@torch.no_grad()
+def test_packed_linear_is_bitwise_the_eager_linear_in_bf16_and_leaves_fp32_eager():
+    torch.manual_seed(0)
+    linear = nn.Linear(320, 1280).bfloat16()
+    packed = PackedLinear.from_linear(linear)
+    for shape in [(2, 64, 320), (2, 77, 320), (5, 320)]:  # token batches, text context, plain rows
+        x = random_input(*shape)
+        assert torch.equal(packed(x), linear(x))
+    fp32 = PackedLinear.from_linear(nn.Linear(320, 64))
+    x = random_input(3, 320, dtype=torch.float32)
+    assert torch.equal(fp32(x), nn.functional.linear(x, fp32.weight, fp32.bias)) and cached(fp32) == 0
+
+
+@pytest.mark.parametrize(("tokens", "dim"), [(2 * 64, 320), (2 * 77, 768), (512, 1280)])
+@torch.no_grad()
+def test_packed_geglu_is_the_chunked_geglu(tokens, dim):
+    """x W * GELU(x V) from two packed halves against eager GEGLU's chunk of one (N, 2 inner) product: bitwise
+    at the first two shapes; at 512 x 1280 oneDNN blocks the half-width reduction differently and a few
+    elements (about 0.02 %) move by one bf16 rounding step, inside torch.testing's bf16 tolerance."""
+    torch.manual_seed(0)
+    geglu = GEGLU(dim, 4 * dim).bfloat16()
+    packed = PackedGEGLU.from_geglu(geglu)
+    x = random_input(2, tokens // 2, dim)
+    eager, out = geglu(x), packed(x)
+    assert cached(packed) == 2 and out.shape == (2, tokens // 2, 4 * dim)
+    torch.testing.assert_close(out, eager, rtol=BF16_RTOL, atol=BF16_ATOL)
+    if dim < 1280:
+        assert torch.equal(out, eager)
+    assert (out != eager).float().mean() < 1e-3
+
+
+@torch.no_grad()
+def test_eager_geglu_is_value_times_gelu_of_gate_over_the_projection_halves():
+    """GEGLU (Shazeer 2020, eq. 6): rows [0, inner) of proj are W, rows [inner, 2 inner) are V, as PackedGEGLU
+    assumes when it slices them."""
+    torch.manual_seed(0)
+    geglu = GEGLU(8, 16)
+    x = torch.randn(3, 5, 8)
+    weight, bias = geglu.proj.weight, geglu.proj.bias
+    value = x @ weight[:16].T + bias[:16]
+    gate = x @ weight[16:].T + bias[16:]
+    torch.testing.assert_close(geglu(x), value * nn.functional.gelu(gate), rtol=1e-6, atol=1e-6)
+
+
+# ---- when the packed copy is rebuilt --------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_repacks_after_an_in_place_weight_change_a_state_dict_load_and_a_new_shape():
+    conv, packed = conv_pair(32, 32, 3)
+    x = random_input(2, 32, 8, 8, channels_last=True)
+    packed(x)
+    conv.weight.mul_(2)  # shared parameter: bumps its version counter
+    assert torch.equal(packed(x), conv(x))
+    state = {name: torch.randn_like(value) for name, value in conv.state_dict().items()}
+    packed.load_state_dict(state)
+    assert torch.equal(packed(x), conv(x))
+    bigger = random_input(2, 32, 12, 10, channels_last=True, seed=1)
+    assert torch.equal(packed(bigger), conv(bigger))  # repacked for the new shape (the old copy freed)
+    assert cached(packed) == 1
+
+
+@torch.no_grad()
+def test_conversion_drops_the_packed_copy_and_data_edits_need_a_release():
+    conv, packed = conv_pair(16, 16, 3)
+    x = random_input(2, 16, 8, 8, channels_last=True)
+    packed(x)
+    packed.float()
+    assert cached(packed) == 0
+    assert torch.equal(packed(x.float()), nn.functional.conv2d(x.float(), packed.weight, packed.bias, padding=1))
+    packed.weight.data.mul_(3)  # bypasses the version counter, as the module docstring warns
+    assert release_packed_weights(packed) == 1 and cached(packed) == 0
+    assert torch.equal(packed(x.float()), nn.functional.conv2d(x.float(), packed.weight, packed.bias, padding=1))
+
+
+def test_autograd_takes_the_eager_path_with_the_same_gradients():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    linear = nn.Linear(8, 8).bfloat16()
+    twin_conv, twin_linear = copy.deepcopy(conv), copy.deepcopy(linear)
+    packed_conv, packed_linear = PackedConv2d.from_conv(twin_conv), PackedLinear.from_linear(twin_linear)
+    x = torch.randn(2, 8, 6, 6)
+    rows = torch.randn(4, 8).bfloat16()
+    conv(x).square().sum().backward()
+    linear(rows).float().square().sum().backward()
+    packed_conv(x).square().sum().backward()
+    packed_linear(rows).float().square().sum().backward()
+    assert cached(packed_conv) == 0 and cached(packed_linear) == 0
+    assert torch.equal(twin_conv.weight.grad, conv.weight.grad)
+    assert torch.equal(twin_linear.weight.grad, linear.weight.grad)
+    x.requires_grad_(True)
+    with torch.no_grad():  # no graph recorded: the packed path again
+        packed_conv(x)
+    assert cached(packed_conv) == 1
+
+
+@torch.no_grad()
+def test_copies_and_pickles_of_a_used_packed_layer_start_empty_and_agree():
+    conv, packed = conv_pair(16, 16, 3)
+    x = random_input(2, 16, 8, 8, channels_last=True)
+    out = packed(x)
+    twin = copy.deepcopy(packed)  # oneDNN's opaque tensors cannot be copied: the cache must not be
+    buffer = io.BytesIO()
+    torch.save(packed, buffer)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    revived = pickle.loads(pickle.dumps(packed))
+    for other in (twin, loaded, revived):
+        assert cached(other) == 0 and torch.equal(other(x), out)
+
+
+# ---- whole models ----------------------------------------------------------------------------------------------
+
+
+def test_pack_weights_swaps_in_place_keeps_the_state_dict_and_is_idempotent():
+    config = ModelConfig.from_preset("tiny").unet
+    with torch.device("meta"):  # works on a meta model too: nothing is read or packed until a call
+        unet = UNet(config)
+    keys = list(unet.state_dict())
+    plain = sum(type(m) in (nn.Conv2d, nn.Linear, GEGLU) for m in unet.modules())
+    assert pack_weights(unet) == plain - sum(isinstance(m, GEGLU) for m in unet.modules())  # GEGLU's proj stays
+    assert list(unet.state_dict()) == keys
+    assert pack_weights(unet) == 0
+    assert any(isinstance(m, PackedGEGLU) for m in unet.modules())
+
+
+def test_optimize_for_inference_leaves_fp16_and_other_devices_alone():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1))
+    assert type(optimize_for_inference(model, "cpu", torch.float16)[0]) is nn.Conv2d
+    assert type(optimize_for_inference(model, "cuda", torch.bfloat16)[0]) is nn.Conv2d
+    assert type(optimize_for_inference(model, "cpu", torch.bfloat16)[0]) is PackedConv2d
+
+
+@torch.no_grad()
+def test_packed_unet_matches_the_eager_unet_in_bf16_and_fp32():
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("tiny").unet
+    eager = UNet(config).eval()
+    for p in eager.parameters():  # random everywhere, the zero-initialised output layers too
+        p.add_(0.05 * torch.randn_like(p))
+    x, t = torch.randn(2, config.in_channels, 16, 16), torch.tensor([10.0, 900.0])
+    context = torch.randn(2, 77, config.context_dim)
+    for dtype in (torch.bfloat16, torch.float32):
+        model = copy.deepcopy(eager).to(dtype).to(memory_format=torch.channels_last)
+        packed = optimize_for_inference(copy.deepcopy(model), "cpu", dtype)
+        reference = model(x.to(dtype), t, context.to(dtype))
+        assert torch.equal(packed(x.to(dtype), t, context.to(dtype)), reference)
+
+
+def tiny_model(seed=0) -> StableDiffusion:
+    """tests/test_pipeline.py's tiny model: every weight random."""
+    torch.manual_seed(seed)
+    model = StableDiffusion(ModelConfig.from_preset("tiny"))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return model
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_pipeline_gives_the_same_image_with_and_without_the_optimisation(dtype):
+    optimized = Pipeline(tiny_model(), dtype=dtype)
+    plain = Pipeline(tiny_model(), dtype=dtype, optimize=False)
+    assert any(isinstance(m, PackedConv2d) for m in optimized.model.unet.modules())
+    assert any(isinstance(m, PackedConv2d) for m in optimized.model.vae.modules())
+    assert not any(isinstance(m, PackedConv2d) for m in plain.model.modules())
+    kwargs = dict(seed=7, steps=4, guidance_scale=5.0, width=64, height=48)
+    a, b = optimized("a red circle", **kwargs), plain("a red circle", **kwargs)
+    torch.testing.assert_close(a.latents, b.latents, rtol=BF16_RTOL, atol=BF16_ATOL)
+    levels = np.abs(np.asarray(a.images[0], dtype=int) - np.asarray(b.images[0], dtype=int)).max()
+    assert levels <= PIPELINE_MAX_LEVELS
+
+
+def test_pipeline_refuses_a_non_bool_optimize():
+    with pytest.raises(ValueError, match="optimize must be True or False"):
+        Pipeline(tiny_model(), dtype="fp32", optimize="yes")
