@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from kedavra.api import embedded_models
+from kedavra.api import DEFAULT_MODEL, embedded_models
 from kedavra.pipeline import MAX_IMAGES, MAX_SEED, MAX_SIDE
 from kedavra.png_info import GenerationParameters, model_hash
 from kedavra.samplers import SamplerSpec
@@ -60,7 +60,7 @@ class Settings:
             side = getattr(self, name)
             if side is not None and not 1 <= side <= MAX_SIDE:
                 raise ValueError(f"--{name} must be from 1 to {MAX_SIDE} pixels (and a multiple of the model's "
-                                 f"size multiple), got {side}")
+                                 f"VAE factor, 8 for SD), got {side}")
         if not math.isfinite(self.cfg_scale) or self.cfg_scale < 0:
             raise ValueError(f"--cfg-scale must be a finite number >= 0, got {self.cfg_scale}")
         if not 0 <= self.guidance_rescale <= 1:
@@ -114,12 +114,14 @@ def model_identity(path: Path) -> tuple[str, str | None]:
 
 
 def choose_model(flag: str | None, png: GenerationParameters | None) -> str:
-    """--model, else the PNG's model when it is an embedded one, else the first embedded model."""
+    """--model, else the PNG's model when it is an embedded one, else the embedded default (kedavra-shapes)."""
     if flag is not None:
         return flag
     embedded = embedded_models()
     if png is not None and png.model in embedded:
         return png.model
+    if DEFAULT_MODEL in embedded:
+        return DEFAULT_MODEL
     if embedded:
         return next(iter(embedded))
     raise ValueError("no model given and none ships with kedavra yet: pass --model PATH (an SD 1.x / 2.x "

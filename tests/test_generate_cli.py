@@ -240,7 +240,7 @@ def test_inpainting_keeps_the_unmasked_pixels(model_file, images, tmp_path):
 # name -> (argv builder, text the one stderr line must hold). `m` is a missing --model: the check runs before the
 # model is looked up; `real` the tiny model file, for the checks that need its config.
 BAD_INPUTS = {
-    "width not a multiple": (lambda f: [PROMPT, *f.real, "--width", "30"], "got 30"),  # tiny: 4 = VAE f 2 x U-Net 2
+    "width not a multiple": (lambda f: [PROMPT, *f.real, "--width", "31"], "got 31"),  # tiny: VAE f 2
     "steps past training": (lambda f: [PROMPT, *f.real, "--steps", "1001"], "got 1001"),  # 1000 timesteps
     "width zero": (lambda f: [PROMPT, *f.m, "--width", "0"], "--width must be from 1 to 2048 pixels"),
     "height negative": (lambda f: [PROMPT, *f.m, "--height", "-8"], "got -8"),

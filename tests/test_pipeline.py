@@ -1,11 +1,13 @@
 """The pipeline: guidance, seeds and batches, precision, image to image, inpainting, and bad input."""
 
+import dataclasses
+
 import pytest
 import torch
 from PIL import Image
 
 from kedavra.model import ModelConfig, StableDiffusion
-from kedavra.pipeline import Pipeline, from_pil, to_pil
+from kedavra.pipeline import MAX_SIDE, Pipeline, from_pil, to_pil
 
 
 def tiny_model(family="tiny", seed=0) -> StableDiffusion:
@@ -97,9 +99,9 @@ def test_pil_round_trip():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"width": 30}, "width must be a multiple of 4 from 4 to 2048, got 30"),
-    ({"height": 0}, "height must be a multiple of 4"),
-    ({"width": 4096}, "width must be a multiple of 4 from 4 to 2048, got 4096"),
+    ({"width": 31}, r"width must be a multiple of 2 \(the VAE's downsampling factor\) from 2 to 2048, got 31"),
+    ({"height": 0}, "height must be a multiple of 2"),
+    ({"width": 4096}, r"width must be a multiple of 2 \(the VAE's downsampling factor\) from 2 to 2048, got 4096"),
     ({"steps": 0}, "steps must be an integer from 1 to 1000"),
     ({"sampler": "plms"}, "unknown sampler 'plms'"),
     ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number"),
@@ -144,3 +146,35 @@ def test_clip_skip_changes_the_context(pipe):
     a = pipe.encode_prompts(["a circle"], [""], clip_skip=1)[0]
     b = pipe.encode_prompts(["a circle"], [""], clip_skip=2)[0]
     assert a.shape == b.shape and not torch.allclose(a, b)
+
+
+# ---- sizes: any multiple of the VAE's factor, as in diffusers and A1111 ------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipe_f8():
+    """tiny with a four-level VAE: f = 8 as in SD, so sizes must be multiples of 8 (not of 8 x the U-Net's 2)."""
+    tiny = ModelConfig.from_preset("tiny")
+    vae = dataclasses.replace(tiny.vae, channel_multipliers=(1, 1, 2, 2))
+    config = dataclasses.replace(tiny, family="tiny-f8", vae=vae)
+    torch.manual_seed(0)
+    return Pipeline(StableDiffusion(config), dtype="fp32")
+
+
+def test_any_multiple_of_the_vae_factor_gives_an_image_of_that_size(pipe, pipe_f8):
+    # tiny (f = 2): 38x54 pixels -> 19x27 latents, which the U-Net's downsampler rounds up to 10x14
+    result = pipe("a circle", seed=1, steps=2, width=38, height=54)
+    assert result.images[0].size == (38, 54) and result.latents.shape == (1, 4, 27, 19)
+    # f = 8: 40x56 pixels (not multiples of 16) -> 5x7 latents
+    result = pipe_f8("a circle", seed=1, steps=2, width=40, height=56)
+    assert result.images[0].size == (40, 56) and result.latents.shape == (1, 4, 7, 5)
+
+
+@pytest.mark.parametrize(("name", "side"), [
+    ("width", 0), ("height", -8), ("width", 30), ("height", 12), ("width", MAX_SIDE + 8), ("height", 8.0),
+])
+def test_sizes_off_the_vae_grid_or_out_of_range_are_refused(pipe_f8, name, side):
+    message = rf"{name} must be a multiple of 8 \(the VAE's downsampling factor\) from 8 to {MAX_SIDE}, got {side}"
+    with pytest.raises(ValueError, match=message):
+        pipe_f8.check_request(**{"width": 64, "height": 64, name: side}, steps=2, guidance_scale=7.5, num_images=1,
+                              seed=0, sampler="euler")

@@ -10,7 +10,7 @@ order of precedence, from the flags given, the `--from-png` file, and the defaul
 
 Input is checked before the model loads wherever the check does not need the model (sizes, steps, strength,
 sampler, images, output folder, the PNG's parameters); the model-dependent checks (a side that is not a multiple
-of the model's size multiple, more steps than training timesteps) run right after it loads, before sampling.
+of the model's VAE factor, more steps than training timesteps) run right after it loads, before sampling.
 """
 
 from __future__ import annotations

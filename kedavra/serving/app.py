@@ -216,14 +216,14 @@ def build_task(body: GenerationRequest, pipe: Pipeline) -> GenerationTask:
 
 
 def request_size(body: GenerationRequest, pipe: Pipeline, init_size: tuple[int, int] | None) -> tuple[int, int]:
-    """(width, height): the request's, else the init image's, else the model's; multiples of its size multiple."""
+    """(width, height): the request's, else the init image's, else the model's; multiples of its VAE factor."""
     default = init_size or (pipe.config.image_size, pipe.config.image_size)
     width, height = body.width or default[0], body.height or default[1]
     multiple = pipe.size_multiple
     for name, side, given in (("width", width, body.width), ("height", height, body.height)):
         if side % multiple or not multiple <= side <= MAX_SIDE:
             origin = "" if given else " (the size of init_images[0]; set width and height to resize it)"
-            raise field_error(name, f"{name} must be a multiple of {multiple} (this model's size multiple) from "
+            raise field_error(name, f"{name} must be a multiple of {multiple} (this model's VAE factor) from "
                                     f"{multiple} to {MAX_SIDE}, got {side}{origin}", side)
     return width, height
 

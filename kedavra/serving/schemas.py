@@ -3,7 +3,7 @@
 Requests carry A1111's field names and defaults so that its clients (the `webuiapi` package, scripts written
 for A1111) work unchanged. Ranges are checked here, where the request enters, and a bad field is answered 422
 naming it (FastAPI turns a pydantic error into {"detail": [{"loc": ["body", "steps"], "msg": ...}]}); what
-depends on the loaded model (width a multiple of its size multiple) is checked by the app against the model.
+depends on the loaded model (width a multiple of its VAE factor) is checked by the app against the model.
 
 Fields A1111 has and kedavra does not act on are accepted so that its clients' requests parse, and named in
 the response's notes when they are set to something that would change the image (see `ignored_settings`).
