@@ -17,6 +17,7 @@ from kedavra import __version__
 COMMAND_MODULES = (
     "kedavra.commands.generate",
     "kedavra.commands.samplers",
+    "kedavra.commands.evaluate",
     "kedavra.serving.command",
     "kedavra.toy.command",
     "kedavra.training.command",

