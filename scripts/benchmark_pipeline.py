@@ -5,7 +5,7 @@
     .venv/bin/python scripts/benchmark_pipeline.py --fp32-steps 4        # quicker: extrapolate the fp32 baseline
 (docs/benchmark.md gives the commands behind its tables.)
 
-Both sides get the same SD 1.5-shaped model with the same random weights: tests/test_checkpoint.py's
+Both sides get the same SD 1.5-shaped model with the same random weights: tests/reference_models.py's
 `reference_models` (every parameter drawn under a seed) saved as a diffusers folder (built once, then reused
 from --workdir), which diffusers loads with from_pretrained and kedavra with kedavra.load. Both sample with
 Euler on SD's "leading" timesteps (steps_offset 1), classifier-free guidance 7.5 with the two halves in one
@@ -88,7 +88,7 @@ def build_folder(folder: Path) -> None:
     """Random SD 1.5 weights (seeded) as a diffusers folder, with an Euler scheduler on SD's leading spacing."""
     tests_on_path()
     from diffusers import EulerDiscreteScheduler
-    from test_checkpoint import reference_models, write_diffusers
+    from reference_models import reference_models, write_diffusers
 
     from kedavra.model import ModelConfig
 

@@ -9,9 +9,7 @@ diffusers converters), then loaded with load_model and compared output by output
 import dataclasses
 import json
 import math
-import os
 import pathlib
-import pickle
 import subprocess
 import sys
 import types
@@ -19,24 +17,27 @@ import types
 import pytest
 import sd_keys
 import torch
-from diffusers import AutoencoderKL as DiffusersVAE
-from diffusers import DDIMScheduler, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import (
     convert_ldm_clip_checkpoint,
     convert_ldm_unet_checkpoint,
     convert_ldm_vae_checkpoint,
     convert_open_clip_checkpoint,
 )
+from reference_models import (
+    assert_parity,
+    kedavra_state,
+    reference_models,
+    write_diffusers,
+    write_original,
+)
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from kedavra.checkpoint import (
     CONFIG_KEY,
     PROBE_THRESHOLD,
     CheckpointError,
     SafetensorsFile,
-    UnsafeCheckpointError,
     load_model,
     probe_prediction_type,
     save_model,
@@ -44,157 +45,8 @@ from kedavra.checkpoint import (
 )
 from kedavra.model import PRESETS, ModelConfig, StableDiffusion
 from kedavra.schedule import get_schedule
-from kedavra.text_encoder import convert_text_encoder_state_dict
-from kedavra.tokenizer import load_vocabulary
-from kedavra.unet_keys import convert_unet_state_dict
-from kedavra.vae_keys import convert_vae_state_dict
 
-PARITY_ATOL = 1e-5  # fp32, the brief's bound for every component output
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-# ---- reference models ------------------------------------------------------------------------------------
-
-
-def reference_models(config: ModelConfig, seed: int = 0, device: str | None = None):
-    """(CLIPTextModel, UNet2DConditionModel, AutoencoderKL) shaped like `config`, parameters drawn under `seed`.
-
-    device="meta" builds them without memory (for key and shape checks)."""
-    t, u, v = config.text_encoder, config.unet, config.vae
-    with torch.device(device or "cpu"):
-        text = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=t.vocab_size,
-                hidden_size=t.width,
-                intermediate_size=t.mlp_width,
-                num_hidden_layers=t.num_layers,
-                num_attention_heads=t.num_heads,
-                max_position_embeddings=t.max_positions,
-                hidden_act=t.activation,
-                layer_norm_eps=t.layer_norm_eps,
-            )
-        )
-        unet = UNet2DConditionModel(
-            in_channels=u.in_channels,
-            out_channels=u.out_channels,
-            down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in u.attention_per_level),
-            up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(u.attention_per_level)),
-            block_out_channels=u.level_channels,
-            layers_per_block=u.res_blocks_per_level,
-            cross_attention_dim=u.context_dim,
-            attention_head_dim=[u.heads(c)[0] for c in u.level_channels],  # a head count in diffusers (its #2011)
-            use_linear_projection=u.use_linear_projection,
-            upcast_attention=u.upcast_attention,
-            norm_num_groups=u.norm_groups,
-            sample_size=config.image_size // v.downsample_factor,
-        )
-        vae = DiffusersVAE(
-            down_block_types=("DownEncoderBlock2D",) * v.num_levels,
-            up_block_types=("UpDecoderBlock2D",) * v.num_levels,
-            block_out_channels=v.block_channels,
-            layers_per_block=v.num_res_blocks,
-            latent_channels=v.latent_channels,
-            norm_num_groups=v.norm_groups,
-            scaling_factor=v.scaling_factor,
-            sample_size=config.image_size,
-        )
-    if device != "meta":
-        generator = torch.Generator().manual_seed(seed)
-        for model in (text, unet, vae):
-            randomize(model, generator)
-    return text.eval(), unet.eval(), vae.eval()
-
-
-def randomize(model: torch.nn.Module, generator: torch.Generator) -> None:
-    """Norm gains near 1, matrices scaled by 1/sqrt(fan-in) so activations stay O(1), the rest small."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=generator)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * noise)
-            elif "embedding" in name:
-                p.copy_(noise)
-            elif p.ndim >= 2:
-                p.copy_(noise / math.sqrt(p[0].numel()))
-            else:
-                p.copy_(0.1 * noise)
-
-
-def kedavra_state(refs, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """The references' weights under kedavra's names (prefixed as StableDiffusion.state_dict has them)."""
-    converters = (convert_text_encoder_state_dict, convert_unet_state_dict, convert_vae_state_dict)
-    state = {}
-    for name, ref, convert in zip(("text_encoder", "unet", "vae"), refs, converters, strict=True):
-        state.update(
-            {f"{name}.{k}": v for k, v in convert(ref.state_dict(), "diffusers", getattr(config, name)).items()}
-        )
-    return state
-
-
-def write_original(path, refs, config: ModelConfig, metadata=None, dtype=torch.float32):
-    original = sd_keys.original_state_dict(kedavra_state(refs, config), config)
-    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in original.items()}
-    save_file(tensors, str(path), metadata=metadata)  # the safetensors library's own writer
-    return path
-
-
-def write_diffusers(folder: pathlib.Path, refs, config: ModelConfig, prediction_type: str = "epsilon"):
-    text, unet, vae = refs
-    for name, model in (("text_encoder", text), ("unet", unet), ("vae", vae)):
-        model.save_pretrained(folder / name)
-    DDIMScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        prediction_type=prediction_type,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        timestep_spacing="trailing",
-    ).save_pretrained(folder / "scheduler")
-    (folder / "tokenizer").mkdir()
-    (folder / "tokenizer" / "vocab.json").write_text(json.dumps(load_vocabulary().ids))
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    return folder
-
-
-def max_errors(ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
-    """(max abs error, max abs error / max |ref|)."""
-    diff = (ours - ref).abs().max().item()
-    return diff, diff / ref.abs().max().item()
-
-
-def assert_parity(model: StableDiffusion, refs) -> dict[str, tuple[float, float]]:
-    text, unet, vae = refs
-    config = model.config
-    generator = torch.Generator().manual_seed(7)
-    ids = model.tokenizer(["a photo of an astronaut riding a horse", ""])
-    latent = config.image_size // config.vae.downsample_factor
-    x = torch.randn(2, config.unet.in_channels, latent, latent, generator=generator)
-    context = torch.randn(2, 77, config.unet.context_dim, generator=generator)
-    t = torch.tensor([10.0, 980.0])
-    images = torch.rand(1, 3, config.image_size, config.image_size, generator=generator) * 2 - 1
-    z = torch.randn(1, config.vae.latent_channels, latent, latent, generator=generator)
-    with torch.no_grad():
-        pairs = {
-            "text_encoder": (model.text_encoder(ids), text(ids).last_hidden_state),
-            "unet": (model.unet(x, t, context), unet(x, t, encoder_hidden_states=context).sample),
-            "vae.encode": (model.vae.encode(images).mean, vae.encode(images).latent_dist.mean),
-            "vae.decode": (model.vae.decode(z), vae.decode(z).sample),
-        }
-    errors = {name: max_errors(ours, ref) for name, (ours, ref) in pairs.items()}
-    for name, (absolute, _) in errors.items():
-        assert absolute <= PARITY_ATOL, (name, errors)
-    return errors
-
-
-@pytest.fixture(scope="module")
-def tiny_refs():
-    return {name: reference_models(PRESETS[name]) for name in ("tiny", "tiny-sd2")}
-
-
-@pytest.fixture(scope="module")
-def tiny_file(tiny_refs, tmp_path_factory):
-    return write_original(tmp_path_factory.mktemp("tiny") / "tiny.safetensors", tiny_refs["tiny"], PRESETS["tiny"])
 
 
 # ---- ModelConfig and StableDiffusion --------------------------------------------------------------------
@@ -537,184 +389,6 @@ def test_probe_tells_eps_from_v_with_the_stated_slopes(variance):
         assert found == kind
         assert slope == pytest.approx(expected, abs=1e-6)  # the model runs in float32
     assert slopes["eps"] > 0.99 and abs(slopes["v"]) < 0.07 and 0.07 < PROBE_THRESHOLD < 0.99
-
-
-# ---- bad input ------------------------------------------------------------------------------------------------
-
-
-def test_not_a_checkpoint(tmp_path):
-    cases = {
-        "image.safetensors": (b"\x89PNG\r\n\x1a\n" + bytes(100), "a PNG image, not a checkpoint"),
-        "notes.ckpt": (b"just some notes\n", "not a checkpoint: a text file"),
-        "page.safetensors": (b"<!DOCTYPE html><html>404</html>", "an HTML page"),
-        "empty.safetensors": (b"", "empty file"),
-        "noise.bin": (bytes(range(150, 250)), r"unrecognised content"),
-    }
-    for name, (content, message) in cases.items():
-        (tmp_path / name).write_bytes(content)
-        with pytest.raises(CheckpointError, match=rf"{name}: .*{message}"):
-            load_model(tmp_path / name)
-    with pytest.raises(FileNotFoundError, match="missing.safetensors: no such file"):
-        load_model(tmp_path / "missing.safetensors")
-    with pytest.raises(CheckpointError, match="not a diffusers model folder: no unet/"):
-        load_model(tmp_path)
-
-
-def test_git_lfs_pointer(tmp_path):
-    pointer = tmp_path / "v1-5-pruned-emaonly.safetensors"
-    pointer.write_text(
-        "version https://git-lfs.github.com/spec/v1\n"
-        "oid sha256:6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa\nsize 4265146304\n"
-    )
-    with pytest.raises(CheckpointError, match=r"v1-5-pruned-emaonly.safetensors: a Git LFS pointer.*`git lfs pull`"):
-        load_model(pointer)
-
-
-def test_truncated_and_corrupt_safetensors(tiny_file, tmp_path):
-    data = tiny_file.read_bytes()
-    cut = tmp_path / "cut.safetensors"
-    cut.write_bytes(data[: len(data) // 2])
-    with pytest.raises(
-        CheckpointError,
-        match=r"cut.safetensors: truncated \.safetensors: the header describes \d+ "
-        r"bytes of tensor data but the file holds only \d+",
-    ):
-        load_model(cut)
-    header_cut = tmp_path / "header_cut.safetensors"
-    header_cut.write_bytes(data[:100])
-    with pytest.raises(CheckpointError, match=r"header_cut.safetensors: truncated .* the header alone should be"):
-        load_model(header_cut)
-    bloated = tmp_path / "bloated.safetensors"
-    bloated.write_bytes((2 * len(data)).to_bytes(8, "little") + data[8:])  # a header longer than the file
-    with pytest.raises(CheckpointError, match=rf"bloated.safetensors: truncated .* should be {2 * len(data)} bytes"):
-        load_model(bloated)
-    garbled = tmp_path / "garbled.safetensors"
-    garbled.write_bytes(data[:9] + b"\xff" * 20 + data[29:])
-    with pytest.raises(
-        CheckpointError, match="garbled.safetensors: corrupt .safetensors: the header is not valid JSON"
-    ):
-        load_model(garbled)
-
-
-def test_wrong_architecture_names_what_was_expected(tmp_path):
-    sdxl = {
-        "conditioner.embedders.1.model.positional_embedding": torch.zeros(77, 8),
-        "model.diffusion_model.label_emb.0.0.weight": torch.zeros(2, 2),
-    }
-    save_file(sdxl, str(tmp_path / "sdxl.safetensors"))
-    with pytest.raises(
-        CheckpointError,
-        match=r"sdxl.safetensors: this looks like an SDXL .* expected model\."
-        r"diffusion_model\.\* \(U-Net\), first_stage_model",
-    ):
-        load_model(tmp_path / "sdxl.safetensors")
-    save_file({"lora_unet_down_blocks_0.alpha": torch.ones(())}, str(tmp_path / "lora.safetensors"))
-    with pytest.raises(CheckpointError, match="lora.safetensors: this looks like a LoRA"):
-        load_model(tmp_path / "lora.safetensors")
-    save_file({"weight": torch.ones(3)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(CheckpointError, match=r"other.safetensors: unknown architecture: no U-Net weights \(1 keys"):
-        load_model(tmp_path / "other.safetensors")
-
-
-def test_unknown_width_is_an_unknown_architecture(tiny_refs, tmp_path):
-    tensors = dict(
-        SafetensorsFile(write_original(tmp_path / "a.safetensors", tiny_refs["tiny"], PRESETS["tiny"])).tensors()
-    )
-    key = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
-    tensors[key] = torch.zeros(64, 48)
-    save_file({k: v.clone() for k, v in tensors.items()}, str(tmp_path / "b.safetensors"))
-    with pytest.raises(CheckpointError, match=r"b.safetensors: unknown architecture \(U-Net cross-attention width 48"):
-        load_model(tmp_path / "b.safetensors")
-
-
-def test_missing_and_unexpected_keys_are_counted_and_named(tiny_file, tmp_path):
-    tensors = {k: v.clone() for k, v in SafetensorsFile(tiny_file).tensors().items()}
-    dropped = sorted(k for k in tensors if k.startswith("model.diffusion_model.output_blocks.1."))
-    for key in dropped:
-        del tensors[key]
-    save_file(tensors, str(tmp_path / "missing.safetensors"))
-    with pytest.raises(
-        CheckpointError,
-        match=rf"missing.safetensors: U-Net state dict .* {len(dropped)} missing keys "
-        r"\[output_blocks\.1\.0\.emb_layers",
-    ):
-        load_model(tmp_path / "missing.safetensors")
-    tensors = {k: v.clone() for k, v in SafetensorsFile(tiny_file).tensors().items()}
-    tensors["model.diffusion_model.extra.weight"] = torch.zeros(2)
-    tensors["mystery"] = torch.zeros(2)
-    save_file(tensors, str(tmp_path / "extra.safetensors"))
-    with pytest.raises(CheckpointError, match=r"extra.safetensors: 1 unexpected keys outside .*: mystery"):
-        load_model(tmp_path / "extra.safetensors")
-    del tensors["mystery"]
-    save_file(tensors, str(tmp_path / "extra.safetensors"))
-    with pytest.raises(CheckpointError, match=r"1 unexpected keys \[extra.weight\]"):
-        load_model(tmp_path / "extra.safetensors")
-
-
-def test_diffusers_folder_with_a_different_vocabulary(tiny_refs, tmp_path):
-    folder = write_diffusers(tmp_path / "model", tiny_refs["tiny"], PRESETS["tiny"])
-    (folder / "tokenizer" / "vocab.json").write_text(json.dumps({"a": 0, "b": 1}))
-    with pytest.raises(CheckpointError, match="vocab.json: the tokenizer has 2 tokens; kedavra uses .* 49408"):
-        load_model(folder)
-
-
-def test_bad_arguments():
-    with pytest.raises(ValueError, match="unknown family 'sdxl'; allowed: sd15, "):
-        load_model("x.safetensors", family="sdxl")
-    with pytest.raises(ValueError, match="unknown prediction_type 'x0'"):
-        load_model("x.safetensors", prediction_type="x0")
-    with pytest.raises(ValueError, match="dtype must be a floating-point"):
-        load_model("x.safetensors", dtype=torch.int8)
-
-
-# ---- pickled code is refused, never run ----------------------------------------------------------------------
-
-
-class SystemPayload:
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.target}",))
-
-
-class TouchPayload:
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        return (pathlib.Path.touch, (pathlib.Path(self.target),))
-
-
-@pytest.mark.parametrize("payload", [SystemPayload, TouchPayload])
-@pytest.mark.parametrize("container", ["zip", "legacy", "pickle", "diffusers-bin"])
-def test_planted_payload_is_refused_without_running(tiny_file, tmp_path, payload, container):
-    marker = tmp_path / "PWNED"
-    state = {k: v.clone() for k, v in SafetensorsFile(tiny_file).tensors().items()}
-    state["model_ema.decay"] = payload(marker)  # hidden among the weights
-    if container == "zip":
-        path = tmp_path / "model.ckpt"
-        torch.save({"state_dict": state}, path)
-    elif container == "legacy":  # torch.save's format before torch 1.6
-        path = tmp_path / "model.ckpt"
-        torch.save({"state_dict": state}, path, _use_new_zipfile_serialization=False)
-    elif container == "pickle":  # a bare pickle: its tensors name torch.storage._load_from_bytes first
-        path = tmp_path / "model.ckpt"
-        with open(path, "wb") as f:
-            pickle.dump({"state_dict": state}, f, protocol=2)
-    else:
-        path = tmp_path / "folder"
-        for name in ("unet", "vae", "text_encoder"):
-            (path / name).mkdir(parents=True)
-            torch.save({"conv_in.weight": payload(marker)}, path / name / "diffusion_pytorch_model.bin")
-    assert not marker.exists()
-    named = r"_load_from_bytes" if container == "pickle" else r"system|Path|getattr"
-    with pytest.raises(
-        UnsafeCheckpointError,
-        match=rf"refused: this pickled checkpoint contains code references \(.*({named}).*\) that could run arbitrary",
-    ):
-        load_model(path)
-    assert not marker.exists()
 
 
 # ---- full size ------------------------------------------------------------------------------------------------

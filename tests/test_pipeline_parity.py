@@ -11,7 +11,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from test_checkpoint import reference_models, write_diffusers  # noqa: E402
+from reference_models import reference_models, write_diffusers  # noqa: E402
 
 from kedavra.checkpoint import load_model  # noqa: E402
 from kedavra.model import ModelConfig  # noqa: E402

@@ -454,7 +454,7 @@ def test_finetune_from_sd_layouts(tmp_path, layout):
     """A tiny model in SD 1.x's original single-file layout, or as a diffusers folder (v-prediction and trailing
     spacing in its scheduler config), fine-tunes its U-Net and text encoder at 16 px on its own VAE (bitwise
     unchanged), and the saved model keeps what the loader read."""
-    from test_checkpoint import reference_models, write_diffusers, write_original
+    from reference_models import reference_models, write_diffusers, write_original
 
     tiny = PRESETS["tiny"]
     refs = reference_models(tiny)

@@ -1,0 +1,166 @@
+"""Reference models for the parity tests: diffusers' UNet2DConditionModel and AutoencoderKL and transformers'
+CLIPTextModel, built offline for a kedavra ModelConfig with every parameter re-drawn under a fixed seed, and writers
+that save them as a diffusers folder (their own save_pretrained) or an original single file (tests/sd_keys.py).
+Used by test_checkpoint.py, test_checkpoint_errors.py, test_pipeline_parity.py, test_training.py and the benchmark
+scripts; tests/conftest.py offers the fixtures tiny_refs and tiny_file to every test module."""
+
+import json
+import math
+import pathlib
+
+import pytest
+import sd_keys
+import torch
+from diffusers import AutoencoderKL as DiffusersVAE
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from kedavra.model import PRESETS, ModelConfig, StableDiffusion
+from kedavra.text_encoder import convert_text_encoder_state_dict
+from kedavra.tokenizer import load_vocabulary
+from kedavra.unet_keys import convert_unet_state_dict
+from kedavra.vae_keys import convert_vae_state_dict
+
+PARITY_ATOL = 1e-5  # fp32, the bound for every component output
+
+def reference_models(config: ModelConfig, seed: int = 0, device: str | None = None):
+    """(CLIPTextModel, UNet2DConditionModel, AutoencoderKL) shaped like `config`, parameters drawn under `seed`.
+
+    device="meta" builds them without memory (for key and shape checks)."""
+    t, u, v = config.text_encoder, config.unet, config.vae
+    with torch.device(device or "cpu"):
+        text = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=t.vocab_size,
+                hidden_size=t.width,
+                intermediate_size=t.mlp_width,
+                num_hidden_layers=t.num_layers,
+                num_attention_heads=t.num_heads,
+                max_position_embeddings=t.max_positions,
+                hidden_act=t.activation,
+                layer_norm_eps=t.layer_norm_eps,
+            )
+        )
+        unet = UNet2DConditionModel(
+            in_channels=u.in_channels,
+            out_channels=u.out_channels,
+            down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in u.attention_per_level),
+            up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(u.attention_per_level)),
+            block_out_channels=u.level_channels,
+            layers_per_block=u.res_blocks_per_level,
+            cross_attention_dim=u.context_dim,
+            attention_head_dim=[u.heads(c)[0] for c in u.level_channels],  # a head count in diffusers (its #2011)
+            use_linear_projection=u.use_linear_projection,
+            upcast_attention=u.upcast_attention,
+            norm_num_groups=u.norm_groups,
+            sample_size=config.image_size // v.downsample_factor,
+        )
+        vae = DiffusersVAE(
+            down_block_types=("DownEncoderBlock2D",) * v.num_levels,
+            up_block_types=("UpDecoderBlock2D",) * v.num_levels,
+            block_out_channels=v.block_channels,
+            layers_per_block=v.num_res_blocks,
+            latent_channels=v.latent_channels,
+            norm_num_groups=v.norm_groups,
+            scaling_factor=v.scaling_factor,
+            sample_size=config.image_size,
+        )
+    if device != "meta":
+        generator = torch.Generator().manual_seed(seed)
+        for model in (text, unet, vae):
+            randomize(model, generator)
+    return text.eval(), unet.eval(), vae.eval()
+
+
+def randomize(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Norm gains near 1, matrices scaled by 1/sqrt(fan-in) so activations stay O(1), the rest small."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * noise)
+            elif "embedding" in name:
+                p.copy_(noise)
+            elif p.ndim >= 2:
+                p.copy_(noise / math.sqrt(p[0].numel()))
+            else:
+                p.copy_(0.1 * noise)
+
+
+def kedavra_state(refs, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The references' weights under kedavra's names (prefixed as StableDiffusion.state_dict has them)."""
+    converters = (convert_text_encoder_state_dict, convert_unet_state_dict, convert_vae_state_dict)
+    state = {}
+    for name, ref, convert in zip(("text_encoder", "unet", "vae"), refs, converters, strict=True):
+        state.update(
+            {f"{name}.{k}": v for k, v in convert(ref.state_dict(), "diffusers", getattr(config, name)).items()}
+        )
+    return state
+
+
+def write_original(path, refs, config: ModelConfig, metadata=None, dtype=torch.float32):
+    original = sd_keys.original_state_dict(kedavra_state(refs, config), config)
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in original.items()}
+    save_file(tensors, str(path), metadata=metadata)  # the safetensors library's own writer
+    return path
+
+
+def write_diffusers(folder: pathlib.Path, refs, config: ModelConfig, prediction_type: str = "epsilon"):
+    text, unet, vae = refs
+    for name, model in (("text_encoder", text), ("unet", unet), ("vae", vae)):
+        model.save_pretrained(folder / name)
+    DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=prediction_type,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="trailing",
+    ).save_pretrained(folder / "scheduler")
+    (folder / "tokenizer").mkdir()
+    (folder / "tokenizer" / "vocab.json").write_text(json.dumps(load_vocabulary().ids))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return folder
+
+
+def max_errors(ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(max abs error, max abs error / max |ref|)."""
+    diff = (ours - ref).abs().max().item()
+    return diff, diff / ref.abs().max().item()
+
+
+def assert_parity(model: StableDiffusion, refs) -> dict[str, tuple[float, float]]:
+    text, unet, vae = refs
+    config = model.config
+    generator = torch.Generator().manual_seed(7)
+    ids = model.tokenizer(["a photo of an astronaut riding a horse", ""])
+    latent = config.image_size // config.vae.downsample_factor
+    x = torch.randn(2, config.unet.in_channels, latent, latent, generator=generator)
+    context = torch.randn(2, 77, config.unet.context_dim, generator=generator)
+    t = torch.tensor([10.0, 980.0])
+    images = torch.rand(1, 3, config.image_size, config.image_size, generator=generator) * 2 - 1
+    z = torch.randn(1, config.vae.latent_channels, latent, latent, generator=generator)
+    with torch.no_grad():
+        pairs = {
+            "text_encoder": (model.text_encoder(ids), text(ids).last_hidden_state),
+            "unet": (model.unet(x, t, context), unet(x, t, encoder_hidden_states=context).sample),
+            "vae.encode": (model.vae.encode(images).mean, vae.encode(images).latent_dist.mean),
+            "vae.decode": (model.vae.decode(z), vae.decode(z).sample),
+        }
+    errors = {name: max_errors(ours, ref) for name, (ours, ref) in pairs.items()}
+    for name, (absolute, _) in errors.items():
+        assert absolute <= PARITY_ATOL, (name, errors)
+    return errors
+
+
+@pytest.fixture(scope="module")
+def tiny_refs():
+    return {name: reference_models(PRESETS[name]) for name in ("tiny", "tiny-sd2")}
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tiny_refs, tmp_path_factory):
+    return write_original(tmp_path_factory.mktemp("tiny") / "tiny.safetensors", tiny_refs["tiny"], PRESETS["tiny"])
