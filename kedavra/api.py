@@ -38,11 +38,11 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
                             f"name (embedded: {known})")
 
 
-def load(name_or_path: str | os.PathLike, *, device: str | torch.device | None = None,
+def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, family: str | None = None,
          prediction_type: str | None = None, optimize: bool = True) -> Pipeline:
-    """A Pipeline for an embedded model name, a single-file checkpoint (.safetensors, .ckpt) or a diffusers
-    folder. family / prediction_type override what is detected from the weights (see kedavra.checkpoint);
-    optimize: keep CPU weights in oneDNN's packed layout (Pipeline's flag; docs/benchmark.md)."""
+    """A Pipeline for an embedded model name (default: kedavra-shapes), a single-file checkpoint (.safetensors,
+    .ckpt) or a diffusers folder. family / prediction_type override what is detected from the weights (see
+    kedavra.checkpoint); optimize: keep CPU weights in oneDNN's packed layout (Pipeline's flag; docs/benchmark.md)."""
     model = load_model(resolve_model(name_or_path), family=family, prediction_type=prediction_type)
     return Pipeline(model, device=device, dtype=dtype, optimize=optimize)

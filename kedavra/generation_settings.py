@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from kedavra.api import DEFAULT_MODEL, embedded_models
+from kedavra.api import DEFAULT_MODEL, EMBEDDED_DIR, embedded_models
 from kedavra.pipeline import MAX_IMAGES, MAX_SEED, MAX_SIDE
 from kedavra.png_info import GenerationParameters, model_hash
 from kedavra.samplers import SamplerSpec
@@ -124,8 +124,8 @@ def choose_model(flag: str | None, png: GenerationParameters | None) -> str:
         return DEFAULT_MODEL
     if embedded:
         return next(iter(embedded))
-    raise ValueError("no model given and none ships with kedavra yet: pass --model PATH (an SD 1.x / 2.x "
-                     ".safetensors or .ckpt file, or a diffusers folder)")
+    raise ValueError(f"no model given and no embedded model found in {EMBEDDED_DIR} (the installation lacks its "
+                     "assets): pass --model PATH (an SD 1.x / 2.x .safetensors or .ckpt file, or a diffusers folder)")
 
 
 def check_device(name: str | None) -> torch.device | None:

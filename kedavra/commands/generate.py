@@ -75,8 +75,8 @@ def register(subparsers) -> None:
                         help="what to draw; A1111's (word:1.3) emphasis and BREAK work (needed unless --from-png)")
     model = parser.add_argument_group("model")
     model.add_argument("--model", metavar="PATH_OR_NAME",
-                       help="checkpoint file, diffusers folder or embedded model name (default: the first "
-                            "embedded model; none ships yet, so this is needed)")
+                       help="checkpoint file, diffusers folder or embedded model name (default: the embedded "
+                            "kedavra-shapes, docs/embedded_model.md)")
     model.add_argument("--family", metavar="NAME",
                        help=f"model family instead of the detected one: {', '.join(PRESETS)}")
     model.add_argument("--prediction-type", metavar="TYPE",

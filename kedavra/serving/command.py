@@ -51,7 +51,7 @@ def register(subparsers) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--model", metavar="PATH_OR_NAME",
                        help="checkpoint file, diffusers folder or embedded model name (default: the first model in "
-                            "--models-dir, else the first embedded model)")
+                            "--models-dir, else the embedded kedavra-shapes)")
     model.add_argument("--models-dir", metavar="DIR",
                        help="a folder of models (.safetensors, .ckpt, diffusers folders) listed by /sdapi/v1/sd-models "
                             "and selectable by name through the sd_model_checkpoint option")
