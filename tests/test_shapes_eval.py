@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from kedavra.data.folder import image_to_tensor
+from kedavra.data.shape_drawing import shape_coverage
 from kedavra.data.shapes import (
     PALETTE,
     RELATIONS,
@@ -17,7 +18,6 @@ from kedavra.data.shapes import (
     ShapesDataset,
     evaluation_prompts,
     prompt_to_scene,
-    shape_coverage,
 )
 from kedavra.evaluation import CATEGORIES, evaluate_batch, evaluate_image
 from kedavra.evaluation.shapes_eval import (

@@ -30,6 +30,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from kedavra.data.folder import image_to_tensor
+from kedavra.data.shape_drawing import SUPERSAMPLE, draw_shape
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars",
@@ -60,70 +61,14 @@ PROMPT_KINDS = ("single", "count", "pair", "relation")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 MAX_OBJECTS = len(NUMBER_WORDS) - 1  # four small objects are what fits a 32x32 image with gaps between them
 MIN_IMAGE_SIZE = 16  # below this a small star is a 4 px blob
-SUPERSAMPLE = 4  # draw at 4x and box-filter down: 16 coverage levels on every edge
 BORDER_MARGIN = 0.04  # fraction of the side kept free between any object and the image border
 OBJECT_GAP = 0.08  # fraction of the side kept free between the bounding boxes of two objects
 RELATION_DOMINANCE = 2.0  # a generated "left of" moves at least this many times further in x than in y
-STAR_INNER_RATIO = 0.45  # inner / outer radius of the star (a regular pentagram's 0.382 vanishes at 9 px)
-CROSS_HALF_WIDTH = 1 / 3  # half the arm width of the plus, in its unit box [-1, 1]: arms a third of the box
 LAYOUT_RESTARTS = 200  # placement restarts before a layout is declared impossible (never reached by the presets)
 LAYOUT_TRIES = 64  # candidate centres drawn at once for each object before the layout restarts
 PROMPT_TRIES = 1_000  # draws per wanted evaluation prompt before concluding that none of the asked sort exists
 SPLIT_STREAMS = {"train": 0, "test": 1}  # the seed stream of each split: items are rng([seed, stream, index])
 DEFAULT_SIZES = {"train": 50_000, "test": 1_000}
-
-
-def _normalise(points: list[tuple[float, float]]) -> tuple[tuple[float, float], ...]:
-    """Stretch a polygon to fill the unit box [-1, 1]^2 exactly, so a bounding box is all a template needs."""
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    sx, sy = 2 / (max(xs) - min(xs)), 2 / (max(ys) - min(ys))
-    return tuple(((x - min(xs)) * sx - 1, (y - min(ys)) * sy - 1) for x, y in points)
-
-
-def _star() -> tuple[tuple[float, float], ...]:
-    points = []
-    for k in range(10):  # outer and inner vertices alternate, the first outer one pointing up
-        angle = -math.pi / 2 + k * math.pi / 5
-        radius = 1.0 if k % 2 == 0 else STAR_INNER_RATIO
-        points.append((radius * math.cos(angle), radius * math.sin(angle)))
-    return _normalise(points)
-
-
-def _cross() -> tuple[tuple[float, float], ...]:
-    w = CROSS_HALF_WIDTH
-    return ((-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w),
-            (-w, -w))
-
-
-# Each shape's outline in its unit box [-1, 1]^2 (y down); the circle is the ellipse inscribed in the box.
-OUTLINES: dict[str, tuple[tuple[float, float], ...] | None] = {
-    "circle": None,
-    "square": ((-1, -1), (1, -1), (1, 1), (-1, 1)),
-    "triangle": ((0, -1), (1, 1), (-1, 1)),
-    "star": _star(),
-    "cross": _cross(),
-    "diamond": ((0, -1), (1, 0), (0, 1), (-1, 0)),
-}
-
-
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], fill) -> None:
-    """Fill `shape` stretched to the box (x0, y0, x1, y1) (pixel edges of the canvas `draw` paints on)."""
-    x0, y0, x1, y1 = box
-    outline = OUTLINES[shape]
-    if outline is None:
-        draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)  # Pillow's ellipse box is inclusive of its last pixel
-        return
-    half_w, half_h, cx, cy = (x1 - x0) / 2, (y1 - y0) / 2, (x0 + x1) / 2, (y0 + y1) / 2
-    draw.polygon([(cx + u * half_w, cy + v * half_h) for u, v in outline], fill=fill)
-
-
-def shape_coverage(shape: str, box: tuple[float, float, float, float], height: int, width: int) -> np.ndarray:
-    """Float array (height, width) in [0, 1]: the fraction of each pixel `shape` covers when stretched to `box`
-    (pixel coordinates), drawn exactly as the data set draws it. The evaluator's templates."""
-    canvas = Image.new("L", (width * SUPERSAMPLE, height * SUPERSAMPLE), 0)
-    draw_shape(ImageDraw.Draw(canvas), shape, tuple(c * SUPERSAMPLE for c in box), 255)
-    small = canvas.resize((width, height), Image.Resampling.BOX)
-    return np.asarray(small, dtype=np.float32) / 255
 
 
 def _check_choice(name: str, value, allowed) -> None:

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kedavra.data.shapes import PALETTE, SHAPES, PromptSpec, parse_prompt, shape_coverage
+from kedavra.data.shape_drawing import shape_coverage
+from kedavra.data.shapes import PALETTE, SHAPES, PromptSpec, parse_prompt
 
 FOREGROUND_DISTANCE = 40.0  # RGB distance from the background that makes a pixel foreground (data: >= 100)
 MIN_AREA_FRACTION = 0.008  # smaller components are specks (the smallest drawn object covers ~0.025 of the image)
