@@ -11,9 +11,8 @@ tokenizer -> text_encoder -> (schedule, noise) -> sampler driving the unet -> va
 __version__ = "0.1.0"
 
 
-def load(name_or_path=None, **options):
+def load(*args, **options):
     """A ready Pipeline for a model name or path (default: the embedded kedavra-shapes); see kedavra.api.load."""
-    from kedavra.api import DEFAULT_MODEL
     from kedavra.api import load as _load
 
-    return _load(DEFAULT_MODEL if name_or_path is None else name_or_path, **options)
+    return _load(*args, **options)

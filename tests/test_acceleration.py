@@ -8,6 +8,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from random_models import tiny_model
 from torch import nn
 
 from kedavra.acceleration import (
@@ -19,7 +20,7 @@ from kedavra.acceleration import (
     packing_available,
     release_packed_weights,
 )
-from kedavra.model import ModelConfig, StableDiffusion
+from kedavra.model import ModelConfig
 from kedavra.pipeline import Pipeline
 from kedavra.transformer import GEGLU
 from kedavra.unet import UNet
@@ -221,17 +222,6 @@ def test_packed_unet_matches_the_eager_unet_in_bf16_and_fp32():
         packed = optimize_for_inference(copy.deepcopy(model), "cpu", dtype)
         reference = model(x.to(dtype), t, context.to(dtype))
         assert torch.equal(packed(x.to(dtype), t, context.to(dtype)), reference)
-
-
-def tiny_model(seed=0) -> StableDiffusion:
-    """tests/test_pipeline.py's tiny model: every weight random."""
-    torch.manual_seed(seed)
-    model = StableDiffusion(ModelConfig.from_preset("tiny"))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=generator))
-    return model
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])

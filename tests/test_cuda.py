@@ -3,22 +3,12 @@ run on a GPU machine with `python -m pytest tests/test_cuda.py`."""
 
 import pytest
 import torch
+from random_models import tiny_model
 
-from kedavra.model import ModelConfig, StableDiffusion
 from kedavra.pipeline import Pipeline, from_pil
 from kedavra.training import TrainConfig, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def random_model(seed=0) -> StableDiffusion:
-    torch.manual_seed(seed)
-    model = StableDiffusion(ModelConfig.from_preset("tiny"))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=generator))
-    return model
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -34,8 +24,8 @@ def exact_fp32():
 def test_a_seed_gives_the_same_image_on_the_cpu_and_the_gpu():
     """Noise comes from a CPU generator seeded per image, so only float rounding separates the devices."""
     kwargs = dict(seed=7, steps=8, sampler="euler_a", num_images=2)
-    on_cpu = Pipeline(random_model(), device="cpu", dtype="fp32")("a red circle", **kwargs)
-    on_gpu = Pipeline(random_model(), device="cuda", dtype="fp32")("a red circle", **kwargs)
+    on_cpu = Pipeline(tiny_model(), device="cpu", dtype="fp32")("a red circle", **kwargs)
+    on_gpu = Pipeline(tiny_model(), device="cuda", dtype="fp32")("a red circle", **kwargs)
     assert on_gpu.seeds == on_cpu.seeds == [7, 8]
     assert torch.allclose(on_gpu.latents.cpu(), on_cpu.latents, rtol=1e-3, atol=1e-3)
     pixels_cpu = torch.stack([from_pil(im) for im in on_cpu.images])
@@ -46,15 +36,15 @@ def test_a_seed_gives_the_same_image_on_the_cpu_and_the_gpu():
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_half_precision_on_the_gpu_stays_near_fp32(dtype):
     kwargs = dict(seed=3, steps=8, sampler="dpmpp_2m")
-    reference = Pipeline(random_model(), device="cuda", dtype="fp32")("a blue square", **kwargs)
-    half = Pipeline(random_model(), device="cuda", dtype=dtype)("a blue square", **kwargs)
+    reference = Pipeline(tiny_model(), device="cuda", dtype="fp32")("a blue square", **kwargs)
+    half = Pipeline(tiny_model(), device="cuda", dtype=dtype)("a blue square", **kwargs)
     assert torch.isfinite(half.latents).all()
     difference = (from_pil(half.images[0]) - from_pil(reference.images[0])).abs()
     assert difference.mean() < 0.05, f"{dtype}: mean abs difference {difference.mean():.4f} (images in [-1, 1])"
 
 
 def test_the_default_precision_on_cuda_is_half():
-    pipe = Pipeline(random_model(), device="cuda")
+    pipe = Pipeline(tiny_model(), device="cuda")
     assert pipe.dtype in (torch.float16, torch.bfloat16)
 
 

@@ -5,21 +5,10 @@ import dataclasses
 import pytest
 import torch
 from PIL import Image
+from random_models import tiny_model
 
 from kedavra.model import ModelConfig, StableDiffusion
 from kedavra.pipeline import MAX_SIDE, Pipeline, from_pil, to_pil
-
-
-def tiny_model(family="tiny", seed=0) -> StableDiffusion:
-    """A tiny model with every weight random (the U-Net's zero-initialised output layers too), so that
-    guidance and seeds visibly change the result."""
-    torch.manual_seed(seed)
-    model = StableDiffusion(ModelConfig.from_preset(family))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=generator))
-    return model
 
 
 @pytest.fixture(scope="module")
