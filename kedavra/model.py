@@ -16,6 +16,11 @@ what the U-Net predicts.
                     8x8 and 4x4 latents, so every pixel sees the whole image): the embedded default's shape
     tiny-sd2        tiny with SD 2.x traits (exact-GELU text encoder stored in OpenCLIP layout, Linear
                     transformer projections, 16-wide heads, zero-padded prompts, v-prediction)
+
+The text side is CLIP's (BPE tokenizer + CLIP text transformer) in every family; `with_minilm_text_encoder`
+swaps in the frozen pretrained MiniLM sentence encoder and its WordPiece tokenizer (kedavra.minilm,
+kedavra.wordpiece) and widens the U-Net's cross-attention context to its 384 dimensions. Those sections of the
+config carry `kind` ("minilm", "wordpiece"); CLIP's carry none, so every older checkpoint reads as before.
 """
 
 import dataclasses
@@ -25,18 +30,20 @@ from typing import Any
 
 from torch import nn
 
+from kedavra.minilm import MiniLMConfig, MiniLMEncoder
 from kedavra.schedule import NoiseSchedule, get_schedule
 from kedavra.text_encoder import TextEncoder, TextEncoderConfig
 from kedavra.timesteps import SPACINGS
 from kedavra.tokenizer import VOCAB_SIZE, Tokenizer, TokenizerConfig
 from kedavra.unet import INPAINT_IN_CHANNELS, UNet, UNetConfig
 from kedavra.vae import AutoencoderKL, VAEConfig, get_vae_config
+from kedavra.wordpiece import WordPieceConfig, WordPieceTokenizer
 
 PREDICTION_TYPES = ("eps", "v")  # what the U-Net outputs: the noise ε (DDPM) or v (Salimans & Ho 2022, eq. 7)
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "schedule")
 _COMPONENT_TYPES = {
-    "tokenizer": TokenizerConfig,
-    "text_encoder": TextEncoderConfig,
+    "tokenizer": (TokenizerConfig, WordPieceConfig),
+    "text_encoder": (TextEncoderConfig, MiniLMConfig),
     "unet": UNetConfig,
     "vae": VAEConfig,
     "schedule": NoiseSchedule,
@@ -52,8 +59,8 @@ class ModelConfig:
     """
 
     family: str
-    tokenizer: TokenizerConfig
-    text_encoder: TextEncoderConfig
+    tokenizer: TokenizerConfig | WordPieceConfig
+    text_encoder: TextEncoderConfig | MiniLMConfig
     unet: UNetConfig
     vae: VAEConfig
     schedule: NoiseSchedule
@@ -65,11 +72,11 @@ class ModelConfig:
     def __post_init__(self):
         if not isinstance(self.family, str) or not self.family:
             raise ValueError(f"ModelConfig.family must be a non-empty str, got {self.family!r}")
-        for name, kind in _COMPONENT_TYPES.items():
-            if not isinstance(getattr(self, name), kind):
-                raise ValueError(
-                    f"ModelConfig.{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}"
-                )
+        for name, kinds in _COMPONENT_TYPES.items():
+            kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+            if not isinstance(getattr(self, name), kinds):
+                allowed = " or ".join(kind.__name__ for kind in kinds)
+                raise ValueError(f"ModelConfig.{name} must be a {allowed}, got {type(getattr(self, name)).__name__}")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(
                 f"ModelConfig.prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}"
@@ -84,10 +91,16 @@ class ModelConfig:
                 f"text encoder width {text.width} must equal the U-Net's context_dim {unet.context_dim} "
                 "(the U-Net cross-attends to the text encoder's output)"
             )
-        if text.vocab_size != VOCAB_SIZE or text.max_positions < self.tokenizer.max_length:
+        if isinstance(text, MiniLMConfig) != isinstance(self.tokenizer, WordPieceConfig):
+            raise ValueError(
+                f"text encoder {type(text).__name__} does not fit tokenizer {type(self.tokenizer).__name__}: CLIP's "
+                "text encoder reads CLIP's BPE ids (TokenizerConfig), MiniLM reads WordPiece ids (WordPieceConfig)"
+            )
+        vocab_size = self.tokenizer.vocab_size if isinstance(self.tokenizer, WordPieceConfig) else VOCAB_SIZE
+        if text.vocab_size != vocab_size or text.max_positions < self.tokenizer.max_length:
             raise ValueError(
                 f"text encoder (vocab_size={text.vocab_size}, max_positions={text.max_positions}) does not fit the "
-                f"tokenizer (vocabulary {VOCAB_SIZE}, max_length {self.tokenizer.max_length})"
+                f"tokenizer (vocabulary {vocab_size}, max_length {self.tokenizer.max_length})"
             )
         allowed_inputs = (vae.latent_channels, 2 * vae.latent_channels + 1)  # plain, or inpainting
         if unet.in_channels not in allowed_inputs or unet.out_channels != vae.latent_channels:
@@ -123,12 +136,13 @@ class ModelConfig:
         if not isinstance(data, dict):
             raise ValueError(f"ModelConfig.from_dict needs a dict, got {type(data).__name__}")
         values = _checked_fields(cls, data, "ModelConfig")
-        for name, kind in _COMPONENT_TYPES.items():
+        for name in _COMPONENT_TYPES:
             if name not in values:
                 raise ValueError(f"ModelConfig dict lacks the {name!r} section")
             section = values[name]
             if not isinstance(section, dict):
                 raise ValueError(f"ModelConfig.{name} must be a dict, got {type(section).__name__}")
+            kind = _section_type(name, section)
             values[name] = kind(**_checked_fields(kind, section, f"ModelConfig.{name}"))
         return cls(**values)
 
@@ -136,11 +150,44 @@ class ModelConfig:
         """One line: family, prediction type, sizes."""
         return (
             f"{self.family}: {self.prediction_type}-prediction, {self.image_size} px, "
-            f"text encoder {self.text_encoder.num_layers}x{self.text_encoder.width}, "
+            f"{'MiniLM' if isinstance(self.text_encoder, MiniLMConfig) else 'CLIP'} text encoder "
+            f"{self.text_encoder.num_layers}x{self.text_encoder.width}, "
             f"U-Net {self.unet.base_channels}x{list(self.unet.channel_multipliers)} in={self.unet.in_channels} "
             f"context={self.unet.context_dim}, VAE f={self.vae.downsample_factor} scale={self.vae.scaling_factor}, "
             f"{self.schedule.kind} schedule, {self.spacing} spacing offset {self.steps_offset}"
         )
+
+
+def _section_type(name: str, section: dict[str, Any]) -> type:
+    """The config class of a tokenizer or text_encoder section: by its `kind` ("wordpiece", "minilm"); CLIP's
+    sections carry none. Other sections have one class."""
+    kinds = _COMPONENT_TYPES[name]
+    if not isinstance(kinds, tuple):
+        return kinds
+    clip, other = kinds
+    if "kind" not in section:
+        return clip
+    allowed = other.__dataclass_fields__["kind"].default
+    if section["kind"] != allowed:
+        raise ValueError(f"unknown ModelConfig.{name} kind {section['kind']!r}; allowed: {allowed!r} (or no kind: "
+                         "CLIP's)")
+    return other
+
+
+def with_minilm_text_encoder(config: ModelConfig) -> ModelConfig:
+    """`config` with the frozen pretrained MiniLM sentence encoder and its WordPiece tokenizer as the text side:
+    the U-Net cross-attends to MiniLM's 384-wide token states instead (the rest unchanged)."""
+    text = MiniLMConfig()
+    return dataclasses.replace(config, family=f"{config.family}-minilm", tokenizer=WordPieceConfig(),
+                               text_encoder=text, unet=dataclasses.replace(config.unet, context_dim=text.width))
+
+
+def make_tokenizer(config: TokenizerConfig | WordPieceConfig) -> Tokenizer | WordPieceTokenizer:
+    return WordPieceTokenizer(config) if isinstance(config, WordPieceConfig) else Tokenizer(config)
+
+
+def make_text_encoder(config: TextEncoderConfig | MiniLMConfig) -> TextEncoder | MiniLMEncoder:
+    return MiniLMEncoder(config) if isinstance(config, MiniLMConfig) else TextEncoder(config)
 
 
 def _checked_fields(kind: type, data: dict[str, Any], where: str) -> dict[str, Any]:
@@ -231,8 +278,8 @@ class StableDiffusion(nn.Module):
         if not isinstance(config, ModelConfig):
             raise TypeError(f"StableDiffusion needs a ModelConfig, got {type(config).__name__}")
         self.config = config
-        self.tokenizer = Tokenizer(config.tokenizer)
-        self.text_encoder = TextEncoder(config.text_encoder)
+        self.tokenizer = make_tokenizer(config.tokenizer)
+        self.text_encoder = make_text_encoder(config.text_encoder)
         self.unet = UNet(config.unet)
         self.vae = AutoencoderKL(config.vae)
         self.source: str | None = None  # set by the checkpoint loader: what was read and what was detected

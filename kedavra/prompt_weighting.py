@@ -39,6 +39,9 @@ emphasis mode "Original"), written from its description and doctests:
    prompt and its negative prompt, are padded to the same chunk count with the encoding of the empty
    prompt (A1111 with its "pad_cond_uncond" option, which lets the classifier-free guidance batch hold
    both).
+   The same steps serve a model whose text side is MiniLM (kedavra.model.with_minilm_text_encoder): its
+   WordPiece tokenizer frames chunks as [CLS] + ids + [SEP], padded to its own context (32 tokens), with ","
+   as the comma.
    A prompt with no brackets, backslashes or BREAK and at most 75 tokens is one chunk of all-1 weights;
    such chunks skip the emphasis step, so plain prompts give exactly `text_encoder(tokenizer(prompts))`.
 
@@ -66,7 +69,7 @@ import torch
 from torch import Tensor
 
 from kedavra.text_encoder import TextEncoder
-from kedavra.tokenizer import END_OF_WORD, Tokenizer
+from kedavra.tokenizer import Tokenizer
 
 ROUND_MULTIPLIER = 1.1  # A1111 prompt_parser: (text)
 SQUARE_MULTIPLIER = 1 / 1.1  # A1111 prompt_parser: [text]
@@ -188,7 +191,7 @@ def chunk_prompt(
         raise ValueError(f"comma_backtrack must be an int from 0 to {size - 1}, got {comma_backtrack!r}")
     if isinstance(max_chunks, bool) or not isinstance(max_chunks, int) or max_chunks < 1:
         raise ValueError(f"max_chunks must be a positive int, got {max_chunks!r}")
-    comma = tokenizer.vocab.ids["," + END_OF_WORD]  # A1111 sd_hijack_clip: vocab[',</w>']
+    comma = tokenizer.comma_id
     closed: list[tuple[list[int], list[float]]] = []
     ids: list[int] = []
     weights: list[float] = []

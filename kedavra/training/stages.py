@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from kedavra.api import resolve_model
 from kedavra.checkpoint import load_model
-from kedavra.model import PRESETS, ModelConfig, StableDiffusion
+from kedavra.minilm import load_pretrained_minilm_state
+from kedavra.model import PRESETS, ModelConfig, StableDiffusion, with_minilm_text_encoder
 from kedavra.schedule import get_schedule
 from kedavra.training.config import TrainConfig, check_schedule_fits
 
@@ -44,7 +45,7 @@ def stage_configs(config: TrainConfig) -> list[TrainConfig]:
         return [config]
     out = Path(config.out_dir)
     vae = dataclasses.replace(config, stage="vae", steps=config.vae_steps, vae_steps=None, train_text_encoder=True,
-                              out_dir=str(out / "vae"))
+                              text_encoder="clip", out_dir=str(out / "vae"))
     vae_model = str(out / "vae" / EXPORT_FILE)
     start = {"init": vae_model} if config.init is not None else {"vae": vae_model}
     unet = dataclasses.replace(config, stage="unet", vae_steps=None, out_dir=str(out / "unet"), **start)
@@ -67,8 +68,10 @@ def stream_seed(seed: int, stream: str) -> int:
 
 def model_config_for(config: TrainConfig, vae_config=None) -> ModelConfig:
     """The ModelConfig a stage trains: the preset at the run's image size, prediction type and schedule, with the
-    trained VAE's config (its scaling factor) for the unet stage."""
+    trained VAE's config (its scaling factor) for the unet stage, and MiniLM as the text side where asked."""
     preset = PRESETS[config.preset]
+    if config.text_encoder == "minilm":
+        preset = with_minilm_text_encoder(preset)
     return dataclasses.replace(
         preset,
         image_size=config.image_size,
@@ -81,7 +84,7 @@ def model_config_for(config: TrainConfig, vae_config=None) -> ModelConfig:
 def build_model(config: TrainConfig) -> StableDiffusion:
     """The model a stage's run starts from: the init model (fine-tuning), or a fresh one, its initial weights drawn
     from the run's seed (the global RNG is forked, so the caller's is untouched), for the unet stage with the
-    trained VAE's weights."""
+    trained VAE's weights, and MiniLM's pretrained ones where it is the text encoder."""
     if config.init is not None:
         return _load_init(config)
     trained_vae = _load_trained_vae(config) if config.stage == "unet" else None
@@ -91,6 +94,8 @@ def build_model(config: TrainConfig) -> StableDiffusion:
         model = StableDiffusion(model_config)
     if trained_vae is not None:
         model.vae.load_state_dict(trained_vae.state_dict())
+    if config.text_encoder == "minilm":
+        model.text_encoder.load_state_dict(load_pretrained_minilm_state())
     return model
 
 

@@ -26,7 +26,8 @@ Both are computed from the averaged shares (of a step, or of all steps), so they
 
 Tokens to words: the prompt is chunked exactly as the pipeline encodes it (kedavra.prompt_weighting:
 chunk_prompt, so emphasis brackets and BREAK behave the same), chunk c's token j sitting at context position
-77·c + j; CLIP's BPE marks the last token of each word with "</w>" (kedavra.tokenizer), which closes a word.
+77·c + j; CLIP's BPE marks the last token of each word with "</w>" (kedavra.tokenizer), which closes a word
+(MiniLM's WordPiece: a token that no "##" continuation follows).
 A word's map varies by a few hundredths over the image; each is drawn stretched from its own minimum
 (transparent) to its own maximum (brightest), which shows where the word is attended most, with its minimum,
 maximum and mean written under it to say how much.
@@ -44,7 +45,7 @@ from PIL import Image
 
 from kedavra.pipeline import Pipeline
 from kedavra.prompt_weighting import chunk_prompt
-from kedavra.tokenizer import END_OF_WORD, END_TOKEN_ID, START_TOKEN_ID, Tokenizer
+from kedavra.tokenizer import Tokenizer
 from kedavra.transformer import CrossAttention, TransformerBlock
 from kedavra.viz.panels import (
     DEFAULT_ROWS,
@@ -88,12 +89,12 @@ def prompt_words(tokenizer: Tokenizer, prompt: str) -> PromptWords:
     the start token, the end token and the padding after it belong to no word."""
     words, positions, current = [], [], []
     for c, chunk in enumerate(chunk_prompt(tokenizer, prompt)):
-        end = chunk.ids.index(END_TOKEN_ID, 1)  # the end token closes the text; padding follows it
+        end = chunk.ids.index(tokenizer.end_id, 1)  # the end token closes the text; padding follows it
         for j in range(1, end):
-            if chunk.ids[j] == START_TOKEN_ID:
+            if chunk.ids[j] == tokenizer.start_id:
                 continue
             current.append((c * tokenizer.config.max_length + j, chunk.ids[j]))
-            if tokenizer.vocab.tokens[chunk.ids[j]].endswith(END_OF_WORD):
+            if tokenizer.token_ends_word(chunk.ids[:end], j):
                 words.append(tokenizer.decode(token for _, token in current))
                 positions.append(tuple(position for position, _ in current))
                 current = []
