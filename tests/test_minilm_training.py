@@ -23,6 +23,7 @@ from kedavra.toy.command import torch_threads
 from kedavra.training import TrainConfig, train
 from kedavra.training import losses as training_losses
 from kedavra.training.losses import DiffusionObjective
+from kedavra.viz.attention import prompt_words, record_attention
 from kedavra.wordpiece import WordPieceConfig, WordPieceTokenizer
 
 needs_wheel = pytest.mark.skipif(importlib.util.find_spec(MINILM_PACKAGE) is None,
@@ -128,5 +129,9 @@ def test_minilm_unet_run_stays_frozen_resumes_bitwise_and_generates(tmp_path, mi
     a, b = load_file(straight.model_path), load_file(second.model_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     pipe = Pipeline(model, dtype=torch.float32)
-    result = pipe("a red square on the left", steps=2, seed=0, width=16, height=16)
+    result = pipe("a (red:1.2) square on the left", steps=2, seed=0, width=16, height=16)
     assert result.images[0].size == (16, 16)
+    maps = record_attention(pipe, "a pinkish square", steps=2, width=16, height=16)
+    words = prompt_words(model.tokenizer, "a pinkish square")  # "pinkish" is two WordPiece tokens, pink ##ish
+    assert maps.words == words and words.words == ("a", "pinkish", "square")
+    assert words.positions == ((1,), (2, 3), (4,))  # after [CLS]
