@@ -27,6 +27,9 @@ def embedded_models() -> dict[str, Path]:
 
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
     """The file or folder a model name or path stands for, or a clear error listing what exists."""
+    if not isinstance(name_or_path, str | os.PathLike) or not str(name_or_path):
+        raise ValueError(f"a model is an embedded name ({', '.join(embedded_models())}) or a path, got "
+                         f"{name_or_path!r}")
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path

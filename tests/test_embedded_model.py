@@ -45,3 +45,9 @@ def test_kedavra_generate_uses_it_when_no_model_is_named(tmp_path, capsys):
     image = Image.open(out)
     assert image.size == (32, 32)
     assert f"Model: {DEFAULT_MODEL}" in image.info["parameters"]
+
+
+@pytest.mark.parametrize("bad", [None, "", 3])
+def test_load_names_what_a_model_may_be(bad):
+    with pytest.raises(ValueError, match=f"a model is an embedded name \\({DEFAULT_MODEL}\\) or a path, got"):
+        kedavra.load(bad)
