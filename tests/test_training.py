@@ -186,13 +186,15 @@ def test_unet_learns(tmp_path, trained_vae):
 
 def test_v_prediction_on_zero_terminal_snr(tmp_path, trained_vae):
     """v-prediction with min-SNR-γ on a zero-terminal-SNR schedule (t = 999 has SNR 0) trains with finite losses,
-    and the exported model says how it was trained."""
+    and the exported model says how it was trained, sampling from the last timestep (trailing spacing, Lin et al.
+    2023, sec. 3.3)."""
     config = small_config(tmp_path, stage="unet", vae=str(trained_vae), steps=3, batch_size=16,
                           prediction_type="v", schedule="sd-zero-snr")
     result = train(config, dataset=Squares())[0]
     assert result.skipped == 0 and all(math.isfinite(x) for x in result.losses)
     model = load_model(result.model_path)
     assert model.config.prediction_type == "v" and model.config.schedule == get_schedule("sd-zero-snr")
+    assert (model.config.spacing, model.config.steps_offset) == ("trailing", 0)
 
 
 # ---- resume, checkpoints, artifacts ------------------------------------------------------------------------------

@@ -67,16 +67,22 @@ def stream_seed(seed: int, stream: str) -> int:
 
 
 def model_config_for(config: TrainConfig, vae_config=None) -> ModelConfig:
-    """The ModelConfig a stage trains: the preset at the run's image size, prediction type and schedule, with the
-    trained VAE's config (its scaling factor) for the unet stage, and MiniLM as the text side where asked."""
+    """The ModelConfig a stage trains: the preset at the run's image size, prediction type and schedule (a zero-
+    terminal-SNR schedule with trailing timestep spacing), with the trained VAE's config (its scaling factor) for the
+    unet stage, and MiniLM as the text side where asked."""
     preset = PRESETS[config.preset]
     if config.text_encoder == "minilm":
         preset = with_minilm_text_encoder(preset)
+    schedule = get_schedule(config.schedule_name)
+    # Lin et al. 2023, sec. 3.3: with zero terminal SNR, sampling starts at the last timestep, where x_T is pure noise
+    spacing, offset = ("trailing", 0) if schedule.zero_terminal_snr else (preset.spacing, preset.steps_offset)
     return dataclasses.replace(
         preset,
         image_size=config.image_size,
         prediction_type=config.model_config_prediction,
-        schedule=get_schedule(config.schedule_name),
+        schedule=schedule,
+        spacing=spacing,
+        steps_offset=offset,
         vae=vae_config if vae_config is not None else preset.vae,
     )
 
