@@ -198,7 +198,43 @@ def bpe(piece: str) -> tuple[str, ...]:
     return tuple(symbols)
 
 
-class Tokenizer:
+class PromptFraming:
+    """What CLIP's BPE tokenizer and MiniLM's WordPiece tokenizer share: framing a prompt's ids as
+    [start] + ids + [end], padded to the context. Subclasses give `config.max_length`, `start_id`, `end_id`,
+    `pad_id`, `encode` and `decode`."""
+
+    @property
+    def max_content_length(self) -> int:
+        """Tokens of prompt text that fit between the start and end tokens (75 for CLIP)."""
+        return self.config.max_length - 2
+
+    def frame(self, ids: Sequence[int]) -> list[int]:
+        """[start] + ids + [end], cut to `max_length` (end token kept) and padded to it.
+
+        Warns with the dropped text when the ids do not fit.
+        """
+        keep = self.max_content_length
+        if len(ids) > keep:
+            warnings.warn(
+                f"prompt is {len(ids)} tokens but only {keep} fit in the {self.config.max_length}-token "
+                f"context; dropped: {self.decode(ids[keep:])!r}",
+                stacklevel=2,
+            )
+        framed = [self.start_id, *ids[:keep], self.end_id]
+        return framed + [self.pad_id] * (self.config.max_length - len(framed))
+
+    def __call__(self, prompts: str | Sequence[str]) -> torch.Tensor:
+        """One prompt or a list of prompts -> (B, max_length) int64 ids, framed and padded."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        elif not isinstance(prompts, Sequence):
+            raise TypeError(f"prompts must be a str or a sequence of str, got {type(prompts).__name__}")
+        return torch.tensor([self.frame(self.encode(p)) for p in prompts], dtype=torch.long).reshape(
+            len(prompts), self.config.max_length
+        )
+
+
+class Tokenizer(PromptFraming):
     """Prompt text -> CLIP token ids, and back."""
 
     def __init__(self, config: TokenizerConfig):
@@ -219,9 +255,8 @@ class Tokenizer:
         return cls(TokenizerConfig.from_preset(name))
 
     @property
-    def max_content_length(self) -> int:
-        """Tokens of prompt text that fit between the start and end tokens (75 for CLIP)."""
-        return self.config.max_length - 2
+    def pad_id(self) -> int:
+        return self.config.pad_id
 
     @property
     def start_id(self) -> int:
@@ -267,31 +302,6 @@ class Tokenizer:
                 as_bytes = "".join(alphabet[b] for b in piece.encode("utf-8"))
                 ids.extend(self.vocab.ids[symbol] for symbol in bpe(as_bytes))
         return ids
-
-    def frame(self, ids: Sequence[int]) -> list[int]:
-        """[start] + ids + [end], cut to `max_length` (end token kept) and padded to it.
-
-        Warns with the dropped text when the ids do not fit.
-        """
-        keep = self.max_content_length
-        if len(ids) > keep:
-            warnings.warn(
-                f"prompt is {len(ids)} tokens but only {keep} fit in the {self.config.max_length}-token "
-                f"context; dropped: {self.decode(ids[keep:])!r}",
-                stacklevel=2,
-            )
-        framed = [START_TOKEN_ID, *ids[:keep], END_TOKEN_ID]
-        return framed + [self.config.pad_id] * (self.config.max_length - len(framed))
-
-    def __call__(self, prompts: str | Sequence[str]) -> torch.Tensor:
-        """One prompt or a list of prompts -> (B, max_length) int64 ids, framed and padded."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        elif not isinstance(prompts, Sequence):
-            raise TypeError(f"prompts must be a str or a sequence of str, got {type(prompts).__name__}")
-        return torch.tensor([self.frame(self.encode(p)) for p in prompts], dtype=torch.long).reshape(
-            len(prompts), self.config.max_length
-        )
 
     def decode(self, ids: Iterable[int]) -> str:
         """Ids -> text, one space after each word-final token (none at the end). A start token is

@@ -23,14 +23,12 @@ code points added in Unicode 10-14 (rare scripts' marks and punctuation) can tok
 import functools
 import re
 import unicodedata
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from kedavra.minilm import minilm_model_dir
+from kedavra.tokenizer import PromptFraming
 
 PAD_ID = 0  # all-MiniLM-L6-v2 vocab.txt line 0, "[PAD]"
 UNK_ID = 100  # "[UNK]"
@@ -130,7 +128,7 @@ def split_words(text: str) -> list[str]:
     return words
 
 
-class WordPieceTokenizer:
+class WordPieceTokenizer(PromptFraming):
     """Prompt text -> BERT WordPiece ids, and back. Called like kedavra.tokenizer.Tokenizer."""
 
     def __init__(self, config: WordPieceConfig, vocab_path: Path | None = None):
@@ -146,11 +144,6 @@ class WordPieceTokenizer:
         self.vocab_tokens = tokens
         self.vocab_ids = {token: i for i, token in enumerate(tokens)}
         self._special_split = re.compile("(" + "|".join(map(re.escape, SPECIAL_TEXT)) + ")")
-
-    @property
-    def max_content_length(self) -> int:
-        """Tokens of prompt text that fit between [CLS] and [SEP] (30 by default)."""
-        return self.config.max_length - 2
 
     @property
     def pad_id(self) -> int:
@@ -199,31 +192,6 @@ class WordPieceTokenizer:
             for word in split_words(normalize(part)):
                 ids.extend(self.wordpiece(word))
         return ids
-
-    def frame(self, ids: Sequence[int]) -> list[int]:
-        """[CLS] + ids + [SEP], cut to `max_length` ([SEP] kept) and padded with [PAD] to it.
-
-        Warns with the dropped text when the ids do not fit.
-        """
-        keep = self.max_content_length
-        if len(ids) > keep:
-            warnings.warn(
-                f"prompt is {len(ids)} tokens but only {keep} fit in the {self.config.max_length}-token "
-                f"context; dropped: {self.decode(ids[keep:])!r}",
-                stacklevel=2,
-            )
-        framed = [CLS_ID, *ids[:keep], SEP_ID]
-        return framed + [PAD_ID] * (self.config.max_length - len(framed))
-
-    def __call__(self, prompts: str | Sequence[str]) -> torch.Tensor:
-        """One prompt or a list of prompts -> (B, max_length) int64 ids, framed and padded."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        elif not isinstance(prompts, Sequence):
-            raise TypeError(f"prompts must be a str or a sequence of str, got {type(prompts).__name__}")
-        return torch.tensor([self.frame(self.encode(p)) for p in prompts], dtype=torch.long).reshape(
-            len(prompts), self.config.max_length
-        )
 
     def decode(self, ids: Iterable[int]) -> str:
         """Ids -> text: tokens joined by spaces, "##" pieces glued to the one before. [CLS] and [PAD] are
