@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from kedavra.checkpoint import load_model
-from kedavra.pipeline import Pipeline
+from kedavra.pipeline.pipeline import Pipeline
 
 EMBEDDED_DIR = Path(__file__).parent / "assets" / "models"  # models shipped inside the package: NAME.safetensors
 DEFAULT_MODEL = "kedavra-shapes"  # the embedded default: docs/embedded_model.md says how it was trained

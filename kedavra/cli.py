@@ -18,10 +18,10 @@ COMMAND_MODULES = (
     "kedavra.commands.generate",
     "kedavra.commands.samplers",
     "kedavra.commands.evaluate",
-    "kedavra.serving.command",
-    "kedavra.toy.command",
-    "kedavra.training.command",
-    "kedavra.viz.command",
+    "kedavra.commands.serve",
+    "kedavra.commands.demo",
+    "kedavra.commands.train",
+    "kedavra.commands.viz",
 )
 
 

@@ -15,7 +15,7 @@ U-Net batch, one image, the same prompt, negative prompt and seed. Configuration
     diffusers-bf16   diffusers at its best CPU settings: bf16 weights, channels_last U-Net and VAE, SDPA
                      (AttnProcessor2_0) attention
     kedavra          kedavra.load(folder) as it is: automatic precision (bf16 on a CPU with AMX), channels_last,
-                     packed oneDNN weights in the U-Net and the VAE (kedavra.acceleration)
+                     packed oneDNN weights in the U-Net and the VAE (kedavra.networks.acceleration)
     kedavra-eager    the same without packed weights: Pipeline(model, optimize=False)
     kedavra-fp32     kedavra.load(folder, dtype="fp32"): only the short check run, to show parity with
                      diffusers-fp32 at full size (the differences of the bf16 runs are then precision)
@@ -90,7 +90,7 @@ def build_folder(folder: Path) -> None:
     from diffusers import EulerDiscreteScheduler
     from reference_models import reference_models, write_diffusers
 
-    from kedavra.model import ModelConfig
+    from kedavra.networks.model import ModelConfig
 
     config = ModelConfig.from_preset("sd15")
     folder.mkdir(parents=True, exist_ok=True)
@@ -137,7 +137,7 @@ def kedavra_pipeline(folder: Path, config: str):
     """(the modules to time, generate(size, steps) -> PIL image) for kedavra as it loads, or without packing."""
     import kedavra
     from kedavra.checkpoint import load_model
-    from kedavra.pipeline import Pipeline
+    from kedavra.pipeline.pipeline import Pipeline
 
     if config == "kedavra-eager":
         pipe = Pipeline(load_model(folder), optimize=False)
@@ -229,8 +229,8 @@ def unet_flops(size: int) -> tuple[int, int]:
     from diffusers import UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from kedavra.model import ModelConfig
-    from kedavra.unet import UNet
+    from kedavra.networks.model import ModelConfig
+    from kedavra.networks.unet import UNet
 
     config = ModelConfig.from_preset("sd15")
     side = size // config.vae.downsample_factor

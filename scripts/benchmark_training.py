@@ -5,10 +5,10 @@ weights, the same loop and precision, in one process.
     .venv/bin/python scripts/benchmark_training.py --presets small --precision bf16 --rounds 8 --json out.json
 (docs/training_benchmark.md gives the command behind its table.)
 
-The configuration is a kedavra.model preset's U-Net ("small": the embedded default model's, "tiny"); diffusers'
+The configuration is a kedavra.networks.model preset's U-Net ("small": the embedded default model's, "tiny"); diffusers'
 model is built from it by tests/test_unet.py's `reference_unet` (the kedavra -> diffusers config mapping of the
 parity tests, every parameter drawn under a seed), and kedavra's U-Net loads a copy of the same weights through
-kedavra.unet_keys, so both compute the same function: the script prints the largest output difference (fp32 and
+kedavra.networks.unet_keys, so both compute the same function: the script prints the largest output difference (fp32 and
 under the benchmark's autocast) and the first step's two losses before it times anything.
 
 One training step, identical for both sides:
@@ -54,12 +54,12 @@ sys.path.insert(1, str(REPO / "tests"))  # the diffusers reference builder and t
 import diffusers  # noqa: E402
 from test_unet import PARITY_ATOL, errors, kedavra_from, reference_unet  # noqa: E402
 
-from kedavra.forward_process import add_noise  # noqa: E402
-from kedavra.model import PRESETS, ModelConfig  # noqa: E402
+from kedavra.diffusion.forward_process import add_noise  # noqa: E402
+from kedavra.networks.model import PRESETS, ModelConfig  # noqa: E402
+from kedavra.networks.unet_keys import convert_unet_state_dict  # noqa: E402
 from kedavra.training.config import STAGE_DEFAULTS, TrainConfig  # noqa: E402
 from kedavra.training.losses import diffusion_loss  # noqa: E402
 from kedavra.training.optim import make_optimizer  # noqa: E402
-from kedavra.unet_keys import convert_unet_state_dict  # noqa: E402
 
 PRECISIONS = ("bf16", "fp32")
 ATTENTION = {
@@ -171,7 +171,7 @@ def check_parity(sides: tuple[Side, Side], batch: Batch, context: Tensor, precis
 
 
 def weight_difference(sides: tuple[Side, Side], config: ModelConfig) -> float:
-    """Largest difference between the two models' weights, matched by name through kedavra.unet_keys."""
+    """Largest difference between the two models' weights, matched by name through kedavra.networks.unet_keys."""
     ours = sides[0].model.state_dict()
     theirs = convert_unet_state_dict(sides[1].model.state_dict(), "diffusers", config.unet)
     return max((ours[name] - theirs[name].reshape(ours[name].shape)).abs().max().item() for name in ours)
@@ -283,7 +283,7 @@ def positive(text: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", nargs="+", default=["small", "tiny"], choices=sorted(PRESETS),
-                        help="kedavra.model presets whose U-Net is benchmarked (32 px presets: 16x16 latents)")
+                        help="kedavra.networks.model presets whose U-Net is benchmarked (32 px presets: 16x16 latents)")
     parser.add_argument("--batch-size", type=positive, default=STAGE_DEFAULTS["unet"].batch_size)
     parser.add_argument("--steps", type=positive, default=3, help="timed steps per side in each round")
     parser.add_argument("--rounds", type=positive, default=6, help="interleaved timed rounds")

@@ -9,7 +9,7 @@ after --deadline-s). Traffic goes to 127.0.0.1 only. Checked for every request:
   - the server answers throughout (a monitor polls /sdapi/v1/progress every MONITOR_INTERVAL_S and must always
     get an answer);
   - nothing is lost or mixed up: each answer's seed, prompt and size are the request's, its infotext parses
-    back (kedavra.png_info.parse_parameters) and equals the PNG's own "parameters" chunk;
+    back (kedavra.formats.png_info.parse_parameters) and equals the PNG's own "parameters" chunk;
   - the same seed gives the same PNG bytes under load: a quarter of the requests repeat REPEATED_SEEDS;
   - memory stays flat: the server's resident set (VmRSS from /proc) sampled as requests complete, mean of the
     first quarter of the run against the last quarter.
@@ -39,7 +39,7 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from kedavra.png_info import PARAMETERS_KEYWORD, parse_parameters
+from kedavra.formats.png_info import PARAMETERS_KEYWORD, parse_parameters
 
 HOST = "127.0.0.1"  # loopback only: this script never sends traffic anywhere else
 SAMPLERS = ("Euler a", "DPM++ 2M", "Euler", "DDIM")  # cycled over the requests
@@ -68,7 +68,7 @@ def make_tiny_model(path: Path) -> Path:
     import torch
 
     from kedavra.checkpoint import save_model
-    from kedavra.model import ModelConfig, StableDiffusion
+    from kedavra.networks.model import ModelConfig, StableDiffusion
 
     torch.manual_seed(0)
     model = StableDiffusion(ModelConfig.from_preset("tiny"))

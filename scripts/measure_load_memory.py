@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO / "tests"))  # tests/sd_keys.py: the original layout
 import sd_keys  # noqa: E402
 
 from kedavra.checkpoint import write_safetensors  # noqa: E402
-from kedavra.model import PRESETS, StableDiffusion  # noqa: E402
+from kedavra.networks.model import PRESETS, StableDiffusion  # noqa: E402
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 INIT_STD = 0.02  # scale of the random weights; their values do not matter here

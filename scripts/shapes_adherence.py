@@ -23,7 +23,7 @@ from kedavra.evaluation.adherence import (
     HELD_OUT_CHOICES,
     measure_adherence,
 )
-from kedavra.grid import image_grid
+from kedavra.formats.grid import image_grid
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ nothing but kedavra (no reference libraries), so the CUDA tests run where diffus
 
 import torch
 
-from kedavra.model import ModelConfig, StableDiffusion
+from kedavra.networks.model import ModelConfig, StableDiffusion
 
 
 def tiny_model(family: str = "tiny", seed: int = 0) -> StableDiffusion:

@@ -16,11 +16,11 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from kedavra.model import PRESETS, ModelConfig, StableDiffusion
-from kedavra.text_encoder import convert_text_encoder_state_dict
-from kedavra.tokenizer import load_vocabulary
-from kedavra.unet_keys import convert_unet_state_dict
-from kedavra.vae_keys import convert_vae_state_dict
+from kedavra.networks.model import PRESETS, ModelConfig, StableDiffusion
+from kedavra.networks.text_encoder import convert_text_encoder_state_dict
+from kedavra.networks.tokenizer import load_vocabulary
+from kedavra.networks.unet_keys import convert_unet_state_dict
+from kedavra.networks.vae_keys import convert_vae_state_dict
 
 PARITY_ATOL = 1e-5  # fp32, the bound for every component output
 

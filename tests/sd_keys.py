@@ -13,9 +13,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from kedavra.model import ModelConfig
-from kedavra.unet import UNetConfig
-from kedavra.vae import VAEConfig
+from kedavra.networks.model import ModelConfig
+from kedavra.networks.unet import UNetConfig
+from kedavra.networks.vae import VAEConfig
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

@@ -1,5 +1,5 @@
-"""Packed oneDNN weights (kedavra.acceleration): the same numbers as the eager layers, repacking when the weight
-or the input shape changes, autograd left alone, and a pipeline that gives the same images with and without."""
+"""Packed oneDNN weights (kedavra.networks.acceleration): the same numbers as the eager layers, repacking when the
+weight or the input shape changes, autograd left alone, and a pipeline that gives the same images with and without."""
 
 import copy
 import io
@@ -11,7 +11,7 @@ import torch
 from random_models import tiny_model
 from torch import nn
 
-from kedavra.acceleration import (
+from kedavra.networks.acceleration import (
     PackedConv2d,
     PackedGEGLU,
     PackedLinear,
@@ -20,17 +20,17 @@ from kedavra.acceleration import (
     packing_available,
     release_packed_weights,
 )
-from kedavra.model import ModelConfig
-from kedavra.pipeline import Pipeline
-from kedavra.transformer import GEGLU
-from kedavra.unet import UNet
+from kedavra.networks.model import ModelConfig
+from kedavra.networks.transformer import GEGLU
+from kedavra.networks.unet import UNet
+from kedavra.pipeline.pipeline import Pipeline
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="this PyTorch build has no oneDNN packed-weight ops")
 
 # torch.testing.assert_close's default tolerance for bf16 (rtol 1.6e-2 = about two bf16 rounding steps, atol 1e-5)
 BF16_RTOL, BF16_ATOL = 1.6e-2, 1e-5
 # Whole pipeline, bf16: 8-bit images packed vs eager; measured 0 (bitwise) on the tiny model, allowed one level
-# for the GEGLU halves' rare one-step roundings (module docstring of kedavra.acceleration).
+# for the GEGLU halves' rare one-step roundings (module docstring of kedavra.networks.acceleration).
 PIPELINE_MAX_LEVELS = 1
 
 

@@ -1,4 +1,4 @@
-"""Tests for kedavra.model and kedavra.checkpoint.
+"""Tests for kedavra.networks.model and kedavra.checkpoint.
 
 Oracles: diffusers' UNet2DConditionModel and AutoencoderKL and transformers' CLIPTextModel, built offline for
 kedavra's configs with every parameter re-drawn under a fixed seed, saved as a diffusers folder (their own
@@ -43,8 +43,8 @@ from kedavra.checkpoint import (
     save_model,
     write_safetensors,
 )
-from kedavra.model import PRESETS, ModelConfig, StableDiffusion
-from kedavra.schedule import get_schedule
+from kedavra.diffusion.schedule import get_schedule
+from kedavra.networks.model import PRESETS, ModelConfig, StableDiffusion
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

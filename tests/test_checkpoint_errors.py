@@ -21,7 +21,7 @@ from kedavra.checkpoint import (
     UnsafeCheckpointError,
     load_model,
 )
-from kedavra.model import PRESETS
+from kedavra.networks.model import PRESETS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -34,7 +34,7 @@ from kedavra.evaluation.fid import (
     trace_sqrt_product,
 )
 from kedavra.evaluation.report import EvaluationSettings, write_report
-from kedavra.model import ModelConfig, StableDiffusion
+from kedavra.networks.model import ModelConfig, StableDiffusion
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -16,10 +16,10 @@ from test_training import IMAGE_SIZE, Squares, _weights, small_config
 from kedavra import cli
 from kedavra.api import DEFAULT_MODEL, embedded_models
 from kedavra.checkpoint import CheckpointError, load_model, save_model
-from kedavra.model import PRESETS, ModelConfig, StableDiffusion
-from kedavra.pipeline import Pipeline
-from kedavra.schedule import get_schedule
-from kedavra.toy.command import torch_threads
+from kedavra.commands.demo import torch_threads
+from kedavra.diffusion.schedule import get_schedule
+from kedavra.networks.model import PRESETS, ModelConfig, StableDiffusion
+from kedavra.pipeline.pipeline import Pipeline
 from kedavra.training import TrainConfig, Trainer, train
 from kedavra.training.distributed import close_distributed, init_distributed
 

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kedavra.forward_process import (
+from kedavra.diffusion.forward_process import (
     add_noise,
     check_prediction_type,
     eps_from_v,
@@ -18,7 +18,7 @@ from kedavra.forward_process import (
     x0_from_eps,
     x0_from_v,
 )
-from kedavra.schedule import get_schedule
+from kedavra.diffusion.schedule import get_schedule
 
 
 @pytest.mark.parametrize("name,t", [("ddpm", 50), ("sd", 300), ("cosine", 700)])

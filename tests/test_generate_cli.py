@@ -16,10 +16,10 @@ from kedavra import __version__
 from kedavra.checkpoint import save_model
 from kedavra.cli import build_parser, main
 from kedavra.commands.generate import resolve_settings
-from kedavra.generation_settings import model_identity
-from kedavra.grid import grid_shape, image_grid
-from kedavra.model import ModelConfig, StableDiffusion
-from kedavra.png_info import GenerationParameters, format_parameters, model_hash, read_parameters, read_png_text
+from kedavra.commands.settings import model_identity
+from kedavra.formats.grid import grid_shape, image_grid
+from kedavra.formats.png_info import GenerationParameters, format_parameters, model_hash, read_parameters, read_png_text
+from kedavra.networks.model import ModelConfig, StableDiffusion
 from kedavra.viz.sample_image import draw_sample_image
 
 PROMPT = "a red circle above a blue square"

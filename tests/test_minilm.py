@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kedavra.minilm import (
+from kedavra.networks.minilm import (
     MINILM_PACKAGE,
     MINILM_PIP,
     MiniLMConfig,
@@ -21,8 +21,8 @@ from kedavra.minilm import (
     minilm_model_dir,
     pretrained_minilm,
 )
-from kedavra.tokenizer import TokenizerConfig
-from kedavra.wordpiece import (
+from kedavra.networks.tokenizer import TokenizerConfig
+from kedavra.networks.wordpiece import (
     CLS_ID,
     MASK_ID,
     PAD_ID,
@@ -68,7 +68,7 @@ STRINGS = [
     LONG_PROMPT,
 ]
 # Characters for random strings: blocks whose Unicode categories are the same in this Python and in the
-# older tables of the `tokenizers` library (see kedavra.wordpiece).
+# older tables of the `tokenizers` library (see kedavra.networks.wordpiece).
 FUZZ_ALPHABET = "".join(
     [
         *map(chr, range(0x20, 0x7F)),

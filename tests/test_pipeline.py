@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 from random_models import tiny_model
 
-from kedavra.model import ModelConfig, StableDiffusion
-from kedavra.pipeline import MAX_SIDE, Pipeline, from_pil, to_pil
+from kedavra.networks.model import ModelConfig, StableDiffusion
+from kedavra.pipeline.pipeline import MAX_SIDE, Pipeline, from_pil, to_pil
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ transformers = pytest.importorskip("transformers")
 from reference_models import reference_models, write_diffusers  # noqa: E402
 
 from kedavra.checkpoint import load_model  # noqa: E402
-from kedavra.model import ModelConfig  # noqa: E402
-from kedavra.pipeline import Pipeline  # noqa: E402
-from kedavra.tokenizer import NUM_MERGES, VOCAB_PATH, byte_alphabet  # noqa: E402
+from kedavra.networks.model import ModelConfig  # noqa: E402
+from kedavra.networks.tokenizer import NUM_MERGES, VOCAB_PATH, byte_alphabet  # noqa: E402
+from kedavra.pipeline.pipeline import Pipeline  # noqa: E402
 
 IMAGE_TOL = 1e-4  # decoded images in [0, 1], fp32
 LATENT_REL_TOL = 1e-4

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, PngImagePlugin
 
-from kedavra.png_info import (
+from kedavra.formats.png_info import (
     FIELD_KEYS,
     KEY,
     VERSION_KEY,

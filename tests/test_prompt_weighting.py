@@ -15,7 +15,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kedavra.prompt_weighting import (
+from kedavra.networks.text_encoder import TextEncoder, TextEncoderConfig
+from kedavra.networks.tokenizer import END_TOKEN_ID, START_TOKEN_ID, ZERO_PAD_ID, Tokenizer
+from kedavra.pipeline.prompt_weighting import (
     BREAK,
     MAX_CHUNKS,
     apply_emphasis,
@@ -24,8 +26,6 @@ from kedavra.prompt_weighting import (
     encode_weighted_prompts,
     parse_weighted_prompt,
 )
-from kedavra.text_encoder import TextEncoder, TextEncoderConfig
-from kedavra.tokenizer import END_TOKEN_ID, START_TOKEN_ID, ZERO_PAD_ID, Tokenizer
 
 CAT, DOG, COMMA = 2368, 1929, 267  # CLIP ids of "cat</w>", "dog</w>", ",</w>" (one token each)
 L = 77

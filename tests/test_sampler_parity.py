@@ -12,8 +12,8 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from kedavra.samplers import sample  # noqa: E402
-from kedavra.schedule import NoiseSchedule  # noqa: E402
+from kedavra.diffusion.samplers import sample  # noqa: E402
+from kedavra.diffusion.schedule import NoiseSchedule  # noqa: E402
 
 REL_TOL = 1e-5  # the parity target, fp32
 SHAPE = (2, 4, 8, 8)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kedavra.samplers import SAMPLERS, Denoiser, resolve_sampler, sample
-from kedavra.schedule import get_schedule
+from kedavra.diffusion.samplers import SAMPLERS, Denoiser, resolve_sampler, sample
+from kedavra.diffusion.schedule import get_schedule
 
 SHAPE = (2, 3, 4, 4)
 
@@ -160,7 +160,7 @@ def test_bad_masks():
 
 def test_a_callback_that_returns_a_non_tensor_leaves_the_sample_alone():
     """A progress bar's update() returns True when it redraws: only a returned tensor may replace x."""
-    from kedavra.samplers.denoiser import after_step
+    from kedavra.diffusion.samplers.denoiser import after_step
 
     x, x0 = torch.ones(1, 2), torch.zeros(1, 2)
     assert after_step(lambda *args: True, 0, 5, x, x0) is x

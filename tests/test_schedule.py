@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kedavra.schedule import SCHEDULE_PRESETS, NoiseSchedule, get_schedule, rescale_zero_terminal_snr
-from kedavra.timesteps import (
+from kedavra.diffusion.schedule import SCHEDULE_PRESETS, NoiseSchedule, get_schedule, rescale_zero_terminal_snr
+from kedavra.diffusion.timesteps import (
     ZERO_SNR_ALPHA_BAR_FLOOR,
     karras_sigmas,
     make_plan,

@@ -26,15 +26,15 @@ from PIL import Image
 from kedavra.api import load
 from kedavra.checkpoint import save_model
 from kedavra.cli import main
-from kedavra.model import ModelConfig, StableDiffusion
-from kedavra.png_info import PARAMETERS_KEYWORD, model_hash, parse_parameters
-from kedavra.samplers import resolve_sampler
+from kedavra.diffusion.samplers import resolve_sampler
+from kedavra.formats.png_info import PARAMETERS_KEYWORD, model_hash, parse_parameters
+from kedavra.networks.model import ModelConfig, StableDiffusion
 from kedavra.viz.sample_image import draw_sample_image
 
 webuiapi = pytest.importorskip("webuiapi")
 uvicorn = pytest.importorskip("uvicorn")
+from kedavra.commands.serve import server_config  # noqa: E402
 from kedavra.serving.app import ServerConfig, create_app, is_authorized, is_loopback  # noqa: E402
-from kedavra.serving.command import server_config  # noqa: E402
 from kedavra.serving.worker import ModelCatalog, Worker  # noqa: E402
 
 SIZE = 32  # the tiny preset's image size

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from kedavra.png_info import parse_parameters
+from kedavra.formats.png_info import parse_parameters
 
 pytest.importorskip("uvicorn")
 webdriver = pytest.importorskip("selenium.webdriver")

@@ -9,13 +9,13 @@ import dataclasses
 import pytest
 import torch
 
-from kedavra.text_encoder import (
+from kedavra.networks.text_encoder import (
     TextEncoder,
     TextEncoderConfig,
     convert_text_encoder_state_dict,
     to_diffusers_state_dict,
 )
-from kedavra.tokenizer import Tokenizer
+from kedavra.networks.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 

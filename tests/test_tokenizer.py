@@ -21,7 +21,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from kedavra.tokenizer import (
+from kedavra.networks.tokenizer import (
     END_OF_WORD,
     END_TOKEN_ID,
     NUM_MERGES,
@@ -178,7 +178,7 @@ QUOTED_WORDS = st.sampled_from(["“quoted”", "‘single’", "„low“", "do
 SEPARATORS = st.sampled_from([" ", "  ", "\t", "\n", "\r\n", "", ",", ", ", "\xa0", "\u3000", " \u2003 "])
 # Any assigned Unicode (this Python's database): the stdlib classes must agree with tokenizers' \p{L}/\p{N}.
 ANY_TEXT = st.text(st.characters(exclude_categories=("Cs", "Co", "Cn")), max_size=40)
-# ftfy's mojibake repair is left out on purpose (kedavra.tokenizer docstring). It fires on some adjacent
+# ftfy's mojibake repair is left out on purpose (kedavra.networks.tokenizer docstring). It fires on some adjacent
 # pairs of a Windows-1252 punctuation mark and a Latin-1 letter ("”é", "œé" are read as UTF-8 bytes), so
 # each SD 2.x prompt draws from one of two alphabets: accented letters and other scripts, or typographic
 # punctuation. Neither alphabet alone changes under ftfy's repair (checked over all 2- and 3-character

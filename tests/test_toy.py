@@ -6,10 +6,10 @@ import torch
 from PIL import Image
 
 from kedavra import cli
-from kedavra.forward_process import add_noise, to_x0_eps
-from kedavra.samplers import sample
-from kedavra.schedule import get_schedule
-from kedavra.toy.command import torch_threads
+from kedavra.commands.demo import torch_threads
+from kedavra.diffusion.forward_process import add_noise, to_x0_eps
+from kedavra.diffusion.samplers import sample
+from kedavra.diffusion.schedule import get_schedule
 from kedavra.toy.convergence import (
     ConvergenceConfig,
     fit_order,

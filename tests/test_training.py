@@ -17,15 +17,15 @@ from safetensors.torch import load_file
 
 from kedavra import cli
 from kedavra.checkpoint import load_model
-from kedavra.pipeline import Pipeline
-from kedavra.schedule import get_schedule
-from kedavra.toy.command import torch_threads
+from kedavra.commands.demo import torch_threads
+from kedavra.diffusion.schedule import get_schedule
+from kedavra.networks.vae import SD_LATENT_SCALE
+from kedavra.pipeline.pipeline import Pipeline
 from kedavra.training import NonFiniteLossError, TrainConfig, checkpointing, train
 from kedavra.training.config import STAGE_DEFAULTS
 from kedavra.training.ema import EMA, ema_decay_at
 from kedavra.training.losses import min_snr_weight
 from kedavra.training.optim import learning_rate
-from kedavra.vae import SD_LATENT_SCALE
 
 IMAGE_SIZE = 16
 COLOURS = {"red": (1.0, -1.0, -1.0), "green": (-1.0, 1.0, -1.0), "blue": (-1.0, -1.0, 1.0), "yellow": (1.0, 1.0, -1.0)}

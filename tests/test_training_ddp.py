@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from test_training import Squares, small_config
 
-from kedavra.toy.command import torch_threads
+from kedavra.commands.demo import torch_threads
 from kedavra.training import checkpointing, train
 
 WORLD_SIZE = 2

@@ -1,4 +1,4 @@
-"""Tests for kedavra.unet and kedavra.transformer.
+"""Tests for kedavra.networks.unet and kedavra.networks.transformer.
 
 Parity oracle: diffusers' UNet2DConditionModel built offline from a matching config, every parameter
 re-randomised under a fixed seed (diffusers zero-inits nothing we rely on, but LDM-style zero inits
@@ -18,8 +18,8 @@ from diffusers.models.embeddings import get_timestep_embedding
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kedavra.unet import PRESETS, UNet, UNetConfig, Upsample, timestep_embedding
-from kedavra.unet_keys import convert_unet_state_dict
+from kedavra.networks.unet import PRESETS, UNet, UNetConfig, Upsample, timestep_embedding
+from kedavra.networks.unet_keys import convert_unet_state_dict
 
 TINY = UNetConfig.from_preset("tiny")
 # An SD 2.x-shaped tiny model: 16-wide heads instead of a head count, Linear projections.

@@ -1,4 +1,4 @@
-"""Tests for kedavra.vae: parity with diffusers' AutoencoderKL, key conversion, posterior (tiling:
+"""Tests for kedavra.networks.vae: parity with diffusers' AutoencoderKL, key conversion, posterior (tiling:
 tests/test_vae_tiling.py)."""
 
 import functools
@@ -11,14 +11,14 @@ from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kedavra.vae import (
+from kedavra.networks.vae import (
     SD_LATENT_SCALE,
     AutoencoderKL,
     DiagonalGaussian,
     VAEConfig,
     get_vae_config,
 )
-from kedavra.vae_keys import convert_vae_state_dict
+from kedavra.networks.vae_keys import convert_vae_state_dict
 
 PARITY_ATOL = 1e-4  # fp32, from the brief; measured error is 0 (same op sequence as diffusers)
 

@@ -1,5 +1,5 @@
 """Figures of a real generation (kedavra/viz: trace, reverse, attention, guidance, latents, command) and the
-cross-attention recorder they rely on (kedavra/transformer.py, CrossAttention.recorder).
+cross-attention recorder they rely on (kedavra/networks/transformer.py, CrossAttention.recorder).
 
 Each figure is checked to show what it claims: the traced x_t and x̂_0 against the sampler's own update rule
 (Euler, Karras et al. 2022 eq. 3) and the seed's noise, the last x̂_0 against the final image, the guidance
@@ -24,12 +24,12 @@ from PIL import Image
 from kedavra.api import embedded_models
 from kedavra.checkpoint import save_model
 from kedavra.cli import build_parser, main
+from kedavra.diffusion.samplers import resolve_sampler
+from kedavra.diffusion.timesteps import make_plan
 from kedavra.evaluation.shapes_eval import FOREGROUND_DISTANCE, detect_objects, estimate_background
-from kedavra.model import ModelConfig, StableDiffusion
-from kedavra.pipeline import Pipeline
-from kedavra.samplers import resolve_sampler
-from kedavra.timesteps import make_plan
-from kedavra.transformer import CrossAttention
+from kedavra.networks.model import ModelConfig, StableDiffusion
+from kedavra.networks.transformer import CrossAttention
+from kedavra.pipeline.pipeline import Pipeline
 from kedavra.viz.attention import (
     REST_LABEL,
     cross_attention_layers,

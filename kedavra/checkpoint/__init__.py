@@ -1,7 +1,7 @@
 """Checkpoints: load the Stable Diffusion weights people have into kedavra's models; save kedavra's own.
 
     from kedavra.checkpoint import load_model, save_model
-    model = load_model("v1-5-pruned-emaonly.safetensors")   # a kedavra.model.StableDiffusion
+    model = load_model("v1-5-pruned-emaonly.safetensors")   # a kedavra.networks.model.StableDiffusion
     print(model.describe())                                  # what was read and what was detected
     save_model(model, "mine.safetensors")                    # kedavra's format: weights + ModelConfig JSON
 

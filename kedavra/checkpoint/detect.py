@@ -12,8 +12,8 @@ from torch import Tensor
 
 from kedavra.checkpoint.errors import CheckpointError, _fail, _some
 from kedavra.checkpoint.sources import _Hints, _Source
-from kedavra.model import PRESETS, ModelConfig, StableDiffusion
-from kedavra.schedule import NoiseSchedule
+from kedavra.diffusion.schedule import NoiseSchedule
+from kedavra.networks.model import PRESETS, ModelConfig, StableDiffusion
 
 
 def _text_style(config: ModelConfig) -> str:

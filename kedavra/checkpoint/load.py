@@ -13,10 +13,10 @@ from kedavra.checkpoint.detect import _decide, _probe
 from kedavra.checkpoint.errors import _fail, _some
 from kedavra.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
 from kedavra.checkpoint.sources import COMPONENTS, CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION, _open, _Source
-from kedavra.model import PREDICTION_TYPES, PRESETS, StableDiffusion
-from kedavra.text_encoder import convert_text_encoder_state_dict
-from kedavra.unet_keys import convert_unet_state_dict
-from kedavra.vae_keys import convert_vae_state_dict
+from kedavra.networks.model import PREDICTION_TYPES, PRESETS, StableDiffusion
+from kedavra.networks.text_encoder import convert_text_encoder_state_dict
+from kedavra.networks.unet_keys import convert_unet_state_dict
+from kedavra.networks.vae_keys import convert_vae_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def load_model(
 ) -> StableDiffusion:
     """Load an SD 1.x / 2.x checkpoint (original single file, diffusers folder, or kedavra's format).
 
-    family: a preset name (see kedavra.model.PRESETS) to use instead of detecting it.
+    family: a preset name (see kedavra.networks.model.PRESETS) to use instead of detecting it.
     prediction_type: "eps" or "v", instead of what the files say or the probe finds.
     dtype, device: where the weights end up; floating-point tensors are converted one at a time.
     The model comes back in eval mode; `model.describe()` says what was read and detected.

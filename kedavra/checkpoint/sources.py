@@ -12,9 +12,9 @@ from torch import Tensor
 from kedavra.checkpoint.errors import _fail, _some
 from kedavra.checkpoint.safetensors_io import SafetensorsFile
 from kedavra.checkpoint.weights import _read_json, _read_weights, _Weights
-from kedavra.model import ModelConfig
-from kedavra.schedule import NoiseSchedule
-from kedavra.tokenizer import VOCAB_SIZE
+from kedavra.diffusion.schedule import NoiseSchedule
+from kedavra.networks.model import ModelConfig
+from kedavra.networks.tokenizer import VOCAB_SIZE
 
 CONFIG_KEY = "kedavra_config"  # safetensors metadata key holding ModelConfig.to_dict() as JSON
 FORMAT_KEY = "kedavra_format"  # metadata key holding FORMAT_VERSION

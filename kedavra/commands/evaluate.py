@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 
 from kedavra.api import load, resolve_model
+from kedavra.commands.settings import check_device, model_identity
 from kedavra.data import DATASETS, SPLITS, get_dataset
-from kedavra.device import parse_precision
 from kedavra.evaluation.adherence import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, measure_adherence
 from kedavra.evaluation.fid import KID_SUBSET_SIZE, KID_SUBSETS, fid, inception_features, kid
 from kedavra.evaluation.inception import InceptionV3, load_inception, to_levels, weights_path
@@ -42,7 +42,7 @@ from kedavra.evaluation.report import (
     check_out_dir,
     write_report,
 )
-from kedavra.generation_settings import check_device, model_identity
+from kedavra.pipeline.device import parse_precision
 
 DEFAULT_OUT_DIR = Path("out") / "evaluate"
 EXAMPLES = """examples:

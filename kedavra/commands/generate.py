@@ -4,7 +4,7 @@
     kedavra generate "a cat, oil painting" --model m.safetensors --init-image cat.png --strength 0.6 -o art.png
     kedavra generate --from-png cat.png --model m.safetensors -o again.png     # the same pixels again
 
-Every PNG carries its generation parameters in AUTOMATIC1111's "parameters" text (kedavra.png_info), with the
+Every PNG carries its generation parameters in AUTOMATIC1111's "parameters" text (kedavra.formats.png_info), with the
 seed of that image, so `--from-png` (or A1111's "PNG Info" tab) reads them back. The settings of a run come, in
 order of precedence, from the flags given, the `--from-png` file, and the defaults below.
 
@@ -24,8 +24,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from kedavra.api import load, resolve_model
-from kedavra.device import parse_precision
-from kedavra.generation_settings import (
+from kedavra.commands.settings import (
     DEFAULT_SCHEDULES,
     ETA_KEY,
     GUIDANCE_RESCALE_KEY,
@@ -36,12 +35,13 @@ from kedavra.generation_settings import (
     model_identity,
     schedule_karras,
 )
-from kedavra.grid import image_grid
-from kedavra.model import PREDICTION_TYPES, PRESETS
-from kedavra.pipeline import DEFAULT_IMG2IMG_STRENGTH, DEFAULT_INPAINT_STRENGTH, MAX_SEED
-from kedavra.png_info import GenerationParameters, read_parameters, write_png
-from kedavra.samplers import resolve_sampler
-from kedavra.timesteps import start_index_for_strength
+from kedavra.diffusion.samplers import resolve_sampler
+from kedavra.diffusion.timesteps import start_index_for_strength
+from kedavra.formats.grid import image_grid
+from kedavra.formats.png_info import GenerationParameters, read_parameters, write_png
+from kedavra.networks.model import PREDICTION_TYPES, PRESETS
+from kedavra.pipeline.device import parse_precision
+from kedavra.pipeline.pipeline import DEFAULT_IMG2IMG_STRENGTH, DEFAULT_INPAINT_STRENGTH, MAX_SEED
 
 DEFAULT_STEPS = 20
 # DPM++ 2M (Lu et al. 2022, "DPM-Solver++", multistep 2nd order): deterministic, so an image depends on its seed's

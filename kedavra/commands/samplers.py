@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kedavra.samplers import SAMPLERS
+from kedavra.diffusion.samplers import SAMPLERS
 
 
 def register(subparsers) -> None:

@@ -26,11 +26,11 @@ from PIL import Image
 
 from kedavra.data import DATASETS
 from kedavra.data.shapes import PROMPT_KINDS
+from kedavra.diffusion.samplers import resolve_sampler
 from kedavra.evaluation.adherence import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, AdherenceResult
 from kedavra.evaluation.fid import KernelDistance
-from kedavra.grid import image_grid
-from kedavra.pipeline import MAX_IMAGES
-from kedavra.samplers import resolve_sampler
+from kedavra.formats.grid import image_grid
+from kedavra.pipeline.pipeline import MAX_IMAGES
 from kedavra.toy.figures import save_png
 
 DEFAULT_IMAGES = 100  # generated and real images for FID/KID: ~1 min of CPU for a 32 px model and Inception here

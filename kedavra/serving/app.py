@@ -33,10 +33,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 
 from kedavra import __version__
-from kedavra.generation_settings import AUTOMATIC_KARRAS, Settings, schedule_karras
-from kedavra.pipeline import MAX_SEED, MAX_SIDE, Pipeline
-from kedavra.png_info import KEDAVRA_VERSION
-from kedavra.samplers import SAMPLERS, SamplerSpec, resolve_sampler
+from kedavra.commands.settings import AUTOMATIC_KARRAS, Settings, schedule_karras
+from kedavra.diffusion.samplers import SAMPLERS, SamplerSpec, resolve_sampler
+from kedavra.diffusion.timesteps import start_index_for_strength
+from kedavra.formats.png_info import KEDAVRA_VERSION
+from kedavra.pipeline.pipeline import MAX_SEED, MAX_SIDE, Pipeline
 from kedavra.serving.schemas import (
     SCHEDULERS,
     GenerationRequest,
@@ -51,7 +52,6 @@ from kedavra.serving.schemas import (
     ignored_settings,
 )
 from kedavra.serving.worker import GenerationTask, Job, ModelEntry, QueueFull, Worker
-from kedavra.timesteps import start_index_for_strength
 
 API_PREFIX = "/sdapi/v1"
 DISCONNECT_POLL_S = 0.25  # how often a waiting handler checks that its client is still connected

@@ -20,8 +20,8 @@ from typing import Annotated, Any
 from PIL import Image, ImageOps
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from kedavra.generation_settings import DEFAULT_SCHEDULES, KARRAS_SCHEDULE
-from kedavra.pipeline import MAX_SEED, MAX_SIDE
+from kedavra.commands.settings import DEFAULT_SCHEDULES, KARRAS_SCHEDULE
+from kedavra.pipeline.pipeline import MAX_SEED, MAX_SIDE
 
 MAX_STEPS = 150  # A1111's "Sampling steps" slider maximum (modules/ui.py)
 MAX_BATCH_SIZE = 8  # A1111's "Batch size" slider maximum

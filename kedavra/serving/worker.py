@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from kedavra.generation_settings import Settings, model_identity
-from kedavra.pipeline import MAX_SEED, Pipeline, from_pil, to_pil
-from kedavra.png_info import SHORT_HASH_LENGTH, encode_png, format_parameters, sha256_file
+from kedavra.commands.settings import Settings, model_identity
+from kedavra.formats.png_info import SHORT_HASH_LENGTH, encode_png, format_parameters, sha256_file
+from kedavra.pipeline.pipeline import MAX_SEED, Pipeline, from_pil, to_pil
 from kedavra.serving.schemas import ProgressResponse, ProgressState
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt")  # single-file checkpoints kedavra.checkpoint reads

@@ -26,8 +26,8 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm import tqdm
 
-from kedavra.samplers import SAMPLERS, Denoiser, resolve_sampler, sample
-from kedavra.schedule import get_schedule
+from kedavra.diffusion.samplers import SAMPLERS, Denoiser, resolve_sampler, sample
+from kedavra.diffusion.schedule import get_schedule
 from kedavra.toy.mixture import TWO_MODES, ExactModel, GaussianMixture, expected_fraction_between, fraction_between
 
 SPACING = "linspace"  # with karras=True: σ from σ(T-1) to σ(0) for every step count

@@ -15,10 +15,10 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from kedavra.forward_process import add_noise, randn_like
-from kedavra.samplers import SAMPLERS, resolve_sampler, sample
-from kedavra.schedule import NoiseSchedule
-from kedavra.timesteps import make_plan
+from kedavra.diffusion.forward_process import add_noise, randn_like
+from kedavra.diffusion.samplers import SAMPLERS, resolve_sampler, sample
+from kedavra.diffusion.schedule import NoiseSchedule
+from kedavra.diffusion.timesteps import make_plan
 from kedavra.toy.convergence import ConvergenceResult, identical_runs
 from kedavra.toy.mixture import MODE_NAMES, GaussianMixture, expected_fraction_between, fraction_between, mode_axis
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kedavra.forward_process import check_prediction_type, training_target
-from kedavra.schedule import NoiseSchedule, check_timesteps
+from kedavra.diffusion.forward_process import check_prediction_type, training_target
+from kedavra.diffusion.schedule import NoiseSchedule, check_timesteps
 
 BETWEEN_STDS = 2.5  # a sample "between the modes" lies more than this many stds from both means along their axis
 

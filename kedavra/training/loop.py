@@ -31,8 +31,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from kedavra.checkpoint import save_model
-from kedavra.forward_process import add_noise, training_target
-from kedavra.model import StableDiffusion
+from kedavra.diffusion.forward_process import add_noise, training_target
+from kedavra.networks.model import StableDiffusion
 from kedavra.training import checkpointing, report
 from kedavra.training.batches import DataPosition, TokenCache, TrainingData, open_dataset
 from kedavra.training.config import TrainConfig

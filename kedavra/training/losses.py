@@ -9,7 +9,7 @@ does not download, and at 32 px on flat-coloured shapes the L1 reconstructions a
 (docs/training.md has the measurements).
 
 Diffusion (Ho et al. 2020, eq. 14, "L_simple", with the target of the chosen parameterisation):
-    L = w_t · mean_pixels (f(x_t, t, c) - target)²,   target = ε or v (kedavra.forward_process.training_target)
+    L = w_t · mean_pixels (f(x_t, t, c) - target)²,   target = ε or v (forward_process.training_target)
 with w_t = 1, or min-SNR-γ (Hang et al. 2023, sec. 3.4): w_t = min(SNR_t, γ)/SNR_t for ε and
 min(SNR_t, γ)/(SNR_t + 1) for v, both written through ᾱ_t (SNR = ᾱ/(1-ᾱ)) so they stay finite at SNR 0:
     ε:  min(SNR, γ)/SNR       = γ(1-ᾱ) / max(ᾱ, γ(1-ᾱ))     (1 where SNR < γ, including SNR = 0)
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kedavra.vae import AutoencoderKL, DiagonalGaussian
+from kedavra.networks.vae import AutoencoderKL, DiagonalGaussian
 
 
 def min_snr_weight(alpha_bar: Tensor, gamma: float, prediction_type: str) -> Tensor:

@@ -17,9 +17,9 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from kedavra.grid import image_grid
-from kedavra.model import StableDiffusion
-from kedavra.pipeline import Pipeline, to_pil
+from kedavra.formats.grid import image_grid
+from kedavra.networks.model import StableDiffusion
+from kedavra.pipeline.pipeline import Pipeline, to_pil
 from kedavra.training.checkpointing import atomic_write
 
 METRICS_FILE = "metrics.jsonl"

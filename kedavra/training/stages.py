@@ -28,9 +28,9 @@ from torch import Tensor, nn
 
 from kedavra.api import resolve_model
 from kedavra.checkpoint import load_model
-from kedavra.minilm import load_pretrained_minilm_state
-from kedavra.model import PRESETS, ModelConfig, StableDiffusion, with_minilm_text_encoder
-from kedavra.schedule import get_schedule
+from kedavra.diffusion.schedule import get_schedule
+from kedavra.networks.minilm import load_pretrained_minilm_state
+from kedavra.networks.model import PRESETS, ModelConfig, StableDiffusion, with_minilm_text_encoder
 from kedavra.training.config import TrainConfig, check_schedule_fits
 
 EXPORT_FILE = "model.safetensors"  # the finished run's EMA model, for `kedavra generate --model`

@@ -1,6 +1,6 @@
 """Per-word cross-attention maps of a real generation: which pixels attend to each word of the prompt.
 
-Every transformer block of the U-Net has a cross-attention layer, `attn2` (kedavra/transformer.py,
+Every transformer block of the U-Net has a cross-attention layer, `attn2` (kedavra/networks/transformer.py,
 TransformerBlock), whose queries are the S = h·w positions of its feature map and whose keys are the L text
 tokens; its probabilities softmax(Q K^T / √Dh) (Rombach et al. 2022, sec. 3.3; Vaswani et al. 2017, eq. 1)
 give, for each position, how it shares its attention among the tokens (each row sums to 1). They are
@@ -24,9 +24,9 @@ Two ways to read them (NORMALISATIONS):
     all    the shares as recorded, with the start, end and padding tokens as one more map; K+1 maps sum to 1.
 Both are computed from the averaged shares (of a step, or of all steps), so they are ratios of averages.
 
-Tokens to words: the prompt is chunked exactly as the pipeline encodes it (kedavra.prompt_weighting:
+Tokens to words: the prompt is chunked exactly as the pipeline encodes it (kedavra.pipeline.prompt_weighting:
 chunk_prompt, so emphasis brackets and BREAK behave the same), chunk c's token j sitting at context position
-77·c + j; CLIP's BPE marks the last token of each word with "</w>" (kedavra.tokenizer), which closes a word
+77·c + j; CLIP's BPE marks the last token of each word with "</w>" (kedavra.networks.tokenizer), which closes a word
 (MiniLM's WordPiece: a token that no "##" continuation follows).
 A word's map varies by a few hundredths over the image; each is drawn stretched from its own minimum
 (transparent) to its own maximum (brightest), which shows where the word is attended most, with its minimum,
@@ -43,10 +43,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from kedavra.pipeline import Pipeline
-from kedavra.prompt_weighting import chunk_prompt
-from kedavra.tokenizer import Tokenizer
-from kedavra.transformer import CrossAttention, TransformerBlock
+from kedavra.networks.tokenizer import Tokenizer
+from kedavra.networks.transformer import CrossAttention, TransformerBlock
+from kedavra.pipeline.pipeline import Pipeline
+from kedavra.pipeline.prompt_weighting import chunk_prompt
 from kedavra.viz.panels import (
     DEFAULT_ROWS,
     SheetLayout,
@@ -106,7 +106,7 @@ def prompt_words(tokenizer: Tokenizer, prompt: str) -> PromptWords:
 
 def feature_shape(tokens: int, height: int, width: int) -> tuple[int, int]:
     """(h, w) of the U-Net level with `tokens` = h·w positions, for a latent of height × width: each level
-    halves the sides, rounding up (kedavra/unet.py, Downsample)."""
+    halves the sides, rounding up (kedavra/networks/unet.py, Downsample)."""
     h, w = height, width
     while h * w > tokens:
         h, w = -(-h // 2), -(-w // 2)

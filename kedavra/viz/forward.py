@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-from kedavra.forward_process import add_noise
-from kedavra.schedule import COSINE_MAX_BETA, COSINE_OFFSET, SCHEDULE_PRESETS, NoiseSchedule, get_schedule
+from kedavra.diffusion.forward_process import add_noise
+from kedavra.diffusion.schedule import COSINE_MAX_BETA, COSINE_OFFSET, SCHEDULE_PRESETS, NoiseSchedule, get_schedule
 from kedavra.viz.sample_image import draw_sample_image
 
 FRAME_TIMESTEPS = (0, 50, 100, 200, 400, 600, 800, 999)  # the columns of the grid by default

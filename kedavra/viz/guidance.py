@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from kedavra.pipeline import Pipeline
+from kedavra.pipeline.pipeline import Pipeline
 from kedavra.viz.panels import (
     DEFAULT_ROWS,
     SheetLayout,

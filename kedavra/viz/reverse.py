@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from kedavra.pipeline import Pipeline
+from kedavra.pipeline.pipeline import Pipeline
 from kedavra.viz.panels import (
     SheetLayout,
     check_png_path,

@@ -4,8 +4,8 @@
 nothing it computes:
     a forward hook on the U-Net     the latent x_t it saw (the first evaluation of each step; Heun makes a
                                     second) and its output for both halves of the guidance batch, which the
-                                    pipeline stacks unconditional first (kedavra/pipeline.py, _guided_unet);
-    the step callback               the sampler's x̂_0 of the step (kedavra/samplers/denoiser.py, after_step).
+                                    pipeline stacks unconditional first (kedavra/pipeline/pipeline.py, _guided_unet);
+    the step callback               the sampler's x̂_0 of the step (kedavra/diffusion/samplers/denoiser.py, after_step).
 x_t is the variance-preserving latent the network sees, x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε (DDPM eq. 4), whatever
 view the sampler keeps its state in; ᾱ_t of step i comes from the same `make_plan` the sampler runs.
 Classifier-free guidance (Ho and Salimans 2022, eq. 6): guided = uncond + w (cond - uncond), w = guidance_scale.
@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from kedavra.forward_process import to_x0_eps
-from kedavra.pipeline import Pipeline
-from kedavra.samplers import resolve_sampler
-from kedavra.timesteps import make_plan
+from kedavra.diffusion.forward_process import to_x0_eps
+from kedavra.diffusion.samplers import resolve_sampler
+from kedavra.diffusion.timesteps import make_plan
+from kedavra.pipeline.pipeline import Pipeline
 
 DEFAULT_STEPS = 20
 DEFAULT_SAMPLER = "euler"  # the plainest update, one U-Net evaluation per step (Karras et al. 2022, Alg. 2)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from kedavra.forward_process import randn_like
-from kedavra.samplers.denoiser import Denoiser, after_step
-from kedavra.timesteps import SamplingPlan
+from kedavra.diffusion.forward_process import randn_like
+from kedavra.diffusion.samplers.denoiser import Denoiser, after_step
+from kedavra.diffusion.timesteps import SamplingPlan
 
 
 def sample_euler(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, generator=None, callback=None):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from kedavra.transformer import CrossAttention, SpatialTransformer
+from kedavra.networks.transformer import CrossAttention, SpatialTransformer
 
 TIME_EMBED_MULT = 4  # LDM openaimodel.py: time_embed_dim = model_channels * 4
 MAX_PERIOD = 10_000  # Vaswani et al. 2017, Sec. 3.5: wavelengths up to 10000 * 2*pi

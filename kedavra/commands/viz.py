@@ -20,9 +20,9 @@ import torch
 from tqdm import tqdm
 
 from kedavra.api import load, resolve_model
-from kedavra.device import parse_precision
-from kedavra.generation_settings import check_device, choose_model
-from kedavra.schedule import SCHEDULE_PRESETS, get_schedule
+from kedavra.commands.settings import check_device, choose_model
+from kedavra.diffusion.schedule import SCHEDULE_PRESETS, get_schedule
+from kedavra.pipeline.device import parse_precision
 from kedavra.viz.attention import NORMALISATIONS, check_normalise, make_attention_figure
 from kedavra.viz.forward import (
     DEFAULT_SEED,

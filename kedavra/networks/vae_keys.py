@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
-from kedavra.vae import AutoencoderKL, VAEConfig
+from kedavra.networks.vae import AutoencoderKL, VAEConfig
 
 # ---------------------------------------------------------------------------------------------------
 # Checkpoint key conversion

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from kedavra.api import DEFAULT_MODEL, EMBEDDED_DIR, embedded_models
-from kedavra.pipeline import MAX_IMAGES, MAX_SEED, MAX_SIDE
-from kedavra.png_info import GenerationParameters, model_hash
-from kedavra.samplers import SamplerSpec
+from kedavra.diffusion.samplers import SamplerSpec
+from kedavra.formats.png_info import GenerationParameters, model_hash
+from kedavra.pipeline.pipeline import MAX_IMAGES, MAX_SEED, MAX_SIDE
 
 KARRAS_SCHEDULE = "Karras"  # A1111's "Schedule type" value for Karras σ spacing
 # A1111 (v1.9 on) writes a "Schedule type" always; these two mean the sampler's own: the model's spacing, except

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from kedavra.unet import UNet, UNetConfig
+from kedavra.networks.unet import UNet, UNetConfig
 
 LAYOUTS = ("diffusers", "ldm")
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kedavra.schedule import NoiseSchedule
+from kedavra.diffusion.schedule import NoiseSchedule
 
 SPACINGS = ("leading", "trailing", "linspace")
 FINAL_SIGMAS = ("zero", "sigma_min")

@@ -8,14 +8,14 @@ from dataclasses import dataclass
 
 import torch
 
-from kedavra.forward_process import add_noise, check_finite
-from kedavra.samplers.ddpm import sample_ddim, sample_ddpm
-from kedavra.samplers.denoiser import Denoiser, Model, after_step
-from kedavra.samplers.dpm_solver import sample_dpmpp_2m, sample_dpmpp_2m_sde
-from kedavra.samplers.euler import sample_euler, sample_euler_ancestral, sample_heun
-from kedavra.samplers.unipc import sample_unipc
-from kedavra.schedule import SCHEDULE_PRESETS, NoiseSchedule
-from kedavra.timesteps import SPACINGS, make_plan, start_index_for_strength
+from kedavra.diffusion.forward_process import add_noise, check_finite
+from kedavra.diffusion.samplers.ddpm import sample_ddim, sample_ddpm
+from kedavra.diffusion.samplers.denoiser import Denoiser, Model, after_step
+from kedavra.diffusion.samplers.dpm_solver import sample_dpmpp_2m, sample_dpmpp_2m_sde
+from kedavra.diffusion.samplers.euler import sample_euler, sample_euler_ancestral, sample_heun
+from kedavra.diffusion.samplers.unipc import sample_unipc
+from kedavra.diffusion.schedule import SCHEDULE_PRESETS, NoiseSchedule
+from kedavra.diffusion.timesteps import SPACINGS, make_plan, start_index_for_strength
 
 
 @dataclass(frozen=True)

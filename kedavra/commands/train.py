@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from kedavra.model import PREDICTION_TYPES, PRESETS
-from kedavra.schedule import SCHEDULE_PRESETS
+from kedavra.diffusion.schedule import SCHEDULE_PRESETS
+from kedavra.networks.model import PREDICTION_TYPES, PRESETS
 from kedavra.training.checkpointing import find_checkpoint
 from kedavra.training.config import (
     LR_SCHEDULES,

@@ -18,8 +18,8 @@ what the U-Net predicts.
                     transformer projections, 16-wide heads, zero-padded prompts, v-prediction)
 
 The text side is CLIP's (BPE tokenizer + CLIP text transformer) in every family; `with_minilm_text_encoder`
-swaps in the frozen pretrained MiniLM sentence encoder and its WordPiece tokenizer (kedavra.minilm,
-kedavra.wordpiece) and widens the U-Net's cross-attention context to its 384 dimensions. Those sections of the
+swaps in the frozen pretrained MiniLM sentence encoder and its WordPiece tokenizer (kedavra.networks.minilm,
+kedavra.networks.wordpiece) and widens the U-Net's cross-attention context to its 384 dimensions. Those sections of the
 config carry `kind` ("minilm", "wordpiece"); CLIP's carry none, so every older checkpoint reads as before.
 """
 
@@ -30,14 +30,14 @@ from typing import Any
 
 from torch import nn
 
-from kedavra.minilm import MiniLMConfig, MiniLMEncoder
-from kedavra.schedule import NoiseSchedule, get_schedule
-from kedavra.text_encoder import TextEncoder, TextEncoderConfig
-from kedavra.timesteps import SPACINGS
-from kedavra.tokenizer import VOCAB_SIZE, Tokenizer, TokenizerConfig
-from kedavra.unet import INPAINT_IN_CHANNELS, UNet, UNetConfig
-from kedavra.vae import AutoencoderKL, VAEConfig, get_vae_config
-from kedavra.wordpiece import WordPieceConfig, WordPieceTokenizer
+from kedavra.diffusion.schedule import NoiseSchedule, get_schedule
+from kedavra.diffusion.timesteps import SPACINGS
+from kedavra.networks.minilm import MiniLMConfig, MiniLMEncoder
+from kedavra.networks.text_encoder import TextEncoder, TextEncoderConfig
+from kedavra.networks.tokenizer import VOCAB_SIZE, Tokenizer, TokenizerConfig
+from kedavra.networks.unet import INPAINT_IN_CHANNELS, UNet, UNetConfig
+from kedavra.networks.vae import AutoencoderKL, VAEConfig, get_vae_config
+from kedavra.networks.wordpiece import WordPieceConfig, WordPieceTokenizer
 
 PREDICTION_TYPES = ("eps", "v")  # what the U-Net outputs: the noise ε (DDPM) or v (Salimans & Ho 2022, eq. 7)
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "schedule")

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kedavra.tokenizer import CONTEXT_LENGTH, VOCAB_SIZE
+from kedavra.networks.tokenizer import CONTEXT_LENGTH, VOCAB_SIZE
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 QUICK_GELU_SCALE = 1.702  # OpenAI CLIP model.py QuickGELU: x * sigmoid(1.702 x)

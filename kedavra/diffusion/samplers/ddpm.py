@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from kedavra.forward_process import randn_like
-from kedavra.samplers.denoiser import Denoiser, after_step
-from kedavra.timesteps import SamplingPlan
+from kedavra.diffusion.forward_process import randn_like
+from kedavra.diffusion.samplers.denoiser import Denoiser, after_step
+from kedavra.diffusion.timesteps import SamplingPlan
 
 DDPM_VARIANCES = ("fixed_small", "fixed_large")
 DDPM_MIN_VARIANCE = 1e-20  # clamp on β̃ so its square root stays finite (as diffusers does)

@@ -39,7 +39,7 @@ emphasis mode "Original"), written from its description and doctests:
    prompt and its negative prompt, are padded to the same chunk count with the encoding of the empty
    prompt (A1111 with its "pad_cond_uncond" option, which lets the classifier-free guidance batch hold
    both).
-   The same steps serve a model whose text side is MiniLM (kedavra.model.with_minilm_text_encoder): its
+   The same steps serve a model whose text side is MiniLM (kedavra.networks.model.with_minilm_text_encoder): its
    WordPiece tokenizer frames chunks as [CLS] + ids + [SEP], padded to its own context (32 tokens), with ","
    as the comma.
    A prompt with no brackets, backslashes or BREAK and at most 75 tokens is one chunk of all-1 weights;
@@ -68,8 +68,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kedavra.text_encoder import TextEncoder
-from kedavra.tokenizer import Tokenizer
+from kedavra.networks.text_encoder import TextEncoder
+from kedavra.networks.tokenizer import Tokenizer
 
 ROUND_MULTIPLIER = 1.1  # A1111 prompt_parser: (text)
 SQUARE_MULTIPLIER = 1 / 1.1  # A1111 prompt_parser: [text]

@@ -1,4 +1,4 @@
-"""BERT's uncased WordPiece tokenizer: prompt text -> token ids for the MiniLM text encoder (kedavra.minilm).
+"""BERT's uncased WordPiece tokenizer: prompt text -> token ids for the MiniLM text encoder (kedavra.networks.minilm).
 
 Devlin et al. 2019 ("BERT: Pre-training of Deep Bidirectional Transformers for Language Understanding"),
 Sec. 3: a 30,522-entry WordPiece vocabulary (Wu et al. 2016, "Google's Neural Machine Translation System",
@@ -27,8 +27,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kedavra.minilm import minilm_model_dir
-from kedavra.tokenizer import PromptFraming
+from kedavra.networks.minilm import minilm_model_dir
+from kedavra.networks.tokenizer import PromptFraming
 
 PAD_ID = 0  # all-MiniLM-L6-v2 vocab.txt line 0, "[PAD]"
 UNK_ID = 100  # "[UNK]"
@@ -129,7 +129,7 @@ def split_words(text: str) -> list[str]:
 
 
 class WordPieceTokenizer(PromptFraming):
-    """Prompt text -> BERT WordPiece ids, and back. Called like kedavra.tokenizer.Tokenizer."""
+    """Prompt text -> BERT WordPiece ids, and back. Called like kedavra.networks.tokenizer.Tokenizer."""
 
     def __init__(self, config: WordPieceConfig, vocab_path: Path | None = None):
         if not isinstance(config, WordPieceConfig):
@@ -159,7 +159,7 @@ class WordPieceTokenizer(PromptFraming):
 
     @property
     def comma_id(self) -> int:
-        """The comma token, where long prompts prefer to break into chunks (kedavra.prompt_weighting)."""
+        """The comma token, where long prompts prefer to break into chunks (kedavra.pipeline.prompt_weighting)."""
         return self.vocab_ids[","]
 
     def wordpiece(self, word: str) -> list[int]:

@@ -11,9 +11,9 @@ import math
 
 import torch
 
-from kedavra.forward_process import randn_like
-from kedavra.samplers.denoiser import Denoiser, after_step
-from kedavra.timesteps import SamplingPlan
+from kedavra.diffusion.forward_process import randn_like
+from kedavra.diffusion.samplers.denoiser import Denoiser, after_step
+from kedavra.diffusion.timesteps import SamplingPlan
 
 
 def vp_scales(sigma: float) -> tuple[float, float, float]:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from kedavra.samplers import resolve_sampler
-from kedavra.schedule import get_schedule
-from kedavra.timesteps import check_steps
+from kedavra.diffusion.samplers import resolve_sampler
+from kedavra.diffusion.schedule import get_schedule
+from kedavra.diffusion.timesteps import check_steps
 from kedavra.toy.convergence import ConvergenceConfig, ConvergenceResult, markdown_report, run_convergence
 from kedavra.toy.figures import (
     landing_modes,

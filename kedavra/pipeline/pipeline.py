@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kedavra.acceleration import optimize_for_inference
-from kedavra.device import default_device, default_dtype, parse_precision
-from kedavra.model import StableDiffusion
-from kedavra.prompt_weighting import encode_prompt_pairs
-from kedavra.samplers import resolve_sampler, sample
-from kedavra.timesteps import check_steps
-from kedavra.vae import Tiling
+from kedavra.diffusion.samplers import resolve_sampler, sample
+from kedavra.diffusion.timesteps import check_steps
+from kedavra.networks.acceleration import optimize_for_inference
+from kedavra.networks.model import StableDiffusion
+from kedavra.networks.vae import Tiling
+from kedavra.pipeline.device import default_device, default_dtype, parse_precision
+from kedavra.pipeline.prompt_weighting import encode_prompt_pairs
 
 MAX_SIDE = 2048  # largest width/height accepted, in pixels: beyond it a CPU run takes hours
 MAX_IMAGES = 64  # largest batch accepted in one call
@@ -57,7 +57,7 @@ class Pipeline:
         (default: bf16 where the hardware runs it natively, e.g. a CPU with AMX, else fp32). The samplers'
         arithmetic stays in fp32 whatever the networks run in.
         optimize: on a CPU, keep the U-Net's and the VAE's conv and linear weights in oneDNN's packed layout
-        (kedavra.acceleration): the same images (bitwise, or within a bf16 rounding step at a few elements),
+        (kedavra.networks.acceleration): the same images (bitwise, or within a bf16 rounding step at a few elements),
         U-Net steps 1.1-1.8x faster for SD 1.5 at 256-512 px, and one more copy of those weights in memory
         (1.7 GiB for SD 1.5 in bf16); docs/benchmark.md. The model is changed in place, as `.to()` already is."""
         if not isinstance(optimize, bool):
@@ -83,7 +83,7 @@ class Pipeline:
     def encode_prompts(self, prompts: Sequence[str], negative_prompts: Sequence[str], clip_skip: int | None = None):
         """(context, negative context), each (B, 77·k, D): the text encoder's hidden states for the prompts and
         the negative prompts (the unconditional side of guidance), with A1111's emphasis syntax "(word:1.3)",
-        "[word]", BREAK, and prompts longer than 75 tokens in chunks of 77 (see kedavra.prompt_weighting).
+        "[word]", BREAK, and prompts longer than 75 tokens in chunks of 77 (see kedavra.pipeline.prompt_weighting).
         Plain prompts of up to 75 tokens give exactly text_encoder(tokenizer(prompt))."""
         return encode_prompt_pairs(self.model.tokenizer, self.model.text_encoder, list(prompts), list(negative_prompts),
                                    clip_skip=clip_skip)

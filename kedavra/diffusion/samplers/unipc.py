@@ -12,9 +12,9 @@ import math
 
 import torch
 
-from kedavra.samplers.denoiser import Denoiser, after_step
-from kedavra.samplers.dpm_solver import vp_scales
-from kedavra.timesteps import SamplingPlan
+from kedavra.diffusion.samplers.denoiser import Denoiser, after_step
+from kedavra.diffusion.samplers.dpm_solver import vp_scales
+from kedavra.diffusion.timesteps import SamplingPlan
 
 
 def _unipc_weights(h: float, r: float | None) -> tuple[float, float, float]:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-VOCAB_PATH = Path(__file__).parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"  # OpenAI CLIP, MIT
+VOCAB_PATH = Path(__file__).parent.parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"  # OpenAI CLIP, MIT
 NUM_MERGES = 49152 - 256 - 2  # CLIP simple_tokenizer.py: merges[1 : 49152 - 256 - 2 + 1]
 VOCAB_SIZE = 256 + 256 + NUM_MERGES + 2  # bytes, bytes ending a word, merges, start and end = 49408
 START_TOKEN_ID = VOCAB_SIZE - 2  # 49406, "<|startoftext|>"

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from kedavra.forward_process import check_finite, check_prediction_type, to_x0_eps
+from kedavra.diffusion.forward_process import check_finite, check_prediction_type, to_x0_eps
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

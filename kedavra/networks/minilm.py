@@ -7,7 +7,7 @@ sentence pairs as a sentence-transformers model (Reimers & Gurevych 2019, "Sente
 embedding is the mean of these hidden states over the non-padding tokens. Here it replaces CLIP's text
 encoder as a frozen feature extractor: the U-Net cross-attends to the last layer's per-token states.
 
-BERT, as opposed to CLIP's text transformer (kedavra.text_encoder):
+BERT, as opposed to CLIP's text transformer (kedavra.networks.text_encoder):
   - embeddings are token + learned position + segment ("token type", always 0 here), then a LayerNorm;
   - attention is bidirectional; only the padding keys are masked;
   - blocks are post-LayerNorm (Vaswani et al. 2017, Sec. 3.1): x = LN(x + Attn(x)), x = LN(x + MLP(x)),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kedavra.schedule import NoiseSchedule
+from kedavra.diffusion.schedule import NoiseSchedule
 
 PREDICTION_TYPES = ("eps", "v", "x0")
 # The names diffusers' configs use for the same prediction types.

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kedavra.transformer import GEGLU
+from kedavra.networks.transformer import GEGLU
 
 # Weight dtypes whose packed kernels pay off here: fp32 (AVX-512) and bf16 (AVX512-BF16 / AMX). fp16 is left
 # to the eager path (on CPUs without AMX-FP16 oneDNN emulates it).
