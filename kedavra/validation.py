@@ -105,3 +105,13 @@ def some(names: Iterable, count: int = 5) -> str:
     """The first `count` of `names`, comma-separated, with ", ..." when there are more: for error messages."""
     names = [str(name) for name in names]
     return ", ".join(names[:count]) + (", ..." if len(names) > count else "")
+
+
+MAX_SEED = 2**32 - 1  # seeds are 32-bit unsigned, as in A1111 and diffusers' examples: one range everywhere
+
+
+def check_seed(name: str, value, *, optional: bool = False) -> int | None:
+    """A seed from 0 to MAX_SEED (or None, for a random one, when optional)."""
+    if optional:
+        return check_optional_int(name, value, 0, MAX_SEED, none_means="a random one")
+    return check_int(name, value, 0, MAX_SEED)
