@@ -38,12 +38,12 @@ def check_int(name: str, value, low: int | None = None, high: int | None = None,
               multiple_of: int | None = None, note: str = "") -> int:
     """`value` as an int when it is an integer in [low, high] (and a multiple of `multiple_of`), else ValueError.
 
-    note: a few words appended to the error that say why the bound is what it is."""
+    note: a few words that say why, put after what is allowed: "a multiple of 8{note} from 8 to 2048"."""
     in_range = is_int(value) and (low is None or value >= low) and (high is None or value <= high)
     if not in_range or (multiple_of is not None and value % multiple_of):
         kind = f"a multiple of {multiple_of}" if multiple_of is not None else "an integer"
         bounds = describe_range(low, high)
-        raise ValueError(f"{name} must be {kind}{' ' + bounds if bounds else ''}{note}, got {value!r}")
+        raise ValueError(f"{name} must be {kind}{note}{' ' + bounds if bounds else ''}, got {value!r}")
     return int(value)
 
 
@@ -68,9 +68,9 @@ def check_number(name: str, value, low: float | None = None, high: float | None 
     if ok and high is not None:
         ok = value <= high
     if not ok:
-        if low is not None and high is not None:
-            bounds = f" in {'[' if low_inclusive else '('}{low}, {high}]"
-        elif low is not None:
+        if low is not None and high is not None:  # a closed interval: "finite" goes without saying
+            raise ValueError(f"{name} must be a number in {'[' if low_inclusive else '('}{low}, {high}], got {value!r}")
+        if low is not None:
             bounds = f" {'>=' if low_inclusive else '>'} {low}"
         else:
             bounds = f" <= {high}" if high is not None else ""
