@@ -120,7 +120,7 @@ def max_relative_error(name, kind, prediction, spacing, offset, karras, zero_snr
     x_final = sample(toy_model, noise, sampler=name, steps=steps, schedule=schedule, prediction_type=prediction,
                      spacing=spacing, steps_offset=offset, karras=karras, final_sigma=final_sigma,
                      generator=torch.Generator().manual_seed(3),
-                     callback=lambda i, n, x, x0: ours.append(x.clone()))
+                     callback=lambda step: ours.append(step.x.clone()))
     torch.testing.assert_close(x_final, ours[-1])
     sched = diffusers_scheduler(name, kind, prediction, spacing, offset, karras, zero_snr, final_sigma)
     view = "ve" if name in ("euler", "euler_a", "heun") else "vp"

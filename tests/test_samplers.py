@@ -5,6 +5,7 @@ import torch
 
 from kedavra.diffusion.samplers import SAMPLERS, Denoiser, resolve_sampler, sample
 from kedavra.diffusion.schedule import get_schedule
+from kedavra.diffusion.timesteps import make_plan
 
 SHAPE = (2, 3, 4, 4)
 
@@ -64,7 +65,7 @@ def test_image_to_image_runs_the_last_steps_from_the_noised_init(name):
     init = torch.linspace(-1, 1, 96).reshape(SHAPE)
     calls = []
     out = sample(smooth_eps_model, noise(), sampler=name, steps=20, init=init, strength=0.3,
-                 callback=lambda i, n, x, x0: calls.append(n))
+                 callback=lambda step: calls.append(step.count))
     assert len(calls) == 6 and calls[0] == 6  # ⌊0.3·20⌋ = 6 steps
     # strength 0 would leave the image untouched; a small strength stays close to it
     assert (out - init).abs().mean() < (noise() - init).abs().mean()
@@ -160,9 +161,24 @@ def test_bad_masks():
 
 def test_a_callback_that_returns_a_non_tensor_leaves_the_sample_alone():
     """A progress bar's update() returns True when it redraws: only a returned tensor may replace x."""
-    from kedavra.diffusion.samplers.denoiser import after_step
+    plain = sample(smooth_eps_model, noise(), sampler="euler", steps=4)
+    for returns in (True, None):
+        assert torch.equal(sample(smooth_eps_model, noise(), sampler="euler", steps=4, callback=lambda step: returns),
+                           plain)
+    zeros = sample(smooth_eps_model, noise(), sampler="euler", steps=4, callback=lambda step: torch.zeros_like(step.x))
+    assert torch.equal(zeros, torch.zeros(SHAPE))
 
-    x, x0 = torch.ones(1, 2), torch.zeros(1, 2)
-    assert after_step(lambda *args: True, 0, 5, x, x0) is x
-    assert after_step(lambda *args: None, 0, 5, x, x0) is x
-    assert after_step(lambda *args: x0, 0, 5, x, x0) is x0
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_step_records_give_each_steps_level_in_the_vp_view(name):
+    """With ε̂ = 0 the model's x̂_0 is x_t/√ᾱ_t (DDPM eq. 15), whichever view the sampler keeps its state in; the
+    record's t are the plan's timesteps, and its first x_t is the starting noise (x_T, VP)."""
+    steps, start = [], noise()
+    sample(lambda x, t: torch.zeros_like(x), start, sampler=name, steps=5, generator=torch.Generator().manual_seed(0),
+           callback=steps.append)
+    plan = make_plan(get_schedule("sd"), 5)
+    assert [s.index for s in steps] == list(range(5)) and {s.count for s in steps} == {5}
+    assert [s.t for s in steps] == plan.timesteps.tolist()
+    torch.testing.assert_close(steps[0].x_t, start)
+    for step in steps:
+        torch.testing.assert_close(step.x0, step.x_t / step.alpha_bar**0.5)

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from kedavra.diffusion.forward_process import add_noise, randn_like
-from kedavra.diffusion.samplers import SAMPLERS, resolve_sampler, sample
+from kedavra.diffusion.samplers import SAMPLERS, StepRecord, resolve_sampler, sample
 from kedavra.diffusion.schedule import NoiseSchedule
 from kedavra.diffusion.timesteps import make_plan
 from kedavra.toy.convergence import ConvergenceResult, identical_runs
@@ -66,10 +66,10 @@ def sample_with_paths(
     plan = make_plan(schedule, steps, spacing, 0, karras or karras_from_name)
     paths = [noise[:num_paths].clone()]
 
-    def record(i, n, x, x0_hat):
-        sigma = plan.sigmas[i + 1].item()  # the level this step ended on
+    def record(step: StepRecord) -> None:
+        sigma = plan.sigmas[step.index + 1].item()  # the level this step ended on
         scale = 1 / math.sqrt(1 + sigma**2) if spec.view == "ve" else 1.0  # x_t = x_VE / √(1+σ²)
-        paths.append(x[:num_paths].detach() * scale)
+        paths.append(step.x[:num_paths].detach() * scale)
 
     samples = sample(
         model,

@@ -7,7 +7,8 @@ Names users know from diffusers, AUTOMATIC1111's web UI and ComfyUI all resolve 
 (see SAMPLERS and docs/samplers.md).
 """
 
-from kedavra.diffusion.samplers.denoiser import Denoiser
-from kedavra.diffusion.samplers.registry import SAMPLERS, SamplerSpec, resolve_sampler, sample
+from kedavra.diffusion.samplers.denoiser import Denoiser, StepCallback, StepRecord
+from kedavra.diffusion.samplers.registry import SAMPLERS, SamplerSpec, check_eta, resolve_sampler, sample
 
-__all__ = ["SAMPLERS", "Denoiser", "SamplerSpec", "resolve_sampler", "sample"]
+__all__ = ["SAMPLERS", "Denoiser", "SamplerSpec", "StepCallback", "StepRecord", "check_eta", "resolve_sampler",
+           "sample"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from kedavra.diffusion.forward_process import randn_like
-from kedavra.diffusion.samplers.denoiser import Denoiser, after_step
+from kedavra.diffusion.samplers.denoiser import Denoiser
 from kedavra.diffusion.timesteps import SamplingPlan
 
 DDPM_VARIANCES = ("fixed_small", "fixed_large")
@@ -38,7 +38,7 @@ def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, generat
             posterior_variance = max((1 - alpha_bar_prev) / (1 - alpha_bar) * beta, DDPM_MIN_VARIANCE)
             var = posterior_variance if variance == "fixed_small" else beta
             x_next = x_next + var**0.5 * randn_like(x, generator)
-        x_next = after_step(callback, i, n, x_next, x0)
+        x_next = denoiser.after_step(callback, i, n, x_next, x0)
         x = x_next
     return x
 
@@ -50,8 +50,6 @@ def sample_ddim(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, generat
         σ_t = η √((1-ᾱ_prev)/(1-ᾱ_t)) √(1 - ᾱ_t/ᾱ_prev)                          (DDIM eq. 16)
     η = 0 is deterministic; η = 1 is ancestral DDPM with the fixed-small variance.
     """
-    if not eta >= 0:
-        raise ValueError(f"eta must be >= 0, got {eta!r}")
     n = len(plan)
     for i in range(n):
         t, alpha_bar, alpha_bar_prev = plan.timesteps[i].item(), plan.alpha_bar[i].item(), plan.alpha_bar[i + 1].item()
@@ -60,6 +58,6 @@ def sample_ddim(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, generat
         x_next = alpha_bar_prev**0.5 * x0 + (1 - alpha_bar_prev - sigma_t**2) ** 0.5 * eps
         if sigma_t > 0:
             x_next = x_next + sigma_t * randn_like(x, generator)
-        x_next = after_step(callback, i, n, x_next, x0)
+        x_next = denoiser.after_step(callback, i, n, x_next, x0)
         x = x_next
     return x

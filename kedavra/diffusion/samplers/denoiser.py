@@ -14,12 +14,41 @@ Samplers work in one of two views of the same state:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
 from kedavra.diffusion.forward_process import check_finite, check_prediction_type, to_x0_eps
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What a sampler reports after step `index` of `count`: the level it evaluated the model at and what it
+    predicted there. Tensors are the sampler's own (B, ...) tensors, not copies: read them, don't modify them.
+
+    t, alpha_bar, x_t   the timestep, ᾱ_t and the model's input x_t at the step's own level, in the VP view of
+                        training, x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε (DDPM eq. 4), whatever view the sampler keeps its
+                        state in (Heun's second evaluation, at the next level, is not this one)
+    x0                  the sampler's x̂_0 at that level
+    x                   the state after the step, in the sampler's view (VP or VE): what the next step starts from
+    cond, uncond        the model's conditional and unconditional outputs at x_t when it applies classifier-free
+                        guidance and its caller fills them in (the pipeline does; None otherwise)
+    """
+
+    index: int
+    count: int
+    t: float
+    alpha_bar: float
+    x_t: torch.Tensor
+    x0: torch.Tensor
+    x: torch.Tensor
+    cond: torch.Tensor | None = None
+    uncond: torch.Tensor | None = None
+
+
+StepCallback = Callable[[StepRecord], object]
 
 
 class Denoiser:
@@ -29,8 +58,11 @@ class Denoiser:
         self.model = model
         self.prediction_type = check_prediction_type(prediction_type)
         self.evaluations = 0  # how many times the model ran: the cost measure of a sampler
+        self._step_level: tuple[float, float, torch.Tensor] | None = None  # (t, ᾱ, x_t) of the step's first evaluation
 
-    def _run(self, x_t: torch.Tensor, t: float) -> torch.Tensor:
+    def _run(self, x_t: torch.Tensor, t: float, alpha_bar: float) -> torch.Tensor:
+        if self._step_level is None:
+            self._step_level = (float(t), float(alpha_bar), x_t)
         t_batch = torch.full((x_t.shape[0],), float(t), dtype=torch.float32, device=x_t.device)
         self.evaluations += 1
         output = self.model(x_t, t_batch)
@@ -42,12 +74,12 @@ class Denoiser:
 
     def vp(self, x_t: torch.Tensor, t: float, alpha_bar: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(x̂_0, ε̂) at x_t, timestep t with ᾱ_t = alpha_bar, in the VP view."""
-        return to_x0_eps(self._run(x_t, t), x_t, alpha_bar, self.prediction_type)
+        return to_x0_eps(self._run(x_t, t, alpha_bar), x_t, alpha_bar, self.prediction_type)
 
     def ve(self, x: torch.Tensor, t: float, sigma: float) -> torch.Tensor:
         """x̂_0 at the VE state x = x_0 + σ ε, timestep t (Karras et al. 2022, eq. 7's D(x; σ))."""
         scale = (sigma**2 + 1) ** 0.5  # x_t = x / √(σ²+1), since √ᾱ = 1/√(σ²+1)
-        output = self._run(x / scale, t)
+        output = self._run(x / scale, t, 1 / scale**2)
         if self.prediction_type == "eps":
             return x - sigma * output  # x_0 = x - σ ε
         if self.prediction_type == "v":
@@ -55,10 +87,19 @@ class Denoiser:
         return output
 
 
-def after_step(callback: Callable | None, i: int, n: int, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """Report step i of n to `callback(i, n, x, x0_hat)`; a tensor it returns replaces x (inpainting puts
-    the known region back this way); anything else (None, or a progress bar's True) leaves x as it is."""
-    if callback is None:
-        return x
-    replacement = callback(i, n, x, x0)
-    return replacement if isinstance(replacement, torch.Tensor) else x
+    def after_step(self, callback: StepCallback | None, i: int, n: int, x: torch.Tensor,
+                   x0: torch.Tensor) -> torch.Tensor:
+        """Report step i of n, whose new state is x and whose x̂_0 is x0, to `callback(StepRecord)`; a tensor it
+        returns replaces x (inpainting puts the known region back this way); anything else (None, or a progress
+        bar's True) leaves x as it is. Samplers call this once at the end of every step."""
+        t, alpha_bar, x_t = self._step_level
+        self._step_level = None
+        if callback is None:
+            return x
+        replacement = callback(StepRecord(i, n, t, alpha_bar, x_t, x0, x))
+        return replacement if isinstance(replacement, torch.Tensor) else x
+
+
+def with_state(step: StepRecord, x: torch.Tensor) -> StepRecord:
+    """`step` with its state after the step replaced by x (a step callback that changed it passes this on)."""
+    return replace(step, x=x)

@@ -12,7 +12,7 @@ import math
 import torch
 
 from kedavra.diffusion.forward_process import randn_like
-from kedavra.diffusion.samplers.denoiser import Denoiser, after_step
+from kedavra.diffusion.samplers.denoiser import Denoiser
 from kedavra.diffusion.timesteps import SamplingPlan
 
 
@@ -50,7 +50,7 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, gen
             x_next = x_next + s_next * math.sqrt(-math.expm1(-2 * h)) * noise
         else:
             x_next = (s_next / s) * x - a_next * math.expm1(-h) * D
-        x_next = after_step(callback, i, n, x_next, x0)
+        x_next = denoiser.after_step(callback, i, n, x_next, x0)
         x, x0_prev, h_prev = x_next, x0, h
     return x
 

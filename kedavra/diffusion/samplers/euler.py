@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from kedavra.diffusion.forward_process import randn_like
-from kedavra.diffusion.samplers.denoiser import Denoiser, after_step
+from kedavra.diffusion.samplers.denoiser import Denoiser
 from kedavra.diffusion.timesteps import SamplingPlan
 
 
@@ -21,7 +21,7 @@ def sample_euler(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, genera
         x0 = denoiser.ve(x, plan.timesteps[i].item(), sigma)
         d = (x - x0) / sigma  # dx/dσ, Karras et al. 2022 eq. 3
         x = x + d * (sigma_next - sigma)
-        x = after_step(callback, i, n, x, x0)
+        x = denoiser.after_step(callback, i, n, x, x0)
     return x
 
 
@@ -45,7 +45,7 @@ def sample_euler_ancestral(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPl
         x = x + (x - x0) / sigma * (sigma_down - sigma)
         if sigma_next > 0:
             x = x + sigma_up * randn_like(x, generator)
-        x = after_step(callback, i, n, x, x0)
+        x = denoiser.after_step(callback, i, n, x, x0)
     return x
 
 
@@ -64,5 +64,5 @@ def sample_heun(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, generat
             x0_next = denoiser.ve(x_euler, plan.timesteps[i + 1].item(), sigma_next)
             d_next = (x_euler - x0_next) / sigma_next
             x = x + (d + d_next) / 2 * (sigma_next - sigma)  # Karras et al. 2022, Algorithm 1, line 8
-        x = after_step(callback, i, n, x, x0)
+        x = denoiser.after_step(callback, i, n, x, x0)
     return x

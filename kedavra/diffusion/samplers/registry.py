@@ -10,12 +10,13 @@ import torch
 
 from kedavra.diffusion.forward_process import add_noise, check_finite
 from kedavra.diffusion.samplers.ddpm import sample_ddim, sample_ddpm
-from kedavra.diffusion.samplers.denoiser import Denoiser, Model, after_step
+from kedavra.diffusion.samplers.denoiser import Denoiser, Model, StepCallback, StepRecord, with_state
 from kedavra.diffusion.samplers.dpm_solver import sample_dpmpp_2m, sample_dpmpp_2m_sde
 from kedavra.diffusion.samplers.euler import sample_euler, sample_euler_ancestral, sample_heun
 from kedavra.diffusion.samplers.unipc import sample_unipc
 from kedavra.diffusion.schedule import SCHEDULE_PRESETS, NoiseSchedule
 from kedavra.diffusion.timesteps import SPACINGS, make_plan, start_index_for_strength
+from kedavra.validation import check_choice, check_number
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,14 @@ def resolve_sampler(name: str) -> tuple[SamplerSpec, bool]:
     return SAMPLERS[_ALIASES[key]], karras
 
 
+def check_eta(spec: SamplerSpec, eta) -> float:
+    """DDIM's η (Song et al. 2021, eq. 16): a finite number >= 0, and only for the ddim sampler."""
+    eta = check_number("eta", eta, low=0)
+    if eta and spec.name != "ddim":
+        raise ValueError(f"eta={eta} applies only to the ddim sampler, not {spec.name!r}")
+    return eta
+
+
 def sample(
     model: Model,
     noise: torch.Tensor,
@@ -111,7 +120,7 @@ def sample(
     strength: float = 1.0,
     mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-    callback: Callable | None = None,
+    callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """Run the reverse process from `noise` (standard normal, the shape of a sample) to a sample.
 
@@ -122,14 +131,13 @@ def sample(
     After every step the kept region is replaced by init noised to the next step's level with the same noise,
     so only the masked region is generated (inpainting with an ordinary model, as SD's img2img scripts and
     diffusers' inpainting pipeline do for 4-channel U-Nets).
-    callback(i, n, x, x0_hat) is called after each step. Returns the sample at the final level (the clean
+    callback(step) is called after each step with its `StepRecord` (index, count, t, ᾱ, x_t, x̂_0, new state);
+    a tensor it returns replaces the new state. Returns the sample at the final level (the clean
     sample when final_sigma is "zero"; with "sigma_min" the state at σ(t=0) in the sampler's view).
     """
     spec, karras_from_name = resolve_sampler(sampler)
-    if spacing not in SPACINGS:
-        raise ValueError(f"unknown timestep spacing {spacing!r}; allowed: {', '.join(SPACINGS)}")
-    if eta and spec.name != "ddim":
-        raise ValueError(f"eta={eta} applies only to the ddim sampler, not {spec.name!r}")
+    check_choice("timestep spacing", spacing, SPACINGS)
+    eta = check_eta(spec, eta)
     check_finite(noise, "noise")
     plan = make_plan(schedule, steps, spacing, steps_offset, karras or karras_from_name, final_sigma)
     denoiser = model if isinstance(model, Denoiser) else Denoiser(model, prediction_type)
@@ -151,7 +159,7 @@ def sample(
     return spec.fn(denoiser, x, plan, generator=generator, callback=callback, **options)
 
 
-def _keep_outside_mask(init, noise, mask, plan, view: str, callback: Callable | None) -> Callable:
+def _keep_outside_mask(init, noise, mask, plan, view: str, callback: StepCallback | None) -> StepCallback:
     """A step callback that puts init, noised to the level just reached, back where mask is 0."""
     if init is None:
         raise ValueError("mask needs an init sample (the image whose unmasked part is kept)")
@@ -164,15 +172,16 @@ def _keep_outside_mask(init, noise, mask, plan, view: str, callback: Callable | 
         shapes = f"mask of shape {tuple(mask.shape)} does not broadcast to the sample's {tuple(init.shape)}"
         raise ValueError(shapes) from None
 
-    def blend(i, n, x, x0):
-        level = i + 1
+    def blend(step: StepRecord) -> torch.Tensor:
+        level = step.index + 1
         if view == "ve":
             known = init + plan.sigmas[level].item() * noise  # x_VE = x_0 + σ ε
         else:
             known = add_noise(init, noise, plan.alpha_bar[level].item())
-        x = mask * x + (1 - mask) * known
+        x = mask * step.x + (1 - mask) * known
         if callback is not None:
-            x = after_step(callback, i, n, x, x0)
+            replacement = callback(with_state(step, x))
+            x = replacement if isinstance(replacement, torch.Tensor) else x
         return x
 
     return blend

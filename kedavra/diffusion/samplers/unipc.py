@@ -2,8 +2,15 @@
 ("bh2"), data prediction, in the VP view; the variant A1111, ComfyUI and diffusers run for Stable Diffusion.
 
 Each step: correct the current sample with the model output just computed (UniC, the paper's Alg. 1),
-then predict the next one (UniP, Alg. 2). Symbols as in dpm_solver.py (a = √ᾱ, s = √(1-ᾱ), λ = log a/s);
-with ĥ = -h the φ-functions are h φ_1 = e^{ĥ} - 1, φ_2 = (φ_1·h/ĥ... ) as in the paper's eq. 10.
+then predict the next one (UniP, Alg. 2). Symbols as in dpm_solver.py: a = √ᾱ, s = √(1-ᾱ), λ = log(a/s), and
+h = λ_{i+1} - λ_i the step in λ. In data prediction the update is written with ĥ = -h and
+B(h) = φ_1(ĥ) = e^{ĥ} - 1 (the paper's "bh2" choice of B, sec. 3.3):
+
+    order-1 predictor (= DPM-Solver++ first order):  x_{i+1} = (s_{i+1}/s_i) x_i - a_{i+1} φ_1 x̂_0^{(i)}
+    order-2 predictor:  subtract a_{i+1} φ_1 · ½ D_1 / r,   D_1 = x̂_0^{(i-1)} - x̂_0^{(i)},  r = (λ_{i-1} - λ_i)/h
+    corrector (UniC):   the same update from x_{i-1}, with ρ-weighted differences that include the new x̂_0^{(i)},
+                        ρ solving [[1, 1], [r, 1]] ρ = [b_1, b_2],
+                        b_1 = (φ_1/ĥ - 1)/B(h),  b_2 = 2((φ_1/ĥ - 1)/ĥ - ½)/B(h)   (the paper's eq. 10, Thm. 3.1).
 """
 
 from __future__ import annotations
@@ -12,28 +19,27 @@ import math
 
 import torch
 
-from kedavra.diffusion.samplers.denoiser import Denoiser, after_step
+from kedavra.diffusion.samplers.denoiser import Denoiser
 from kedavra.diffusion.samplers.dpm_solver import vp_scales
 from kedavra.diffusion.timesteps import SamplingPlan
 
+PREDICTOR_D1_WEIGHT = 0.5  # the order-2 predictor's fixed weight on D_1 (the paper's ρ for UniP-2 with bh2)
 
-def _unipc_weights(h: float, r: float | None) -> tuple[float, float, float]:
-    """(e^{-h} - 1, predictor weight of D1, (corrector weights of D1, of the new output)).
 
-    With ĥ = -h: b_1 = (φ(ĥ)/ĥ - 1)/B(h), b_2 = 2((φ(ĥ)/ĥ - 1)/ĥ - 1/2)/B(h), φ(ĥ) = B(h) = e^{ĥ} - 1
-    (UniPC, Zhao et al. 2023, eq. 10 and Thm. 3.1 with B(h) = e^h - 1). The order-2 predictor uses the
-    fixed weight 1/2; the corrector solves R ρ = b for R = [[1, 1], [r, 1]] (or ρ = 1/2 at order 1).
+def _corrector_weights(h: float, r: float | None) -> tuple[float, float]:
+    """(ρ of the previous difference D_1, ρ of the new output's difference) for UniC (module docstring).
+
+    With ĥ = -h: b_1 = (φ_1/ĥ - 1)/B(h), b_2 = 2((φ_1/ĥ - 1)/ĥ - 1/2)/B(h), φ_1 = B(h) = e^{ĥ} - 1 (UniPC,
+    Zhao et al. 2023, eq. 10 and Thm. 3.1); ρ solves [[1, 1], [r, 1]] ρ = [b_1, b_2], or is (0, 1/2) at order 1.
     """
+    if r is None:
+        return 0.0, 0.5
     hh = -h
     phi1 = math.expm1(hh)
     b1 = (phi1 / hh - 1) / phi1
-    if r is None:
-        return phi1, 0.0, (0.0, 0.5)
     b2 = 2 * ((phi1 / hh - 1) / hh - 0.5) / phi1
-    # solve [[1, 1], [r, 1]] [ρ_1, ρ_2] = [b1, b2]
-    rho1 = (b1 - b2) / (1 - r)
-    rho2 = b1 - rho1
-    return phi1, 0.5, (rho1, rho2)
+    rho1 = (b1 - b2) / (1 - r)  # [[1, 1], [r, 1]] [ρ_1, ρ_2] = [b_1, b_2]
+    return rho1, b1 - rho1
 
 
 def _lam(plan: SamplingPlan, i: int) -> float:
@@ -53,7 +59,8 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, genera
             h = lam - lam_prev
             m0 = x0s[-1]
             r = (_lam(plan, i - 2) - lam_prev) / h if order_before == 2 else None
-            phi1, _, (rho_d1, rho_new) = _unipc_weights(h, r)
+            phi1 = math.expm1(-h)
+            rho_d1, rho_new = _corrector_weights(h, r)
             correction = rho_new * (x0 - m0)
             if r is not None:
                 correction = correction + rho_d1 * (x0s[-2] - m0) / r
@@ -67,7 +74,7 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, genera
         x_next = (s_next / s) * x - a_next * phi1 * x0  # UniP, order 1 (= DPM-Solver++ first order)
         if order == 2:
             r = (_lam(plan, i - 1) - lam) / h
-            x_next = x_next - a_next * phi1 * 0.5 * (x0s[-2] - x0) / r
-        x_next = after_step(callback, i, n, x_next, x0)
+            x_next = x_next - a_next * phi1 * PREDICTOR_D1_WEIGHT * (x0s[-2] - x0) / r
+        x_next = denoiser.after_step(callback, i, n, x_next, x0)
         x_before, order_before, x = x, order, x_next
     return x
