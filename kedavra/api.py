@@ -14,10 +14,14 @@ from pathlib import Path
 import torch
 
 from kedavra.checkpoint import load_model
+from kedavra.formats.png_info import GenerationParameters, model_hash
 from kedavra.pipeline.pipeline import Pipeline
 
 EMBEDDED_DIR = Path(__file__).parent / "assets" / "models"  # models shipped inside the package: NAME.safetensors
 DEFAULT_MODEL = "kedavra-shapes"  # the embedded default: docs/embedded_model.md says how it was trained
+# The weight files of a diffusers folder's U-Net, in the order kedavra.checkpoint reads them.
+UNET_WEIGHT_NAMES = tuple(f"diffusion_pytorch_model{variant}{suffix}"
+                          for variant in ("", ".fp16") for suffix in (".safetensors", ".bin"))
 
 
 def embedded_models() -> dict[str, Path]:
@@ -49,3 +53,32 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, device: str | torch
     kedavra.checkpoint); optimize: keep CPU weights in oneDNN's packed layout (Pipeline's flag; docs/benchmark.md)."""
     model = load_model(resolve_model(name_or_path), family=family, prediction_type=prediction_type)
     return Pipeline(model, device=device, dtype=dtype, optimize=optimize)
+
+
+def choose_model(flag: str | None, png: GenerationParameters | None) -> str:
+    """The model a command runs: its --model, else the PNG's model when it is an embedded one, else the embedded
+    default (kedavra-shapes)."""
+    if flag is not None:
+        return flag
+    embedded = embedded_models()
+    if png is not None and png.model in embedded:
+        return png.model
+    if DEFAULT_MODEL in embedded:
+        return DEFAULT_MODEL
+    if embedded:
+        return next(iter(embedded))
+    raise ValueError(f"no model given and no embedded model found in {EMBEDDED_DIR} (the installation lacks its "
+                     "assets): pass --model PATH (an SD 1.x / 2.x .safetensors or .ckpt file, or a diffusers folder)")
+
+
+def model_identity(path: Path) -> tuple[str, str | None]:
+    """(A1111's "Model": the file stem or folder name, "Model hash": AutoV2 of the file, or for a diffusers folder
+    of its U-Net weights file; None when the U-Net is sharded over several files)."""
+    if path.is_file():
+        return path.stem, model_hash(path)
+    for name in UNET_WEIGHT_NAMES:
+        if (path / "unet" / name).is_file():
+            return path.name, model_hash(path / "unet" / name)
+        if (path / "unet" / f"{name}.index.json").is_file():
+            return path.name, None
+    return path.name, None

@@ -5,7 +5,8 @@ import pytest
 import torch
 from random_models import tiny_model
 
-from kedavra.pipeline.pipeline import Pipeline, from_pil
+from kedavra.formats.images import from_pil
+from kedavra.pipeline.pipeline import Pipeline
 from kedavra.training import TrainConfig, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -13,10 +13,10 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from kedavra import __version__
+from kedavra.api import model_identity
 from kedavra.checkpoint import save_model
 from kedavra.cli import build_parser, main
-from kedavra.commands.generate import resolve_settings
-from kedavra.commands.settings import model_identity
+from kedavra.commands.generate import resolve_request
 from kedavra.formats.grid import grid_shape, image_grid
 from kedavra.formats.png_info import GenerationParameters, format_parameters, model_hash, read_parameters, read_png_text
 from kedavra.networks.model import ModelConfig, StableDiffusion
@@ -125,10 +125,10 @@ def test_from_png_flags_override(single, model_file, tmp_path):
     out, _ = single
     args = build_parser().parse_args(["generate", "--from-png", str(out), "--steps", "5", "--no-karras",
                                       "--sampler", "DPM++ 2M Karras"])
-    settings = resolve_settings(args, read_parameters(out), [])
-    assert (settings.steps, settings.sampler.name, settings.karras) == (5, "dpmpp_2m", False)
-    assert (settings.prompt, settings.negative_prompt, settings.cfg_scale) == (PROMPT, "blurry, lowres", 5.0)
-    assert (settings.seed, settings.guidance_rescale) == (7, 0.5)
+    request = resolve_request(args, read_parameters(out), [])
+    assert (request.steps, request.sampler, request.karras) == (5, "dpmpp_2m", False)
+    assert (request.prompts, request.negative_prompts, request.guidance_scale) == ((PROMPT,), ("blurry, lowres",), 5.0)
+    assert (request.seed, request.guidance_rescale) == (7, 0.5)
 
 
 @pytest.mark.parametrize(("sampler", "schedule_type", "expected", "noted"), [
@@ -144,8 +144,8 @@ def test_a1111_sampler_and_schedule_type(sampler, schedule_type, expected, noted
     png = GenerationParameters(prompt="a", steps=20, sampler=sampler, schedule_type=schedule_type, cfg_scale=7,
                                seed=1, width=512, height=512)
     notes = []
-    settings = resolve_settings(build_parser().parse_args(["generate", "--from-png", "a.png"]), png, notes)
-    assert (settings.sampler.name, settings.karras) == expected
+    request = resolve_request(build_parser().parse_args(["generate", "--from-png", "a.png"]), png, notes)
+    assert (request.sampler, request.karras) == expected
     assert bool(notes) == noted
 
 
@@ -242,22 +242,22 @@ def test_inpainting_keeps_the_unmasked_pixels(model_file, images, tmp_path):
 BAD_INPUTS = {
     "width not a multiple": (lambda f: [PROMPT, *f.real, "--width", "31"], "got 31"),  # tiny: VAE f 2
     "steps past training": (lambda f: [PROMPT, *f.real, "--steps", "1001"], "got 1001"),  # 1000 timesteps
-    "width zero": (lambda f: [PROMPT, *f.m, "--width", "0"], "--width must be from 1 to 2048 pixels"),
+    "width zero": (lambda f: [PROMPT, *f.m, "--width", "0"], "width must be an integer from 1 to 2048"),
     "height negative": (lambda f: [PROMPT, *f.m, "--height", "-8"], "got -8"),
     "width above limit": (lambda f: [PROMPT, *f.m, "--width", "4096"], "got 4096"),
-    "steps zero": (lambda f: [PROMPT, *f.m, "--steps", "0"], "--steps must be at least 1, got 0"),
+    "steps zero": (lambda f: [PROMPT, *f.m, "--steps", "0"], "steps must be an integer >= 1, got 0"),
     "strength above 1": (lambda f: [PROMPT, *f.m, *f.init, "--strength", "1.5"], "got 1.5"),
     "strength below 0": (lambda f: [PROMPT, *f.m, *f.init, "--strength", "-0.1"], "got -0.1"),
     "strength runs no step": (lambda f: [PROMPT, *f.m, *f.init, "--strength", "0.1", "--steps", "5"], "strength 0.1"),
-    "strength without init": (lambda f: [PROMPT, *f.m, "--strength", "0.5"], "--init-image"),
+    "strength without init": (lambda f: [PROMPT, *f.m, "--strength", "0.5"], "needs init_image"),
     "mask of another size": (lambda f: [PROMPT, *f.m, *f.init, "--mask", f.images / "small_mask.png"], "16x16"),
-    "mask without init": (lambda f: [PROMPT, *f.m, "--mask", f.images / "mask.png"], "--init-image"),
+    "mask without init": (lambda f: [PROMPT, *f.m, "--mask", f.images / "mask.png"], "mask needs init_image"),
     "init not an image": (lambda f: [PROMPT, *f.m, "--init-image", f.images / "not_an_image.png"], "not_an_image"),
     "init missing": (lambda f: [PROMPT, *f.m, "--init-image", f.images / "nowhere.png"], "nowhere.png"),
     "unknown sampler": (lambda f: [PROMPT, *f.m, "--sampler", "warp_drive"], "warp_drive"),
-    "eta with a non-ddim sampler": (lambda f: [PROMPT, *f.m, "--eta", "0.5"], "--eta 0.5"),
+    "eta with a non-ddim sampler": (lambda f: [PROMPT, *f.m, "--eta", "0.5"], "eta=0.5 applies only to the ddim"),
     "seed negative": (lambda f: [PROMPT, *f.m, "--seed", "-1"], "got -1"),
-    "no images": (lambda f: [PROMPT, *f.m, "-n", "0"], "--num-images must be from 1 to 64, got 0"),
+    "no images": (lambda f: [PROMPT, *f.m, "-n", "0"], "num_images must be an integer from 1 to 64, got 0"),
     "cfg negative": (lambda f: [PROMPT, *f.m, "--cfg-scale", "-2"], "got -2.0"),
     "guidance rescale above 1": (lambda f: [PROMPT, *f.m, "--guidance-rescale", "2"], "got 2.0"),
     "unknown precision": (lambda f: [PROMPT, *f.m, "--precision", "fp8"], "fp8"),

@@ -7,8 +7,10 @@ import torch
 from PIL import Image
 from random_models import tiny_model
 
+from kedavra.formats.images import from_pil, to_pil
 from kedavra.networks.model import ModelConfig, StableDiffusion
-from kedavra.pipeline.pipeline import MAX_SIDE, Pipeline, from_pil, to_pil
+from kedavra.pipeline.pipeline import GuidedUNet, Pipeline
+from kedavra.pipeline.request import MAX_SIDE, GenerationRequest
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +45,9 @@ def test_guidance_rescale_zero_is_plain_guidance_and_one_matches_the_conditional
     a = pipe("a circle", seed=3, steps=4, guidance_rescale=0.0).latents
     b = pipe("a circle", seed=3, steps=4).latents
     assert torch.equal(a, b)
-    seen = []
-    guided = pipe._guided_unet(*pipe.encode_prompts(["a circle"], [""]), 7.5, 1.0, None)
-    unguided = pipe._guided_unet(*pipe.encode_prompts(["a circle"], [""]), 1.0, 0.0, None)
+    context, uncond_context = pipe.encode_prompts(["a circle"], [""])
+    guided = GuidedUNet(pipe.model.unet, pipe.dtype, context, uncond_context, 7.5, 1.0, None)
+    unguided = GuidedUNet(pipe.model.unet, pipe.dtype, context, uncond_context, 1.0, 0.0, None)
     x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([500.0])
     seen = guided(x, t), unguided(x, t)
@@ -89,9 +91,10 @@ def test_pil_round_trip():
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"width": 31}, r"width must be a multiple of 2 \(the VAE's downsampling factor\) from 2 to 2048, got 31"),
-    ({"height": 0}, "height must be a multiple of 2"),
-    ({"width": 4096}, r"width must be a multiple of 2 \(the VAE's downsampling factor\) from 2 to 2048, got 4096"),
-    ({"steps": 0}, "steps must be an integer from 1 to 1000"),
+    ({"height": 0}, "height must be an integer from 1 to 2048"),
+    ({"width": 4096}, r"width must be an integer from 1 to 2048 \(or None for the model's image size\), got 4096"),
+    ({"steps": 0}, "steps must be an integer >= 1, got 0"),
+    ({"steps": 1001}, "steps must be an integer from 1 to 1000"),
     ({"sampler": "plms"}, "unknown sampler 'plms'"),
     ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number"),
     ({"num_images": 0}, "num_images must be an integer from 1 to 64"),
@@ -163,7 +166,8 @@ def test_any_multiple_of_the_vae_factor_gives_an_image_of_that_size(pipe, pipe_f
     ("width", 0), ("height", -8), ("width", 30), ("height", 12), ("width", MAX_SIDE + 8), ("height", 8.0),
 ])
 def test_sizes_off_the_vae_grid_or_out_of_range_are_refused(pipe_f8, name, side):
-    message = rf"{name} must be a multiple of 8 \(the VAE's downsampling factor\) from 8 to {MAX_SIDE}, got {side}"
+    # off the grid: refused against the model; out of range or not an integer: refused when the request is built
+    message = (rf"{name} must be (a multiple of 8 \(the VAE's downsampling factor\) from 8 to {MAX_SIDE}|an integer "
+               rf"from 1 to {MAX_SIDE} \(or None for the model's image size\)), got {side}")
     with pytest.raises(ValueError, match=message):
-        pipe_f8.check_request(**{"width": 64, "height": 64, name: side}, steps=2, guidance_scale=7.5, num_images=1,
-                              seed=0, sampler="euler")
+        pipe_f8.check(GenerationRequest.build("a circle", steps=2, **{"width": 64, "height": 64, name: side}))

@@ -8,9 +8,11 @@ Every PNG carries its generation parameters in AUTOMATIC1111's "parameters" text
 seed of that image, so `--from-png` (or A1111's "PNG Info" tab) reads them back. The settings of a run come, in
 order of precedence, from the flags given, the `--from-png` file, and the defaults below.
 
-Input is checked before the model loads wherever the check does not need the model (sizes, steps, strength,
-sampler, images, output folder, the PNG's parameters); the model-dependent checks (a side that is not a multiple
-of the model's VAE factor, more steps than training timesteps) run right after it loads, before sampling.
+The flags, the PNG's parameters and the images become one `GenerationRequest`, checked before the model loads
+wherever the check does not need the model (sizes, steps, strength, sampler, images, output folder, the PNG's
+parameters); its model-dependent checks (a side that is not a multiple of the model's VAE factor, more steps than
+training timesteps) run right after it loads (`Pipeline.check`), before sampling. Errors name the request's field
+(`steps`, `guidance_scale`, ...), which the flag of the same name sets (`--cfg-scale` sets `guidance_scale`).
 """
 
 from __future__ import annotations
@@ -23,25 +25,23 @@ from pathlib import Path
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from kedavra.api import load, resolve_model
-from kedavra.commands.settings import (
-    DEFAULT_SCHEDULES,
-    ETA_KEY,
-    GUIDANCE_RESCALE_KEY,
-    KARRAS_SCHEDULE,
-    Settings,
-    check_device,
-    choose_model,
-    model_identity,
-    schedule_karras,
-)
+from kedavra.api import choose_model, load, model_identity, resolve_model
 from kedavra.diffusion.samplers import resolve_sampler
 from kedavra.diffusion.timesteps import start_index_for_strength
 from kedavra.formats.grid import image_grid
 from kedavra.formats.png_info import GenerationParameters, read_parameters, write_png
 from kedavra.networks.model import PREDICTION_TYPES, PRESETS
-from kedavra.pipeline.device import parse_precision
-from kedavra.pipeline.pipeline import DEFAULT_IMG2IMG_STRENGTH, DEFAULT_INPAINT_STRENGTH, MAX_SEED
+from kedavra.pipeline.device import check_device, parse_precision
+from kedavra.pipeline.infotext import (
+    DEFAULT_SCHEDULES,
+    ETA_KEY,
+    GUIDANCE_RESCALE_KEY,
+    KARRAS_SCHEDULE,
+    request_parameters,
+    schedule_karras,
+)
+from kedavra.pipeline.request import DEFAULT_IMG2IMG_STRENGTH, DEFAULT_INPAINT_STRENGTH, GenerationRequest
+from kedavra.validation import MAX_SEED, check_choice
 
 DEFAULT_STEPS = 20
 # DPM++ 2M (Lu et al. 2022, "DPM-Solver++", multistep 2nd order): deterministic, so an image depends on its seed's
@@ -124,16 +124,15 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def resolve_settings(args, png: GenerationParameters | None, notes: list[str]) -> Settings:
-    """Flags over the PNG's parameters over the defaults; what cannot be reproduced is added to `notes`."""
+def resolve_request(args, png: GenerationParameters | None, notes: list[str], init_image: Image.Image | None = None,
+                    mask: Image.Image | None = None) -> GenerationRequest:
+    """Flags over the PNG's parameters over the defaults, as a checked request; what cannot be reproduced is added to
+    `notes`. width / height stay None when neither the flags nor the PNG give them (see `run`)."""
 
     def pick(flag, from_png, default):
         return flag if flag is not None else from_png if from_png is not None else default
 
     extra = png.extra if png is not None else {}
-    has_init_image = args.init_image is not None
-    if args.mask is not None and not has_init_image:
-        raise ValueError("--mask needs --init-image: inpainting repaints part of a given image")
     if args.prompt is None and png is None:
         raise ValueError("give a prompt, or --from-png IMAGE.png to take it from an image")
     spec, karras = resolve_sampler(pick(args.sampler, png and png.sampler, DEFAULT_SAMPLER))
@@ -145,32 +144,28 @@ def resolve_settings(args, png: GenerationParameters | None, notes: list[str]) -
             notes.append(f"schedule type {png.schedule_type!r} is not supported; using the model's default spacing")
     strength = args.strength
     if png is not None and png.denoising_strength is not None and strength is None:
-        if has_init_image:
+        if init_image is not None:
             strength = png.denoising_strength
         elif any(key.startswith(HIRES_PREFIX) for key in extra):
             notes.append("hires fix is not supported; generating the first pass only")
         else:
             raise ValueError(f"{args.from_png} was made from an init image (Denoising strength "
                              f"{png.denoising_strength}); give it with --init-image (and --mask if it was inpainted)")
-    if strength is not None and not has_init_image:
-        raise ValueError(f"--strength {strength} needs --init-image: it is the part of an init image repainted")
-    if strength is None and has_init_image:
-        strength = DEFAULT_INPAINT_STRENGTH if args.mask is not None else DEFAULT_IMG2IMG_STRENGTH
     if png is not None and png.clip_skip not in (None, 1):
         notes.append(f"Clip skip {png.clip_skip} is not supported; using the text encoder's last layer")
-    return Settings(
-        prompt=pick(args.prompt, png and png.prompt, ""),
-        negative_prompt=pick(args.negative, png and png.negative_prompt, ""),
+    return GenerationRequest.build(
+        pick(args.prompt, png and png.prompt, ""),
+        pick(args.negative, png and png.negative_prompt, ""),
+        num_images=args.num_images,
         steps=pick(args.steps, png and png.steps, DEFAULT_STEPS),
-        sampler=spec, karras=karras,
-        cfg_scale=pick(args.cfg_scale, png and png.cfg_scale, DEFAULT_CFG_SCALE),
+        sampler=spec.name, karras=karras,
+        guidance_scale=pick(args.cfg_scale, png and png.cfg_scale, DEFAULT_CFG_SCALE),
         guidance_rescale=pick(args.guidance_rescale, _number(extra, GUIDANCE_RESCALE_KEY), 0.0),
         eta=pick(args.eta, _number(extra, ETA_KEY) if spec.name == "ddim" else None, 0.0),
         seed=pick(args.seed, png and png.seed, None),
         width=pick(args.width, png and png.width, None),
         height=pick(args.height, png and png.height, None),
-        num_images=args.num_images,
-        strength=strength,
+        init_image=init_image, mask=mask, strength=strength,
     )
 
 
@@ -232,17 +227,18 @@ def read_image(path: str, what: str, mode: str) -> Image.Image:
 def run(args) -> int:
     png = read_parameters(args.from_png) if args.from_png is not None else None
     notes: list[str] = []
-    settings = resolve_settings(args, png, notes)
+    init_image, mask = read_inputs(args.init_image, args.mask)
+    request = resolve_request(args, png, notes, init_image, mask)
+    request_parameters(request, 0, 0, 1, 1, None, None)  # refuses a prompt the PNG text cannot hold, before any work
     output = check_output(args.output)
     device, dtype = check_device(args.device), parse_precision(args.precision)
-    if args.family is not None and args.family not in PRESETS:
-        raise ValueError(f"unknown --family {args.family!r}; allowed: {', '.join(PRESETS)}")
-    if args.prediction_type is not None and args.prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"unknown --prediction-type {args.prediction_type!r}; allowed: {', '.join(PREDICTION_TYPES)}")
-    init_image, mask = read_inputs(args.init_image, args.mask)
-    steps_to_run = settings.steps
+    if args.family is not None:
+        check_choice("--family", args.family, PRESETS)
+    if args.prediction_type is not None:
+        check_choice("--prediction-type", args.prediction_type, PREDICTION_TYPES)
+    steps_to_run = request.steps
     if init_image is not None:
-        steps_to_run -= start_index_for_strength(settings.steps, settings.strength)  # refuses one that runs none
+        steps_to_run -= start_index_for_strength(request.steps, request.strength)  # refuses one that runs none
     model_path = resolve_model(choose_model(args.model, png))
     model_name, model_hash_ = model_identity(model_path)
     if png is not None and png.model_hash and model_hash_ and png.model_hash != model_hash_:
@@ -252,31 +248,24 @@ def run(args) -> int:
         print(f"kedavra generate: note: {note}", file=sys.stderr)
 
     pipe = load(model_path, device=device, dtype=dtype, family=args.family, prediction_type=args.prediction_type)
-    width, height = _size(settings, init_image, pipe.config.image_size)
+    request = _sized(request, pipe.config.image_size)
     try:
-        pipe.check_request(width, height, settings.steps, settings.cfg_scale, settings.num_images, settings.seed,
-                           settings.sampler.name)
+        request = pipe.check(request)
     except ValueError as error:
-        if init_image is not None and None in (settings.width, settings.height):
+        if init_image is not None and None in (args.width, args.height):
             raise ValueError(f"{error} (from init image {args.init_image}; --width/--height resize it)") from None
         raise
-    if init_image is not None and init_image.size != (width, height):
-        init_image = init_image.resize((width, height), Image.Resampling.LANCZOS)
-        mask = mask.resize((width, height), Image.Resampling.NEAREST) if mask is not None else None
 
     with tqdm(total=steps_to_run, desc="sampling", unit="step", file=sys.stderr, disable=args.quiet) as bar:
-        result = pipe(settings.prompt, settings.negative_prompt, steps=settings.steps, sampler=settings.sampler.name,
-                      karras=settings.karras, guidance_scale=settings.cfg_scale,
-                      guidance_rescale=settings.guidance_rescale, eta=settings.eta, seed=settings.seed, width=width,
-                      height=height, num_images=settings.num_images, init_image=init_image,
-                      strength=settings.strength, mask=mask, callback=lambda i, n, x, x0: bar.update(1))
+        result = pipe.generate(request, callback=lambda step: bar.update(1))
 
     image_paths, grid_path = output_paths(output, result.seeds)
-    for image, seed, path in zip(result.images, result.seeds, image_paths, strict=True):
-        write_png(image, path, settings.parameters(seed, width, height, model_name, model_hash_))
+    for index, (image, seed, path) in enumerate(zip(result.images, result.seeds, image_paths, strict=True)):
+        write_png(image, path, request_parameters(request, index, seed, request.width, request.height, model_name,
+                                                  model_hash_))
         print(f"{path}  seed {seed}")
-    if args.grid:
-        first = settings.parameters(result.seeds[0], width, height, model_name, model_hash_)  # A1111: the first image's
+    if args.grid:  # A1111 gives a grid its first image's text
+        first = request_parameters(request, 0, result.seeds[0], request.width, request.height, model_name, model_hash_)
         write_png(image_grid(result.images), grid_path, first)
         print(f"{grid_path}  grid of {len(result.images)}")
     return 0
@@ -292,7 +281,13 @@ def read_inputs(init_path: str | None, mask_path: str | None) -> tuple[Image.Ima
     return init_image, mask
 
 
-def _size(settings: Settings, init_image: Image.Image | None, model_size: int) -> tuple[int, int]:
-    """--width/--height (or the PNG's), else the init image's size, else the model's image size."""
-    default_width, default_height = init_image.size if init_image is not None else (model_size, model_size)
-    return (settings.width or default_width, settings.height or default_height)
+def _sized(request: GenerationRequest, model_size: int) -> GenerationRequest:
+    """The request at its size: --width/--height (or the PNG's), else the init image's size, else the model's image
+    size; an init image (and mask) of another size is resized to it (Lanczos; the mask nearest-neighbour)."""
+    image, mask = request.init_image, request.mask
+    default_width, default_height = image.size if image is not None else (model_size, model_size)
+    width, height = request.width or default_width, request.height or default_height
+    if image is not None and image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
+        mask = mask.resize((width, height), Image.Resampling.NEAREST) if mask is not None else None
+    return request.replace(width=width, height=height, init_image=image, mask=mask)

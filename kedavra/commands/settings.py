@@ -12,25 +12,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
-import torch
-
-from kedavra.api import DEFAULT_MODEL, EMBEDDED_DIR, embedded_models
+from kedavra.api import choose_model, model_identity  # noqa: F401  (until serving builds requests)
 from kedavra.diffusion.samplers import SamplerSpec
-from kedavra.formats.png_info import GenerationParameters, model_hash
+from kedavra.formats.png_info import GenerationParameters
+from kedavra.pipeline.device import check_device  # noqa: F401
+from kedavra.pipeline.infotext import (  # noqa: F401
+    AUTOMATIC_KARRAS,
+    DEFAULT_SCHEDULES,
+    ETA_KEY,
+    GUIDANCE_RESCALE_KEY,
+    KARRAS_SCHEDULE,
+    schedule_karras,
+)
 from kedavra.pipeline.pipeline import MAX_IMAGES, MAX_SEED, MAX_SIDE
-
-KARRAS_SCHEDULE = "Karras"  # A1111's "Schedule type" value for Karras σ spacing
-# A1111 (v1.9 on) writes a "Schedule type" always; these two mean the sampler's own: the model's spacing, except
-# that its 'DPM++ 2M' defaults to Karras (modules/sd_samplers_kdiffusion.py: {'scheduler': 'karras'}).
-DEFAULT_SCHEDULES = ("Automatic", "Uniform")
-AUTOMATIC_KARRAS = ("dpmpp_2m",)
-ETA_KEY = "Eta DDIM"  # A1111 (modules/sd_samplers_compvis.py) writes DDIM's η under this key when it is not 0
-GUIDANCE_RESCALE_KEY = "CFG rescale"  # SD.Next's key for Lin et al. 2023's φ (A1111 itself has no such option)
-# The weight files of a diffusers folder's U-Net, in the order kedavra.checkpoint reads them.
-UNET_WEIGHT_NAMES = tuple(f"diffusion_pytorch_model{variant}{suffix}"
-                          for variant in ("", ".fp16") for suffix in (".safetensors", ".bin"))
 
 
 @dataclass(frozen=True)
@@ -90,54 +85,3 @@ class Settings:
             sampler=self.sampler.a1111 or self.sampler.name, schedule_type=KARRAS_SCHEDULE if self.karras else None,
             cfg_scale=self.cfg_scale, seed=seed, width=width, height=height, model_hash=model_hash_, model=model,
             denoising_strength=self.strength, extra=extra)
-
-
-def schedule_karras(schedule_type: str, sampler: SamplerSpec, karras_from_name: bool) -> bool:
-    """Whether A1111's "Schedule type" `schedule_type` (its label: "Karras", "Automatic", ...) means Karras σ
-    spacing for `sampler`: "Karras" does, and "Automatic" (the sampler's own) does for AUTOMATIC_KARRAS; any
-    other keeps what the sampler's name said (`karras_from_name`, e.g. from "DPM++ 2M Karras")."""
-    automatic_karras = schedule_type == DEFAULT_SCHEDULES[0] and sampler.name in AUTOMATIC_KARRAS
-    return karras_from_name or schedule_type == KARRAS_SCHEDULE or automatic_karras
-
-
-def model_identity(path: Path) -> tuple[str, str | None]:
-    """(A1111's "Model": the file stem or folder name, "Model hash": AutoV2 of the file, or for a diffusers folder
-    of its U-Net weights file; None when the U-Net is sharded over several files)."""
-    if path.is_file():
-        return path.stem, model_hash(path)
-    for name in UNET_WEIGHT_NAMES:
-        if (path / "unet" / name).is_file():
-            return path.name, model_hash(path / "unet" / name)
-        if (path / "unet" / f"{name}.index.json").is_file():
-            return path.name, None
-    return path.name, None
-
-
-def choose_model(flag: str | None, png: GenerationParameters | None) -> str:
-    """--model, else the PNG's model when it is an embedded one, else the embedded default (kedavra-shapes)."""
-    if flag is not None:
-        return flag
-    embedded = embedded_models()
-    if png is not None and png.model in embedded:
-        return png.model
-    if DEFAULT_MODEL in embedded:
-        return DEFAULT_MODEL
-    if embedded:
-        return next(iter(embedded))
-    raise ValueError(f"no model given and no embedded model found in {EMBEDDED_DIR} (the installation lacks its "
-                     "assets): pass --model PATH (an SD 1.x / 2.x .safetensors or .ckpt file, or a diffusers folder)")
-
-
-def check_device(name: str | None) -> torch.device | None:
-    """--device as a torch.device, refusing one this machine lacks."""
-    if name is None:
-        return None
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown --device {name!r}; e.g. cpu, cuda, cuda:1, mps") from None
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise ValueError(f"--device {name}: no such CUDA GPU here ({torch.cuda.device_count()} found)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name}: MPS (Apple GPU) is not available here")
-    return device

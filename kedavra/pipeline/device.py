@@ -44,3 +44,18 @@ def parse_precision(name: str | torch.dtype | None) -> torch.dtype | None:
     if name not in PRECISIONS:
         raise ValueError(f"unknown precision {name!r}; allowed: auto, {', '.join(PRECISIONS)}")
     return PRECISIONS[name]
+
+
+def check_device(name: str | None) -> torch.device | None:
+    """--device as a torch.device, refusing one this machine lacks."""
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown --device {name!r}; e.g. cpu, cuda, cuda:1, mps") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {name}: no such CUDA GPU here ({torch.cuda.device_count()} found)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS (Apple GPU) is not available here")
+    return device

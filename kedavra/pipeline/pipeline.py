@@ -4,39 +4,34 @@
     seed -> noise z (B, C, h, w) -> sampler driving the U-Net with classifier-free guidance -> latents
     latents -> VAE decoder -> image
 
-Classifier-free guidance (Ho and Salimans 2022, eq. 6): the U-Net runs on the conditional and the
-unconditional (negative-prompt) context in one batch, and the prediction is
-    ε̃ = ε(x_t, ∅) + w (ε(x_t, c) - ε(x_t, ∅)),   w = guidance_scale
-(the same combination applies to v-predictions). w = 1 is the conditional model alone.
+The U-Net runs on the conditional and the unconditional (negative-prompt) context in one batch and the two
+predictions are combined by `kedavra.diffusion.guidance.classifier_free_guidance` (Ho and Salimans 2022, eq. 6).
+Settings arrive as a checked `GenerationRequest` (kedavra.pipeline.request); nothing here checks them again.
 """
 
 from __future__ import annotations
 
-import math
 import secrets
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 from PIL import Image
 
-from kedavra.diffusion.samplers import resolve_sampler, sample
-from kedavra.diffusion.timesteps import check_steps
+from kedavra.diffusion.guidance import classifier_free_guidance
+from kedavra.diffusion.samplers import StepCallback, StepRecord, sample
+from kedavra.formats.images import to_pil
 from kedavra.networks.acceleration import optimize_for_inference
 from kedavra.networks.model import StableDiffusion
 from kedavra.networks.vae import Tiling
 from kedavra.pipeline.device import default_device, default_dtype, parse_precision
 from kedavra.pipeline.prompt_weighting import encode_prompt_pairs
+from kedavra.pipeline.request import GenerationRequest
+from kedavra.validation import MAX_SEED, check_bool
 
-MAX_SIDE = 2048  # largest width/height accepted, in pixels: beyond it a CPU run takes hours
-MAX_IMAGES = 64  # largest batch accepted in one call
-MAX_SEED = 2**32 - 1  # seeds are 32-bit, as in A1111 and diffusers' examples
 # Images larger than this on a side go through the VAE in 512-pixel tiles (diffusers' enable_vae_tiling sizes),
 # which bounds the decoder's activation memory; smaller ones are processed whole, exactly.
 VAE_TILING = Tiling(tile_size=512, overlap=128, threshold=1024)
-DEFAULT_IMG2IMG_STRENGTH = 0.8  # share of the steps run from the noised init image (A1111's and diffusers' 0.75-0.8)
-DEFAULT_INPAINT_STRENGTH = 1.0  # inpainting starts the painted region from pure noise
 
 
 @dataclass
@@ -57,11 +52,9 @@ class Pipeline:
         (default: bf16 where the hardware runs it natively, e.g. a CPU with AMX, else fp32). The samplers'
         arithmetic stays in fp32 whatever the networks run in.
         optimize: on a CPU, keep the U-Net's and the VAE's conv and linear weights in oneDNN's packed layout
-        (kedavra.networks.acceleration): the same images (bitwise, or within a bf16 rounding step at a few elements),
-        U-Net steps 1.1-1.8x faster for SD 1.5 at 256-512 px, and one more copy of those weights in memory
-        (1.7 GiB for SD 1.5 in bf16); docs/benchmark.md. The model is changed in place, as `.to()` already is."""
-        if not isinstance(optimize, bool):
-            raise ValueError(f"optimize must be True or False, got {optimize!r}")
+        (kedavra.networks.acceleration): the same images, bitwise or within a bf16 rounding step at a few elements
+        (speed and memory: docs/benchmark.md). The model is changed in place, as `.to()` already is."""
+        check_bool("optimize", optimize)
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = parse_precision(dtype) or default_dtype(self.device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
@@ -88,47 +81,12 @@ class Pipeline:
         return encode_prompt_pairs(self.model.tokenizer, self.model.text_encoder, list(prompts), list(negative_prompts),
                                    clip_skip=clip_skip)
 
-    def check_request(self, width: int, height: int, steps: int, guidance_scale: float, num_images: int,
-                      seed: int | None, sampler: str) -> None:
-        """Refuse bad generation settings before any heavy work, naming the value and what is allowed."""
-        m = self.size_multiple
-        for name, side in (("width", width), ("height", height)):
-            if isinstance(side, bool) or not isinstance(side, int) or not m <= side <= MAX_SIDE or side % m:
-                raise ValueError(f"{name} must be a multiple of {m} (the VAE's downsampling factor) from {m} to "
-                                 f"{MAX_SIDE}, got {side!r}")
-        check_steps(steps, self.config.schedule.num_train_timesteps)
-        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or not 1 <= num_images <= MAX_IMAGES:
-            raise ValueError(f"num_images must be an integer from 1 to {MAX_IMAGES}, got {num_images!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
-            raise ValueError(f"seed must be an integer from 0 to {MAX_SEED} (or None for a random one), got {seed!r}")
-        resolve_sampler(sampler)
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | Sequence[str],
-        negative_prompt: str | Sequence[str] = "",
-        *,
-        steps: int = 20,
-        sampler: str = "euler",
-        guidance_scale: float = 7.5,
-        seed: int | None = None,
-        width: int | None = None,
-        height: int | None = None,
-        num_images: int = 1,
-        init_image: Image.Image | torch.Tensor | None = None,
-        strength: float | None = None,
-        mask: Image.Image | torch.Tensor | None = None,
-        guidance_rescale: float = 0.0,
-        clip_skip: int | None = None,
-        karras: bool = False,
-        eta: float = 0.0,
-        callback: Callable | None = None,
-    ) -> GenerationResult:
+    def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "", *,
+                 num_images: int = 1, callback: StepCallback | None = None, **settings) -> GenerationResult:
         """Generate `num_images` images for `prompt` (a list of prompts gives one image each).
 
+        settings: the fields of `GenerationRequest` (steps, sampler, guidance_scale, seed, width, height,
+            init_image, strength, mask, guidance_rescale, clip_skip, karras, eta), checked there.
         Image i uses seed + i (A1111's convention); its noise and every random draw of its sampler come
         from a CPU generator seeded with it, so a seed gives the same image on any device, and a batch the
         same images as single calls.
@@ -137,59 +95,55 @@ class Pipeline:
         mask: inpainting (needs init_image): white (>= 0.5) where to paint, black where to keep the image; an
             inpainting model (9-channel U-Net) sees the mask and the masked image, any other model has the kept
             region put back after every step.
-        guidance_rescale: φ of Lin et al. 2023 (sec. 3.4, eq. 15-16): rescale the guided prediction's std to the
-            conditional one's and mix by φ; 0.7 is their choice for v-prediction and zero-terminal-SNR models.
+        guidance_rescale: φ of Lin et al. 2023 (sec. 3.4, eq. 15-16); 0.7 is their choice for v-prediction and
+            zero-terminal-SNR models.
         clip_skip: take the text encoder's output that many layers from the end (A1111's "Clip skip"; default
             the model's own, 1 = the last layer).
+        callback(step): called after every step with its `StepRecord`, cond and uncond filled in (see `generate`).
         """
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or not 1 <= num_images <= MAX_IMAGES:
-            raise ValueError(f"num_images must be an integer from 1 to {MAX_IMAGES}, got {num_images!r}")
-        prompts = [prompt] * num_images if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"prompt must be a str or a non-empty list of str, got {prompt!r}")
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts; give one each")
-        width = self.config.image_size if width is None else width
-        height = self.config.image_size if height is None else height
-        self.check_request(width, height, steps, guidance_scale, len(prompts), seed, sampler)
-        if not isinstance(guidance_rescale, (int, float)) or not 0 <= guidance_rescale <= 1:
-            raise ValueError(f"guidance_rescale must be a number in [0, 1], got {guidance_rescale!r}")
-        if strength is not None and init_image is None:
-            raise ValueError(f"strength={strength} needs init_image: it sets how much of that image is repainted")
-        if mask is not None and init_image is None:
-            raise ValueError("mask needs init_image: inpainting repaints part of a given image")
-        if self.config.inpainting and mask is None:
-            raise ValueError(f"{self.config.family} is an inpainting model: give init_image and mask")
-        if strength is None:
-            strength = DEFAULT_INPAINT_STRENGTH if mask is not None else DEFAULT_IMG2IMG_STRENGTH
-        seed = secrets.randbelow(MAX_SEED + 1 - len(prompts)) if seed is None else seed
-        seeds = [(seed + i) % (MAX_SEED + 1) for i in range(len(prompts))]
+        request = GenerationRequest.build(prompt, negative_prompt, num_images=num_images, **settings)
+        return self.generate(request, callback)
+
+    def check(self, request: GenerationRequest) -> GenerationRequest:
+        """`request` checked against this model, with its defaults filled in (`GenerationRequest.for_model`):
+        call it to refuse bad settings before other work; `generate` calls it too."""
+        return request.for_model(self.config)
+
+    @torch.no_grad()
+    def generate(self, request: GenerationRequest, callback: StepCallback | None = None) -> GenerationResult:
+        """The images `request` asks for. callback(step) gets every step's `StepRecord` with the U-Net's
+        conditional and unconditional outputs at the step's own level (cond, uncond; uncond None when guidance is
+        off); a tensor it returns replaces the sample."""
+        request = self.check(request)
+        batch, f = request.num_images, self.config.vae.downsample_factor
+        seed = secrets.randbelow(MAX_SEED + 1 - batch) if request.seed is None else request.seed
+        seeds = [(seed + i) % (MAX_SEED + 1) for i in range(batch)]
         generators = [torch.Generator().manual_seed(s) for s in seeds]
 
-        f = self.config.vae.downsample_factor
-        latent_shape = (1, self.config.vae.latent_channels, height // f, width // f)
+        latent_size = (request.height // f, request.width // f)
         init_latents = latent_mask = extra_channels = None
-        if init_image is not None:  # encoded before the noise is drawn, as diffusers' img2img does
-            images = self._image_batch(init_image, len(prompts), width, height)
+        if request.init_image is not None:  # encoded before the noise is drawn, as diffusers' img2img does
+            images = request.init_image.to(self.device)
             init_latents = self._encode_images(images, generators)
-        noise = torch.cat([torch.randn(latent_shape, generator=g) for g in generators]).to(self.device)
-        if mask is not None:
-            pixel_mask = self._mask_batch(mask, len(prompts), width, height)  # (B, 1, H, W), 1 = paint
-            latent_mask = torch.nn.functional.interpolate(pixel_mask, size=(height // f, width // f))
+        noise = torch.cat([torch.randn((1, self.config.vae.latent_channels, *latent_size), generator=g)
+                           for g in generators]).to(self.device)
+        if request.mask is not None:
+            pixel_mask = request.mask.to(self.device)  # (B, 1, H, W), 1 = paint
+            latent_mask = torch.nn.functional.interpolate(pixel_mask, size=latent_size)
             if self.config.inpainting:  # the U-Net sees the mask and the image with the painted part blacked out
                 masked_latents = self._encode_images(images * (1 - pixel_mask), generators)
                 extra_channels = torch.cat([latent_mask, masked_latents], dim=1)
 
-        context, uncond_context = self.encode_prompts(prompts, negatives, clip_skip)
-        denoise = self._guided_unet(context, uncond_context, guidance_scale, guidance_rescale, extra_channels)
+        context, uncond_context = self.encode_prompts(request.prompts, request.negative_prompts, request.clip_skip)
+        denoise = GuidedUNet(self.model.unet, self.dtype, context, uncond_context, request.guidance_scale,
+                             request.guidance_rescale, extra_channels, record=callback is not None)
         blend_mask = latent_mask if latent_mask is not None and not self.config.inpainting else None
         latents = sample(
-            denoise, noise, sampler=sampler, steps=steps, schedule=self.config.schedule,
+            denoise, noise, sampler=request.sampler, steps=request.steps, schedule=self.config.schedule,
             prediction_type=self.config.prediction_type, spacing=self.config.spacing,
-            steps_offset=self.config.steps_offset, karras=karras, eta=eta, init=init_latents,
-            strength=strength if init_latents is not None else 1.0, mask=blend_mask, generator=generators,
-            callback=callback,
+            steps_offset=self.config.steps_offset, karras=request.karras, eta=request.eta, init=init_latents,
+            strength=request.strength if init_latents is not None else 1.0, mask=blend_mask, generator=generators,
+            callback=denoise.reporting(callback) if callback is not None else None,
         )
         return GenerationResult(to_pil(self.decode(latents)), seeds, latents)
 
@@ -207,7 +161,7 @@ class Pipeline:
                 vae.to(self.dtype)
         return images
 
-    def _encode_images(self, images: torch.Tensor, generators) -> torch.Tensor:
+    def _encode_images(self, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, C, h, w) scaled latents, image i's posterior drawn with generator i."""
         vae = self.model.vae
         return torch.cat([
@@ -215,67 +169,42 @@ class Pipeline:
             for i, g in enumerate(generators)
         ])
 
-    def _guided_unet(self, context, uncond_context, guidance_scale: float, guidance_rescale: float,
-                     extra_channels: torch.Tensor | None):
-        """The model the sampler drives: the U-Net (in the working precision, on fp32 samples) with
-        classifier-free guidance folded in; an inpainting U-Net also gets the mask and masked-image latents."""
-        unet, dtype = self.model.unet, self.dtype
-        use_guidance = guidance_scale != 1.0
-        both = torch.cat([uncond_context, context]) if use_guidance else context  # unconditional first
 
-        def guided(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            x_in = x_t if extra_channels is None else torch.cat([x_t, extra_channels], dim=1)
-            if not use_guidance:
-                return unet(x_in.to(dtype), t, both).float()
-            out_uncond, out_cond = unet(torch.cat([x_in, x_in]).to(dtype), torch.cat([t, t]), both).float().chunk(2)
-            guided_out = out_uncond + guidance_scale * (out_cond - out_uncond)  # Ho and Salimans 2022, eq. 6
-            if guidance_rescale > 0:  # Lin et al. 2023, eq. 15-16
-                dims = list(range(1, guided_out.ndim))
-                guided_std = guided_out.std(dim=dims, keepdim=True).clamp_min(1e-12)  # 0 only if all-constant
-                rescaled = guided_out * (out_cond.std(dim=dims, keepdim=True) / guided_std)
-                guided_out = guidance_rescale * rescaled + (1 - guidance_rescale) * guided_out
-            return guided_out
+class GuidedUNet:
+    """The model a sampler drives: `(x_t, t) -> prediction`, the U-Net (in the working precision, on fp32 samples)
+    with classifier-free guidance folded in (kedavra.diffusion.guidance); an inpainting U-Net also gets the mask and
+    masked-image latents as extra input channels. With `record`, it keeps the conditional and unconditional outputs
+    of the first evaluation since the last step report, for `reporting`'s step records."""
 
+    def __init__(self, unet, dtype: torch.dtype, context: torch.Tensor, uncond_context: torch.Tensor,
+                 guidance_scale: float, guidance_rescale: float, extra_channels: torch.Tensor | None,
+                 record: bool = False):
+        self.unet, self.dtype, self.extra_channels = unet, dtype, extra_channels
+        self.guidance_scale, self.guidance_rescale = guidance_scale, guidance_rescale
+        self.use_guidance = guidance_scale != 1.0
+        self.context = torch.cat([uncond_context, context]) if self.use_guidance else context  # unconditional first
+        self.record = record
+        self.outputs: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (cond, uncond) at the step's level
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x_in = x_t if self.extra_channels is None else torch.cat([x_t, self.extra_channels], dim=1)
+        if not self.use_guidance:
+            cond, uncond = self.unet(x_in.to(self.dtype), t, self.context).float(), None
+            guided = cond
+        else:
+            both = self.unet(torch.cat([x_in, x_in]).to(self.dtype), torch.cat([t, t]), self.context).float()
+            uncond, cond = both.chunk(2)
+            guided = classifier_free_guidance(cond, uncond, self.guidance_scale, self.guidance_rescale)
+        if self.record and self.outputs is None:
+            self.outputs = (cond, uncond)
         return guided
 
-    def _image_batch(self, image, batch: int, width: int, height: int) -> torch.Tensor:
-        """An init image (PIL, or a (B|1, 3, H, W) tensor in [-1, 1]) as a (B, 3, H, W) tensor in [-1, 1]."""
-        if isinstance(image, Image.Image):
-            tensor = from_pil(image)
-        elif isinstance(image, torch.Tensor):
-            tensor = image if image.ndim == 4 else image[None]
-        else:
-            raise ValueError(f"init_image must be a PIL image or a tensor, got {type(image).__name__}")
-        if tensor.shape[-2:] != (height, width) or tensor.shape[-3] != 3:
-            raise ValueError(f"init_image is {tensor.shape[-1]}x{tensor.shape[-2]} with {tensor.shape[-3]} channels; "
-                             f"it must be RGB {width}x{height} (the requested size)")
-        if tensor.shape[0] not in (1, batch):
-            raise ValueError(f"init_image holds {tensor.shape[0]} images for a batch of {batch}; give 1 or {batch}")
-        return tensor.expand(batch, -1, -1, -1).to(self.device)
+    def reporting(self, callback: StepCallback):
+        """A step callback that passes `callback` each step's record with cond and uncond filled in."""
 
-    def _mask_batch(self, mask, batch: int, width: int, height: int) -> torch.Tensor:
-        """A mask (PIL image, white = paint, or a (B|1, 1, H, W) / (H, W) tensor in [0, 1]) -> (B, 1, H, W) of 0/1."""
-        if isinstance(mask, Image.Image):
-            tensor = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255)[None, None]
-        elif isinstance(mask, torch.Tensor):
-            tensor = mask.float().reshape(-1, 1, *mask.shape[-2:]) if mask.ndim >= 2 else mask
-        else:
-            raise ValueError(f"mask must be a PIL image or a tensor, got {type(mask).__name__}")
-        if tensor.ndim != 4 or tensor.shape[-2:] != (height, width):
-            raise ValueError(f"mask is {tuple(tensor.shape[-2:])[::-1]} (width, height); it must be {width}x{height}, "
-                             "the size of the image")
-        if tensor.shape[0] not in (1, batch):
-            raise ValueError(f"mask holds {tensor.shape[0]} masks for a batch of {batch}; give 1 or {batch}")
-        return (tensor >= 0.5).float().expand(batch, -1, -1, -1).to(self.device)  # binarised, as SD's pipelines do
+        def report(step: StepRecord):
+            cond, uncond = self.outputs
+            self.outputs = None
+            return callback(replace(step, cond=cond, uncond=uncond))
 
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [-1, 1] -> RGB images, rounding to the nearest 8-bit level."""
-    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]  # (H, W, 3)
-
-
-def from_pil(image: Image.Image) -> torch.Tensor:
-    """An image -> (1, 3, H, W) float tensor in [-1, 1]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
-    return torch.from_numpy(array).permute(2, 0, 1)[None] / 127.5 - 1
+        return report

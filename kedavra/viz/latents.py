@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from kedavra.formats.images import from_pil
 from kedavra.networks.vae import AutoencoderKL
-from kedavra.pipeline.pipeline import Pipeline, from_pil
+from kedavra.pipeline.pipeline import Pipeline
 from kedavra.viz.forward import load_image
 from kedavra.viz.panels import (
     SIGNED_COLOURMAP,

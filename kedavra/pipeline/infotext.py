@@ -1,0 +1,43 @@
+"""A request in A1111's words: the PNG "parameters" text of an image (kedavra.formats.png_info) made from a
+`GenerationRequest`, and A1111's "Schedule type" read back as Karras spacing or not.
+
+A1111 (v1.9 on) writes a "Schedule type" always; "Automatic" and "Uniform" mean the sampler's own spacing, except
+that its 'DPM++ 2M' defaults to Karras (modules/sd_samplers_kdiffusion.py: {'scheduler': 'karras'}).
+"""
+
+from __future__ import annotations
+
+from kedavra.diffusion.samplers import SamplerSpec
+from kedavra.formats.png_info import GenerationParameters
+from kedavra.pipeline.request import GenerationRequest
+
+KARRAS_SCHEDULE = "Karras"  # A1111's "Schedule type" value for Karras σ spacing
+DEFAULT_SCHEDULES = ("Automatic", "Uniform")  # the sampler's own spacing
+AUTOMATIC_KARRAS = ("dpmpp_2m",)  # samplers whose "Automatic" schedule is Karras in A1111
+ETA_KEY = "Eta DDIM"  # A1111 (modules/sd_samplers_compvis.py) writes DDIM's η under this key when it is not 0
+GUIDANCE_RESCALE_KEY = "CFG rescale"  # SD.Next's key for Lin et al. 2023's φ (A1111 itself has no such option)
+
+
+def schedule_karras(schedule_type: str, sampler: SamplerSpec, karras_from_name: bool) -> bool:
+    """Whether A1111's "Schedule type" `schedule_type` (its label: "Karras", "Automatic", ...) means Karras σ
+    spacing for `sampler`: "Karras" does, and "Automatic" (the sampler's own) does for AUTOMATIC_KARRAS; any
+    other keeps what the sampler's name said (`karras_from_name`, e.g. from "DPM++ 2M Karras")."""
+    automatic_karras = schedule_type == DEFAULT_SCHEDULES[0] and sampler.name in AUTOMATIC_KARRAS
+    return karras_from_name or schedule_type == KARRAS_SCHEDULE or automatic_karras
+
+
+def request_parameters(request: GenerationRequest, index: int, seed: int, width: int, height: int,
+                       model: str | None, model_hash: str | None) -> GenerationParameters:
+    """What goes into the PNG of the request's image `index`, made with `seed` at width x height. Raises
+    ValueError when the text cannot be written (GenerationParameters' checks), so an edge may call it early."""
+    extra = {}
+    if request.guidance_rescale:
+        extra[GUIDANCE_RESCALE_KEY] = repr(float(request.guidance_rescale))
+    if request.eta:
+        extra[ETA_KEY] = repr(float(request.eta))
+    spec = request.sampler_spec
+    return GenerationParameters(
+        prompt=request.prompts[index], negative_prompt=request.negative_prompts[index], steps=request.steps,
+        sampler=spec.a1111 or spec.name, schedule_type=KARRAS_SCHEDULE if request.karras else None,
+        cfg_scale=request.guidance_scale, seed=seed, width=width, height=height, model_hash=model_hash, model=model,
+        denoising_strength=request.strength, clip_skip=request.clip_skip, extra=extra)

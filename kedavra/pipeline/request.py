@@ -1,0 +1,191 @@
+"""One generation's settings, checked once where they enter: `GenerationRequest`.
+
+Every way in builds one: `Pipeline.__call__` from its keyword arguments, `kedavra generate` from its flags and a
+PNG's parameters, the server from an HTTP body, `kedavra viz` from its options. Its constructor refuses what no
+model could run (a negative seed, a sampler nobody knows, η with a sampler that has none); `for_model` then checks
+what depends on the model (sizes on its VAE's grid, steps within its training timesteps, an inpainting model's
+mask), fills the model's defaults and turns images into tensors. The pipeline trusts what it is given.
+
+    request = GenerationRequest.build("a red circle", steps=20, seed=1)      # str prompt: num_images copies
+    pipe.generate(request)                                                   # same as pipe("a red circle", ...)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from kedavra.diffusion.samplers import SamplerSpec, check_eta, resolve_sampler
+from kedavra.diffusion.timesteps import check_steps
+from kedavra.formats.images import from_pil
+from kedavra.validation import check_bool, check_int, check_number, check_optional_int, check_seed
+
+MAX_SIDE = 2048  # largest width/height accepted, in pixels: beyond it a CPU run takes hours
+MAX_IMAGES = 64  # largest batch accepted in one call
+DEFAULT_STEPS = 20
+DEFAULT_SAMPLER = "euler"  # the plainest update, one U-Net evaluation per step (Karras et al. 2022, Alg. 2)
+DEFAULT_GUIDANCE_SCALE = 7.5  # diffusers' StableDiffusionPipeline default (A1111's is 7)
+DEFAULT_IMG2IMG_STRENGTH = 0.8  # share of the steps run from the noised init image (A1111's and diffusers' 0.75-0.8)
+DEFAULT_INPAINT_STRENGTH = 1.0  # inpainting starts the painted region from pure noise
+
+Picture = Image.Image | torch.Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class GenerationRequest:
+    """What to generate, checked (see the module docstring). One image per prompt.
+
+    prompts, negative_prompts  one negative prompt per prompt (the unconditional side of guidance)
+    sampler, karras            kedavra's sampler name (any diffusers / A1111 / ComfyUI name is resolved to it; a
+                               " Karras" suffix sets karras: Karras et al. 2022 σ spacing)
+    guidance_scale             w of classifier-free guidance (Ho and Salimans 2022, eq. 6); 1 turns it off
+    guidance_rescale           φ of Lin et al. 2023, sec. 3.4 (0 = off)
+    eta                        DDIM's η (Song et al. 2021, eq. 16), ddim only
+    seed                       image i uses seed + i (A1111's convention); None: a random one at generation
+    width, height              pixels; None: the model's image size
+    init_image, mask, strength image to image and inpainting: PIL images or tensors (init: (B|1, 3, H, W) in
+                               [-1, 1]; mask: white / 1 where to paint); strength None: 0.8, or 1.0 with a mask
+    clip_skip                  A1111's "Clip skip" (None: the model's own)
+    """
+
+    prompts: tuple[str, ...]
+    negative_prompts: tuple[str, ...]
+    steps: int = DEFAULT_STEPS
+    sampler: str = DEFAULT_SAMPLER
+    karras: bool = False
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
+    guidance_rescale: float = 0.0
+    eta: float = 0.0
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    init_image: Picture | None = None
+    mask: Picture | None = None
+    strength: float | None = None
+    clip_skip: int | None = None
+
+    def __post_init__(self):
+        prompts, negatives = tuple(self.prompts), tuple(self.negative_prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompt must be a str or a non-empty list of str, got {self.prompts!r}")
+        if not all(isinstance(p, str) for p in negatives):
+            raise ValueError(f"negative_prompt must be a str or a list of str, got {self.negative_prompts!r}")
+        if len(negatives) != len(prompts):
+            raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts; give one each")
+        check_int("num_images", len(prompts), 1, MAX_IMAGES)
+        check_int("steps", self.steps, 1)
+        spec, karras_from_name = resolve_sampler(self.sampler)
+        check_bool("karras", self.karras)
+        check_number("guidance_scale", self.guidance_scale, low=0)
+        check_number("guidance_rescale", self.guidance_rescale, 0, 1)
+        check_eta(spec, self.eta)
+        check_seed("seed", self.seed, optional=True)
+        for name in ("width", "height"):
+            check_optional_int(name, getattr(self, name), 1, MAX_SIDE, none_means="the model's image size")
+        for name in ("init_image", "mask"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Image.Image | torch.Tensor):
+                raise ValueError(f"{name} must be a PIL image or a tensor, got {type(value).__name__}")
+        if self.strength is not None:
+            if self.init_image is None:
+                raise ValueError(f"strength={self.strength} needs init_image: it sets how much of that image is "
+                                 "repainted")
+            check_number("strength", self.strength, 0, 1)
+        if self.mask is not None and self.init_image is None:
+            raise ValueError("mask needs init_image: inpainting repaints part of a given image")
+        check_optional_int("clip_skip", self.clip_skip, 1, none_means="the model's own")
+        set_field = object.__setattr__  # normalising a frozen instance's own fields while it is being built
+        set_field(self, "prompts", prompts)
+        set_field(self, "negative_prompts", negatives)
+        set_field(self, "sampler", spec.name)
+        set_field(self, "karras", self.karras or karras_from_name)
+        if self.init_image is not None and self.strength is None:
+            set_field(self, "strength", DEFAULT_INPAINT_STRENGTH if self.mask is not None else DEFAULT_IMG2IMG_STRENGTH)
+
+    @classmethod
+    def build(cls, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "", *, num_images: int = 1,
+              **settings) -> GenerationRequest:
+        """A request from `Pipeline.__call__`'s arguments: a str prompt is repeated `num_images` times (a list gives
+        one image per prompt), a str negative prompt once per prompt."""
+        if isinstance(prompt, str):
+            prompts = [prompt] * check_int("num_images", num_images, 1, MAX_IMAGES)
+        elif isinstance(prompt, Sequence):
+            prompts = list(prompt)
+        else:
+            raise ValueError(f"prompt must be a str or a non-empty list of str, got {prompt!r}")
+        if isinstance(negative_prompt, str):
+            negatives = [negative_prompt] * len(prompts)
+        elif isinstance(negative_prompt, Sequence):
+            negatives = list(negative_prompt)
+        else:
+            raise ValueError(f"negative_prompt must be a str or a list of str, got {negative_prompt!r}")
+        unknown = set(settings) - {field.name for field in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown generation setting(s): {', '.join(sorted(unknown))}")
+        return cls(tuple(prompts), tuple(negatives), **settings)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def sampler_spec(self) -> SamplerSpec:
+        return resolve_sampler(self.sampler)[0]
+
+    def replace(self, **changes) -> GenerationRequest:
+        """A copy with some fields changed, checked again."""
+        return dataclasses.replace(self, **changes)
+
+    def for_model(self, config) -> GenerationRequest:
+        """This request checked against a model's `ModelConfig`, with its defaults filled in: width and height set
+        (multiples of the VAE's downsampling factor), steps within the training timesteps, clip_skip within the
+        text encoder's layers, an inpainting model given a mask, and init_image / mask as (B, 3, H, W) in [-1, 1]
+        and (B, 1, H, W) of 0/1 tensors on the CPU."""
+        f = config.vae.downsample_factor
+        width = config.image_size if self.width is None else self.width
+        height = config.image_size if self.height is None else self.height
+        for name, side in (("width", width), ("height", height)):
+            check_int(name, side, f, MAX_SIDE, multiple_of=f, note=" (the VAE's downsampling factor)")
+        check_steps(self.steps, config.schedule.num_train_timesteps)
+        if self.clip_skip is not None:
+            check_int("clip_skip", self.clip_skip, 1, getattr(config.text_encoder, "num_layers", 1)
+                      if getattr(config.text_encoder, "kind", "clip") == "clip" else 1)
+        if config.inpainting and self.mask is None:
+            raise ValueError(f"{config.family} is an inpainting model: give init_image and mask")
+        init_image = mask = None
+        if self.init_image is not None:
+            init_image = _image_batch(self.init_image, self.num_images, width, height)
+        if self.mask is not None:
+            mask = _mask_batch(self.mask, self.num_images, width, height)
+        return dataclasses.replace(self, width=width, height=height, init_image=init_image, mask=mask)
+
+
+def _image_batch(image: Picture, batch: int, width: int, height: int) -> torch.Tensor:
+    """An init image (PIL, or a (B|1, 3, H, W) / (3, H, W) tensor in [-1, 1]) as a (B, 3, H, W) tensor in [-1, 1]."""
+    tensor = from_pil(image) if isinstance(image, Image.Image) else (image if image.ndim == 4 else image[None])
+    if tensor.ndim != 4 or tensor.shape[-2:] != (height, width) or tensor.shape[-3] != 3:
+        raise ValueError(f"init_image is {tensor.shape[-1]}x{tensor.shape[-2]} with {tensor.shape[-3]} channels; "
+                         f"it must be RGB {width}x{height} (the requested size)")
+    if tensor.shape[0] not in (1, batch):
+        raise ValueError(f"init_image holds {tensor.shape[0]} images for a batch of {batch}; give 1 or {batch}")
+    return tensor.float().expand(batch, -1, -1, -1)
+
+
+def _mask_batch(mask: Picture, batch: int, width: int, height: int) -> torch.Tensor:
+    """A mask (PIL image, white = paint, or a (B|1, 1, H, W) / (H, W) tensor in [0, 1]) -> (B, 1, H, W) of 0/1."""
+    if isinstance(mask, Image.Image):
+        tensor = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255)[None, None]
+    else:
+        tensor = mask.float().reshape(-1, 1, *mask.shape[-2:]) if mask.ndim >= 2 else mask
+    if tensor.ndim != 4 or tensor.shape[-2:] != (height, width):
+        raise ValueError(f"mask is {tuple(tensor.shape[-2:])[::-1]} (width, height); it must be {width}x{height}, "
+                         "the size of the image")
+    if tensor.shape[0] not in (1, batch):
+        raise ValueError(f"mask holds {tensor.shape[0]} masks for a batch of {batch}; give 1 or {batch}")
+    return (tensor >= 0.5).float().expand(batch, -1, -1, -1)  # binarised, as SD's pipelines do
+
