@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kedavra.api import load, resolve_model
-from kedavra.commands.settings import check_device, choose_model
+from kedavra.api import choose_model, load, resolve_model
 from kedavra.diffusion.schedule import SCHEDULE_PRESETS, get_schedule
-from kedavra.pipeline.device import parse_precision
+from kedavra.pipeline.device import check_device, parse_precision
 from kedavra.viz.attention import NORMALISATIONS, check_normalise, make_attention_figure
 from kedavra.viz.forward import (
     DEFAULT_SEED,
