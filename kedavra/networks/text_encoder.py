@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kedavra.networks.attention import multi_head_attention
 from kedavra.networks.tokenizer import CONTEXT_LENGTH, VOCAB_SIZE
+from kedavra.validation import check_choice, check_int, some
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 QUICK_GELU_SCALE = 1.702  # OpenAI CLIP model.py QuickGELU: x * sigmoid(1.702 x)
@@ -61,21 +63,17 @@ class TextEncoderConfig:
             "num_layers": self.num_layers,
             "num_heads": self.num_heads,
             "mlp_width": self.mlp_width,
-            "clip_skip": self.clip_skip,
         }
         if self.projection_dim is not None:
             positive["projection_dim"] = self.projection_dim
         for name, value in positive.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"TextEncoderConfig.{name} must be a positive int, got {value!r}")
+            check_int(f"TextEncoderConfig.{name}", value, low=1)
         if self.width % self.num_heads:
             raise ValueError(f"TextEncoderConfig.width={self.width} is not divisible by num_heads={self.num_heads}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"TextEncoderConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        check_choice("TextEncoderConfig.activation", self.activation, ACTIVATIONS)
         if not isinstance(self.layer_norm_eps, float) or not self.layer_norm_eps > 0:
             raise ValueError(f"TextEncoderConfig.layer_norm_eps must be a positive float, got {self.layer_norm_eps!r}")
-        if self.clip_skip > self.num_layers:
-            raise ValueError(f"TextEncoderConfig.clip_skip={self.clip_skip} must be in 1..num_layers={self.num_layers}")
+        check_int("TextEncoderConfig.clip_skip", self.clip_skip, 1, self.num_layers, note=" (num_layers)")
 
     @property
     def head_dim(self) -> int:
@@ -83,9 +81,7 @@ class TextEncoderConfig:
 
     @classmethod
     def from_preset(cls, name: str) -> "TextEncoderConfig":
-        if name not in PRESETS:
-            raise ValueError(f"unknown text encoder preset {name!r}; known presets: {sorted(PRESETS)}")
-        return PRESETS[name]
+        return PRESETS[check_choice("text encoder preset", name, sorted(PRESETS))]
 
 
 _SD15 = TextEncoderConfig()  # CompVis v1-inference.yaml: FrozenCLIPEmbedder, openai/clip-vit-large-patch14
@@ -104,21 +100,17 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config: TextEncoderConfig):
         super().__init__()
-        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.num_heads = config.num_heads
         self.q_proj = nn.Linear(config.width, config.width)
         self.k_proj = nn.Linear(config.width, config.width)
         self.v_proj = nn.Linear(config.width, config.width)
         self.out_proj = nn.Linear(config.width, config.width)
 
     def forward(self, x: Tensor) -> Tensor:
-        B, L, D = x.shape
-        q, k, v = (
-            proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # (B, Nh, L, Dh)
-            for proj in (self.q_proj, self.k_proj, self.v_proj)
-        )
+        """x (B, L, D) -> (B, L, D)."""
+        projections = (self.q_proj, self.k_proj, self.v_proj, self.out_proj)
         # softmax(Q K^T / sqrt(Dh)) V, Vaswani et al. 2017 eq. 1, future positions masked out
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, Nh, L, Dh)
-        return self.out_proj(out.transpose(1, 2).reshape(B, L, D))  # (B, L, D)
+        return multi_head_attention(x, x, projections, self.num_heads, causal=True)  # (B, L, D)
 
 
 class MLP(nn.Module):
@@ -189,8 +181,7 @@ class TextEncoder(nn.Module):
         """(B, L) int ids, L <= max_positions -> (B, L, D) hidden states of the layer `clip_skip`
         counts back from the last (default: the config's), passed through the final LayerNorm."""
         clip_skip = self.config.clip_skip if clip_skip is None else clip_skip
-        if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or not 1 <= clip_skip <= len(self.layers):
-            raise ValueError(f"clip_skip must be an int in 1..{len(self.layers)}, got {clip_skip!r}")
+        check_int("clip_skip", clip_skip, 1, len(self.layers))
         if input_ids.ndim != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(
                 f"input_ids must be a (B, L) integer tensor, got shape {tuple(input_ids.shape)} {input_ids.dtype}"
@@ -265,10 +256,6 @@ def _expected_state(config: TextEncoderConfig) -> dict[str, Tensor]:
         return TextEncoder(config).state_dict()
 
 
-def _some(keys: list[str], count: int = 5) -> str:
-    return ", ".join(keys[:count]) + (", ..." if len(keys) > count else "")
-
-
 def _is_dropped(key: str, layout: str, config: TextEncoderConfig) -> bool:
     """Tensors of an ldm_sd2 file that SD 2.x does not use: resblocks past `num_layers` (the file holds
     all 24 of OpenCLIP; SD uses 23) and text_projection when the config has none."""
@@ -289,8 +276,7 @@ def convert_text_encoder_state_dict(
     Tensors pass through or become views (thirds of OpenCLIP's packed in_proj, the transposed
     text_projection); nothing is copied.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown text encoder checkpoint layout {layout!r}; allowed: {LAYOUTS}")
+    check_choice("text encoder checkpoint layout", layout, LAYOUTS)
     if layout != "ldm_sd2":  # transformers < 5 saved CLIPTextModel under "text_model."; 5 does not
         state = {k.removeprefix("text_model."): v for k, v in state.items()}
     expected = _expected_state(config)
@@ -303,7 +289,7 @@ def convert_text_encoder_state_dict(
     if missing or unexpected:
         message = (
             f"text encoder state dict does not match layout {layout!r} for this config: "
-            f"{len(missing)} missing keys [{_some(missing)}], {len(unexpected)} unexpected keys [{_some(unexpected)}]"
+            f"{len(missing)} missing keys [{some(missing)}], {len(unexpected)} unexpected keys [{some(unexpected)}]"
         )
         if any(k.startswith("cond_stage_model.") for k in unexpected):
             message += "; strip the 'cond_stage_model.transformer.' / 'cond_stage_model.model.' prefix first"
@@ -320,7 +306,7 @@ def convert_text_encoder_state_dict(
         converted[key] = tensor
     if mismatched:
         raise ValueError(
-            f"text encoder state dict has {len(mismatched)} tensors of the wrong shape: {_some(mismatched)}"
+            f"text encoder state dict has {len(mismatched)} tensors of the wrong shape: {some(mismatched)}"
         )
     return converted
 
@@ -331,7 +317,7 @@ def to_diffusers_state_dict(state: Mapping[str, Tensor], config: TextEncoderConf
     expected = _expected_state(config)
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise ValueError(f"text encoder state dict lacks {len(missing)} keys of this config: [{_some(missing)}]")
+        raise ValueError(f"text encoder state dict lacks {len(missing)} keys of this config: [{some(missing)}]")
     renamed = {}
     for key in expected:
         name, _ = _source(key, "diffusers")

@@ -11,27 +11,23 @@ GroupNorm -> proj_in -> [LayerNorm + self-attention, LayerNorm + cross-attention
 LayerNorm + GEGLU feed-forward, each residual] x depth -> proj_out -> + input.
 """
 
-from collections.abc import Callable
-
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from kedavra.networks.attention import Recorder, multi_head_attention
 
 TRANSFORMER_NORM_EPS = 1e-6  # LDM ldm/modules/attention.py Normalize(): GroupNorm(32, eps=1e-6)
 FEED_FORWARD_MULT = 4  # LDM FeedForward(mult=4): inner width 4x the model width
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention from `x` to `context` (self-attention when context is None).
+    """Multi-head attention from `x` to `context` (self-attention when context is None), through the one
+    implementation of kedavra.networks.attention (F.scaled_dot_product_attention).
 
-    Runs through `F.scaled_dot_product_attention`. With `slice_size` set, the queries are processed
-    `slice_size` tokens at a time, bounding the score matrix at (B, Nh, slice_size, S_ctx).
-
-    `recorder`, off (None) by default, is an opt-in hook for visualisations: a callable that, when set, is
-    handed the attention probabilities softmax(Q K^T / sqrt(Dh)) of every call as one float32 tensor
-    (B, Nh, S, L). They are then computed explicitly, in float32 and for all queries at once (slice_size is
-    not used), and the output is the same as SDPA's up to float rounding; with no recorder the SDPA path
-    above runs unchanged.
+    With `slice_size` set, the queries are processed `slice_size` tokens at a time, bounding the score matrix at
+    (B, Nh, slice_size, L). `recorder`, off (None) by default, is the opt-in hook for visualisations: a callable
+    handed the attention probabilities softmax(Q K^T / sqrt(Dh)) of every call as one float32 tensor (B, Nh, S, L);
+    see `attention.attend` for what recording changes (nothing, up to float rounding, in the output).
     """
 
     def __init__(self, query_dim: int, context_dim: int, num_heads: int, head_dim: int):
@@ -40,42 +36,19 @@ class CrossAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.slice_size: int | None = None
-        self.recorder: Callable[[Tensor], None] | None = None
+        self.recorder: Recorder | None = None
         self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.Linear(inner_dim, query_dim)
 
-    def _split_heads(self, x: Tensor) -> Tensor:
-        batch, tokens, _ = x.shape
-        return x.view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)  # (B, Nh, S, Dh)
-
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """x (B, S, D), context (B, L, D_ctx) or None -> (B, S, D)."""
         context = x if context is None else context
-        q = self._split_heads(self.to_q(x))  # (B, Nh, S, Dh)
-        k = self._split_heads(self.to_k(context))  # (B, Nh, L, Dh)
-        v = self._split_heads(self.to_v(context))  # (B, Nh, L, Dh)
-        # Vaswani et al. 2017, eq. 1: softmax(Q K^T / sqrt(Dh)) V; SDPA's default scale is 1/sqrt(Dh).
-        if self.recorder is not None:
-            out = self._attend_recorded(q, k, v)  # (B, Nh, S, Dh)
-        elif self.slice_size is None or self.slice_size >= q.shape[2]:
-            out = F.scaled_dot_product_attention(q, k, v)  # (B, Nh, S, Dh)
-        else:
-            chunks = [
-                F.scaled_dot_product_attention(q_chunk, k, v)  # (B, Nh, slice, Dh)
-                for q_chunk in q.split(self.slice_size, dim=2)
-            ]
-            out = torch.cat(chunks, dim=2)  # (B, Nh, S, Dh)
-        batch, _, tokens, _ = out.shape
-        out = out.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)  # (B, S, Nh*Dh)
-        return self.to_out(out)
-
-    def _attend_recorded(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Vaswani et al. 2017, eq. 1 written out, handing the probabilities to `recorder` on the way."""
-        scores = q.float() @ k.float().transpose(-2, -1) * self.head_dim**-0.5  # (B, Nh, S, L)
-        probabilities = scores.softmax(dim=-1)  # (B, Nh, S, L): each query's row sums to 1
-        self.recorder(probabilities)
-        return probabilities.to(v.dtype) @ v  # (B, Nh, S, Dh)
+        projections = (self.to_q, self.to_k, self.to_v, self.to_out)
+        return multi_head_attention(  # Vaswani et al. 2017, eq. 1, per head
+            x, context, projections, self.num_heads, slice_size=self.slice_size, recorder=self.recorder
+        )
 
 
 class GEGLU(nn.Module):

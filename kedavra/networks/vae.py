@@ -26,6 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kedavra.networks.attention import multi_head_attention
+from kedavra.validation import check_choice, check_int, check_optional_int, is_int
+
 # LDM paper Sec. 4.3.2 and App. D.1: 1 / (std of the first training batch's latents), the SD 1.x/2.x
 # VAE's `scale_factor: 0.18215` in the CompVis v1-inference.yaml / v2-inference.yaml configs.
 SD_LATENT_SCALE = 0.18215
@@ -52,20 +55,17 @@ class VAEConfig:
 
     def __post_init__(self) -> None:
         for name in ("in_channels", "out_channels", "latent_channels", "base_channels", "num_res_blocks"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"VAEConfig.{name} must be a positive int, got {value!r}")
+            check_int(f"VAEConfig.{name}", getattr(self, name), low=1)
         if (
             not isinstance(self.channel_multipliers, tuple)
             or not self.channel_multipliers
-            or not all(isinstance(m, int) and m >= 1 for m in self.channel_multipliers)
+            or not all(is_int(m) and m >= 1 for m in self.channel_multipliers)
         ):
             raise ValueError(
                 "VAEConfig.channel_multipliers must be a non-empty tuple of positive ints, "
                 f"got {self.channel_multipliers!r}"
             )
-        if not isinstance(self.norm_groups, int) or self.norm_groups < 1:
-            raise ValueError(f"VAEConfig.norm_groups must be a positive int, got {self.norm_groups!r}")
+        check_int("VAEConfig.norm_groups", self.norm_groups, low=1)
         bad = [c for c in self.block_channels if c % self.norm_groups]
         if bad:
             raise ValueError(
@@ -103,9 +103,7 @@ VAE_PRESETS: dict[str, VAEConfig] = {
 
 def get_vae_config(name: str) -> VAEConfig:
     """A named VAE preset (see VAE_PRESETS)."""
-    if name not in VAE_PRESETS:
-        raise ValueError(f"unknown VAE preset {name!r}; allowed: {', '.join(VAE_PRESETS)}")
-    return VAE_PRESETS[name]
+    return VAE_PRESETS[check_choice("VAE preset", name, VAE_PRESETS)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -188,12 +186,10 @@ class SpatialSelfAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         batch, channels, height, width = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, S, C)
-        q = self.to_q(tokens).unsqueeze(1)  # (B, 1, S, C): one head, Dh = C
-        k = self.to_k(tokens).unsqueeze(1)  # (B, 1, S, C)
-        v = self.to_v(tokens).unsqueeze(1)  # (B, 1, S, C)
-        # Vaswani et al. 2017, eq. 1: softmax(Q K^T / sqrt(C)) V; SDPA's default scale is 1/sqrt(Dh).
-        out = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # (B, S, C)
-        out = self.to_out(out).transpose(1, 2).reshape(batch, channels, height, width)  # (B, C, H, W)
+        projections = (self.to_q, self.to_k, self.to_v, self.to_out)
+        # Vaswani et al. 2017, eq. 1 with one head (Dh = C): softmax(Q K^T / sqrt(C)) V
+        out = multi_head_attention(tokens, tokens, projections, num_heads=1)  # (B, S, C)
+        out = out.transpose(1, 2).reshape(batch, channels, height, width)  # (B, C, H, W)
         return x + out
 
 
@@ -317,12 +313,10 @@ class Tiling:
     threshold: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.tile_size, int) or self.tile_size < 1:
-            raise ValueError(f"Tiling.tile_size must be a positive int, got {self.tile_size!r}")
-        if not isinstance(self.overlap, int) or not 0 <= self.overlap < self.tile_size:
+        check_int("Tiling.tile_size", self.tile_size, low=1)
+        if not is_int(self.overlap) or not 0 <= self.overlap < self.tile_size:
             raise ValueError(f"Tiling.overlap must be an int in [0, tile_size={self.tile_size}), got {self.overlap!r}")
-        if self.threshold is not None and (not isinstance(self.threshold, int) or self.threshold < 0):
-            raise ValueError(f"Tiling.threshold must be None or an int >= 0, got {self.threshold!r}")
+        check_optional_int("Tiling.threshold", self.threshold, low=0, none_means="the tile size")
 
     def applies_to(self, height: int, width: int) -> bool:
         """Whether an image of this size (pixels) should be tiled."""
