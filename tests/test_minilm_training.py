@@ -21,9 +21,8 @@ from kedavra.networks.model import PRESETS, ModelConfig, StableDiffusion, with_m
 from kedavra.networks.text_encoder import TextEncoderConfig
 from kedavra.networks.wordpiece import WordPieceConfig, WordPieceTokenizer
 from kedavra.pipeline.pipeline import Pipeline
-from kedavra.training import TrainConfig, train
-from kedavra.training import losses as training_losses
-from kedavra.training.losses import DiffusionObjective
+from kedavra.training import TrainConfig, conditioning, train
+from kedavra.training.conditioning import TextConditionedUNet
 from kedavra.viz.attention import prompt_words, record_attention
 
 needs_wheel = pytest.mark.skipif(importlib.util.find_spec(MINILM_PACKAGE) is None,
@@ -63,7 +62,7 @@ def test_minilm_model_config_refuses_mismatches():
 
 
 @pytest.mark.parametrize(("changes", "message"), [
-    ({"text_encoder": "bert"}, "text_encoder must be one of clip, minilm; got 'bert'"),
+    ({"text_encoder": "bert"}, "unknown text_encoder 'bert'; allowed: clip, minilm"),
     ({"text_encoder": "minilm", "stage": "vae"}, "text_encoder='minilm' is for a unet or all stage"),
     ({"text_encoder": "minilm", "train_text_encoder": True}, "stays frozen"),
 ])
@@ -87,18 +86,18 @@ def test_frozen_text_encoder_context_cache(monkeypatch):
     stops growing at CONTEXT_CACHE_BYTES."""
     torch.manual_seed(0)
     model = StableDiffusion(PRESETS["tiny"]).requires_grad_(False)
-    objective = DiffusionObjective(model.text_encoder, model.unet)
+    denoiser = TextConditionedUNet(model.text_encoder, model.unet)
     ids = model.tokenizer(["a red square", "a blue square", "a red square"])
     seen = []
-    monkeypatch.setattr(objective.unet, "forward", lambda x, t, context: seen.append(context) or x)
-    objective(torch.zeros(3, 4, 8, 8), torch.zeros(3), ids)
+    monkeypatch.setattr(denoiser.unet, "forward", lambda x, t, context: seen.append(context) or x)
+    denoiser(torch.zeros(3, 4, 8, 8), torch.zeros(3), ids)
     torch.testing.assert_close(seen[0], model.text_encoder(ids), rtol=1e-5, atol=1e-6)
-    assert len(objective.contexts) == 2 and objective.contexts[ids[0].numpy().tobytes()] is not None
+    assert len(denoiser.contexts) == 2 and denoiser.contexts[ids[0].numpy().tobytes()] is not None
     row_bytes = seen[0][0].numel() * seen[0].element_size()
-    assert objective.cached_bytes == 2 * row_bytes
-    monkeypatch.setattr(training_losses, "CONTEXT_CACHE_BYTES", 2 * row_bytes)
-    objective(torch.zeros(1, 4, 8, 8), torch.zeros(1), model.tokenizer(["a green square"]))
-    assert len(objective.contexts) == 2 and objective.cached_bytes == 2 * row_bytes
+    assert denoiser.cached_bytes == 2 * row_bytes
+    monkeypatch.setattr(conditioning, "CONTEXT_CACHE_BYTES", 2 * row_bytes)
+    denoiser(torch.zeros(1, 4, 8, 8), torch.zeros(1), model.tokenizer(["a green square"]))
+    assert len(denoiser.contexts) == 2 and denoiser.cached_bytes == 2 * row_bytes
     torch.testing.assert_close(seen[1][0], model.text_encoder(model.tokenizer("a green square"))[0])
 
 

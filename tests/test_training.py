@@ -1,5 +1,6 @@
-"""kedavra.training: the loss weighting and schedules against their papers' formulas, learning that shows in the
-loss, bitwise resume, atomic checkpoints, bad input, and the `kedavra train` command.
+"""kedavra.training: the objectives, loss weighting and schedules against their papers' formulas, the stage objects'
+contract, learning that shows in the loss, bitwise resume, atomic checkpoints, bad input, and the `kedavra train`
+command.
 
 Every run trains the "tiny" preset at 16 px (8x8 latents) on `Squares`, a synthetic data set of coloured squares
 defined here, in fp32 on one thread, so the tests depend neither on kedavra.data nor on the CPU's bf16 support.
@@ -11,6 +12,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -19,13 +21,17 @@ from kedavra import cli
 from kedavra.checkpoint import load_model
 from kedavra.commands.demo import torch_threads
 from kedavra.diffusion.schedule import get_schedule
+from kedavra.networks.model import StableDiffusion
 from kedavra.networks.vae import SD_LATENT_SCALE
 from kedavra.pipeline.pipeline import Pipeline
 from kedavra.training import NonFiniteLossError, TrainConfig, checkpointing, train
+from kedavra.training.batches import DataPosition, TrainingData
 from kedavra.training.config import STAGE_DEFAULTS
 from kedavra.training.ema import EMA, ema_decay_at
-from kedavra.training.losses import min_snr_weight
+from kedavra.training.losses import DiffusionObjective, min_snr_weight
+from kedavra.training.models import model_config_for
 from kedavra.training.optim import learning_rate
+from kedavra.training.stages import COMPONENTS, make_stage
 
 IMAGE_SIZE = 16
 COLOURS = {"red": (1.0, -1.0, -1.0), "green": (-1.0, 1.0, -1.0), "blue": (-1.0, -1.0, 1.0), "yellow": (1.0, 1.0, -1.0)}
@@ -103,6 +109,41 @@ def test_min_snr_weight_is_finite_at_zero_snr():
         assert weights[-1] == at_zero
 
 
+class ZeroDenoiser(torch.nn.Module):
+    """Predicts 0 whatever it sees, and remembers what it saw: the loss is then w_t · mean(target²)."""
+
+    def forward(self, x_t, t, input_ids):
+        self.seen = (x_t, t, input_ids)
+        return torch.zeros_like(x_t)
+
+
+@pytest.mark.parametrize(
+    ("prediction_type", "gamma", "expected"),
+    [
+        ("eps", None, [9.0, 1.0, 4.0, 1.0]),  # c²
+        ("eps", 2.0, [9.0, 0.5, 4.0, 1.0]),  # c² · min(SNR, 2)/SNR, SNR = 1, 4, 0 (weight 1), 0.25
+        ("v", None, [2.0, 0.2, 4.0, 1.8]),  # (√ᾱ c - √(1-ᾱ) a)²
+        ("v", 2.0, [1.0, 0.08, 0.0, 0.36]),  # times min(SNR, 2)/(SNR + 1) = 1/2, 2/5, 0, 1/5
+    ],
+)
+def test_diffusion_objective_is_weighted_l_simple(prediction_type, gamma, expected):
+    """DDPM eq. 14 per sample, by hand: ᾱ = 0.5, 0.8, 0, 0.2 at t = 0..3, x_0 = a and ε = c constant per sample
+    (a = 1, 1, 2, -1; c = 3, 1, 2, 1); a denoiser that predicts 0 leaves w_t · mean(target²), target ε = c or
+    v = √ᾱ ε - √(1-ᾱ) x_0 (Salimans and Ho 2022, eq. 6), weighted by min-SNR-γ (Hang et al. 2023) where γ is
+    given. The denoiser sees x_t = √ᾱ x_0 + √(1-ᾱ) ε (DDPM eq. 4): 2√2 for the first sample."""
+    alpha_bar = torch.tensor([0.5, 0.8, 0.0, 0.2])
+    x0 = torch.tensor([1.0, 1.0, 2.0, -1.0])[:, None, None, None].expand(4, 1, 2, 2)  # (B, C, h, w)
+    noise = torch.tensor([3.0, 1.0, 2.0, 1.0])[:, None, None, None].expand(4, 1, 2, 2)
+    t, ids = torch.arange(4), torch.zeros(4, 3, dtype=torch.long)
+    objective = DiffusionObjective(ZeroDenoiser(), alpha_bar, prediction_type, gamma)
+    values = objective(x0=x0, noise=noise, t=t, input_ids=ids)
+    assert list(values) == ["loss"]
+    torch.testing.assert_close(values["loss"], torch.tensor(expected))
+    x_t, seen_t, seen_ids = objective.denoiser.seen
+    torch.testing.assert_close(x_t[0], torch.full((1, 2, 2), 2 * math.sqrt(2)))
+    assert torch.equal(seen_t, t) and torch.equal(seen_ids, ids)
+
+
 def test_learning_rate_warmup_and_cosine():
     """Linear warm-up to lr over warmup_steps, then constant, or cosine down to min_lr_ratio·lr at the last step."""
     common = dict(lr=1e-3, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
@@ -129,24 +170,63 @@ def test_ema_warmup_and_update():
     torch.testing.assert_close(ema.shadow["w"], torch.tensor([0.1 * 2.0 + 0.9 * 4.0]))
 
 
+# ---- the stages ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("stage", "trained", "draws", "parts"),
+    [
+        ("vae", ("vae",), ["posterior"], ("recon", "kl")),
+        ("unet", ("text_encoder", "unet"), ["t", "noise", "drop", "posterior"], ()),
+    ],
+)
+def test_stage_objects_keep_their_contract(tmp_path, stage, trained, draws, parts):
+    """A stage trains the components it names (the others frozen, in eval mode, outside the optimizer's
+    parameters), draws a global batch's random numbers in its fixed order, each with the batch first, and turns
+    the items into its objective's arguments; the objective returns per-sample values, "loss" and the parts the
+    stage logs, each (B,)."""
+    config = small_config(tmp_path, stage=stage, vae="v.safetensors" if stage == "unet" else None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = StableDiffusion(model_config_for(config))
+    data = TrainingData(Squares(), IMAGE_SIZE, config.batch_size, config.seed)
+    runner = make_stage(config, model, data, torch.device("cpu"))
+    runner.freeze_untrained()
+    assert runner.name == stage and runner.trained_components == trained and runner.parts == parts
+    for part in COMPONENTS:
+        module = getattr(model, part)
+        assert module.training == (part in trained)
+        assert all(p.requires_grad == (part in trained) for p in module.parameters())
+    assert set(runner.trained_parameters()) == {name for name, _ in model.named_parameters()
+                                                if name.split(".")[0] in trained}
+    drawn = runner.draws(config.batch_size, torch.Generator().manual_seed(0))
+    assert list(drawn) == draws and all(d.shape[0] == config.batch_size for d in drawn.values())
+    runner.prepare(progress=False)
+    values = runner.objective()(**runner.inputs(data.indices(DataPosition()), drawn))
+    assert list(values) == ["loss", *parts]
+    assert all(v.shape == (config.batch_size,) and torch.isfinite(v).all() for v in values.values())
+
+
 # ---- the config ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"stage": "decoder"}, "stage must be one of"),
+        ({"stage": "decoder"}, "unknown stage 'decoder'; allowed: vae, unet, all"),
         ({"steps": 0}, "steps must be an integer >= 1"),
-        ({"lr": -1e-4}, "lr must be a finite number"),
-        ({"lr": math.nan}, "lr must be a finite number"),
+        ({"lr": -1e-4}, r"lr must be a .*number in \(0.0, 1.0\], got -0.0001"),
+        ({"lr": math.nan}, r"lr must be a .*number in \(0.0, 1.0\], got nan"),
         ({"batch_size": 6, "accumulation": 4}, "batch_size 6 must be a multiple of accumulation 4"),
-        ({"caption_dropout": 1.0}, "caption_dropout"),
+        ({"caption_dropout": 1.0}, r"caption_dropout must be a number in \[0.0, 1.0\), got 1.0"),
         ({"preset": "tiny-inpaint"}, "inpainting"),
         ({"image_size": 18}, "image_size must be a multiple of 4"),
         ({"stage": "unet"}, "stage 'unet' needs `vae`"),
-        ({"precision": "fp16"}, "precision must be one of fp32, bf16"),
+        ({"precision": "fp16"}, "unknown precision 'fp16'; allowed: fp32, bf16"),
         ({"schedule": "sd-zero-snr", "stage": "vae"}, "use prediction_type 'v'"),
-        ({"ema_decay": 1.0}, "ema_decay"),
+        ({"ema_decay": 1.0}, r"ema_decay must be a number in \[0.0, 1.0\), got 1.0"),
+        ({"seed": 2**32}, "seed must be an integer from 0 to 4294967295, got 4294967296"),
+        ({"latent_cache": 1}, "latent_cache must be True or False, got 1"),
     ],
 )
 def test_config_rejects_bad_values(tmp_path, changes, message):
@@ -162,6 +242,8 @@ def test_config_round_trip_and_stage_defaults(tmp_path):
                                                    STAGE_DEFAULTS["vae"].lr)
     with pytest.raises(ValueError, match="unknown TrainConfig field"):
         TrainConfig.from_dict({"learning_rate": 1e-4})
+    numpy_values = small_config(tmp_path, steps=np.int64(5), lr=np.float32(0.5))  # stored as plain numbers
+    assert (type(numpy_values.steps), type(numpy_values.lr)) == (int, float) and json.dumps(numpy_values.to_dict())
 
 
 # ---- learning -------------------------------------------------------------------------------------------------

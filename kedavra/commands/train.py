@@ -37,6 +37,7 @@ from kedavra.training.config import (
     TrainConfig,
 )
 from kedavra.training.loop import RUN_CONFIG_FILE, train
+from kedavra.validation import check_int
 
 DEFAULTS = TrainConfig()  # a stage-"all" config: the defaults of every field that has one
 
@@ -166,11 +167,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    if args.stop_after is not None and args.stop_after < 1:
-        raise ValueError(f"--stop-after must be >= 1, got {args.stop_after}")
+        torch.set_num_threads(check_int("--threads", args.threads, 1))
+    if args.stop_after is not None:
+        check_int("--stop-after", args.stop_after, 1)
     config = config_from_args(args)
     results = train(config, device=args.device, stop_after=args.stop_after, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports

@@ -9,15 +9,18 @@ model (`TrainConfig.init`: an embedded name, a kedavra file, an SD 1.x / 2.x che
 or `kedavra train --help` (docs/training.md). Modules, one concept each:
   config         TrainConfig: every choice of a run, validated; stage defaults; what may change on resume
   batches        the data set checked at the door, the epoch order, the global batch; token-id cache
-  losses         the VAE objective (L1/MSE + β·KL) and the diffusion objective (ε / v, min-SNR-γ)
+  models         the model a run starts from: a preset's from the run's seed, or a loaded one to fine-tune
+  stages         the stages as objects: what each trains and freezes, what a batch becomes, its objective
+  losses         the objectives, per-sample: the VAE's (L1/MSE + β·KL) and the diffusion one (ε / v, min-SNR-γ)
+  conditioning   the U-Net with its text encoder as one trained module; a frozen encoder's outputs cached
+  precision      bf16 autocast around the forward pass, fp32 weights
   optim          AdamW and the warm-up / cosine learning-rate schedule
   ema            the exponential moving average of the weights, with LDM's warm-up
-  stages         what each stage trains: model building, frozen parts, snapshots, the VAE's latent scale
   checkpointing  atomic checkpoints, the `latest` link, resume checks
   distributed    torchrun / torch.distributed setup and the collectives the loop uses
   report         metrics.jsonl, the loss plot, sample grids
-  loop           the training loop and `train`
-  command        the `kedavra train` command
+  loop           the Trainer, which drives any stage, and `train`
+The `kedavra train` command is kedavra.commands.train.
 """
 
 from kedavra.training.config import STAGE_DEFAULTS, STAGES, TrainConfig

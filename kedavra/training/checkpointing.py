@@ -7,6 +7,7 @@ Layout of a run folder:
         training_state.pt              optimizer, generators, data position, EMA count, counters
         train_config.json              the TrainConfig of the run
     OUT/latest -> checkpoints/step_00001000   a symbolic link to the newest complete checkpoint
+    OUT/model.safetensors              the finished run's EMA model, for `kedavra generate --model`
 
 Writing: the files go into a hidden folder beside the final one; each file and the folder are fsync'ed; the
 folder is renamed into place (atomic); then a new link is made under a temporary name and renamed over
@@ -38,6 +39,7 @@ MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 STATE_FILE = "training_state.pt"
 CONFIG_FILE = "train_config.json"
+EXPORT_FILE = "model.safetensors"  # in OUT: the finished run's EMA model
 STATE_FORMAT = 1  # version of training_state.pt's layout
 PARTIAL_MARK = ".partial-"
 

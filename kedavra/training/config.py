@@ -1,6 +1,7 @@
 """`TrainConfig`: every choice that shapes a training run, validated, stored inside every checkpoint.
 
-Two stages, as latent diffusion trains them (Rombach et al. 2022, sec. 3):
+Two stages, as latent diffusion trains them (Rombach et al. 2022, sec. 3), each a Stage object in
+kedavra.training.stages:
     vae   the KL autoencoder alone: reconstruction + β·KL (kedavra.training.losses)
     unet  the U-Net and the CLIP text encoder (unless `train_text_encoder` is off), jointly, through the diffusion
           loss on the latents of a frozen, trained VAE (`vae` names its checkpoint); or, with
@@ -12,7 +13,7 @@ an embedded model name, a kedavra .safetensors, an SD 1.x / 2.x single file or a
 and ModelConfig (family, schedule, prediction type, VAE scaling factor) the run starts from and keeps. Under
 `init` the unet stage trains on the model's own VAE, so `vae` is not given; `prediction_type` and `schedule`
 left None mean the model's, and `image_size` left None the model's, filled in when the stage's run reads the model
-(kedavra.training.stages.resolved_config).
+(kedavra.training.models.resolved_config).
 
 Fields left as None take the stage's default from `STAGE_DEFAULTS` when the config is built (for stage "all",
 when each stage's own config is made), so a stored config always holds the values the run used. Runtime choices
@@ -22,26 +23,27 @@ that do not change the result (device, progress bar) are arguments of `train`, n
 from __future__ import annotations
 
 import dataclasses
-import math
+import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from kedavra.diffusion.schedule import SCHEDULE_PRESETS, NoiseSchedule
 from kedavra.networks.model import PREDICTION_TYPES, PRESETS
+from kedavra.validation import check_bool, check_choice, check_int, check_number, check_seed
 
 STAGES = ("vae", "unet", "all")
 PRECISIONS = ("fp32", "bf16")  # bf16: autocast around the forward pass, fp32 master weights and optimizer state
 RECON_LOSSES = ("l1", "mse")
 LR_SCHEDULES = ("constant", "cosine")
-MAX_SEED = 2**32 - 1  # 32-bit seeds, as kedavra.pipeline.pipeline takes them
 DEFAULT_PRESET = "tiny"  # what a run without `init` builds when `preset` is not given
 TEXT_ENCODERS = ("clip", "minilm")  # the text side of a run from scratch (model.with_minilm_text_encoder)
 
 
 @dataclass(frozen=True)
 class StageDefaults:
-    """What a stage uses when the config leaves the field as None (measured on "shapes", tiny, 32 px: see
-    docs/training.md)."""
+    """What a stage uses when the config leaves the field as None (chosen for "shapes", tiny, 32 px;
+    docs/training.md has the measurements)."""
 
     steps: int
     batch_size: int
@@ -136,8 +138,8 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.sample_prompts, list):  # lists arrive from JSON
             object.__setattr__(self, "sample_prompts", tuple(self.sample_prompts))
-        _check_choice("stage", self.stage, STAGES)
-        _check_choice("text_encoder", self.text_encoder, TEXT_ENCODERS)
+        check_choice("stage", self.stage, STAGES)
+        check_choice("text_encoder", self.text_encoder, TEXT_ENCODERS)
         if self.train_text_encoder is None:
             object.__setattr__(self, "train_text_encoder", self.text_encoder == "clip")
         if self.init is None:  # from scratch: the preset and its image size (under init: the model's, see above)
@@ -174,74 +176,69 @@ class TrainConfig:
         if self.vae is not None and (not isinstance(self.vae, str) or self.stage != "unet"):
             raise ValueError(f"vae names the trained VAE of stage 'unet' (stage 'all' trains its own); "
                              f"stage {self.stage!r} got vae={self.vae!r}")
-        if not isinstance(self.train_text_encoder, bool):
-            raise ValueError(f"train_text_encoder must be True or False, got {self.train_text_encoder!r}")
+        check_bool("train_text_encoder", self.train_text_encoder)
         if self.stage == "vae" and not self.train_text_encoder:
             raise ValueError("train_text_encoder=False (--freeze-text-encoder) is for stage 'unet' or 'all'; "
                              "stage 'vae' trains only the VAE")
         for name in ("steps", "accumulation", "max_nonfinite", "keep_checkpoints", "log_interval"):
-            _check_int(name, getattr(self, name), 1)
+            self._check(name, check_int, 1)
         if self.stage == "all":
-            _check_int("vae_steps", self.vae_steps, 1)
+            self._check("vae_steps", check_int, 1)
         elif self.vae_steps is not None:
             raise ValueError(f"vae_steps is for stage 'all'; stage {self.stage!r} uses steps, got {self.vae_steps!r}")
-        for name in ("seed", "sample_interval", "checkpoint_interval"):
-            _check_int(name, getattr(self, name), 0)
-        if self.seed > MAX_SEED:
-            raise ValueError(f"seed must be an integer from 0 to {MAX_SEED}, got {self.seed}")
+        for name in ("sample_interval", "checkpoint_interval"):
+            self._check(name, check_int, 0)
+        self._check("seed", check_seed)
         # None only for stage "all" (its stages' defaults); every stage's own config holds values
         if self.batch_size is not None:
-            _check_int("batch_size", self.batch_size, 1)
+            self._check("batch_size", check_int, 1)
             if self.batch_size % self.accumulation:
                 raise ValueError(f"batch_size {self.batch_size} must be a multiple of accumulation {self.accumulation}")
         if self.warmup_steps is not None:
-            _check_int("warmup_steps", self.warmup_steps, 0)
+            self._check("warmup_steps", check_int, 0)
         if self.lr is not None:
-            _check_float("lr", self.lr, 0.0, 1.0, low_open=True)
-        _check_float("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
-        _check_float("weight_decay", self.weight_decay, 0.0, 1.0)
-        _check_float("ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
-        _check_float("caption_dropout", self.caption_dropout, 0.0, 1.0, high_open=True)
-        _check_float("kl_weight", self.kl_weight, 0.0, math.inf, high_open=True)
-        if self.grad_clip is not None:
-            _check_float("grad_clip", self.grad_clip, 0.0, math.inf, low_open=True, high_open=True)
-        if self.min_snr_gamma is not None:
-            _check_float("min_snr_gamma", self.min_snr_gamma, 0.0, math.inf, low_open=True, high_open=True)
-        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        _check_choice("recon_loss", self.recon_loss, RECON_LOSSES)
-        _check_choice("precision", self.precision, PRECISIONS)
+            self._check("lr", check_number, 0.0, 1.0, low_inclusive=False)
+        for name in ("min_lr_ratio", "weight_decay"):
+            self._check(name, check_number, 0.0, 1.0)
+        for name in ("ema_decay", "caption_dropout"):  # 1 would never move the EMA / never show a caption
+            self._check(name, check_number, 0.0, 1.0)
+            if getattr(self, name) == 1:
+                raise ValueError(f"{name} must be a number in [0.0, 1.0), got {getattr(self, name)!r}")
+        self._check("kl_weight", check_number, 0.0)
+        for name in ("grad_clip", "min_snr_gamma"):  # None switches them off
+            if getattr(self, name) is not None:
+                self._check(name, check_number, 0.0, low_inclusive=False)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_choice("recon_loss", self.recon_loss, RECON_LOSSES)
+        check_choice("precision", self.precision, PRECISIONS)
         if self.prediction_type is not None:
-            _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+            check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         if self.schedule is not None:
-            _check_choice("schedule", self.schedule, tuple(SCHEDULE_PRESETS))
-        if self.init is None:  # under init, checked against the model's own (stages.finetune_model_config)
+            check_choice("schedule", self.schedule, SCHEDULE_PRESETS)
+        if self.init is None:  # under init, checked against the model's own (models.finetune_model_config)
             check_schedule_fits(SCHEDULE_PRESETS[self.schedule_name], f"schedule {self.schedule_name!r}",
                                 self.model_config_prediction)
         for name in ("gradient_checkpointing", "latent_cache"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            check_bool(name, getattr(self, name))
         if not all(isinstance(p, str) for p in self.sample_prompts):
             raise ValueError(f"sample_prompts must be strings, got {self.sample_prompts!r}")
         if not isinstance(self.out_dir, str) or not self.out_dir:
             raise ValueError(f"out_dir must be a non-empty path, got {self.out_dir!r}")
 
     def _validate_preset(self) -> None:
-        _check_choice("preset", self.preset, tuple(PRESETS))
+        check_choice("preset", self.preset, PRESETS)
         model = PRESETS[self.preset]
         if model.inpainting:
             raise ValueError(f"preset {self.preset!r} is an inpainting model; training supports text-to-image presets")
         multiple = model.vae.downsample_factor * model.unet.downsample_factor
-        _check_int("image_size", self.image_size, multiple)
-        if self.image_size % multiple:
-            raise ValueError(f"image_size must be a multiple of {multiple} for preset {self.preset!r}, "
-                             f"got {self.image_size}")
+        self._check("image_size", check_int, multiple, multiple_of=multiple, note=f" for preset {self.preset!r}")
         if self.stage == "unet" and not self.vae:
             raise ValueError("stage 'unet' needs `vae`: the checkpoint of a trained VAE (kedavra train --stage vae), "
                              "or `init`: a trained model to fine-tune")
 
     def _validate_init(self) -> None:
         """Fine-tuning: the model brings its architecture and its VAE, so neither a preset nor a VAE is given; the
-        image size is checked against the model's VAE when it is read (stages.resolved_config)."""
+        image size is checked against the model's VAE when it is read (models.resolved_config)."""
         if not isinstance(self.init, str) or not self.init:
             raise ValueError(f"init must be a model name or path, got {self.init!r}")
         if self.preset is not None:
@@ -251,7 +248,15 @@ class TrainConfig:
             raise ValueError(f"init {self.init!r} and vae {self.vae!r} both name a VAE: a fine-tune trains on the "
                              "init model's own VAE; give one of them")
         if self.image_size is not None:
-            _check_int("image_size", self.image_size, 1)
+            self._check("image_size", check_int, 1)
+
+    def _check(self, name: str, check: Callable, *args, **kwargs) -> None:
+        """check(name, value of field `name`, *args, **kwargs), one of kedavra.validation's. A value that passes as
+        another type than a plain int or float (a numpy integer, say) is replaced by the plain one the check
+        returns, so the config stays JSON-serialisable; a plain int or float is kept as given."""
+        checked = check(name, getattr(self, name), *args, **kwargs)
+        if type(getattr(self, name)) not in (int, float):
+            object.__setattr__(self, name, checked)
 
     @property
     def model_name(self) -> str:
@@ -298,26 +303,15 @@ def config_differences(stored: TrainConfig, new: TrainConfig) -> dict[str, tuple
     }
 
 
+def stream_seed(seed: int, stream: str) -> int:
+    """A 63-bit seed for one named random stream of a run ("init", "draws", "order/3", ...), independent
+    of the others: the run's seed and the stream name, hashed."""
+    digest = hashlib.sha256(f"{seed}/{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
 def check_schedule_fits(schedule: NoiseSchedule, named: str, prediction_type: str) -> None:
     """Refuse ε-prediction on a zero-terminal-SNR schedule, where it is undefined; `named` says which schedule."""
     if schedule.zero_terminal_snr and prediction_type == "eps":
         raise ValueError(f"{named} has zero terminal SNR, where ε-prediction is undefined (x_T holds no "
                          "signal; Lin et al. 2023, sec. 3.2): use prediction_type 'v'")
-
-
-def _check_choice(name: str, value, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-
-
-def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-def _check_float(name: str, value, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        bounds = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be a finite number in {bounds}, got {value!r}")

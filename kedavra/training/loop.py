@@ -1,11 +1,14 @@
 """The training loop: `train(config)` runs a stage (or both), resumes exactly, and runs under torchrun.
 
+The Trainer drives a Stage (kedavra.training.stages), whichever it is: the stage says what trains, what a batch
+becomes and what its objective is; the loop owns the steps, the optimizer, the EMA, checkpoints and logging.
 One optimizer step on the global batch of B = batch_size items:
   1. the items at the sampler's position (kedavra.training.batches), and every random number of the step drawn
-     for all B rows from the run's one generator, in a fixed order: vae stage, the posterior's ε; unet stage,
-     t ~ U{0..T-1}, the noise ε, the caption-dropout coins, the posterior's ε
+     for all B rows from the run's one generator, in the stage's fixed order (Stage.draws: vae stage, the
+     posterior's ε; unet stage, t ~ U{0..T-1}, the noise ε, the caption-dropout coins, the posterior's ε)
   2. the batch split into `accumulation` micro-batches, each split over the processes; each process takes its
-     rows of the items and of the draws, and back-propagates mean-loss / accumulation (DDP averages over ranks)
+     rows of the items and of the draws, runs them through the stage's objective (per-sample losses) and
+     back-propagates mean-loss / accumulation (DDP averages over ranks)
   3. the loss summed over the processes; the gradient norm, clipped; a non-finite loss or norm skips the step
      (no optimizer or EMA update, counted, logged; `max_nonfinite` in a row stop the run with an error)
   4. learning rate for the step (kedavra.training.optim), AdamW, EMA update
@@ -26,38 +29,23 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from kedavra.checkpoint import save_model
-from kedavra.diffusion.forward_process import add_noise, training_target
 from kedavra.networks.model import StableDiffusion
 from kedavra.training import checkpointing, report
-from kedavra.training.batches import DataPosition, TokenCache, TrainingData, open_dataset
-from kedavra.training.config import TrainConfig
+from kedavra.training.batches import DataPosition, TrainingData, open_dataset
+from kedavra.training.checkpointing import EXPORT_FILE
+from kedavra.training.config import TrainConfig, stream_seed
 from kedavra.training.distributed import Distributed, close_distributed, init_distributed
 from kedavra.training.ema import EMA
-from kedavra.training.losses import DiffusionObjective, VAEObjective, diffusion_loss, min_snr_weight
+from kedavra.training.models import build_model, model_from_state, resolved_config
 from kedavra.training.optim import learning_rate, make_optimizer, set_learning_rate
-from kedavra.training.stages import (
-    EXPORT_FILE,
-    SCALE_PROBE_ITEMS,
-    build_model,
-    freeze_untrained,
-    latent_scale,
-    measures_latent_scale,
-    model_from_state,
-    resolved_config,
-    stage_configs,
-    stream_seed,
-    trained_parameters,
-    with_latent_scale,
-)
+from kedavra.training.precision import autocast
+from kedavra.training.stages import make_stage, stage_configs
 
 RUN_CONFIG_FILE = checkpointing.CONFIG_FILE  # OUT/train_config.json, beside the checkpoints
-CACHE_CHUNK = 128  # images per VAE encoder call when the latent cache is filled
-RECONSTRUCTION_ITEMS = 8  # originals shown in the vae stage's reconstruction grids
 
 
 class NonFiniteLossError(ValueError):
@@ -116,7 +104,7 @@ def _write_run_config(config: TrainConfig) -> None:
 
 
 class Trainer:
-    """One stage's run; see the module docstring for a step."""
+    """One stage's run (`config.stage` is "vae" or "unet"); see the module docstring for a step."""
 
     def __init__(self, config: TrainConfig, context: Distributed, *, dataset=None, resume: bool = True,
                  progress: bool = False):
@@ -141,15 +129,10 @@ class Trainer:
         data_source = dataset if dataset is not None else open_dataset(config.data, config.image_size, config.seed)
         self.data = TrainingData(data_source, config.image_size, config.batch_size, config.seed)
         self.model: StableDiffusion = model.to(self.device)
-        freeze_untrained(self.model, config)
-        self.params = trained_parameters(self.model, config)
-        if config.stage == "vae":
-            self.objective = VAEObjective(self.model.vae, config.recon_loss, config.kl_weight)
-        else:
-            self.model.unet.enable_gradient_checkpointing(config.gradient_checkpointing)
-            self.objective = DiffusionObjective(self.model.text_encoder, self.model.unet)
-            self.tokens = TokenCache(self.model.tokenizer)
-            self.alpha_bar = self.model.config.schedule.alpha_bar.float()  # (T,) ᾱ_t, DDPM eq. 4
+        self.stage = make_stage(config, self.model, self.data, self.device)
+        self.stage.freeze_untrained()
+        self.params = self.stage.trained_parameters()
+        self.objective = self.stage.objective()
         if context.active:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.network = DistributedDataParallel(self.objective, device_ids=device_ids)
@@ -168,7 +151,7 @@ class Trainer:
             self._restore(checkpoint)
         self.resumed_from = checkpoint.path if checkpoint is not None else None
         self._snapshot_step, self._snapshot_models = None, None
-        self.latents = self._fill_latent_cache() if config.stage == "unet" and config.latent_cache else None
+        self.stage.prepare(progress=progress and context.is_main)
 
     # ---- setup -----------------------------------------------------------------------------------------
 
@@ -197,100 +180,39 @@ class Trainer:
         self.consecutive_nonfinite = state["consecutive_nonfinite"]
         self.train_seconds = state["train_seconds"]
 
-    @torch.no_grad()
-    def _fill_latent_cache(self) -> tuple[Tensor, Tensor]:
-        """The frozen VAE's posterior (mean, std) of every item, each (N, C, h, w): encoded once, sampled every
-        step with fresh ε (the same distribution as encoding each batch, at a fraction of the cost)."""
-        vae = self.model.vae
-        means, stds = [], []
-        starts = range(0, self.data.size, CACHE_CHUNK)
-        show = self.progress and self.context.is_main
-        for start in tqdm(starts, desc="encoding latents", unit="chunk", disable=not show, dynamic_ncols=True):
-            indices = range(start, min(start + CACHE_CHUNK, self.data.size))
-            images = self.data.images(indices).to(self.device)
-            self.data.captions(indices)
-            with self._autocast():
-                posterior = vae.encode(images)
-            means.append(posterior.mean.float())
-            stds.append(posterior.std.float())
-        return torch.cat(means), torch.cat(stds)
-
-    def _autocast(self):
-        if self.config.precision != "bf16":
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
-        if self.device.type == "cpu":  # measured: CPU flash attention's bf16 backward is 2x slower than the math path
-            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
-        return stack
-
     # ---- one step --------------------------------------------------------------------------------------
 
-    def _draws(self, batch: int) -> dict[str, Tensor]:
-        """Every random number of one global batch, in a fixed order (module docstring, step 1)."""
-        model, g = self.model.config, self.generator
-        f = model.vae.downsample_factor
-        latent_shape = (batch, model.vae.latent_channels, self.config.image_size // f, self.config.image_size // f)
-        if self.config.stage == "vae":
-            return {"posterior": torch.randn(latent_shape, generator=g)}
-        return {
-            "t": torch.randint(0, model.schedule.num_train_timesteps, (batch,), generator=g),
-            "noise": torch.randn(latent_shape, generator=g),
-            "drop": torch.rand(batch, generator=g) < self.config.caption_dropout,
-            "posterior": torch.randn(latent_shape, generator=g),
-        }
-
-    def _micro_loss(self, indices: Tensor, draws: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-sample (loss, recon, kl) of one micro-batch; recon and kl are zeros for the unet stage."""
-        device = self.device
-        if self.config.stage == "vae":
-            images = self.data.images(indices).to(device)
-            with self._autocast():
-                return self.network(images, draws["posterior"].to(device))
-        if self.latents is not None:
-            mean, std = (cached[indices].to(device) for cached in self.latents)
-        else:
-            with torch.no_grad(), self._autocast():
-                posterior = self.model.vae.encode(self.data.images(indices).to(device))
-            mean, std = posterior.mean.float(), posterior.std.float()
-        latents = (mean + std * draws["posterior"].to(device)) * self.model.config.vae.scaling_factor
-        noise = draws["noise"].to(device)
-        alpha_bar = self.alpha_bar[draws["t"]].to(device)  # (B,)
-        x_t = add_noise(latents, noise, alpha_bar)  # DDPM eq. 4
-        prediction_type = self.model.config.prediction_type
-        target = training_target(noise, latents, alpha_bar, prediction_type)
-        captions = ["" if drop else c for c, drop in zip(self.data.captions(indices), draws["drop"], strict=True)]
-        with self._autocast():
-            prediction = self.network(x_t, draws["t"].to(device), self.tokens(captions).to(device))
-        gamma = self.config.min_snr_gamma
-        weights = min_snr_weight(alpha_bar, gamma, prediction_type) if gamma is not None else None
-        loss = diffusion_loss(prediction, target, weights)
-        zeros = torch.zeros_like(loss)
-        return loss, zeros, zeros
+    def _micro_loss(self, indices: Tensor, draws: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The objective's per-sample values, each (b,), for a micro-batch: its items and its rows of the draws."""
+        inputs = self.stage.inputs(indices, draws)
+        with autocast(self.config.precision, self.device):
+            return self.network(**inputs)
 
     def _train_step(self) -> tuple[float, dict[str, float]]:
         """One optimizer step; returns (global mean loss, other metrics). Skips the update if not finite."""
         config, context = self.config, self.context
         indices = self.data.indices(self.position)
-        draws = self._draws(config.batch_size)
-        sums = torch.zeros(3, dtype=torch.float64)  # loss, recon, kl summed over this process's rows
+        draws = self.stage.draws(config.batch_size, self.generator)
+        names = ("loss", *self.stage.parts)
+        sums = torch.zeros(len(names), dtype=torch.float64)  # each summed over this process's rows
         for k in range(config.accumulation):
             start = (k * context.world_size + context.rank) * self.micro_size
             rows = slice(start, start + self.micro_size)
             last = k == config.accumulation - 1
             sync = self.network.no_sync() if context.active and not last else contextlib.nullcontext()
             with sync:
-                loss, recon, kl = self._micro_loss(indices[rows], {name: d[rows] for name, d in draws.items()})
-                (loss.mean() / config.accumulation).backward()
-            sums += torch.stack([loss.detach().sum(), recon.detach().sum(), kl.detach().sum()]).double().cpu()
+                values = self._micro_loss(indices[rows], {name: d[rows] for name, d in draws.items()})
+                (values["loss"].mean() / config.accumulation).backward()
+            sums += torch.stack([values[name].detach().sum() for name in names]).double().cpu()
         totals = context.sum(sums) / config.batch_size
         limit = config.grad_clip if config.grad_clip is not None else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), limit))
         loss_value = float(totals[0])
+        parts = {name: float(total) for name, total in zip(names[1:], totals[1:], strict=True)}
         metrics = {"lr": learning_rate(self.step, lr=config.lr, warmup_steps=config.warmup_steps,
                                        total_steps=config.steps, schedule=config.lr_schedule,
                                        min_lr_ratio=config.min_lr_ratio),
-                   "grad_norm": grad_norm, "recon": float(totals[1]), "kl": float(totals[2])}
+                   "grad_norm": grad_norm, **parts}
         if math.isfinite(loss_value) and math.isfinite(grad_norm):
             set_learning_rate(self.optimizer, metrics["lr"])
             self.optimizer.step()
@@ -313,14 +235,13 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             checkpointing.remove_partials(self.run_dir)
             self.metrics = report.MetricsLog(self.run_dir, self.step if self.resumed_from else None)
-        self.prompts = (list(config.sample_prompts) or self.data.sample_prompts()) if context.is_main else []
         end = config.steps if stop_after is None else min(config.steps, stop_after)
         losses: list[float] = []
         seconds_at_start = self.train_seconds
         last_checkpoint = self.resumed_from
-        interval = report.Interval(config.kl_weight if config.stage == "vae" else None, config.image_size)
+        interval = report.Interval(self.stage.parts, self.stage.log_parts)
         devices = [self.device] if self.device.type == "cuda" else []
-        bar = tqdm(total=config.steps, initial=self.step, desc=f"train {config.stage}", unit="step",
+        bar = tqdm(total=config.steps, initial=self.step, desc=f"train {self.stage.name}", unit="step",
                    disable=not (self.progress and context.is_main), dynamic_ncols=True)
         with torch.random.fork_rng(devices=devices), _GracefulStop() as stop:
             torch.set_rng_state(self.global_rng)
@@ -378,8 +299,8 @@ class Trainer:
     # ---- snapshots, samples, checkpoints -----------------------------------------------------------------
 
     def _snapshots(self) -> tuple[StableDiffusion, StableDiffusion]:
-        """(trained, EMA) copies of the model on the CPU, made once per step; from the vae stage with the
-        measured latent scale in their configs."""
+        """(trained, EMA) copies of the model on the CPU, made once per step and completed by the stage (the vae
+        stage's measured latent scale)."""
         if self._snapshot_step == self.step:
             return self._snapshot_models
         state = self.model.state_dict()
@@ -387,13 +308,7 @@ class Trainer:
         models = []
         for weights in (state, ema_state):
             model = model_from_state(self.model.config, weights)
-            if measures_latent_scale(self.config):
-                probe = self.data.images(range(min(self.data.size, SCALE_PROBE_ITEMS)))
-                generator = torch.Generator().manual_seed(stream_seed(self.config.seed, "scale"))
-                scale = latent_scale(model.vae, probe, generator)
-                if scale is not None:  # else (no finite latents yet) the config keeps its scale
-                    model.config = with_latent_scale(model.config, scale)
-                    model.vae.config = model.config.vae
+            self.stage.finish_snapshot(model)
             models.append(model)
         self._snapshot_step, self._snapshot_models = self.step, (models[0], models[1])
         return self._snapshot_models
@@ -418,23 +333,19 @@ class Trainer:
             path = checkpointing.save_checkpoint(self.run_dir, self.step, trained, ema_model, state,
                                                  self.config, self.config.keep_checkpoints)
             report.plot_loss(self.run_dir / report.METRICS_FILE, self.run_dir / report.LOSS_PLOT_FILE,
-                             f"{self.config.stage} stage, {self.config.model_name}, {self.config.data}")
+                             f"{self.stage.name} stage, {self.config.model_name}, {self.config.data}")
         self.context.barrier()
         return path
 
     def _sample(self) -> None:
-        """A sample grid of the EMA weights (vae stage: reconstructions) in OUT/samples (rank 0)."""
+        """The stage's sample grid of the EMA weights (vae stage: reconstructions) in OUT/samples (rank 0)."""
         if self.context.is_main:
             folder = self.run_dir / report.SAMPLES_DIR
             folder.mkdir(exist_ok=True)
             path = folder / f"step_{self.step:08d}.png"
             with _own_rng():
                 _, ema_model = self._snapshots()
-                if self.config.stage == "vae":
-                    images = self.data.images(range(min(self.data.size, RECONSTRUCTION_ITEMS)))
-                    report.reconstruction_grid(ema_model, images, path, self.device)
-                else:
-                    report.sample_grid(ema_model, self.prompts, path, self.device)
+                self.stage.sample(ema_model, path)
         self.context.barrier()
 
     def _export(self) -> Path:

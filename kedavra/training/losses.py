@@ -1,4 +1,6 @@
-"""The two training objectives: the KL autoencoder's and the diffusion model's.
+"""The two training objectives, the KL autoencoder's and the diffusion model's: modules whose forward returns the
+per-sample loss, {"loss": (B,), ...} with the parts a stage logs beside it, so the caller takes the batch mean (and
+DistributedDataParallel, wrapping an objective, averages the gradients of every trained part).
 
 VAE (Rombach et al. 2022, sec. 3.1 and ldm/modules/losses/contperceptual.py without its LPIPS and GAN terms):
     L = ( Σ_pixels |x - D(z)|  +  β · KL(q(z|x) || N(0, I)) ) / D,    z = μ + σ·ε
@@ -9,7 +11,8 @@ does not download, and at 32 px on flat-coloured shapes the L1 reconstructions a
 (docs/training.md has the measurements).
 
 Diffusion (Ho et al. 2020, eq. 14, "L_simple", with the target of the chosen parameterisation):
-    L = w_t · mean_pixels (f(x_t, t, c) - target)²,   target = ε or v (forward_process.training_target)
+    L = w_t · mean_pixels (f(x_t, t, c) - target)²,   x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε   (DDPM eq. 4)
+    target = ε, or v = √ᾱ_t ε - √(1-ᾱ_t) x_0 (Salimans and Ho 2022, eq. 6; forward_process.training_target)
 with w_t = 1, or min-SNR-γ (Hang et al. 2023, sec. 3.4): w_t = min(SNR_t, γ)/SNR_t for ε and
 min(SNR_t, γ)/(SNR_t + 1) for v, both written through ᾱ_t (SNR = ᾱ/(1-ᾱ)) so they stay finite at SNR 0:
     ε:  min(SNR, γ)/SNR       = γ(1-ᾱ) / max(ᾱ, γ(1-ᾱ))     (1 where SNR < γ, including SNR = 0)
@@ -22,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kedavra.diffusion.forward_process import add_noise, training_target
 from kedavra.networks.vae import AutoencoderKL, DiagonalGaussian
 
 
@@ -40,16 +44,17 @@ def min_snr_weight(alpha_bar: Tensor, gamma: float, prediction_type: str) -> Ten
 
 
 def diffusion_loss(prediction: Tensor, target: Tensor, weights: Tensor | None) -> Tensor:
-    """Per-sample weighted MSE (B,): mean over each sample's values, times its weight (DDPM eq. 14)."""
+    """Per-sample weighted MSE (B,): mean over each sample's values, times its weight (None: 1), in fp32."""
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(dim=1)  # (B,)
-    return per_sample if weights is None else per_sample * weights
+    return per_sample if weights is None else per_sample * weights  # w_t · L_simple, DDPM eq. 14
 
 
 class VAEObjective(nn.Module):
-    """The VAE with its loss: forward(images, noise) -> per-sample (loss, reconstruction error, KL), each (B,).
+    """The VAE with its loss: forward(images, noise) -> per-sample {"loss", "recon", "kl"}, each (B,).
 
-    `noise` (the ε of z = μ + σ·ε, shaped like the latents) is drawn by the caller from its generator, so the
-    posterior sample is reproducible and a batch split over processes draws the same numbers.
+    images (B, 3, H, W) in [-1, 1]; `noise` (the ε of z = μ + σ·ε, shaped like the latents) is drawn by the caller
+    from its generator, so the posterior sample is reproducible and a batch split over processes draws the same
+    numbers. "recon" is the reconstruction error per pixel value, "kl" the KL summed over the latent values.
     """
 
     def __init__(self, vae: AutoencoderKL, recon_loss: str, kl_weight: float):
@@ -58,7 +63,7 @@ class VAEObjective(nn.Module):
         self.recon_loss = recon_loss
         self.kl_weight = kl_weight
 
-    def forward(self, images: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, images: Tensor, noise: Tensor) -> dict[str, Tensor]:
         posterior = self.vae.encode(images)
         z = posterior.mean + posterior.std * noise.to(posterior.mean.dtype)  # Kingma and Welling 2014, eq. 10
         reconstruction = self.vae.decode(z).float()
@@ -67,47 +72,33 @@ class VAEObjective(nn.Module):
         recon = per_value.flatten(1).mean(dim=1)  # (B,) mean over the D = 3·H·W values
         kl = _float_posterior(posterior).kl()  # (B,) summed over latent values, Kingma and Welling 2014, App. B
         values = images[0].numel()
-        return recon + self.kl_weight * kl / values, recon, kl
-
-
-CONTEXT_CACHE_BYTES = 2 * 2**30  # a frozen text encoder's outputs kept for repeated captions, at most this much
+        return {"loss": recon + self.kl_weight * kl / values, "recon": recon, "kl": kl}
 
 
 class DiffusionObjective(nn.Module):
-    """The text encoder and the U-Net, trained together: forward(x_t, t, input_ids) -> the U-Net's prediction.
+    """A denoiser with the diffusion loss: forward(x0, noise, t, input_ids) -> per-sample {"loss": (B,)}.
 
-    One module so that one DistributedDataParallel wrapper averages the gradients of both. A frozen text encoder
-    (no parameter requiring grad: MiniLM, or --freeze-text-encoder) runs without autograd, one caption at a time,
-    and its output per caption is kept (up to CONTEXT_CACHE_BYTES) since captions repeat: the same numbers as
-    running it again, however the batches fall, so a resumed run stays bitwise equal to an uninterrupted one.
+    x0 (B, C, h, w) the clean (scaled) latents, noise ε shaped like them and t (B,) integer timesteps in
+    [0, T) are drawn by the caller from its generator; input_ids (B, L) the captions' token ids.
+    denoiser(x_t, t, input_ids) predicts `prediction_type` ("eps" or "v") from x_t; `alpha_bar` (T,) is ᾱ_t of
+    the model's schedule. min_snr_gamma: γ of the min-SNR-γ weights (Hang et al. 2023), None for w_t = 1.
     """
 
-    def __init__(self, text_encoder: nn.Module, unet: nn.Module):
+    def __init__(self, denoiser: nn.Module, alpha_bar: Tensor, prediction_type: str, min_snr_gamma: float | None):
         super().__init__()
-        self.text_encoder = text_encoder
-        self.unet = unet
-        self.contexts: dict[bytes, Tensor] = {}
-        self.cached_bytes = 0
+        self.denoiser = denoiser
+        self.alpha_bar = alpha_bar.float()  # (T,) ᾱ_t, DDPM eq. 4; a plain tensor, not a buffer DDP would broadcast
+        self.prediction_type = prediction_type
+        self.min_snr_gamma = min_snr_gamma
 
-    def forward(self, x_t: Tensor, t: Tensor, input_ids: Tensor) -> Tensor:
-        if any(p.requires_grad for p in self.text_encoder.parameters()):
-            context = self.text_encoder(input_ids)  # (B, L, D)
-        else:
-            context = torch.stack([self._frozen_context(row) for row in input_ids])  # (B, L, D)
-        return self.unet(x_t, t, context)  # (B, C, h, w)
-
-    @torch.no_grad()
-    def _frozen_context(self, ids: Tensor) -> Tensor:
-        """(L,) ids -> (L, D) hidden states of the frozen text encoder, from the cache where possible."""
-        key = ids.cpu().numpy().tobytes()
-        if key in self.contexts:
-            return self.contexts[key]
-        context = self.text_encoder(ids[None])[0]  # (L, D)
-        size = context.numel() * context.element_size()
-        if self.cached_bytes + size <= CONTEXT_CACHE_BYTES:
-            self.contexts[key] = context
-            self.cached_bytes += size
-        return context
+    def forward(self, x0: Tensor, noise: Tensor, t: Tensor, input_ids: Tensor) -> dict[str, Tensor]:
+        alpha_bar = self.alpha_bar.to(t.device)[t]  # (B,)
+        x_t = add_noise(x0, noise, alpha_bar)  # DDPM eq. 4
+        target = training_target(noise, x0, alpha_bar, self.prediction_type)  # ε, or v (Salimans and Ho 2022, eq. 6)
+        prediction = self.denoiser(x_t, t, input_ids)  # (B, C, h, w)
+        gamma = self.min_snr_gamma
+        weights = min_snr_weight(alpha_bar, gamma, self.prediction_type) if gamma is not None else None  # (B,)
+        return {"loss": diffusion_loss(prediction, target, weights)}  # DDPM eq. 14, weighted per sample
 
 
 def _float_posterior(posterior: DiagonalGaussian) -> DiagonalGaussian:

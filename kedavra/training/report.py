@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -18,8 +18,9 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from kedavra.formats.grid import image_grid
+from kedavra.formats.images import to_pil
 from kedavra.networks.model import StableDiffusion
-from kedavra.pipeline.pipeline import Pipeline, to_pil
+from kedavra.pipeline.pipeline import Pipeline
 from kedavra.training.checkpointing import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
@@ -59,20 +60,21 @@ class MetricsLog:
 class Interval:
     """The metrics of the steps between two log lines, averaged into one metrics.jsonl row."""
 
-    def __init__(self, vae_kl_weight: float | None, image_size: int):
-        """vae_kl_weight: β of a vae-stage run, whose rows carry the loss's parts; None for the unet stage."""
-        self.kl_weight, self.image_size = vae_kl_weight, image_size
+    def __init__(self, parts: Sequence[str] = (), describe_parts: Callable[[dict[str, float]], dict] = dict):
+        """parts: the loss's parts (metrics of every step) whose means over the finite steps a row carries, as
+        describe_parts(means) makes them (the stage's Stage.log_parts)."""
+        self.part_names, self.describe_parts = tuple(parts), describe_parts
         self._reset()
 
     def _reset(self) -> None:
         self.losses: list[float] = []
         self.last: dict[str, float] = {}
-        self.parts = {"recon": 0.0, "kl": 0.0}  # summed over the interval's finite steps
+        self.parts = dict.fromkeys(self.part_names, 0.0)  # summed over the interval's finite steps
         self.seconds = 0.0
         self.images = 0
 
     def add(self, loss: float, metrics: dict[str, float], seconds: float, images: int) -> None:
-        """One step: its global loss (NaN if skipped), its metrics (lr, grad_norm, recon, kl, ema_decay)."""
+        """One step: its global loss (NaN if skipped), its metrics (lr, grad_norm, ema_decay, the parts)."""
         self.losses.append(loss)
         self.last = metrics
         if math.isfinite(loss):
@@ -82,8 +84,8 @@ class Interval:
         self.images += images
 
     def flush(self, step: int, epoch: int, skipped: int, seconds: float) -> dict | None:
-        """The row for the steps added since the last flush (None if there were none); vae-stage rows also carry
-        recon, kl and kl_term = β·KL/D (kedavra.training.losses)."""
+        """The row for the steps added since the last flush (None if there were none); with parts, a row of finite
+        steps also carries describe_parts(their means) (vae stage: recon, kl and kl_term = β·KL/D)."""
         if not self.losses:
             return None
         finite = [x for x in self.losses if math.isfinite(x)]
@@ -94,10 +96,8 @@ class Interval:
             "images_per_s": self.images / self.seconds if self.seconds > 0 else None,
             "skipped": skipped, "ema_decay": self.last.get("ema_decay"), "seconds": round(seconds, 3),
         }
-        if finite and self.kl_weight is not None:
-            row["recon"] = self.parts["recon"] / len(finite)
-            row["kl"] = self.parts["kl"] / len(finite)
-            row["kl_term"] = self.kl_weight * row["kl"] / (3 * self.image_size**2)
+        if finite and self.parts:
+            row.update(self.describe_parts({name: total / len(finite) for name, total in self.parts.items()}))
         self._reset()
         return row
 

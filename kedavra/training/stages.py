@@ -1,14 +1,23 @@
-"""What each stage trains, built from a TrainConfig: the runs a config stands for, the model, its trainable part
-and objective, and the snapshots a run saves and samples with.
+"""Training stages as objects: what a stage trains and freezes, what a batch becomes, and its objective.
 
-    vae   trains model.vae with VAEObjective; the rest of the model is carried along untrained
-    unet  trains model.unet and (unless `train_text_encoder` is off) model.text_encoder with DiffusionObjective;
-          model.vae comes from the trained VAE checkpoint (`TrainConfig.vae`), or is the init model's, and stays
-          frozen
+    vae   VAEStage: model.vae through VAEObjective (reconstruction + β·KL); the rest of the model is carried
+          along untouched
+    unet  UNetStage: model.unet, and model.text_encoder unless `train_text_encoder` is off, through
+          DiffusionObjective on the latents of model.vae, frozen: the trained VAE (`TrainConfig.vae`) or the init
+          model's
+    all   no object of its own: the vae run, then the unet run on the VAE just trained (`stage_configs`)
 
-From scratch the model is the preset's, drawn from the run's seed. A fine-tune (`TrainConfig.init`) loads the
-model with kedavra.checkpoint.load_model and keeps its ModelConfig, only `prediction_type` and `schedule` replaced
-where the config names them.
+The Trainer (kedavra.training.loop) drives any Stage the same way:
+    freeze_untrained(); trained_parameters()       what the optimizer and the EMA see
+    objective()                                    the module a micro-batch goes through (DDP wraps it)
+    prepare(progress)                              once, before the first step (the unet stage's latent cache)
+    draws(B, generator)                            every random number of a global batch, in a fixed order
+    inputs(indices, draws)                         a micro-batch's items and draws as the objective's arguments;
+                                                   objective(**inputs)["loss"] is the per-sample loss (B,), and
+                                                   `parts` name the other per-sample values it returns, logged
+    log_parts(means)                               the parts' interval means as metrics.jsonl entries
+    finish_snapshot(model)                         what a saved copy carries beyond its weights (the latent scale)
+    sample(ema_model, path)                        the grid of a snapshot: reconstructions, or text-to-image samples
 
 A VAE's latents reach the U-Net multiplied by `VAEConfig.scaling_factor`; LDM (sec. 4.3.2, App. D.1) sets it to
 1 / (std of the latents of a batch of training data). `latent_scale` measures it for a trained VAE and every
@@ -19,22 +28,28 @@ A fine-tuned VAE keeps the init model's factor: its U-Net was trained on latents
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
+from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
-from kedavra.api import resolve_model
-from kedavra.checkpoint import load_model
-from kedavra.diffusion.schedule import get_schedule
-from kedavra.networks.minilm import load_pretrained_minilm_state
-from kedavra.networks.model import PRESETS, ModelConfig, StableDiffusion, with_minilm_text_encoder
-from kedavra.training.config import TrainConfig, check_schedule_fits
+from kedavra.networks.model import ModelConfig, StableDiffusion
+from kedavra.training import report
+from kedavra.training.batches import TokenCache, TrainingData
+from kedavra.training.checkpointing import EXPORT_FILE
+from kedavra.training.conditioning import TextConditionedUNet
+from kedavra.training.config import TrainConfig, stream_seed
+from kedavra.training.losses import DiffusionObjective, VAEObjective
+from kedavra.training.precision import autocast
 
-EXPORT_FILE = "model.safetensors"  # the finished run's EMA model, for `kedavra generate --model`
+COMPONENTS = ("text_encoder", "unet", "vae")  # the parts of a StableDiffusion a stage trains or freezes
 SCALE_PROBE_ITEMS = 256  # training items whose latents set the scaling factor (LDM: one batch, App. D.1)
+CACHE_CHUNK = 128  # images per VAE encoder call when the latent cache is filled
+RECONSTRUCTION_ITEMS = 8  # originals shown in the vae stage's reconstruction grids
 
 
 def stage_configs(config: TrainConfig) -> list[TrainConfig]:
@@ -52,142 +67,190 @@ def stage_configs(config: TrainConfig) -> list[TrainConfig]:
     return [vae, unet]
 
 
-def trained_components(config: TrainConfig) -> tuple[str, ...]:
-    """The components the stage of `config` trains (the others are frozen)."""
-    if config.stage == "vae":
+def make_stage(config: TrainConfig, model: StableDiffusion, data: TrainingData, device: torch.device) -> Stage:
+    """The Stage object of `config.stage` ("vae" or "unet": stage "all" is run as its two, see stage_configs)."""
+    return STAGE_TYPES[config.stage](config, model, data, device)
+
+
+class Stage(ABC):
+    """One stage of a run over `model` (on `device`) and `data`; see the module docstring for how it is driven."""
+
+    name: ClassVar[str]
+    parts: ClassVar[tuple[str, ...]] = ()  # per-sample values the objective returns beside "loss", logged
+
+    def __init__(self, config: TrainConfig, model: StableDiffusion, data: TrainingData, device: torch.device):
+        self.config, self.model, self.data, self.device = config, model, data, device
+
+    @property
+    @abstractmethod
+    def trained_components(self) -> tuple[str, ...]:
+        """The components of the model the stage trains (of COMPONENTS); the others are frozen."""
+
+    def freeze_untrained(self) -> None:
+        """requires_grad and train mode on the trained components; the others frozen, in eval mode."""
+        for part in COMPONENTS:
+            module = getattr(self.model, part)
+            module.requires_grad_(part in self.trained_components)
+            module.train(part in self.trained_components)
+
+    def trained_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters the stage trains, named as in the model's state dict ("unet.conv_in.weight", ...)."""
+        return {f"{part}.{name}": p for part in self.trained_components
+                for name, p in getattr(self.model, part).named_parameters()}
+
+    @abstractmethod
+    def objective(self) -> nn.Module:
+        """The module a micro-batch goes through: forward(**inputs) -> {"loss": (B,), *parts: (B,)}."""
+
+    def prepare(self, progress: bool) -> None:  # noqa: B027 (a hook: nothing by default)
+        """Work done once before the first step (after the model and the training state are in place)."""
+
+    @abstractmethod
+    def draws(self, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+        """Every random number of a global batch of `batch` items, drawn from `generator` in a fixed order, each
+        with the batch as its first dimension (so a micro-batch takes its rows)."""
+
+    @abstractmethod
+    def inputs(self, indices: Tensor, draws: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The objective's arguments, on the device, for the items `indices` and their rows of the draws."""
+
+    def log_parts(self, means: dict[str, float]) -> dict[str, float]:
+        """The metrics.jsonl entries for the parts' means over a log interval (by default the means themselves)."""
+        return dict(means)
+
+    def finish_snapshot(self, model: StableDiffusion) -> None:  # noqa: B027 (a hook: nothing by default)
+        """Complete a saved copy of the model (a CPU copy of the trained or the EMA weights) before it is written."""
+
+    @abstractmethod
+    def sample(self, ema_model: StableDiffusion, path: Path) -> None:
+        """Write the sample grid of `ema_model` (a snapshot of the EMA weights) to `path`."""
+
+    def latent_shape(self, batch: int) -> tuple[int, int, int, int]:
+        """(B, C, h, w) of the latents of `batch` training images."""
+        vae, size = self.model.config.vae, self.config.image_size
+        return (batch, vae.latent_channels, size // vae.downsample_factor, size // vae.downsample_factor)
+
+
+class VAEStage(Stage):
+    """The KL autoencoder alone, on images: per-sample reconstruction error + β·KL (VAEObjective)."""
+
+    name = "vae"
+    parts = ("recon", "kl")
+
+    @property
+    def trained_components(self) -> tuple[str, ...]:
         return ("vae",)
-    return ("text_encoder", "unet") if config.train_text_encoder else ("unet",)
+
+    def objective(self) -> nn.Module:
+        return VAEObjective(self.model.vae, self.config.recon_loss, self.config.kl_weight)
+
+    def draws(self, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+        return {"posterior": torch.randn(self.latent_shape(batch), generator=generator)}  # ε of z = μ + σ·ε
+
+    def inputs(self, indices: Tensor, draws: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"images": self.data.images(indices).to(self.device), "noise": draws["posterior"].to(self.device)}
+
+    def log_parts(self, means: dict[str, float]) -> dict[str, float]:
+        """recon and kl, and kl_term = β·KL/D, the KL's share of the loss (kedavra.training.losses)."""
+        return {**means, "kl_term": self.config.kl_weight * means["kl"] / (3 * self.config.image_size**2)}
+
+    def finish_snapshot(self, model: StableDiffusion) -> None:
+        """From scratch, the measured latent scale into the copy's config (module docstring); a fine-tune keeps
+        its model's. While no latent is finite yet the config keeps its scale."""
+        if self.config.init is not None:
+            return
+        probe = self.data.images(range(min(self.data.size, SCALE_PROBE_ITEMS)))
+        generator = torch.Generator().manual_seed(stream_seed(self.config.seed, "scale"))
+        scale = latent_scale(model.vae, probe, generator)
+        if scale is not None:
+            model.config = with_latent_scale(model.config, scale)
+            model.vae.config = model.config.vae
+
+    def sample(self, ema_model: StableDiffusion, path: Path) -> None:
+        """Originals above their reconstructions."""
+        images = self.data.images(range(min(self.data.size, RECONSTRUCTION_ITEMS)))
+        report.reconstruction_grid(ema_model, images, path, self.device)
 
 
-def stream_seed(seed: int, stream: str) -> int:
-    """A 63-bit seed for one named random stream of a run ("init", "draws", "order/3", ...), independent
-    of the others: the run's seed and the stream name, hashed."""
-    digest = hashlib.sha256(f"{seed}/{stream}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+class UNetStage(Stage):
+    """The U-Net (and the text encoder, where it trains) on the frozen VAE's latents: per-sample min-SNR-γ
+    weighted ε or v loss (DiffusionObjective). A batch becomes x_0 = (μ + σ·ε) · scaling_factor from the VAE's
+    posterior (cached once per run with `latent_cache`), with its t, ε and captions (the empty one where the
+    caption-dropout coin says so)."""
+
+    name = "unet"
+
+    def __init__(self, config: TrainConfig, model: StableDiffusion, data: TrainingData, device: torch.device):
+        super().__init__(config, model, data, device)
+        self.tokens = TokenCache(model.tokenizer)
+        self.latents: tuple[Tensor, Tensor] | None = None  # the posteriors' (mean, std), each (N, C, h, w)
+        self.prompts: list[str] | None = None
+
+    @property
+    def trained_components(self) -> tuple[str, ...]:
+        return ("text_encoder", "unet") if self.config.train_text_encoder else ("unet",)
+
+    def objective(self) -> nn.Module:
+        model = self.model
+        model.unet.enable_gradient_checkpointing(self.config.gradient_checkpointing)
+        denoiser = TextConditionedUNet(model.text_encoder, model.unet)
+        return DiffusionObjective(denoiser, model.config.schedule.alpha_bar, model.config.prediction_type,
+                                  self.config.min_snr_gamma)
+
+    def prepare(self, progress: bool) -> None:
+        if self.config.latent_cache:
+            self.latents = self._encode_all(progress)
+
+    @torch.no_grad()
+    def _encode_all(self, progress: bool) -> tuple[Tensor, Tensor]:
+        """The frozen VAE's posterior (mean, std) of every item, each (N, C, h, w): encoded once, sampled every
+        step with fresh ε (the same distribution as encoding each batch, at a fraction of the cost)."""
+        means, stds = [], []
+        starts = range(0, self.data.size, CACHE_CHUNK)
+        for start in tqdm(starts, desc="encoding latents", unit="chunk", disable=not progress, dynamic_ncols=True):
+            indices = range(start, min(start + CACHE_CHUNK, self.data.size))
+            images = self.data.images(indices).to(self.device)
+            self.data.captions(indices)
+            with autocast(self.config.precision, self.device):
+                posterior = self.model.vae.encode(images)
+            means.append(posterior.mean.float())
+            stds.append(posterior.std.float())
+        return torch.cat(means), torch.cat(stds)
+
+    def draws(self, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+        shape = self.latent_shape(batch)
+        return {
+            "t": torch.randint(0, self.model.config.schedule.num_train_timesteps, (batch,), generator=generator),
+            "noise": torch.randn(shape, generator=generator),
+            "drop": torch.rand(batch, generator=generator) < self.config.caption_dropout,
+            "posterior": torch.randn(shape, generator=generator),
+        }
+
+    def inputs(self, indices: Tensor, draws: dict[str, Tensor]) -> dict[str, Tensor]:
+        device = self.device
+        if self.latents is not None:
+            mean, std = (cached[indices].to(device) for cached in self.latents)
+        else:
+            with torch.no_grad(), autocast(self.config.precision, device):
+                posterior = self.model.vae.encode(self.data.images(indices).to(device))
+            mean, std = posterior.mean.float(), posterior.std.float()
+        z = mean + std * draws["posterior"].to(device)  # Kingma and Welling 2014, eq. 10
+        captions = ["" if drop else c for c, drop in zip(self.data.captions(indices), draws["drop"], strict=True)]
+        return {"x0": z * self.model.config.vae.scaling_factor, "noise": draws["noise"].to(device),
+                "t": draws["t"].to(device), "input_ids": self.tokens(captions).to(device)}
+
+    def sample(self, ema_model: StableDiffusion, path: Path) -> None:
+        """Text-to-image samples of the sample prompts: the config's, or the data's first distinct captions."""
+        if self.prompts is None:
+            self.prompts = list(self.config.sample_prompts) or self.data.sample_prompts()
+        report.sample_grid(ema_model, self.prompts, path, self.device)
 
 
-def model_config_for(config: TrainConfig, vae_config=None) -> ModelConfig:
-    """The ModelConfig a stage trains: the preset at the run's image size, prediction type and schedule (a zero-
-    terminal-SNR schedule with trailing timestep spacing), with the trained VAE's config (its scaling factor) for the
-    unet stage, and MiniLM as the text side where asked."""
-    preset = PRESETS[config.preset]
-    if config.text_encoder == "minilm":
-        preset = with_minilm_text_encoder(preset)
-    schedule = get_schedule(config.schedule_name)
-    # Lin et al. 2023, sec. 3.3: with zero terminal SNR, sampling starts at the last timestep, where x_T is pure noise
-    spacing, offset = ("trailing", 0) if schedule.zero_terminal_snr else (preset.spacing, preset.steps_offset)
-    return dataclasses.replace(
-        preset,
-        image_size=config.image_size,
-        prediction_type=config.model_config_prediction,
-        schedule=schedule,
-        spacing=spacing,
-        steps_offset=offset,
-        vae=vae_config if vae_config is not None else preset.vae,
-    )
-
-
-def build_model(config: TrainConfig) -> StableDiffusion:
-    """The model a stage's run starts from: the init model (fine-tuning), or a fresh one, its initial weights drawn
-    from the run's seed (the global RNG is forked, so the caller's is untouched), for the unet stage with the
-    trained VAE's weights, and MiniLM's pretrained ones where it is the text encoder."""
-    if config.init is not None:
-        return _load_init(config)
-    trained_vae = _load_trained_vae(config) if config.stage == "unet" else None
-    model_config = model_config_for(config, trained_vae.config if trained_vae is not None else None)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(stream_seed(config.seed, "init"))
-        model = StableDiffusion(model_config)
-    if trained_vae is not None:
-        model.vae.load_state_dict(trained_vae.state_dict())
-    if config.text_encoder == "minilm":
-        model.text_encoder.load_state_dict(load_pretrained_minilm_state())
-    return model
-
-
-def _load_trained_vae(config: TrainConfig):
-    path = Path(config.vae)
-    if path.is_dir() and (path / "model.safetensors").is_file():  # a vae-stage run folder
-        path = path / "model.safetensors"
-    if not path.exists():
-        raise ValueError(f"vae {config.vae!r}: no such file; give the model.safetensors of a vae-stage run")
-    vae = load_model(path).vae
-    expected = PRESETS[config.preset].vae
-    if dataclasses.replace(vae.config, scaling_factor=expected.scaling_factor) != expected:
-        raise ValueError(f"the VAE in {str(path)!r} is not the {config.preset!r} preset's VAE: "
-                         f"{vae.config} != {expected}")
-    return vae
-
-
-def _load_init(config: TrainConfig) -> StableDiffusion:
-    """The init model, read by kedavra.checkpoint.load_model (whose error names an unreadable file), with the
-    config's prediction type and schedule where it names them."""
-    model = load_model(resolve_model(config.init))
-    if model.config.inpainting:
-        channels = model.config.unet.in_channels
-        raise ValueError(f"init {config.init!r} is an inpainting model (its U-Net takes {channels} input channels: "
-                         "latents, mask, masked image); training supports text-to-image models")
-    model.config = finetune_model_config(config, model.config)
-    return model
-
-
-def finetune_model_config(config: TrainConfig, loaded: ModelConfig) -> ModelConfig:
-    """The ModelConfig a fine-tune trains and saves: the loaded one, with `prediction_type` and `schedule`
-    replaced where the config names them."""
-    changed = dataclasses.replace(
-        loaded,
-        prediction_type=config.prediction_type or loaded.prediction_type,
-        schedule=get_schedule(config.schedule) if config.schedule is not None else loaded.schedule,
-    )
-    named = f"schedule {config.schedule!r}" if config.schedule is not None else f"init {config.init!r}'s schedule"
-    check_schedule_fits(changed.schedule, named, changed.prediction_type)
-    return changed
-
-
-def resolved_config(config: TrainConfig, model_config: ModelConfig) -> TrainConfig:
-    """`config` with the fields a fine-tune takes from its model filled in (image_size) and checked against the
-    model (`model_config`: the init model's, or the resumed checkpoint's, which keeps it)."""
-    if config.init is None:
-        return config
-    size = config.image_size if config.image_size is not None else model_config.image_size
-    factor = model_config.vae.downsample_factor
-    if size % factor:
-        raise ValueError(f"image_size must be a multiple of {factor} (the downsampling factor of init "
-                         f"{config.init!r}'s VAE), got {size}")
-    return dataclasses.replace(config, image_size=size)
-
-
-def model_from_state(model_config: ModelConfig, state: dict[str, Tensor]) -> StableDiffusion:
-    """A model holding copies of the tensors in `state` (a full state dict), built without random init."""
-    with torch.device("meta"):
-        model = StableDiffusion(model_config)
-    model.load_state_dict({name: tensor.detach().cpu().clone() for name, tensor in state.items()}, assign=True)
-    return model.eval()
+STAGE_TYPES: dict[str, type[Stage]] = {stage.name: stage for stage in (VAEStage, UNetStage)}
 
 
 def with_latent_scale(model_config: ModelConfig, scale: float) -> ModelConfig:
     return dataclasses.replace(model_config, vae=dataclasses.replace(model_config.vae, scaling_factor=scale))
-
-
-def measures_latent_scale(config: TrainConfig) -> bool:
-    """Whether the models a run saves carry a newly measured latent scale: a vae run from scratch's (a fine-tune
-    keeps its model's, module docstring)."""
-    return config.stage == "vae" and config.init is None
-
-
-def trained_parameters(model: StableDiffusion, config: TrainConfig) -> dict[str, nn.Parameter]:
-    """The parameters a stage trains, named as in the model's state dict ("unet.conv_in.weight", ...)."""
-    return {f"{part}.{name}": p for part in trained_components(config)
-            for name, p in getattr(model, part).named_parameters()}
-
-
-def freeze_untrained(model: StableDiffusion, config: TrainConfig) -> None:
-    """requires_grad and train mode on the stage's components; the others frozen, in eval mode."""
-    trained = trained_components(config)
-    for part in ("text_encoder", "unet", "vae"):
-        module = getattr(model, part)
-        module.requires_grad_(part in trained)
-        module.train(part in trained)
 
 
 @torch.no_grad()
