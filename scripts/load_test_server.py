@@ -63,14 +63,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def make_tiny_model(path: Path) -> Path:
-    """The tiny preset with random weights, saved in kedavra's format."""
+def make_tiny_model(path: Path, seed: int = 0) -> Path:
+    """The tiny preset with weights ~ N(0, WEIGHT_STD²) drawn from `seed`, saved in kedavra's format."""
     import torch
 
     from kedavra.checkpoint import save_model
     from kedavra.networks.model import ModelConfig, StableDiffusion
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = StableDiffusion(ModelConfig.from_preset("tiny"))
     with torch.no_grad():
         for parameter in model.parameters():

@@ -3,7 +3,7 @@ naming the field), the body limit (413), the bounded queue (503 + Retry-After), 
 API keys (401), the Host guard (403), model switching only among listed names, and a small concurrent load test.
 
 Servers run in this process: uvicorn in a thread on a free loopback port, over a Worker owning a tiny
-random-weight model in fp32 (the same kind of model tests/test_generate_cli.py uses).
+random-weight model in fp32 (scripts/load_test_server.py makes it; the kind tests/test_generate_cli.py uses).
 """
 
 import base64
@@ -20,15 +20,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from kedavra.api import load
-from kedavra.checkpoint import save_model
 from kedavra.cli import main
 from kedavra.diffusion.samplers import resolve_sampler
 from kedavra.formats.png_info import PARAMETERS_KEYWORD, model_hash, parse_parameters
-from kedavra.networks.model import ModelConfig, StableDiffusion
 from kedavra.viz.sample_image import draw_sample_image
 
 webuiapi = pytest.importorskip("webuiapi")
@@ -41,29 +38,29 @@ SIZE = 32  # the tiny preset's image size
 STEPS = 2
 LONG_STEPS = 150  # a job that runs for seconds at 32 px, for tests that interrupt or cancel it
 INTERRUPTED_STEPS = 60  # a batch long enough to catch the second of two running
-WEIGHT_STD = 0.05  # as tests/test_generate_cli.py: images are not flat, activations stay finite
 API_KEY = "test-key-0123456789"
 BODY_LIMIT = 2**20  # 1 MiB for the main test server
 WAIT_S = 30.0  # longest wait for a state the server should reach within a second or two
 LOAD_TEST = Path(__file__).resolve().parents[1] / "scripts" / "load_test_server.py"
 
 
-def tiny_model(path: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    model = StableDiffusion(ModelConfig.from_preset("tiny"))
-    with torch.no_grad():
-        for parameter in model.parameters():
-            torch.nn.init.normal_(parameter, std=WEIGHT_STD)
-    save_model(model, path)
-    return path
+def import_script(path: Path):
+    """A script under scripts/ as a module."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+load_test_server = import_script(LOAD_TEST)
 
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
     """Two tiny models with different weights, and a file that is not a model."""
     folder = tmp_path_factory.mktemp("models")
-    tiny_model(folder / "tiny.safetensors", seed=0)
-    tiny_model(folder / "other.safetensors", seed=1)
+    load_test_server.make_tiny_model(folder / "tiny.safetensors", seed=0)
+    load_test_server.make_tiny_model(folder / "other.safetensors", seed=1)
     (folder / "notes.txt").write_text("not a model")
     return folder
 
@@ -366,19 +363,10 @@ def test_a_client_that_hangs_up_cancels_its_work(server):
     assert time.monotonic() - started < WAIT_S / 2  # far less than LONG_STEPS steps
 
 
-@pytest.fixture(scope="module")
-def load_test():
-    """scripts/load_test_server.py as a module."""
-    spec = importlib.util.spec_from_file_location("load_test_server", LOAD_TEST)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_small_load_test(server, load_test):
+def test_small_load_test(server):
     """scripts/load_test_server.py at a small size: 8 clients, 40 requests, every answer checked."""
     url, worker = server
-    report = load_test.run_load_test(url, clients=8, requests=40, steps=STEPS, size=SIZE, deadline_s=300)
+    report = load_test_server.run_load_test(url, clients=8, requests=40, steps=STEPS, size=SIZE, deadline_s=300)
     assert report["problems"] == []
     assert report["completed"] == 40 - report["abandoned"] and report["repeated_seed_requests"] == 10
 
@@ -455,11 +443,11 @@ def test_page_and_api_description_are_served(client):
     assert {"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/progress", "/sdapi/v1/interrupt"} <= set(paths)
 
 
-def test_kedavra_serve_runs_as_a_process(models_dir, load_test):
+def test_kedavra_serve_runs_as_a_process(models_dir):
     """The command itself: `python -m kedavra serve` answers webuiapi, and stops on SIGTERM (uvicorn shuts down,
     then re-raises the signal, so the exit status is -SIGTERM)."""
-    port = load_test.free_port()
-    process = load_test.start_server(models_dir / "tiny.safetensors", port, queue_size=2, threads=1)
+    port = load_test_server.free_port()
+    process = load_test_server.start_server(models_dir / "tiny.safetensors", port, queue_size=2, threads=1)
     try:
         result = webui(f"http://127.0.0.1:{port}").txt2img(prompt="x", seed=4, steps=STEPS, width=SIZE, height=SIZE)
         assert result.info["all_seeds"] == [4] and result.images[0].size == (SIZE, SIZE)

@@ -15,9 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from kedavra.api import load, resolve_model
-from kedavra.commands.settings import check_device, choose_model
-from kedavra.pipeline.device import parse_precision
+from kedavra.api import choose_model, load, resolve_model
+from kedavra.pipeline.device import check_device, parse_precision
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860  # A1111's port, so its clients find the server where they look

@@ -3,10 +3,10 @@
 Requests carry A1111's field names and defaults so that its clients (the `webuiapi` package, scripts written
 for A1111) work unchanged. Ranges are checked here, where the request enters, and a bad field is answered 422
 naming it (FastAPI turns a pydantic error into {"detail": [{"loc": ["body", "steps"], "msg": ...}]}); what
-depends on the loaded model (width a multiple of its VAE factor) is checked by the app against the model.
+depends on the loaded model (width a multiple of its VAE factor) is checked against it by kedavra.serving.tasks.
 
 Fields A1111 has and kedavra does not act on are accepted so that its clients' requests parse, and named in
-the response's notes when they are set to something that would change the image (see `ignored_settings`).
+the response's notes when they are set to something that would change the image (`ignored_settings()`).
 Unknown fields are kept and echoed back in "parameters", as A1111 echoes its whole request.
 """
 
@@ -20,8 +20,9 @@ from typing import Annotated, Any
 from PIL import Image, ImageOps
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from kedavra.commands.settings import DEFAULT_SCHEDULES, KARRAS_SCHEDULE
-from kedavra.pipeline.pipeline import MAX_SEED, MAX_SIDE
+from kedavra.pipeline.infotext import DEFAULT_SCHEDULES, KARRAS_SCHEDULE
+from kedavra.pipeline.request import MAX_SIDE
+from kedavra.validation import MAX_SEED
 
 MAX_STEPS = 150  # A1111's "Sampling steps" slider maximum (modules/ui.py)
 MAX_BATCH_SIZE = 8  # A1111's "Batch size" slider maximum
@@ -76,7 +77,7 @@ Seed = Annotated[int, Field(ge=RANDOM_SEED, le=MAX_SEED, description="-1 for a r
 Side = Annotated[int | None, Field(ge=1, le=MAX_SIDE, description="pixels; default the model's image size")]
 
 
-class GenerationRequest(BaseModel):
+class GenerationBody(BaseModel):
     """What txt2img and img2img share (A1111's StableDiffusionProcessing fields)."""
 
     model_config = ConfigDict(extra="allow")
@@ -111,16 +112,40 @@ class GenerationRequest(BaseModel):
         """A1111's rule: sampler_name, else sampler_index."""
         return self.sampler_name or self.sampler_index
 
+    def echoed(self) -> dict[str, Any]:
+        """The request as the response's "parameters" echo it (A1111 echoes its whole request)."""
+        return self.model_dump()
 
-class Txt2ImgRequest(GenerationRequest):
+    def ignored_settings(self) -> list[str]:
+        """Notes for the A1111 settings in this request that kedavra accepts but does not carry out."""
+        return [f"{name} is not supported and was ignored" for name, value in self._unsupported().items() if value]
+
+    def _unsupported(self) -> dict[str, Any]:
+        """The settings kedavra does not act on, by the name a note gives them: their values (falsy: unset)."""
+        return {
+            "restore_faces": self.restore_faces,
+            "tiling": self.tiling,
+            "styles": self.styles,
+            "subseed_strength": self.subseed_strength,
+            "override_settings": self.override_settings,
+            "save_images (images are never written on the server)": self.save_images,
+            "script_name": self.script_name,
+            "alwayson_scripts": self.alwayson_scripts,
+        }
+
+
+class Txt2ImgRequest(GenerationBody):
     """POST /sdapi/v1/txt2img (A1111's StableDiffusionTxt2ImgProcessingAPI)."""
 
     denoising_strength: float | None = Field(None, ge=0, le=1, allow_inf_nan=False,
                                              description="hires fix only, which kedavra lacks: ignored")
     enable_hr: bool = False
 
+    def _unsupported(self) -> dict[str, Any]:
+        return {**super()._unsupported(), "enable_hr (hires fix)": self.enable_hr}
 
-class Img2ImgRequest(GenerationRequest):
+
+class Img2ImgRequest(GenerationBody):
     """POST /sdapi/v1/img2img (A1111's StableDiffusionImg2ImgProcessingAPI)."""
 
     init_images: list[Base64Image] = Field(min_length=1, max_length=MAX_BATCH_SIZE,
@@ -134,29 +159,21 @@ class Img2ImgRequest(GenerationRequest):
     inpainting_fill: int = 0
     inpaint_full_res: bool = True
 
+    def echoed(self) -> dict[str, Any]:
+        """As A1111: init_images and mask are not sent back unless include_init_images asks for them."""
+        parameters = self.model_dump()
+        if not self.include_init_images:
+            parameters["init_images"] = parameters["mask"] = None
+        return parameters
 
-def ignored_settings(request: GenerationRequest) -> list[str]:
-    """Notes for the A1111 settings in `request` that kedavra accepts but does not carry out."""
-    set_but_ignored = {
-        "restore_faces": request.restore_faces,
-        "tiling": request.tiling,
-        "styles": request.styles,
-        "subseed_strength": request.subseed_strength,
-        "override_settings": request.override_settings,
-        "save_images (images are never written on the server)": request.save_images,
-        "script_name": request.script_name,
-        "alwayson_scripts": request.alwayson_scripts,
-    }
-    if isinstance(request, Txt2ImgRequest):
-        set_but_ignored["enable_hr (hires fix)"] = request.enable_hr
-    if isinstance(request, Img2ImgRequest):
-        set_but_ignored["resize_mode (only 0, just resize)"] = request.resize_mode
-        if request.mask is not None:
-            set_but_ignored["mask_blur"] = request.mask_blur
-            set_but_ignored["inpaint_full_res"] = request.inpaint_full_res
+    def _unsupported(self) -> dict[str, Any]:
+        unsupported = {**super()._unsupported(), "resize_mode (only 0, just resize)": self.resize_mode}
+        if self.mask is not None:
+            unsupported["mask_blur"] = self.mask_blur
+            unsupported["inpaint_full_res"] = self.inpaint_full_res
             # kedavra always keeps the original image under the mask as the starting point.
-            set_but_ignored["inpainting_fill (always 1, original)"] = request.inpainting_fill != A1111_INPAINT_ORIGINAL
-    return [f"{name} is not supported and was ignored" for name, value in set_but_ignored.items() if value]
+            unsupported["inpainting_fill (always 1, original)"] = self.inpainting_fill != A1111_INPAINT_ORIGINAL
+        return unsupported
 
 
 # ---- responses ----------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ path from a request is ever opened.
 from __future__ import annotations
 
 import base64
+import functools
 import math
 import statistics
 import threading
@@ -25,20 +26,26 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import torch
-from PIL import Image
 
-from kedavra.commands.settings import Settings, model_identity
+from kedavra.api import model_identity
+from kedavra.diffusion.samplers import StepCallback, StepRecord
+from kedavra.formats.images import to_pil
 from kedavra.formats.png_info import SHORT_HASH_LENGTH, encode_png, format_parameters, sha256_file
-from kedavra.pipeline.pipeline import MAX_SEED, Pipeline, from_pil, to_pil
+from kedavra.pipeline.infotext import request_parameters
+from kedavra.pipeline.pipeline import Pipeline
+from kedavra.pipeline.request import GenerationRequest
 from kedavra.serving.schemas import ProgressResponse, ProgressState
+from kedavra.validation import MAX_SEED, check_int, check_optional_int
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt")  # single-file checkpoints kedavra.checkpoint reads
 DIFFUSERS_INDEX = "model_index.json"  # what makes a folder a diffusers model
 DURATION_WINDOW = 20  # recent job durations averaged for Retry-After
 MAX_RETRY_AFTER_S = 3600  # Retry-After never asks a client to wait longer than this
 JOB_TIMESTAMP_FORMAT = "%Y%m%d%H%M%S"  # A1111's shared.state.job_timestamp
+T = TypeVar("T")  # what a job's work returns
 
 
 class QueueFull(Exception):
@@ -142,14 +149,13 @@ def _file_key(path: Path) -> tuple[Path, int, int]:
 
 @dataclass(frozen=True)
 class GenerationTask:
-    """One request, resolved and checked: `settings` for each batch (seed: the first image's), run n_iter times.
+    """One HTTP request, resolved and checked against the loaded model: `request` for each batch (seed: the first
+    image's, never None), run n_iter times.
 
     Batch k starts at seed + k·batch_size (A1111's numbering), so image i of the request has seed + i."""
 
-    settings: Settings
+    request: GenerationRequest
     n_iter: int = 1
-    init_images: tuple[Image.Image, ...] = ()  # one, or one per batch image, already width x height
-    mask: Image.Image | None = None
 
 
 @dataclass(frozen=True)
@@ -165,11 +171,11 @@ class GenerationOutcome:
 
 
 @dataclass(eq=False)
-class Job:
-    """A queued task (a GenerationTask, or a ModelEntry to switch to) and the future its result arrives in."""
+class Job(Generic[T]):
+    """One piece of work for the worker thread, `work(job)`, and the future its result (a T) arrives in."""
 
-    task: GenerationTask | ModelEntry
-    future: Future = field(default_factory=Future)
+    work: Callable[[Job[T]], T]
+    future: Future[T] = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
     timestamp: str = field(default_factory=lambda: time.strftime(JOB_TIMESTAMP_FORMAT))
 
@@ -195,18 +201,12 @@ class Worker:
     def __init__(self, pipeline: Pipeline, model: ModelEntry, catalog: ModelCatalog,
                  load: Callable[[Path], Pipeline], *, queue_size: int = 8, preview_every: int = 1,
                  threads: int | None = None):
-        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 0:
-            raise ValueError(f"queue_size must be an integer >= 0, got {queue_size!r}")
-        if isinstance(preview_every, bool) or not isinstance(preview_every, int) or preview_every < 1:
-            raise ValueError(f"preview_every must be an integer >= 1 (steps), got {preview_every!r}")
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"threads must be an integer >= 1 or None (torch's default), got {threads!r}")
         self.pipeline = pipeline
         self.model = model
         self.catalog = catalog
-        self.queue_size = queue_size
-        self.preview_every = preview_every
-        self.threads = threads
+        self.queue_size = check_int("queue_size", queue_size, low=0)
+        self.preview_every = check_int("preview_every", preview_every, low=1, note=" (steps)")
+        self.threads = check_optional_int("threads", threads, low=1, none_means="torch's default")
         self._load = load
         self._pending: deque[Job] = deque()
         self._condition = threading.Condition()
@@ -234,18 +234,13 @@ class Worker:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def submit(self, task: GenerationTask | ModelEntry) -> Job:
+    def submit_generation(self, task: GenerationTask) -> Job[GenerationOutcome]:
         """Queue `task`; QueueFull when `queue_size` jobs already wait."""
-        job = Job(task)
-        with self._condition:
-            if self._stopping:
-                raise RuntimeError("the server is shutting down")
-            if len(self._pending) >= self.queue_size and (self._progress.job is not None or self._pending):
-                self.counts["rejected"] += 1
-                raise QueueFull(len(self._pending), self._retry_after())
-            self._pending.append(job)
-            self._condition.notify()
-        return job
+        return self._submit(Job(functools.partial(self._generate, task)))
+
+    def submit_model_switch(self, entry: ModelEntry) -> Job[ModelEntry]:
+        """Queue a switch to the listed model `entry` (its result: `entry` with its hashes); QueueFull as above."""
+        return self._submit(Job(lambda job: self._switch_model(entry)))
 
     def cancel(self, job: Job) -> None:
         """Drop `job` if it waits; stop it after its current step if it runs; nothing if it has finished."""
@@ -287,11 +282,22 @@ class Worker:
             return ProgressResponse(progress=done, eta_relative=eta, state=state,
                                     current_image=p.preview if want_image else None, textinfo=p.textinfo)
 
-    # -- the worker thread's side --
+    def _submit(self, job: Job[T]) -> Job[T]:
+        with self._condition:
+            if self._stopping:
+                raise RuntimeError("the server is shutting down")
+            if len(self._pending) >= self.queue_size and (self._progress.job is not None or self._pending):
+                self.counts["rejected"] += 1
+                raise QueueFull(len(self._pending), self._retry_after())
+            self._pending.append(job)
+            self._condition.notify()
+        return job
 
     def _retry_after(self) -> int:
         typical = statistics.fmean(self._durations) if self._durations else 1.0
         return min(MAX_RETRY_AFTER_S, max(1, math.ceil(typical * (len(self._pending) + 1))))
+
+    # -- the worker thread's side --
 
     def _loop(self) -> None:
         if self.threads is not None:
@@ -313,41 +319,38 @@ class Worker:
                 self._durations.append(time.monotonic() - started)
 
     def _run(self, job: Job) -> None:
+        """Run `job`, its result or exception into its future; the job counts itself as completed or
+        interrupted, a failure is counted here."""
         try:
-            if isinstance(job.task, ModelEntry):
-                result = self._switch_model(job.task)
-            else:
-                result = self._generate(job)
+            result = job.work(job)
         except Exception as error:  # handed to the request's handler, which answers it; the worker goes on
-            with self._condition:
-                self.counts["failed"] += 1
+            self._count("failed")
             job.future.set_exception(error)
             return
-        with self._condition:
-            interrupted = isinstance(result, GenerationOutcome) and result.interrupted
-            self.counts["interrupted" if interrupted else "completed"] += 1
         job.future.set_result(result)
+
+    def _count(self, outcome: str) -> None:
+        with self._condition:
+            self.counts[outcome] += 1
 
     def _switch_model(self, entry: ModelEntry) -> ModelEntry:
         with self._condition:
             self._progress.textinfo = f"Loading {entry.filename}"
-        if entry.path.resolve() == self.model.path.resolve():
-            return self.model
-        self.pipeline = None  # let the old weights go before the new ones load
-        try:
-            self.pipeline = self._load(entry.path)
-            self.model = self.catalog.identify(entry)
-        except Exception:
-            self.pipeline = self._load(self.model.path)  # back to the model that was running
-            raise
+        if entry.path.resolve() != self.model.path.resolve():
+            self.pipeline = None  # let the old weights go before the new ones load
+            try:
+                self.pipeline = self._load(entry.path)
+                self.model = self.catalog.identify(entry)
+            except Exception:
+                self.pipeline = self._load(self.model.path)  # back to the model that was running
+                raise
+        self._count("completed")
         return self.model
 
-    def _generate(self, job: Job) -> GenerationOutcome:
-        task: GenerationTask = job.task
-        settings, pipe, model = task.settings, self.pipeline, self.model
+    def _generate(self, task: GenerationTask, job: Job[GenerationOutcome]) -> GenerationOutcome:
+        request, pipe, model = task.request, self.pipeline, self.model
         if pipe is None:
             raise RuntimeError(f"no model is loaded: loading one failed, and so did reloading {model.filename}")
-        init = _init_batch(task.init_images)
         with self._condition:
             self._progress.job_count = task.n_iter
         images, seeds, infotexts, interrupted = [], [], [], False
@@ -357,45 +360,45 @@ class Worker:
                 break
             with self._condition:
                 self._progress.job_no, self._progress.step, self._progress.steps = batch, 0, 0
-            seed = (settings.seed + batch * settings.num_images) % (MAX_SEED + 1)
+            seed = (request.seed + batch * request.num_images) % (MAX_SEED + 1)
             try:
-                result = pipe(settings.prompt, settings.negative_prompt, steps=settings.steps,
-                              sampler=settings.sampler.name, karras=settings.karras,
-                              guidance_scale=settings.cfg_scale, eta=settings.eta, seed=seed, width=settings.width,
-                              height=settings.height, num_images=settings.num_images, init_image=init,
-                              strength=settings.strength, mask=task.mask, callback=self._step_callback(job, pipe))
+                result = pipe.generate(request.replace(seed=seed), callback=self._step_callback(job, pipe))
             except Interrupted:
                 interrupted = True
                 break
-            for image, image_seed in zip(result.images, result.seeds, strict=True):
-                params = settings.parameters(image_seed, settings.width, settings.height, model.model_name,
-                                             model.short_hash)
+            for index, (image, image_seed) in enumerate(zip(result.images, result.seeds, strict=True)):
+                params = request_parameters(request, index, image_seed, request.width, request.height,
+                                            model.model_name, model.short_hash)
                 images.append(encode_png(image, params))
                 seeds.append(image_seed)
                 infotexts.append(format_parameters(params))
+        self._count("interrupted" if interrupted else "completed")
         return GenerationOutcome(images, seeds, infotexts, interrupted, model, job.timestamp)
 
-    def _step_callback(self, job: Job, pipe: Pipeline) -> Callable:
-        def on_step(i: int, n: int, x: torch.Tensor, x0: torch.Tensor) -> None:
-            if job.cancelled.is_set():
-                raise Interrupted
-            with self._condition:
-                p = self._progress
-                p.step, p.steps, p.textinfo = i + 1, n, f"Sampling step {i + 1}/{n}"
-                wanted = self._preview_wanted and (p.preview is None or i + 1 - p.preview_step >= self.preview_every)
-            if wanted and i + 1 < n:  # the last step's prediction is the image itself, sent in the response
-                preview = base64.b64encode(encode_png(to_pil(pipe.decode(x0[:1]))[0], None)).decode("ascii")
-                with self._condition:
-                    self._progress.preview, self._progress.preview_step = preview, i + 1
-                    self._preview_wanted = False
+    def _step_callback(self, job: Job, pipe: Pipeline) -> StepCallback:
+        """The pipeline's step callback for `job`: the one place that reads its `StepRecord`."""
+
+        def on_step(step: StepRecord) -> None:
+            self._record_step(job, pipe, step.index + 1, step.count, step.x0)
 
         return on_step
 
+    def _record_step(self, job: Job, pipe: Pipeline, done: int, steps: int, x0_hat: torch.Tensor) -> None:
+        """Step `done` of `steps` has run: stop if `job` was cancelled, else record it and, when someone polls for
+        it, decode x0_hat as the live preview (at most every `preview_every` steps)."""
+        if job.cancelled.is_set():
+            raise Interrupted
+        with self._condition:
+            p = self._progress
+            p.step, p.steps, p.textinfo = done, steps, f"Sampling step {done}/{steps}"
+            wanted = self._preview_wanted and (p.preview is None or done - p.preview_step >= self.preview_every)
+        if wanted and done < steps:  # the last step's prediction is the image itself, sent in the response
+            preview = preview_png(pipe, x0_hat)
+            with self._condition:
+                self._progress.preview, self._progress.preview_step = preview, done
+                self._preview_wanted = False
 
-def _init_batch(images: tuple[Image.Image, ...]) -> Image.Image | torch.Tensor | None:
-    """The pipeline's init_image: none, one PIL image, or (B, 3, H, W) in [-1, 1] for one image per batch slot."""
-    if not images:
-        return None
-    if len(images) == 1:
-        return images[0]
-    return torch.cat([from_pil(image) for image in images])  # (B, 3, H, W)
+
+def preview_png(pipe: Pipeline, x0_hat: torch.Tensor) -> str:
+    """The first image of a step's x̂_0 latents (B, C, h, w), decoded: a base64 PNG without parameters."""
+    return base64.b64encode(encode_png(to_pil(pipe.decode(x0_hat[:1]))[0], None)).decode("ascii")
