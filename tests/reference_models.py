@@ -1,8 +1,8 @@
 """Reference models for the parity tests: diffusers' UNet2DConditionModel and AutoencoderKL and transformers'
 CLIPTextModel, built offline for a kedavra ModelConfig with every parameter re-drawn under a fixed seed, and writers
 that save them as a diffusers folder (their own save_pretrained) or an original single file (tests/sd_keys.py).
-Used by test_checkpoint.py, test_checkpoint_errors.py, test_pipeline_parity.py, test_training.py and the benchmark
-scripts; tests/conftest.py offers the fixtures tiny_refs and tiny_file to every test module."""
+Used by the checkpoint, model-config, U-Net, text-encoder and pipeline-parity tests, test_training.py and the
+benchmark scripts; tests/conftest.py offers the fixtures tiny_refs and tiny_file to every test module."""
 
 import json
 import math
@@ -17,45 +17,61 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from kedavra.networks.model import PRESETS, ModelConfig, StableDiffusion
-from kedavra.networks.text_encoder import convert_text_encoder_state_dict
+from kedavra.networks.text_encoder import TextEncoderConfig, convert_text_encoder_state_dict
 from kedavra.networks.tokenizer import load_vocabulary
+from kedavra.networks.unet import UNetConfig
 from kedavra.networks.unet_keys import convert_unet_state_dict
 from kedavra.networks.vae_keys import convert_vae_state_dict
 
 PARITY_ATOL = 1e-5  # fp32, the bound for every component output
 
+
+def clip_text_config(config: TextEncoderConfig) -> CLIPTextConfig:
+    """transformers' CLIPTextConfig for kedavra's text encoder config."""
+    return CLIPTextConfig(
+        vocab_size=config.vocab_size,
+        max_position_embeddings=config.max_positions,
+        hidden_size=config.width,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        intermediate_size=config.mlp_width,
+        hidden_act=config.activation,
+        layer_norm_eps=config.layer_norm_eps,
+        projection_dim=config.projection_dim or config.width,
+        eos_token_id=2,  # as in SD's text_encoder/config.json: pooled at the argmax of the ids
+    )
+
+
+def diffusers_unet(config: UNetConfig, sample_size: int | None = None) -> UNet2DConditionModel:
+    """diffusers' UNet2DConditionModel for kedavra's U-Net config, on the current default device, initialised
+    by diffusers (callers re-draw the parameters). sample_size: the latent side, stored in its config only."""
+    return UNet2DConditionModel(
+        in_channels=config.in_channels,
+        out_channels=config.out_channels,
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in config.attention_per_level),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(config.attention_per_level)),
+        block_out_channels=config.level_channels,
+        layers_per_block=config.res_blocks_per_level,
+        cross_attention_dim=config.context_dim,
+        attention_head_dim=[config.heads(c)[0] for c in config.level_channels],  # a head count (diffusers' #2011)
+        use_linear_projection=config.use_linear_projection,
+        upcast_attention=config.upcast_attention,
+        norm_num_groups=config.norm_groups,
+        transformer_layers_per_block=config.transformer_depth,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        **({} if sample_size is None else {"sample_size": sample_size}),
+    )
+
+
 def reference_models(config: ModelConfig, seed: int = 0, device: str | None = None):
     """(CLIPTextModel, UNet2DConditionModel, AutoencoderKL) shaped like `config`, parameters drawn under `seed`.
 
     device="meta" builds them without memory (for key and shape checks)."""
-    t, u, v = config.text_encoder, config.unet, config.vae
+    v = config.vae
     with torch.device(device or "cpu"):
-        text = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=t.vocab_size,
-                hidden_size=t.width,
-                intermediate_size=t.mlp_width,
-                num_hidden_layers=t.num_layers,
-                num_attention_heads=t.num_heads,
-                max_position_embeddings=t.max_positions,
-                hidden_act=t.activation,
-                layer_norm_eps=t.layer_norm_eps,
-            )
-        )
-        unet = UNet2DConditionModel(
-            in_channels=u.in_channels,
-            out_channels=u.out_channels,
-            down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in u.attention_per_level),
-            up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(u.attention_per_level)),
-            block_out_channels=u.level_channels,
-            layers_per_block=u.res_blocks_per_level,
-            cross_attention_dim=u.context_dim,
-            attention_head_dim=[u.heads(c)[0] for c in u.level_channels],  # a head count in diffusers (its #2011)
-            use_linear_projection=u.use_linear_projection,
-            upcast_attention=u.upcast_attention,
-            norm_num_groups=u.norm_groups,
-            sample_size=config.image_size // v.downsample_factor,
-        )
+        text = CLIPTextModel(clip_text_config(config.text_encoder))
+        unet = diffusers_unet(config.unet, sample_size=config.image_size // v.downsample_factor)
         vae = DiffusersVAE(
             down_block_types=("DownEncoderBlock2D",) * v.num_levels,
             up_block_types=("UpDecoderBlock2D",) * v.num_levels,

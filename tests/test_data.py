@@ -188,14 +188,14 @@ def test_prompt_to_scene_realises_any_prompt_reproducibly():
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"image_size": 8}, "image_size must be an integer >= 16"),
+    ({"image_size": 8}, "image_size must be an integer (smaller shapes are unreadable) >= 16"),
     ({"image_size": 32.0}, "image_size"),
     ({"shapes": ("circle", "hexagon")}, "unknown shape 'hexagon'"),
     ({"colours": ("red", "teal")}, "unknown colour 'teal'"),
     ({"colours": ()}, "colours must be a non-empty"),
     ({"shapes": "circle"}, "shapes must be a sequence"),
     ({"backgrounds": ("white",), "colours": ("white", "red")}, "no background"),
-    ({"max_objects": 5}, "max_objects must be an integer in 1..4"),
+    ({"max_objects": 5}, "max_objects must be an integer from 1 to 4"),
     ({"max_objects": 1}, "allows only 'single'"),
     ({"kind_weights": (0.5, 0.5, 0.5, 0.5)}, "summing to 1"),
     ({"kind_weights": (1.0,)}, "kind_weights"),
@@ -214,7 +214,7 @@ def test_prompt_specs_and_parsing_reject_bad_input():
         parse_prompt("five red circles")
     with pytest.raises(ValueError, match="need different shapes"):
         PromptSpec("pair", (ObjectSpec("circle", "red"), ObjectSpec("circle", "blue")))
-    with pytest.raises(ValueError, match="count must be an integer in 2..4"):
+    with pytest.raises(ValueError, match="count must be an integer from 2 to 4"):
         PromptSpec("count", (ObjectSpec("circle"),), count=1)
     with pytest.raises(ValueError, match="unknown relation 'behind'"):
         PromptSpec("relation", (ObjectSpec("circle"), ObjectSpec("square")), relation="behind")
@@ -227,12 +227,13 @@ def test_prompt_specs_and_parsing_reject_bad_input():
 @pytest.mark.parametrize(("call", "message"), [
     (lambda: get_dataset("cifar"), "unknown data set 'cifar'"),
     (lambda: get_dataset("shapes", split="val"), "unknown split 'val'; allowed: train, test"),
-    (lambda: get_dataset("shapes", image_size=0), "image_size must be a positive integer, got 0"),
+    (lambda: get_dataset("shapes", image_size=0), "image_size must be an integer >= 1, got 0"),
     (lambda: get_dataset("shapes", image_size=-32), "got -32"),
-    (lambda: get_dataset("shapes", image_size=12), "image_size must be an integer >= 16"),
+    (lambda: get_dataset("shapes", image_size=12),
+     "image_size must be an integer (smaller shapes are unreadable) >= 16"),
     (lambda: get_dataset("shapes", image_size=True), "got True"),
     (lambda: get_dataset("shapes", colour="red"), "unknown option(s) ['colour'] for data set 'shapes'"),
-    (lambda: get_dataset("shapes", size=0), "size must be a positive integer"),
+    (lambda: get_dataset("shapes", size=0), "size must be an integer >= 1"),
     (lambda: get_dataset("shapes", seed=-1), "seed must be an integer >= 0"),
     (lambda: get_dataset("digits", size=10), "unknown option(s) ['size'] for data set 'digits'"),
 ])

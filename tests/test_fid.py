@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from random_models import normal_model
 
 from kedavra.checkpoint import save_model
 from kedavra.cli import main
@@ -34,7 +35,6 @@ from kedavra.evaluation.fid import (
     trace_sqrt_product,
 )
 from kedavra.evaluation.report import EvaluationSettings, write_report
-from kedavra.networks.model import ModelConfig, StableDiffusion
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -267,14 +267,9 @@ def test_a_horizontal_flip_moves_features_less_than_another_digit_does(net):
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
-    """The tiny preset with random weights ~ N(0, 0.05²) (as tests/test_generate_cli.py builds it)."""
-    torch.manual_seed(0)
-    model = StableDiffusion(ModelConfig.from_preset("tiny"))
-    with torch.no_grad():
-        for parameter in model.parameters():
-            torch.nn.init.normal_(parameter, std=0.05)
+    """The tiny preset with random weights ~ N(0, 0.05²)."""
     path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    save_model(model, path)
+    save_model(normal_model("tiny", std=0.05), path)
     return path
 
 
@@ -328,7 +323,7 @@ BAD_INPUT = {
     "negative seed": (["--seed", "-1"], "seed must be an integer >= 0"),
     "big batch": (["--batch-size", "100"], "batch_size must be an integer from 1 to 64"),
     "negative guidance": (["--guidance-scale", "-1"], "guidance_scale must be a finite"),
-    "zero threads": (["--threads", "0"], "--threads must be >= 1"),
+    "zero threads": (["--threads", "0"], "--threads must be an integer >= 1"),
     "output is a file": (["-o", "{tmp}/FILE"], "exists and is not a folder"),
     "missing model": ([], "no model file"),  # MODEL is {tmp}/missing.safetensors
 }
@@ -358,14 +353,14 @@ def test_missing_weights_stop_evaluate_before_the_model_loads(model_file, tmp_pa
 
 class DrawingPipe:
     """A perfect shapes "model": draws each prompt with the data set's own renderer (seeded per image). It stands in
-    for a Pipeline in `run_evaluation` (the call, check_request, device, dtype and model.config it uses)."""
+    for a Pipeline in `run_evaluation` (the call, check, device, dtype and model.config it uses)."""
 
     def __init__(self, image_size: int = 32):
         self.model = SimpleNamespace(config=SimpleNamespace(image_size=image_size, describe=lambda: "drawing pipe"))
         self.device, self.dtype = torch.device("cpu"), torch.float32
 
-    def check_request(self, *args) -> None:
-        pass
+    def check(self, request):
+        return request
 
     def __call__(self, prompts, *, seed: int, **settings):
         seeds = [seed + i for i in range(len(prompts))]

@@ -170,12 +170,12 @@ def test_parse_refuses_text_that_is_not_a1111s():
 
 @pytest.mark.parametrize("changes, message", [
     ({"prompt": "cat\nNegative prompt: dog"}, "prompt line 2"),
-    ({"steps": 0}, "steps must be an int >= 1"),
-    ({"seed": -1}, "seed must be an int >= 0"),
+    ({"steps": 0}, "steps must be an integer >= 1"),
+    ({"seed": -1}, "seed must be an integer >= 0"),
     ({"width": 512.0}, "width must be an int"),
     ({"cfg_scale": float("nan")}, "cfg_scale must be a finite number"),
     ({"denoising_strength": 1.5}, r"denoising_strength must be in \[0, 1\]"),
-    ({"clip_skip": 0}, "clip_skip must be an int >= 1"),
+    ({"clip_skip": 0}, "clip_skip must be an integer >= 1"),
     ({"sampler": ""}, "sampler must be a non-empty str"),
     ({"model": ""}, "model must be a non-empty str or None"),
     ({"extra": {"Seed": "1"}}, "one of the fields"),

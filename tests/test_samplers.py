@@ -163,8 +163,8 @@ def test_a_callback_that_returns_a_non_tensor_leaves_the_sample_alone():
     """A progress bar's update() returns True when it redraws: only a returned tensor may replace x."""
     plain = sample(smooth_eps_model, noise(), sampler="euler", steps=4)
     for returns in (True, None):
-        assert torch.equal(sample(smooth_eps_model, noise(), sampler="euler", steps=4, callback=lambda step: returns),
-                           plain)
+        out = sample(smooth_eps_model, noise(), sampler="euler", steps=4, callback=lambda step, r=returns: r)
+        assert torch.equal(out, plain)
     zeros = sample(smooth_eps_model, noise(), sampler="euler", steps=4, callback=lambda step: torch.zeros_like(step.x))
     assert torch.equal(zeros, torch.zeros(SHAPE))
 

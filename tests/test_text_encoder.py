@@ -1,13 +1,16 @@
 """CLIP text encoder: parity with transformers' CLIPTextModel, checkpoint layouts, clip skip, errors.
 
-The reference is transformers' CLIPTextModel (what diffusers runs for SD 1.x and 2.x) built from a
-CLIPTextConfig with seeded random weights. Inputs are real, padded token ids from kedavra's tokenizer.
+The reference is transformers' CLIPTextModel (what diffusers runs for SD 1.x and 2.x) built from
+tests/reference_models.py's CLIPTextConfig with seeded random weights. Inputs are real, padded token ids from
+kedavra's tokenizer.
 """
 
 import dataclasses
 
 import pytest
 import torch
+import transformers
+from reference_models import clip_text_config
 
 from kedavra.networks.text_encoder import (
     TextEncoder,
@@ -17,8 +20,6 @@ from kedavra.networks.text_encoder import (
 )
 from kedavra.networks.tokenizer import Tokenizer
 
-transformers = pytest.importorskip("transformers")
-
 PROMPTS = [
     "a photo of a cat",
     "An astronaut riding a horse on Mars, 4K, highly detailed, trending on artstation",
@@ -27,25 +28,10 @@ PROMPTS = [
 TOLERANCE = 1e-4  # fp32, max abs difference
 
 
-def reference_config(config: TextEncoderConfig) -> "transformers.CLIPTextConfig":
-    return transformers.CLIPTextConfig(
-        vocab_size=config.vocab_size,
-        max_position_embeddings=config.max_positions,
-        hidden_size=config.width,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        intermediate_size=config.mlp_width,
-        hidden_act=config.activation,
-        layer_norm_eps=config.layer_norm_eps,
-        projection_dim=config.projection_dim or config.width,
-        eos_token_id=2,  # as in SD's text_encoder/config.json: pooled at the argmax of the ids
-    )
-
-
 def reference_model(config: TextEncoderConfig, with_projection: bool = False, seed: int = 0):
     torch.manual_seed(seed)
     cls = transformers.CLIPTextModelWithProjection if with_projection else transformers.CLIPTextModel
-    model = cls(reference_config(config)).eval()
+    model = cls(clip_text_config(config)).eval()
     with torch.no_grad():  # transformers initialises LayerNorms to (1, 0) and biases to 0: make them count
         for name, param in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
@@ -186,7 +172,7 @@ def test_diffusers_round_trip():
     model = TextEncoder(config)
     saved = to_diffusers_state_dict(model.state_dict(), config)
     assert "text_model.encoder.layers.0.self_attn.q_proj.weight" in saved
-    reference = transformers.CLIPTextModel(reference_config(config))
+    reference = transformers.CLIPTextModel(clip_text_config(config))
     reference.load_state_dict({k.removeprefix("text_model."): v for k, v in saved.items()}, strict=True)
     ids = token_ids("sd15")
     with torch.no_grad():

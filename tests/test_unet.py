@@ -2,8 +2,9 @@
 
 Parity oracle: diffusers' UNet2DConditionModel built offline from a matching config, every parameter
 re-randomised under a fixed seed (diffusers zero-inits nothing we rely on, but LDM-style zero inits
-would hide weights from the comparison). LDM-layout oracle: diffusers' own ldm -> diffusers converter
-(`convert_ldm_unet_checkpoint`), which must turn our test's diffusers -> ldm map back into the original.
+would hide weights from the comparison). LDM-layout oracle: tests/sd_keys.py's map to the original layout, and
+diffusers' own ldm -> diffusers converter (`convert_ldm_unet_checkpoint`), which must turn our test's diffusers ->
+ldm map back into the original.
 """
 
 import dataclasses
@@ -11,12 +12,14 @@ import json
 import math
 
 import pytest
+import sd_keys
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from diffusers.models.embeddings import get_timestep_embedding
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference_models import diffusers_unet
 
 from kedavra.networks.unet import PRESETS, UNet, UNetConfig, Upsample, timestep_embedding
 from kedavra.networks.unet_keys import convert_unet_state_dict
@@ -34,25 +37,7 @@ LDM_PREFIX = "model.diffusion_model."  # CompVis single-file U-Net prefix
 def build_reference(config: UNetConfig) -> UNet2DConditionModel:
     """diffusers' U-Net for `config`, on the meta device (no memory, no values)."""
     with torch.device("meta"):
-        return UNet2DConditionModel(
-            in_channels=config.in_channels,
-            out_channels=config.out_channels,
-            down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in config.attention_per_level),
-            up_block_types=tuple(
-                "CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(config.attention_per_level)
-            ),
-            block_out_channels=config.level_channels,
-            layers_per_block=config.res_blocks_per_level,
-            cross_attention_dim=config.context_dim,
-            # diffusers' `attention_head_dim` is a head count (its issue #2011), one per level.
-            attention_head_dim=[config.heads(c)[0] for c in config.level_channels],
-            use_linear_projection=config.use_linear_projection,
-            upcast_attention=config.upcast_attention,
-            norm_num_groups=config.norm_groups,
-            transformer_layers_per_block=config.transformer_depth,
-            flip_sin_to_cos=True,
-            freq_shift=0,
-        )
+        return diffusers_unet(config)
 
 
 def reference_unet(config: UNetConfig, seed: int = 0) -> UNet2DConditionModel:
@@ -77,53 +62,10 @@ def kedavra_from(state: dict, config: UNetConfig, layout: str = "diffusers") -> 
 
 
 def diffusers_to_ldm(state: dict, config: UNetConfig) -> dict:
-    """Inverse of the ldm conversion, written independently: diffusers names -> CompVis names."""
-    levels, n_res = len(config.channel_multipliers), config.res_blocks_per_level
-    modules = {
-        "time_embedding.linear_1": "time_embed.0",
-        "time_embedding.linear_2": "time_embed.2",
-        "conv_in": "input_blocks.0.0",
-        "mid_block.resnets.0": "middle_block.0",
-        "mid_block.attentions.0": "middle_block.1",
-        "mid_block.resnets.1": "middle_block.2",
-        "conv_norm_out": "out.0",
-        "conv_out": "out.2",
-    }
-    index = 1
-    for level in range(levels):
-        for j in range(n_res):
-            modules[f"down_blocks.{level}.resnets.{j}"] = f"input_blocks.{index}.0"
-            modules[f"down_blocks.{level}.attentions.{j}"] = f"input_blocks.{index}.1"
-            index += 1
-        if level < levels - 1:
-            modules[f"down_blocks.{level}.downsamplers.0.conv"] = f"input_blocks.{index}.0.op"
-            index += 1
-    index = 0
-    for up in range(levels):
-        upsampler_at = 2 if config.attention_per_level[levels - 1 - up] else 1
-        for j in range(n_res + 1):
-            modules[f"up_blocks.{up}.resnets.{j}"] = f"output_blocks.{index}.0"
-            modules[f"up_blocks.{up}.attentions.{j}"] = f"output_blocks.{index}.1"
-            if j == n_res:
-                modules[f"up_blocks.{up}.upsamplers.0.conv"] = f"output_blocks.{index}.{upsampler_at}.conv"
-            index += 1
-    resnet_leaves = {
-        "norm1": "in_layers.0",
-        "conv1": "in_layers.2",
-        "time_emb_proj": "emb_layers.1",
-        "norm2": "out_layers.0",
-        "conv2": "out_layers.3",
-        "conv_shortcut": "skip_connection",
-    }
-    out = {}
-    for key, tensor in state.items():
-        parts = key.split(".")
-        cut = max(c for c in range(1, len(parts)) if ".".join(parts[:c]) in modules)
-        prefix, leaf = ".".join(parts[:cut]), parts[cut:]
-        if ".resnets." in f".{prefix}.":
-            leaf = [resnet_leaves.get(leaf[0], leaf[0]), *leaf[1:]]
-        out[f"{modules[prefix]}.{'.'.join(leaf)}"] = tensor
-    return out
+    """diffusers names -> CompVis names: through ours (the diffusers layout, which the parity tests check) and
+    tests/sd_keys.py's map of ours to the original layout, written independently of kedavra.networks.unet_keys."""
+    modules = sd_keys.unet_modules(config)
+    return {sd_keys.unet_key(k, modules): v for k, v in convert_unet_state_dict(state, "diffusers", config).items()}
 
 
 def inputs(config: UNetConfig, batch=1, size: int | tuple[int, int] = 16, tokens=7, seed=1):

@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from kedavra.diffusion.schedule import SCHEDULE_PRESETS, get_schedule
 from kedavra.commands import viz as command
+from kedavra.diffusion.schedule import SCHEDULE_PRESETS, get_schedule
 from kedavra.viz.forward import (
     FIGURE_FILES,
     GAP,

@@ -30,12 +30,14 @@ Security: a .ckpt is a pickle, which can name any Python callable for the loader
 with torch's restricted unpickler (weights_only=True), which refuses every global outside tensors and plain
 containers; a few Lightning / numpy training-bookkeeping classes that real SD 1.x .ckpt files carry are mapped to
 an inert stand-in that keeps nothing. A file naming anything else is refused with UnsafeCheckpointError, before
-anything from it runs.
+anything from it runs. The same unpickler reads the tensors of TorchScript archives (the FID Inception's weights):
+their `__torch__.*` classes become an inert ScriptObject that holds attributes, and no TorchScript code runs.
 
 Modules, in the order the data flows through them:
-  errors          CheckpointError, UnsafeCheckpointError and the helpers that word their messages
+  errors          CheckpointError, UnsafeCheckpointError and the helper that words their messages
   safetensors_io  SafetensorsFile (the copy-on-write map, release of consumed pages) and write_safetensors
-  torch_pickle    torch .ckpt/.pt/.bin files through the restricted unpickler; DISCARDED_GLOBALS
+  torch_pickle    torch .ckpt/.pt/.bin files through the restricted unpickler; DISCARDED_GLOBALS; the tensors of
+                  TorchScript archives through the same unpickler (read_script_archive: the FID Inception's)
   weights         one weights file of any container, told apart by its leading bytes (LFS pointers, images, ...)
   sources         the three source kinds (original single file, kedavra file, diffusers folder) and their hints
   detect          the family and settings a source decides; probe_prediction_type for ε or v

@@ -10,10 +10,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from kedavra.checkpoint.errors import CheckpointError, _fail, _some
+from kedavra.checkpoint.errors import CheckpointError, _fail
 from kedavra.checkpoint.sources import _Hints, _Source
 from kedavra.diffusion.schedule import NoiseSchedule
 from kedavra.networks.model import PRESETS, ModelConfig, StableDiffusion
+from kedavra.validation import some
 
 
 def _text_style(config: ModelConfig) -> str:
@@ -35,7 +36,7 @@ def _unet_facts(source: _Source) -> tuple[int, int, int, bool]:
         raise _fail(
             source.path,
             "unknown architecture: the U-Net has no first conv / cross-attention "
-            f"(attn2.to_k) / transformer proj_in weights; found {_some(sorted(state), 4)}",
+            f"(attn2.to_k) / transformer proj_in weights; found {some(sorted(state), 4)}",
         )
     return to_k.shape[1], conv_in.shape[1], conv_in.shape[0], proj_in.ndim == 2
 

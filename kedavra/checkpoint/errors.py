@@ -1,4 +1,4 @@
-"""Checkpoint errors, and the two helpers that word their messages (the file's path first, long lists cut short)."""
+"""Checkpoint errors, and the helper that words their messages (the file's path first)."""
 
 from pathlib import Path
 
@@ -13,8 +13,3 @@ class UnsafeCheckpointError(CheckpointError):
 
 def _fail(path: Path, message: str, error: type[CheckpointError] = CheckpointError) -> CheckpointError:
     return error(f"{path}: {message}")
-
-
-def _some(names, count: int = 5) -> str:
-    names = list(names)
-    return ", ".join(names[:count]) + (", ..." if len(names) > count else "")

@@ -10,13 +10,14 @@ import torch
 from torch import Tensor
 
 from kedavra.checkpoint.detect import _decide, _probe
-from kedavra.checkpoint.errors import _fail, _some
+from kedavra.checkpoint.errors import _fail
 from kedavra.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
 from kedavra.checkpoint.sources import COMPONENTS, CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION, _open, _Source
-from kedavra.networks.model import PREDICTION_TYPES, PRESETS, StableDiffusion
+from kedavra.networks.model import PRESETS, UNET_PREDICTION_TYPES, StableDiffusion
 from kedavra.networks.text_encoder import convert_text_encoder_state_dict
 from kedavra.networks.unet_keys import convert_unet_state_dict
 from kedavra.networks.vae_keys import convert_vae_state_dict
+from kedavra.validation import check_choice, some
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +55,8 @@ def _load_component(model: StableDiffusion, name: str, source: _Source, dtype, d
             raise _fail(
                 source.path,
                 f"{name} weights do not match the stored config: {len(missing)} missing "
-                f"[{_some(missing)}], {len(unexpected)} unexpected [{_some(unexpected)}], "
-                f"{len(shapes)} of the wrong shape [{_some(shapes)}]",
+                f"[{some(missing)}], {len(unexpected)} unexpected [{some(unexpected)}], "
+                f"{len(shapes)} of the wrong shape [{some(shapes)}]",
             )
         converted = dict(state)
     else:
@@ -84,10 +85,10 @@ def load_model(
     The model comes back in eval mode; `model.describe()` says what was read and detected.
     """
     path = Path(path).expanduser()
-    if family is not None and family not in PRESETS:
-        raise ValueError(f"unknown family {family!r}; allowed: {', '.join(PRESETS)}")
-    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"unknown prediction_type {prediction_type!r}; allowed: {', '.join(PREDICTION_TYPES)}")
+    if family is not None:
+        check_choice("family", family, PRESETS)
+    if prediction_type is not None:
+        check_choice("prediction_type", prediction_type, UNET_PREDICTION_TYPES)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     device = torch.device(device)
@@ -118,6 +119,6 @@ def save_model(model: StableDiffusion, path: str | os.PathLike) -> None:
     state = model.state_dict()
     on_meta = [k for k, t in state.items() if t.is_meta]
     if on_meta:
-        raise ValueError(f"cannot save: {len(on_meta)} tensors have no data (meta device): {_some(on_meta)}")
+        raise ValueError(f"cannot save: {len(on_meta)} tensors have no data (meta device): {some(on_meta)}")
     metadata = {FORMAT_KEY: FORMAT_VERSION, CONFIG_KEY: json.dumps(model.config.to_dict())}
     write_safetensors(path, state, metadata)

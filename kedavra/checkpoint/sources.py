@@ -9,12 +9,13 @@ from pathlib import Path
 
 from torch import Tensor
 
-from kedavra.checkpoint.errors import _fail, _some
+from kedavra.checkpoint.errors import _fail
 from kedavra.checkpoint.safetensors_io import SafetensorsFile
 from kedavra.checkpoint.weights import _read_json, _read_weights, _Weights
 from kedavra.diffusion.schedule import NoiseSchedule
 from kedavra.networks.model import ModelConfig
 from kedavra.networks.tokenizer import VOCAB_SIZE
+from kedavra.validation import some
 
 CONFIG_KEY = "kedavra_config"  # safetensors metadata key holding ModelConfig.to_dict() as JSON
 FORMAT_KEY = "kedavra_format"  # metadata key holding FORMAT_VERSION
@@ -110,7 +111,7 @@ def _open_kedavra(path: Path, weights: _Weights) -> _Source:
         else:
             stray.append(key)
     if stray:
-        raise _fail(path, f"{len(stray)} unexpected keys in a kedavra checkpoint: {_some(stray)}")
+        raise _fail(path, f"{len(stray)} unexpected keys in a kedavra checkpoint: {some(stray)}")
     source = _Source(path, "kedavra", parts, weights.files, {weights.container})
     source.hints.config = config
     return source
@@ -140,16 +141,16 @@ def _open_original(path: Path, weights: _Weights) -> _Source:
         foreign = next((what for prefix, what in FOREIGN_KEYS if any(k.startswith(prefix) for k in keys)), None)
         if foreign:
             raise _fail(
-                path, f"this looks like {foreign} (keys such as {_some(keys, 3)}); expected {_EXPECTED_ORIGINAL}"
+                path, f"this looks like {foreign} (keys such as {some(keys, 3)}); expected {_EXPECTED_ORIGINAL}"
             )
     if "unet" not in parts:
-        found = f"{len(weights.tensors)} keys such as {_some(sorted(weights.tensors), 3)}"
+        found = f"{len(weights.tensors)} keys such as {some(sorted(weights.tensors), 3)}"
         raise _fail(path, f"unknown architecture: no U-Net weights ({found}); expected {_EXPECTED_ORIGINAL}")
     if unknown:
         raise _fail(
             path,
             f"{len(unknown)} unexpected keys outside the parts of an SD 1.x / 2.x checkpoint: "
-            f"{_some(sorted(unknown))}; expected only {_EXPECTED_ORIGINAL}",
+            f"{some(sorted(unknown))}; expected only {_EXPECTED_ORIGINAL}",
         )
     missing = [
         name
@@ -250,7 +251,7 @@ def _read_sharded(folder: Path, index: Path) -> _Weights:
         names = [k for k, v in weight_map.items() if v == shard]
         absent = [k for k in names if k not in weights.tensors]
         if absent:
-            raise _fail(folder / shard, f"lacks {len(absent)} tensors its index lists: {_some(absent)}")
+            raise _fail(folder / shard, f"lacks {len(absent)} tensors its index lists: {some(absent)}")
         merged.tensors.update({k: weights.tensors[k] for k in names})
     return merged
 

@@ -24,6 +24,7 @@ from kedavra.toy.figures import (
 )
 from kedavra.toy.mixture import MODE_NAMES, TWO_MODES, ExactModel, expected_fraction_between, fraction_between
 from kedavra.toy.mlp import ToyTrainConfig, TrainResult, train_toy_mlp
+from kedavra.validation import check_int
 
 DEFAULT_DEMO_DIR = "out/two_modes"
 DEFAULT_CONVERGENCE_DIR = "out/convergence"
@@ -119,11 +120,6 @@ def torch_threads(num_threads: int):
         torch.set_num_threads(previous)
 
 
-def _check_count(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
 @dataclass(frozen=True)
 class DemoResult:
     """The training run, the fraction of samples between the modes and on each mode per denoiser, the files."""
@@ -146,9 +142,9 @@ def run_demo(
 ) -> DemoResult:
     """Train the toy MLP, sample with it and with the exact denoiser from the same noise, write the figures."""
     start = time.perf_counter()
-    _check_count("--seed", seed, 0)
-    _check_count("--train-steps", train_steps, 1)
-    _check_count("--samples", num_samples, 1)
+    check_int("--seed", seed, low=0)
+    check_int("--train-steps", train_steps, low=1)
+    check_int("--samples", num_samples, low=1)
     config = ToyTrainConfig(steps=train_steps, seed=seed)
     schedule = get_schedule(config.schedule)
     resolve_sampler(sampler)
@@ -214,8 +210,8 @@ def _split(text: str, name: str) -> tuple[str, ...]:
 
 
 def run_convergence_command(args) -> int:
-    _check_count("--samples", args.samples, 2)
-    _check_count("--seed", args.seed, 0)
+    check_int("--samples", args.samples, low=2)
+    check_int("--seed", args.seed, low=0)
     try:
         budgets = tuple(int(b) for b in _split(args.nfe, "--nfe"))
     except ValueError as error:

@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from kedavra.api import load, resolve_model
-from kedavra.commands.settings import check_device, model_identity
+from kedavra.api import load, model_identity, resolve_model
 from kedavra.data import DATASETS, SPLITS, get_dataset
 from kedavra.evaluation.adherence import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, measure_adherence
 from kedavra.evaluation.fid import KID_SUBSET_SIZE, KID_SUBSETS, fid, inception_features, kid
@@ -42,7 +41,9 @@ from kedavra.evaluation.report import (
     check_out_dir,
     write_report,
 )
-from kedavra.pipeline.device import parse_precision
+from kedavra.pipeline.device import check_device, parse_precision
+from kedavra.pipeline.request import GenerationRequest
+from kedavra.validation import check_int
 
 DEFAULT_OUT_DIR = Path("out") / "evaluate"
 EXAMPLES = """examples:
@@ -98,7 +99,9 @@ def run_evaluation(pipe, net: InceptionV3, settings: EvaluationSettings, *, mode
     size = pipe.model.config.image_size
     for steps in sorted({settings.steps, *settings.curve_steps}):
         for sampler in {settings.sampler, *settings.curve_samplers}:
-            pipe.check_request(size, size, steps, settings.guidance_scale, settings.batch_size, settings.seed, sampler)
+            pipe.check(GenerationRequest.build("", num_images=settings.batch_size, steps=steps, sampler=sampler,
+                                               guidance_scale=settings.guidance_scale, seed=settings.seed, width=size,
+                                               height=size))
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     real, captions, source = held_out_real(settings.data, settings.images, size)
@@ -218,8 +221,8 @@ def run(args) -> int:
         batch_size=args.batch_size)
     out_dir = check_out_dir(args.out_dir)
     device, dtype = check_device(args.device), parse_precision(args.precision)
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.threads is not None:
+        check_int("--threads", args.threads, low=1)
     weights = weights_path()
     model_path = resolve_model(args.model)
     if args.threads is not None:

@@ -16,11 +16,11 @@ import torch
 
 from kedavra.data.digits import DigitsDataset
 from kedavra.data.emoji import EmojiDataset
-from kedavra.data.folder import FolderDataset
+from kedavra.data.folder import SPLITS, FolderDataset
 from kedavra.data.shapes import ShapesConfig, ShapesDataset
+from kedavra.validation import check_choice, check_int
 
 DATASETS = ("shapes", "emoji", "digits")
-SPLITS = ("train", "test")
 
 
 def _shapes(split: str, image_size: int, seed: int, size: int | None = None, **config) -> ShapesDataset:
@@ -49,10 +49,8 @@ def get_dataset(name: str, *, split: str = "train", image_size: int = 32, seed: 
         emoji    font_path, background (an RGB triple)
         folder   skip_bad (leave out unreadable and uncaptioned images with a warning instead of failing)
     """
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+    check_choice("split", split, SPLITS)
+    check_int("image_size", image_size, low=1)
     if not isinstance(name, str | Path):
         raise ValueError(f"data set name must be a string, got {type(name).__name__}")
     if name == "shapes":

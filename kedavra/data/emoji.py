@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from kedavra.data.folder import check_image_size, image_to_tensor
+from kedavra.data.folder import SPLITS, image_to_tensor
+from kedavra.validation import check_choice, check_int, is_int
 
 NOTO_EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")  # Debian fonts-noto-color-emoji
 INSTALL_COMMAND = "apt-get update && apt-get install -y fonts-noto-color-emoji"
@@ -33,7 +34,6 @@ REGIONAL_INDICATORS = (0x1F1E6, 0x1F200)  # letters that pair up into flags
 TEST_EVERY = 10  # every 10th emoji (code-point order) is held out for the test split
 DEFAULT_BACKGROUND = (255, 255, 255)
 EMOJI_MARGIN = 0.05  # free border on each side, as a fraction of the emoji's larger side
-SPLITS = ("train", "test")
 
 
 @cache
@@ -91,7 +91,7 @@ def render_emoji(code: int, image_size: int, background=DEFAULT_BACKGROUND, font
 
 def _check_background(background) -> tuple[int, int, int]:
     if (not isinstance(background, tuple | list) or len(background) != 3
-            or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in background)):
+            or not all(is_int(c) and 0 <= c <= 255 for c in background)):
         raise ValueError(f"background must be an RGB triple of integers in 0..255, got {background!r}")
     return tuple(background)
 
@@ -101,9 +101,8 @@ class EmojiDataset(torch.utils.data.Dataset):
 
     def __init__(self, *, split: str = "train", image_size: int = 32, font_path: str | Path = NOTO_EMOJI_FONT,
                  background=DEFAULT_BACKGROUND):
-        self.image_size = check_image_size(image_size)
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
+        self.image_size = check_int("image_size", image_size, low=1)
+        check_choice("split", split, SPLITS)
         self.split, self.font_path = split, str(font_path)
         self.background = _check_background(background)
         codes = emoji_code_points(self.font_path)

@@ -24,18 +24,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from kedavra.validation import check_choice, check_int
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILE = "metadata.jsonl"  # Hugging Face datasets' imagefolder convention
 CAPTION_FIELD = "text"  # the caption column of that convention's text-to-image examples
-SPLIT_FOLDERS = ("train", "test")
+SPLITS = ("train", "test")  # every data set's splits, and the subfolders that hold them in a folder
 MAX_LISTED = 20  # how many bad files an error message names before it says "and N more"
-
-
-def check_image_size(image_size, minimum: int = 1) -> int:
-    """`image_size` if it is an integer >= minimum, else a ValueError naming it."""
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < minimum:
-        raise ValueError(f"image_size must be an integer >= {minimum}, got {image_size!r}")
-    return image_size
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -118,13 +113,12 @@ class FolderDataset(torch.utils.data.Dataset):
     """Items {"image": (3, image_size, image_size) in [-1, 1], "caption": str} from a folder (module docstring)."""
 
     def __init__(self, root: str | Path, *, split: str = "train", image_size: int = 32, skip_bad: bool = False):
-        self.image_size = check_image_size(image_size)
-        if split not in SPLIT_FOLDERS:
-            raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLIT_FOLDERS)}")
+        self.image_size = check_int("image_size", image_size, low=1)
+        check_choice("split", split, SPLITS)
         root = Path(root).expanduser()
         if not root.is_dir():
             raise ValueError(f"image folder {str(root)!r} does not exist or is not a folder")
-        if all((root / s).is_dir() for s in SPLIT_FOLDERS):
+        if all((root / s).is_dir() for s in SPLITS):
             root = root / split
         elif split != "train":
             raise ValueError(f"{root} has no {split}/ and train/ subfolders, so it holds only the train split")

@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw
 
 from kedavra.data.folder import image_to_tensor
 from kedavra.data.shape_drawing import SUPERSAMPLE, draw_shape
+from kedavra.validation import check_choice, check_int, check_number
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars",
@@ -71,11 +72,6 @@ SPLIT_STREAMS = {"train": 0, "test": 1}  # the seed stream of each split: items 
 DEFAULT_SIZES = {"train": 50_000, "test": 1_000}
 
 
-def _check_choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(map(str, allowed))}")
-
-
 @dataclass(frozen=True)
 class ObjectSpec:
     """One object a prompt asks for; colour and size None when the prompt does not name them."""
@@ -85,11 +81,11 @@ class ObjectSpec:
     size: str | None = None
 
     def __post_init__(self):
-        _check_choice("shape", self.shape, SHAPES)
+        check_choice("shape", self.shape, SHAPES)
         if self.colour is not None:
-            _check_choice("colour", self.colour, tuple(PALETTE))
+            check_choice("colour", self.colour, tuple(PALETTE))
         if self.size is not None:
-            _check_choice("size", self.size, SIZES)
+            check_choice("size", self.size, SIZES)
 
     def phrase(self) -> str:
         """'a large red circle', 'an orange star'."""
@@ -115,17 +111,16 @@ class PromptSpec:
 
     def __post_init__(self):
         object.__setattr__(self, "objects", tuple(self.objects))
-        _check_choice("prompt kind", self.kind, PROMPT_KINDS)
+        check_choice("prompt kind", self.kind, PROMPT_KINDS)
         expected = 1 if self.kind in ("single", "count") else 2
         if len(self.objects) != expected or not all(isinstance(o, ObjectSpec) for o in self.objects):
             raise ValueError(f"a {self.kind!r} prompt takes {expected} ObjectSpec(s), got {self.objects!r}")
         if self.kind == "count":
-            if isinstance(self.count, bool) or not isinstance(self.count, int) or not 2 <= self.count <= MAX_OBJECTS:
-                raise ValueError(f"count must be an integer in 2..{MAX_OBJECTS}, got {self.count!r}")
+            check_int("count", self.count, 2, MAX_OBJECTS)
         elif self.count != 1:
             raise ValueError(f"only 'count' prompts take a count, got count={self.count!r} for {self.kind!r}")
         if self.kind == "relation":
-            _check_choice("relation", self.relation, RELATIONS)
+            check_choice("relation", self.relation, RELATIONS)
         elif self.relation is not None:
             raise ValueError(f"only 'relation' prompts take a relation, got {self.relation!r} for {self.kind!r}")
         if expected == 2 and self.objects[0].shape == self.objects[1].shape:
@@ -196,19 +191,14 @@ class ShapesConfig:
             if isinstance(value, str) or not hasattr(value, "__iter__"):
                 raise ValueError(f"{name} must be a sequence, got {value!r}")
             object.__setattr__(self, name, tuple(value))
-        size = self.image_size
-        if isinstance(size, bool) or not isinstance(size, int) or size < MIN_IMAGE_SIZE:
-            raise ValueError(f"image_size must be an integer >= {MIN_IMAGE_SIZE} (smaller shapes are unreadable), "
-                             f"got {size!r}")
+        check_int("image_size", self.image_size, low=MIN_IMAGE_SIZE, note=" (smaller shapes are unreadable)")
         for name, allowed in (("shapes", SHAPES), ("colours", tuple(PALETTE)), ("backgrounds", tuple(BACKGROUNDS))):
             chosen = getattr(self, name)
             if not chosen or len(set(chosen)) != len(chosen):
                 raise ValueError(f"{name} must be a non-empty list without repeats, got {chosen!r}")
             for value in chosen:
-                _check_choice(name[:-1], value, allowed)
-        n = self.max_objects
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_OBJECTS:
-            raise ValueError(f"max_objects must be an integer in 1..{MAX_OBJECTS}, got {n!r}")
+                check_choice(name[:-1], value, allowed)
+        n = check_int("max_objects", self.max_objects, 1, MAX_OBJECTS)
         weights = self.kind_weights
         if (len(weights) != len(PROMPT_KINDS) or not all(isinstance(w, int | float) and w >= 0 for w in weights)
                 or not math.isclose(sum(weights), 1.0, abs_tol=1e-6)):
@@ -220,8 +210,7 @@ class ShapesConfig:
         if len(self.shapes) < 2 and (weights[2] or weights[3]):
             raise ValueError(f"two-object prompts need at least two shapes, got shapes={self.shapes!r} with "
                              f"kind_weights={weights!r}")
-        if not 0 <= self.size_word_probability <= 1:
-            raise ValueError(f"size_word_probability must be in [0, 1], got {self.size_word_probability!r}")
+        check_number("size_word_probability", self.size_word_probability, 0, 1)
         for a in self.colours:
             for b in self.colours:
                 if not _backgrounds_for((a, b), self.backgrounds):
@@ -383,11 +372,6 @@ def _pick(options, rng: np.random.Generator):
     return options[int(rng.integers(len(options)))]
 
 
-def check_split(split: str) -> str:
-    _check_choice("split", split, tuple(SPLIT_STREAMS))
-    return split
-
-
 def item_rng(seed: int, split: str, index: int) -> np.random.Generator:
     """The generator of item `index`: its own stream, so any index is reproducible alone."""
     return np.random.default_rng([seed, SPLIT_STREAMS[split], index])
@@ -399,8 +383,7 @@ def evaluation_prompts(config: ShapesConfig | None = None, *, per_kind: int = 50
     seed stream of their own. held_out: True keeps only prompts with a held-out combination, False only
     train-distribution ones, None any."""
     config = config or ShapesConfig()
-    if isinstance(per_kind, bool) or not isinstance(per_kind, int) or per_kind < 1:
-        raise ValueError(f"per_kind must be a positive integer, got {per_kind!r}")
+    check_int("per_kind", per_kind, low=1)
     if held_out and not (config.held_out_colours() or config.held_out_pairs()):
         raise ValueError("held_out=True needs a config with hold_out=True and at least two colours")
     rng = np.random.default_rng([seed, len(SPLIT_STREAMS)])  # a stream apart from both splits'
@@ -428,12 +411,10 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __init__(self, config: ShapesConfig | None = None, *, split: str = "train", size: int | None = None,
                  seed: int = 0):
         self.config = config or ShapesConfig()
-        self.split = check_split(split)
+        self.split = check_choice("split", split, SPLIT_STREAMS)
         size = DEFAULT_SIZES[split] if size is None else size
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"size must be a positive integer, got {size!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        check_int("size", size, low=1)
+        check_int("seed", seed, low=0)
         self.size, self.seed = size, seed
 
     def __len__(self) -> int:

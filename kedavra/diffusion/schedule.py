@@ -22,6 +22,8 @@ from functools import cached_property
 
 import torch
 
+from kedavra.validation import check_choice, check_int
+
 SCHEDULE_KINDS = ("linear", "scaled_linear", "cosine")
 
 COSINE_OFFSET = 0.008  # s in ᾱ(t) = cos²((t/T + s)/(1 + s) · π/2), Nichol and Dhariwal 2021, eq. 17
@@ -44,10 +46,8 @@ class NoiseSchedule:
     zero_terminal_snr: bool = False
 
     def __post_init__(self):
-        if self.kind not in SCHEDULE_KINDS:
-            raise ValueError(f"unknown noise schedule {self.kind!r}; allowed: {', '.join(SCHEDULE_KINDS)}")
-        if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 2:
-            raise ValueError(f"num_train_timesteps must be an integer >= 2, got {self.num_train_timesteps!r}")
+        check_choice("noise schedule", self.kind, SCHEDULE_KINDS)
+        check_int("num_train_timesteps", self.num_train_timesteps, low=2)
         if self.kind != "cosine" and not (0 < self.beta_start <= self.beta_end < 1):
             raise ValueError(
                 f"betas must satisfy 0 < beta_start <= beta_end < 1, got beta_start={self.beta_start}, "
@@ -162,6 +162,4 @@ SCHEDULE_PRESETS: dict[str, NoiseSchedule] = {
 
 def get_schedule(name: str) -> NoiseSchedule:
     """A named schedule preset (see SCHEDULE_PRESETS)."""
-    if name not in SCHEDULE_PRESETS:
-        raise ValueError(f"unknown noise schedule {name!r}; allowed: {', '.join(SCHEDULE_PRESETS)}")
-    return SCHEDULE_PRESETS[name]
+    return SCHEDULE_PRESETS[check_choice("noise schedule", name, SCHEDULE_PRESETS)]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from kedavra.diffusion.schedule import NoiseSchedule
+from kedavra.validation import check_choice, check_int
 
 SPACINGS = ("leading", "trailing", "linspace")
 FINAL_SIGMAS = ("zero", "sigma_min")
@@ -51,23 +52,21 @@ class SamplingPlan:
 
 def check_steps(steps, num_train_timesteps: int) -> None:
     """Raise ValueError unless 1 <= steps <= num_train_timesteps."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_train_timesteps:
-        raise ValueError(f"steps must be an integer from 1 to {num_train_timesteps} (training steps), got {steps!r}")
+    check_int("steps", steps, 1, num_train_timesteps)
 
 
 def spaced_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "leading", steps_offset: int = 0):
     """Integer timesteps, descending, shape (steps,), by the named spacing (see the module docstring)."""
     T = schedule.num_train_timesteps
     check_steps(steps, T)
+    check_choice("timestep spacing", spacing, SPACINGS)
     if spacing == "leading":
         ratio = T // steps
         timesteps = torch.arange(steps - 1, -1, -1, dtype=torch.float64) * ratio + steps_offset
     elif spacing == "trailing":
         timesteps = torch.round(T - torch.arange(steps, dtype=torch.float64) * (T / steps)) - 1
-    elif spacing == "linspace":
+    else:  # linspace
         timesteps = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round()
-    else:
-        raise ValueError(f"unknown timestep spacing {spacing!r}; allowed: {', '.join(SPACINGS)}")
     if timesteps.max() > T - 1:
         raise ValueError(f"steps_offset {steps_offset} puts the first timestep past {T - 1}; lower it")
     return timesteps
@@ -93,8 +92,7 @@ def make_plan(
     final_sigma: "zero" ends on the clean sample (σ_n = 0, ᾱ_n = 1); "sigma_min" ends on the training
     schedule's first level σ_n = σ(t=0) (DDIM's `set_alpha_to_one=False`, as Stable Diffusion's config has it).
     """
-    if final_sigma not in FINAL_SIGMAS:
-        raise ValueError(f"unknown final_sigma {final_sigma!r}; allowed: {', '.join(FINAL_SIGMAS)}")
+    check_choice("final_sigma", final_sigma, FINAL_SIGMAS)
     timesteps = spaced_timesteps(schedule, steps, spacing, steps_offset)
     alpha_bar = schedule.alpha_bar[timesteps.long()]
     if karras:

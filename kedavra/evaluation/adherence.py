@@ -15,6 +15,7 @@ from PIL import Image
 
 from kedavra.data.shapes import ShapesConfig, evaluation_prompts
 from kedavra.evaluation.shapes_eval import EvaluationReport, evaluate_batch
+from kedavra.validation import check_choice, check_int
 
 # The settings the embedded model is reported with (docs/embedded_model.md): what `kedavra generate` uses for it.
 DEFAULT_STEPS = 20
@@ -63,10 +64,8 @@ def measure_adherence(
     prompts: "held-out" (colour/shape combinations the shapes data set never shows in training), "seen" (its
         training distribution) or "any". Image i uses seed `seed + i`; the prompts come from their own seed stream.
     """
-    if prompts not in HELD_OUT_CHOICES:
-        raise ValueError(f"prompts must be one of {sorted(HELD_OUT_CHOICES)}, got {prompts!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_choice("prompts", prompts, HELD_OUT_CHOICES)
+    check_int("batch_size", batch_size, low=1)
     config = shapes_config or ShapesConfig()
     specs = evaluation_prompts(config, per_kind=per_kind, seed=seed, held_out=HELD_OUT_CHOICES[prompts])
     captions = [spec.caption for spec in specs]

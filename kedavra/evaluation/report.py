@@ -30,8 +30,9 @@ from kedavra.diffusion.samplers import resolve_sampler
 from kedavra.evaluation.adherence import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, AdherenceResult
 from kedavra.evaluation.fid import KernelDistance
 from kedavra.formats.grid import image_grid
-from kedavra.pipeline.pipeline import MAX_IMAGES
+from kedavra.pipeline.request import MAX_IMAGES
 from kedavra.toy.figures import save_png
+from kedavra.validation import check_int, check_number
 
 DEFAULT_IMAGES = 100  # generated and real images for FID/KID: ~1 min of CPU for a 32 px model and Inception here
 DEFAULT_PER_KIND = 10  # adherence prompts of each of the 4 kinds: 40 images
@@ -47,11 +48,6 @@ CURVE_LINES = ("-", "--", "-.", ":")
 KID_SCALE = 1e3  # KID is reported x 10³, as Bińkowski et al. and clean-fid do
 FILES = {"report": "report.md", "summary": "report.json", "samples": "samples.png", "adherence": "adherence.png",
          "curve": "sampler_steps.png"}
-
-
-def _positive(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -75,23 +71,19 @@ class EvaluationSettings:
         if not isinstance(self.data, str) or not (self.data in DATASETS or Path(self.data).expanduser().is_dir()):
             raise ValueError(f"unknown data {self.data!r}: expected one of {', '.join(DATASETS)} or an existing "
                              "folder of captioned images")
-        _positive("images", self.images, minimum=2)  # a covariance needs two
-        _positive("per_kind", self.per_kind)
-        _positive("steps", self.steps)
-        _positive("curve_images", self.curve_images, minimum=2)
-        _positive("seed", self.seed, minimum=0)
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or \
-                not 1 <= self.batch_size <= MAX_IMAGES:
-            raise ValueError(f"batch_size must be an integer from 1 to {MAX_IMAGES}, got {self.batch_size!r}")
-        if not isinstance(self.guidance_scale, int | float) or not math.isfinite(self.guidance_scale) or \
-                self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale!r}")
+        check_int("images", self.images, low=2)  # a covariance needs two
+        check_int("per_kind", self.per_kind, low=1)
+        check_int("steps", self.steps, low=1)
+        check_int("curve_images", self.curve_images, low=2)
+        check_int("seed", self.seed, low=0)
+        check_int("batch_size", self.batch_size, 1, MAX_IMAGES)
+        check_number("guidance_scale", self.guidance_scale, low=0)
         for name in (self.sampler, *self.curve_samplers):
             resolve_sampler(name)
         if not self.curve_samplers or len(set(self.curve_samplers)) != len(self.curve_samplers):
             raise ValueError(f"curve_samplers must be distinct names, at least one, got {list(self.curve_samplers)}")
         for steps in self.curve_steps:
-            _positive("each curve step count", steps)
+            check_int("each curve step count", steps, low=1)
         if not self.curve_steps or list(self.curve_steps) != sorted(set(self.curve_steps)):
             raise ValueError(f"curve_steps must be distinct and increasing, at least one, got {list(self.curve_steps)}")
 

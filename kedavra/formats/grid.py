@@ -12,14 +12,13 @@ from collections.abc import Sequence
 
 from PIL import Image
 
+from kedavra.validation import check_int, check_optional_int
+
 
 def grid_shape(count: int, columns: int | None = None) -> tuple[int, int]:
     """(rows, columns) for `count` images: `columns` wide if given, else A1111's default (module docstring)."""
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"a grid needs at least one image, got count={count!r}")
-    if columns is not None:
-        if isinstance(columns, bool) or not isinstance(columns, int) or columns < 1:
-            raise ValueError(f"columns must be a positive integer or None, got {columns!r}")
+    check_int("a grid's image count", count, low=1)
+    if check_optional_int("columns", columns, low=1) is not None:
         columns = min(columns, count)
         return math.ceil(count / columns), columns
     rows = round(math.sqrt(count))  # A1111 image_grid; √n is never k + 0.5, so ties do not arise
@@ -32,8 +31,7 @@ def image_grid(images: Sequence[Image.Image], columns: int | None = None, paddin
     `background` between tiles and around them; empty cells of a last, partial row stay `background`."""
     images = list(images)
     rows, columns = grid_shape(len(images), columns)
-    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
-        raise ValueError(f"padding must be an integer >= 0, got {padding!r}")
+    check_int("padding", padding, low=0)
     width, height = images[0].size
     for index, image in enumerate(images):
         if image.size != (width, height):

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import os
 import re
 import struct
@@ -42,6 +41,7 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from kedavra import __version__
+from kedavra.validation import check_int, check_number, check_optional_int, check_text
 
 KEDAVRA_VERSION = f"kedavra {__version__}"
 
@@ -92,44 +92,31 @@ class GenerationParameters:
     version: str | None = KEDAVRA_VERSION
 
     def __post_init__(self):
-        for name in ("prompt", "negative_prompt"):
-            if not isinstance(getattr(self, name), str):
-                raise ValueError(f"{name} must be a str, got {type(getattr(self, name)).__name__}")
+        check_text("prompt", self.prompt)
+        check_text("negative_prompt", self.negative_prompt)
         for number, line in enumerate(self.prompt.split("\n"), 1):
             if line.startswith(NEGATIVE_PROMPT_PREFIX):
                 raise ValueError(f"prompt line {number} ({line!r}) starts with {NEGATIVE_PROMPT_PREFIX!r}, "
                                  "which A1111's format reads as the start of the negative prompt")
-        _check_int("steps", self.steps, minimum=1)
-        _check_int("seed", self.seed, minimum=0)
-        _check_int("width", self.width, minimum=1)
-        _check_int("height", self.height, minimum=1)
+        check_int("steps", self.steps, low=1)
+        check_int("seed", self.seed, low=0)
+        check_int("width", self.width, low=1)
+        check_int("height", self.height, low=1)
         _check_text("sampler", self.sampler, optional=False)
         for name in ("schedule_type", "model_hash", "model", "version"):
             _check_text(name, getattr(self, name), optional=True)
-        object.__setattr__(self, "cfg_scale", _check_float("cfg_scale", self.cfg_scale))
+        object.__setattr__(self, "cfg_scale", check_number("cfg_scale", self.cfg_scale))
         if self.denoising_strength is not None:
-            strength = _check_float("denoising_strength", self.denoising_strength)
+            strength = check_number("denoising_strength", self.denoising_strength)
             if not 0.0 <= strength <= 1.0:
                 raise ValueError(f"denoising_strength must be in [0, 1] or None (text to image), got {strength}")
             object.__setattr__(self, "denoising_strength", strength)
-        if self.clip_skip is not None:
-            _check_int("clip_skip", self.clip_skip, minimum=1)
+        check_optional_int("clip_skip", self.clip_skip, low=1)
         if not isinstance(self.extra, Mapping):
             raise ValueError(f"extra must be a dict of str to str, got {type(self.extra).__name__}")
         for key, value in self.extra.items():
             _check_extra(key, value)
         object.__setattr__(self, "extra", dict(self.extra))
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-def _check_float(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
 
 
 def _check_text(name: str, value, optional: bool) -> None:

@@ -30,6 +30,7 @@ from typing import Any
 
 from torch import nn
 
+from kedavra.diffusion import forward_process
 from kedavra.diffusion.schedule import NoiseSchedule, get_schedule
 from kedavra.diffusion.timesteps import SPACINGS
 from kedavra.networks.minilm import MiniLMConfig, MiniLMEncoder
@@ -38,8 +39,12 @@ from kedavra.networks.tokenizer import VOCAB_SIZE, Tokenizer, TokenizerConfig
 from kedavra.networks.unet import INPAINT_IN_CHANNELS, UNet, UNetConfig
 from kedavra.networks.vae import AutoencoderKL, VAEConfig, get_vae_config
 from kedavra.networks.wordpiece import WordPieceConfig, WordPieceTokenizer
+from kedavra.validation import check_int
 
-PREDICTION_TYPES = ("eps", "v")  # what the U-Net outputs: the noise ε (DDPM) or v (Salimans & Ho 2022, eq. 7)
+# What a ModelConfig's U-Net may be trained to output: the noise ε (DDPM) or v (Salimans & Ho 2022, eq. 7), as SD 1.x
+# and 2.x ship. The samplers also drive x0-predicting denoisers (forward_process.PREDICTION_TYPES); no SD U-Net is one.
+UNET_PREDICTION_TYPES = tuple(kind for kind in forward_process.PREDICTION_TYPES if kind != "x0")
+PREDICTION_TYPES = UNET_PREDICTION_TYPES  # the old name, kept until training/config.py and commands/ import the new one
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "schedule")
 _COMPONENT_TYPES = {
     "tokenizer": (TokenizerConfig, WordPieceConfig),
@@ -77,14 +82,13 @@ class ModelConfig:
             if not isinstance(getattr(self, name), kinds):
                 allowed = " or ".join(kind.__name__ for kind in kinds)
                 raise ValueError(f"ModelConfig.{name} must be a {allowed}, got {type(getattr(self, name)).__name__}")
-        if self.prediction_type not in PREDICTION_TYPES:
+        if self.prediction_type not in UNET_PREDICTION_TYPES:
             raise ValueError(
-                f"ModelConfig.prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}"
+                f"ModelConfig.prediction_type must be one of {UNET_PREDICTION_TYPES}, got {self.prediction_type!r}"
             )
         if self.spacing not in SPACINGS:
             raise ValueError(f"ModelConfig.spacing must be one of {SPACINGS}, got {self.spacing!r}")
-        if not isinstance(self.steps_offset, int) or isinstance(self.steps_offset, bool) or self.steps_offset < 0:
-            raise ValueError(f"ModelConfig.steps_offset must be an int >= 0, got {self.steps_offset!r}")
+        check_int("ModelConfig.steps_offset", self.steps_offset, low=0)
         text, unet, vae = self.text_encoder, self.unet, self.vae
         if text.width != unet.context_dim:
             raise ValueError(

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from kedavra.networks.unet import UNet, UNetConfig
+from kedavra.validation import check_choice, some
 
 LAYOUTS = ("diffusers", "ldm")
 
@@ -110,10 +111,6 @@ def _source_key(key: str, layout: str, table: Mapping[str, tuple[str, str, str]]
     raise KeyError(f"no checkpoint name known for U-Net parameter {key!r}")
 
 
-def _some(keys: list[str], count: int = 5) -> str:
-    return ", ".join(keys[:count]) + (", ..." if len(keys) > count else "")
-
-
 def convert_unet_state_dict(state: Mapping[str, Tensor], layout: str, config: UNetConfig) -> dict[str, Tensor]:
     """Rename a U-Net state dict in `layout` ("diffusers" or "ldm", component prefix already stripped)
     to this module's names, for `UNet(config).load_state_dict(..., strict=True)`.
@@ -121,8 +118,7 @@ def convert_unet_state_dict(state: Mapping[str, Tensor], layout: str, config: UN
     Tensors are passed through (or reshaped as views: transformer proj_in/proj_out weights move
     between the (C, C, 1, 1) conv form and the (C, C) Linear form the config asks for).
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown U-Net checkpoint layout {layout!r}; allowed: {LAYOUTS}")
+    check_choice("U-Net checkpoint layout", layout, LAYOUTS)
     with torch.device("meta"):
         expected = UNet(config).state_dict()
     table = _module_table(config)
@@ -132,8 +128,8 @@ def convert_unet_state_dict(state: Mapping[str, Tensor], layout: str, config: UN
     if missing or unexpected:
         message = (
             f"U-Net state dict does not match layout {layout!r} for this config: "
-            f"{len(missing)} missing keys [{_some(missing)}], "
-            f"{len(unexpected)} unexpected keys [{_some(unexpected)}]"
+            f"{len(missing)} missing keys [{some(missing)}], "
+            f"{len(unexpected)} unexpected keys [{some(unexpected)}]"
         )
         if any(k.startswith("model.diffusion_model.") for k in unexpected):
             message += "; strip the 'model.diffusion_model.' prefix before converting"
@@ -148,5 +144,5 @@ def convert_unet_state_dict(state: Mapping[str, Tensor], layout: str, config: UN
             mismatched.append(f"{src}: {tuple(tensor.shape)}, expected {tuple(shape)}")
         converted[key] = tensor
     if mismatched:
-        raise ValueError(f"U-Net state dict has {len(mismatched)} tensors of the wrong shape: {_some(mismatched)}")
+        raise ValueError(f"U-Net state dict has {len(mismatched)} tensors of the wrong shape: {some(mismatched)}")
     return converted

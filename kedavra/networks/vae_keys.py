@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from kedavra.networks.vae import AutoencoderKL, VAEConfig
+from kedavra.validation import check_choice, some
 
 # ---------------------------------------------------------------------------------------------------
 # Checkpoint key conversion
@@ -36,31 +37,25 @@ def _attention_rename(source_block: str) -> _Rename:
 
 def _renames(layout: str, config: VAEConfig) -> list[_Rename]:
     """Regex substitutions, applied in order, that turn a `layout` key into kedavra's name."""
+    check_choice("VAE checkpoint layout", layout, VAE_LAYOUTS)
     if layout == "diffusers":
         return [
             (r"\.(downsamplers|upsamplers)\.0\.", ".resample."),
             (r"\.conv_norm_out\.", ".norm_out."),
             _attention_rename(r"_block\.attentions\.0"),
         ]
-    if layout == "ldm":
-        last = config.num_levels - 1
-        return [
-            (r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets."),
-            (r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.resample."),
-            # ldm numbers decoder levels by resolution (up.0 is full size and runs last); kedavra and
-            # diffusers number them in execution order, so ldm up.i is up_blocks.(levels - 1 - i).
-            (r"^decoder\.up\.(\d+)\.block\.", lambda m: f"decoder.up_blocks.{last - int(m[1])}.resnets."),
-            (r"^decoder\.up\.(\d+)\.upsample\.", lambda m: f"decoder.up_blocks.{last - int(m[1])}.resample."),
-            (r"\.mid\.block_([12])\.", lambda m: f".mid_block.resnets.{int(m[1]) - 1}."),
-            _attention_rename(r"\.attn_1"),
-            (r"\.nin_shortcut\.", ".conv_shortcut."),
-        ]
-    raise ValueError(f"unknown VAE checkpoint layout {layout!r}; allowed: {', '.join(VAE_LAYOUTS)}")
-
-
-def _listing(keys: list[str], limit: int = 5) -> str:
-    shown = ", ".join(keys[:limit])
-    return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
+    last = config.num_levels - 1  # the ldm layout
+    return [
+        (r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets."),
+        (r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.resample."),
+        # ldm numbers decoder levels by resolution (up.0 is full size and runs last); kedavra and
+        # diffusers number them in execution order, so ldm up.i is up_blocks.(levels - 1 - i).
+        (r"^decoder\.up\.(\d+)\.block\.", lambda m: f"decoder.up_blocks.{last - int(m[1])}.resnets."),
+        (r"^decoder\.up\.(\d+)\.upsample\.", lambda m: f"decoder.up_blocks.{last - int(m[1])}.resample."),
+        (r"\.mid\.block_([12])\.", lambda m: f".mid_block.resnets.{int(m[1]) - 1}."),
+        _attention_rename(r"\.attn_1"),
+        (r"\.nin_shortcut\.", ".conv_shortcut."),
+    ]
 
 
 def convert_vae_state_dict(state: Mapping[str, Tensor], layout: str, config: VAEConfig) -> dict[str, Tensor]:
@@ -100,7 +95,7 @@ def convert_vae_state_dict(state: Mapping[str, Tensor], layout: str, config: VAE
     missing = sorted(set(expected) - set(converted))
     if missing or unexpected or duplicated or misshaped:
         problems = [
-            f"{label}: {_listing(items)}"
+            f"{label}: {len(items)} ({some(items)})"
             for label, items in (
                 ("missing", missing),
                 ("unexpected", unexpected),

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from kedavra.diffusion.samplers import SAMPLERS, Denoiser, resolve_sampler, sample
 from kedavra.diffusion.schedule import get_schedule
 from kedavra.toy.mixture import TWO_MODES, ExactModel, GaussianMixture, expected_fraction_between, fraction_between
+from kedavra.validation import check_int, is_int
 
 SPACING = "linspace"  # with karras=True: σ from σ(T-1) to σ(0) for every step count
 DDPM_BASELINE_STEPS = 1000  # "1000-step DDPM": ancestral sampling on every training step (Ho et al. 2020)
@@ -58,23 +59,14 @@ class ConvergenceConfig:
         object.__setattr__(self, "samplers", names)
         T = get_schedule(self.schedule).num_train_timesteps
         budgets = tuple(self.budgets)
-        if (
-            not budgets
-            or any(isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= T for b in budgets)
-            or list(budgets) != sorted(set(budgets))
-        ):
+        in_range = all(is_int(b) and 2 <= b <= T for b in budgets)
+        if not budgets or not in_range or list(budgets) != sorted(set(budgets)):
             raise ValueError(f"budgets must be distinct ascending integers from 2 to {T}, got {self.budgets!r}")
         object.__setattr__(self, "budgets", budgets)
-        for name, low in (("num_samples", 2), ("num_projections", 1), ("seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if (
-            isinstance(self.reference_steps, bool)
-            or not isinstance(self.reference_steps, int)
-            or not 2 <= self.reference_steps <= T
-        ):
-            raise ValueError(f"reference_steps must be an integer from 2 to {T}, got {self.reference_steps!r}")
+        check_int("num_samples", self.num_samples, low=2)
+        check_int("num_projections", self.num_projections, low=1)
+        check_int("seed", self.seed, low=0)
+        check_int("reference_steps", self.reference_steps, 2, T)
 
 
 @dataclass(frozen=True)

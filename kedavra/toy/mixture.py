@@ -28,6 +28,7 @@ import torch
 
 from kedavra.diffusion.forward_process import check_prediction_type, training_target
 from kedavra.diffusion.schedule import NoiseSchedule, check_timesteps
+from kedavra.validation import check_int
 
 BETWEEN_STDS = 2.5  # a sample "between the modes" lies more than this many stds from both means along their axis
 
@@ -76,8 +77,7 @@ class GaussianMixture:
 
     def sample_with_components(self, n: int, generator: torch.Generator | None = None, dtype=torch.float32):
         """(x (n, D), k (n,)): n samples and the component each came from, drawn with `generator` (CPU)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"number of samples must be an integer >= 0, got {n!r}")
+        check_int("number of samples", n, low=0)
         means, stds, weights = self.tensors(torch.float64)
         k = torch.multinomial(weights, n, replacement=True, generator=generator) if n else torch.zeros(0).long()
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)

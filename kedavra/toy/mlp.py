@@ -20,6 +20,7 @@ from tqdm import tqdm
 from kedavra.diffusion.forward_process import add_noise, randn_like
 from kedavra.diffusion.schedule import get_schedule
 from kedavra.toy.mixture import ExactModel, GaussianMixture
+from kedavra.validation import check_int, check_number
 
 SINUSOID_MAX_PERIOD = 10000.0  # the Transformer's sinusoid base (Vaswani et al. 2017, sec. 3.5), as DDPM uses
 EVAL_BATCH = 8192  # samples in the fixed held-out batch the loss is measured on before and after training
@@ -36,16 +37,8 @@ class ToyMLPConfig:
 
     def __post_init__(self):
         for name in ("data_dim", "width", "depth"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if (
-            isinstance(self.time_dim, bool)
-            or not isinstance(self.time_dim, int)
-            or self.time_dim < 2
-            or self.time_dim % 2
-        ):
-            raise ValueError(f"time_dim must be an even integer >= 2 (sin and cos halves), got {self.time_dim!r}")
+            check_int(name, getattr(self, name), low=1)
+        check_int("time_dim", self.time_dim, low=2, multiple_of=2, note=" (sin and cos halves)")
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = SINUSOID_MAX_PERIOD) -> torch.Tensor:
@@ -104,16 +97,12 @@ class ToyTrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("steps", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_int("steps", self.steps, low=1)
+        check_int("batch_size", self.batch_size, low=1)
         if not (isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate < 1):
             raise ValueError(f"learning_rate must be a number in (0, 1), got {self.learning_rate!r}")
-        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        check_number("weight_decay", self.weight_decay, low=0)
+        check_int("seed", self.seed, low=0)
         get_schedule(self.schedule)
 
 
