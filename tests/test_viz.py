@@ -44,7 +44,7 @@ from kedavra.viz.latents import draw_latents, round_trip
 from kedavra.viz.panels import colour_map, display_scale, enlarge, heat_image, overlay, spread_indices, to_image
 from kedavra.viz.reverse import decode_reverse, draw_reverse_strip
 from kedavra.viz.sample_image import draw_sample_image
-from kedavra.viz.trace import decode
+from kedavra.viz.trace import decode, figure_request
 
 PROMPT = "a red circle"
 STEPS = 3  # Euler steps: cheap at 32 px, and more than one so step-to-step relations are tested
@@ -73,7 +73,7 @@ def pipe():
 @pytest.fixture(scope="module")
 def maps(pipe):
     """One recorded run, shared: its attention maps, and its trace for the reverse and guidance checks."""
-    return record_attention(pipe, PROMPT, steps=STEPS, guidance_scale=GUIDANCE, seed=SEED)
+    return record_attention(pipe, figure_request(PROMPT, steps=STEPS, guidance_scale=GUIDANCE, seed=SEED))
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +187,7 @@ def test_uniform_attention_gives_each_word_its_token_count_over_77():
     with torch.no_grad():
         for layer in cross_attention_layers(uniform):
             layer.to_k.weight.zero_()  # every score 0: softmax is 1/77 on each text position
-    maps = record_attention(uniform, "kedavra circle", steps=2, seed=SEED)
+    maps = record_attention(uniform, figure_request("kedavra circle", steps=2, seed=SEED))
     tokens = len(maps.words.positions[0])
     expected = torch.tensor([tokens, 1, CONTEXT - tokens - 1], dtype=torch.float32) / CONTEXT  # kedavra, circle, rest
     assert torch.allclose(maps.per_step, expected[None, :, None, None].expand_as(maps.per_step), atol=1e-6)
@@ -257,7 +257,7 @@ def test_a_model_built_to_attend_to_red_gives_red_all_the_attention():
             scale = HAND_SCORE / (width * math.sqrt(attention.head_dim))  # q . k_red / sqrt(Dh) ~ HAND_SCORE
             attention.to_k.weight.copy_(scale * torch.ones(attention.to_k.out_features, 1) * signs)
     built = Pipeline(model, device="cpu", dtype="fp32")
-    maps = record_attention(built, PROMPT, steps=2, guidance_scale=GUIDANCE, seed=SEED)
+    maps = record_attention(built, figure_request(PROMPT, steps=2, guidance_scale=GUIDANCE, seed=SEED))
     expected = torch.tensor([0.0, 1.0, 0.0, 0.0])  # a, red, circle, the rest
     assert torch.allclose(maps.per_step, expected[:, None, None].expand_as(maps.per_step), atol=1e-6, rtol=0)
     assert torch.allclose(maps.word_map("red"), torch.ones(32, 32), atol=1e-6, rtol=0)

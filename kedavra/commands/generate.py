@@ -275,7 +275,7 @@ def read_inputs(init_path: str | None, mask_path: str | None) -> tuple[Image.Ima
     """The init image (RGB) and the mask (L), refusing a mask of another size than the image."""
     init_image = read_image(init_path, "init image", "RGB") if init_path is not None else None
     mask = read_image(mask_path, "mask", "L") if mask_path is not None else None
-    if mask is not None and mask.size != init_image.size:
+    if mask is not None and init_image is not None and mask.size != init_image.size:
         raise ValueError(f"mask {mask_path} is {mask.size[0]}x{mask.size[1]} but init image {init_path} is "
                          f"{init_image.size[0]}x{init_image.size[1]}; they must be the same size")
     return init_image, mask

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from kedavra.api import choose_model, load, resolve_model
 from kedavra.diffusion.schedule import SCHEDULE_PRESETS, get_schedule
 from kedavra.pipeline.device import check_device, parse_precision
+from kedavra.validation import check_int
 from kedavra.viz.attention import NORMALISATIONS, check_normalise, make_attention_figure
 from kedavra.viz.forward import (
     DEFAULT_SEED,
@@ -38,7 +39,7 @@ from kedavra.viz.guidance import make_guidance_figure
 from kedavra.viz.latents import load_image_for, make_latents_figure
 from kedavra.viz.panels import DEFAULT_ROWS
 from kedavra.viz.reverse import DEFAULT_COLUMNS, make_reverse_figure
-from kedavra.viz.trace import DEFAULT_GUIDANCE_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS
+from kedavra.viz.trace import DEFAULT_GUIDANCE_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, figure_request
 from kedavra.viz.trace import DEFAULT_SEED as DEFAULT_GENERATION_SEED
 
 DEFAULT_OUT_DIR = Path("out") / "forward"
@@ -205,13 +206,11 @@ def _load(args):
 
 def run_generation_figure(args) -> int:
     output = _output(args.output)
-    if args.steps < 1:
-        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    request = figure_request(args.prompt, args.negative, steps=args.steps, sampler=args.sampler,
+                             guidance_scale=args.cfg_scale, seed=args.seed, width=args.width, height=args.height)
     options = {}
     if args.figure == "reverse":
-        if args.columns < 1:
-            raise ValueError(f"--columns must be at least 1, got {args.columns}")
-        options["columns"] = args.columns
+        options["columns"] = check_int("--columns", args.columns, 1)
     else:
         options["at"] = parse_at(args.at, args.steps)
     if args.figure == "attention":
@@ -219,13 +218,11 @@ def run_generation_figure(args) -> int:
     if args.figure == "guidance" and args.cfg_scale == 1.0:
         raise ValueError("--cfg-scale 1 runs no unconditional prediction, so there is no guidance to take apart")
     pipe = _load(args)
+    request = pipe.check(request)
     output.parent.mkdir(parents=True, exist_ok=True)
     make = {"reverse": make_reverse_figure, "attention": make_attention_figure, "guidance": make_guidance_figure}
     with tqdm(total=args.steps, desc=args.figure, unit="step", file=sys.stderr, disable=args.quiet) as bar:
-        written = make[args.figure](pipe, args.prompt, output, negative_prompt=args.negative, steps=args.steps,
-                                    sampler=args.sampler, guidance_scale=args.cfg_scale, seed=args.seed,
-                                    width=args.width, height=args.height, on_step=lambda i, n: bar.update(1),
-                                    **options)
+        written = make[args.figure](pipe, request, output, on_step=lambda i, n: bar.update(1), **options)
     for path in written.values():
         print(path)
     return 0

@@ -47,6 +47,7 @@ from kedavra.networks.tokenizer import Tokenizer
 from kedavra.networks.transformer import CrossAttention, TransformerBlock
 from kedavra.pipeline.pipeline import Pipeline
 from kedavra.pipeline.prompt_weighting import chunk_prompt
+from kedavra.pipeline.request import GenerationRequest
 from kedavra.viz.panels import (
     DEFAULT_ROWS,
     SheetLayout,
@@ -61,16 +62,7 @@ from kedavra.viz.panels import (
     to_image,
 )
 from kedavra.viz.reverse import step_label, title_lines
-from kedavra.viz.trace import (
-    DEFAULT_GUIDANCE_SCALE,
-    DEFAULT_SAMPLER,
-    DEFAULT_SEED,
-    DEFAULT_STEPS,
-    GenerationTrace,
-    check_generation,
-    decode,
-    trace_generation,
-)
+from kedavra.viz.trace import GenerationTrace, decode, trace_generation
 
 REST_LABEL = "⟨start/end/pad⟩"  # the map of every position that is no word of the prompt
 NORMALISATIONS = ("words", "all")  # see the module docstring
@@ -207,24 +199,15 @@ def cross_attention_layers(pipe: Pipeline) -> list[CrossAttention]:
     return [module.attn2 for module in pipe.model.unet.modules() if isinstance(module, TransformerBlock)]
 
 
-def record_attention(
-    pipe: Pipeline,
-    prompt: str,
-    negative_prompt: str = "",
-    *,
-    steps: int = DEFAULT_STEPS,
-    sampler: str = DEFAULT_SAMPLER,
-    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-    seed: int = DEFAULT_SEED,
-    width: int | None = None,
-    height: int | None = None,
-    on_step: Callable[[int, int], None] | None = None,
-) -> AttentionMaps:
-    """Generate `prompt` (the image `pipe` gives for this seed) and record its per-word attention maps."""
-    width, height = check_generation(pipe, steps, sampler, guidance_scale, seed, width, height)
-    words = prompt_words(pipe.model.tokenizer, prompt)
+def record_attention(pipe: Pipeline, request: GenerationRequest,
+                     on_step: Callable[[int, int], None] | None = None) -> AttentionMaps:
+    """Generate the one image of `request` (the image `pipe` gives for it; see trace.figure_request) and record
+    its per-word attention maps."""
+    request = pipe.check(request)
+    words = prompt_words(pipe.model.tokenizer, request.prompts[0])
     f = pipe.config.vae.downsample_factor
-    recorder = AttentionRecorder(words, (height // f, width // f), (height, width), guided=guidance_scale != 1.0)
+    recorder = AttentionRecorder(words, (request.height // f, request.width // f), (request.height, request.width),
+                                 guided=request.guidance_scale != 1.0)
 
     def step_done(i: int, n: int) -> None:
         recorder.end_step()
@@ -235,9 +218,7 @@ def record_attention(
     for layer in layers:
         layer.recorder = recorder.record
     try:
-        trace = trace_generation(pipe, prompt, negative_prompt, steps=steps, sampler=sampler,
-                                 guidance_scale=guidance_scale, seed=seed, width=width, height=height,
-                                 on_step=step_done)
+        trace = trace_generation(pipe, request, step_done)
     finally:
         for layer in layers:
             layer.recorder = None
@@ -295,30 +276,16 @@ def draw_attention_frames(maps: AttentionMaps, x0_images: dict[int, torch.Tensor
     return frames
 
 
-def make_attention_figure(
-    pipe: Pipeline,
-    prompt: str,
-    path: str | Path,
-    *,
-    negative_prompt: str = "",
-    steps: int = DEFAULT_STEPS,
-    sampler: str = DEFAULT_SAMPLER,
-    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-    seed: int = DEFAULT_SEED,
-    width: int | None = None,
-    height: int | None = None,
-    at: Sequence[int] | None = None,
-    normalise: str = "words",
-    on_step: Callable[[int, int], None] | None = None,
-) -> dict[str, Path]:
-    """Generate `prompt`, write the sheet (steps `at`, 0-based, default DEFAULT_ROWS spread over the run, and
-    all steps together) of the maps of `normalise` to `path` (.png) and one frame per step beside it (.gif)."""
+def make_attention_figure(pipe: Pipeline, request: GenerationRequest, path: str | Path, *,
+                          at: Sequence[int] | None = None, normalise: str = "words",
+                          on_step: Callable[[int, int], None] | None = None) -> dict[str, Path]:
+    """Generate the one image of `request` (see trace.figure_request), write the sheet (steps `at`, 0-based,
+    default DEFAULT_ROWS spread over the run, and all steps together) of the maps of `normalise` to `path` (.png)
+    and one frame per step beside it (.gif)."""
     path = check_png_path(path)
     check_normalise(normalise)
-    check_generation(pipe, steps, sampler, guidance_scale, seed, width, height)
-    indices = spread_indices(steps, DEFAULT_ROWS) if at is None else check_step_indices(at, steps)
-    maps = record_attention(pipe, prompt, negative_prompt, steps=steps, sampler=sampler,
-                            guidance_scale=guidance_scale, seed=seed, width=width, height=height, on_step=on_step)
+    indices = spread_indices(request.steps, DEFAULT_ROWS) if at is None else check_step_indices(at, request.steps)
+    maps = record_attention(pipe, request, on_step)
     x0_images = {i: decode(pipe, step.x0) for i, step in enumerate(maps.trace.steps)}
     sheet, _ = draw_attention(maps, x0_images, indices, normalise)
     sheet.save(path)

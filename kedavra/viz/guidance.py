@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from kedavra.pipeline.pipeline import Pipeline
+from kedavra.pipeline.request import GenerationRequest
 from kedavra.viz.panels import (
     DEFAULT_ROWS,
     SheetLayout,
@@ -38,16 +39,7 @@ from kedavra.viz.panels import (
     to_image,
 )
 from kedavra.viz.reverse import step_label, title_lines
-from kedavra.viz.trace import (
-    DEFAULT_GUIDANCE_SCALE,
-    DEFAULT_SAMPLER,
-    DEFAULT_SEED,
-    DEFAULT_STEPS,
-    GenerationTrace,
-    check_generation,
-    decode,
-    trace_generation,
-)
+from kedavra.viz.trace import GenerationTrace, decode, trace_generation
 
 COLUMNS = ("x̂_0 from cond", "x̂_0 from uncond", "|cond − uncond|", "x̂_0 guided")
 
@@ -103,30 +95,16 @@ def draw_guidance(trace: GenerationTrace, parts: Sequence[GuidanceStep]) -> tupl
     return draw_sheet(tiles, title, [step_label(trace, part.index) for part in parts], labels)
 
 
-def make_guidance_figure(
-    pipe: Pipeline,
-    prompt: str,
-    path: str | Path,
-    *,
-    negative_prompt: str = "",
-    steps: int = DEFAULT_STEPS,
-    sampler: str = DEFAULT_SAMPLER,
-    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-    seed: int = DEFAULT_SEED,
-    width: int | None = None,
-    height: int | None = None,
-    at: Sequence[int] | None = None,
-    on_step: Callable[[int, int], None] | None = None,
-) -> dict[str, Path]:
-    """Generate `prompt` and write the guidance sheet to `path` (.png) for the steps `at` (0-based; default
-    DEFAULT_ROWS spread over the run); returns {"sheet": path}."""
+def make_guidance_figure(pipe: Pipeline, request: GenerationRequest, path: str | Path, *,
+                         at: Sequence[int] | None = None, on_step: Callable[[int, int], None] | None = None
+                         ) -> dict[str, Path]:
+    """Generate the one image of `request` (see trace.figure_request) and write the guidance sheet to `path` (.png)
+    for the steps `at` (0-based; default DEFAULT_ROWS spread over the run); returns {"sheet": path}."""
     path = check_png_path(path)
-    if guidance_scale == 1.0:
+    if request.guidance_scale == 1.0:
         raise ValueError("guidance_scale 1 runs no unconditional prediction; take guidance apart with a scale != 1")
-    check_generation(pipe, steps, sampler, guidance_scale, seed, width, height)
-    indices = spread_indices(steps, DEFAULT_ROWS) if at is None else check_step_indices(at, steps)
-    trace = trace_generation(pipe, prompt, negative_prompt, steps=steps, sampler=sampler,
-                             guidance_scale=guidance_scale, seed=seed, width=width, height=height, on_step=on_step)
+    indices = spread_indices(request.steps, DEFAULT_ROWS) if at is None else check_step_indices(at, request.steps)
+    trace = trace_generation(pipe, request, on_step)
     sheet, _ = draw_guidance(trace, take_apart(pipe, trace, indices))
     sheet.save(path)
     return {"sheet": path}

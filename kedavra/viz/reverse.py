@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from kedavra.pipeline.pipeline import Pipeline
+from kedavra.pipeline.request import GenerationRequest
 from kedavra.viz.panels import (
     SheetLayout,
     check_png_path,
@@ -31,15 +32,7 @@ from kedavra.viz.panels import (
     spread_indices,
     to_image,
 )
-from kedavra.viz.trace import (
-    DEFAULT_GUIDANCE_SCALE,
-    DEFAULT_SAMPLER,
-    DEFAULT_SEED,
-    DEFAULT_STEPS,
-    GenerationTrace,
-    decode,
-    trace_generation,
-)
+from kedavra.viz.trace import GenerationTrace, decode, trace_generation
 
 DEFAULT_COLUMNS = 8  # steps shown in the PNG strip
 ROWS = ("x_t (U-Net input)", "x̂_0 (predicted)")
@@ -97,28 +90,14 @@ def draw_reverse_frames(frames: ReverseFrames) -> list[Image.Image]:
     return out
 
 
-def make_reverse_figure(
-    pipe: Pipeline,
-    prompt: str,
-    path: str | Path,
-    *,
-    negative_prompt: str = "",
-    steps: int = DEFAULT_STEPS,
-    sampler: str = DEFAULT_SAMPLER,
-    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-    seed: int = DEFAULT_SEED,
-    width: int | None = None,
-    height: int | None = None,
-    columns: int = DEFAULT_COLUMNS,
-    on_step: Callable[[int, int], None] | None = None,
-) -> dict[str, Path]:
-    """Generate `prompt`, write the strip to `path` (.png) and the animation beside it (.gif);
-    returns {"strip": png path, "animation": gif path}."""
+def make_reverse_figure(pipe: Pipeline, request: GenerationRequest, path: str | Path, *,
+                        columns: int = DEFAULT_COLUMNS, on_step: Callable[[int, int], None] | None = None
+                        ) -> dict[str, Path]:
+    """Generate the one image of `request` (see trace.figure_request), write the strip to `path` (.png) and the
+    animation beside it (.gif); returns {"strip": png path, "animation": gif path}."""
     path = check_png_path(path)
-    spread_indices(steps, columns)  # refuses a bad column count before the run
-    trace = trace_generation(pipe, prompt, negative_prompt, steps=steps, sampler=sampler,
-                             guidance_scale=guidance_scale, seed=seed, width=width, height=height, on_step=on_step)
-    frames = decode_reverse(pipe, trace)
+    spread_indices(request.steps, columns)  # refuses a bad column count before the run
+    frames = decode_reverse(pipe, trace_generation(pipe, request, on_step))
     strip, _, _ = draw_reverse_strip(frames, columns)
     strip.save(path)
     gif = save_gif(draw_reverse_frames(frames), path.with_suffix(".gif"))

@@ -62,36 +62,22 @@ class GenerationTrace:
         return to_x0_eps(output, step.x_t, step.alpha_bar, self.prediction_type)[0]
 
 
-def check_generation(pipe: Pipeline, steps: int, sampler: str, guidance_scale: float, seed: int,
-                     width: int | None, height: int | None) -> tuple[int, int]:
-    """(width, height), None meaning the model's image size, once the settings of a one-image run are accepted
-    as a `GenerationRequest` for this model (ValueError naming a bad one)."""
-    request = pipe.check(GenerationRequest.build("", steps=steps, sampler=sampler, guidance_scale=guidance_scale,
-                                                 seed=seed, width=width, height=height))
-    return request.width, request.height
+def figure_request(prompt: str, negative_prompt: str = "", *, steps: int = DEFAULT_STEPS,
+                   sampler: str = DEFAULT_SAMPLER, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+                   seed: int = DEFAULT_SEED, width: int | None = None, height: int | None = None) -> GenerationRequest:
+    """The one-image request a figure traces, with the figures' defaults (a fixed seed, so figures reproduce)."""
+    return GenerationRequest.build(prompt, negative_prompt, steps=steps, sampler=sampler,
+                                   guidance_scale=guidance_scale, seed=seed, width=width, height=height)
 
 
-def trace_generation(
-    pipe: Pipeline,
-    prompt: str,
-    negative_prompt: str = "",
-    *,
-    steps: int = DEFAULT_STEPS,
-    sampler: str = DEFAULT_SAMPLER,
-    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-    seed: int = DEFAULT_SEED,
-    width: int | None = None,
-    height: int | None = None,
-    on_step: Callable[[int, int], None] | None = None,
-) -> GenerationTrace:
-    """Generate one image for `prompt` with `pipe` (its device and precision) and record every step.
+def trace_generation(pipe: Pipeline, request: GenerationRequest,
+                     on_step: Callable[[int, int], None] | None = None) -> GenerationTrace:
+    """Generate the one image of `request` with `pipe` (its device and precision) and record every step.
 
-    The image is the one `pipe(prompt, ..., seed=seed)` gives: the noise comes from a CPU generator seeded
-    with `seed`. on_step(i, n) is called after step i of n (progress bars, the attention recorder)."""
-    if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
-        raise ValueError(f"prompt and negative_prompt must be str, got {prompt!r} and {negative_prompt!r}")
-    request = GenerationRequest.build(prompt, negative_prompt, steps=steps, sampler=sampler,
-                                      guidance_scale=guidance_scale, seed=seed, width=width, height=height)
+    The image is the one `pipe.generate(request)` gives. on_step(i, n) is called after step i of n (progress bars,
+    the attention recorder)."""
+    if request.num_images != 1:
+        raise ValueError(f"a figure traces one image; the request asks for {request.num_images}")
     traced: list[TracedStep] = []
 
     def keep(step: StepRecord) -> None:
@@ -101,8 +87,9 @@ def trace_generation(
             on_step(step.index, step.count)
 
     result = pipe.generate(request, callback=keep)
-    return GenerationTrace(prompt, negative_prompt, result.seeds[0], request.sampler, float(guidance_scale),
-                           pipe.config.prediction_type, tuple(traced), _first(result.latents), result.images[0])
+    return GenerationTrace(request.prompts[0], request.negative_prompts[0], result.seeds[0], request.sampler,
+                           request.guidance_scale, pipe.config.prediction_type, tuple(traced),
+                           _first(result.latents), result.images[0])
 
 
 def _first(batch: torch.Tensor) -> torch.Tensor:
