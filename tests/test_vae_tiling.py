@@ -1,5 +1,5 @@
-"""kedavra.networks.vae's tiled encode and decode: tiles that cover the image with enough overlap, blend weights that
-sum to one, results close to the untiled ones, and the lower peak memory that is tiling's point."""
+"""kedavra.networks.vae_tiling, the VAE's tiled encode and decode: tiles that cover the image with enough overlap,
+blend weights that sum to one, results close to the untiled ones, and the lower peak memory that is tiling's point."""
 
 import subprocess
 import sys
@@ -11,11 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_vae import meta_sd_model, tiny_model
 
-from kedavra.networks.vae import (
-    Tiling,
-    run_tiled,
-    tile_starts,
-)
+from kedavra.networks.vae_tiling import Tiling, run_tiled, tile_starts
 
 
 @given(length=st.integers(1, 300), tile=st.integers(1, 64), data=st.data())
@@ -102,7 +98,7 @@ def test_tiling_rejects_bad_sizes():
 PEAK_MEMORY_SCRIPT = textwrap.dedent(
     """
     import torch
-    from kedavra.networks.vae import AutoencoderKL, Tiling, get_vae_config
+    from kedavra.networks.vae import AutoencoderKL, get_vae_config
 
     def peak_rss_kib():
         with open("/proc/self/status") as status:

@@ -23,7 +23,7 @@ from kedavra.diffusion.samplers import StepCallback, StepRecord, sample
 from kedavra.formats.images import to_pil
 from kedavra.networks.acceleration import optimize_for_inference
 from kedavra.networks.model import StableDiffusion
-from kedavra.networks.vae import Tiling
+from kedavra.networks.vae_tiling import Tiling
 from kedavra.pipeline.device import default_device, default_dtype, parse_precision
 from kedavra.pipeline.prompt_weighting import encode_prompt_pairs
 from kedavra.pipeline.request import GenerationRequest
