@@ -115,3 +115,11 @@ def check_seed(name: str, value, *, optional: bool = False) -> int | None:
     if optional:
         return check_optional_int(name, value, 0, MAX_SEED, none_means="a random one")
     return check_int(name, value, 0, MAX_SEED)
+
+
+def key_mismatch(what: str, missing: Iterable, unexpected: Iterable) -> str:
+    """The error text for a state dict whose keys do not match a model's: `what` (e.g. "U-Net state dict does not
+    match layout 'ldm' for this config"), then how many keys are missing and unexpected, with the first few."""
+    missing, unexpected = list(missing), list(unexpected)
+    return (f"{what}: {len(missing)} missing keys [{some(missing)}], "
+            f"{len(unexpected)} unexpected keys [{some(unexpected)}]")

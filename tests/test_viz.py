@@ -315,7 +315,7 @@ def test_spread_indices_keep_first_and_last():
     assert spread_indices(20, 4) == [0, 6, 13, 19]
     assert spread_indices(3, 8) == [0, 1, 2]
     assert spread_indices(5, 1) == [4]
-    with pytest.raises(ValueError, match="positive integer"):
+    with pytest.raises(ValueError, match="the number of steps to show must be an integer >= 1"):
         spread_indices(5, 0)
 
 

@@ -30,7 +30,7 @@ from kedavra.diffusion.samplers import resolve_sampler
 from kedavra.diffusion.timesteps import start_index_for_strength
 from kedavra.formats.grid import image_grid
 from kedavra.formats.png_info import GenerationParameters, read_parameters, write_png
-from kedavra.networks.model import PREDICTION_TYPES, PRESETS
+from kedavra.networks.model import PRESETS, UNET_PREDICTION_TYPES
 from kedavra.pipeline.device import check_device, parse_precision
 from kedavra.pipeline.infotext import (
     DEFAULT_SCHEDULES,
@@ -80,7 +80,7 @@ def register(subparsers) -> None:
     model.add_argument("--family", metavar="NAME",
                        help=f"model family instead of the detected one: {', '.join(PRESETS)}")
     model.add_argument("--prediction-type", metavar="TYPE",
-                       help=f"what the U-Net predicts, instead of the detected: {', '.join(PREDICTION_TYPES)}")
+                       help=f"what the U-Net predicts, instead of the detected: {', '.join(UNET_PREDICTION_TYPES)}")
     model.add_argument("--device", metavar="DEVICE",
                        help="cpu, cuda, cuda:1, mps (default: CUDA if present, else the CPU)")
     model.add_argument("--precision", default="auto", metavar="auto|fp32|bf16|fp16",
@@ -235,7 +235,7 @@ def run(args) -> int:
     if args.family is not None:
         check_choice("--family", args.family, PRESETS)
     if args.prediction_type is not None:
-        check_choice("--prediction-type", args.prediction_type, PREDICTION_TYPES)
+        check_choice("--prediction-type", args.prediction_type, UNET_PREDICTION_TYPES)
     steps_to_run = request.steps
     if init_image is not None:
         steps_to_run -= start_index_for_strength(request.steps, request.strength)  # refuses one that runs none

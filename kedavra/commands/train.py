@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from kedavra.diffusion.schedule import SCHEDULE_PRESETS
-from kedavra.networks.model import PREDICTION_TYPES, PRESETS
+from kedavra.networks.model import PRESETS, UNET_PREDICTION_TYPES
 from kedavra.training.checkpointing import find_checkpoint
 from kedavra.training.config import (
     LR_SCHEDULES,
@@ -101,7 +101,7 @@ def register(subparsers) -> None:
         f"(default {DEFAULTS.grad_clip})")
     add("--accumulation", type=int, default=s, help=f"micro-steps per optimizer step (default {DEFAULTS.accumulation})")
     add("--ema-decay", type=float, default=s, help=f"EMA decay, warmed up (default {DEFAULTS.ema_decay})")
-    add("--prediction-type", choices=PREDICTION_TYPES, default=s,
+    add("--prediction-type", choices=UNET_PREDICTION_TYPES, default=s,
         help="what the U-Net predicts (default: the preset's or the --init model's)")
     add("--schedule", choices=list(SCHEDULE_PRESETS), default=s,
         help="noise schedule (default: the preset's, sd, or the --init model's)")

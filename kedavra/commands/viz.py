@@ -22,7 +22,7 @@ from tqdm import tqdm
 from kedavra.api import choose_model, load, resolve_model
 from kedavra.diffusion.schedule import SCHEDULE_PRESETS, get_schedule
 from kedavra.pipeline.device import check_device, parse_precision
-from kedavra.validation import check_int
+from kedavra.validation import check_int, check_seed
 from kedavra.viz.attention import NORMALISATIONS, check_normalise, make_attention_figure
 from kedavra.viz.forward import (
     DEFAULT_SEED,
@@ -232,8 +232,7 @@ def run_latents(args) -> int:
     output = _output(args.output)
     if args.image is not None and not Path(args.image).is_file():
         raise ValueError(f"image {args.image!r} does not exist; give an image file Pillow can read")
-    if args.sample_seed is not None and not 0 <= args.sample_seed < 2**64:
-        raise ValueError(f"--sample-seed must be an integer in [0, 2**64 - 1], got {args.sample_seed}")
+    check_seed("--sample-seed", args.sample_seed, optional=True)
     pipe = _load(args)
     image = load_image_for(pipe, args.image, args.size)
     generator = None if args.sample_seed is None else torch.Generator().manual_seed(args.sample_seed)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from kedavra.diffusion.schedule import NoiseSchedule
-from kedavra.validation import check_choice, check_int
+from kedavra.validation import check_choice, check_int, check_number
 
 SPACINGS = ("leading", "trailing", "linspace")
 FINAL_SIGMAS = ("zero", "sigma_min")
@@ -111,8 +111,7 @@ def make_plan(
 def start_index_for_strength(steps: int, strength: float) -> int:
     """First step of an image-to-image run: strength 1 starts from pure noise (index 0), strength s runs
     the last ⌊s·n⌋ of the n steps (the convention of SD's img2img scripts and diffusers)."""
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
-        raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
+    check_number("strength", strength, 0, 1)
     denoise_steps = min(int(steps * strength), steps)
     if denoise_steps == 0:
         raise ValueError(

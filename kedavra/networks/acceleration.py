@@ -21,9 +21,8 @@ product at most shapes; where oneDNN blocks the reduction of a half-width matrix
 x 1280 features) an element moves by one bf16 rounding step. fp32 linear layers stay on the eager path:
 oneDNN's packed fp32 inner product is not faster than MKL's sgemm here and rounds differently.
 
-Costs: one packed copy of each swapped weight that has run (SD 1.5's U-Net and VAE decoder: about 1.7 GiB in
-bf16, 2.4 GiB of fp32 conv weights; docs/benchmark.md), and one reorder when a layer first meets a new
-input shape. The parameters themselves
+Costs: one packed copy of each swapped weight that has run (measured sizes: docs/benchmark.md), and one reorder
+when a layer first meets a new input shape. The parameters themselves
 are untouched (state_dict, `.to()`, training): a layer repacks when its weight tensor or its version counter
 changes (`load_state_dict`, optimizer steps, `.to()`), drops its packed copy on `.to()` / `.float()`, and
 runs the ordinary way whenever autograd records, the input is not on the CPU or its dtype differs from the

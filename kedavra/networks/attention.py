@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 Recorder = Callable[[Tensor], None]  # receives the probabilities (B, Nh, S, L) of one attention call
 Projection = Callable[[Tensor], Tensor]  # a Linear layer (or its packed twin, kedavra.networks.acceleration)
@@ -130,3 +130,10 @@ def multi_head_attention(
     v = split_heads(to_v(context), num_heads)  # (B, Nh, L, Dh)
     out = attend(q, k, v, causal=causal, key_padding=key_padding, slice_size=slice_size, recorder=recorder)
     return to_out(merge_heads(out))  # (B, Nh, S, Dh) -> (B, S, Nh*Dh) -> (B, S, D_out)
+
+
+def self_attention_projections(width: int) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
+    """The (q, k, v, out) projections of a width -> width self-attention with biases, as CLIP and BERT have them;
+    assign them in that order (`self.q_proj, self.k_proj, self.v_proj, self.out_proj = ...`) so the parameters
+    register in the checkpoints' order."""
+    return nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)

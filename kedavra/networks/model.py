@@ -44,7 +44,6 @@ from kedavra.validation import check_int
 # What a ModelConfig's U-Net may be trained to output: the noise ε (DDPM) or v (Salimans & Ho 2022, eq. 7), as SD 1.x
 # and 2.x ship. The samplers also drive x0-predicting denoisers (forward_process.PREDICTION_TYPES); no SD U-Net is one.
 UNET_PREDICTION_TYPES = tuple(kind for kind in forward_process.PREDICTION_TYPES if kind != "x0")
-PREDICTION_TYPES = UNET_PREDICTION_TYPES  # the old name, kept until training/config.py and commands/ import the new one
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "schedule")
 _COMPONENT_TYPES = {
     "tokenizer": (TokenizerConfig, WordPieceConfig),

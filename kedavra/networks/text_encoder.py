@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kedavra.networks.attention import multi_head_attention
+from kedavra.networks.attention import multi_head_attention, self_attention_projections
 from kedavra.networks.tokenizer import CONTEXT_LENGTH, VOCAB_SIZE
-from kedavra.validation import check_choice, check_int, some
+from kedavra.validation import check_choice, check_int, key_mismatch, some
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 QUICK_GELU_SCALE = 1.702  # OpenAI CLIP model.py QuickGELU: x * sigmoid(1.702 x)
@@ -101,10 +101,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: TextEncoderConfig):
         super().__init__()
         self.num_heads = config.num_heads
-        self.q_proj = nn.Linear(config.width, config.width)
-        self.k_proj = nn.Linear(config.width, config.width)
-        self.v_proj = nn.Linear(config.width, config.width)
-        self.out_proj = nn.Linear(config.width, config.width)
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = self_attention_projections(config.width)
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, L, D) -> (B, L, D)."""
@@ -287,10 +284,8 @@ def convert_text_encoder_state_dict(
         k for k in state if k not in used and k not in _IGNORED[layout] and not _is_dropped(k, layout, config)
     )
     if missing or unexpected:
-        message = (
-            f"text encoder state dict does not match layout {layout!r} for this config: "
-            f"{len(missing)} missing keys [{some(missing)}], {len(unexpected)} unexpected keys [{some(unexpected)}]"
-        )
+        message = key_mismatch(f"text encoder state dict does not match layout {layout!r} for this config", missing,
+                               unexpected)
         if any(k.startswith("cond_stage_model.") for k in unexpected):
             message += "; strip the 'cond_stage_model.transformer.' / 'cond_stage_model.model.' prefix first"
         raise ValueError(message)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from kedavra.networks.unet import UNet, UNetConfig
-from kedavra.validation import check_choice, some
+from kedavra.validation import check_choice, key_mismatch, some
 
 LAYOUTS = ("diffusers", "ldm")
 
@@ -126,11 +126,8 @@ def convert_unet_state_dict(state: Mapping[str, Tensor], layout: str, config: UN
     missing = sorted(src for src in sources.values() if src not in state)
     unexpected = sorted(set(state) - set(sources.values()))
     if missing or unexpected:
-        message = (
-            f"U-Net state dict does not match layout {layout!r} for this config: "
-            f"{len(missing)} missing keys [{some(missing)}], "
-            f"{len(unexpected)} unexpected keys [{some(unexpected)}]"
-        )
+        message = key_mismatch(f"U-Net state dict does not match layout {layout!r} for this config", missing,
+                               unexpected)
         if any(k.startswith("model.diffusion_model.") for k in unexpected):
             message += "; strip the 'model.diffusion_model.' prefix before converting"
         raise ValueError(message)

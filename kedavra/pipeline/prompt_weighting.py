@@ -70,6 +70,7 @@ from torch import Tensor
 
 from kedavra.networks.text_encoder import TextEncoder
 from kedavra.networks.tokenizer import Tokenizer
+from kedavra.validation import check_int
 
 ROUND_MULTIPLIER = 1.1  # A1111 prompt_parser: (text)
 SQUARE_MULTIPLIER = 1 / 1.1  # A1111 prompt_parser: [text]
@@ -187,10 +188,8 @@ def chunk_prompt(
     """
     _check_prompt(prompt)
     size = tokenizer.max_content_length  # 75 for CLIP
-    if isinstance(comma_backtrack, bool) or not isinstance(comma_backtrack, int) or not 0 <= comma_backtrack < size:
-        raise ValueError(f"comma_backtrack must be an int from 0 to {size - 1}, got {comma_backtrack!r}")
-    if isinstance(max_chunks, bool) or not isinstance(max_chunks, int) or max_chunks < 1:
-        raise ValueError(f"max_chunks must be a positive int, got {max_chunks!r}")
+    check_int("comma_backtrack", comma_backtrack, 0, size - 1)
+    check_int("max_chunks", max_chunks, 1)
     comma = tokenizer.comma_id
     closed: list[tuple[list[int], list[float]]] = []
     ids: list[int] = []
@@ -299,8 +298,7 @@ def encode_weighted_prompts(
     chunk_lists = [chunk_prompt(tokenizer, prompt) for prompt in prompts]
     needed = max(map(len, chunk_lists))
     count = needed if num_chunks is None else num_chunks
-    if isinstance(count, bool) or not isinstance(count, int) or count < needed:
-        raise ValueError(f"num_chunks must be an int >= {needed} (the longest prompt's chunks), got {num_chunks!r}")
+    check_int("num_chunks", count, needed, note=" (as many as the longest prompt's chunks)")
     empty = chunk_prompt(tokenizer, "")[0]
     return _encode_chunks(text_encoder, _pad_chunks(chunk_lists, count, empty), clip_skip)
 

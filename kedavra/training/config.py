@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kedavra.diffusion.schedule import SCHEDULE_PRESETS, NoiseSchedule
-from kedavra.networks.model import PREDICTION_TYPES, PRESETS
+from kedavra.networks.model import PRESETS, UNET_PREDICTION_TYPES
 from kedavra.validation import check_bool, check_choice, check_int, check_number, check_seed
 
 STAGES = ("vae", "unet", "all")
@@ -212,7 +212,7 @@ class TrainConfig:
         check_choice("recon_loss", self.recon_loss, RECON_LOSSES)
         check_choice("precision", self.precision, PRECISIONS)
         if self.prediction_type is not None:
-            check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+            check_choice("prediction_type", self.prediction_type, UNET_PREDICTION_TYPES)
         if self.schedule is not None:
             check_choice("schedule", self.schedule, SCHEDULE_PRESETS)
         if self.init is None:  # under init, checked against the model's own (models.finetune_model_config)

@@ -26,13 +26,13 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from kedavra.diffusion.forward_process import add_noise
 from kedavra.diffusion.schedule import COSINE_MAX_BETA, COSINE_OFFSET, SCHEDULE_PRESETS, NoiseSchedule, get_schedule
+from kedavra.validation import check_int, check_seed, is_int
 from kedavra.viz.sample_image import draw_sample_image
 
 FRAME_TIMESTEPS = (0, 50, 100, 200, 400, 600, 800, 999)  # the columns of the grid by default
 DEFAULT_SIZE = 128  # side of one tile in pixels
 MIN_SIZE, MAX_SIZE = 8, 1024  # allowed tile sides: below 8 px nothing is visible, above 1024 the grid gets huge
 DEFAULT_SEED = 0
-MAX_SEED = 2**64  # torch.Generator.manual_seed takes a 64-bit unsigned seed
 DB_PER_NEPER = 10 / math.log(10)  # 10·log10(x) = DB_PER_NEPER · ln(x)
 
 # Grid layout in pixels.
@@ -57,17 +57,8 @@ FIGURE_FILES = {"grid": "forward_grid.png", "schedules": "schedules.png", "signa
 
 # ---------------------------------------------------------------- input checks
 def check_size(size) -> int:
-    """The tile side as an int, or ValueError naming the value and the allowed range."""
-    if isinstance(size, bool) or not isinstance(size, int) or not MIN_SIZE <= size <= MAX_SIZE:
-        raise ValueError(f"size must be an integer number of pixels in [{MIN_SIZE}, {MAX_SIZE}], got {size!r}")
-    return size
-
-
-def check_seed(seed) -> int:
-    """The noise seed as an int, or ValueError: torch generators take seeds in [0, 2**64 - 1]."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED:
-        raise ValueError(f"seed must be an integer in [0, 2**64 - 1], got {seed!r}")
-    return seed
+    """The tile side in pixels as an int, or ValueError naming the value and the allowed range."""
+    return check_int("size", size, MIN_SIZE, MAX_SIZE)
 
 
 def parse_schedules(names: str | Sequence[str]) -> tuple[str, ...]:
@@ -94,7 +85,7 @@ def parse_timesteps(timesteps: str | Sequence[int], num_train_timesteps: int) ->
                 item = int(item.strip())
             except ValueError:
                 raise ValueError(f"timestep {item!r} is not an integer; timesteps must be {allowed}") from None
-        if isinstance(item, bool) or not isinstance(item, int | np.integer):
+        if not is_int(item):
             raise ValueError(f"timestep {item!r} is not an integer; timesteps must be {allowed}")
         if not 0 <= item <= num_train_timesteps - 1:
             raise ValueError(f"timestep {item} is out of range; timesteps must be {allowed}")
@@ -147,7 +138,7 @@ def tensor_to_pixels(x: torch.Tensor) -> np.ndarray:
 
 def fixed_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
     """The one ε shared by every tile: standard normal float32 from a CPU generator seeded with `seed`."""
-    generator = torch.Generator().manual_seed(check_seed(seed))
+    generator = torch.Generator().manual_seed(check_seed("seed", seed))
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
 
 
@@ -384,7 +375,7 @@ def make_forward_figures(
 
     image: any RGB image (centre-cropped and resized to size × size), or None for the built-in picture.
     """
-    size, seed = check_size(size), check_seed(seed)
+    size, seed = check_size(size), check_seed("seed", seed)
     schedule_names = parse_schedules(schedule_names)
     timesteps = parse_timesteps(timesteps, min(get_schedule(name).T for name in schedule_names))
     image = draw_sample_image(size) if image is None else square_resize(image.convert("RGB"), size)

@@ -24,6 +24,7 @@ from PIL import Image
 from kedavra.formats.images import from_pil
 from kedavra.networks.vae import AutoencoderKL
 from kedavra.pipeline.pipeline import Pipeline
+from kedavra.validation import check_int
 from kedavra.viz.forward import load_image
 from kedavra.viz.panels import (
     SIGNED_COLOURMAP,
@@ -86,8 +87,7 @@ def load_image_for(pipe: Pipeline, path: str | Path | None, size: int | None = N
     (default: the model's image size), which must be a multiple of the VAE's downsampling factor."""
     size = pipe.config.image_size if size is None else size
     f = pipe.config.vae.downsample_factor
-    if isinstance(size, bool) or not isinstance(size, int) or size < f or size % f:
-        raise ValueError(f"size must be a positive multiple of {f} (the VAE's downsampling factor), got {size!r}")
+    check_int("size", size, f, multiple_of=f, note=" (the VAE's downsampling factor)")
     return draw_sample_image(size) if path is None else load_image(path, size)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from kedavra.validation import check_int, is_int
 from kedavra.viz.forward import _font, tensor_to_pixels
 
 DEFAULT_ROWS = 4  # steps a sheet shows when none are chosen: spread over the run, first and last included
@@ -161,8 +162,7 @@ def draw_sheet(
 
 def spread_indices(count: int, shown: int) -> list[int]:
     """`shown` indices spread evenly over range(count), always the first and the last (all when count <= shown)."""
-    if isinstance(shown, bool) or not isinstance(shown, int) or shown < 1:
-        raise ValueError(f"the number of steps to show must be a positive integer, got {shown!r}")
+    check_int("the number of steps to show", shown, 1)
     if count <= shown:
         return list(range(count))
     if shown == 1:
@@ -176,7 +176,7 @@ def check_step_indices(indices: Sequence[int], count: int) -> list[int]:
     if not chosen:
         raise ValueError(f"give at least one step to show, from 0 to {count - 1}")
     for index in chosen:
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+        if not is_int(index) or not 0 <= index < count:
             raise ValueError(f"step index {index!r} is not a step of this run; allowed: integers 0 to {count - 1}")
     return sorted(set(chosen))
 
