@@ -63,7 +63,7 @@ from kedavra.training.optim import make_optimizer  # noqa: E402
 
 PRECISIONS = ("bf16", "fp32")
 ATTENTION = {
-    # kedavra.training.loop.Trainer._autocast: the math path under bf16 on the CPU (its flash kernel's bf16
+    # kedavra.training.precision.autocast: the math path under bf16 on the CPU (its flash kernel's bf16
     # backward measured 2x slower there), PyTorch's own choice (flash on the CPU) in fp32.
     "training": {"bf16": [SDPBackend.MATH], "fp32": None},
     "math": {"bf16": [SDPBackend.MATH], "fp32": [SDPBackend.MATH]},

