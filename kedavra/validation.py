@@ -117,9 +117,15 @@ def check_seed(name: str, value, *, optional: bool = False) -> int | None:
     return check_int(name, value, 0, MAX_SEED)
 
 
-def key_mismatch(what: str, missing: Iterable, unexpected: Iterable) -> str:
-    """The error text for a state dict whose keys do not match a model's: `what` (e.g. "U-Net state dict does not
-    match layout 'ldm' for this config"), then how many keys are missing and unexpected, with the first few."""
+def check_keys(what: str, missing: Iterable, unexpected: Iterable, *, prefix: str = "", hint: str = "") -> None:
+    """Refuse a state dict whose keys do not match a model's: ValueError with `what` (e.g. "U-Net state dict does
+    not match layout 'ldm' for this config"), how many keys are missing and unexpected, the first few of each, and
+    `hint` when an unexpected key starts with `prefix` (a checkpoint whose prefix was left on)."""
     missing, unexpected = list(missing), list(unexpected)
-    return (f"{what}: {len(missing)} missing keys [{some(missing)}], "
-            f"{len(unexpected)} unexpected keys [{some(unexpected)}]")
+    if not missing and not unexpected:
+        return
+    message = (f"{what}: {len(missing)} missing keys [{some(missing)}], "
+               f"{len(unexpected)} unexpected keys [{some(unexpected)}]")
+    if prefix and any(key.startswith(prefix) for key in unexpected):
+        message += f"; {hint}"
+    raise ValueError(message)

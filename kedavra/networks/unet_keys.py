@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from kedavra.networks.unet import UNet, UNetConfig
-from kedavra.validation import check_choice, key_mismatch, some
+from kedavra.validation import check_choice, check_keys, some
 
 LAYOUTS = ("diffusers", "ldm")
 
@@ -125,12 +125,8 @@ def convert_unet_state_dict(state: Mapping[str, Tensor], layout: str, config: UN
     sources = {key: _source_key(key, layout, table) for key in expected}
     missing = sorted(src for src in sources.values() if src not in state)
     unexpected = sorted(set(state) - set(sources.values()))
-    if missing or unexpected:
-        message = key_mismatch(f"U-Net state dict does not match layout {layout!r} for this config", missing,
-                               unexpected)
-        if any(k.startswith("model.diffusion_model.") for k in unexpected):
-            message += "; strip the 'model.diffusion_model.' prefix before converting"
-        raise ValueError(message)
+    check_keys(f"U-Net state dict does not match layout {layout!r} for this config", missing, unexpected,
+               prefix="model.diffusion_model.", hint="strip the 'model.diffusion_model.' prefix before converting")
     converted, mismatched = {}, []
     for key, src in sources.items():
         tensor, shape = state[src], expected[key].shape
