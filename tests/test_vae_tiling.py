@@ -99,6 +99,7 @@ PEAK_MEMORY_SCRIPT = textwrap.dedent(
     """
     import torch
     from kedavra.networks.vae import AutoencoderKL, get_vae_config
+    from kedavra.networks.vae_tiling import Tiling
 
     def peak_rss_kib():
         with open("/proc/self/status") as status:

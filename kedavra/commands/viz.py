@@ -50,6 +50,23 @@ FORWARD_DESCRIPTION = (
     "√(1-ᾱ_t). Prints the paths written.")
 
 
+# The figures of a generation: name -> (help, description).
+GENERATION_FIGURES = {
+    "reverse": ("x_t and the predicted x̂_0 at each step of a generation, decoded (PNG strip + GIF)",
+                "Generate PROMPT and draw, for the steps of the run, the latent x_t the U-Net saw and the clean x̂_0 "
+                "it predicted, both decoded by the VAE: a PNG strip and a GIF with one frame per step beside it "
+                "(same name, .gif)."),
+    "attention": ("per-word cross-attention maps over the image, per step and averaged (PNG + GIF)",
+                  "Generate PROMPT and draw which pixels attend to each word: the U-Net's cross-attention "
+                  "probabilities for the prompt, averaged over heads and layers, laid over the image, at chosen "
+                  "steps and averaged over all; a GIF with one frame per step beside the PNG."),
+    "guidance": ("classifier-free guidance taken apart: cond, uncond, their difference, guided (PNG)",
+                 "Generate PROMPT and draw, at chosen steps, the x̂_0 the conditional and the unconditional "
+                 "predictions imply, the size of their difference as a heat map, and the guided x̂_0 = "
+                 "uncond + w (cond - uncond)."),
+}
+
+
 def register(subparsers) -> None:
     forward = subparsers.add_parser(
         "forward", help="draw the forward (noising) process: an image noised at several t under each schedule",
@@ -63,33 +80,20 @@ def register(subparsers) -> None:
     viz.set_defaults(func=lambda args: _missing_figure(viz))
     add_forward_arguments(figures.add_parser("forward", help="the forward-process figures (as `kedavra forward`)",
                                              description=FORWARD_DESCRIPTION))
-    reverse = figures.add_parser(
-        "reverse", help="x_t and the predicted x̂_0 at each step of a generation, decoded (PNG strip + GIF)",
-        description="Generate PROMPT and draw, for the steps of the run, the latent x_t the U-Net saw and the "
-                    "clean x̂_0 it predicted, both decoded by the VAE: a PNG strip and a GIF with one frame per "
-                    "step beside it (same name, .gif).")
-    _generation_arguments(reverse, "reverse")
-    reverse.add_argument("--columns", type=int, default=DEFAULT_COLUMNS, metavar="N",
-                         help=f"steps shown in the PNG strip, spread over the run (default {DEFAULT_COLUMNS}; the "
-                              "GIF has all)")
-    attention = figures.add_parser(
-        "attention", help="per-word cross-attention maps over the image, per step and averaged (PNG + GIF)",
-        description="Generate PROMPT and draw which pixels attend to each word: the U-Net's cross-attention "
-                    "probabilities for the prompt, averaged over heads and layers, laid over the image, at "
-                    "chosen steps and averaged over all; a GIF with one frame per step beside the PNG.")
-    _generation_arguments(attention, "attention")
-    _at_argument(attention)
-    attention.add_argument("--normalise", default=NORMALISATIONS[0], metavar="|".join(NORMALISATIONS),
-                           help="words: each word's share of the attention the pixel pays to the prompt's words "
-                                "(start token divided out); all: its share of all the attention, with the start, "
-                                "end and padding tokens as one more map (default %(default)s)")
-    guidance = figures.add_parser(
-        "guidance", help="classifier-free guidance taken apart: cond, uncond, their difference, guided (PNG)",
-        description="Generate PROMPT and draw, at chosen steps, the x̂_0 the conditional and the unconditional "
-                    "predictions imply, the size of their difference as a heat map, and the guided x̂_0 = "
-                    "uncond + w (cond - uncond).")
-    _generation_arguments(guidance, "guidance")
-    _at_argument(guidance)
+    parsers = {}
+    for name, (summary, description) in GENERATION_FIGURES.items():
+        parsers[name] = figures.add_parser(name, help=summary, description=description)
+        _generation_arguments(parsers[name], name)
+    parsers["reverse"].add_argument("--columns", type=int, default=DEFAULT_COLUMNS, metavar="N",
+                                    help=f"steps shown in the PNG strip, spread over the run (default "
+                                         f"{DEFAULT_COLUMNS}; the GIF has all)")
+    _at_argument(parsers["attention"])
+    parsers["attention"].add_argument(
+        "--normalise", default=NORMALISATIONS[0], metavar="|".join(NORMALISATIONS),
+        help="words: each word's share of the attention the pixel pays to the prompt's words (start token divided "
+             "out); all: its share of all the attention, with the start, end and padding tokens as one more map "
+             "(default %(default)s)")
+    _at_argument(parsers["guidance"])
     latents = figures.add_parser(
         "latents", help="an image's VAE latent channels and its encode/decode round trip with the error (PNG)",
         description="Encode IMAGE with the model's VAE and draw the image, each latent channel, the decoded "
