@@ -43,32 +43,47 @@ _UNET_TRANSFORMER = (
 
 
 def unet_modules(config: UNetConfig) -> dict[str, str]:
-    """Our U-Net module prefixes -> openaimodel.py's. input_blocks counts conv_in, then per level each
-    ResBlock (with its transformer as .1) and the downsampler; output_blocks counts per level each ResBlock
-    (transformer .1) with the upsampler after the level's last one (.1, or .2 behind a transformer)."""
-    group = config.res_blocks_per_level + 1
-    levels = len(config.channel_multipliers)
+    """Our U-Net module prefixes -> openaimodel.py's (CompVis for SD 1.x / 2.x, Stability's sgm for SDXL), numbered
+    the way UNetModel.__init__ appends its blocks: input_blocks gets conv_in, then per level one TimestepEmbedSequential
+    per ResBlock (its transformer as .1) and the downsampler; output_blocks gets per level, from the deepest, one per
+    ResBlock (transformer .1) with the upsampler inside the level's last one (.1, or .2 behind a transformer).
+    SDXL's label_emb = Sequential(Sequential(Linear, SiLU, Linear)); a model without a mid block has no middle_block."""
+    levels = config.num_levels
+    res_blocks = config.res_blocks_per_level
+    res_blocks = res_blocks if isinstance(res_blocks, tuple) else (res_blocks,) * levels  # sgm's num_res_blocks list
     table = {
         "time_embedding.linear_1": "time_embed.0",
         "time_embedding.linear_2": "time_embed.2",
         "conv_in": "input_blocks.0.0",
-        "mid_block.resnets.0": "middle_block.0",
-        "mid_block.attentions.0": "middle_block.1",
-        "mid_block.resnets.1": "middle_block.2",
         "norm_out": "out.0",
         "conv_out": "out.2",
     }
+    if config.addition_time_embed_dim is not None:  # sgm: adm_in_channels -> label_emb
+        table["add_embedding.linear_1"] = "label_emb.0.0"
+        table["add_embedding.linear_2"] = "label_emb.0.2"
+    if config.mid_block:
+        table.update({"mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
+                      "mid_block.resnets.1": "middle_block.2"})
+    input_blocks = ["conv_in"]  # what self.input_blocks holds, in order
     for level in range(levels):
-        for j in range(config.res_blocks_per_level):
-            table[f"down_blocks.{level}.resnets.{j}"] = f"input_blocks.{1 + level * group + j}.0"
-            table[f"down_blocks.{level}.attentions.{j}"] = f"input_blocks.{1 + level * group + j}.1"
-        table[f"down_blocks.{level}.resample.conv"] = f"input_blocks.{(level + 1) * group}.0.op"
-    for up in range(levels):
-        attends = config.attention_per_level[levels - 1 - up]
-        for j in range(group):
-            table[f"up_blocks.{up}.resnets.{j}"] = f"output_blocks.{up * group + j}.0"
-            table[f"up_blocks.{up}.attentions.{j}"] = f"output_blocks.{up * group + j}.1"
-        table[f"up_blocks.{up}.resample.conv"] = f"output_blocks.{up * group + group - 1}.{2 if attends else 1}.conv"
+        input_blocks += [f"down_blocks.{level}.resnets.{nr}" for nr in range(res_blocks[level])]
+        if level != levels - 1:
+            input_blocks.append(f"down_blocks.{level}.resample.conv")
+    for index, ours in enumerate(input_blocks[1:], start=1):
+        if ours.endswith(".conv"):
+            table[ours] = f"input_blocks.{index}.0.op"
+        else:
+            table[ours] = f"input_blocks.{index}.0"
+            table[ours.replace(".resnets.", ".attentions.")] = f"input_blocks.{index}.1"
+    index = 0
+    for up, level in enumerate(reversed(range(levels))):
+        attends = config.attention_per_level[level]
+        for i in range(res_blocks[level] + 1):
+            table[f"up_blocks.{up}.resnets.{i}"] = f"output_blocks.{index}.0"
+            table[f"up_blocks.{up}.attentions.{i}"] = f"output_blocks.{index}.1"
+            if level and i == res_blocks[level]:
+                table[f"up_blocks.{up}.resample.conv"] = f"output_blocks.{index}.{2 if attends else 1}.conv"
+            index += 1
     return table
 
 

@@ -14,15 +14,17 @@ Any H, W >= 1 works: each stride-2 conv gives ceil(n / 2), and each Upsample res
 skip it meets next, so a (B, 4, 65, 97) latent (520 x 776 pixels) walks 65x97, 33x49, 17x25, 9x13 down
 and back up, as diffusers' UNet2DConditionModel does with its `upsample_size`.
 
-`convert_unet_state_dict` maps the two checkpoint layouts in the wild ("diffusers":
+The shape comes from `UNetConfig` (kedavra.networks.unet_config, re-exported here): per-level widths, ResBlock
+counts, transformer depths and heads, levels without attention, an optional mid block (BK-SDM has none) and SDXL's
+added embedding of the pooled text and micro-conditioning (Podell et al. 2023, Sec. 2.2), passed as `added_cond`.
+
+`kedavra.networks.unet_keys.convert_unet_state_dict` maps the two checkpoint layouts in the wild ("diffusers":
 UNet2DConditionModel names; "ldm": the CompVis/Stability single file, `model.diffusion_model.`
 stripped) onto this module's parameter names, deriving every index from the config.
 """
 
-import dataclasses
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -30,147 +32,17 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from kedavra.networks.transformer import CrossAttention, SpatialTransformer
-
-TIME_EMBED_MULT = 4  # LDM openaimodel.py: time_embed_dim = model_channels * 4
-MAX_PERIOD = 10_000  # Vaswani et al. 2017, Sec. 3.5: wavelengths up to 10000 * 2*pi
-RESNET_NORM_EPS = 1e-5  # LDM normalization(): GroupNorm32 with torch's default eps
-
-
-@dataclass(frozen=True)
-class UNetConfig:
-    """Shape of a U-Net. The defaults are SD 1.5 (CompVis v1-inference.yaml `unet_config`).
-
-    Attention heads: set exactly one of `num_heads` (SD 1.x: 8 heads at every width, so the head dim
-    grows with the channels) or `head_dim` (SD 2.x: 64-wide heads, so C/64 heads).
-    """
-
-    in_channels: int = 4
-    out_channels: int = 4
-    base_channels: int = 320
-    channel_multipliers: tuple[int, ...] = (1, 2, 4, 4)
-    res_blocks_per_level: int = 2
-    attention_per_level: tuple[bool, ...] = (True, True, True, False)
-    num_heads: int | None = 8
-    head_dim: int | None = None
-    context_dim: int = 768
-    transformer_depth: int = 1
-    use_linear_projection: bool = False
-    # SD 2.1 sets this to compute attention scores in fp32 (fp16 scores overflowed). Accepted for config
-    # compatibility and otherwise unused: SDPA's fused CUDA kernels accumulate Q K^T and the softmax in
-    # fp32, and bf16, the autocast dtype kedavra uses, has fp32's exponent range.
-    upcast_attention: bool = False
-    dropout: float = 0.0
-    norm_groups: int = 32  # LDM normalization(): GroupNorm(32, C)
-
-    def __post_init__(self):
-        for name in ("channel_multipliers", "attention_per_level"):  # lists arrive from JSON; keep it hashable
-            if isinstance(getattr(self, name), list):
-                object.__setattr__(self, name, tuple(getattr(self, name)))
-        positive = {
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "base_channels": self.base_channels,
-            "res_blocks_per_level": self.res_blocks_per_level,
-            "context_dim": self.context_dim,
-            "transformer_depth": self.transformer_depth,
-            "norm_groups": self.norm_groups,
-        }
-        for name, value in positive.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"UNetConfig.{name} must be a positive int, got {value!r}")
-        if not self.channel_multipliers or any(not isinstance(m, int) or m < 1 for m in self.channel_multipliers):
-            raise ValueError(
-                f"UNetConfig.channel_multipliers must be a non-empty tuple of positive ints, "
-                f"got {self.channel_multipliers!r}"
-            )
-        if not all(isinstance(a, bool) for a in self.attention_per_level):
-            raise ValueError(
-                f"UNetConfig.attention_per_level must hold one bool per level, got {self.attention_per_level!r}"
-            )
-        if len(self.attention_per_level) != len(self.channel_multipliers):
-            raise ValueError(
-                f"UNetConfig.attention_per_level has {len(self.attention_per_level)} entries "
-                f"{self.attention_per_level!r}; it needs one per level, "
-                f"{len(self.channel_multipliers)} (channel_multipliers={self.channel_multipliers!r})"
-            )
-        if self.base_channels % 2:
-            raise ValueError(f"UNetConfig.base_channels={self.base_channels} must be even (it is the sinusoid width)")
-        for channels in set(self.level_channels):
-            if channels % self.norm_groups:
-                raise ValueError(
-                    f"UNetConfig: level width {channels} is not divisible by norm_groups={self.norm_groups}"
-                )
-        if (self.num_heads is None) == (self.head_dim is None):
-            raise ValueError(
-                f"UNetConfig: set exactly one of num_heads (SD 1.x) or head_dim (SD 2.x), got "
-                f"num_heads={self.num_heads!r}, head_dim={self.head_dim!r}"
-            )
-        per_head = self.num_heads if self.num_heads is not None else self.head_dim
-        if not isinstance(per_head, int) or per_head < 1:
-            raise ValueError(f"UNetConfig: num_heads / head_dim must be a positive int, got {per_head!r}")
-        for channels in set(self.attention_channels):
-            if channels % per_head:
-                field = "num_heads" if self.num_heads is not None else "head_dim"
-                raise ValueError(f"UNetConfig: attention width {channels} is not divisible by {field}={per_head}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout!r}")
-
-    @property
-    def level_channels(self) -> tuple[int, ...]:
-        return tuple(self.base_channels * m for m in self.channel_multipliers)
-
-    @property
-    def attention_channels(self) -> tuple[int, ...]:
-        """Widths that carry a spatial transformer: the attention levels and the mid block."""
-        levels = tuple(c for c, a in zip(self.level_channels, self.attention_per_level, strict=True) if a)
-        return (*levels, self.level_channels[-1])
-
-    @property
-    def time_embed_dim(self) -> int:
-        return TIME_EMBED_MULT * self.base_channels
-
-    @property
-    def downsample_factor(self) -> int:
-        """The down path's total downsampling (one stride-2 conv per level but the last). Inputs whose H and W
-        are multiples of it halve exactly at every level; others are rounded up there (see `Upsample`)."""
-        return 2 ** (len(self.channel_multipliers) - 1)
-
-    def heads(self, channels: int) -> tuple[int, int]:
-        """(num_heads, head_dim) of the transformer at width `channels`."""
-        if self.num_heads is not None:
-            return self.num_heads, channels // self.num_heads
-        return channels // self.head_dim, self.head_dim
-
-    @classmethod
-    def from_preset(cls, name: str) -> "UNetConfig":
-        if name not in PRESETS:
-            raise ValueError(f"unknown U-Net preset {name!r}; known presets: {sorted(PRESETS)}")
-        return PRESETS[name]
-
-
-_SD15 = UNetConfig()
-_SD21 = dataclasses.replace(  # Stability v2-inference-v.yaml unet_config
-    _SD15, num_heads=None, head_dim=64, context_dim=1024, use_linear_projection=True, upcast_attention=True
+from kedavra.networks.unet_config import (
+    INPAINT_IN_CHANNELS,
+    PRESETS,
+    RESNET_NORM_EPS,
+    TIME_EMBED_MULT,
+    UNetConfig,
 )
-INPAINT_IN_CHANNELS = 9  # SD inpainting: 4 noisy latent + 4 masked-image latent + 1 mask
-PRESETS: dict[str, UNetConfig] = {
-    "sd15": _SD15,
-    "sd21": _SD21,
-    "sd15-inpaint": dataclasses.replace(_SD15, in_channels=INPAINT_IN_CHANNELS),
-    "sd21-inpaint": dataclasses.replace(_SD21, in_channels=INPAINT_IN_CHANNELS),
-    # CPU-trainable: two levels, attention only at the lower resolution, 64-wide text context.
-    # 8 groups keep several channels per group at width 32 (and let a 1x1 map normalise at all).
-    "tiny": dataclasses.replace(
-        _SD15,
-        base_channels=32,
-        channel_multipliers=(1, 2),
-        res_blocks_per_level=1,
-        attention_per_level=(False, True),
-        num_heads=4,
-        context_dim=64,
-        norm_groups=8,
-    ),
-}
+
+__all__ = ["INPAINT_IN_CHANNELS", "PRESETS", "TIME_EMBED_MULT", "UNet", "UNetConfig", "timestep_embedding"]
+MAX_PERIOD = 10_000  # Vaswani et al. 2017, Sec. 3.5: wavelengths up to 10000 * 2*pi
+ADDED_COND_KEYS = ("text_embeds", "time_ids")  # SDXL's added conditioning, as diffusers' added_cond_kwargs names it
 
 
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:
@@ -200,18 +72,40 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(sinusoids)))  # (B, 4C)
 
 
+class TextTimeEmbedding(nn.Module):
+    """SDXL's added embedding (Podell et al. 2023, "SDXL", Sec. 2.2; diffusers' addition_embed_type "text_time"):
+    each micro-conditioning number (original size, crop corner, target size; the refiner an aesthetic score for the
+    target size) gets sinusoids of width `time_dim`, concatenated after the pooled text embedding, through a 2-layer
+    SiLU MLP to the time embedding's width; the U-Net adds the result to the time embedding."""
+
+    def __init__(self, input_dim: int, time_dim: int, embed_dim: int):
+        super().__init__()
+        self.time_dim = time_dim
+        self.linear_1 = nn.Linear(input_dim, embed_dim)
+        self.linear_2 = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, text_embeds: Tensor, time_ids: Tensor) -> Tensor:
+        """text_embeds (B, P), time_ids (B, n) with P + n * time_dim = input_dim -> (B, embed_dim)."""
+        batch = text_embeds.shape[0]
+        sinusoids = timestep_embedding(time_ids.reshape(-1), self.time_dim)  # (B * n, D_t)
+        sinusoids = sinusoids.reshape(batch, -1)  # (B, n * D_t): each number's sinusoids in turn
+        features = torch.cat([text_embeds.float(), sinusoids], dim=-1).to(self.linear_1.weight.dtype)  # (B, P + n D_t)
+        return self.linear_2(F.silu(self.linear_1(features)))  # (B, 4C)
+
+
 class ResBlock(nn.Module):
     """Two GroupNorm-SiLU-conv layers with the timestep embedding added between; residual.
 
     Ho et al. 2020, App. B (Wide ResNet blocks with the time embedding added per channel).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, embed_dim: int, dropout: float, groups: int):
+    def __init__(self, in_channels: int, out_channels: int, embed_dim: int, dropout: float, groups: int,
+                 eps: float = RESNET_NORM_EPS):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=RESNET_NORM_EPS)
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
         self.time_emb_proj = nn.Linear(embed_dim, out_channels)
-        self.norm2 = nn.GroupNorm(groups, out_channels, eps=RESNET_NORM_EPS)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         nn.init.zeros_(self.conv2.weight)  # LDM openaimodel.py zero_module: the block starts as identity
@@ -271,32 +165,38 @@ class Level(nn.Module):
 
 
 class UNet(nn.Module):
-    """forward(x_t (B, C_in, H, W), t (B,) or scalar, context (B, L, D_ctx)) -> (B, C_out, H, W), any H, W >= 1."""
+    """forward(x_t (B, C_in, H, W), t (B,) or scalar, context (B, L, D_ctx), added_cond=None) -> (B, C_out, H, W),
+    any H, W >= 1; added_cond carries SDXL's pooled text embedding and micro-conditioning (see `forward`)."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = config
         self.gradient_checkpointing = False
-        levels = len(config.channel_multipliers)
-        n_res = config.res_blocks_per_level
+        levels = config.num_levels
         embed_dim = config.time_embed_dim
 
         def resnet(cin: int, cout: int) -> ResBlock:
-            return ResBlock(cin, cout, embed_dim, config.dropout, config.norm_groups)
+            return ResBlock(cin, cout, embed_dim, config.dropout, config.norm_groups, config.norm_eps)
 
-        def transformer(channels: int) -> SpatialTransformer:
-            num_heads, head_dim = config.heads(channels)
+        def transformer(level: int) -> SpatialTransformer:
+            """The spatial transformer at `level` (the mid block's: the last level's heads and depth)."""
+            num_heads, head_dim = config.level_heads(level)
             return SpatialTransformer(
-                channels,
+                config.level_channels[level],
                 num_heads,
                 head_dim,
                 config.context_dim,
-                config.transformer_depth,
+                config.level_depths[level],
                 config.use_linear_projection,
                 config.norm_groups,
             )
 
         self.time_embedding = TimestepEmbedding(config.base_channels, embed_dim)
+        self.add_embedding = None
+        if config.has_added_embedding:
+            self.add_embedding = TextTimeEmbedding(
+                config.addition_embed_input_dim, config.addition_time_embed_dim, embed_dim
+            )
         self.conv_in = nn.Conv2d(config.in_channels, config.base_channels, kernel_size=3, padding=1)
 
         skip_channels = [config.base_channels]  # widths of the tensors the down path leaves as skips
@@ -304,32 +204,34 @@ class UNet(nn.Module):
         self.down_blocks = nn.ModuleList()
         for i, (width, attend) in enumerate(zip(config.level_channels, config.attention_per_level, strict=True)):
             resnets, attentions = [], []
-            for _ in range(n_res):
+            for _ in range(config.level_res_blocks[i]):
                 resnets.append(resnet(channels, width))
                 channels = width
                 if attend:
-                    attentions.append(transformer(width))
+                    attentions.append(transformer(i))
                 skip_channels.append(width)
             downsample = Downsample(width) if i < levels - 1 else None
             if downsample is not None:
                 skip_channels.append(width)
             self.down_blocks.append(Level(resnets, attentions, downsample))
 
-        self.mid_block = Level([resnet(channels, channels), resnet(channels, channels)], [transformer(channels)], None)
+        self.mid_block = None  # block-removed models (BK-SDM) go straight from the down path to the up path
+        if config.mid_block:
+            self.mid_block = Level([resnet(channels, channels), resnet(channels, channels)], [transformer(-1)], None)
 
         self.up_blocks = nn.ModuleList()
         for i in reversed(range(levels)):
             width, attend = config.level_channels[i], config.attention_per_level[i]
             resnets, attentions = [], []
-            for _ in range(n_res + 1):  # one more than going down: conv_in / the downsampler also left a skip
-                resnets.append(resnet(channels + skip_channels.pop(), width))
+            for _ in range(config.level_res_blocks[i] + 1):  # one more than going down: conv_in / the
+                resnets.append(resnet(channels + skip_channels.pop(), width))  # downsampler also left a skip
                 channels = width
                 if attend:
-                    attentions.append(transformer(width))
+                    attentions.append(transformer(i))
             upsample = Upsample(width) if i > 0 else None
             self.up_blocks.append(Level(resnets, attentions, upsample))
 
-        self.norm_out = nn.GroupNorm(config.norm_groups, channels, eps=RESNET_NORM_EPS)
+        self.norm_out = nn.GroupNorm(config.norm_groups, channels, eps=config.norm_eps)
         self.conv_out = nn.Conv2d(channels, config.out_channels, kernel_size=3, padding=1)
         nn.init.zeros_(self.conv_out.weight)  # LDM openaimodel.py: out = zero_module(conv)
         nn.init.zeros_(self.conv_out.bias)
@@ -351,7 +253,7 @@ class UNet(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def _check_inputs(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+    def _check_inputs(self, x: Tensor, t: Tensor, context: Tensor, added_cond: Mapping[str, Tensor] | None) -> Tensor:
         """Validate shapes; return t as a (B,) tensor on x's device."""
         config = self.config
         if x.ndim != 4 or x.shape[1] != config.in_channels:
@@ -364,6 +266,7 @@ class UNet(nn.Module):
                 f"UNet context must be (B={batch}, L, context_dim={config.context_dim}), "
                 f"got shape {tuple(context.shape)}"
             )
+        self._check_added_cond(batch, added_cond)
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0 or t.shape == (1,):
             return t.reshape(1).expand(batch)
@@ -371,9 +274,42 @@ class UNet(nn.Module):
             raise ValueError(f"UNet timesteps t must be a scalar or shape ({batch},), got {tuple(t.shape)}")
         return t
 
-    def forward(self, x: Tensor, t: Tensor | float, context: Tensor) -> Tensor:
-        t = self._check_inputs(x, t, context)
+    def _check_added_cond(self, batch: int, added_cond: Mapping[str, Tensor] | None) -> None:
+        """SDXL-style U-Nets need text_embeds (B, P) and time_ids (B, n) with P + n * D_t = addition_embed_input_dim;
+        the others take none."""
+        config = self.config
+        if not config.has_added_embedding:
+            if added_cond is not None:
+                raise ValueError(
+                    "this U-Net has no added embedding (addition_embed_input_dim is None), so added_cond must be None, "
+                    f"got {type(added_cond).__name__}"
+                )
+            return
+        need = f"P + n * {config.addition_time_embed_dim} = {config.addition_embed_input_dim}"
+        if not isinstance(added_cond, Mapping) or set(added_cond) != set(ADDED_COND_KEYS):
+            got = sorted(added_cond) if isinstance(added_cond, Mapping) else added_cond
+            raise ValueError(
+                f"this U-Net (SDXL-style) needs added_cond with exactly the keys {list(ADDED_COND_KEYS)}: the pooled "
+                f"text embedding (B, P) and the micro-conditioning numbers (B, n), {need}; got {got!r}"
+            )
+        text, ids = added_cond["text_embeds"], added_cond["time_ids"]
+        shapes = (tuple(text.shape), tuple(ids.shape))
+        if (text.ndim != 2 or ids.ndim != 2 or text.shape[0] != batch or ids.shape[0] != batch
+                or text.shape[1] + ids.shape[1] * config.addition_time_embed_dim != config.addition_embed_input_dim):
+            raise ValueError(
+                f"added_cond text_embeds (B={batch}, P) and time_ids (B={batch}, n) must give {need} "
+                f"(SDXL base: P = 1280, n = 6), got shapes {shapes[0]} and {shapes[1]}"
+            )
+
+    def forward(
+        self, x: Tensor, t: Tensor | float, context: Tensor, added_cond: Mapping[str, Tensor] | None = None
+    ) -> Tensor:
+        """x (B, C_in, H, W), t (B,) or scalar, context (B, L, D_ctx) -> (B, C_out, H, W). added_cond: SDXL's
+        {"text_embeds": (B, P), "time_ids": (B, n)} when the config has the added embedding, else None."""
+        t = self._check_inputs(x, t, context, added_cond)
         emb = self.time_embedding(t)  # (B, 4C)
+        if self.add_embedding is not None:  # SDXL (Podell et al. 2023, Sec. 2.2): emb + MLP([pooled text, sinusoids])
+            emb = emb + self.add_embedding(added_cond["text_embeds"], added_cond["time_ids"])  # (B, 4C)
 
         h = self.conv_in(x)  # (B, C, H, W)
         skips = [h]
@@ -388,9 +324,10 @@ class UNet(nn.Module):
                 skips.append(h)
 
         mid = self.mid_block
-        h = self._run(mid.resnets[0], h, emb)
-        h = self._run(mid.attentions[0], h, context)
-        h = self._run(mid.resnets[1], h, emb)
+        if mid is not None:
+            h = self._run(mid.resnets[0], h, emb)
+            h = self._run(mid.attentions[0], h, context)
+            h = self._run(mid.resnets[1], h, emb)
 
         for level in self.up_blocks:
             for j, resnet in enumerate(level.resnets):

@@ -1,7 +1,8 @@
 """Checkpoint key conversion for the U-Net: the original (LDM) and diffusers layouts to kedavra's names.
 
-The index mapping is derived from the UNetConfig (levels, res blocks, which levels have attention), so it serves
-every preset, the tiny one included.
+The index mapping is derived from the UNetConfig (levels, res blocks per level, which levels have attention, whether
+there is a mid block, SDXL's added embedding), so it serves every config: SD 1.x / 2.x, SDXL base and refiner (whose
+original files number input_blocks 0..8 and 0..12), block-removed models without a mid block, the tiny presets.
 """
 
 from collections.abc import Mapping
@@ -41,21 +42,26 @@ def _module_table(config: UNetConfig) -> dict[str, tuple[str, str, str]]:
 
     LDM numbering: input_blocks.N counts conv_in, every (ResBlock[, transformer]) and every
     downsampler in order; output_blocks.N counts every (ResBlock[, transformer][, upsampler]).
+    SDXL's added embedding is label_emb.0 = Sequential(Linear, SiLU, Linear) in sgm's openaimodel.py.
     """
-    levels = len(config.channel_multipliers)
-    n_res = config.res_blocks_per_level
+    levels = config.num_levels
     table = {
         "time_embedding.linear_1": ("plain", "time_embedding.linear_1", "time_embed.0"),
         "time_embedding.linear_2": ("plain", "time_embedding.linear_2", "time_embed.2"),
         "conv_in": ("plain", "conv_in", "input_blocks.0.0"),
-        "mid_block.resnets.0": ("resnet", "mid_block.resnets.0", "middle_block.0"),
-        "mid_block.attentions.0": ("transformer", "mid_block.attentions.0", "middle_block.1"),
-        "mid_block.resnets.1": ("resnet", "mid_block.resnets.1", "middle_block.2"),
         "norm_out": ("plain", "conv_norm_out", "out.0"),
         "conv_out": ("plain", "conv_out", "out.2"),
     }
+    if config.has_added_embedding:
+        table["add_embedding.linear_1"] = ("plain", "add_embedding.linear_1", "label_emb.0.0")
+        table["add_embedding.linear_2"] = ("plain", "add_embedding.linear_2", "label_emb.0.2")
+    if config.mid_block:
+        table["mid_block.resnets.0"] = ("resnet", "mid_block.resnets.0", "middle_block.0")
+        table["mid_block.attentions.0"] = ("transformer", "mid_block.attentions.0", "middle_block.1")
+        table["mid_block.resnets.1"] = ("resnet", "mid_block.resnets.1", "middle_block.2")
     block = 1
     for i, attend in enumerate(config.attention_per_level):
+        n_res = config.level_res_blocks[i]
         for j in range(n_res):
             ours = f"down_blocks.{i}.resnets.{j}"
             table[ours] = ("resnet", ours, f"input_blocks.{block}.0")
@@ -73,6 +79,7 @@ def _module_table(config: UNetConfig) -> dict[str, tuple[str, str, str]]:
     block = 0
     for u in range(levels):
         attend = config.attention_per_level[levels - 1 - u]
+        n_res = config.level_res_blocks[levels - 1 - u]
         for j in range(n_res + 1):
             ours = f"up_blocks.{u}.resnets.{j}"
             table[ours] = ("resnet", ours, f"output_blocks.{block}.0")
