@@ -9,8 +9,16 @@ hidden states after the final LayerNorm to the U-Net:
   SD 2.x: OpenCLIP ViT-H/14's text tower, 24 layers of which SD uses 23 (the penultimate layer's
           output, then the final LayerNorm; Stability's FrozenOpenCLIPEmbedder(layer="penultimate")),
           exact GELU MLP.
+  SDXL (Podell et al. 2023, Sec. 2.1): two text encoders, OpenAI CLIP ViT-L/14 (SD 1.x's) and OpenCLIP
+          ViT-bigG/14 (32 layers, width 1280), whose penultimate outputs are concatenated along the channels,
+          taken BEFORE the final LayerNorm (SGM's FrozenCLIPEmbedder(layer="hidden", layer_idx=11) and
+          FrozenOpenCLIPEmbedder2(layer="penultimate", legacy=False); diffusers' StableDiffusionXLPipeline reads
+          CLIPTextModel's `hidden_states[-2]`); plus bigG's pooled text embedding: the LAST layer's output after
+          the final LayerNorm at the end token, times text_projection (`text_embeds`). `TextEncoder.encode`
+          returns both in one pass; `with_sdxl_readout` sets a config's readout to SDXL's.
 "CLIP skip" (AUTOMATIC1111's name) takes an earlier layer's output the same way: clip_skip=1 is the
-last layer of this model, clip_skip=2 the one before, and the final LayerNorm is applied either way.
+last layer of this model, clip_skip=2 the one before; the final LayerNorm is applied to it unless the config's
+`apply_final_norm` (or the call's) says not to, as SDXL's readout does.
 
 `convert_text_encoder_state_dict` maps three checkpoint layouts onto this module's parameter names:
   "diffusers"  transformers' CLIPTextModel names (`text_model.encoder.layers.0.self_attn.q_proj.weight`;
@@ -18,6 +26,11 @@ last layer of this model, clip_skip=2 the one before, and the final LayerNorm is
   "ldm_sd1"    the SD 1.x single file with `cond_stage_model.transformer.` stripped: the same names.
   "ldm_sd2"    the SD 2.x single file with `cond_stage_model.model.` stripped: OpenCLIP names
                (`transformer.resblocks.0.attn.in_proj_weight`, q, k and v packed in one matrix).
+SDXL's single file holds the same two kinds: `conditioner.embedders.0.transformer.` (ViT-L/14, transformers'
+names: read it as "ldm_sd1") and `conditioner.embedders.1.model.` (bigG/14, OpenCLIP names with text_projection
+as a (D, P) matrix used as x @ W: read it as "ldm_sd2"); the refiner's only encoder, bigG, sits under
+`conditioner.embedders.0.model.`. A diffusers SDXL folder's text_encoder/ (CLIPTextModel) and text_encoder_2/
+(CLIPTextModelWithProjection, text_projection.weight a (P, D) nn.Linear weight) are both "diffusers".
 """
 
 import dataclasses
@@ -30,17 +43,35 @@ from torch import Tensor, nn
 
 from kedavra.networks.attention import multi_head_attention, self_attention_projections
 from kedavra.networks.tokenizer import CONTEXT_LENGTH, VOCAB_SIZE
-from kedavra.validation import check_choice, check_int, check_keys, some
+from kedavra.validation import check_bool, check_choice, check_int, check_keys, check_number, is_int, some
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 QUICK_GELU_SCALE = 1.702  # OpenAI CLIP model.py QuickGELU: x * sigmoid(1.702 x)
 LAYER_NORM_EPS = 1e-5  # OpenAI CLIP and OpenCLIP use torch's LayerNorm default; CLIPTextConfig.layer_norm_eps
 LAYOUTS = ("diffusers", "ldm_sd1", "ldm_sd2")
+# Podell et al. 2023 (SDXL), Sec. 2.1: "we concatenate the penultimate text encoder outputs", taken before the final
+# LayerNorm (SGM's embedders; diffusers' StableDiffusionXLPipeline: hidden_states[-2]).
+SDXL_CLIP_SKIP = 2
+SDXL_APPLY_FINAL_NORM = False
+
+# transformers' CLIPTextConfig: the architectures a diffusers text_encoder/config.json may name, with whether the
+# model carries text_projection; and the defaults CLIPTextConfig gives an absent key (transformers 4.x and 5.x).
+ARCHITECTURES = {"CLIPTextModel": False, "CLIPTextModelWithProjection": True}
+_CLIP_TEXT_CONFIG_DEFAULTS = {
+    "vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "projection_dim": 512,
+    "num_hidden_layers": 12, "num_attention_heads": 8, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5, "eos_token_id": 49407,
+}
+# transformers' CLIPTextTransformer pools at the argmax id when eos_token_id == 2 (configs saved before its PR
+# #24773, SD 1.x / 2.x / XL among them), else at the first eos_token_id: the same place when that is CLIP's end
+# token, the vocabulary's largest id. `TextEncoder.pool` takes the argmax.
+LEGACY_EOS_TOKEN_ID = 2
 
 
 @dataclass(frozen=True)
 class TextEncoderConfig:
-    """Shape of a CLIP text transformer. The defaults are SD 1.x (OpenAI CLIP ViT-L/14's text tower)."""
+    """Shape of a CLIP text transformer and which layer's output it hands on. The defaults are SD 1.x (OpenAI CLIP
+    ViT-L/14's text tower, the last layer after the final LayerNorm)."""
 
     vocab_size: int = VOCAB_SIZE
     max_positions: int = CONTEXT_LENGTH
@@ -52,6 +83,8 @@ class TextEncoderConfig:
     layer_norm_eps: float = LAYER_NORM_EPS
     # Which layer's output `forward` returns by default: 1 = the last of `num_layers`, 2 = the one before.
     clip_skip: int = 1
+    # Whether `forward` passes that output through the final LayerNorm (SD 1.x / 2.x: yes; SDXL: no).
+    apply_final_norm: bool = True
     # Width of the pooled-output projection (OpenCLIP's text_projection); None: the model has none.
     projection_dim: int | None = None
 
@@ -74,6 +107,7 @@ class TextEncoderConfig:
         if not isinstance(self.layer_norm_eps, float) or not self.layer_norm_eps > 0:
             raise ValueError(f"TextEncoderConfig.layer_norm_eps must be a positive float, got {self.layer_norm_eps!r}")
         check_int("TextEncoderConfig.clip_skip", self.clip_skip, 1, self.num_layers, note=" (num_layers)")
+        check_bool("TextEncoderConfig.apply_final_norm", self.apply_final_norm)
 
     @property
     def head_dim(self) -> int:
@@ -83,15 +117,73 @@ class TextEncoderConfig:
     def from_preset(cls, name: str) -> "TextEncoderConfig":
         return PRESETS[check_choice("text encoder preset", name, sorted(PRESETS))]
 
+    @classmethod
+    def from_diffusers(cls, config: dict) -> "TextEncoderConfig":
+        """The config a transformers CLIPTextConfig dict describes (a diffusers folder's text_encoder/config.json or
+        text_encoder_2/config.json); an absent key takes CLIPTextConfig's default. projection_dim counts only for
+        CLIPTextModelWithProjection (`architectures`): every CLIPTextConfig carries one. The readout is SD 1.x's
+        (last layer, final LayerNorm): config.json does not say which layer a pipeline reads, so an SDXL folder's
+        encoders take `with_sdxl_readout`. What this module cannot run is refused with the field's name."""
+        if not isinstance(config, dict):
+            raise ValueError(f"a CLIPTextConfig must be a JSON object, got {type(config).__name__}")
+        model_type = config.get("model_type", "clip_text_model")
+        if model_type != "clip_text_model":
+            raise ValueError(f"CLIPTextConfig model_type {model_type!r} is not supported; allowed: 'clip_text_model'")
+        architectures = config.get("architectures") or ["CLIPTextModel"]
+        if not isinstance(architectures, list) or len(architectures) != 1 or architectures[0] not in ARCHITECTURES:
+            raise ValueError(f"CLIPTextConfig architectures={architectures!r} is not supported; allowed: one of "
+                             f"{', '.join(ARCHITECTURES)}")
+        value = {**_CLIP_TEXT_CONFIG_DEFAULTS, **config}.get
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "max_position_embeddings", "projection_dim")
+        for key in sizes if ARCHITECTURES[architectures[0]] else sizes[:-1]:
+            check_int(f"CLIPTextConfig {key}", value(key), low=1)
+        if value("hidden_size") % value("num_attention_heads"):
+            raise ValueError(f"CLIPTextConfig hidden_size={value('hidden_size')} is not divisible by "
+                             f"num_attention_heads={value('num_attention_heads')}")
+        activation = check_choice("CLIPTextConfig hidden_act", value("hidden_act"), ACTIVATIONS)
+        eps = check_number("CLIPTextConfig layer_norm_eps", value("layer_norm_eps"), low=0, low_inclusive=False)
+        end_token = value("vocab_size") - 1
+        if not is_int(value("eos_token_id")) or value("eos_token_id") not in (LEGACY_EOS_TOKEN_ID, end_token):
+            raise ValueError(f"CLIPTextConfig eos_token_id={value('eos_token_id')!r} is not supported; allowed: "
+                             f"{LEGACY_EOS_TOKEN_ID} (pool at the largest id) or vocab_size - 1 = {end_token} "
+                             "(CLIP's end token, the largest id)")
+        return cls(
+            vocab_size=value("vocab_size"), max_positions=value("max_position_embeddings"),
+            width=value("hidden_size"), num_layers=value("num_hidden_layers"),
+            num_heads=value("num_attention_heads"), mlp_width=value("intermediate_size"), activation=activation,
+            layer_norm_eps=eps, projection_dim=value("projection_dim") if ARCHITECTURES[architectures[0]] else None,
+        )
+
+
+def with_sdxl_readout(config: TextEncoderConfig) -> TextEncoderConfig:
+    """`config` read as SDXL reads both its text encoders (Podell et al. 2023, Sec. 2.1): the penultimate layer's
+    output without the final LayerNorm. The pooled embedding (`TextEncoder.encode`) still comes from the last layer
+    after the final LayerNorm."""
+    return dataclasses.replace(config, clip_skip=SDXL_CLIP_SKIP, apply_final_norm=SDXL_APPLY_FINAL_NORM)
+
 
 _SD15 = TextEncoderConfig()  # CompVis v1-inference.yaml: FrozenCLIPEmbedder, openai/clip-vit-large-patch14
+# OpenCLIP ViT-bigG/14 (laion2B-39B-b160k)'s text tower: SGM sd_xl_base.yaml's FrozenOpenCLIPEmbedder2, diffusers'
+# SDXL text_encoder_2 (CLIPTextModelWithProjection); all 32 layers are kept, the pooled output needs the last.
+_BIG_G = dataclasses.replace(_SD15, width=1280, num_layers=32, num_heads=20, mlp_width=5120, activation="gelu",
+                             projection_dim=1280)
+_TINY = dataclasses.replace(_SD15, width=64, num_layers=2, num_heads=4, mlp_width=256)
 PRESETS: dict[str, TextEncoderConfig] = {
     "sd15": _SD15,
     # Stability v2-inference.yaml: FrozenOpenCLIPEmbedder("ViT-H-14", layer="penultimate"); 24 layers in
     # the file, the 24th unused (the diffusers text_encoder stores only these 23).
     "sd21": dataclasses.replace(_SD15, width=1024, num_layers=23, num_heads=16, mlp_width=4096, activation="gelu"),
+    # SDXL's two encoders (sd_xl_base.yaml's conditioner.embedders.0 and .1), read at the penultimate layer
+    # without the final LayerNorm; their widths add up to the U-Net's context_dim 2048.
+    "sdxl-l": with_sdxl_readout(_SD15),
+    "sdxl-g": with_sdxl_readout(_BIG_G),
     # CPU-trainable; width 64 matches the U-Net "tiny" preset's context_dim.
-    "tiny": dataclasses.replace(_SD15, width=64, num_layers=2, num_heads=4, mlp_width=256),
+    "tiny": _TINY,
+    # An SDXL-shaped pair for tests: widths 32 + 32 = the tiny U-Net's context_dim, a 32-wide pooled embedding.
+    "tiny-sdxl-l": with_sdxl_readout(dataclasses.replace(_TINY, width=32, mlp_width=128)),
+    "tiny-sdxl-g": with_sdxl_readout(dataclasses.replace(_TINY, width=32, mlp_width=128, activation="gelu",
+                                                         projection_dim=32)),
 }
 
 
@@ -140,7 +232,8 @@ class Block(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """CLIP text transformer: (B, L) token ids -> (B, L, D) hidden states after the final LayerNorm."""
+    """CLIP text transformer: (B, L) token ids -> (B, L, D) hidden states of the config's layer (by default the
+    last, after the final LayerNorm); `encode` adds the pooled text embedding."""
 
     def __init__(self, config: TextEncoderConfig):
         super().__init__()
@@ -174,11 +267,29 @@ class TextEncoder(nn.Module):
         if self.config.projection_dim is not None:
             nn.init.normal_(self.text_projection.weight, std=width**-0.5)
 
-    def forward(self, input_ids: Tensor, clip_skip: int | None = None) -> Tensor:
-        """(B, L) int ids, L <= max_positions -> (B, L, D) hidden states of the layer `clip_skip`
-        counts back from the last (default: the config's), passed through the final LayerNorm."""
-        clip_skip = self.config.clip_skip if clip_skip is None else clip_skip
-        check_int("clip_skip", clip_skip, 1, len(self.layers))
+    def forward(self, input_ids: Tensor, clip_skip: int | None = None, apply_final_norm: bool | None = None) -> Tensor:
+        """(B, L) int ids, L <= max_positions -> (B, L, D) hidden states of the layer `clip_skip` counts back from
+        the last, passed through the final LayerNorm when `apply_final_norm` (None: the config's value for either)."""
+        hidden, _ = self._run(input_ids, clip_skip, apply_final_norm, pooled=False)
+        return hidden
+
+    def encode(
+        self, input_ids: Tensor, clip_skip: int | None = None, apply_final_norm: bool | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """SDXL's conditioning from one pass (Podell et al. 2023, Sec. 2.1): (B, L, D) hidden states as `forward`
+        gives them, and the pooled text embedding: the LAST layer's output after the final LayerNorm at the end token
+        (`pool`), projected to (B, projection_dim) (`project`; transformers' `text_embeds`) when the config has a
+        projection, else the (B, D) pooled output itself (transformers' `pooler_output`)."""
+        return self._run(input_ids, clip_skip, apply_final_norm, pooled=True)
+
+    def _run(
+        self, input_ids: Tensor, clip_skip: int | None, apply_final_norm: bool | None, pooled: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """The readout (and the pooled embedding when `pooled`, which runs every layer) for forward and encode."""
+        clip_skip = check_int("clip_skip", self.config.clip_skip if clip_skip is None else clip_skip,
+                              1, len(self.layers))
+        apply_final_norm = check_bool("apply_final_norm",
+                                      self.config.apply_final_norm if apply_final_norm is None else apply_final_norm)
         if input_ids.ndim != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(
                 f"input_ids must be a (B, L) integer tensor, got shape {tuple(input_ids.shape)} {input_ids.dtype}"
@@ -186,16 +297,23 @@ class TextEncoder(nn.Module):
         L = input_ids.shape[1]
         if L > self.config.max_positions:
             raise ValueError(f"input_ids has {L} tokens; this text encoder takes at most {self.config.max_positions}")
+        readout_depth = len(self.layers) - clip_skip + 1  # layers run before the readout
         x = self.token_embedding(input_ids) + self.position_embedding[:L]  # (B, L, D)
-        for layer in self.layers[: len(self.layers) - clip_skip + 1]:
+        for depth, layer in enumerate(self.layers[: len(self.layers) if pooled else readout_depth], start=1):
             x = layer(x)
-        return self.final_norm(x)
+            if depth == readout_depth:
+                hidden = self.final_norm(x) if apply_final_norm else x  # (B, L, D)
+        if not pooled:
+            return hidden, None
+        # LayerNorm acts per token, so normalising the end token alone equals pooling the normalised sequence
+        embedding = self.final_norm(self.pool(x, input_ids))  # (B, D)
+        return hidden, self.project(embedding) if self.config.projection_dim is not None else embedding
 
     @staticmethod
     def pool(hidden_states: Tensor, input_ids: Tensor) -> Tensor:
         """(B, L, D) hidden states -> (B, D) at each sequence's end token, found as the first
-        position of the largest id (CLIP's end token 49407 is the largest id; SD 1.x pads with it,
-        SD 2.x with 0)."""
+        position of the largest id (CLIP's end token 49407 is the largest id; SD 1.x and SDXL's first
+        tokenizer pad with it, SD 2.x and SDXL's second with 0)."""
         end_positions = input_ids.argmax(dim=-1)  # (B,)
         return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), end_positions]
 
@@ -222,6 +340,13 @@ _IGNORED = {
     "diffusers": ("embeddings.position_ids",),  # older transformers saved this arange buffer
     "ldm_sd1": ("embeddings.position_ids",),
     "ldm_sd2": ("logit_scale", "attn_mask"),  # CLIP's contrastive temperature; a causal-mask buffer
+}
+
+
+# A single file's text encoder prefixes: SD 1.x / 2.x, and SDXL (base: embedders 0 and 1; refiner: bigG at 0).
+_FILE_PREFIXES = {
+    "cond_stage_model.": "'cond_stage_model.transformer.' / 'cond_stage_model.model.'",
+    "conditioner.": "'conditioner.embedders.N.transformer.' / 'conditioner.embedders.N.model.'",
 }
 
 
@@ -283,9 +408,9 @@ def convert_text_encoder_state_dict(
     unexpected = sorted(
         k for k in state if k not in used and k not in _IGNORED[layout] and not _is_dropped(k, layout, config)
     )
+    prefix = "conditioner." if any(k.startswith("conditioner.") for k in unexpected) else "cond_stage_model."
     check_keys(f"text encoder state dict does not match layout {layout!r} for this config", missing, unexpected,
-               prefix="cond_stage_model.",
-               hint="strip the 'cond_stage_model.transformer.' / 'cond_stage_model.model.' prefix first")
+               prefix=prefix, hint=f"strip the {_FILE_PREFIXES[prefix]} prefix first")
     converted, mismatched = {}, []
     for key, (name, how) in sources.items():
         tensor = state[name]
