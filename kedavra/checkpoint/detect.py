@@ -110,6 +110,8 @@ def _decide(source: _Source, family: str | None, prediction_type: str | None) ->
         names, how = [family], "given by the family argument"
     elif hints.config is not None:
         names, how = [], "stored in the kedavra checkpoint"
+    elif hints.described is not None:
+        names, how = [], "described by the folder's unet/, text_encoder/ and vae/ config.json"
     else:
         names, facts = _candidates(source)
         how = f"detected: {facts}"
@@ -122,12 +124,14 @@ def _decide(source: _Source, family: str | None, prediction_type: str | None) ->
         chosen, why, probe_between = PRESETS[names[0]].prediction_type, "to be probed", names
     elif names:
         chosen, why = PRESETS[names[0]].prediction_type, "the family's default"
-    else:
+    elif hints.config is not None:
         chosen, why = hints.config.prediction_type, "stored in the kedavra checkpoint"
+    else:
+        chosen, why = "eps", "no scheduler/scheduler_config.json: diffusers' default, epsilon"
     if names:
         config = PRESETS[next((n for n in names if PRESETS[n].prediction_type == chosen), names[0])]
     else:
-        config = hints.config
+        config = hints.config or hints.described
     details: list[str] = []
     config = dataclasses.replace(config, prediction_type=chosen)
     if hints.config is None:

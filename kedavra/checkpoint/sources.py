@@ -9,6 +9,7 @@ from pathlib import Path
 
 from torch import Tensor
 
+from kedavra.checkpoint import diffusers_config
 from kedavra.checkpoint.errors import _fail
 from kedavra.checkpoint.safetensors_io import SafetensorsFile
 from kedavra.checkpoint.weights import _read_json, _read_weights, _Weights
@@ -28,6 +29,7 @@ class _Hints:
     """What a checkpoint says about itself beyond its weights; each value with where it came from."""
 
     config: ModelConfig | None = None  # kedavra's own format
+    described: ModelConfig | None = None  # a diffusers folder's, from its component config.json files
     prediction_type: tuple[str, str] | None = None
     schedule: tuple[NoiseSchedule, str] | None = None
     betas: Tensor | None = None  # an original file's DDPM betas buffer, matched against known schedules
@@ -225,6 +227,8 @@ def _open_diffusers(path: Path) -> _Source:
         source.files += weights.files
         source.containers.add(weights.container)
     _diffusers_hints(path, source)
+    if diffusers_config.has_configs(path):
+        source.hints.described = diffusers_config.described_config(path)
     return source
 
 

@@ -149,13 +149,20 @@ class ModelConfig:
             values[name] = kind(**_checked_fields(kind, section, f"ModelConfig.{name}"))
         return cls(**values)
 
+    def _unet_widths(self) -> str:
+        """"320x[1, 2, 4, 4]" (base width x multipliers), or the level widths where they are no multiples."""
+        unet = self.unet
+        if unet.channel_multipliers is None:
+            return str(list(unet.level_channels))
+        return f"{unet.base_channels}x{list(unet.channel_multipliers)}"
+
     def describe(self) -> str:
         """One line: family, prediction type, sizes."""
         return (
             f"{self.family}: {self.prediction_type}-prediction, {self.image_size} px, "
             f"{'MiniLM' if isinstance(self.text_encoder, MiniLMConfig) else 'CLIP'} text encoder "
             f"{self.text_encoder.num_layers}x{self.text_encoder.width}, "
-            f"U-Net {self.unet.base_channels}x{list(self.unet.channel_multipliers)} in={self.unet.in_channels} "
+            f"U-Net {self._unet_widths()} in={self.unet.in_channels} "
             f"context={self.unet.context_dim}, VAE f={self.vae.downsample_factor} scale={self.vae.scaling_factor}, "
             f"{self.schedule.kind} schedule, {self.spacing} spacing offset {self.steps_offset}"
         )
@@ -286,6 +293,13 @@ class StableDiffusion(nn.Module):
         self.unet = UNet(config.unet)
         self.vae = AutoencoderKL(config.vae)
         self.source: str | None = None  # set by the checkpoint loader: what was read and what was detected
+
+    def _unet_widths(self) -> str:
+        """"320x[1, 2, 4, 4]" (base width x multipliers), or the level widths where they are no multiples."""
+        unet = self.unet
+        if unet.channel_multipliers is None:
+            return str(list(unet.level_channels))
+        return f"{unet.base_channels}x{list(unet.channel_multipliers)}"
 
     def describe(self) -> str:
         """The config in one line, and where the weights came from when they were loaded."""

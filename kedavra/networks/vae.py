@@ -79,6 +79,41 @@ class VAEConfig:
         if self.scaling_factor <= 0.0:
             raise ValueError(f"VAEConfig.scaling_factor must be > 0, got {self.scaling_factor!r}")
 
+    @classmethod
+    def from_diffusers(cls, config: dict) -> "VAEConfig":
+        """The config a diffusers `vae/config.json` (AutoencoderKL) describes; absent keys take AutoencoderKL's
+        defaults. What this autoencoder cannot run (another block type or activation, a latent shift or per-channel
+        latent statistics as SD3 / Flux VAEs have, no quant convs, no mid-block attention) is refused by name."""
+        if not isinstance(config, dict):
+            raise ValueError(f"a VAE config must be a JSON object, got {type(config).__name__}")
+        name = config.get("_class_name", "AutoencoderKL")
+        if name != "AutoencoderKL":
+            raise ValueError(f"vae _class_name {name!r} is not supported; allowed: AutoencoderKL (SD's KL-f8 kind)")
+        required = {"act_fn": "silu", "shift_factor": None, "latents_mean": None, "latents_std": None,
+                    "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True}
+        for key, allowed in required.items():
+            if config.get(key, allowed) != allowed:
+                raise ValueError(f"vae {key}={config[key]!r} is not supported; allowed: {allowed!r}")
+        levels = list(config.get("block_out_channels", [64]))
+        if not levels or not all(is_int(c) and c >= 1 for c in levels):
+            raise ValueError(f"vae block_out_channels must be a non-empty list of positive ints, got {levels!r}")
+        for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+            types = list(config.get(key, [block] * len(levels)))
+            if types != [block] * len(levels):
+                raise ValueError(f"vae {key}={types!r} is not supported; allowed: {block!r} at each of the "
+                                 f"{len(levels)} levels of block_out_channels")
+        base = levels[0]
+        if any(c % base for c in levels):
+            raise ValueError(f"vae block_out_channels={levels!r}: every width must be a multiple of the first")
+        scaling_factor = config.get("scaling_factor", SD_LATENT_SCALE)
+        return cls(
+            in_channels=config.get("in_channels", 3), out_channels=config.get("out_channels", 3),
+            latent_channels=config.get("latent_channels", 4), base_channels=base,
+            channel_multipliers=tuple(c // base for c in levels), num_res_blocks=config.get("layers_per_block", 1),
+            norm_groups=config.get("norm_num_groups", 32),
+            scaling_factor=float(scaling_factor) if is_int(scaling_factor) else scaling_factor,
+        )
+
     @property
     def block_channels(self) -> tuple[int, ...]:
         """Channels per level, shallowest first."""
