@@ -294,13 +294,6 @@ class StableDiffusion(nn.Module):
         self.vae = AutoencoderKL(config.vae)
         self.source: str | None = None  # set by the checkpoint loader: what was read and what was detected
 
-    def _unet_widths(self) -> str:
-        """"320x[1, 2, 4, 4]" (base width x multipliers), or the level widths where they are no multiples."""
-        unet = self.unet
-        if unet.channel_multipliers is None:
-            return str(list(unet.level_channels))
-        return f"{unet.base_channels}x{list(unet.channel_multipliers)}"
-
     def describe(self) -> str:
         """The config in one line, and where the weights came from when they were loaded."""
         lines = [self.config.describe()]
