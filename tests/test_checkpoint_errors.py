@@ -137,8 +137,8 @@ def test_diffusers_folder_with_a_different_vocabulary(tiny_refs, tmp_path):
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="unknown family 'sdxl'; allowed: sd15, "):
-        load_model("x.safetensors", family="sdxl")
+    with pytest.raises(ValueError, match="unknown family 'sd3'; allowed: sd15, "):
+        load_model("x.safetensors", family="sd3")
     with pytest.raises(ValueError, match="unknown prediction_type 'x0'"):
         load_model("x.safetensors", prediction_type="x0")
     with pytest.raises(ValueError, match="dtype must be a floating-point"):

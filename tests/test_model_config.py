@@ -26,7 +26,7 @@ def test_preset_facts():
     assert PRESETS["sd21-base"].prediction_type == "eps" and PRESETS["sd21-base"].image_size == 512
     assert PRESETS["sd15-inpaint"].inpainting and PRESETS["sd21-inpaint"].inpainting and not PRESETS["sd15"].inpainting
     for config in PRESETS.values():
-        assert config.text_encoder.width == config.unet.context_dim
+        assert sum(text.width for text in config.text_encoders) == config.unet.context_dim
         assert (config.spacing, config.steps_offset) == ("leading", 1)  # SD's scheduler_config.json
 
 

@@ -53,7 +53,8 @@ def _candidates(source: _Source) -> tuple[list[str], str]:
     names = [
         name
         for name, preset in PRESETS.items()
-        if preset.unet.context_dim == context
+        if preset.unet.addition_embed_input_dim is None  # SD 1.x / 2.x shapes; SDXL files are told by their keys
+        and preset.unet.context_dim == context
         and preset.unet.in_channels == channels
         and preset.unet.base_channels == base
         and preset.unet.use_linear_projection == linear
@@ -64,6 +65,7 @@ def _candidates(source: _Source) -> tuple[list[str], str]:
             f"{n}: width {p.unet.context_dim}, {p.unet.in_channels} channels, {p.unet.base_channels} base channels, "
             f"{_text_style(p)}"
             for n, p in PRESETS.items()
+            if p.unet.addition_embed_input_dim is None
         )
         raise _fail(
             source.path,

@@ -41,6 +41,7 @@ from kedavra.networks.vae import AutoencoderKL, VAEConfig, get_vae_config
 from kedavra.networks.wordpiece import WordPieceConfig, WordPieceTokenizer
 from kedavra.validation import check_int
 
+SDXL_LATENT_SCALE = 0.13025  # SGM sd_xl_base.yaml scale_factor; diffusers' SDXL vae/config.json scaling_factor
 # What a ModelConfig's U-Net may be trained to output: the noise ε (DDPM) or v (Salimans & Ho 2022, eq. 7), as SD 1.x
 # and 2.x ship. The samplers also drive x0-predicting denoisers (forward_process.PREDICTION_TYPES); no SD U-Net is one.
 UNET_PREDICTION_TYPES = tuple(kind for kind in forward_process.PREDICTION_TYPES if kind != "x0")
@@ -72,6 +73,11 @@ class ModelConfig:
     image_size: int = 512
     spacing: str = "leading"
     steps_offset: int = 1
+    # SDXL (Podell et al. 2023, sec. 2.1): a second tokenizer and text encoder (OpenCLIP ViT-bigG) whose token
+    # states are concatenated to the first's; the last encoder's pooled, projected embedding conditions the U-Net's
+    # added embedding. None for SD 1.x / 2.x and for the SDXL refiner, which has bigG alone as `text_encoder`.
+    tokenizer_2: TokenizerConfig | None = None
+    text_encoder_2: TextEncoderConfig | None = None
 
     def __post_init__(self):
         if not isinstance(self.family, str) or not self.family:
@@ -89,11 +95,27 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.spacing must be one of {SPACINGS}, got {self.spacing!r}")
         check_int("ModelConfig.steps_offset", self.steps_offset, low=0)
         text, unet, vae = self.text_encoder, self.unet, self.vae
-        if text.width != unet.context_dim:
+        if (self.tokenizer_2 is None) != (self.text_encoder_2 is None):
+            raise ValueError("ModelConfig.tokenizer_2 and text_encoder_2 come together: give both or neither")
+        for name, kind in (("tokenizer_2", TokenizerConfig), ("text_encoder_2", TextEncoderConfig)):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), kind):
+                raise ValueError(f"ModelConfig.{name} must be a {kind.__name__} or None, "
+                                 f"got {type(getattr(self, name)).__name__}")
+        if sum(encoder.width for encoder in self.text_encoders) != unet.context_dim:
+            widths = " + ".join(str(encoder.width) for encoder in self.text_encoders)
             raise ValueError(
-                f"text encoder width {text.width} must equal the U-Net's context_dim {unet.context_dim} "
-                "(the U-Net cross-attends to the text encoder's output)"
+                f"text encoder width {widths} must equal the U-Net's context_dim {unet.context_dim} "
+                "(the U-Net cross-attends to the text encoders' outputs, concatenated)"
             )
+        if unet.addition_embed_input_dim is not None:
+            pooled = self.text_encoders[-1].projection_dim
+            extra = unet.addition_embed_input_dim - (pooled or 0)
+            if pooled is None or extra <= 0 or extra % unet.addition_time_embed_dim:
+                raise ValueError(
+                    f"the U-Net's added embedding takes {unet.addition_embed_input_dim} features: the last text "
+                    f"encoder's pooled projection ({pooled}) plus whole micro-conditioning values of "
+                    f"{unet.addition_time_embed_dim} each (SDXL: 6, the refiner 5)"
+                )
         if isinstance(text, MiniLMConfig) != isinstance(self.tokenizer, WordPieceConfig):
             raise ValueError(
                 f"text encoder {type(text).__name__} does not fit tokenizer {type(self.tokenizer).__name__}: CLIP's "
@@ -116,6 +138,21 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.image_size must be a positive multiple of {multiple}, got {self.image_size!r}"
             )
+
+    @property
+    def text_encoders(self) -> tuple[TextEncoderConfig | MiniLMConfig, ...]:
+        """The text encoders whose token states the U-Net reads, concatenated in this order."""
+        return (self.text_encoder,) if self.text_encoder_2 is None else (self.text_encoder, self.text_encoder_2)
+
+    @property
+    def micro_conditioning(self) -> int:
+        """How many numbers SDXL's added embedding takes besides the pooled text (Podell et al. 2023, sec. 2.2):
+        6 for the base (original size, crop top-left, target size), 5 for the refiner (original size, crop
+        top-left, aesthetic score), 0 without an added embedding."""
+        unet = self.unet
+        if unet.addition_embed_input_dim is None:
+            return 0
+        return (unet.addition_embed_input_dim - self.text_encoders[-1].projection_dim) // unet.addition_time_embed_dim
 
     @property
     def inpainting(self) -> bool:
@@ -147,6 +184,12 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be a dict, got {type(section).__name__}")
             kind = _section_type(name, section)
             values[name] = kind(**_checked_fields(kind, section, f"ModelConfig.{name}"))
+        for name, kind in (("tokenizer_2", TokenizerConfig), ("text_encoder_2", TextEncoderConfig)):
+            section = values.get(name)
+            if section is not None:
+                if not isinstance(section, dict):
+                    raise ValueError(f"ModelConfig.{name} must be a dict or null, got {type(section).__name__}")
+                values[name] = kind(**_checked_fields(kind, section, f"ModelConfig.{name}"))
         return cls(**values)
 
     def _unet_widths(self) -> str:
@@ -161,7 +204,7 @@ class ModelConfig:
         return (
             f"{self.family}: {self.prediction_type}-prediction, {self.image_size} px, "
             f"{'MiniLM' if isinstance(self.text_encoder, MiniLMConfig) else 'CLIP'} text encoder "
-            f"{self.text_encoder.num_layers}x{self.text_encoder.width}, "
+            f"{' + '.join(f'{text.num_layers}x{text.width}' for text in self.text_encoders)}, "
             f"U-Net {self._unet_widths()} in={self.unet.in_channels} "
             f"context={self.unet.context_dim}, VAE f={self.vae.downsample_factor} scale={self.vae.scaling_factor}, "
             f"{self.schedule.kind} schedule, {self.spacing} spacing offset {self.steps_offset}"
@@ -229,6 +272,23 @@ def _family(
     )
 
 
+def _sdxl(name: str, unet: str, size: int) -> ModelConfig:
+    """SDXL (Podell et al. 2023): CLIP ViT-L and OpenCLIP ViT-bigG read at their penultimate layers, the SDXL VAE's
+    latent scale; the refiner has bigG alone. The tiny variant has SDXL's shape at test sizes."""
+    tiny = name.startswith("tiny")
+    first, second = ("tiny-sdxl-l", "tiny-sdxl-g") if tiny else ("sdxl-l", "sdxl-g")
+    vae = get_vae_config("tiny" if tiny else "sd")
+    if name == "sdxl-refiner":  # bigG alone, as the first (and only) encoder, with OpenCLIP's tokenizer
+        text = {"tokenizer": TokenizerConfig.from_preset("sd21"), "text_encoder": TextEncoderConfig.from_preset(second)}
+    else:
+        text = {"tokenizer": TokenizerConfig.from_preset("sd15"), "text_encoder": TextEncoderConfig.from_preset(first),
+                "tokenizer_2": TokenizerConfig.from_preset("sd21"),
+                "text_encoder_2": TextEncoderConfig.from_preset(second)}
+    return ModelConfig(family=name, **text, unet=UNetConfig.from_preset(unet),
+                       vae=dataclasses.replace(vae, scaling_factor=SDXL_LATENT_SCALE), schedule=get_schedule("sd"),
+                       prediction_type="eps", image_size=size)
+
+
 _TEXT_SD15 = TextEncoderConfig.from_preset("sd15")
 _TEXT_SD21 = TextEncoderConfig.from_preset("sd21")
 _TEXT_TINY = TextEncoderConfig.from_preset("tiny")
@@ -272,6 +332,10 @@ PRESETS: dict[str, ModelConfig] = {
         "v",
         TINY_IMAGE_SIZE,
     ),
+    "sdxl": _sdxl("sdxl", "sdxl", 1024),
+    "sdxl-inpaint": _sdxl("sdxl-inpaint", "sdxl-inpaint", 1024),
+    "sdxl-refiner": _sdxl("sdxl-refiner", "sdxl-refiner", 1024),
+    "tiny-sdxl": _sdxl("tiny-sdxl", "tiny-sdxl", TINY_IMAGE_SIZE),
 }
 
 
@@ -290,6 +354,9 @@ class StableDiffusion(nn.Module):
         self.config = config
         self.tokenizer = make_tokenizer(config.tokenizer)
         self.text_encoder = make_text_encoder(config.text_encoder)
+        # SDXL's second tokenizer and encoder (None otherwise): state_dict keys "text_encoder_2."
+        self.tokenizer_2 = None if config.tokenizer_2 is None else Tokenizer(config.tokenizer_2)
+        self.text_encoder_2 = None if config.text_encoder_2 is None else TextEncoder(config.text_encoder_2)
         self.unet = UNet(config.unet)
         self.vae = AutoencoderKL(config.vae)
         self.source: str | None = None  # set by the checkpoint loader: what was read and what was detected

@@ -231,6 +231,20 @@ _SD21 = dataclasses.replace(  # Stability v2-inference-v.yaml unet_config
     _SD15, num_heads=None, head_dim=64, context_dim=1024, use_linear_projection=True, upcast_attention=True
 )
 INPAINT_IN_CHANNELS = 9  # SD inpainting: 4 noisy latent + 4 masked-image latent + 1 mask
+SDXL_TIME_EMBED_DIM = 256  # SGM sd_xl_base.yaml ConcatTimestepEmbedderND outdim: sinusoids per micro-condition
+# SGM sd_xl_base.yaml network_config: no attention at the first level, 1, 2 and 10 transformer layers below, 64-wide
+# heads, Linear projections, a 2048-wide context (768 + 1280) and the added embedding of 1280 pooled + 6 x 256.
+_SDXL = UNetConfig(
+    base_channels=320, channel_multipliers=(1, 2, 4), res_blocks_per_level=2, attention_per_level=(False, True, True),
+    num_heads=None, head_dim=64, context_dim=2048, transformer_depth=(1, 2, 10), use_linear_projection=True,
+    addition_time_embed_dim=SDXL_TIME_EMBED_DIM, addition_embed_input_dim=1280 + 6 * SDXL_TIME_EMBED_DIM,
+)
+# SGM sd_xl_refiner.yaml: 384 base channels over four levels, 4 transformer layers, bigG's 1280-wide context alone,
+# and 1280 pooled + 5 x 256 (original size, crop, aesthetic score).
+_SDXL_REFINER = dataclasses.replace(
+    _SDXL, base_channels=384, channel_multipliers=(1, 2, 4, 4), attention_per_level=(False, True, True, False),
+    context_dim=1280, transformer_depth=4, addition_embed_input_dim=1280 + 5 * SDXL_TIME_EMBED_DIM,
+)
 PRESETS: dict[str, UNetConfig] = {
     "sd15": _SD15,
     "sd21": _SD21,
@@ -247,6 +261,15 @@ PRESETS: dict[str, UNetConfig] = {
         num_heads=4,
         context_dim=64,
         norm_groups=8,
+    ),
+    "sdxl": _SDXL,
+    "sdxl-inpaint": dataclasses.replace(_SDXL, in_channels=INPAINT_IN_CHANNELS),
+    "sdxl-refiner": _SDXL_REFINER,
+    # SDXL's shape at tiny sizes, for tests: two 32-wide text encoders, added embedding of 32 pooled + 6 x 8.
+    "tiny-sdxl": UNetConfig(
+        base_channels=32, channel_multipliers=(1, 2), res_blocks_per_level=1, attention_per_level=(False, True),
+        num_heads=None, head_dim=16, context_dim=64, transformer_depth=(1, 2), use_linear_projection=True,
+        norm_groups=8, addition_time_embed_dim=8, addition_embed_input_dim=32 + 6 * 8,
     ),
 }
 
