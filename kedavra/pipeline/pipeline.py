@@ -25,7 +25,7 @@ from kedavra.networks.acceleration import optimize_for_inference
 from kedavra.networks.model import StableDiffusion
 from kedavra.networks.vae_tiling import Tiling
 from kedavra.pipeline.device import default_device, default_dtype, parse_precision
-from kedavra.pipeline.prompt_weighting import encode_prompt_pairs
+from kedavra.pipeline.prompt_weighting import TextConditioning, encode_conditioning
 from kedavra.pipeline.request import GenerationRequest
 from kedavra.validation import MAX_SEED, check_bool
 
@@ -73,13 +73,24 @@ class Pipeline:
         return self.config.vae.downsample_factor
 
     @torch.no_grad()
+    def encode_text(self, prompts: Sequence[str], negative_prompts: Sequence[str],
+                    clip_skip: int | None = None) -> TextConditioning:
+        """The text side of guidance (kedavra.pipeline.prompt_weighting): each text encoder's hidden states for the
+        prompts and the negative prompts, (B, 77·k, D), concatenated over SDXL's two encoders, with A1111's
+        emphasis syntax "(word:1.3)", "[word]", BREAK, and prompts longer than 75 tokens in chunks of 77; for a
+        U-Net with SDXL's added embedding, also the last encoder's pooled projections (B, P)."""
+        model = self.model
+        encoders = [(model.tokenizer, model.text_encoder)]
+        if model.text_encoder_2 is not None:
+            encoders.append((model.tokenizer_2, model.text_encoder_2))
+        return encode_conditioning(encoders, list(prompts), list(negative_prompts), clip_skip=clip_skip,
+                                   pooled=self.config.micro_conditioning > 0)
+
     def encode_prompts(self, prompts: Sequence[str], negative_prompts: Sequence[str], clip_skip: int | None = None):
-        """(context, negative context), each (B, 77·k, D): the text encoder's hidden states for the prompts and
-        the negative prompts (the unconditional side of guidance), with A1111's emphasis syntax "(word:1.3)",
-        "[word]", BREAK, and prompts longer than 75 tokens in chunks of 77 (see kedavra.pipeline.prompt_weighting).
-        Plain prompts of up to 75 tokens give exactly text_encoder(tokenizer(prompt))."""
-        return encode_prompt_pairs(self.model.tokenizer, self.model.text_encoder, list(prompts), list(negative_prompts),
-                                   clip_skip=clip_skip)
+        """(context, negative context), each (B, 77·k, D), of `encode_text`. Plain prompts of up to 75 tokens give
+        exactly text_encoder(tokenizer(prompt)) for a model with one text encoder."""
+        text = self.encode_text(prompts, negative_prompts, clip_skip)
+        return text.context, text.uncond_context
 
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "", *,
                  num_images: int = 1, callback: StepCallback | None = None, **settings) -> GenerationResult:
@@ -134,9 +145,10 @@ class Pipeline:
                 masked_latents = self._encode_images(images * (1 - pixel_mask), generators)
                 extra_channels = torch.cat([latent_mask, masked_latents], dim=1)
 
-        context, uncond_context = self.encode_prompts(request.prompts, request.negative_prompts, request.clip_skip)
-        denoise = GuidedUNet(self.model.unet, self.dtype, context, uncond_context, request.guidance_scale,
-                             request.guidance_rescale, extra_channels, record=callback is not None)
+        text = self.encode_text(request.prompts, request.negative_prompts, request.clip_skip)
+        added = self._added_conditioning(request, text)
+        denoise = GuidedUNet(self.model.unet, self.dtype, text.context, text.uncond_context, request.guidance_scale,
+                             request.guidance_rescale, extra_channels, added=added, record=callback is not None)
         blend_mask = latent_mask if latent_mask is not None and not self.config.inpainting else None
         latents = sample(
             denoise, noise, sampler=request.sampler, steps=request.steps, schedule=self.config.schedule,
@@ -161,6 +173,21 @@ class Pipeline:
                 vae.to(self.dtype)
         return images
 
+    def _added_conditioning(self, request: GenerationRequest, text: TextConditioning):
+        """(prompt side, negative side) of SDXL's added conditioning: the pooled text (B, P) and the micro-
+        conditioning numbers (B, 5 or 6) of `GenerationRequest.time_ids`; None for a model without it."""
+        count = self.config.micro_conditioning
+        if count == 0:
+            return None
+        time_ids, negative_time_ids = request.time_ids(count)
+        batch = text.pooled.shape[0]
+
+        def side(pooled: torch.Tensor, ids: list[float]) -> dict[str, torch.Tensor]:
+            ids = torch.tensor([ids], dtype=torch.float32, device=self.device).expand(batch, -1)  # (B, n)
+            return {"text_embeds": pooled, "time_ids": ids}
+
+        return side(text.pooled, time_ids), side(text.uncond_pooled, negative_time_ids)
+
     def _encode_images(self, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, C, h, w) scaled latents, image i's posterior drawn with generator i."""
         vae = self.model.vae
@@ -173,26 +200,33 @@ class Pipeline:
 class GuidedUNet:
     """The model a sampler drives: `(x_t, t) -> prediction`, the U-Net (in the working precision, on fp32 samples)
     with classifier-free guidance folded in (kedavra.diffusion.guidance); an inpainting U-Net also gets the mask and
-    masked-image latents as extra input channels. With `record`, it keeps the conditional and unconditional outputs
-    of the first evaluation since the last step report, for `reporting`'s step records."""
+    masked-image latents as extra input channels, an SDXL U-Net its added conditioning (`added`: the prompt's and
+    the negative prompt's pooled text and micro-conditioning). With `record`, it keeps the conditional and
+    unconditional outputs of the first evaluation since the last step report, for `reporting`'s step records."""
 
     def __init__(self, unet, dtype: torch.dtype, context: torch.Tensor, uncond_context: torch.Tensor,
                  guidance_scale: float, guidance_rescale: float, extra_channels: torch.Tensor | None,
-                 record: bool = False):
+                 added: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None, record: bool = False):
         self.unet, self.dtype, self.extra_channels = unet, dtype, extra_channels
         self.guidance_scale, self.guidance_rescale = guidance_scale, guidance_rescale
         self.use_guidance = guidance_scale != 1.0
         self.context = torch.cat([uncond_context, context]) if self.use_guidance else context  # unconditional first
+        self.added = None  # SDXL's added conditioning in the batch's order, in the working precision
+        if added is not None:
+            cond, uncond = added
+            self.added = {key: (torch.cat([uncond[key], cond[key]]) if self.use_guidance else cond[key]).to(dtype)
+                          for key in cond}
         self.record = record
         self.outputs: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (cond, uncond) at the step's level
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x_in = x_t if self.extra_channels is None else torch.cat([x_t, self.extra_channels], dim=1)
         if not self.use_guidance:
-            cond, uncond = self.unet(x_in.to(self.dtype), t, self.context).float(), None
+            cond, uncond = self.unet(x_in.to(self.dtype), t, self.context, added_cond=self.added).float(), None
             guided = cond
         else:
-            both = self.unet(torch.cat([x_in, x_in]).to(self.dtype), torch.cat([t, t]), self.context).float()
+            both = self.unet(torch.cat([x_in, x_in]).to(self.dtype), torch.cat([t, t]), self.context,
+                             added_cond=self.added).float()
             uncond, cond = both.chunk(2)
             guided = classifier_free_guidance(cond, uncond, self.guidance_scale, self.guidance_rescale)
         if self.record and self.outputs is None:

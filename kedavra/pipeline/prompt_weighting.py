@@ -39,6 +39,10 @@ emphasis mode "Original"), written from its description and doctests:
    prompt and its negative prompt, are padded to the same chunk count with the encoding of the empty
    prompt (A1111 with its "pad_cond_uncond" option, which lets the classifier-free guidance batch hold
    both).
+   SDXL (Podell et al. 2023, sec. 2.1) has two tokenizers and encoders: each encodes its own chunks (with
+   emphasis, as A1111 applies it to each), the two are concatenated along the channels, (B, 77·k, 768 + 1280),
+   and the pooled, projected embedding of the last encoder at each prompt's first chunk conditions the U-Net's
+   added embedding (`encode_conditioning`); both encoders are padded to the same chunk count.
    The same steps serve a model whose text side is MiniLM (kedavra.networks.model.with_minilm_text_encoder): its
    WordPiece tokenizer frames chunks as [CLS] + ids + [SEP], padded to its own context (32 tokens), with ","
    as the comma.
@@ -274,13 +278,25 @@ def _pad_chunks(chunk_lists: list[list[PromptChunk]], count: int, empty: PromptC
 
 def _encode_chunks(text_encoder: TextEncoder, chunk_lists: list[list[PromptChunk]], clip_skip: int | None) -> Tensor:
     """B lists of k chunks each -> (B, k·L, D): one text-encoder batch of B·k chunks, then emphasis."""
+    return _encode_pooled(text_encoder, chunk_lists, clip_skip, pooled=False)[0]
+
+
+def _encode_pooled(text_encoder: TextEncoder, chunk_lists: list[list[PromptChunk]], clip_skip: int | None,
+                   pooled: bool) -> tuple[Tensor, Tensor | None]:
+    """(B, k·L, D) emphasised states of B lists of k chunks, and with `pooled` the encoder's pooled (projected)
+    embedding of each list's first chunk (B, P), from the same pass (TextEncoder.encode)."""
     device = next(text_encoder.parameters()).device
     batch, count = len(chunk_lists), len(chunk_lists[0])
     rows = [chunk for chunks in chunk_lists for chunk in chunks]  # prompt-major: prompt 0's chunks first
     ids = torch.tensor([chunk.ids for chunk in rows], dtype=torch.long, device=device)  # (B·k, L)
     weights = torch.tensor([chunk.weights for chunk in rows], dtype=torch.float32, device=device)  # (B·k, L)
-    hidden = apply_emphasis(text_encoder(ids, clip_skip=clip_skip), weights)  # (B·k, L, D)
-    return hidden.reshape(batch, count * ids.shape[1], hidden.shape[-1])  # (B, k·L, D)
+    if pooled:
+        states, pooled_rows = text_encoder.encode(ids, clip_skip=clip_skip)  # (B·k, L, D), (B·k, P)
+        pooled_rows = pooled_rows.reshape(batch, count, -1)[:, 0]  # (B, P): each prompt's first chunk
+    else:
+        states, pooled_rows = text_encoder(ids, clip_skip=clip_skip), None
+    hidden = apply_emphasis(states, weights)  # (B·k, L, D)
+    return hidden.reshape(batch, count * ids.shape[1], hidden.shape[-1]), pooled_rows  # (B, k·L, D)
 
 
 def encode_weighted_prompts(
@@ -327,3 +343,45 @@ def encode_prompt_pairs(
     cond = _encode_chunks(text_encoder, _pad_chunks(cond_chunks, count, empty), clip_skip)
     uncond = _encode_chunks(text_encoder, _pad_chunks(uncond_chunks, count, empty), clip_skip)
     return cond, uncond
+
+
+@dataclass(frozen=True)
+class TextConditioning:
+    """What the text gives the U-Net for classifier-free guidance: token states (B, L·k, D) for the prompts and
+    their negative prompts, and, for SDXL's added embedding, the last encoder's pooled projections (B, P)."""
+
+    context: Tensor
+    uncond_context: Tensor
+    pooled: Tensor | None = None
+    uncond_pooled: Tensor | None = None
+
+
+def encode_conditioning(
+    encoders: Sequence[tuple[Tokenizer, TextEncoder]],
+    prompts: str | Sequence[str],
+    negative_prompts: str | Sequence[str],
+    *,
+    clip_skip: int | None = None,
+    pooled: bool = False,
+) -> TextConditioning:
+    """Prompts and their negative prompts through every (tokenizer, text encoder) pair, the states concatenated
+    along the channels in the pairs' order (SDXL: ViT-L then bigG), all padded to one chunk count; with `pooled`,
+    the last encoder's pooled projection of each prompt's first chunk. With one pair the states are
+    `encode_prompt_pairs`'. clip_skip: passed to every encoder (None: each one's config)."""
+    prompts = _check_prompts(prompts, "prompts")
+    negatives = _check_prompts(negative_prompts, "negative_prompts")
+    if len(negatives) == 1:
+        negatives = negatives * len(prompts)
+    if len(negatives) != len(prompts):
+        raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts; give one or one each")
+    chunked = [([chunk_prompt(tok, p) for p in prompts], [chunk_prompt(tok, p) for p in negatives])
+               for tok, _ in encoders]
+    count = max(len(chunks) for cond, uncond in chunked for chunks in cond + uncond)
+    sides: dict[str, list[tuple[Tensor, Tensor | None]]] = {"cond": [], "uncond": []}
+    for index, ((tokenizer, encoder), (cond, uncond)) in enumerate(zip(encoders, chunked, strict=True)):
+        empty = chunk_prompt(tokenizer, "")[0]
+        want_pooled = pooled and index == len(encoders) - 1
+        for side, chunk_lists in (("cond", cond), ("uncond", uncond)):
+            sides[side].append(_encode_pooled(encoder, _pad_chunks(chunk_lists, count, empty), clip_skip, want_pooled))
+    context, uncond_context = (torch.cat([states for states, _ in sides[s]], dim=-1) for s in ("cond", "uncond"))
+    return TextConditioning(context, uncond_context, sides["cond"][-1][1], sides["uncond"][-1][1])

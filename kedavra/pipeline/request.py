@@ -32,6 +32,10 @@ DEFAULT_SAMPLER = "euler"  # the plainest update, one U-Net evaluation per step 
 DEFAULT_GUIDANCE_SCALE = 7.5  # diffusers' StableDiffusionPipeline default (A1111's is 7)
 DEFAULT_IMG2IMG_STRENGTH = 0.8  # share of the steps run from the noised init image (A1111's and diffusers' 0.75-0.8)
 DEFAULT_INPAINT_STRENGTH = 1.0  # inpainting starts the painted region from pure noise
+# SDXL refiner's aesthetic-score conditioning: diffusers' StableDiffusionXLImg2ImgPipeline defaults (and A1111's
+# sdxl_refiner_high/low_aesthetic_score settings): the prompt side asks for a good image, the negative side a poor one.
+DEFAULT_AESTHETIC_SCORE = 6.0
+DEFAULT_NEGATIVE_AESTHETIC_SCORE = 2.5
 
 Picture = Image.Image | torch.Tensor
 
@@ -51,6 +55,12 @@ class GenerationRequest:
     init_image, mask, strength image to image and inpainting: PIL images or tensors (init: (B|1, 3, H, W) in
                                [-1, 1]; mask: white / 1 where to paint); strength None: 0.8, or 1.0 with a mask
     clip_skip                  A1111's "Clip skip" (None: the model's own)
+    original_size, crop_top_left, target_size
+                               SDXL's micro-conditioning (Podell et al. 2023, sec. 2.2), (height, width) and (top,
+                               left) in pixels as diffusers orders them; None: the image's size, (0, 0), the
+                               image's size (diffusers' and A1111's defaults). Ignored by models without it.
+    aesthetic_score, negative_aesthetic_score
+                               the SDXL refiner's aesthetic conditioning of the prompt and the negative prompt
     """
 
     prompts: tuple[str, ...]
@@ -68,6 +78,11 @@ class GenerationRequest:
     mask: Picture | None = None
     strength: float | None = None
     clip_skip: int | None = None
+    original_size: tuple[int, int] | None = None
+    crop_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    aesthetic_score: float = DEFAULT_AESTHETIC_SCORE
+    negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE
 
     def __post_init__(self):
         prompts, negatives = tuple(self.prompts), tuple(self.negative_prompts)
@@ -99,6 +114,17 @@ class GenerationRequest:
         if self.mask is not None and self.init_image is None:
             raise ValueError("mask needs init_image: inpainting repaints part of a given image")
         check_optional_int("clip_skip", self.clip_skip, 1, none_means="the model's own")
+        for name, low in (("original_size", 1), ("crop_top_left", 0), ("target_size", 1)):
+            value = getattr(self, name)
+            if value is None and name != "crop_top_left":
+                continue
+            if not isinstance(value, tuple | list) or len(value) != 2:
+                raise ValueError(f"{name} must be a pair of integers (height, width), got {value!r}")
+            for part in value:
+                check_int(f"{name} value", part, low, 8 * MAX_SIDE)
+            object.__setattr__(self, name, tuple(int(part) for part in value))
+        check_number("aesthetic_score", self.aesthetic_score)
+        check_number("negative_aesthetic_score", self.negative_aesthetic_score)
         set_field = object.__setattr__  # normalising a frozen instance's own fields while it is being built
         set_field(self, "prompts", prompts)
         set_field(self, "negative_prompts", negatives)
@@ -162,7 +188,18 @@ class GenerationRequest:
             init_image = _image_batch(self.init_image, self.num_images, width, height)
         if self.mask is not None:
             mask = _mask_batch(self.mask, self.num_images, width, height)
-        return dataclasses.replace(self, width=width, height=height, init_image=init_image, mask=mask)
+        return dataclasses.replace(self, width=width, height=height, init_image=init_image, mask=mask,
+                                   original_size=self.original_size or (height, width),
+                                   target_size=self.target_size or (height, width))
+
+    def time_ids(self, micro_conditioning: int) -> tuple[list[float], list[float]]:
+        """SDXL's micro-conditioning numbers for the prompt and the negative prompt (Podell et al. 2023, sec. 2.2):
+        6 for the base, original size + crop top-left + target size; 5 for the refiner, original size + crop
+        top-left + aesthetic score (diffusers' _get_add_time_ids order). Call on a request `for_model` filled."""
+        common = [*self.original_size, *self.crop_top_left]
+        if micro_conditioning == 6:
+            return common + [*self.target_size], common + [*self.target_size]
+        return common + [self.aesthetic_score], common + [self.negative_aesthetic_score]
 
 
 def _image_batch(image: Picture, batch: int, width: int, height: int) -> torch.Tensor:
