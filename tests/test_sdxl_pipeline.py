@@ -19,6 +19,7 @@ from kedavra.networks.unet_config import UNetConfig  # noqa: E402
 from kedavra.networks.unet_keys import convert_unet_state_dict  # noqa: E402
 from kedavra.networks.vae_keys import convert_vae_state_dict  # noqa: E402
 from kedavra.pipeline.pipeline import Pipeline  # noqa: E402
+from kedavra.pipeline.request import GenerationRequest  # noqa: E402
 
 CONFIG = PRESETS["tiny-sdxl"]
 UNET = dict(sample_size=16, block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -33,26 +34,35 @@ VAE = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",)
            sample_size=32, scaling_factor=CONFIG.vae.scaling_factor)
 
 
+def kedavra_model(config, parts: dict) -> StableDiffusion:
+    """A StableDiffusion of `config` holding the reference modules' weights (name -> diffusers/transformers model)."""
+    converters = {"text_encoder": convert_text_encoder_state_dict, "text_encoder_2": convert_text_encoder_state_dict,
+                  "unet": convert_unet_state_dict, "vae": convert_vae_state_dict}
+    model = StableDiffusion(config)
+    for name, reference in parts.items():
+        state = converters[name](reference.state_dict(), "diffusers", getattr(config, name))
+        getattr(model, name).load_state_dict(state, strict=True)
+    return model
+
+
+def bigg(generator):
+    text = transformers.CLIPTextModelWithProjection(
+        transformers.CLIPTextConfig(**TEXT, hidden_act="gelu", projection_dim=32))
+    randomize(text, generator)
+    return text.eval()
+
+
 @pytest.fixture(scope="module")
 def both(tmp_path_factory):
     """(kedavra Pipeline, diffusers StableDiffusionXLPipeline) over the same random weights."""
     generator = torch.Generator().manual_seed(5)
     text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**TEXT, hidden_act="quick_gelu"))
-    text_2 = transformers.CLIPTextModelWithProjection(
-        transformers.CLIPTextConfig(**TEXT, hidden_act="gelu", projection_dim=32))
+    text_2 = bigg(generator)
     unet, vae = diffusers.UNet2DConditionModel(**UNET), diffusers.AutoencoderKL(**VAE)
-    for model in (text, text_2, unet, vae):
-        randomize(model, generator)
-        model.eval()
-    model = StableDiffusion(CONFIG)
-    converted = {
-        "text_encoder": convert_text_encoder_state_dict(text.state_dict(), "diffusers", CONFIG.text_encoder),
-        "text_encoder_2": convert_text_encoder_state_dict(text_2.state_dict(), "diffusers", CONFIG.text_encoder_2),
-        "unet": convert_unet_state_dict(unet.state_dict(), "diffusers", CONFIG.unet),
-        "vae": convert_vae_state_dict(vae.state_dict(), "diffusers", CONFIG.vae),
-    }
-    for name, state in converted.items():
-        getattr(model, name).load_state_dict(state, strict=True)
+    for module in (text, unet, vae):
+        randomize(module, generator)
+        module.eval()
+    model = kedavra_model(CONFIG, {"text_encoder": text, "text_encoder_2": text_2, "unet": unet, "vae": vae})
     folder = tmp_path_factory.mktemp("tok")
     tokenizer = clip_tokenizer(folder / "1")
     tokenizer_2 = transformers.CLIPTokenizer(str(folder / "1" / "vocab.json"), str(folder / "1" / "merges.txt"),
@@ -98,3 +108,48 @@ def test_micro_conditioning_reaches_the_unet(both):
                        output_type="latent").images
     assert not torch.allclose(plain, shifted)
     assert ((shifted - theirs).abs().max() / theirs.abs().max()).item() < LATENT_REL_TOL
+
+
+@pytest.fixture(scope="module")
+def refiners(both):
+    """(kedavra refiner Pipeline, diffusers StableDiffusionXLImg2ImgPipeline): bigG alone and a refiner-shaped U-Net
+    (5 micro-conditioning values), sharing the base's VAE."""
+    _, reference = both
+    config = PRESETS["tiny-sdxl-refiner"]
+    generator = torch.Generator().manual_seed(9)
+    text = bigg(generator)
+    unet = diffusers.UNet2DConditionModel(**{**UNET, "cross_attention_dim": 32,
+                                             "projection_class_embeddings_input_dim": 32 + 5 * 8})
+    randomize(unet, generator)
+    unet.eval()
+    model = kedavra_model(config, {"text_encoder": text, "unet": unet})
+    model.vae.load_state_dict(convert_vae_state_dict(reference.vae.state_dict(), "diffusers", config.vae))
+    refiner = diffusers.StableDiffusionXLImg2ImgPipeline(
+        vae=reference.vae, text_encoder=None, text_encoder_2=text, tokenizer=None, tokenizer_2=reference.tokenizer_2,
+        unet=unet, scheduler=reference.scheduler, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+    refiner.set_progress_bar_config(disable=True)
+    return Pipeline(model, dtype="fp32"), refiner
+
+
+def test_base_then_refiner_matches_diffusers_denoising_end_and_start(both, refiners):
+    """The base samples the noisiest 80% of the training timesteps, the refiner the rest, in one Euler run: what
+    diffusers computes with denoising_end=0.8 on the base and denoising_start=0.8 on the refiner."""
+    (ours, reference), (our_refiner, their_refiner) = both, refiners
+    kwargs = dict(prompt="a red circle", negative_prompt="blurry", guidance_scale=5.0)
+    handed_over = reference(**kwargs, num_inference_steps=10, height=32, width=32, denoising_end=0.8,
+                            generator=torch.Generator().manual_seed(4), output_type="latent").images
+    theirs = their_refiner(**kwargs, image=handed_over, num_inference_steps=10, denoising_start=0.8,
+                           output_type="latent").images
+    result = ours.generate(GenerationRequest.build(**kwargs, steps=10, seed=4, refiner_switch_at=0.8),
+                           refiner=our_refiner)
+    assert ((result.latents - theirs).abs().max() / theirs.abs().max()).item() < LATENT_REL_TOL
+    alone = ours(**kwargs, steps=10, seed=4).latents
+    assert not torch.allclose(alone, result.latents)  # the refiner did change the image
+
+
+def test_a_refiner_is_no_base_and_a_base_no_refiner(both, refiners):
+    (ours, _), (our_refiner, _) = both, refiners
+    with pytest.raises(ValueError, match="is an SDXL refiner: it refines an image"):
+        our_refiner("a red circle", steps=2)
+    with pytest.raises(ValueError, match="is an SDXL base model; the refiner stage needs"):
+        ours.generate(GenerationRequest.build("a red circle", steps=2), refiner=ours)

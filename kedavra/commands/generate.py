@@ -40,7 +40,13 @@ from kedavra.pipeline.infotext import (
     request_parameters,
     schedule_karras,
 )
-from kedavra.pipeline.request import DEFAULT_IMG2IMG_STRENGTH, DEFAULT_INPAINT_STRENGTH, GenerationRequest
+from kedavra.pipeline.request import (
+    DEFAULT_AESTHETIC_SCORE,
+    DEFAULT_IMG2IMG_STRENGTH,
+    DEFAULT_INPAINT_STRENGTH,
+    DEFAULT_NEGATIVE_AESTHETIC_SCORE,
+    GenerationRequest,
+)
 from kedavra.validation import MAX_SEED, check_choice
 
 DEFAULT_STEPS = 20
@@ -106,6 +112,16 @@ def register(subparsers) -> None:
     sampling.add_argument("--height", type=int, metavar="PX", help="image height (default as --width)")
     sampling.add_argument("-n", "--num-images", type=int, default=1, metavar="N",
                           help="images in the batch (default 1)")
+    sdxl = parser.add_argument_group("SDXL micro-conditioning (Podell et al. 2023, sec. 2.2; other models ignore it)")
+    sdxl.add_argument("--original-size", type=int, nargs=2, metavar=("WIDTH", "HEIGHT"),
+                      help="the size the U-Net is told the training image had (default: the output size)")
+    sdxl.add_argument("--crop-top-left", type=int, nargs=2, metavar=("TOP", "LEFT"),
+                      help="the crop offset it is told the training image had (default 0 0: centred, uncropped)")
+    sdxl.add_argument("--target-size", type=int, nargs=2, metavar=("WIDTH", "HEIGHT"),
+                      help="the target size it is told (default: the output size)")
+    sdxl.add_argument("--aesthetic-score", type=float, metavar="F",
+                      help=f"the refiner's aesthetic score for the prompt (default {DEFAULT_AESTHETIC_SCORE}; the "
+                           f"negative prompt gets {DEFAULT_NEGATIVE_AESTHETIC_SCORE})")
     image = parser.add_argument_group("image to image and inpainting")
     image.add_argument("--init-image", metavar="PATH", help="start from this image (resized to --width/--height)")
     image.add_argument("--strength", type=float, metavar="F",
@@ -166,7 +182,15 @@ def resolve_request(args, png: GenerationParameters | None, notes: list[str], in
         width=pick(args.width, png and png.width, None),
         height=pick(args.height, png and png.height, None),
         init_image=init_image, mask=mask, strength=strength,
+        original_size=_height_width(args.original_size), target_size=_height_width(args.target_size),
+        crop_top_left=tuple(args.crop_top_left) if args.crop_top_left is not None else (0, 0),
+        aesthetic_score=args.aesthetic_score if args.aesthetic_score is not None else DEFAULT_AESTHETIC_SCORE,
     )
+
+
+def _height_width(width_height: list[int] | None) -> tuple[int, int] | None:
+    """A WIDTH HEIGHT flag as the (height, width) pair GenerationRequest keeps (diffusers' order)."""
+    return None if width_height is None else (width_height[1], width_height[0])
 
 
 def _number(extra: dict[str, str], key: str) -> float | None:

@@ -278,7 +278,7 @@ def _sdxl(name: str, unet: str, size: int) -> ModelConfig:
     tiny = name.startswith("tiny")
     first, second = ("tiny-sdxl-l", "tiny-sdxl-g") if tiny else ("sdxl-l", "sdxl-g")
     vae = get_vae_config("tiny" if tiny else "sd")
-    if name == "sdxl-refiner":  # bigG alone, as the first (and only) encoder, with OpenCLIP's tokenizer
+    if name.endswith("refiner"):  # bigG alone, as the first (and only) encoder, with OpenCLIP's tokenizer
         text = {"tokenizer": TokenizerConfig.from_preset("sd21"), "text_encoder": TextEncoderConfig.from_preset(second)}
     else:
         text = {"tokenizer": TokenizerConfig.from_preset("sd15"), "text_encoder": TextEncoderConfig.from_preset(first),
@@ -336,6 +336,7 @@ PRESETS: dict[str, ModelConfig] = {
     "sdxl-inpaint": _sdxl("sdxl-inpaint", "sdxl-inpaint", 1024),
     "sdxl-refiner": _sdxl("sdxl-refiner", "sdxl-refiner", 1024),
     "tiny-sdxl": _sdxl("tiny-sdxl", "tiny-sdxl", TINY_IMAGE_SIZE),
+    "tiny-sdxl-refiner": _sdxl("tiny-sdxl-refiner", "tiny-sdxl-refiner", TINY_IMAGE_SIZE),
 }
 
 

@@ -271,6 +271,11 @@ PRESETS: dict[str, UNetConfig] = {
         num_heads=None, head_dim=16, context_dim=64, transformer_depth=(1, 2), use_linear_projection=True,
         norm_groups=8, addition_time_embed_dim=8, addition_embed_input_dim=32 + 6 * 8,
     ),
+    "tiny-sdxl-refiner": UNetConfig(  # the refiner's conditioning at test sizes: one 32-wide encoder, 32 + 5 x 8
+        base_channels=32, channel_multipliers=(1, 2), res_blocks_per_level=1, attention_per_level=(False, True),
+        num_heads=None, head_dim=16, context_dim=32, transformer_depth=(1, 2), use_linear_projection=True,
+        norm_groups=8, addition_time_embed_dim=8, addition_embed_input_dim=32 + 5 * 8,
+    ),
 }
 
 # ---- diffusers' unet/config.json ---------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ from kedavra.pipeline.prompt_weighting import TextConditioning, encode_condition
 from kedavra.pipeline.request import GenerationRequest
 from kedavra.validation import MAX_SEED, check_bool
 
+BASE_MICRO_CONDITIONING = 6  # SDXL base: original size, crop top-left, target size (ModelConfig.micro_conditioning)
+REFINER_MICRO_CONDITIONING = 5  # SDXL refiner: original size, crop top-left, aesthetic score
 # Images larger than this on a side go through the VAE in 512-pixel tiles (diffusers' enable_vae_tiling sizes),
 # which bounds the decoder's activation memory; smaller ones are processed whole, exactly.
 VAE_TILING = Tiling(tile_size=512, overlap=128, threshold=1024)
@@ -121,11 +123,21 @@ class Pipeline:
         return request.for_model(self.config)
 
     @torch.no_grad()
-    def generate(self, request: GenerationRequest, callback: StepCallback | None = None) -> GenerationResult:
+    def generate(self, request: GenerationRequest, callback: StepCallback | None = None,
+                 refiner: Pipeline | None = None) -> GenerationResult:
         """The images `request` asks for. callback(step) gets every step's `StepRecord` with the U-Net's
         conditional and unconditional outputs at the step's own level (cond, uncond; uncond None when guidance is
-        off); a tensor it returns replaces the sample."""
+        off); a tensor it returns replaces the sample.
+
+        refiner: a second model that takes over the sampling run where `request.refiner_switch_at` of the training
+        timesteps lie behind (the SDXL refiner; A1111's refiner_checkpoint / refiner_switch_at, diffusers'
+        denoising_end / denoising_start): evaluations at timesteps t >= T (1 - switch_at) use this model, the
+        rest the refiner, each with its own text conditioning, in one run of the sampler (A1111's way: a
+        multistep sampler keeps its history across the switch)."""
         request = self.check(request)
+        if self.config.micro_conditioning == REFINER_MICRO_CONDITIONING and request.init_image is None:
+            raise ValueError(f"{self.config.family} is an SDXL refiner: it refines an image (give init_image), or "
+                             "serves as the refiner of an SDXL base model (refiner=...)")
         batch, f = request.num_images, self.config.vae.downsample_factor
         seed = secrets.randbelow(MAX_SEED + 1 - batch) if request.seed is None else request.seed
         seeds = [(seed + i) % (MAX_SEED + 1) for i in range(batch)]
@@ -145,10 +157,10 @@ class Pipeline:
                 masked_latents = self._encode_images(images * (1 - pixel_mask), generators)
                 extra_channels = torch.cat([latent_mask, masked_latents], dim=1)
 
-        text = self.encode_text(request.prompts, request.negative_prompts, request.clip_skip)
-        added = self._added_conditioning(request, text)
-        denoise = GuidedUNet(self.model.unet, self.dtype, text.context, text.uncond_context, request.guidance_scale,
-                             request.guidance_rescale, extra_channels, added=added, record=callback is not None)
+        denoise = self.guided_unet(request, extra_channels, record=callback is not None)
+        if refiner is not None:
+            denoise = ModelSwitch(denoise, self._refiner_unet(refiner, request, callback is not None),
+                                  round(self.config.schedule.num_train_timesteps * (1 - request.refiner_switch_at)))
         blend_mask = latent_mask if latent_mask is not None and not self.config.inpainting else None
         latents = sample(
             denoise, noise, sampler=request.sampler, steps=request.steps, schedule=self.config.schedule,
@@ -172,6 +184,32 @@ class Pipeline:
             finally:
                 vae.to(self.dtype)
         return images
+
+    def guided_unet(self, request: GenerationRequest, extra_channels: torch.Tensor | None = None,
+                    record: bool = False) -> GuidedUNet:
+        """The model the sampler drives for `request` (checked for this model): the U-Net with the request's text
+        conditioning and classifier-free guidance folded in."""
+        text = self.encode_text(request.prompts, request.negative_prompts, request.clip_skip)
+        return GuidedUNet(self.model.unet, self.dtype, text.context, text.uncond_context, request.guidance_scale,
+                          request.guidance_rescale, extra_channels, added=self._added_conditioning(request, text),
+                          record=record)
+
+    def _refiner_unet(self, refiner: Pipeline, request: GenerationRequest, record: bool) -> GuidedUNet:
+        """The refiner's guided U-Net for `request`, once it is known to share this model's latent space."""
+        if not isinstance(refiner, Pipeline):
+            raise ValueError(f"refiner must be a Pipeline, got {type(refiner).__name__}")
+        if refiner.config.micro_conditioning == BASE_MICRO_CONDITIONING:
+            raise ValueError(f"the refiner {refiner.config.family} is an SDXL base model; the refiner stage needs "
+                             "the SDXL refiner (or another model of this latent space)")
+        ours, theirs = self.config.vae, refiner.config.vae
+        if (ours.latent_channels, ours.scaling_factor) != (theirs.latent_channels, theirs.scaling_factor):
+            raise ValueError(f"the refiner {refiner.config.family} works in another latent space "
+                             f"({theirs.latent_channels} channels, scale {theirs.scaling_factor}) than "
+                             f"{self.config.family} ({ours.latent_channels}, {ours.scaling_factor})")
+        if refiner.device != self.device:
+            raise ValueError(f"the refiner runs on {refiner.device}, this model on {self.device}: load both on one")
+        return refiner.guided_unet(refiner.check(request.replace(init_image=None, mask=None, strength=None)),
+                                   record=record)
 
     def _added_conditioning(self, request: GenerationRequest, text: TextConditioning):
         """(prompt side, negative side) of SDXL's added conditioning: the pooled text (B, P) and the micro-
@@ -239,6 +277,28 @@ class GuidedUNet:
         def report(step: StepRecord):
             cond, uncond = self.outputs
             self.outputs = None
+            return callback(replace(step, cond=cond, uncond=uncond))
+
+        return report
+
+
+class ModelSwitch:
+    """Two guided U-Nets as one model for the sampler: `first` at timesteps t >= `cutoff`, `second` below (the SDXL
+    base and its refiner). Step records carry the outputs of whichever evaluated the step's own level."""
+
+    def __init__(self, first: GuidedUNet, second: GuidedUNet, cutoff: int):
+        self.first, self.second, self.cutoff = first, second, cutoff
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (self.first if float(t[0]) >= self.cutoff else self.second)(x_t, t)
+
+    def reporting(self, callback: StepCallback):
+        """A step callback that passes `callback` each step's record with cond and uncond filled in."""
+
+        def report(step: StepRecord):
+            ran = self.first if self.first.outputs is not None else self.second
+            cond, uncond = ran.outputs
+            self.first.outputs = self.second.outputs = None
             return callback(replace(step, cond=cond, uncond=uncond))
 
         return report

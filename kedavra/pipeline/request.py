@@ -34,6 +34,7 @@ DEFAULT_IMG2IMG_STRENGTH = 0.8  # share of the steps run from the noised init im
 DEFAULT_INPAINT_STRENGTH = 1.0  # inpainting starts the painted region from pure noise
 # SDXL refiner's aesthetic-score conditioning: diffusers' StableDiffusionXLImg2ImgPipeline defaults (and A1111's
 # sdxl_refiner_high/low_aesthetic_score settings): the prompt side asks for a good image, the negative side a poor one.
+DEFAULT_REFINER_SWITCH_AT = 0.8  # A1111's refiner_switch_at default; diffusers' SDXL example's denoising_end
 DEFAULT_AESTHETIC_SCORE = 6.0
 DEFAULT_NEGATIVE_AESTHETIC_SCORE = 2.5
 
@@ -61,6 +62,8 @@ class GenerationRequest:
                                image's size (diffusers' and A1111's defaults). Ignored by models without it.
     aesthetic_score, negative_aesthetic_score
                                the SDXL refiner's aesthetic conditioning of the prompt and the negative prompt
+    refiner_switch_at          with a refiner (`Pipeline.generate`): the share of the training timesteps, counted
+                               from the noisiest, that the base model denoises before the refiner takes over
     """
 
     prompts: tuple[str, ...]
@@ -83,6 +86,7 @@ class GenerationRequest:
     target_size: tuple[int, int] | None = None
     aesthetic_score: float = DEFAULT_AESTHETIC_SCORE
     negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE
+    refiner_switch_at: float = DEFAULT_REFINER_SWITCH_AT
 
     def __post_init__(self):
         prompts, negatives = tuple(self.prompts), tuple(self.negative_prompts)
@@ -125,6 +129,7 @@ class GenerationRequest:
             object.__setattr__(self, name, tuple(int(part) for part in value))
         check_number("aesthetic_score", self.aesthetic_score)
         check_number("negative_aesthetic_score", self.negative_aesthetic_score)
+        check_number("refiner_switch_at", self.refiner_switch_at, 0, 1)
         set_field = object.__setattr__  # normalising a frozen instance's own fields while it is being built
         set_field(self, "prompts", prompts)
         set_field(self, "negative_prompts", negatives)
