@@ -4,6 +4,7 @@ that save them as a diffusers folder (their own save_pretrained) or an original 
 Used by the checkpoint, model-config, U-Net, text-encoder and pipeline-parity tests, test_training.py and the
 benchmark scripts; tests/conftest.py offers the fixtures tiny_refs and tiny_file to every test module."""
 
+import gzip
 import json
 import math
 import pathlib
@@ -12,13 +13,13 @@ import pytest
 import sd_keys
 import torch
 from diffusers import AutoencoderKL as DiffusersVAE
-from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from kedavra.networks.model import PRESETS, ModelConfig, StableDiffusion
 from kedavra.networks.text_encoder import TextEncoderConfig, convert_text_encoder_state_dict
-from kedavra.networks.tokenizer import load_vocabulary
+from kedavra.networks.tokenizer import NUM_MERGES, VOCAB_PATH, byte_alphabet, load_vocabulary
 from kedavra.networks.unet import UNetConfig
 from kedavra.networks.unet_keys import convert_unet_state_dict
 from kedavra.networks.vae_keys import convert_vae_state_dict
@@ -180,3 +181,114 @@ def tiny_refs():
 @pytest.fixture(scope="module")
 def tiny_file(tiny_refs, tmp_path_factory):
     return write_original(tmp_path_factory.mktemp("tiny") / "tiny.safetensors", tiny_refs["tiny"], PRESETS["tiny"])
+
+
+# ---- SDXL ---------------------------------------------------------------------------------------------------------
+
+SGM_TEXT_PREFIXES = {  # sd_xl_base.yaml's conditioner.embedders.0 / .1 and sd_xl_refiner.yaml's bigG-only .0
+    "clip": "conditioner.embedders.0.transformer.",
+    "openclip_2": "conditioner.embedders.1.model.",
+    "openclip": "conditioner.embedders.0.model.",
+}
+
+
+def sdxl_reference_models(config: ModelConfig, seed: int = 0) -> dict[str, torch.nn.Module]:
+    """{"text_encoder", ["text_encoder_2",] "unet", "vae"} shaped like an SDXL `config`, parameters drawn under `seed`:
+    transformers' CLIPTextModel for an encoder without a projection, CLIPTextModelWithProjection for one with;
+    diffusers' UNet2DConditionModel with the "text_time" added embedding; AutoencoderKL."""
+    encoders = {"text_encoder": config.text_encoder, "text_encoder_2": config.text_encoder_2}
+    models = {
+        name: (CLIPTextModelWithProjection if text.projection_dim else CLIPTextModel)(clip_text_config(text))
+        for name, text in encoders.items()
+        if text is not None
+    }
+    u = config.unet
+    plain = diffusers_unet(u, sample_size=config.image_size // config.vae.downsample_factor)
+    settings = {k: v for k, v in plain.config.items() if not k.startswith("_")}  # from_config drops the added ones
+    settings.update(addition_embed_type="text_time", addition_time_embed_dim=u.addition_time_embed_dim,
+                    projection_class_embeddings_input_dim=u.addition_embed_input_dim)
+    models["unet"] = UNet2DConditionModel(**settings)
+    models["vae"] = DiffusersVAE.from_config(reference_models(config, device="meta")[2].config)
+    generator = torch.Generator().manual_seed(seed)
+    for model in models.values():
+        randomize(model, generator)
+        model.eval()
+    return models
+
+
+def write_clip_tokenizer(folder: pathlib.Path, pad_token: str | None = None):
+    """transformers' CLIPTokenizer built offline from kedavra's vendored CLIP vocabulary, saved to `folder`;
+    pad_token "!" is SD 2.x's and SDXL's tokenizer_2."""
+    merges = gzip.open(VOCAB_PATH, "rt", encoding="utf-8").read().split("\n")[1 : NUM_MERGES + 1]
+    alphabet = sorted(byte_alphabet())  # CLIP orders the byte characters by code point
+    tokens = [*alphabet, *(c + "</w>" for c in alphabet), *(m.replace(" ", "") for m in merges)]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    extra = {} if pad_token is None else {"pad_token": pad_token}
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77, **extra)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def write_sdxl_diffusers(folder: pathlib.Path, refs, config: ModelConfig, **index_extras):
+    """An SDXL diffusers folder (StableDiffusionXLPipeline), or the refiner's (StableDiffusionXLImg2ImgPipeline:
+    the one text encoder saved as text_encoder_2/, model_index.json text_encoder null) when `config` has a single
+    text encoder. The scheduler is SDXL's EulerDiscreteScheduler config."""
+    refiner = config.text_encoder_2 is None
+    folders = {"text_encoder": "text_encoder_2"} if refiner else {"text_encoder": "text_encoder",
+                                                                     "text_encoder_2": "text_encoder_2"}
+    folders |= {"unet": "unet", "vae": "vae"}
+    for name, sub in folders.items():
+        refs[name].save_pretrained(folder / sub)
+    EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                           prediction_type="epsilon", steps_offset=1,
+                           timestep_spacing="leading").save_pretrained(folder / "scheduler")
+    if not refiner:
+        write_clip_tokenizer(folder / "tokenizer")
+    write_clip_tokenizer(folder / "tokenizer_2", pad_token="!")
+    none, clip = [None, None], ["transformers", "CLIPTextModel"]
+    index = {
+        "_class_name": "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline",
+        "_diffusers_version": "0.19.0",
+        "text_encoder": none if refiner else clip, "tokenizer": none if refiner else ["transformers", "CLIPTokenizer"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        **index_extras,
+    }
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+def sgm_state_dict(refs, config: ModelConfig, open_clip_names) -> dict[str, torch.Tensor]:
+    """The references as Stability's SGM single file (sd_xl_base.yaml / sd_xl_refiner.yaml): U-Net and VAE through
+    sd_keys, text encoder 1 in transformers' names under conditioner.embedders.0.transformer., the bigG-like encoder
+    in OpenCLIP names (`open_clip_names`: transformers' names -> OpenCLIP's) under conditioner.embedders.1.model.
+    (the refiner's only encoder: conditioner.embedders.0.model.)."""
+    out = {}
+    modules = sd_keys.unet_modules(config.unet)
+    for key, tensor in convert_unet_state_dict(refs["unet"].state_dict(), "diffusers", config.unet).items():
+        out[sd_keys.UNET_PREFIX + sd_keys.unet_key(key, modules)] = tensor
+    for key, tensor in convert_vae_state_dict(refs["vae"].state_dict(), "diffusers", config.vae).items():
+        name, is_conv = sd_keys.vae_key(key, config.vae)
+        out[sd_keys.VAE_PREFIX + name] = tensor[:, :, None, None] if is_conv else tensor  # (C, C) -> (C, C, 1, 1)
+    if config.text_encoder_2 is None:
+        texts = {"openclip": refs["text_encoder"]}
+    else:
+        texts = {"clip": refs["text_encoder"], "openclip_2": refs["text_encoder_2"]}
+    for style, model in texts.items():
+        state = model.state_dict()
+        if style == "clip":
+            state = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
+        else:
+            state = open_clip_names(state)
+        out.update({SGM_TEXT_PREFIXES[style] + k: v for k, v in state.items()})
+    return out
+
+
+def write_sgm_original(path, refs, config: ModelConfig, open_clip_names, metadata=None):
+    tensors = {k: v.contiguous() for k, v in sgm_state_dict(refs, config, open_clip_names).items()}
+    save_file(tensors, str(path), metadata=metadata)
+    return path

@@ -75,16 +75,22 @@ def test_truncated_and_corrupt_safetensors(tiny_file, tmp_path):
 
 
 def test_wrong_architecture_names_what_was_expected(tmp_path):
-    sdxl = {
-        "conditioner.embedders.1.model.positional_embedding": torch.zeros(77, 8),
-        "model.diffusion_model.label_emb.0.0.weight": torch.zeros(2, 2),
+    sd3 = {
+        "model.diffusion_model.joint_blocks.0.context_block.attn.qkv.weight": torch.zeros(6, 2),
+        "model.diffusion_model.x_embedder.proj.weight": torch.zeros(2, 2),
     }
-    save_file(sdxl, str(tmp_path / "sdxl.safetensors"))
+    save_file(sd3, str(tmp_path / "sd3.safetensors"))
     with pytest.raises(
         CheckpointError,
-        match=r"sdxl.safetensors: this looks like an SDXL .* expected model\."
-        r"diffusion_model\.\* \(U-Net\), first_stage_model",
+        match=r"sd3.safetensors: this looks like a Stable Diffusion 3 .* kedavra does not run it as a full model.* "
+        r"stored as model\.diffusion_model\.\* \(U-Net\), first_stage_model",
     ):
+        load_model(tmp_path / "sd3.safetensors")
+    sdxl_text_only = {"conditioner.embedders.1.model.positional_embedding": torch.zeros(77, 8),
+                      "model.diffusion_model.label_emb.0.0.weight": torch.zeros(2, 2)}
+    save_file(sdxl_text_only, str(tmp_path / "sdxl.safetensors"))
+    with pytest.raises(CheckpointError, match=r"incomplete checkpoint: no first_stage_model.* and no "
+                                              r"conditioner\.embedders\.0\.\* \(text encoder\)"):
         load_model(tmp_path / "sdxl.safetensors")
     save_file({"lora_unet_down_blocks_0.alpha": torch.ones(())}, str(tmp_path / "lora.safetensors"))
     with pytest.raises(CheckpointError, match="lora.safetensors: this looks like a LoRA"):

@@ -262,7 +262,7 @@ BAD_INPUTS = {
     "guidance rescale above 1": (lambda f: [PROMPT, *f.m, "--guidance-rescale", "2"], "got 2.0"),
     "unknown precision": (lambda f: [PROMPT, *f.m, "--precision", "fp8"], "fp8"),
     "unknown device": (lambda f: [PROMPT, *f.m, "--device", "warp9"], "warp9"),
-    "unknown family": (lambda f: [PROMPT, *f.m, "--family", "sdxl"], "sdxl"),
+    "unknown family": (lambda f: [PROMPT, *f.m, "--family", "sd3"], "sd3"),
     "unknown prediction type": (lambda f: [PROMPT, *f.m, "--prediction-type", "x0"], "x0"),
     "no prompt": (lambda f: [*f.m], "give a prompt"),
     "prompt line the PNG cannot hold": (lambda f: ["a cat\nNegative prompt: x", *f.m], "Negative prompt: x"),

@@ -2,8 +2,6 @@
 with random weights, saved as a diffusers folder and loaded by kedavra's checkpoint loader), prompt,
 negative prompt, sampler, steps, guidance scale and seeds give the same latents and the same image."""
 
-import gzip
-import json
 
 import pytest
 import torch
@@ -11,11 +9,10 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from reference_models import reference_models, write_diffusers  # noqa: E402
+from reference_models import reference_models, write_clip_tokenizer, write_diffusers  # noqa: E402
 
 from kedavra.checkpoint import load_model  # noqa: E402
 from kedavra.networks.model import ModelConfig  # noqa: E402
-from kedavra.networks.tokenizer import NUM_MERGES, VOCAB_PATH, byte_alphabet  # noqa: E402
 from kedavra.pipeline.pipeline import Pipeline  # noqa: E402
 
 IMAGE_TOL = 1e-4  # decoded images in [0, 1], fp32
@@ -24,14 +21,7 @@ LATENT_REL_TOL = 1e-4
 
 def clip_tokenizer(folder):
     """transformers' CLIPTokenizer built offline from kedavra's vendored CLIP vocabulary."""
-    merges = gzip.open(VOCAB_PATH, "rt", encoding="utf-8").read().split("\n")[1 : NUM_MERGES + 1]
-    alphabet = sorted(byte_alphabet())  # CLIP orders the byte characters by code point
-    tokens = [*alphabet, *(c + "</w>" for c in alphabet), *(m.replace(" ", "") for m in merges)]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    return write_clip_tokenizer(folder)
 
 
 @pytest.fixture(scope="module")

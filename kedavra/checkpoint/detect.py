@@ -1,5 +1,6 @@
-"""Detection: the family from the U-Net's shapes and the text encoder's layout, the settings from the source's
-hints, and the ε/v probe for families that share one architecture."""
+"""Detection: the family from the U-Net's shapes and the text encoders' layouts, the settings from the source's
+hints, and the ε/v probe for families that share one architecture. SDXL is told by the U-Net's added embedding
+(label_emb) and a second text encoder; the refiner by its bigG-only context and 384 base channels."""
 
 import dataclasses
 import math
@@ -22,14 +23,15 @@ def _text_style(config: ModelConfig) -> str:
 
 
 def _architecture(config: ModelConfig) -> tuple:
-    return config.tokenizer, config.text_encoder, config.unet, config.vae
+    return config.tokenizer, config.text_encoder, config.tokenizer_2, config.text_encoder_2, config.unet, config.vae
 
 
-def _unet_facts(source: _Source) -> tuple[int, int, int, bool]:
-    """(cross-attention width, input channels, base channels, Linear transformer projections) read off the U-Net's
-    shapes."""
+def _unet_facts(source: _Source) -> tuple[int, int, int, bool, int | None]:
+    """(cross-attention width, input channels, base channels, Linear transformer projections, input features of
+    SDXL's added embedding or None) read off the U-Net's shapes."""
     layout, state = source.parts["unet"]
     conv_in = state.get("conv_in.weight" if layout == "diffusers" else "input_blocks.0.0.weight")
+    added = state.get("add_embedding.linear_1.weight" if layout == "diffusers" else "label_emb.0.0.weight")
     to_k = next((t for k, t in sorted(state.items()) if k.endswith("attn2.to_k.weight")), None)
     proj_in = next((t for k, t in sorted(state.items()) if k.endswith(".proj_in.weight")), None)
     if conv_in is None or to_k is None or proj_in is None or conv_in.ndim != 4 or to_k.ndim != 2:
@@ -38,34 +40,39 @@ def _unet_facts(source: _Source) -> tuple[int, int, int, bool]:
             "unknown architecture: the U-Net has no first conv / cross-attention "
             f"(attn2.to_k) / transformer proj_in weights; found {some(sorted(state), 4)}",
         )
-    return to_k.shape[1], conv_in.shape[1], conv_in.shape[0], proj_in.ndim == 2
+    added_dim = added.shape[1] if added is not None and added.ndim == 2 else None
+    return to_k.shape[1], conv_in.shape[1], conv_in.shape[0], proj_in.ndim == 2, added_dim
 
 
 def _candidates(source: _Source) -> tuple[list[str], str]:
     """Presets whose architecture matches the weights, and the facts they were matched on."""
-    context, channels, base, linear = _unet_facts(source)
+    context, channels, base, linear, added = _unet_facts(source)
     style = source.hints.text_style
+    second = "text_encoder_2" in source.parts
     facts = (
         f"U-Net cross-attention width {context}, {channels} input channels, {base} base channels, "
         f"{'Linear' if linear else '1x1-conv'} transformer projections, "
-        f"{ {'clip': 'OpenAI CLIP', 'openclip': 'OpenCLIP', None: 'unknown'}[style] } text encoder"
+        + (f"an added embedding of {added} features, " if added is not None else "")
+        + f"{ {'clip': 'OpenAI CLIP', 'openclip': 'OpenCLIP', None: 'unknown'}[style] } text encoder"
+        + (" and a second (OpenCLIP) one" if second else "")
     )
     names = [
         name
         for name, preset in PRESETS.items()
-        if preset.unet.addition_embed_input_dim is None  # SD 1.x / 2.x shapes; SDXL files are told by their keys
-        and preset.unet.context_dim == context
+        if preset.unet.context_dim == context
         and preset.unet.in_channels == channels
         and preset.unet.base_channels == base
         and preset.unet.use_linear_projection == linear
+        and preset.unet.addition_embed_input_dim == added
+        and (preset.text_encoder_2 is not None) == second
         and (style is None or _text_style(preset) == style)
     ]
     if not names:
         known = "; ".join(
             f"{n}: width {p.unet.context_dim}, {p.unet.in_channels} channels, {p.unet.base_channels} base channels, "
-            f"{_text_style(p)}"
+            + (f"added embedding {p.unet.addition_embed_input_dim}, " if p.unet.addition_embed_input_dim else "")
+            + _text_style(p) + (" + a second text encoder" if p.text_encoder_2 is not None else "")
             for n, p in PRESETS.items()
-            if p.unet.addition_embed_input_dim is None
         )
         raise _fail(
             source.path,
@@ -113,7 +120,7 @@ def _decide(source: _Source, family: str | None, prediction_type: str | None) ->
     elif hints.config is not None:
         names, how = [], "stored in the kedavra checkpoint"
     elif hints.described is not None:
-        names, how = [], "described by the folder's unet/, text_encoder/ and vae/ config.json"
+        names, how = [], f"described by the folder's {hints.described_from}"
     else:
         names, facts = _candidates(source)
         how = f"detected: {facts}"
@@ -149,6 +156,9 @@ def _apply_hints(path: Path, config: ModelConfig, hints: _Hints, details: list[s
         schedule, why = hints.schedule
     elif hints.betas is not None:
         schedule, why = _schedule_from_betas(hints.betas, config)
+    if hints.zero_terminal_snr is not None and (schedule or config.schedule).zero_terminal_snr is False:
+        schedule = dataclasses.replace(schedule or config.schedule, zero_terminal_snr=True)
+        why = f"rescaled to zero terminal SNR: {hints.zero_terminal_snr}"
     if schedule is not None:
         changes["schedule"] = schedule
         zero_snr = ", zero terminal SNR" if schedule.zero_terminal_snr else ""

@@ -1,10 +1,11 @@
 """A diffusers folder's model, as its own configuration files describe it.
 
-    unet/config.json          -> UNetConfig.from_diffusers         (kedavra.networks.unet)
-    text_encoder/config.json  -> TextEncoderConfig.from_diffusers  (kedavra.networks.text_encoder)
-    vae/config.json           -> VAEConfig.from_diffusers          (kedavra.networks.vae)
-    tokenizer/                -> the pad token (SD 1.x pads with the end token, SD 2.x with "!", id 0)
-    scheduler/                -> the schedule, ε or v, the spacing (read by sources._diffusers_hints)
+    unet/config.json            -> UNetConfig.from_diffusers         (kedavra.networks.unet)
+    text_encoder/config.json    -> TextEncoderConfig.from_diffusers  (kedavra.networks.text_encoder)
+    text_encoder_2/config.json  -> the same, SDXL's second encoder (the refiner's only one: kedavra's text_encoder)
+    vae/config.json             -> VAEConfig.from_diffusers          (kedavra.networks.vae)
+    tokenizer/, tokenizer_2/    -> the pad token (SD 1.x pads with the end token, SD 2.x and SDXL's second with "!")
+    scheduler/                  -> the schedule, ε or v, the spacing (read by sources._diffusers_hints)
 
 Nothing is guessed from the weights: a folder is loaded with the sizes its files give, within SD's block vocabulary,
 and a field outside it is refused by name. Where the described architecture is one of kedavra's presets, the model
@@ -20,48 +21,86 @@ from kedavra.checkpoint.errors import _fail
 from kedavra.checkpoint.weights import _read_json
 from kedavra.diffusion.schedule import get_schedule
 from kedavra.networks.model import PRESETS, ModelConfig
-from kedavra.networks.text_encoder import TextEncoderConfig
+from kedavra.networks.text_encoder import TextEncoderConfig, with_sdxl_readout
 from kedavra.networks.tokenizer import TokenizerConfig
 from kedavra.networks.unet import UNetConfig
 from kedavra.networks.vae import VAEConfig
 
-CONFIG_FILES = {"unet": "unet/config.json", "text_encoder": "text_encoder/config.json", "vae": "vae/config.json"}
-TOKENIZER_FILES = ("tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json")
+TOKENIZER_FILES = ("special_tokens_map.json", "tokenizer_config.json")  # inside tokenizer/ or tokenizer_2/
 ZERO_PAD_TOKEN = "!"  # SD 2.x's tokenizer pads with "!", the byte-level BPE's id 0
 DEFAULT_SCHEDULE = "sd"  # scaled_linear 0.00085..0.012: what an SD folder without scheduler/ was trained with
+_READERS = {"unet": UNetConfig.from_diffusers, "text_encoder": TextEncoderConfig.from_diffusers,
+            "text_encoder_2": TextEncoderConfig.from_diffusers, "vae": VAEConfig.from_diffusers}
 
 
-def has_configs(path: Path) -> bool:
+def component_folders(path: Path, index: dict) -> dict[str, str]:
+    """kedavra component -> the folder that holds it: text_encoder/, unet/, vae/; SDXL's text_encoder_2/ as
+    "text_encoder_2"; the SDXL refiner's text_encoder_2/ alone (model_index.json text_encoder null, or no
+    text_encoder/ folder) as kedavra's one "text_encoder"."""
+    second = (path / "text_encoder_2").is_dir()
+    entry = index.get("text_encoder", ["transformers", "CLIPTextModel"])  # diffusers writes [null, null] for none
+    no_first = not (path / "text_encoder").is_dir() or entry is None or entry == [None, None]
+    if second and no_first:
+        text = {"text_encoder": "text_encoder_2"}
+    elif second:
+        text = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
+    else:
+        text = {"text_encoder": "text_encoder"}
+    return {**text, "unet": "unet", "vae": "vae"}
+
+
+def tokenizer_folder(text_folder: str) -> str:
+    """The tokenizer folder beside a text encoder's: text_encoder/ -> tokenizer/, text_encoder_2/ -> tokenizer_2/."""
+    return text_folder.replace("text_encoder", "tokenizer")
+
+
+def has_configs(path: Path, folders: dict[str, str]) -> bool:
     """Whether the folder carries every component config this module reads."""
-    return all((path / name).is_file() for name in CONFIG_FILES.values())
+    return all((path / folder / "config.json").is_file() for folder in folders.values())
 
 
-def described_config(path: Path) -> ModelConfig:
-    """The ModelConfig that `path`'s unet/, text_encoder/ and vae/ config.json describe, with SD's schedule and
-    ε-prediction until the scheduler's settings are applied (sources._diffusers_hints reads them)."""
-    readers = {"unet": UNetConfig.from_diffusers, "text_encoder": TextEncoderConfig.from_diffusers,
-               "vae": VAEConfig.from_diffusers}
+def described_from(folders: dict[str, str]) -> str:
+    """ "unet/, text_encoder/ and vae/ config.json": the files a description is read from."""
+    names = [f"{folders[c]}/" for c in ("unet", "text_encoder", "text_encoder_2", "vae") if c in folders]
+    return f"{', '.join(names[:-1])} and {names[-1]} config.json"
+
+
+def described_config(path: Path, folders: dict[str, str]) -> ModelConfig:
+    """The ModelConfig that `path`'s component config.json files describe (`folders` from component_folders), with
+    SD's schedule and ε-prediction until the scheduler's settings are applied (sources._diffusers_hints reads them).
+    A U-Net with SDXL's added text_time embedding reads every text encoder as SDXL does (`with_sdxl_readout`)."""
     parts = {}
-    for name, file in CONFIG_FILES.items():
+    for name, folder in folders.items():
+        file = path / folder / "config.json"
         try:
-            parts[name] = readers[name](_read_json(path / file))
+            parts[name] = _READERS[name](_read_json(file))
         except ValueError as error:
-            raise _fail(path / file, f"{error}; kedavra runs SD's architecture family only") from None
+            raise _fail(file, f"{error}; kedavra runs SD's architecture family only") from None
+    if parts["unet"].addition_embed_input_dim is not None:  # SDXL: penultimate layer, no final LayerNorm
+        for name in ("text_encoder", "text_encoder_2"):
+            if name in parts:
+                parts[name] = with_sdxl_readout(parts[name])
+    described = (parts["text_encoder"], parts.get("text_encoder_2"), parts["vae"])
     preset = next((p for p in PRESETS.values() if same_architecture(p.unet, parts["unet"])
-                   and (p.text_encoder, p.vae) == (parts["text_encoder"], parts["vae"])), None)
+                   and (p.text_encoder, p.text_encoder_2, p.vae) == described), None)
     if preset is not None:  # the preset's own spelling of the same network, so the config equals the preset's
         parts["unet"] = preset.unet
-    tokenizer = preset.tokenizer if preset is not None else _tokenizer(path, parts["text_encoder"])
-    unet_json = _read_json(path / CONFIG_FILES["unet"])
+    tokenizers = {
+        name: getattr(preset, tokenizer) if preset is not None
+        else _tokenizer(path / tokenizer_folder(folders[name]), parts[name])
+        for name, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")) if name in parts
+    }
+    unet_json = _read_json(path / folders["unet"] / "config.json")
     sample_size = unet_json.get("sample_size")
     factor = parts["vae"].downsample_factor
     image_size = sample_size * factor if isinstance(sample_size, int) and sample_size > 0 else None
     try:
         config = ModelConfig(
             family=preset.family if preset is not None else path.name or "diffusers",
-            tokenizer=tokenizer, text_encoder=parts["text_encoder"], unet=parts["unet"], vae=parts["vae"],
-            schedule=get_schedule(DEFAULT_SCHEDULE), prediction_type="eps",
+            tokenizer=tokenizers["text_encoder"], text_encoder=parts["text_encoder"], unet=parts["unet"],
+            vae=parts["vae"], schedule=get_schedule(DEFAULT_SCHEDULE), prediction_type="eps",
             image_size=image_size or (preset.image_size if preset is not None else 512),
+            tokenizer_2=tokenizers.get("text_encoder_2"), text_encoder_2=parts.get("text_encoder_2"),
         )
     except ValueError as error:
         raise _fail(path, f"its component configs do not fit together: {error}") from None
@@ -73,18 +112,21 @@ def same_architecture(a: UNetConfig, b: UNetConfig) -> bool:
     count or a head width) with the same (heads, head width) at every level that attends."""
     if a == b:
         return True
-    if dataclasses.replace(a, num_heads=b.num_heads, head_dim=b.head_dim) != b:
+    try:
+        if dataclasses.replace(a, num_heads=b.num_heads, head_dim=b.head_dim) != b:
+            return False
+    except ValueError:  # b's heads do not divide a's widths: another network
         return False
     return all(a.level_heads(level) == b.level_heads(level) for level in a.attention_levels)
 
 
-def _tokenizer(path: Path, text: TextEncoderConfig) -> TokenizerConfig:
-    """CLIP's tokenizer as the folder's tokenizer files describe it: transformers' CLIPTokenizer (which diffusers
+def _tokenizer(folder: Path, text: TextEncoderConfig) -> TokenizerConfig:
+    """CLIP's tokenizer as a tokenizer folder's files describe it: transformers' CLIPTokenizer (which diffusers
     runs for every SD) with the pad token they name. Without them, as SD 1.x (OpenAI CLIP text encoders) or SD 2.x
-    (OpenCLIP) ran it."""
+    (OpenCLIP) ran it; SDXL's tokenizer_2 pads with "!" like SD 2.x's."""
     for name in TOKENIZER_FILES:
-        if (path / name).is_file():
-            pad = _read_json(path / name).get("pad_token")
+        if (folder / name).is_file():
+            pad = _read_json(folder / name).get("pad_token")
             pad = pad.get("content") if isinstance(pad, dict) else pad
             if isinstance(pad, str):
                 pad_with = "zero" if pad == ZERO_PAD_TOKEN else "eos"

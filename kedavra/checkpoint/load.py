@@ -12,7 +12,7 @@ from torch import Tensor
 from kedavra.checkpoint.detect import _decide, _probe
 from kedavra.checkpoint.errors import _fail
 from kedavra.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
-from kedavra.checkpoint.sources import COMPONENTS, CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION, _open, _Source
+from kedavra.checkpoint.sources import CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION, _open, _Source, components
 from kedavra.networks.model import PRESETS, UNET_PREDICTION_TYPES, StableDiffusion
 from kedavra.networks.text_encoder import convert_text_encoder_state_dict
 from kedavra.networks.unet_keys import convert_unet_state_dict
@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 _CONVERTERS = {
     "text_encoder": convert_text_encoder_state_dict,
+    "text_encoder_2": convert_text_encoder_state_dict,  # SDXL's second text encoder (OpenCLIP ViT-bigG)
     "unet": convert_unet_state_dict,
     "vae": convert_vae_state_dict,
 }
@@ -69,6 +70,17 @@ def _load_component(model: StableDiffusion, name: str, source: _Source, dtype, d
     module.load_state_dict(converted, strict=True, assign=True)
 
 
+def _check_components(source: _Source, config, note: str) -> None:
+    """The source holds weights for exactly the components the config builds (SDXL: a second text encoder)."""
+    needed = components(config)
+    missing = [name for name in needed if name not in source.parts]
+    extra = [name for name in source.parts if name not in needed]
+    if missing or extra:
+        holds = ", ".join(sorted(source.parts))
+        raise _fail(source.path, f"holds weights for {holds}, but family {config.family} has "
+                                 f"{', '.join(needed)} ({note}); pass the family the file is")
+
+
 def load_model(
     path: str | os.PathLike,
     *,
@@ -77,7 +89,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> StableDiffusion:
-    """Load an SD 1.x / 2.x checkpoint (original single file, diffusers folder, or kedavra's format).
+    """Load an SD 1.x / 2.x / XL checkpoint (original single file, diffusers folder, or kedavra's format).
 
     family: a preset name (see kedavra.networks.model.PRESETS) to use instead of detecting it.
     prediction_type: "eps" or "v", instead of what the files say or the probe finds.
@@ -97,7 +109,8 @@ def load_model(
     with torch.device("meta"):
         model = StableDiffusion(decision.config)
     note = f"loading as family {decision.config.family}, {decision.family_how}"
-    for name in COMPONENTS:
+    _check_components(source, decision.config, note)
+    for name in components(decision.config):
         _load_component(model, name, source, dtype, device, note)
     model.eval()
     if decision.probe_between:
@@ -112,8 +125,8 @@ def load_model(
 
 def save_model(model: StableDiffusion, path: str | os.PathLike) -> None:
     """Save in kedavra's format: one .safetensors with every component's weights under "text_encoder.",
-    "unet." and "vae." and the ModelConfig JSON in the metadata. Written tensor by tensor, then renamed into
-    place; `load_model` reads it back bitwise (pass the saved dtype to keep it)."""
+    "text_encoder_2." (SDXL), "unet." and "vae." and the ModelConfig JSON in the metadata. Written tensor by tensor,
+    then renamed into place; `load_model` reads it back bitwise (pass the saved dtype to keep it)."""
     if not isinstance(model, StableDiffusion):
         raise TypeError(f"save_model needs a StableDiffusion, got {type(model).__name__}")
     state = model.state_dict()

@@ -1,5 +1,6 @@
 """Checkpoint sources: an original single file, a kedavra file or a diffusers folder, opened into one state dict
-per component (with its key layout) and the hints the checkpoint gives about itself (schedule, ε or v, size)."""
+per component (with its key layout) and the hints the checkpoint gives about itself (schedule, ε or v, size).
+SD 1.x / 2.x and SDXL alike: SDXL's second text encoder is the component "text_encoder_2"."""
 
 import json
 from collections import Counter
@@ -11,6 +12,7 @@ from torch import Tensor
 
 from kedavra.checkpoint import diffusers_config
 from kedavra.checkpoint.errors import _fail
+from kedavra.checkpoint.foreign import FOREIGN_FOLDERS, NOT_A_FULL_MODEL, what_else
 from kedavra.checkpoint.safetensors_io import SafetensorsFile
 from kedavra.checkpoint.weights import _read_json, _read_weights, _Weights
 from kedavra.diffusion.schedule import NoiseSchedule
@@ -21,7 +23,12 @@ from kedavra.validation import some
 CONFIG_KEY = "kedavra_config"  # safetensors metadata key holding ModelConfig.to_dict() as JSON
 FORMAT_KEY = "kedavra_format"  # metadata key holding FORMAT_VERSION
 FORMAT_VERSION = "1"
-COMPONENTS = ("text_encoder", "unet", "vae")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")  # every component a checkpoint may hold
+
+
+def components(config: ModelConfig) -> tuple[str, ...]:
+    """The components `config`'s model has weights for: SDXL's second text encoder only where it has one."""
+    return tuple(name for name in COMPONENTS if name != "text_encoder_2" or config.text_encoder_2 is not None)
 
 
 @dataclass
@@ -30,6 +37,7 @@ class _Hints:
 
     config: ModelConfig | None = None  # kedavra's own format
     described: ModelConfig | None = None  # a diffusers folder's, from its component config.json files
+    described_from: str = ""  # which config.json files described it
     prediction_type: tuple[str, str] | None = None
     schedule: tuple[NoiseSchedule, str] | None = None
     betas: Tensor | None = None  # an original file's DDPM betas buffer, matched against known schedules
@@ -37,6 +45,7 @@ class _Hints:
     image_size: tuple[int, str] | None = None
     scaling_factor: tuple[float, str] | None = None
     text_style: str | None = None  # "clip" (OpenAI CLIP, quick GELU) or "openclip" (exact GELU)
+    zero_terminal_snr: str | None = None  # where a file says its schedule was rescaled to zero terminal SNR
 
 
 @dataclass
@@ -56,37 +65,36 @@ class _Source:
         return ", ".join(f"{n} {dtype}" for dtype, n in counts.most_common())
 
 
-# Original single-file prefixes -> (component, layout for the component's converter).
+# Original single-file prefixes -> (component, layout for the component's converter): CompVis / Stability's SD 1.x
+# and 2.x, and Stability's SGM (sd_xl_base.yaml: conditioner.embedders.0 OpenAI CLIP ViT-L, .1 OpenCLIP ViT-bigG;
+# sd_xl_refiner.yaml: bigG alone as embedders.0).
 ORIGINAL_PREFIXES = {
     "model.diffusion_model.": ("unet", "ldm"),
     "first_stage_model.": ("vae", "ldm"),
     "cond_stage_model.transformer.": ("text_encoder", "ldm_sd1"),
     "cond_stage_model.model.": ("text_encoder", "ldm_sd2"),
+    "conditioner.embedders.0.transformer.": ("text_encoder", "ldm_sd1"),
+    "conditioner.embedders.1.model.": ("text_encoder_2", "ldm_sd2"),
+    "conditioner.embedders.0.model.": ("text_encoder", "ldm_sd2"),
 }
-# LDM's DDPM buffers (ldm/models/diffusion/ddpm.py register_schedule): functions of the noise schedule.
+# LDM's DDPM buffers (ldm/models/diffusion/ddpm.py register_schedule): functions of the noise schedule; SGM's
+# DiscreteDenoiser keeps the same schedule as `denoiser.sigmas`.
 ORIGINAL_SCHEDULE_BUFFERS = frozenset(
     (
         "betas alphas_cumprod alphas_cumprod_prev sqrt_alphas_cumprod sqrt_one_minus_alphas_cumprod "
         "log_one_minus_alphas_cumprod sqrt_recip_alphas_cumprod sqrt_recipm1_alphas_cumprod posterior_variance "
-        "posterior_log_variance_clipped posterior_mean_coef1 posterior_mean_coef2 logvar lvlb_weights"
+        "posterior_log_variance_clipped posterior_mean_coef1 posterior_mean_coef2 logvar lvlb_weights denoiser.sigmas"
     ).split()
 )
+# Empty marker tensors some SDXL fine-tunes carry (ComfyUI reads them): a v-prediction U-Net, a schedule rescaled to
+# zero terminal SNR (Lin et al. 2024).
+V_PREDICTION_KEY = "v_pred"
+ZERO_SNR_KEY = "ztsnr"
 EMA_PREFIX = "model_ema."  # LitEma: model_ema.decay, model_ema.num_updates and, in full files, EMA U-Net copies
-# Key prefixes of files that are not a whole SD 1.x / 2.x model -> what they are.
-FOREIGN_KEYS = (
-    ("conditioner.embedders.", "an SDXL (SGM-format) checkpoint; kedavra supports SD 1.x and 2.x"),
-    ("lora_unet_", "a LoRA, not a whole model"),
-    ("lora_te_", "a LoRA, not a whole model"),
-    ("control_model.", "a ControlNet, not a whole model"),
-    ("string_to_param", "a textual-inversion embedding, not a whole model"),
-    ("emb_params", "a textual-inversion embedding, not a whole model"),
-    ("encoder.conv_in.", "a standalone VAE, not a whole model"),
-    ("conv_in.", "a single diffusers component (U-Net or VAE), not a whole model"),
-    ("text_model.", "a standalone text encoder, not a whole model"),
-)
 _EXPECTED_ORIGINAL = (
-    "model.diffusion_model.* (U-Net), first_stage_model.* (VAE) and cond_stage_model.transformer.* (SD 1.x) "
-    "or cond_stage_model.model.* (SD 2.x), e.g. model.diffusion_model.input_blocks.0.0.weight"
+    "model.diffusion_model.* (U-Net), first_stage_model.* (VAE) and cond_stage_model.transformer.* (SD 1.x), "
+    "cond_stage_model.model.* (SD 2.x), conditioner.embedders.0.transformer.* with conditioner.embedders.1.model.* "
+    "(SDXL) or conditioner.embedders.0.model.* (SDXL refiner), e.g. model.diffusion_model.input_blocks.0.0.weight"
 )
 
 
@@ -104,7 +112,7 @@ def _open_kedavra(path: Path, weights: _Weights) -> _Source:
         config = ModelConfig.from_dict(json.loads(weights.metadata[CONFIG_KEY]))
     except (ValueError, TypeError) as error:
         raise _fail(path, f"kedavra checkpoint with an invalid config in its metadata: {error}") from None
-    parts: dict[str, tuple[str, dict[str, Tensor]]] = {name: ("kedavra", {}) for name in COMPONENTS}
+    parts: dict[str, tuple[str, dict[str, Tensor]]] = {name: ("kedavra", {}) for name in components(config)}
     stray = []
     for key, tensor in weights.tensors.items():
         component, _, rest = key.partition(".")
@@ -120,45 +128,41 @@ def _open_kedavra(path: Path, weights: _Weights) -> _Source:
 
 
 def _open_original(path: Path, weights: _Weights) -> _Source:
+    foreign = what_else(weights.tensors)
+    if foreign is not None:
+        what, keys = foreign
+        raise _fail(
+            path, f"this looks like {what} (keys such as {some(keys, 3)}); {NOT_A_FULL_MODEL}. kedavra runs SD 1.x, "
+            f"2.x and SDXL U-Net models, stored as {_EXPECTED_ORIGINAL}"
+        )
     parts: dict[str, tuple[str, dict[str, Tensor]]] = {}
+    origins: dict[str, str] = {}  # component -> the prefix its weights came from
     ignored, unknown = [], []
     for key, tensor in weights.tensors.items():
         prefix = next((p for p in ORIGINAL_PREFIXES if key.startswith(p)), None)
         if prefix is not None:
             component, layout = ORIGINAL_PREFIXES[prefix]
-            previous = parts.setdefault(component, (layout, {}))
-            if previous[0] != layout:
-                raise _fail(
-                    path,
-                    "holds both an SD 1.x (cond_stage_model.transformer.*) and an SD 2.x "
-                    "(cond_stage_model.model.*) text encoder",
-                )
-            previous[1][key[len(prefix) :]] = tensor
-        elif key in ORIGINAL_SCHEDULE_BUFFERS or key.startswith(EMA_PREFIX):
+            if origins.setdefault(component, prefix) != prefix:
+                raise _fail(path, f"holds {component} weights under both {origins[component]}* and {prefix}*: "
+                                  "two text encoders where the model has one")
+            parts.setdefault(component, (layout, {}))[1][key[len(prefix) :]] = tensor
+        elif key in ORIGINAL_SCHEDULE_BUFFERS or key.startswith(EMA_PREFIX) or key in (V_PREDICTION_KEY, ZERO_SNR_KEY):
             ignored.append(key)
         else:
             unknown.append(key)
-    if "unet" not in parts or unknown:
-        keys = unknown or sorted(weights.tensors)
-        foreign = next((what for prefix, what in FOREIGN_KEYS if any(k.startswith(prefix) for k in keys)), None)
-        if foreign:
-            raise _fail(
-                path, f"this looks like {foreign} (keys such as {some(keys, 3)}); expected {_EXPECTED_ORIGINAL}"
-            )
     if "unet" not in parts:
         found = f"{len(weights.tensors)} keys such as {some(sorted(weights.tensors), 3)}"
         raise _fail(path, f"unknown architecture: no U-Net weights ({found}); expected {_EXPECTED_ORIGINAL}")
     if unknown:
         raise _fail(
             path,
-            f"{len(unknown)} unexpected keys outside the parts of an SD 1.x / 2.x checkpoint: "
+            f"{len(unknown)} unexpected keys outside the parts of an SD 1.x / 2.x / XL checkpoint: "
             f"{some(sorted(unknown))}; expected only {_EXPECTED_ORIGINAL}",
         )
-    missing = [
-        name
-        for name, what in (("vae", "first_stage_model.* (VAE)"), ("text_encoder", "cond_stage_model.* (text encoder)"))
-        if name not in parts
-    ]
+    sgm = any(prefix.startswith("conditioner.") for prefix in origins.values())
+    wanted = (("vae", "first_stage_model.* (VAE)"),
+              ("text_encoder", f"{'conditioner.embedders.0' if sgm else 'cond_stage_model'}.* (text encoder)"))
+    missing = [what for name, what in wanted if name not in parts]
     if missing:
         raise _fail(
             path, f"incomplete checkpoint: no {' and no '.join(missing)} weights; expected {_EXPECTED_ORIGINAL}"
@@ -174,6 +178,10 @@ def _open_original(path: Path, weights: _Weights) -> _Source:
     if ignored:
         source.notes.append(f"ignored {len(ignored)} keys: DDPM schedule buffers and EMA bookkeeping")
     _metadata_hints(source, weights.metadata)
+    if V_PREDICTION_KEY in weights.tensors and source.hints.prediction_type is None:
+        source.hints.prediction_type = ("v", f"the file's {V_PREDICTION_KEY!r} marker key")
+    if ZERO_SNR_KEY in weights.tensors:
+        source.hints.zero_terminal_snr = f"the file's {ZERO_SNR_KEY!r} marker key"
     if "betas" in weights.tensors:
         source.hints.betas = weights.tensors["betas"]
     return source
@@ -204,31 +212,37 @@ _DIFFUSERS_BETA_SCHEDULE = {"scaled_linear": "scaled_linear", "linear": "linear"
 
 
 def _open_diffusers(path: Path) -> _Source:
-    index = path / "model_index.json"
+    index = _read_json(path / "model_index.json") if (path / "model_index.json").exists() else {}
+    pipeline = str(index.get("_class_name", "")) or "no model_index.json"
     if not (path / "unet").is_dir():
+        other = next((what for folder, what in FOREIGN_FOLDERS if (path / folder).is_dir()), None)
+        if other is not None:
+            raise _fail(path, f"{other} ({pipeline}); {NOT_A_FULL_MODEL}: it runs SD 1.x, 2.x and SDXL U-Net models")
         raise _fail(
             path,
             "a folder, but not a diffusers model folder: no unet/ subfolder (expected model_index.json, "
-            "unet/, vae/, text_encoder/, scheduler/)",
+            "unet/, vae/, text_encoder/ (SDXL: and text_encoder_2/), scheduler/)",
         )
-    if index.exists():
-        pipeline = str(_read_json(index).get("_class_name", ""))
-        if "XL" in pipeline or (path / "text_encoder_2").exists():
-            raise _fail(
-                path, f"an SDXL diffusers folder ({pipeline or 'text_encoder_2/'}); kedavra supports SD 1.x and 2.x"
-            )
+    folders = diffusers_config.component_folders(path, index)
     source = _Source(path, "diffusers folder", {})
-    for component in COMPONENTS:
-        folder = path / component
+    for component, name in folders.items():
+        folder = path / name
         if not folder.is_dir():
-            raise _fail(path, f"diffusers folder without {component}/")
+            raise _fail(path, f"diffusers folder without {name}/")
         weights = _read_component_weights(folder)
         source.parts[component] = ("diffusers", weights.tensors)
         source.files += weights.files
         source.containers.add(weights.container)
-    _diffusers_hints(path, source)
-    if diffusers_config.has_configs(path):
-        source.hints.described = diffusers_config.described_config(path)
+    if folders["text_encoder"] != "text_encoder":
+        source.notes.append(f"{folders['text_encoder']}/ is the only text encoder ({pipeline}: model_index.json "
+                            "has no text_encoder); it is loaded as text_encoder")
+    for key in ("force_zeros_for_empty_prompt", "requires_aesthetics_score"):  # SDXL pipelines' own settings
+        if key in index:
+            source.notes.append(f"model_index.json {key}={json.dumps(index[key])} (a setting for the pipeline)")
+    _diffusers_hints(path, source, folders)
+    if diffusers_config.has_configs(path, folders):
+        source.hints.described = diffusers_config.described_config(path, folders)
+        source.hints.described_from = diffusers_config.described_from(folders)
     return source
 
 
@@ -260,7 +274,7 @@ def _read_sharded(folder: Path, index: Path) -> _Weights:
     return merged
 
 
-def _diffusers_hints(path: Path, source: _Source) -> None:
+def _diffusers_hints(path: Path, source: _Source, folders: Mapping[str, str]) -> None:
     hints = source.hints
     scheduler = path / "scheduler" / "scheduler_config.json"
     if scheduler.exists():
@@ -305,16 +319,19 @@ def _diffusers_hints(path: Path, source: _Source) -> None:
             hints.image_size = (sample_size * factor, "unet/config.json sample_size")
         if isinstance(vae.get("scaling_factor"), float):
             hints.scaling_factor = (vae["scaling_factor"], "vae/config.json scaling_factor")
-    text_config = path / "text_encoder" / "config.json"
+    text_config = path / folders["text_encoder"] / "config.json"
     if text_config.exists():
         act = _read_json(text_config).get("hidden_act")
         hints.text_style = {"quick_gelu": "clip", "gelu": "openclip"}.get(act)
-    vocab = path / "tokenizer" / "vocab.json"
-    if vocab.exists():
-        size = len(_read_json(vocab))
-        if size != VOCAB_SIZE:
-            raise _fail(
-                vocab,
-                f"the tokenizer has {size} tokens; kedavra uses its vendored CLIP BPE vocabulary of "
-                f"{VOCAB_SIZE}, so this model's text encoder would see the wrong ids",
-            )
+    for component in ("text_encoder", "text_encoder_2"):
+        if component not in folders:
+            continue
+        vocab = path / diffusers_config.tokenizer_folder(folders[component]) / "vocab.json"
+        if vocab.exists():
+            size = len(_read_json(vocab))
+            if size != VOCAB_SIZE:
+                raise _fail(
+                    vocab,
+                    f"the tokenizer has {size} tokens; kedavra uses its vendored CLIP BPE vocabulary of "
+                    f"{VOCAB_SIZE}, so this model's text encoder would see the wrong ids",
+                )
