@@ -37,6 +37,8 @@ from kedavra.pipeline.infotext import (
     ETA_KEY,
     GUIDANCE_RESCALE_KEY,
     KARRAS_SCHEDULE,
+    REFINER_KEY,
+    REFINER_SWITCH_KEY,
     request_parameters,
     schedule_karras,
 )
@@ -45,6 +47,7 @@ from kedavra.pipeline.request import (
     DEFAULT_IMG2IMG_STRENGTH,
     DEFAULT_INPAINT_STRENGTH,
     DEFAULT_NEGATIVE_AESTHETIC_SCORE,
+    DEFAULT_REFINER_SWITCH_AT,
     GenerationRequest,
 )
 from kedavra.validation import MAX_SEED, check_choice
@@ -87,6 +90,11 @@ def register(subparsers) -> None:
                        help=f"model family instead of the detected one: {', '.join(PRESETS)}")
     model.add_argument("--prediction-type", metavar="TYPE",
                        help=f"what the U-Net predicts, instead of the detected: {', '.join(UNET_PREDICTION_TYPES)}")
+    model.add_argument("--refiner", metavar="PATH_OR_NAME",
+                       help="a second model that takes over the sampling run (the SDXL refiner; A1111's Refiner)")
+    model.add_argument("--refiner-switch-at", type=float, metavar="F",
+                       help=f"share of the training timesteps, from the noisiest, the model denoises before the "
+                            f"refiner takes over (default {DEFAULT_REFINER_SWITCH_AT})")
     model.add_argument("--device", metavar="DEVICE",
                        help="cpu, cuda, cuda:1, mps (default: CUDA if present, else the CPU)")
     model.add_argument("--precision", default="auto", metavar="auto|fp32|bf16|fp16",
@@ -167,6 +175,8 @@ def resolve_request(args, png: GenerationParameters | None, notes: list[str], in
         else:
             raise ValueError(f"{args.from_png} was made from an init image (Denoising strength "
                              f"{png.denoising_strength}); give it with --init-image (and --mask if it was inpainted)")
+    if REFINER_KEY in extra and args.refiner is None:
+        notes.append(f"{args.from_png} was refined with {extra[REFINER_KEY]}; give it with --refiner to do the same")
     if png is not None and png.clip_skip not in (None, 1):
         notes.append(f"Clip skip {png.clip_skip} is not supported; using the text encoder's last layer")
     return GenerationRequest.build(
@@ -185,6 +195,7 @@ def resolve_request(args, png: GenerationParameters | None, notes: list[str], in
         original_size=_height_width(args.original_size), target_size=_height_width(args.target_size),
         crop_top_left=tuple(args.crop_top_left) if args.crop_top_left is not None else (0, 0),
         aesthetic_score=args.aesthetic_score if args.aesthetic_score is not None else DEFAULT_AESTHETIC_SCORE,
+        refiner_switch_at=pick(args.refiner_switch_at, _number(extra, REFINER_SWITCH_KEY), DEFAULT_REFINER_SWITCH_AT),
     )
 
 
@@ -271,7 +282,14 @@ def run(args) -> int:
     for note in notes:
         print(f"kedavra generate: note: {note}", file=sys.stderr)
 
+    refiner = refiner_text = None
+    if args.refiner is not None:
+        refiner_path = resolve_model(args.refiner)
+        refiner_name, refiner_hash = model_identity(refiner_path)
+        refiner_text = f"{refiner_name} [{refiner_hash}]" if refiner_hash else refiner_name
     pipe = load(model_path, device=device, dtype=dtype, family=args.family, prediction_type=args.prediction_type)
+    if args.refiner is not None:
+        refiner = load(refiner_path, device=device, dtype=dtype)
     request = _sized(request, pipe.config.image_size)
     try:
         request = pipe.check(request)
@@ -281,15 +299,16 @@ def run(args) -> int:
         raise
 
     with tqdm(total=steps_to_run, desc="sampling", unit="step", file=sys.stderr, disable=args.quiet) as bar:
-        result = pipe.generate(request, callback=lambda step: bar.update(1))
+        result = pipe.generate(request, callback=lambda step: bar.update(1), refiner=refiner)
 
     image_paths, grid_path = output_paths(output, result.seeds)
     for index, (image, seed, path) in enumerate(zip(result.images, result.seeds, image_paths, strict=True)):
         write_png(image, path, request_parameters(request, index, seed, request.width, request.height, model_name,
-                                                  model_hash_))
+                                                  model_hash_, refiner_text))
         print(f"{path}  seed {seed}")
     if args.grid:  # A1111 gives a grid its first image's text
-        first = request_parameters(request, 0, result.seeds[0], request.width, request.height, model_name, model_hash_)
+        first = request_parameters(request, 0, result.seeds[0], request.width, request.height, model_name, model_hash_,
+                                   refiner_text)
         write_png(image_grid(result.images), grid_path, first)
         print(f"{grid_path}  grid of {len(result.images)}")
     return 0

@@ -15,6 +15,8 @@ KARRAS_SCHEDULE = "Karras"  # A1111's "Schedule type" value for Karras σ spacin
 DEFAULT_SCHEDULES = ("Automatic", "Uniform")  # the sampler's own spacing
 AUTOMATIC_KARRAS = ("dpmpp_2m",)  # samplers whose "Automatic" schedule is Karras in A1111
 ETA_KEY = "Eta DDIM"  # A1111 (modules/sd_samplers_compvis.py) writes DDIM's η under this key when it is not 0
+REFINER_KEY = "Refiner"  # A1111 (modules/processing.py): "Refiner: NAME [HASH]" when a refiner ran
+REFINER_SWITCH_KEY = "Refiner switch at"  # A1111: the refiner_switch_at it ran with
 GUIDANCE_RESCALE_KEY = "CFG rescale"  # SD.Next's key for Lin et al. 2023's φ (A1111 itself has no such option)
 
 
@@ -27,10 +29,14 @@ def schedule_karras(schedule_type: str, sampler: SamplerSpec, karras_from_name: 
 
 
 def request_parameters(request: GenerationRequest, index: int, seed: int, width: int, height: int,
-                       model: str | None, model_hash: str | None) -> GenerationParameters:
-    """What goes into the PNG of the request's image `index`, made with `seed` at width x height. Raises
-    ValueError when the text cannot be written (GenerationParameters' checks), so an edge may call it early."""
+                       model: str | None, model_hash: str | None, refiner: str | None = None) -> GenerationParameters:
+    """What goes into the PNG of the request's image `index`, made with `seed` at width x height (and `refiner`,
+    A1111's "NAME [HASH]" of the refiner, when one ran). Raises ValueError when the text cannot be written
+    (GenerationParameters' checks), so an edge may call it early."""
     extra = {}
+    if refiner is not None:
+        extra[REFINER_KEY] = refiner
+        extra[REFINER_SWITCH_KEY] = repr(float(request.refiner_switch_at))
     if request.guidance_rescale:
         extra[GUIDANCE_RESCALE_KEY] = repr(float(request.guidance_rescale))
     if request.eta:

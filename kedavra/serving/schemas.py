@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from kedavra.pipeline.infotext import DEFAULT_SCHEDULES, KARRAS_SCHEDULE
-from kedavra.pipeline.request import MAX_SIDE
+from kedavra.pipeline.request import DEFAULT_REFINER_SWITCH_AT, MAX_SIDE
 from kedavra.validation import MAX_SEED
 
 MAX_STEPS = 150  # A1111's "Sampling steps" slider maximum (modules/ui.py)
@@ -95,6 +95,10 @@ class GenerationBody(BaseModel):
     width: Side = None
     height: Side = None
     eta: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="DDIM's η (DDIM only)")
+    refiner_checkpoint: str | None = Field(None, description="a listed model that takes over the sampling run "
+                                                             "(the SDXL refiner), by its /sd-models name")
+    refiner_switch_at: float = Field(DEFAULT_REFINER_SWITCH_AT, ge=0, le=1, allow_inf_nan=False,
+                                     description="share of the training timesteps before the refiner takes over")
     send_images: bool = True
     # Accepted for A1111's clients; kedavra does not act on them (named in the notes when set).
     styles: list[str] = []

@@ -1,6 +1,7 @@
 """Request bodies into the worker's tasks, checked against the loaded model, and outcomes into A1111's info.
 
-    txt2img_task(Txt2ImgRequest, pipe) / img2img_task(Img2ImgRequest, pipe) -> GenerationTask   (or a 422)
+    txt2img_task(Txt2ImgRequest, pipe, catalog) / img2img_task(Img2ImgRequest, pipe, catalog) -> GenerationTask
+    (or a 422; the catalog names the refiner_checkpoint)
     generation_info(task, outcome, notes, inpainting_model) -> A1111's Processed.js() dict
 
 The bodies' ranges are checked by their schemas; what depends on the model (sizes a multiple of its VAE factor,
@@ -32,20 +33,20 @@ from kedavra.serving.schemas import (
     Txt2ImgRequest,
     decode_image,
 )
-from kedavra.serving.worker import GenerationOutcome, GenerationTask
+from kedavra.serving.worker import GenerationOutcome, GenerationTask, ModelCatalog
 from kedavra.validation import MAX_SEED
 
 Sampling = tuple[SamplerSpec, bool]  # (the sampler, whether its σ spacing is Karras')
 Size = tuple[int, int]  # (width, height) in pixels
 
 
-def txt2img_task(body: Txt2ImgRequest, pipe: Pipeline) -> GenerationTask:
+def txt2img_task(body: Txt2ImgRequest, pipe: Pipeline, catalog: ModelCatalog) -> GenerationTask:
     """`body` checked against `pipe` and resolved (a random seed for -1, the model's size by default)."""
     sampling = resolve_sampling(body)
-    return checked_task(body, pipe, sampling, request_size(body, pipe))
+    return checked_task(body, pipe, catalog, sampling, request_size(body, pipe))
 
 
-def img2img_task(body: Img2ImgRequest, pipe: Pipeline) -> GenerationTask:
+def img2img_task(body: Img2ImgRequest, pipe: Pipeline, catalog: ModelCatalog) -> GenerationTask:
     """`body` checked and resolved, its init images resized to the request's size (A1111's resize_mode 0, "just
     resize"), its mask (white = paint) decoded and inverted when asked."""
     sampling = resolve_sampling(body)
@@ -65,7 +66,7 @@ def img2img_task(body: Img2ImgRequest, pipe: Pipeline) -> GenerationTask:
         mask = decode_image(body.mask).convert("L").resize((width, height), Image.Resampling.NEAREST)
         if body.inpainting_mask_invert:
             mask = ImageOps.invert(mask)
-    return checked_task(body, pipe, sampling, (width, height), init_images, mask, body.denoising_strength)
+    return checked_task(body, pipe, catalog, sampling, (width, height), init_images, mask, body.denoising_strength)
 
 
 def resolve_sampling(body: GenerationBody) -> Sampling:
@@ -95,14 +96,21 @@ def request_size(body: GenerationBody, pipe: Pipeline, init_size: Size | None = 
     return width, height
 
 
-def checked_task(body: GenerationBody, pipe: Pipeline, sampling: Sampling, size: Size,
+def checked_task(body: GenerationBody, pipe: Pipeline, catalog: ModelCatalog, sampling: Sampling, size: Size,
                  init_images: tuple[Image.Image, ...] = (), mask: Image.Image | None = None,
                  strength: float | None = None) -> GenerationTask:
     """The task for `body` once its parts are resolved, after the checks that need them all; 422 otherwise."""
     if pipe.config.inpainting and mask is None:
         raise field_error("mask", f"the loaded model ({pipe.config.family}) is an inpainting model: use img2img "
                                   "with init_images and a mask")
-    return GenerationTask(request_from_payload(body, pipe, sampling, size, init_images, mask, strength), body.n_iter)
+    refiner = None
+    if body.refiner_checkpoint:
+        try:
+            refiner = catalog.find(body.refiner_checkpoint)
+        except ValueError as error:
+            raise field_error("refiner_checkpoint", str(error), body.refiner_checkpoint) from None
+    return GenerationTask(request_from_payload(body, pipe, sampling, size, init_images, mask, strength), body.n_iter,
+                          refiner)
 
 
 def request_from_payload(body: GenerationBody, pipe: Pipeline, sampling: Sampling, size: Size,

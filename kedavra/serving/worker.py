@@ -156,6 +156,7 @@ class GenerationTask:
 
     request: GenerationRequest
     n_iter: int = 1
+    refiner: ModelEntry | None = None  # a listed model that takes over the run (A1111's refiner_checkpoint)
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,7 @@ class Worker:
         self.preview_every = check_int("preview_every", preview_every, low=1, note=" (steps)")
         self.threads = check_optional_int("threads", threads, low=1, none_means="torch's default")
         self._load = load
+        self._refiner: tuple[Path, Pipeline] | None = None  # the last refiner loaded, kept for the next request
         self._pending: deque[Job] = deque()
         self._condition = threading.Condition()
         self._progress = _Progress()
@@ -351,6 +353,10 @@ class Worker:
         request, pipe, model = task.request, self.pipeline, self.model
         if pipe is None:
             raise RuntimeError(f"no model is loaded: loading one failed, and so did reloading {model.filename}")
+        refiner, refiner_text = self._refiner_pipeline(task.refiner), None
+        if task.refiner is not None:
+            entry = self.catalog.identify(task.refiner)
+            refiner_text = f"{entry.model_name} [{entry.short_hash}]" if entry.short_hash else entry.model_name
         with self._condition:
             self._progress.job_count = task.n_iter
         images, seeds, infotexts, interrupted = [], [], [], False
@@ -362,18 +368,30 @@ class Worker:
                 self._progress.job_no, self._progress.step, self._progress.steps = batch, 0, 0
             seed = (request.seed + batch * request.num_images) % (MAX_SEED + 1)
             try:
-                result = pipe.generate(request.replace(seed=seed), callback=self._step_callback(job, pipe))
+                result = pipe.generate(request.replace(seed=seed), callback=self._step_callback(job, pipe),
+                                       refiner=refiner)
             except Interrupted:
                 interrupted = True
                 break
             for index, (image, image_seed) in enumerate(zip(result.images, result.seeds, strict=True)):
                 params = request_parameters(request, index, image_seed, request.width, request.height,
-                                            model.model_name, model.short_hash)
+                                            model.model_name, model.short_hash, refiner_text)
                 images.append(encode_png(image, params))
                 seeds.append(image_seed)
                 infotexts.append(format_parameters(params))
         self._count("interrupted" if interrupted else "completed")
         return GenerationOutcome(images, seeds, infotexts, interrupted, model, job.timestamp)
+
+    def _refiner_pipeline(self, entry: ModelEntry | None) -> Pipeline | None:
+        """The refiner's pipeline, loaded once and kept while requests keep asking for the same one."""
+        if entry is None:
+            return None
+        if self._refiner is None or self._refiner[0] != entry.path.resolve():
+            with self._condition:
+                self._progress.textinfo = f"Loading refiner {entry.filename}"
+            self._refiner = None  # let the old refiner's weights go first
+            self._refiner = (entry.path.resolve(), self._load(entry.path))
+        return self._refiner[1]
 
     def _step_callback(self, job: Job, pipe: Pipeline) -> StepCallback:
         """The pipeline's step callback for `job`: the one place that reads its `StepRecord`."""
