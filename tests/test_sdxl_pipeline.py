@@ -2,8 +2,12 @@
 SDXL's shape at test sizes): two text encoders read at their penultimate layer, the pooled projection and the
 micro-conditioning through the U-Net's added embedding, guidance with a negative prompt."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -11,7 +15,11 @@ transformers = pytest.importorskip("transformers")
 from reference_models import randomize  # noqa: E402
 from test_pipeline_parity import IMAGE_TOL, LATENT_REL_TOL, clip_tokenizer  # noqa: E402
 
+from kedavra.api import load  # noqa: E402
+from kedavra.checkpoint import save_model  # noqa: E402
 from kedavra.checkpoint.diffusers_config import same_architecture  # noqa: E402
+from kedavra.cli import main  # noqa: E402
+from kedavra.formats.png_info import read_parameters  # noqa: E402
 from kedavra.networks.model import PRESETS, StableDiffusion  # noqa: E402
 from kedavra.networks.text_encoder import convert_text_encoder_state_dict  # noqa: E402
 from kedavra.networks.tokenizer import VOCAB_SIZE  # noqa: E402
@@ -153,3 +161,48 @@ def test_a_refiner_is_no_base_and_a_base_no_refiner(both, refiners):
         our_refiner("a red circle", steps=2)
     with pytest.raises(ValueError, match="is an SDXL base model; the refiner stage needs"):
         ours.generate(GenerationRequest.build("a red circle", steps=2), refiner=ours)
+
+
+@pytest.fixture(scope="module")
+def sdxl_files(both, refiners, tmp_path_factory):
+    """The tiny base and refiner as kedavra files in one models folder."""
+    folder = tmp_path_factory.mktemp("sdxl_models")
+    save_model(both[0].model, folder / "base.safetensors")
+    save_model(refiners[0].model, folder / "refiner.safetensors")
+    return folder
+
+
+def test_the_cli_runs_the_refiner_writes_it_to_the_png_and_reproduces_from_it(sdxl_files, tmp_path):
+    base, refiner = sdxl_files / "base.safetensors", sdxl_files / "refiner.safetensors"
+    common = ["--model", str(base), "--refiner", str(refiner), "--precision", "fp32", "-q"]
+    out = tmp_path / "refined.png"
+    assert main(["generate", "a red circle", "--negative", "blurry", "--steps", "6", "--seed", "2", "--sampler",
+                 "euler", "--refiner-switch-at", "0.7", *common, "-o", str(out)]) == 0
+    params = read_parameters(out)
+    assert params.extra["Refiner"].startswith("refiner [") and params.extra["Refiner switch at"] == "0.7"
+    pipe, refine = load(base, dtype="fp32"), load(refiner, dtype="fp32")
+    request = GenerationRequest.build("a red circle", "blurry", steps=6, seed=2, sampler="euler",
+                                      refiner_switch_at=0.7)
+    expected = pipe.generate(request, refiner=refine).images[0]
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(expected))
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from-png", str(out), *common, "-o", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(again).convert("RGB")), np.asarray(expected))
+
+
+def test_the_server_takes_a1111s_refiner_fields(sdxl_files):
+    httpx = pytest.importorskip("httpx")
+    serving = pytest.importorskip("test_serving")
+    catalog = serving.ModelCatalog(sdxl_files, initial=sdxl_files / "base.safetensors")
+    entry = catalog.identify(catalog.find("base"))
+    worker = serving.Worker(serving.loader(entry.path), entry, catalog, serving.loader)
+    body = {"prompt": "a red circle", "negative_prompt": "blurry", "steps": 4, "seed": 5,
+            "refiner_checkpoint": "refiner", "refiner_switch_at": 0.5}
+    config = serving.ServerConfig(api_key=None, max_body_bytes=serving.BODY_LIMIT)
+    with serving.serve(worker, config) as url, httpx.Client(base_url=url, timeout=60) as http:
+        answer = http.post("/sdapi/v1/txt2img", json=body)
+        assert answer.status_code == 200, answer.text
+        infotext = json.loads(answer.json()["info"])["infotexts"][0]
+        assert "Refiner: refiner [" in infotext and "Refiner switch at: 0.5" in infotext
+        unknown = http.post("/sdapi/v1/txt2img", json={**body, "refiner_checkpoint": "nowhere"})
+        assert unknown.status_code == 422 and "refiner_checkpoint" in unknown.text

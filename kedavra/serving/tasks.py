@@ -131,7 +131,7 @@ def request_from_payload(body: GenerationBody, pipe: Pipeline, sampling: Samplin
         request = GenerationRequest.build(
             body.prompt, body.negative_prompt, num_images=body.batch_size, steps=body.steps, sampler=sampler.name,
             karras=karras, guidance_scale=body.cfg_scale, eta=eta, seed=seed, width=size[0], height=size[1],
-            init_image=init_image, mask=mask, strength=strength)
+            init_image=init_image, mask=mask, strength=strength, refiner_switch_at=body.refiner_switch_at)
         request_parameters(request, 0, seed, *size, None, None)  # refuses text the PNG's parameters cannot hold
         return pipe.check(request)
     except ValueError as error:
