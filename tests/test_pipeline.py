@@ -171,3 +171,14 @@ def test_sizes_off_the_vae_grid_or_out_of_range_are_refused(pipe_f8, name, side)
                rf"from 1 to {MAX_SIDE} \(or None for the model's image size\)), got {side}")
     with pytest.raises(ValueError, match=message):
         pipe_f8.check(GenerationRequest.build("a circle", steps=2, **{"width": 64, "height": 64, name: side}))
+
+
+def test_a_request_may_override_the_models_timestep_spacing(pipe):
+    """Trailing spacing starts at the last training timestep (Lin et al. 2023, sec. 3.3), what few-step distilled
+    models (SDXL-Turbo, Lightning) were trained for; the model's own leading spacing with offset 1 does not."""
+    first_t = []
+    pipe("a circle", seed=1, steps=4, spacing="trailing", callback=lambda step: first_t.append(step.t))
+    pipe("a circle", seed=1, steps=4, callback=lambda step: first_t.append(step.t))
+    assert first_t[0] == 999 and first_t[4] == 751  # leading, offset 1: 750 + 1
+    with pytest.raises(ValueError, match="unknown timestep spacing 'sgm'"):
+        pipe("a circle", steps=4, spacing="sgm")

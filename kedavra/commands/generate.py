@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from kedavra.api import choose_model, load, model_identity, resolve_model
 from kedavra.diffusion.samplers import resolve_sampler
-from kedavra.diffusion.timesteps import start_index_for_strength
+from kedavra.diffusion.timesteps import SPACINGS, start_index_for_strength
 from kedavra.formats.grid import image_grid
 from kedavra.formats.png_info import GenerationParameters, read_parameters, write_png
 from kedavra.networks.model import PRESETS, UNET_PREDICTION_TYPES
@@ -39,6 +39,7 @@ from kedavra.pipeline.infotext import (
     KARRAS_SCHEDULE,
     REFINER_KEY,
     REFINER_SWITCH_KEY,
+    SPACING_KEY,
     request_parameters,
     schedule_karras,
 )
@@ -113,6 +114,9 @@ def register(subparsers) -> None:
     sampling.add_argument("--guidance-rescale", type=float, metavar="F",
                           help="Lin et al. 2023 guidance rescale φ in [0, 1] (default 0; 0.7 for v-models)")
     sampling.add_argument("--eta", type=float, metavar="F", help="DDIM's η (ddim sampler only; default 0)")
+    sampling.add_argument("--spacing", metavar="|".join(SPACINGS),
+                          help="timestep spacing instead of the model's; trailing for few-step distilled models "
+                               "(SDXL-Turbo, Lightning)")
     sampling.add_argument("--seed", type=int, metavar="N",
                           help=f"seed of the first image, 0 to {MAX_SEED}; image i uses seed + i (default: random)")
     sampling.add_argument("--width", type=int, metavar="PX",
@@ -196,6 +200,7 @@ def resolve_request(args, png: GenerationParameters | None, notes: list[str], in
         crop_top_left=tuple(args.crop_top_left) if args.crop_top_left is not None else (0, 0),
         aesthetic_score=args.aesthetic_score if args.aesthetic_score is not None else DEFAULT_AESTHETIC_SCORE,
         refiner_switch_at=pick(args.refiner_switch_at, _number(extra, REFINER_SWITCH_KEY), DEFAULT_REFINER_SWITCH_AT),
+        spacing=pick(args.spacing, extra.get(SPACING_KEY), None),
     )
 
 

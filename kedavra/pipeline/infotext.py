@@ -17,6 +17,7 @@ AUTOMATIC_KARRAS = ("dpmpp_2m",)  # samplers whose "Automatic" schedule is Karra
 ETA_KEY = "Eta DDIM"  # A1111 (modules/sd_samplers_compvis.py) writes DDIM's η under this key when it is not 0
 REFINER_KEY = "Refiner"  # A1111 (modules/processing.py): "Refiner: NAME [HASH]" when a refiner ran
 REFINER_SWITCH_KEY = "Refiner switch at"  # A1111: the refiner_switch_at it ran with
+SPACING_KEY = "Timestep spacing"  # ours: written only when a request overrides the model's spacing
 GUIDANCE_RESCALE_KEY = "CFG rescale"  # SD.Next's key for Lin et al. 2023's φ (A1111 itself has no such option)
 
 
@@ -41,6 +42,8 @@ def request_parameters(request: GenerationRequest, index: int, seed: int, width:
         extra[GUIDANCE_RESCALE_KEY] = repr(float(request.guidance_rescale))
     if request.eta:
         extra[ETA_KEY] = repr(float(request.eta))
+    if request.spacing is not None:
+        extra[SPACING_KEY] = request.spacing
     spec = request.sampler_spec
     return GenerationParameters(
         prompt=request.prompts[index], negative_prompt=request.negative_prompts[index], steps=request.steps,

@@ -164,7 +164,7 @@ class Pipeline:
         blend_mask = latent_mask if latent_mask is not None and not self.config.inpainting else None
         latents = sample(
             denoise, noise, sampler=request.sampler, steps=request.steps, schedule=self.config.schedule,
-            prediction_type=self.config.prediction_type, spacing=self.config.spacing,
+            prediction_type=self.config.prediction_type, spacing=request.spacing or self.config.spacing,
             steps_offset=self.config.steps_offset, karras=request.karras, eta=request.eta, init=init_latents,
             strength=request.strength if init_latents is not None else 1.0, mask=blend_mask, generator=generators,
             callback=denoise.reporting(callback) if callback is not None else None,

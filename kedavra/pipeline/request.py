@@ -21,9 +21,9 @@ import torch
 from PIL import Image
 
 from kedavra.diffusion.samplers import SamplerSpec, check_eta, resolve_sampler
-from kedavra.diffusion.timesteps import check_steps
+from kedavra.diffusion.timesteps import SPACINGS, check_steps
 from kedavra.formats.images import from_pil
-from kedavra.validation import check_bool, check_int, check_number, check_optional_int, check_seed
+from kedavra.validation import check_bool, check_choice, check_int, check_number, check_optional_int, check_seed
 
 MAX_SIDE = 2048  # largest width/height accepted, in pixels: beyond it a CPU run takes hours
 MAX_IMAGES = 64  # largest batch accepted in one call
@@ -62,6 +62,9 @@ class GenerationRequest:
                                image's size (diffusers' and A1111's defaults). Ignored by models without it.
     aesthetic_score, negative_aesthetic_score
                                the SDXL refiner's aesthetic conditioning of the prompt and the negative prompt
+    spacing                    the timestep spacing instead of the model's (diffusers' timestep_spacing: "leading",
+                               "trailing", "linspace"); few-step distilled models (SDXL-Turbo, Lightning) want
+                               "trailing", which starts at the last training timestep (Lin et al. 2023, sec. 3.3)
     refiner_switch_at          with a refiner (`Pipeline.generate`): the share of the training timesteps, counted
                                from the noisiest, that the base model denoises before the refiner takes over
     """
@@ -87,6 +90,7 @@ class GenerationRequest:
     aesthetic_score: float = DEFAULT_AESTHETIC_SCORE
     negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE
     refiner_switch_at: float = DEFAULT_REFINER_SWITCH_AT
+    spacing: str | None = None
 
     def __post_init__(self):
         prompts, negatives = tuple(self.prompts), tuple(self.negative_prompts)
@@ -130,6 +134,8 @@ class GenerationRequest:
         check_number("aesthetic_score", self.aesthetic_score)
         check_number("negative_aesthetic_score", self.negative_aesthetic_score)
         check_number("refiner_switch_at", self.refiner_switch_at, 0, 1)
+        if self.spacing is not None:
+            check_choice("timestep spacing", self.spacing, SPACINGS)
         set_field = object.__setattr__  # normalising a frozen instance's own fields while it is being built
         set_field(self, "prompts", prompts)
         set_field(self, "negative_prompts", negatives)
