@@ -206,3 +206,12 @@ def test_the_server_takes_a1111s_refiner_fields(sdxl_files):
         assert "Refiner: refiner [" in infotext and "Refiner switch at: 0.5" in infotext
         unknown = http.post("/sdapi/v1/txt2img", json={**body, "refiner_checkpoint": "nowhere"})
         assert unknown.status_code == 422 and "refiner_checkpoint" in unknown.text
+
+
+def test_training_refuses_an_sdxl_init_by_name(sdxl_files, tmp_path):
+    from kedavra.training.config import TrainConfig
+    from kedavra.training.models import build_model
+
+    config = TrainConfig(data="shapes", init=str(sdxl_files / "base.safetensors"), out_dir=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="is an SDXL model .*fine-tunes SD 1.x / 2.x-style models"):
+        build_model(config)

@@ -75,8 +75,8 @@ EXAMPLES = """examples:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "generate", help="text to image, image to image and inpainting with an SD 1.x / 2.x model",
-        description="Generate images from a prompt with a Stable Diffusion 1.x / 2.x checkpoint (a single\n"
+        "generate", help="text to image, image to image and inpainting with an SD 1.x / 2.x / XL model",
+        description="Generate images from a prompt with a Stable Diffusion 1.x / 2.x / XL checkpoint (a single\n"
                     ".safetensors/.ckpt file, a diffusers folder or kedavra's format). Each PNG carries its\n"
                     "parameters in A1111's 'parameters' text; --from-png reproduces an image from them.\n"
                     "Prints each file written with its seed; a progress bar goes to stderr.",

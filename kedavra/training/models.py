@@ -85,6 +85,9 @@ def _load_init(config: TrainConfig) -> StableDiffusion:
         channels = model.config.unet.in_channels
         raise ValueError(f"init {config.init!r} is an inpainting model (its U-Net takes {channels} input channels: "
                          "latents, mask, masked image); training supports text-to-image models")
+    if model.config.micro_conditioning:
+        raise ValueError(f"init {config.init!r} is an SDXL model ({model.config.family}); kedavra train fine-tunes "
+                         "SD 1.x / 2.x-style models (one text encoder, no added embedding) so far")
     model.config = finetune_model_config(config, model.config)
     return model
 
