@@ -68,7 +68,8 @@ def choose_model(flag: str | None, png: GenerationParameters | None) -> str:
     if embedded:
         return next(iter(embedded))
     raise ValueError(f"no model given and no embedded model found in {EMBEDDED_DIR} (the installation lacks its "
-                     "assets): pass --model PATH (an SD 1.x / 2.x / XL .safetensors or .ckpt file, or a diffusers folder)")
+                     "assets): pass --model PATH (an SD 1.x / 2.x / XL .safetensors or .ckpt file, or a diffusers "
+                     "folder)")
 
 
 def model_identity(path: Path) -> tuple[str, str | None]:
