@@ -330,19 +330,8 @@ def encode_prompt_pairs(
     """Prompts and their negative prompts -> (cond, uncond), both (B, L·k_max, D) with the same chunk
     count k_max, ready to stack for classifier-free guidance. A str is one prompt; a single negative
     prompt is used for every prompt."""
-    prompts = _check_prompts(prompts, "prompts")
-    negatives = _check_prompts(negative_prompts, "negative_prompts")
-    if len(negatives) == 1:
-        negatives = negatives * len(prompts)
-    if len(negatives) != len(prompts):
-        raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts; give one or one each")
-    cond_chunks = [chunk_prompt(tokenizer, prompt) for prompt in prompts]
-    uncond_chunks = [chunk_prompt(tokenizer, prompt) for prompt in negatives]
-    count = max(map(len, cond_chunks + uncond_chunks))
-    empty = chunk_prompt(tokenizer, "")[0]
-    cond = _encode_chunks(text_encoder, _pad_chunks(cond_chunks, count, empty), clip_skip)
-    uncond = _encode_chunks(text_encoder, _pad_chunks(uncond_chunks, count, empty), clip_skip)
-    return cond, uncond
+    text = encode_conditioning([(tokenizer, text_encoder)], prompts, negative_prompts, clip_skip=clip_skip)
+    return text.context, text.uncond_context
 
 
 @dataclass(frozen=True)
