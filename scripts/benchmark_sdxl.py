@@ -1,0 +1,202 @@
+"""SDXL base U-Net on this CPU: kedavra against diffusers, seconds per guidance call, memory and output agreement.
+
+    .venv/bin/python scripts/benchmark_sdxl.py                          # 768 and 1024, torch's default threads
+    .venv/bin/python scripts/benchmark_sdxl.py --sizes 768 --threads 1
+(docs/benchmark.md, section "SDXL", gives the commands behind its table.)
+
+Both sides get the SDXL base U-Net (diffusers' UNet2DConditionModel from the released unet/config.json,
+tests/test_unet_configs.py's SDXL_BASE) with the same random weights: built on the meta device, given bf16 memory
+and re-drawn under WEIGHT_SEED by tests/reference_models.randomize, parameter by parameter in diffusers' order.
+kedavra's U-Net receives those tensors as views (convert_unet_state_dict, load_state_dict(assign=True)) and the
+diffusers module is dropped, so each process holds one copy of the weights. Configurations, each in its own
+process, one at a time (scripts/benchmark_pipeline.py defines them for SD 1.5):
+
+    diffusers-bf16   diffusers at its best CPU settings: bf16 weights, channels_last, SDPA (AttnProcessor2_0)
+    kedavra          kedavra's U-Net as kedavra.Pipeline runs it on a CPU with AMX: bf16, channels_last, SDPA,
+                     packed oneDNN weights (kedavra.networks.acceleration.optimize_for_inference)
+
+Each process makes one U-Net call on the classifier-free guidance batch (2 latents of size/8, one timestep, a
+77-token context, SDXL's pooled text embeds and micro-conditioning time ids) to warm up (oneDNN's kernel choice,
+the packed weights), measures the bf16 matmul peak (benchmark_pipeline.matmul_peak: the machine is shared and its
+speed drifts), then times --calls calls (wall and thread CPU seconds). Reported: the median of the timed calls,
+peak resident memory (VmHWM, building included) and the memory held after the calls (VmRSS), and the agreement of
+the last call's outputs (max |kedavra - diffusers| / max |diffusers|, both bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the released SDXL config and the seeded re-draw live in the test helpers
+
+from benchmark_pipeline import cpu_model, load_average, matmul_peak, vm_kib  # noqa: E402
+
+CONFIGS = ("diffusers-bf16", "kedavra")
+WEIGHT_SEED = 0  # the same random weights on both sides
+INPUT_SEED = 1
+TIMESTEP = 500.0  # mid-schedule: the cost of a call does not depend on it
+SDXL_MAX_LENGTH = 77  # CLIP's context length, both text encoders
+TARGET_SPEEDUP = 1.3  # the SDXL issue: kedavra at least 1.3x faster than diffusers-bf16 per U-Net call
+
+
+# ---- one configuration (child process) -------------------------------------------------------------------
+
+
+def reference_unet() -> torch.nn.Module:
+    """diffusers' SDXL base U-Net in bf16 with the seeded random weights, never allocated in fp32."""
+    from diffusers import UNet2DConditionModel
+    from reference_models import randomize
+    from test_unet_configs import SDXL_BASE
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_BASE).to(torch.bfloat16)
+    unet.to_empty(device="cpu")
+    randomize(unet, torch.Generator().manual_seed(WEIGHT_SEED))
+    return unet.eval()
+
+
+def diffusers_unet():
+    """diffusers at its best CPU settings, and call(x, t, context, added) -> (B, 4, h, w) output."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet = reference_unet().to(memory_format=torch.channels_last)
+    unet.set_attn_processor(AttnProcessor2_0())
+    return lambda x, t, context, added: unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
+
+
+def kedavra_unet():
+    """kedavra's U-Net as kedavra.Pipeline prepares it on a CPU with AMX, and call(x, t, context, added)."""
+    from kedavra.networks.acceleration import optimize_for_inference
+    from kedavra.networks.model import PRESETS
+    from kedavra.networks.unet import UNet
+    from kedavra.networks.unet_keys import convert_unet_state_dict
+
+    config = PRESETS["sdxl"].unet
+    state = convert_unet_state_dict(reference_unet().state_dict(), "diffusers", config)  # views: one copy
+    with torch.device("meta"):
+        unet = UNet(config)
+    unet.load_state_dict(state, strict=True, assign=True)
+    del state  # the diffusers module is gone already; its tensors live on as ours
+    unet.eval().to(memory_format=torch.channels_last)
+    optimize_for_inference(unet, "cpu", torch.bfloat16)
+    return lambda x, t, context, added: unet(x, t, context, added_cond=added)
+
+
+def inputs(size: int) -> tuple[torch.Tensor, ...]:
+    """The guidance batch at `size` pixels: latents, timesteps, context, pooled embeds and time ids (bf16)."""
+    generator = torch.Generator().manual_seed(INPUT_SEED)
+    side = size // 8  # the SDXL VAE's downsampling factor
+    x = torch.randn(2, 4, side, side, generator=generator).to(torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last)
+    t = torch.full((2,), TIMESTEP)
+    context = torch.randn(2, SDXL_MAX_LENGTH, 2048, generator=generator).to(torch.bfloat16)  # ViT-L | bigG
+    text_embeds = torch.randn(2, 1280, generator=generator).to(torch.bfloat16)  # bigG's pooled projection
+    # original size, crop top-left, target size (Podell et al. 2023, sec. 2.2)
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]] * 2, dtype=torch.bfloat16)
+    return x, t, context, {"text_embeds": text_embeds, "time_ids": time_ids}
+
+
+def run_child(config: str, size: int, calls: int, out: Path) -> dict:
+    started = time.perf_counter()
+    call = diffusers_unet() if config == "diffusers-bf16" else kedavra_unet()
+    result = {"config": config, "size": size, "build_s": time.perf_counter() - started,
+              "built_rss_gib": vm_kib("VmRSS") / 2**20}
+    x, t, context, added = inputs(size)
+    with torch.no_grad():
+        start = time.perf_counter()
+        call(x, t, context, added)  # warm-up
+        result["warmup_s"] = time.perf_counter() - start
+        result["peak_bf16"] = matmul_peak(torch.bfloat16)
+        wall, cpu = [], []
+        for _ in range(calls):
+            start, start_cpu = time.perf_counter(), time.thread_time()
+            output = call(x, t, context, added)
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.thread_time() - start_cpu)
+    torch.save(output.float().contiguous(), out)
+    result.update(wall_s=wall, cpu_s=cpu, peak_rss_gib=vm_kib("VmHWM") / 2**20, end_rss_gib=vm_kib("VmRSS") / 2**20)
+    return result
+
+
+# ---- parent ------------------------------------------------------------------------------------------------
+
+
+def run_config(config: str, size: int, args, folder: Path) -> tuple[dict, torch.Tensor]:
+    out = folder / f"{config}-{size}.pt"
+    command = [sys.executable, __file__, "--child", config, str(size), str(out), "--calls", str(args.calls)]
+    if args.threads is not None:
+        command += ["--threads", str(args.threads)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    if result.returncode != 0:
+        raise RuntimeError(f"{config} at {size} failed:\n{result.stderr[-3000:]}")
+    row = json.loads(result.stdout.splitlines()[-1])
+    row["load_average"] = load_average()
+    return row, torch.load(out)
+
+
+def agreement(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((ours - reference).abs().max() / reference.abs().max()).item()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[768, 1024], help="image sides in pixels")
+    parser.add_argument("--calls", type=int, default=2, help="timed U-Net calls per configuration, after a warm-up")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    parser.add_argument("--json", type=Path, help="also write every measurement here")
+    parser.add_argument("--child", nargs=3, metavar=("CONFIG", "SIZE", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        config, size, out = args.child
+        print(json.dumps(run_child(config, int(size), args.calls, Path(out))))
+        return 0
+    for size in args.sizes:
+        if size % 8:
+            parser.error(f"--sizes must be multiples of 8 (the VAE's factor), got {size}")
+    print(f"CPU: {cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
+          f"load average {load_average()}")
+    rows = []
+    print("| size | configuration | U-Net s/call (median of timed; calls) | thread CPU s | warm-up s | bf16 peak "
+          "TFLOP/s | peak RSS GiB | RSS after GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    summary = []
+    with tempfile.TemporaryDirectory() as folder:
+        for size in args.sizes:
+            outputs = {}
+            for config in CONFIGS:
+                row, outputs[config] = run_config(config, size, args, Path(folder))
+                rows.append(row)
+                calls = ", ".join(f"{s:.2f}" for s in row["wall_s"])
+                print(f"| {size} | {config} | {np.median(row['wall_s']):.2f} ({calls}) "
+                      f"| {np.median(row['cpu_s']):.2f} | {row['warmup_s']:.2f} | {row['peak_bf16'] / 1e12:.2f} "
+                      f"| {row['peak_rss_gib']:.2f} | {row['end_rss_gib']:.2f} |", flush=True)
+            theirs, ours = rows[-2:]  # CONFIGS order
+            speedup = np.median(theirs["wall_s"]) / np.median(ours["wall_s"])
+            cpu_speedup = np.median(theirs["cpu_s"]) / np.median(ours["cpu_s"])
+            summary.append((size, speedup, cpu_speedup, agreement(outputs["kedavra"], outputs["diffusers-bf16"]),
+                            np.median(ours["wall_s"])))
+    print()
+    print(f"| size | diffusers-bf16 / kedavra, wall (target >= {TARGET_SPEEDUP}x) | thread CPU | output max rel diff | "
+          "20-step U-Net estimate s (kedavra) |")
+    print("|---|---|---|---|---|")
+    for size, speedup, cpu_speedup, difference, per_call in summary:
+        print(f"| {size} | {speedup:.2f}x | {cpu_speedup:.2f}x | {difference:.3g} | {20 * per_call:.0f} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
