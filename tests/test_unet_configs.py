@@ -140,9 +140,10 @@ def test_text_time_needs_its_widths():
 NEW_FIELDS = ("block_out_channels", "mid_block", "norm_eps", "addition_time_embed_dim", "addition_embed_input_dim")
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("name", [name for name, config in PRESETS.items() if config.addition_embed_input_dim is None])
 def test_presets_read_from_json_without_the_new_fields(name):
-    """A checkpoint written before the per-level fields holds only the old ones; it reads as the same config."""
+    """A checkpoint written before the per-level fields holds only the old ones; it reads as the same config (the
+    presets that existed then: SDXL's need the new fields)."""
     config = PRESETS[name]
     old = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(config))).items() if k not in NEW_FIELDS}
     assert UNetConfig(**old) == config
