@@ -20,7 +20,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from kedavra.networks.model import PRESETS, ModelConfig, StableDiffusion
 from kedavra.networks.text_encoder import TextEncoderConfig, convert_text_encoder_state_dict
 from kedavra.networks.tokenizer import NUM_MERGES, VOCAB_PATH, byte_alphabet, load_vocabulary
-from kedavra.networks.unet import UNetConfig
+from kedavra.networks.unet_config import UNetConfig
 from kedavra.networks.unet_keys import convert_unet_state_dict
 from kedavra.networks.vae_keys import convert_vae_state_dict
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from kedavra.networks.model import ModelConfig
-from kedavra.networks.unet import UNetConfig
+from kedavra.networks.unet_config import UNetConfig
 from kedavra.networks.vae import VAEConfig
 
 UNET_PREFIX = "model.diffusion_model."

@@ -30,7 +30,8 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 from kedavra.networks.model import PRESETS
 from kedavra.networks.text_encoder import TextEncoder, convert_text_encoder_state_dict
 from kedavra.networks.tokenizer import Tokenizer
-from kedavra.networks.unet import UNet, UNetConfig
+from kedavra.networks.unet import UNet
+from kedavra.networks.unet_config import UNetConfig
 from kedavra.networks.unet_keys import convert_unet_state_dict
 from kedavra.networks.vae import AutoencoderKL as KedavraVAE
 from kedavra.networks.vae_keys import convert_vae_state_dict

@@ -21,7 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference_models import diffusers_unet
 
-from kedavra.networks.unet import PRESETS, UNet, UNetConfig, Upsample, timestep_embedding
+from kedavra.networks.unet import UNet, Upsample, timestep_embedding
+from kedavra.networks.unet_config import PRESETS, UNetConfig
 from kedavra.networks.unet_keys import convert_unet_state_dict
 
 TINY = UNetConfig.from_preset("tiny")

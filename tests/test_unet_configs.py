@@ -19,8 +19,8 @@ from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from reference_models import randomize
 
-from kedavra.networks.unet import PRESETS, UNet, UNetConfig
-from kedavra.networks.unet_config import DIFFUSERS_DEFAULTS, DIFFUSERS_FIXED
+from kedavra.networks.unet import UNet
+from kedavra.networks.unet_config import DIFFUSERS_DEFAULTS, DIFFUSERS_FIXED, PRESETS, UNetConfig
 from kedavra.networks.unet_keys import convert_unet_state_dict
 
 REL_TOL = 1e-5  # fp32: max |ours - theirs| / max |theirs|, the brief's bound

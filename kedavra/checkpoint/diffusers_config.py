@@ -23,7 +23,7 @@ from kedavra.diffusion.schedule import get_schedule
 from kedavra.networks.model import PRESETS, ModelConfig
 from kedavra.networks.text_encoder import TextEncoderConfig, with_sdxl_readout
 from kedavra.networks.tokenizer import TokenizerConfig
-from kedavra.networks.unet import UNetConfig
+from kedavra.networks.unet_config import UNetConfig
 from kedavra.networks.vae import VAEConfig
 
 TOKENIZER_FILES = ("special_tokens_map.json", "tokenizer_config.json")  # inside tokenizer/ or tokenizer_2/
@@ -69,11 +69,12 @@ def described_config(path: Path, folders: dict[str, str]) -> ModelConfig:
     """The ModelConfig that `path`'s component config.json files describe (`folders` from component_folders), with
     SD's schedule and ε-prediction until the scheduler's settings are applied (sources._diffusers_hints reads them).
     A U-Net with SDXL's added text_time embedding reads every text encoder as SDXL does (`with_sdxl_readout`)."""
-    parts = {}
+    parts, raw = {}, {}
     for name, folder in folders.items():
         file = path / folder / "config.json"
+        raw[name] = _read_json(file)
         try:
-            parts[name] = _READERS[name](_read_json(file))
+            parts[name] = _READERS[name](raw[name])
         except ValueError as error:
             raise _fail(file, f"{error}; kedavra runs SD's architecture family only") from None
     if parts["unet"].addition_embed_input_dim is not None:  # SDXL: penultimate layer, no final LayerNorm
@@ -90,8 +91,7 @@ def described_config(path: Path, folders: dict[str, str]) -> ModelConfig:
         else _tokenizer(path / tokenizer_folder(folders[name]), parts[name])
         for name, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")) if name in parts
     }
-    unet_json = _read_json(path / folders["unet"] / "config.json")
-    sample_size = unet_json.get("sample_size")
+    sample_size = raw["unet"].get("sample_size")
     factor = parts["vae"].downsample_factor
     image_size = sample_size * factor if isinstance(sample_size, int) and sample_size > 0 else None
     try:
@@ -104,7 +104,7 @@ def described_config(path: Path, folders: dict[str, str]) -> ModelConfig:
         )
     except ValueError as error:
         raise _fail(path, f"its component configs do not fit together: {error}") from None
-    return dataclasses.replace(config, image_size=image_size) if image_size is not None else config
+    return config
 
 
 def same_architecture(a: UNetConfig, b: UNetConfig) -> bool:

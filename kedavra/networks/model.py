@@ -36,7 +36,8 @@ from kedavra.diffusion.timesteps import SPACINGS
 from kedavra.networks.minilm import MiniLMConfig, MiniLMEncoder
 from kedavra.networks.text_encoder import TextEncoder, TextEncoderConfig
 from kedavra.networks.tokenizer import VOCAB_SIZE, Tokenizer, TokenizerConfig
-from kedavra.networks.unet import INPAINT_IN_CHANNELS, UNet, UNetConfig
+from kedavra.networks.unet import UNet
+from kedavra.networks.unet_config import INPAINT_IN_CHANNELS, UNetConfig
 from kedavra.networks.vae import AutoencoderKL, VAEConfig, get_vae_config
 from kedavra.networks.wordpiece import WordPieceConfig, WordPieceTokenizer
 from kedavra.validation import check_int

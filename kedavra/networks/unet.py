@@ -32,15 +32,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from kedavra.networks.transformer import CrossAttention, SpatialTransformer
-from kedavra.networks.unet_config import (
-    INPAINT_IN_CHANNELS,
-    PRESETS,
-    RESNET_NORM_EPS,
-    TIME_EMBED_MULT,
-    UNetConfig,
-)
+from kedavra.networks.unet_config import RESNET_NORM_EPS, UNetConfig
 
-__all__ = ["INPAINT_IN_CHANNELS", "PRESETS", "TIME_EMBED_MULT", "UNet", "UNetConfig", "timestep_embedding"]
 MAX_PERIOD = 10_000  # Vaswani et al. 2017, Sec. 3.5: wavelengths up to 10000 * 2*pi
 ADDED_COND_KEYS = ("text_embeds", "time_ids")  # SDXL's added conditioning, as diffusers' added_cond_kwargs names it
 

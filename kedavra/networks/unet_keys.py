@@ -10,7 +10,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from kedavra.networks.unet import UNet, UNetConfig
+from kedavra.networks.unet import UNet
+from kedavra.networks.unet_config import UNetConfig
 from kedavra.validation import check_choice, check_keys, some
 
 LAYOUTS = ("diffusers", "ldm")
