@@ -78,3 +78,9 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise _fail(path, "expected a JSON object")
     return data
+
+
+def read_weights(path: str | Path) -> _Weights:
+    """The tensors and metadata of one weights file of any container (safetensors, torch zip or legacy pickle, read
+    by the restricted unpickler), after checking what its bytes are; for adapters and embeddings."""
+    return _read_weights(Path(path))

@@ -147,3 +147,14 @@ def convert_unet_state_dict(state: Mapping[str, Tensor], layout: str, config: UN
     if mismatched:
         raise ValueError(f"U-Net state dict has {len(mismatched)} tensors of the wrong shape: {some(mismatched)}")
     return converted
+
+
+def layer_names(config: UNetConfig, layout: str) -> dict[str, str]:
+    """Our name of every Linear and Conv2d layer -> its name in `layout` ("diffusers" or "ldm"); what adapters
+    (LoRA files) name the layers they change."""
+    check_choice("U-Net checkpoint layout", layout, LAYOUTS)
+    with torch.device("meta"):
+        unet = UNet(config)
+    table = _module_table(config)
+    return {name: _source_key(f"{name}.weight", layout, table).removesuffix(".weight")
+            for name, module in unet.named_modules() if isinstance(module, torch.nn.Linear | torch.nn.Conv2d)}

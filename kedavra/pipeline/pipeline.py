@@ -11,13 +11,19 @@ Settings arrive as a checked `GenerationRequest` (kedavra.pipeline.request); not
 
 from __future__ import annotations
 
+import os
 import secrets
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 from PIL import Image
 
+from kedavra.adapters.lora_file import LoraFile, find_loras, read_lora
+from kedavra.adapters.merge import LoraMerger, LoraUse
+from kedavra.adapters.prompt_tags import LoraTag, batch_lora_tags
 from kedavra.diffusion.guidance import classifier_free_guidance
 from kedavra.diffusion.samplers import StepCallback, StepRecord, sample
 from kedavra.formats.images import to_pil
@@ -27,10 +33,11 @@ from kedavra.networks.vae_tiling import Tiling
 from kedavra.pipeline.device import default_device, default_dtype, parse_precision
 from kedavra.pipeline.prompt_weighting import TextConditioning, encode_conditioning
 from kedavra.pipeline.request import GenerationRequest
-from kedavra.validation import MAX_SEED, check_bool
+from kedavra.validation import MAX_SEED, check_bool, check_number
 
 BASE_MICRO_CONDITIONING = 6  # SDXL base: original size, crop top-left, target size (ModelConfig.micro_conditioning)
 REFINER_MICRO_CONDITIONING = 5  # SDXL refiner: original size, crop top-left, aesthetic score
+LORA_HASHES_KEY = "Lora hashes"  # A1111's infotext key: "NAME: SHORTHASH, ..." of the LoRAs a prompt's tags applied
 # Images larger than this on a side go through the VAE in 512-pixel tiles (diffusers' enable_vae_tiling sizes),
 # which bounds the decoder's activation memory; smaller ones are processed whole, exactly.
 VAE_TILING = Tiling(tile_size=512, overlap=128, threshold=1024)
@@ -38,24 +45,29 @@ VAE_TILING = Tiling(tile_size=512, overlap=128, threshold=1024)
 
 @dataclass
 class GenerationResult:
-    """What a pipeline call returns: the images, the seed of each, and the final latents."""
+    """What a pipeline call returns: the images, the seed of each, and the final latents; `parameters`: what the
+    infotext should add for the adapters used (A1111's "Lora hashes")."""
 
     images: list[Image.Image]
     seeds: list[int]
     latents: torch.Tensor
+    parameters: dict[str, str] = field(default_factory=dict)
 
 
 class Pipeline:
     """Generate images with a `StableDiffusion` model (see `__call__`)."""
 
     def __init__(self, model: StableDiffusion, device: str | torch.device | None = None,
-                 dtype: str | torch.dtype | None = None, optimize: bool = True):
+                 dtype: str | torch.dtype | None = None, optimize: bool = True,
+                 lora_dir: str | os.PathLike | None = None):
         """device: "cpu", "cuda", ... (default: CUDA if present); dtype: "fp32", "bf16", "fp16" or a torch dtype
         (default: bf16 where the hardware runs it natively, e.g. a CPU with AMX, else fp32). The samplers'
         arithmetic stays in fp32 whatever the networks run in.
         optimize: on a CPU, keep the U-Net's and the VAE's conv and linear weights in oneDNN's packed layout
         (kedavra.networks.acceleration): the same images, bitwise or within a bf16 rounding step at a few elements
-        (speed and memory: docs/benchmark.md). The model is changed in place, as `.to()` already is."""
+        (speed and memory: docs/benchmark.md). The model is changed in place, as `.to()` already is.
+        lora_dir: the folder where `<lora:NAME:WEIGHT>` tags in prompts find NAME (A1111's models/Lora); also settable
+        as `pipe.lora_dir`."""
         check_bool("optimize", optimize)
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = parse_precision(dtype) or default_dtype(self.device)
@@ -67,6 +79,90 @@ class Pipeline:
             for part in (self.model.unet, self.model.vae):
                 optimize_for_inference(part, self.device, self.dtype)
         self.config = model.config
+        self.lora_dir = None if lora_dir is None else Path(lora_dir)
+        self._loras: list[LoraUse] = []  # load_lora's, applied to every generation, before a prompt's tags
+        self._lora_files: dict[Path, tuple[float, LoraFile]] = {}  # file -> (mtime, contents) read for tags
+        self._merger: LoraMerger | None = None
+
+    # ---- LoRAs (kedavra.adapters) -------------------------------------------------------------------------------
+
+    @property
+    def lora_merger(self) -> LoraMerger:
+        if self._merger is None:
+            self._merger = LoraMerger(self.model)
+        return self._merger
+
+    @property
+    def loras(self) -> list[LoraUse]:
+        """The LoRAs `load_lora` applied, in order (each generation adds its prompt's tags after them)."""
+        return list(self._loras)
+
+    def load_lora(self, lora: str | os.PathLike | LoraFile, weight: float = 1.0, *,
+                  text_encoder_weight: float | None = None, strict: bool = True) -> LoraFile:
+        """Merge a LoRA into this model's weights, for every generation until `unload_lora` (kedavra.adapters).
+
+        lora: a file (kohya / A1111, LyCORIS LoHa / LoKr / full / DoRA, diffusers / PEFT; .safetensors or .pt), a
+            name in `lora_dir`, or a `read_lora` result. weight: its strength on the U-Net's layers, and on the text
+            encoders' unless `text_encoder_weight` is given (A1111's `<lora:NAME:TE:UNET>`). strict: refuse a file
+            with layers that match none of this model's (False: apply the rest, the skipped names in a warning).
+        Returns the file read; the merge happens now, so a LoRA for another architecture is refused here."""
+        check_number("LoRA weight", weight)
+        file = lora if isinstance(lora, LoraFile) else self._lora_file(lora)
+        use = LoraUse(file, weight if text_encoder_weight is None else text_encoder_weight, weight)
+        _, unmatched = self.lora_merger.resolve(file, strict)
+        self.lora_merger.apply([*self._loras, use], strict=False)
+        self._loras.append(use)
+        if unmatched:
+            warnings.warn(f"LoRA {file.name!r}: {len(unmatched)} layers match no layer of this model and were "
+                          f"skipped: {', '.join(unmatched[:10])}{' ...' if len(unmatched) > 10 else ''}", stacklevel=2)
+        return file
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Take out the LoRA `name` (its file stem) that `load_lora` merged, or all of them (None); the weights
+        come back bitwise as they were."""
+        if name is not None and all(use.lora.name != name for use in self._loras):
+            loaded = ", ".join(use.lora.name for use in self._loras) or "none"
+            raise ValueError(f"no LoRA named {name!r} is loaded (loaded: {loaded})")
+        self._loras = [use for use in self._loras if name is not None and use.lora.name != name]
+        self.lora_merger.apply(self._loras, strict=False)
+
+    def available_loras(self) -> dict[str, Path]:
+        """Name -> file of every LoRA in `lora_dir` ({} without one)."""
+        return {} if self.lora_dir is None else find_loras(self.lora_dir)
+
+    def _lora_file(self, lora: str | os.PathLike) -> LoraFile:
+        """A LoRA file by path or by its name in `lora_dir`, read once while the file is unchanged."""
+        path = Path(lora).expanduser()
+        if not path.is_file():
+            available = self.available_loras()
+            if str(lora) not in available:
+                where = (f"no file {str(lora)!r}, and no LoRA of that name in {self.lora_dir} (there: "
+                         f"{', '.join(available) or 'none'})" if self.lora_dir is not None else
+                         f"no file {str(lora)!r}, and no LoRA folder is set to find it by name (lora_dir, "
+                         "--lora-dir)")
+                raise FileNotFoundError(f"LoRA {str(lora)!r}: {where}")
+            path = available[str(lora)]
+        mtime = path.stat().st_mtime
+        cached = self._lora_files.get(path)
+        if cached is None or cached[0] != mtime:
+            cached = self._lora_files[path] = (mtime, read_lora(path))
+        return cached[1]
+
+    def _tag_uses(self, tags: Sequence[LoraTag]) -> list[LoraUse]:
+        return [LoraUse(self._lora_file(tag.name), tag.text_encoder_weight, tag.unet_weight) for tag in tags]
+
+    def _prepare_loras(self, request: GenerationRequest) -> tuple[tuple[str, ...], dict[str, str]]:
+        """Merge `load_lora`'s LoRAs and those the prompts' tags name; (the prompts without tags, the infotext's
+        "Lora hashes" for the tags, as A1111 writes it)."""
+        prompts, tags = batch_lora_tags(request.prompts)
+        uses = self._tag_uses(tags)
+        if uses or self._merger is not None:
+            self.lora_merger.apply([*self._loras, *uses])
+        if not uses:
+            return prompts, {}
+        hashes = ", ".join(f"{use.lora.name.replace(':', '').replace(',', '')}: {use.lora.short_hash}"
+                           for use in uses)
+        return prompts, {LORA_HASHES_KEY: hashes}
 
     @property
     def size_multiple(self) -> int:
@@ -119,8 +215,11 @@ class Pipeline:
 
     def check(self, request: GenerationRequest) -> GenerationRequest:
         """`request` checked against this model, with its defaults filled in (`GenerationRequest.for_model`):
-        call it to refuse bad settings before other work; `generate` calls it too."""
-        return request.for_model(self.config)
+        call it to refuse bad settings before other work; `generate` calls it too. LoRAs named by the prompts'
+        `<lora:...>` tags are looked up (and read) here."""
+        checked = request.for_model(self.config)
+        self._tag_uses(batch_lora_tags(checked.prompts)[1])
+        return checked
 
     @torch.no_grad()
     def generate(self, request: GenerationRequest, callback: StepCallback | None = None,
@@ -157,7 +256,8 @@ class Pipeline:
                 masked_latents = self._encode_images(images * (1 - pixel_mask), generators)
                 extra_channels = torch.cat([latent_mask, masked_latents], dim=1)
 
-        denoise = self.guided_unet(request, extra_channels, record=callback is not None)
+        prompts, parameters = self._prepare_loras(request)
+        denoise = self.guided_unet(request.replace(prompts=prompts), extra_channels, record=callback is not None)
         if refiner is not None:
             denoise = ModelSwitch(denoise, self._refiner_unet(refiner, request, callback is not None),
                                   round(self.config.schedule.num_train_timesteps * (1 - request.refiner_switch_at)))
@@ -169,7 +269,7 @@ class Pipeline:
             strength=request.strength if init_latents is not None else 1.0, mask=blend_mask, generator=generators,
             callback=denoise.reporting(callback) if callback is not None else None,
         )
-        return GenerationResult(to_pil(self.decode(latents)), seeds, latents)
+        return GenerationResult(to_pil(self.decode(latents)), seeds, latents, parameters)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -208,8 +308,10 @@ class Pipeline:
                              f"{self.config.family} ({ours.latent_channels}, {ours.scaling_factor})")
         if refiner.device != self.device:
             raise ValueError(f"the refiner runs on {refiner.device}, this model on {self.device}: load both on one")
-        return refiner.guided_unet(refiner.check(request.replace(init_image=None, mask=None, strength=None)),
-                                   record=record)
+        # the refiner runs with its own load_lora LoRAs; the prompt's tags name LoRAs for the base model
+        prompts, _ = batch_lora_tags(request.prompts)
+        refiner_request = request.replace(prompts=prompts, init_image=None, mask=None, strength=None)
+        return refiner.guided_unet(refiner_request.for_model(refiner.config), record=record)
 
     def _added_conditioning(self, request: GenerationRequest, text: TextConditioning):
         """(prompt side, negative side) of SDXL's added conditioning: the pooled text (B, P) and the micro-

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from kedavra.adapters.prompt_tags import batch_lora_tags
 from kedavra.diffusion.samplers import SamplerSpec, check_eta, resolve_sampler
 from kedavra.diffusion.timesteps import SPACINGS, check_steps
 from kedavra.formats.images import from_pil
@@ -101,6 +102,7 @@ class GenerationRequest:
         if len(negatives) != len(prompts):
             raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts; give one each")
         check_int("num_images", len(prompts), 1, MAX_IMAGES)
+        batch_lora_tags(prompts)  # <lora:NAME:WEIGHT> tags: their syntax, and one set per batch
         check_int("steps", self.steps, 1)
         spec, karras_from_name = resolve_sampler(self.sampler)
         check_bool("karras", self.karras)

@@ -1,0 +1,167 @@
+"""A LoRA file of any format, read into one `LayerUpdate` per named layer.
+
+Formats, told apart by their key names (never the file name), in a .safetensors or a torch .pt / .ckpt / .bin (read
+by kedavra.checkpoint's restricted unpickler, so a pickle cannot run code):
+  kohya / A1111        `lora_unet_<layer>.lora_down.weight`, `.lora_up.weight`, `.alpha`, LoCon convolutions and
+                       `.lora_mid.weight`; `lora_te_` (SD 1.x / 2.x), `lora_te1_` / `lora_te2_` (SDXL's two encoders)
+  LyCORIS              the same layer names with LoHa `hada_*`, LoKr `lokr_*`, full `diff` / `diff_b`, DoRA `dora_scale`
+  diffusers / PEFT     dotted names: `unet.<layer>.lora_A.weight` / `.lora_B.weight` (DoRA: `.lora_magnitude_vector`),
+                       `text_encoder.` / `text_encoder_2.` for the encoders; diffusers' older `.lora.down.weight` /
+                       `.lora.up.weight`; a bare U-Net state dict from peft's get_peft_model_state_dict
+The layer part of each name is resolved against a model by `kedavra.adapters.lora_targets`.
+
+Hashes, as A1111 writes them in "Lora hashes": the file's `sshs_model_hash` metadata when kohya's trainer wrote it,
+else the SHA-256 of a .safetensors file's tensor data (the bytes after its JSON header: the "addnet" hash kohya and
+A1111 share, unchanged by editing the metadata) or of a torch file's bytes; the short hash is its first 12 digits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import Tensor
+
+from kedavra.adapters.lora_math import KINDS, SHARED_NAMES, TENSOR_NAMES, LayerUpdate
+from kedavra.checkpoint.weights import read_weights
+from kedavra.validation import some
+
+FILE_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
+SHORT_HASH_LENGTH = 12  # A1111 NetworkOnDisk.shorthash
+# Other names for the kohya / LyCORIS tensor names (diffusers / PEFT), renamed on reading.
+_ALIASES = {
+    "lora_A.weight": "lora_down.weight",
+    "lora_B.weight": "lora_up.weight",
+    "lora.down.weight": "lora_down.weight",
+    "lora.up.weight": "lora_up.weight",
+    "lora_magnitude_vector": "dora_scale",
+    "lora_magnitude_vector.weight": "dora_scale",
+}
+# LyCORIS / PEFT types kedavra does not apply, by a tensor name that only they have.
+_UNSUPPORTED = {
+    "oft_blocks": "OFT", "oft_diag": "OFT", "oft_R.weight": "OFT", "boft_R.weight": "BOFT", "on_input": "(IA)³",
+    "a1.weight": "GLoRA", "w_norm": "a LyCORIS norm layer", "b_norm": "a LyCORIS norm layer",
+    "lora_up.bias": "a LoRA with biases", "lora_B.bias": "a LoRA with biases", "hypernetwork": "a hypernetwork",
+}
+_SUFFIXES = sorted({*(n for names in TENSOR_NAMES.values() for n in names), *SHARED_NAMES, *_ALIASES,
+                    *_UNSUPPORTED}, key=len, reverse=True)
+
+
+class LoraFileError(ValueError):
+    """A file that is not a LoRA kedavra can apply, with the reason and the keys concerned."""
+
+
+@dataclass(frozen=True, eq=False)
+class LoraFile:
+    """One adapter file: `updates` maps each layer name as the file writes it (without the tensor suffix) to its
+    update; `name` is the file's stem (A1111's name for it in `<lora:NAME:...>` and the infotext)."""
+
+    path: Path
+    name: str
+    updates: dict[str, LayerUpdate]
+    metadata: dict[str, str] = field(default_factory=dict)
+    hash: str = ""
+
+    @property
+    def short_hash(self) -> str:
+        return self.hash[:SHORT_HASH_LENGTH]
+
+    @property
+    def kinds(self) -> dict[str, int]:
+        """How many layers of each type the file holds, e.g. {"lora": 192}."""
+        counts: dict[str, int] = {}
+        for update in self.updates.values():
+            counts[update.kind] = counts.get(update.kind, 0) + 1
+        return counts
+
+
+def _split(key: str) -> tuple[str, str] | None:
+    """(layer name, tensor name) of a key, or None when it ends in no tensor name any format uses."""
+    for suffix in _SUFFIXES:
+        if key.endswith("." + suffix) and len(key) > len(suffix) + 1:
+            return key[: -len(suffix) - 1], _ALIASES.get(suffix, suffix)
+    return None
+
+
+def _kind(layer: str, names: set[str], path: Path) -> str:
+    """The adapter type of one layer's tensors, or a LoraFileError naming what is wrong with them."""
+    unsupported = sorted({_UNSUPPORTED[n] for n in names if n in _UNSUPPORTED})
+    if unsupported:
+        raise LoraFileError(f"{path}: layer {layer!r} is {unsupported[0]}, which kedavra does not apply (it applies "
+                            "LoRA / LoCon, LoHa, LoKr, full and DoRA)")
+    kinds = [kind for kind in KINDS if names & set(TENSOR_NAMES[kind])]
+    if len(kinds) != 1:
+        what = "no update tensors" if not kinds else f"tensors of several types ({', '.join(kinds)})"
+        raise LoraFileError(f"{path}: layer {layer!r} has {what}: {sorted(names)}")
+    kind = kinds[0]
+    needed = {"lora": {"lora_down.weight", "lora_up.weight"},
+              "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}, "full": set()}.get(kind, set())
+    if kind == "lokr":
+        needed = {n for n, whole in (("lokr_w1_a", "lokr_w1"), ("lokr_w1_b", "lokr_w1"), ("lokr_w2_a", "lokr_w2"),
+                                     ("lokr_w2_b", "lokr_w2")) if whole not in names}
+    missing = sorted(needed - names)
+    if missing:
+        raise LoraFileError(f"{path}: layer {layer!r} ({kind}) lacks {', '.join(missing)}")
+    return kind
+
+
+def read_lora(path: str | os.PathLike, name: str | None = None) -> LoraFile:
+    """Read a LoRA / LyCORIS / diffusers-PEFT adapter file (module docstring). A file with keys no adapter format
+    has (a whole checkpoint, an embedding) is a LoraFileError naming some of them."""
+    path = Path(path)
+    if path.is_dir():
+        raise LoraFileError(f"{path} is a folder; a LoRA is one file ({', '.join(FILE_SUFFIXES)})")
+    weights = read_weights(path)
+    groups: dict[str, dict[str, Tensor]] = {}
+    stray = []
+    for key, tensor in weights.tensors.items():
+        split = _split(key)
+        if split is None:
+            stray.append(key)
+            continue
+        layer, tensor_name = split
+        groups.setdefault(layer, {})[tensor_name] = tensor
+    if stray:
+        what = "has no LoRA tensors" if not groups else f"has {len(stray)} keys that belong to no LoRA format"
+        raise LoraFileError(f"{path} {what}: {some(sorted(stray))}")
+    updates = {}
+    for layer, tensors in groups.items():
+        kind = _kind(layer, set(tensors), path)
+        alpha = tensors.pop("alpha", None)
+        updates[layer] = LayerUpdate(kind, tensors, None if alpha is None else float(alpha.float().reshape(-1)[0]))
+    return LoraFile(path, name or path.stem, updates, dict(weights.metadata),
+                    weights.metadata.get("sshs_model_hash") or file_hash(path))
+
+
+def file_hash(path: Path) -> str:
+    """A1111's hash of an adapter file (module docstring): SHA-256 of a .safetensors file's tensor data, or of the
+    whole file otherwise."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) == 8 and f.read(1) == b"{":  # safetensors: u64 header length, then the JSON header
+            f.seek(8 + struct.unpack("<Q", head)[0])
+        else:
+            f.seek(0)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def find_loras(directory: str | os.PathLike) -> dict[str, Path]:
+    """Name (file stem) -> file of every adapter file under `directory` and its subfolders, as A1111's Lora folder
+    lists them; two files of one name are an error naming both."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"LoRA directory {str(directory)!r} does not exist or is not a folder")
+    found: dict[str, Path] = {}
+    for file in sorted(directory.rglob("*")):
+        if file.suffix.lower() not in FILE_SUFFIXES or not file.is_file():
+            continue
+        if file.stem in found:
+            raise ValueError(f"two LoRA files are named {file.stem!r}: {found[file.stem]} and {file}; rename one")
+        found[file.stem] = file
+    return found
