@@ -47,12 +47,17 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
 
 def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, family: str | None = None,
-         prediction_type: str | None = None, optimize: bool = True) -> Pipeline:
+         prediction_type: str | None = None, optimize: bool = True,
+         lora_dir: str | os.PathLike | None = None) -> Pipeline:
     """A Pipeline for an embedded model name (default: kedavra-shapes), a single-file checkpoint (.safetensors,
     .ckpt) or a diffusers folder. family / prediction_type override what is detected from the weights (see
-    kedavra.checkpoint); optimize: keep CPU weights in oneDNN's packed layout (Pipeline's flag; docs/benchmark.md)."""
+    kedavra.checkpoint); optimize: keep CPU weights in oneDNN's packed layout (Pipeline's flag; docs/benchmark.md);
+    lora_dir: where prompts' <lora:NAME:WEIGHT> tags find NAME (docs/adapters.md)."""
+    if lora_dir is not None and not Path(lora_dir).expanduser().is_dir():
+        raise FileNotFoundError(f"LoRA folder {str(lora_dir)!r} does not exist or is not a folder")
     model = load_model(resolve_model(name_or_path), family=family, prediction_type=prediction_type)
-    return Pipeline(model, device=device, dtype=dtype, optimize=optimize)
+    return Pipeline(model, device=device, dtype=dtype, optimize=optimize,
+                    lora_dir=None if lora_dir is None else Path(lora_dir).expanduser())
 
 
 def choose_model(flag: str | None, png: GenerationParameters | None) -> str:

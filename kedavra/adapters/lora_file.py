@@ -18,6 +18,7 @@ A1111 share, unchanged by editing the metadata) or of a torch file's bytes; the 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import struct
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from pathlib import Path
 from torch import Tensor
 
 from kedavra.adapters.lora_math import KINDS, SHARED_NAMES, TENSOR_NAMES, LayerUpdate
+from kedavra.checkpoint.safetensors_io import SAFETENSORS_MAX_HEADER
 from kedavra.checkpoint.weights import read_weights
 from kedavra.validation import some
 
@@ -151,6 +153,24 @@ def file_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
+def file_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a .safetensors file's header (kohya's ss_* training settings), read without the tensors; {}
+    for other containers or a header that cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return {}
+            size = struct.unpack("<Q", head)[0]
+            if size > SAFETENSORS_MAX_HEADER:
+                return {}
+            header = json.loads(f.read(size))
+    except (OSError, ValueError):
+        return {}
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
+
+
 def find_loras(directory: str | os.PathLike) -> dict[str, Path]:
     """Name (file stem) -> file of every adapter file under `directory` and its subfolders, as A1111's Lora folder
     lists them; two files of one name are an error naming both."""
@@ -165,3 +185,19 @@ def find_loras(directory: str | os.PathLike) -> dict[str, Path]:
             raise ValueError(f"two LoRA files are named {file.stem!r}: {found[file.stem]} and {file}; rename one")
         found[file.stem] = file
     return found
+
+
+def locate_lora(lora: str | os.PathLike, directory: str | os.PathLike | None) -> Path:
+    """The file a LoRA argument means: a path to a file, else a name (file stem) in `directory`; a
+    FileNotFoundError saying what was looked for and what is there."""
+    path = Path(lora).expanduser()
+    if path.is_file():
+        return path
+    if directory is None:
+        raise FileNotFoundError(f"LoRA {str(lora)!r}: no such file, and no LoRA folder is set to find it by name "
+                                "(lora_dir, --lora-dir)")
+    available = find_loras(directory)
+    if str(lora) not in available:
+        raise FileNotFoundError(f"LoRA {str(lora)!r}: no such file, and no LoRA of that name in {directory} (there: "
+                                f"{', '.join(available) or 'none'})")
+    return available[str(lora)]

@@ -25,6 +25,8 @@ from pathlib import Path
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from kedavra.adapters.lora_file import locate_lora
+from kedavra.adapters.prompt_tags import split_lora_tags
 from kedavra.api import choose_model, load, model_identity, resolve_model
 from kedavra.diffusion.samplers import resolve_sampler
 from kedavra.diffusion.timesteps import SPACINGS, start_index_for_strength
@@ -43,6 +45,7 @@ from kedavra.pipeline.infotext import (
     request_parameters,
     schedule_karras,
 )
+from kedavra.pipeline.pipeline import LORA_HASHES_KEY
 from kedavra.pipeline.request import (
     DEFAULT_AESTHETIC_SCORE,
     DEFAULT_IMG2IMG_STRENGTH,
@@ -70,6 +73,8 @@ EXAMPLES = """examples:
   kedavra generate "a red ball" --model m.safetensors --init-image room.png --mask mask.png -o ball.png
   kedavra generate --from-png cat.png --model v1-5-pruned-emaonly.safetensors -o cat-again.png
   kedavra generate --from-png cat.png --model m.safetensors --steps 30 --sampler "DPM++ 2M Karras" -o cat-30.png
+  kedavra generate "a cat <lora:watercolor:0.8>" --model m.safetensors --lora-dir models/Lora -o cat.png
+  kedavra generate "a cat" --model m.safetensors --lora watercolor.safetensors:0.8 -o cat.png
 """
 
 
@@ -96,6 +101,16 @@ def register(subparsers) -> None:
     model.add_argument("--refiner-switch-at", type=float, metavar="F",
                        help=f"share of the training timesteps, from the noisiest, the model denoises before the "
                             f"refiner takes over (default {DEFAULT_REFINER_SWITCH_AT})")
+    adapters = parser.add_argument_group("LoRAs (kedavra.adapters; docs/adapters.md)")
+    adapters.add_argument("--lora", action="append", default=[], metavar="FILE_OR_NAME[:WEIGHT]",
+                          help="merge a LoRA / LyCORIS / DoRA file (or a name in --lora-dir) at WEIGHT (default 1); "
+                               "repeat for several. Prompts may also say <lora:NAME:WEIGHT>, as in A1111")
+    adapters.add_argument("--lora-dir", metavar="DIR",
+                          help="where <lora:NAME:...> prompt tags (and --lora NAME) find NAME.safetensors / .pt "
+                               "(A1111's models/Lora)")
+    adapters.add_argument("--lora-nonstrict", action="store_true",
+                          help="apply a LoRA whose file has layers this model lacks, skipping them with a warning "
+                               "(default: refuse it, naming them)")
     model.add_argument("--device", metavar="DEVICE",
                        help="cpu, cuda, cuda:1, mps (default: CUDA if present, else the CPU)")
     model.add_argument("--precision", default="auto", metavar="auto|fp32|bf16|fp16",
@@ -181,6 +196,14 @@ def resolve_request(args, png: GenerationParameters | None, notes: list[str], in
                              f"{png.denoising_strength}); give it with --init-image (and --mask if it was inpainted)")
     if REFINER_KEY in extra and args.refiner is None:
         notes.append(f"{args.from_png} was refined with {extra[REFINER_KEY]}; give it with --refiner to do the same")
+    if png is not None and LORA_HASHES_KEY in extra:
+        tagged = {tag.name for prompt in [png.prompt] for tag in split_lora_tags(prompt)[1]}
+        flagged = {lora_flag(flag)[0] for flag in args.lora}
+        untagged = [entry.strip() for entry in extra[LORA_HASHES_KEY].split(",")
+                    if entry.split(":")[0].strip() not in tagged | flagged | {Path(f).stem for f in flagged}]
+        if untagged:
+            notes.append(f"{args.from_png} was made with the LoRAs {', '.join(untagged)} outside its prompt's tags; "
+                         "give them with --lora to do the same")
     if png is not None and png.clip_skip not in (None, 1):
         notes.append(f"Clip skip {png.clip_skip} is not supported; using the text encoder's last layer")
     return GenerationRequest.build(
@@ -202,6 +225,17 @@ def resolve_request(args, png: GenerationParameters | None, notes: list[str], in
         refiner_switch_at=pick(args.refiner_switch_at, _number(extra, REFINER_SWITCH_KEY), DEFAULT_REFINER_SWITCH_AT),
         spacing=pick(args.spacing, extra.get(SPACING_KEY), None),
     )
+
+
+def lora_flag(flag: str) -> tuple[str, float]:
+    """--lora's FILE_OR_NAME[:WEIGHT] as (file or name, weight); a Windows drive's colon is not a weight."""
+    head, sep, tail = flag.rpartition(":")
+    if sep and head and not tail.startswith(("\\", "/")):
+        try:
+            return head, float(tail)
+        except ValueError:
+            raise ValueError(f"--lora {flag!r}: the weight after the last ':' must be a number, got {tail!r}") from None
+    return flag, 1.0
 
 
 def _height_width(width_height: list[int] | None) -> tuple[int, int] | None:
@@ -271,6 +305,9 @@ def run(args) -> int:
     request = resolve_request(args, png, notes, init_image, mask)
     request_parameters(request, 0, 0, 1, 1, None, None)  # refuses a prompt the PNG text cannot hold, before any work
     output = check_output(args.output)
+    if args.lora_dir is not None and not Path(args.lora_dir).expanduser().is_dir():
+        raise ValueError(f"--lora-dir {args.lora_dir!r} does not exist or is not a folder")
+    loras = [(locate_lora(name, args.lora_dir), weight) for name, weight in map(lora_flag, args.lora)]
     device, dtype = check_device(args.device), parse_precision(args.precision)
     if args.family is not None:
         check_choice("--family", args.family, PRESETS)
@@ -292,7 +329,10 @@ def run(args) -> int:
         refiner_path = resolve_model(args.refiner)
         refiner_name, refiner_hash = model_identity(refiner_path)
         refiner_text = f"{refiner_name} [{refiner_hash}]" if refiner_hash else refiner_name
-    pipe = load(model_path, device=device, dtype=dtype, family=args.family, prediction_type=args.prediction_type)
+    pipe = load(model_path, device=device, dtype=dtype, family=args.family, prediction_type=args.prediction_type,
+                lora_dir=args.lora_dir)
+    for lora, weight in loras:
+        pipe.load_lora(lora, weight, strict=not args.lora_nonstrict)
     if args.refiner is not None:
         refiner = load(refiner_path, device=device, dtype=dtype)
     request = _sized(request, pipe.config.image_size)
@@ -309,11 +349,11 @@ def run(args) -> int:
     image_paths, grid_path = output_paths(output, result.seeds)
     for index, (image, seed, path) in enumerate(zip(result.images, result.seeds, image_paths, strict=True)):
         write_png(image, path, request_parameters(request, index, seed, request.width, request.height, model_name,
-                                                  model_hash_, refiner_text))
+                                                  model_hash_, refiner_text, result.parameters))
         print(f"{path}  seed {seed}")
     if args.grid:  # A1111 gives a grid its first image's text
         first = request_parameters(request, 0, result.seeds[0], request.width, request.height, model_name, model_hash_,
-                                   refiner_text)
+                                   refiner_text, result.parameters)
         write_png(image_grid(result.images), grid_path, first)
         print(f"{grid_path}  grid of {len(result.images)}")
     return 0

@@ -54,6 +54,9 @@ def register(subparsers) -> None:
     model.add_argument("--models-dir", metavar="DIR",
                        help="a folder of models (.safetensors, .ckpt, diffusers folders) listed by /sdapi/v1/sd-models "
                             "and selectable by name through the sd_model_checkpoint option")
+    model.add_argument("--lora-dir", metavar="DIR",
+                       help="where prompts' <lora:NAME:WEIGHT> tags find NAME (A1111's models/Lora; default: "
+                            "--models-dir's Lora subfolder when there is one); /sdapi/v1/loras lists it")
     model.add_argument("--device", metavar="DEVICE", help="cpu, cuda, cuda:1, mps (default: CUDA if present)")
     model.add_argument("--precision", default="auto", metavar="auto|fp32|bf16|fp16",
                        help="network precision (default auto: bf16 where the hardware runs it fast, else fp32)")
@@ -123,7 +126,12 @@ def run(args) -> int:
         model_path = listed[0].path if listed else resolve_model(choose_model(None, None))
     catalog = ModelCatalog(models_dir, initial=model_path)
     device, dtype = check_device(args.device), parse_precision(args.precision)
-    loader = functools.partial(load, device=device, dtype=dtype)
+    lora_dir = Path(args.lora_dir).expanduser() if args.lora_dir is not None else None
+    if lora_dir is not None and not lora_dir.is_dir():
+        raise ValueError(f"--lora-dir {args.lora_dir!r} does not exist or is not a folder")
+    if lora_dir is None and models_dir is not None and (models_dir / "Lora").is_dir():
+        lora_dir = models_dir / "Lora"
+    loader = functools.partial(load, device=device, dtype=dtype, lora_dir=lora_dir)
     entry = catalog.identify(catalog.entries()[0])
     worker = Worker(loader(model_path), entry, catalog, loader, queue_size=args.queue_size,
                     preview_every=args.preview_every, threads=args.threads)

@@ -7,6 +7,8 @@ that its 'DPM++ 2M' defaults to Karras (modules/sd_samplers_kdiffusion.py: {'sch
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from kedavra.diffusion.samplers import SamplerSpec
 from kedavra.formats.png_info import GenerationParameters
 from kedavra.pipeline.request import GenerationRequest
@@ -30,11 +32,13 @@ def schedule_karras(schedule_type: str, sampler: SamplerSpec, karras_from_name: 
 
 
 def request_parameters(request: GenerationRequest, index: int, seed: int, width: int, height: int,
-                       model: str | None, model_hash: str | None, refiner: str | None = None) -> GenerationParameters:
+                       model: str | None, model_hash: str | None, refiner: str | None = None,
+                       generated: Mapping[str, str] | None = None) -> GenerationParameters:
     """What goes into the PNG of the request's image `index`, made with `seed` at width x height (and `refiner`,
-    A1111's "NAME [HASH]" of the refiner, when one ran). Raises ValueError when the text cannot be written
-    (GenerationParameters' checks), so an edge may call it early."""
-    extra = {}
+    A1111's "NAME [HASH]" of the refiner, when one ran; `generated`: what the pipeline adds, GenerationResult's
+    `parameters`, e.g. "Lora hashes"). Raises ValueError when the text cannot be written (GenerationParameters'
+    checks), so an edge may call it early."""
+    extra = dict(generated or {})
     if refiner is not None:
         extra[REFINER_KEY] = refiner
         extra[REFINER_SWITCH_KEY] = repr(float(request.refiner_switch_at))

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from kedavra.adapters.lora_file import LoraFile, find_loras, read_lora
+from kedavra.adapters.lora_file import LoraFile, find_loras, locate_lora, read_lora
 from kedavra.adapters.merge import LoraMerger, LoraUse
 from kedavra.adapters.prompt_tags import LoraTag, batch_lora_tags
 from kedavra.diffusion.guidance import classifier_free_guidance
@@ -83,86 +83,6 @@ class Pipeline:
         self._loras: list[LoraUse] = []  # load_lora's, applied to every generation, before a prompt's tags
         self._lora_files: dict[Path, tuple[float, LoraFile]] = {}  # file -> (mtime, contents) read for tags
         self._merger: LoraMerger | None = None
-
-    # ---- LoRAs (kedavra.adapters) -------------------------------------------------------------------------------
-
-    @property
-    def lora_merger(self) -> LoraMerger:
-        if self._merger is None:
-            self._merger = LoraMerger(self.model)
-        return self._merger
-
-    @property
-    def loras(self) -> list[LoraUse]:
-        """The LoRAs `load_lora` applied, in order (each generation adds its prompt's tags after them)."""
-        return list(self._loras)
-
-    def load_lora(self, lora: str | os.PathLike | LoraFile, weight: float = 1.0, *,
-                  text_encoder_weight: float | None = None, strict: bool = True) -> LoraFile:
-        """Merge a LoRA into this model's weights, for every generation until `unload_lora` (kedavra.adapters).
-
-        lora: a file (kohya / A1111, LyCORIS LoHa / LoKr / full / DoRA, diffusers / PEFT; .safetensors or .pt), a
-            name in `lora_dir`, or a `read_lora` result. weight: its strength on the U-Net's layers, and on the text
-            encoders' unless `text_encoder_weight` is given (A1111's `<lora:NAME:TE:UNET>`). strict: refuse a file
-            with layers that match none of this model's (False: apply the rest, the skipped names in a warning).
-        Returns the file read; the merge happens now, so a LoRA for another architecture is refused here."""
-        check_number("LoRA weight", weight)
-        file = lora if isinstance(lora, LoraFile) else self._lora_file(lora)
-        use = LoraUse(file, weight if text_encoder_weight is None else text_encoder_weight, weight)
-        _, unmatched = self.lora_merger.resolve(file, strict)
-        self.lora_merger.apply([*self._loras, use], strict=False)
-        self._loras.append(use)
-        if unmatched:
-            warnings.warn(f"LoRA {file.name!r}: {len(unmatched)} layers match no layer of this model and were "
-                          f"skipped: {', '.join(unmatched[:10])}{' ...' if len(unmatched) > 10 else ''}", stacklevel=2)
-        return file
-
-    def unload_lora(self, name: str | None = None) -> None:
-        """Take out the LoRA `name` (its file stem) that `load_lora` merged, or all of them (None); the weights
-        come back bitwise as they were."""
-        if name is not None and all(use.lora.name != name for use in self._loras):
-            loaded = ", ".join(use.lora.name for use in self._loras) or "none"
-            raise ValueError(f"no LoRA named {name!r} is loaded (loaded: {loaded})")
-        self._loras = [use for use in self._loras if name is not None and use.lora.name != name]
-        self.lora_merger.apply(self._loras, strict=False)
-
-    def available_loras(self) -> dict[str, Path]:
-        """Name -> file of every LoRA in `lora_dir` ({} without one)."""
-        return {} if self.lora_dir is None else find_loras(self.lora_dir)
-
-    def _lora_file(self, lora: str | os.PathLike) -> LoraFile:
-        """A LoRA file by path or by its name in `lora_dir`, read once while the file is unchanged."""
-        path = Path(lora).expanduser()
-        if not path.is_file():
-            available = self.available_loras()
-            if str(lora) not in available:
-                where = (f"no file {str(lora)!r}, and no LoRA of that name in {self.lora_dir} (there: "
-                         f"{', '.join(available) or 'none'})" if self.lora_dir is not None else
-                         f"no file {str(lora)!r}, and no LoRA folder is set to find it by name (lora_dir, "
-                         "--lora-dir)")
-                raise FileNotFoundError(f"LoRA {str(lora)!r}: {where}")
-            path = available[str(lora)]
-        mtime = path.stat().st_mtime
-        cached = self._lora_files.get(path)
-        if cached is None or cached[0] != mtime:
-            cached = self._lora_files[path] = (mtime, read_lora(path))
-        return cached[1]
-
-    def _tag_uses(self, tags: Sequence[LoraTag]) -> list[LoraUse]:
-        return [LoraUse(self._lora_file(tag.name), tag.text_encoder_weight, tag.unet_weight) for tag in tags]
-
-    def _prepare_loras(self, request: GenerationRequest) -> tuple[tuple[str, ...], dict[str, str]]:
-        """Merge `load_lora`'s LoRAs and those the prompts' tags name; (the prompts without tags, the infotext's
-        "Lora hashes" for the tags, as A1111 writes it)."""
-        prompts, tags = batch_lora_tags(request.prompts)
-        uses = self._tag_uses(tags)
-        if uses or self._merger is not None:
-            self.lora_merger.apply([*self._loras, *uses])
-        if not uses:
-            return prompts, {}
-        hashes = ", ".join(f"{use.lora.name.replace(':', '').replace(',', '')}: {use.lora.short_hash}"
-                           for use in uses)
-        return prompts, {LORA_HASHES_KEY: hashes}
 
     @property
     def size_multiple(self) -> int:
@@ -335,6 +255,77 @@ class Pipeline:
             vae.encode_to_latents(images[i : i + 1].to(self.dtype), generator=g, tiling=VAE_TILING).float()
             for i, g in enumerate(generators)
         ])
+
+    # ---- LoRAs (kedavra.adapters) -------------------------------------------------------------------------------
+
+    @property
+    def lora_merger(self) -> LoraMerger:
+        if self._merger is None:
+            self._merger = LoraMerger(self.model)
+        return self._merger
+
+    @property
+    def loras(self) -> list[LoraUse]:
+        """The LoRAs `load_lora` applied, in order (each generation adds its prompt's tags after them)."""
+        return list(self._loras)
+
+    def load_lora(self, lora: str | os.PathLike | LoraFile, weight: float = 1.0, *,
+                  text_encoder_weight: float | None = None, strict: bool = True) -> LoraFile:
+        """Merge a LoRA into this model's weights, for every generation until `unload_lora` (kedavra.adapters).
+
+        lora: a file (kohya / A1111, LyCORIS LoHa / LoKr / full / DoRA, diffusers / PEFT; .safetensors or .pt), a
+            name in `lora_dir`, or a `read_lora` result. weight: its strength on the U-Net's layers, and on the text
+            encoders' unless `text_encoder_weight` is given (A1111's `<lora:NAME:TE:UNET>`). strict: refuse a file
+            with layers that match none of this model's (False: apply the rest, the skipped names in a warning).
+        Returns the file read; the merge happens now, so a LoRA for another architecture is refused here."""
+        check_number("LoRA weight", weight)
+        file = lora if isinstance(lora, LoraFile) else self._lora_file(lora)
+        use = LoraUse(file, weight if text_encoder_weight is None else text_encoder_weight, weight)
+        _, unmatched = self.lora_merger.resolve(file, strict)
+        self.lora_merger.apply([*self._loras, use], strict=False)
+        self._loras.append(use)
+        if unmatched:
+            warnings.warn(f"LoRA {file.name!r}: {len(unmatched)} layers match no layer of this model and were "
+                          f"skipped: {', '.join(unmatched[:10])}{' ...' if len(unmatched) > 10 else ''}", stacklevel=2)
+        return file
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Take out the LoRA `name` (its file stem) that `load_lora` merged, or all of them (None); the weights
+        come back bitwise as they were."""
+        if name is not None and all(use.lora.name != name for use in self._loras):
+            loaded = ", ".join(use.lora.name for use in self._loras) or "none"
+            raise ValueError(f"no LoRA named {name!r} is loaded (loaded: {loaded})")
+        self._loras = [use for use in self._loras if name is not None and use.lora.name != name]
+        self.lora_merger.apply(self._loras, strict=False)
+
+    def available_loras(self) -> dict[str, Path]:
+        """Name -> file of every LoRA in `lora_dir` ({} without one)."""
+        return {} if self.lora_dir is None else find_loras(self.lora_dir)
+
+    def _lora_file(self, lora: str | os.PathLike) -> LoraFile:
+        """A LoRA file by path or by its name in `lora_dir`, read once while the file is unchanged."""
+        path = locate_lora(lora, self.lora_dir)
+        mtime = path.stat().st_mtime
+        cached = self._lora_files.get(path)
+        if cached is None or cached[0] != mtime:
+            cached = self._lora_files[path] = (mtime, read_lora(path))
+        return cached[1]
+
+    def _tag_uses(self, tags: Sequence[LoraTag]) -> list[LoraUse]:
+        return [LoraUse(self._lora_file(tag.name), tag.text_encoder_weight, tag.unet_weight) for tag in tags]
+
+    def _prepare_loras(self, request: GenerationRequest) -> tuple[tuple[str, ...], dict[str, str]]:
+        """Merge `load_lora`'s LoRAs and those the prompts' tags name; (the prompts without tags, the infotext's
+        "Lora hashes" of every LoRA applied, as A1111 writes it: "NAME: SHORTHASH, ...")."""
+        prompts, tags = batch_lora_tags(request.prompts)
+        uses = [*self._loras, *self._tag_uses(tags)]
+        if uses or self._merger is not None:
+            self.lora_merger.apply(uses)
+        if not uses:
+            return prompts, {}
+        names = dict.fromkeys(f"{use.lora.name.replace(':', '').replace(',', '')}: {use.lora.short_hash}"
+                              for use in uses)
+        return prompts, {LORA_HASHES_KEY: ", ".join(names)}
 
 
 class GuidedUNet:

@@ -17,6 +17,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from starlette.concurrency import run_in_threadpool
 
+from kedavra.adapters.lora_file import file_metadata
 from kedavra.diffusion.samplers import SAMPLERS
 from kedavra.pipeline.infotext import AUTOMATIC_KARRAS
 from kedavra.pipeline.pipeline import Pipeline
@@ -160,6 +161,30 @@ async def set_options(options: dict[str, Any], request: Request, worker: WorkerD
         raise field_error("sd_model_checkpoint", str(error), name) from None
     model = await wait_for(worker.submit_model_switch(entry), worker, request)
     return {"applied": {"sd_model_checkpoint": model.title}, "ignored": ignored}
+
+
+@router.get("/loras")
+async def loras(worker: WorkerDep):
+    """The LoRAs in the server's LoRA folder (--lora-dir), as A1111 lists them: name, alias, path, and the file's
+    metadata (kohya's ss_* training settings); what `<lora:NAME:WEIGHT>` in a prompt can name."""
+    pipe = loaded_pipeline(worker)
+
+    def listing() -> list[dict[str, Any]]:
+        return [{"name": name, "alias": name, "path": str(path), "metadata": file_metadata(path)}
+                for name, path in pipe.available_loras().items()]
+
+    try:
+        return await run_in_threadpool(listing)
+    except ValueError as error:  # two files of one name
+        raise HTTPException(status_code=409, detail=str(error)) from None
+
+
+@router.post("/refresh-loras")
+async def refresh_loras(worker: WorkerDep):
+    """A1111's rescan of the LoRA folder. kedavra lists the folder afresh on every request and re-reads a file
+    whose modification time changed, so this only checks that the folder can be listed."""
+    await loras(worker)
+    return None
 
 
 @router.get("/scripts")

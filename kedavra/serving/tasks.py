@@ -133,8 +133,8 @@ def request_from_payload(body: GenerationBody, pipe: Pipeline, sampling: Samplin
             karras=karras, guidance_scale=body.cfg_scale, eta=eta, seed=seed, width=size[0], height=size[1],
             init_image=init_image, mask=mask, strength=strength, refiner_switch_at=body.refiner_switch_at)
         request_parameters(request, 0, seed, *size, None, None)  # refuses text the PNG's parameters cannot hold
-        return pipe.check(request)
-    except ValueError as error:
+        return pipe.check(request)  # also finds the LoRAs of <lora:NAME:...> tags in the server's LoRA folder
+    except (ValueError, FileNotFoundError) as error:
         raise body_error(str(error)) from None
 
 
@@ -163,7 +163,8 @@ def generation_info(task: GenerationTask, outcome: GenerationOutcome, notes: lis
         "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": outcome.model.model_name, "sd_model_hash": outcome.model.short_hash,
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": s.strength, "extra_generation_params": {}, "index_of_first_image": 0,
+        "denoising_strength": s.strength, "extra_generation_params": dict(outcome.parameters),
+        "index_of_first_image": 0,
         "infotexts": outcome.infotexts, "styles": [], "job_timestamp": outcome.job_timestamp, "clip_skip": 1,
         "is_using_inpainting_conditioning": inpainting_model and s.mask is not None,
         "version": KEDAVRA_VERSION, "interrupted": outcome.interrupted, "notes": notes,

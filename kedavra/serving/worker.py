@@ -169,6 +169,7 @@ class GenerationOutcome:
     interrupted: bool  # stopped early: holds only the batches finished before
     model: ModelEntry
     job_timestamp: str
+    parameters: dict[str, str] = field(default_factory=dict)  # the pipeline's additions, e.g. "Lora hashes"
 
 
 @dataclass(eq=False)
@@ -359,7 +360,7 @@ class Worker:
             refiner_text = f"{entry.model_name} [{entry.short_hash}]" if entry.short_hash else entry.model_name
         with self._condition:
             self._progress.job_count = task.n_iter
-        images, seeds, infotexts, interrupted = [], [], [], False
+        images, seeds, infotexts, interrupted, parameters = [], [], [], False, {}
         for batch in range(task.n_iter):
             if job.cancelled.is_set():
                 interrupted = True
@@ -373,14 +374,15 @@ class Worker:
             except Interrupted:
                 interrupted = True
                 break
+            parameters = result.parameters
             for index, (image, image_seed) in enumerate(zip(result.images, result.seeds, strict=True)):
                 params = request_parameters(request, index, image_seed, request.width, request.height,
-                                            model.model_name, model.short_hash, refiner_text)
+                                            model.model_name, model.short_hash, refiner_text, parameters)
                 images.append(encode_png(image, params))
                 seeds.append(image_seed)
                 infotexts.append(format_parameters(params))
         self._count("interrupted" if interrupted else "completed")
-        return GenerationOutcome(images, seeds, infotexts, interrupted, model, job.timestamp)
+        return GenerationOutcome(images, seeds, infotexts, interrupted, model, job.timestamp, parameters)
 
     def _refiner_pipeline(self, entry: ModelEntry | None) -> Pipeline | None:
         """The refiner's pipeline, loaded once and kept while requests keep asking for the same one."""
