@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 from kedavra.adapters.lora_file import LoraFileError, find_loras, read_lora
 from kedavra.adapters.lora_targets import kohya_names, target_table
 from kedavra.adapters.prompt_tags import LoraTag, batch_lora_tags, split_lora_tags
-from kedavra.cli import main
 from kedavra.checkpoint import save_model
+from kedavra.cli import main
 from kedavra.formats.png_info import read_parameters
 from kedavra.pipeline.pipeline import LORA_HASHES_KEY, Pipeline
 from tests.random_models import tiny_model
@@ -90,7 +90,8 @@ def test_lora_and_locon_deltas(model, lora_dir):
                 for k in range(RANK))
     torch.testing.assert_close(weight(model, Q), before[f"{Q}.weight"] + 0.7 * (2.0 / RANK) * outer)
     x = randn(1, 32, 8, 8, seed=9)
-    sequential = F.conv2d(F.conv2d(x, t[f"{CONV_KOHYA}.lora_down.weight"], padding=1), t[f"{CONV_KOHYA}.lora_up.weight"])
+    down, up = t[f"{CONV_KOHYA}.lora_down.weight"], t[f"{CONV_KOHYA}.lora_up.weight"]
+    sequential = F.conv2d(F.conv2d(x, down, padding=1), up)
     merged = F.conv2d(x, weight(model, CONV) - before[f"{CONV}.weight"], padding=1)
     torch.testing.assert_close(merged, 0.7 * sequential, rtol=1e-4, atol=1e-4)  # no alpha: scale 1
 
@@ -99,7 +100,8 @@ def test_locon_cp_form(model, tmp_path):
     """lora_mid between down (1x1) and up (1x1): three convolutions in a row."""
     down, mid, up = randn(RANK, 32, 1, 1, seed=1), randn(RANK, RANK, 3, 3, seed=2), randn(64, RANK, 1, 1, seed=3)
     save_file({f"{CONV_KOHYA}.lora_down.weight": down, f"{CONV_KOHYA}.lora_mid.weight": mid,
-               f"{CONV_KOHYA}.lora_up.weight": up, f"{CONV_KOHYA}.alpha": torch.tensor(8.0)}, tmp_path / "cp.safetensors")
+               f"{CONV_KOHYA}.lora_up.weight": up, f"{CONV_KOHYA}.alpha": torch.tensor(8.0)},
+              tmp_path / "cp.safetensors")
     before = weight(model, CONV).clone()
     Pipeline(model, dtype="fp32", optimize=False).load_lora(tmp_path / "cp.safetensors")
     x = randn(1, 32, 8, 8, seed=9)
@@ -202,12 +204,13 @@ def test_peft_and_kohya_names_apply_the_same(tmp_path):
     kohya's names give bitwise the same weights."""
     t = lora_tensors()
     dotted = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q"
+    te = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
     peft = {f"{dotted}.lora_A.weight": t[f"{Q_KOHYA}.lora_down.weight"],
             f"{dotted}.lora_B.weight": t[f"{Q_KOHYA}.lora_up.weight"],
             "unet.down_blocks.1.resnets.0.conv1.lora.down.weight": t[f"{CONV_KOHYA}.lora_down.weight"],
             "unet.down_blocks.1.resnets.0.conv1.lora.up.weight": t[f"{CONV_KOHYA}.lora_up.weight"],
-            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": t[f"{TE_Q_KOHYA}.lora_down.weight"],
-            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": t[f"{TE_Q_KOHYA}.lora_up.weight"]}
+            f"{te}.lora_A.weight": t[f"{TE_Q_KOHYA}.lora_down.weight"],
+            f"{te}.lora_B.weight": t[f"{TE_Q_KOHYA}.lora_up.weight"]}
     kohya = dict(t)
     del kohya[f"{Q_KOHYA}.alpha"]  # PEFT files carry no alpha: scale 1
     save_file(peft, tmp_path / "peft.safetensors")
@@ -222,8 +225,8 @@ def test_peft_and_kohya_names_apply_the_same(tmp_path):
 
 
 def test_sdxl_names():
-    """SDXL: kohya's SGM U-Net names and lora_te1_ / lora_te2_ find the same layers as diffusers' dotted names (tiny-sdxl:
-    one res block per level, so input_blocks 1 conv, 2 downsampler, 3 the attention level)."""
+    """SDXL: kohya's SGM U-Net names and lora_te1_ / lora_te2_ find the same layers as diffusers' dotted names
+    (tiny-sdxl: one res block per level, so input_blocks 1 conv, 2 downsampler, 3 the attention level)."""
     model = tiny_model("tiny-sdxl")
     table = target_table(model)
     path = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -233,7 +236,8 @@ def test_sdxl_names():
     assert table["lora_unet_middle_block_1_proj_in"] == "unet.mid_block.attentions.0.proj_in"
     assert table["lora_te1_text_model_encoder_layers_0_self_attn_q_proj"] == "text_encoder.layers.0.attn.q_proj"
     assert table["lora_te2_text_model_encoder_layers_0_mlp_fc2"] == "text_encoder_2.layers.0.mlp.fc_out"
-    assert table["text_encoder_2.text_model.encoder.layers.0.self_attn.out_proj"] == "text_encoder_2.layers.0.attn.out_proj"
+    out_proj = "text_encoder_2.text_model.encoder.layers.0.self_attn.out_proj"
+    assert table[out_proj] == "text_encoder_2.layers.0.attn.out_proj"
     names = kohya_names(model)
     assert names[path] == "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q"  # kohya's SDXL naming
     assert names["text_encoder_2.layers.0.attn.q_proj"] == "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"
@@ -332,8 +336,8 @@ def test_lora_for_another_architecture(model, tmp_path):
     with pytest.raises(LoraFileError, match=r"\(a LoRA for SDXL\) matches no layer of this tiny model"):
         pipe.load_lora(tmp_path / "xl.safetensors")
     k = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
-    save_file(lora_tensors() | {f"{k}.lora_down.weight": torch.zeros(4, 1024), f"{k}.lora_up.weight": torch.zeros(64, 4)},
-              tmp_path / "sd2.safetensors")
+    sd2 = {f"{k}.lora_down.weight": torch.zeros(4, 1024), f"{k}.lora_up.weight": torch.zeros(64, 4)}
+    save_file(lora_tensors() | sd2, tmp_path / "sd2.safetensors")
     before = originals(model)
     with pytest.raises(LoraFileError, match=r"'sd2' \(made for SD 2.x\) does not fit this tiny model at unet\."):
         pipe.load_lora(tmp_path / "sd2.safetensors")
