@@ -5,6 +5,8 @@ saved on their own. None of these prefixes occurs in a whole SD model, so any on
 from collections.abc import Iterable
 
 NOT_A_FULL_MODEL = "kedavra does not run it as a full model"
+APPLY_LORA = "apply it to a model with --lora FILE or pipe.load_lora(FILE); docs/adapters.md"
+USE_EMBEDDING = "put it in --embeddings-dir and write its name in a prompt; docs/adapters.md"
 # Key prefix -> what a file holding it is. The first match wins: the specific come before the general.
 FOREIGN_KEYS = (
     # Stability's SD3 single file (sgm's MMDiT under model.diffusion_model.) and its bare transformer
@@ -22,15 +24,15 @@ FOREIGN_KEYS = (
     ("pos_embed.", "a diffusers transformer (DiT-style: PixArt, SD3, Flux, ...)"),
     ("transformer_blocks.", "a diffusers transformer (DiT-style: PixArt, SD3, Flux, ...)"),
     # kohya's LoRA names: lora_te1_ / lora_te2_ are SDXL's two text encoders, lora_te_ SD 1.x / 2.x's one
-    ("lora_te1_", "an SDXL LoRA, not a whole model"),
-    ("lora_te2_", "an SDXL LoRA, not a whole model"),
-    ("lora_unet_", "a LoRA, not a whole model"),
-    ("lora_te_", "a LoRA, not a whole model"),
+    ("lora_te1_", f"an SDXL LoRA, not a whole model ({APPLY_LORA})"),
+    ("lora_te2_", f"an SDXL LoRA, not a whole model ({APPLY_LORA})"),
+    ("lora_unet_", f"a LoRA, not a whole model ({APPLY_LORA})"),
+    ("lora_te_", f"a LoRA, not a whole model ({APPLY_LORA})"),
     ("control_model.", "a ControlNet, not a whole model"),
-    ("clip_l", "an SDXL textual-inversion embedding (clip_l / clip_g vectors), not a whole model"),
-    ("clip_g", "an SDXL textual-inversion embedding (clip_l / clip_g vectors), not a whole model"),
-    ("string_to_param", "a textual-inversion embedding, not a whole model"),
-    ("emb_params", "a textual-inversion embedding, not a whole model"),
+    ("clip_l", f"an SDXL textual-inversion embedding (clip_l / clip_g vectors), not a whole model ({USE_EMBEDDING})"),
+    ("clip_g", f"an SDXL textual-inversion embedding (clip_l / clip_g vectors), not a whole model ({USE_EMBEDDING})"),
+    ("string_to_param", f"a textual-inversion embedding, not a whole model ({USE_EMBEDDING})"),
+    ("emb_params", f"a textual-inversion embedding, not a whole model ({USE_EMBEDDING})"),
     ("encoder.conv_in.", "a standalone VAE, not a whole model"),
     ("conv_in.", "a single diffusers component (U-Net or VAE), not a whole model"),
     ("text_model.", "a standalone text encoder, not a whole model"),
@@ -54,4 +56,4 @@ def what_else(keys: Iterable[str]) -> tuple[str, list[str]] | None:
         if matching:
             return what, matching
     matching = [k for k in keys if any(part in k for part in LORA_PARTS)]
-    return ("a LoRA, not a whole model", matching) if matching else None
+    return (f"a LoRA, not a whole model ({APPLY_LORA})", matching) if matching else None
