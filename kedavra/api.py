@@ -48,16 +48,19 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
 def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, family: str | None = None,
          prediction_type: str | None = None, optimize: bool = True,
-         lora_dir: str | os.PathLike | None = None) -> Pipeline:
+         lora_dir: str | os.PathLike | None = None, embeddings_dir: str | os.PathLike | None = None) -> Pipeline:
     """A Pipeline for an embedded model name (default: kedavra-shapes), a single-file checkpoint (.safetensors,
     .ckpt) or a diffusers folder. family / prediction_type override what is detected from the weights (see
     kedavra.checkpoint); optimize: keep CPU weights in oneDNN's packed layout (Pipeline's flag; docs/benchmark.md);
-    lora_dir: where prompts' <lora:NAME:WEIGHT> tags find NAME (docs/adapters.md)."""
-    if lora_dir is not None and not Path(lora_dir).expanduser().is_dir():
-        raise FileNotFoundError(f"LoRA folder {str(lora_dir)!r} does not exist or is not a folder")
+    lora_dir: where prompts' <lora:NAME:WEIGHT> tags find NAME; embeddings_dir: textual-inversion embeddings a
+    prompt uses by name (docs/adapters.md)."""
+    for what, folder in (("LoRA", lora_dir), ("embeddings", embeddings_dir)):
+        if folder is not None and not Path(folder).expanduser().is_dir():
+            raise FileNotFoundError(f"{what} folder {str(folder)!r} does not exist or is not a folder")
     model = load_model(resolve_model(name_or_path), family=family, prediction_type=prediction_type)
     return Pipeline(model, device=device, dtype=dtype, optimize=optimize,
-                    lora_dir=None if lora_dir is None else Path(lora_dir).expanduser())
+                    lora_dir=None if lora_dir is None else Path(lora_dir).expanduser(),
+                    embeddings_dir=None if embeddings_dir is None else Path(embeddings_dir).expanduser())
 
 
 def choose_model(flag: str | None, png: GenerationParameters | None) -> str:

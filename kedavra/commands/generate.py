@@ -101,13 +101,16 @@ def register(subparsers) -> None:
     model.add_argument("--refiner-switch-at", type=float, metavar="F",
                        help=f"share of the training timesteps, from the noisiest, the model denoises before the "
                             f"refiner takes over (default {DEFAULT_REFINER_SWITCH_AT})")
-    adapters = parser.add_argument_group("LoRAs (kedavra.adapters; docs/adapters.md)")
+    adapters = parser.add_argument_group("LoRAs and embeddings (kedavra.adapters; docs/adapters.md)")
     adapters.add_argument("--lora", action="append", default=[], metavar="FILE_OR_NAME[:WEIGHT]",
                           help="merge a LoRA / LyCORIS / DoRA file (or a name in --lora-dir) at WEIGHT (default 1); "
                                "repeat for several. Prompts may also say <lora:NAME:WEIGHT>, as in A1111")
     adapters.add_argument("--lora-dir", metavar="DIR",
                           help="where <lora:NAME:...> prompt tags (and --lora NAME) find NAME.safetensors / .pt "
                                "(A1111's models/Lora)")
+    adapters.add_argument("--embeddings-dir", metavar="DIR",
+                          help="textual-inversion embeddings (.pt / .safetensors / .bin, A1111's embeddings/ folder); "
+                               "a prompt uses one by writing its file name")
     adapters.add_argument("--lora-nonstrict", action="store_true",
                           help="apply a LoRA whose file has layers this model lacks, skipping them with a warning "
                                "(default: refuse it, naming them)")
@@ -305,8 +308,9 @@ def run(args) -> int:
     request = resolve_request(args, png, notes, init_image, mask)
     request_parameters(request, 0, 0, 1, 1, None, None)  # refuses a prompt the PNG text cannot hold, before any work
     output = check_output(args.output)
-    if args.lora_dir is not None and not Path(args.lora_dir).expanduser().is_dir():
-        raise ValueError(f"--lora-dir {args.lora_dir!r} does not exist or is not a folder")
+    for flag, folder in (("--lora-dir", args.lora_dir), ("--embeddings-dir", args.embeddings_dir)):
+        if folder is not None and not Path(folder).expanduser().is_dir():
+            raise ValueError(f"{flag} {folder!r} does not exist or is not a folder")
     loras = [(locate_lora(name, args.lora_dir), weight) for name, weight in map(lora_flag, args.lora)]
     device, dtype = check_device(args.device), parse_precision(args.precision)
     if args.family is not None:
@@ -330,7 +334,9 @@ def run(args) -> int:
         refiner_name, refiner_hash = model_identity(refiner_path)
         refiner_text = f"{refiner_name} [{refiner_hash}]" if refiner_hash else refiner_name
     pipe = load(model_path, device=device, dtype=dtype, family=args.family, prediction_type=args.prediction_type,
-                lora_dir=args.lora_dir)
+                lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
+    for path, reason in pipe.embeddings_report.failed.items():
+        print(f"kedavra generate: note: embedding {path} not loaded: {reason}", file=sys.stderr)
     for lora, weight in loras:
         pipe.load_lora(lora, weight, strict=not args.lora_nonstrict)
     if args.refiner is not None:

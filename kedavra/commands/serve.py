@@ -57,6 +57,9 @@ def register(subparsers) -> None:
     model.add_argument("--lora-dir", metavar="DIR",
                        help="where prompts' <lora:NAME:WEIGHT> tags find NAME (A1111's models/Lora; default: "
                             "--models-dir's Lora subfolder when there is one); /sdapi/v1/loras lists it")
+    model.add_argument("--embeddings-dir", metavar="DIR",
+                       help="textual-inversion embeddings a prompt uses by name (A1111's embeddings/; default: "
+                            "--models-dir's embeddings subfolder when there is one); /sdapi/v1/embeddings lists them")
     model.add_argument("--device", metavar="DEVICE", help="cpu, cuda, cuda:1, mps (default: CUDA if present)")
     model.add_argument("--precision", default="auto", metavar="auto|fp32|bf16|fp16",
                        help="network precision (default auto: bf16 where the hardware runs it fast, else fp32)")
@@ -106,6 +109,18 @@ def check_counts(args) -> None:
         raise ValueError(f"--threads must be 1 or more, got {args.threads}")
 
 
+def adapter_folder(flag: str, given: str | None, models_dir: Path | None, subfolder: str) -> Path | None:
+    """A LoRA or embeddings folder: the flag's (which must exist), else `subfolder` of --models-dir if it exists."""
+    if given is not None:
+        folder = Path(given).expanduser()
+        if not folder.is_dir():
+            raise ValueError(f"{flag} {given!r} does not exist or is not a folder")
+        return folder
+    if models_dir is not None and (models_dir / subfolder).is_dir():
+        return models_dir / subfolder
+    return None
+
+
 def run(args) -> int:
     try:
         import uvicorn
@@ -126,12 +141,9 @@ def run(args) -> int:
         model_path = listed[0].path if listed else resolve_model(choose_model(None, None))
     catalog = ModelCatalog(models_dir, initial=model_path)
     device, dtype = check_device(args.device), parse_precision(args.precision)
-    lora_dir = Path(args.lora_dir).expanduser() if args.lora_dir is not None else None
-    if lora_dir is not None and not lora_dir.is_dir():
-        raise ValueError(f"--lora-dir {args.lora_dir!r} does not exist or is not a folder")
-    if lora_dir is None and models_dir is not None and (models_dir / "Lora").is_dir():
-        lora_dir = models_dir / "Lora"
-    loader = functools.partial(load, device=device, dtype=dtype, lora_dir=lora_dir)
+    lora_dir = adapter_folder("--lora-dir", args.lora_dir, models_dir, "Lora")
+    embeddings_dir = adapter_folder("--embeddings-dir", args.embeddings_dir, models_dir, "embeddings")
+    loader = functools.partial(load, device=device, dtype=dtype, lora_dir=lora_dir, embeddings_dir=embeddings_dir)
     entry = catalog.identify(catalog.entries()[0])
     worker = Worker(loader(model_path), entry, catalog, loader, queue_size=args.queue_size,
                     preview_every=args.preview_every, threads=args.threads)

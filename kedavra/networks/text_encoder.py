@@ -267,23 +267,32 @@ class TextEncoder(nn.Module):
         if self.config.projection_dim is not None:
             nn.init.normal_(self.text_projection.weight, std=width**-0.5)
 
-    def forward(self, input_ids: Tensor, clip_skip: int | None = None, apply_final_norm: bool | None = None) -> Tensor:
+    def forward(self, input_ids: Tensor, clip_skip: int | None = None, apply_final_norm: bool | None = None, *,
+                token_embeddings: Tensor | None = None) -> Tensor:
         """(B, L) int ids, L <= max_positions -> (B, L, D) hidden states of the layer `clip_skip` counts back from
-        the last, passed through the final LayerNorm when `apply_final_norm` (None: the config's value for either)."""
-        hidden, _ = self._run(input_ids, clip_skip, apply_final_norm, pooled=False)
+        the last, passed through the final LayerNorm when `apply_final_norm` (None: the config's value for either).
+
+        token_embeddings: (B, L, D) input vectors to use instead of looking `input_ids` up in `token_embedding`
+        (position embeddings are still added): textual inversion's learned vectors stand at some positions (Gal et
+        al. 2022; kedavra.adapters.textual_inversion). `input_ids` still locate the end token for `pool`, so ids
+        placed at those positions must stay below the end token's (A1111 puts 0 there). None: the lookup."""
+        hidden, _ = self._run(input_ids, clip_skip, apply_final_norm, pooled=False, token_embeddings=token_embeddings)
         return hidden
 
     def encode(
-        self, input_ids: Tensor, clip_skip: int | None = None, apply_final_norm: bool | None = None
+        self, input_ids: Tensor, clip_skip: int | None = None, apply_final_norm: bool | None = None, *,
+        token_embeddings: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """SDXL's conditioning from one pass (Podell et al. 2023, Sec. 2.1): (B, L, D) hidden states as `forward`
         gives them, and the pooled text embedding: the LAST layer's output after the final LayerNorm at the end token
         (`pool`), projected to (B, projection_dim) (`project`; transformers' `text_embeds`) when the config has a
-        projection, else the (B, D) pooled output itself (transformers' `pooler_output`)."""
-        return self._run(input_ids, clip_skip, apply_final_norm, pooled=True)
+        projection, else the (B, D) pooled output itself (transformers' `pooler_output`). token_embeddings: as in
+        `forward`."""
+        return self._run(input_ids, clip_skip, apply_final_norm, pooled=True, token_embeddings=token_embeddings)
 
     def _run(
-        self, input_ids: Tensor, clip_skip: int | None, apply_final_norm: bool | None, pooled: bool
+        self, input_ids: Tensor, clip_skip: int | None, apply_final_norm: bool | None, pooled: bool,
+        token_embeddings: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """The readout (and the pooled embedding when `pooled`, which runs every layer) for forward and encode."""
         clip_skip = check_int("clip_skip", self.config.clip_skip if clip_skip is None else clip_skip,
@@ -297,8 +306,13 @@ class TextEncoder(nn.Module):
         L = input_ids.shape[1]
         if L > self.config.max_positions:
             raise ValueError(f"input_ids has {L} tokens; this text encoder takes at most {self.config.max_positions}")
+        if token_embeddings is None:
+            token_embeddings = self.token_embedding(input_ids)  # (B, L, D)
+        elif token_embeddings.shape != (*input_ids.shape, self.config.width):
+            raise ValueError(f"token_embeddings must be (B, L, D) = {(*input_ids.shape, self.config.width)} for these "
+                             f"input_ids, got {tuple(token_embeddings.shape)}")
         readout_depth = len(self.layers) - clip_skip + 1  # layers run before the readout
-        x = self.token_embedding(input_ids) + self.position_embedding[:L]  # (B, L, D)
+        x = token_embeddings + self.position_embedding[:L]  # (B, L, D)
         for depth, layer in enumerate(self.layers[: len(self.layers) if pooled else readout_depth], start=1):
             x = layer(x)
             if depth == readout_depth:

@@ -24,6 +24,7 @@ from PIL import Image
 from kedavra.adapters.lora_file import LoraFile, find_loras, locate_lora, read_lora
 from kedavra.adapters.merge import LoraMerger, LoraUse
 from kedavra.adapters.prompt_tags import LoraTag, batch_lora_tags
+from kedavra.adapters.textual_inversion import Embedding, EmbeddingLibrary, LoadReport
 from kedavra.diffusion.guidance import classifier_free_guidance
 from kedavra.diffusion.samplers import StepCallback, StepRecord, sample
 from kedavra.formats.images import to_pil
@@ -37,7 +38,8 @@ from kedavra.validation import MAX_SEED, check_bool, check_number
 
 BASE_MICRO_CONDITIONING = 6  # SDXL base: original size, crop top-left, target size (ModelConfig.micro_conditioning)
 REFINER_MICRO_CONDITIONING = 5  # SDXL refiner: original size, crop top-left, aesthetic score
-LORA_HASHES_KEY = "Lora hashes"  # A1111's infotext key: "NAME: SHORTHASH, ..." of the LoRAs a prompt's tags applied
+LORA_HASHES_KEY = "Lora hashes"  # A1111's infotext key: "NAME: SHORTHASH, ..." of the LoRAs applied
+TI_HASHES_KEY = "TI hashes"  # A1111's infotext key: "NAME: SHORTHASH, ..." of the embeddings the prompts used
 # Images larger than this on a side go through the VAE in 512-pixel tiles (diffusers' enable_vae_tiling sizes),
 # which bounds the decoder's activation memory; smaller ones are processed whole, exactly.
 VAE_TILING = Tiling(tile_size=512, overlap=128, threshold=1024)
@@ -59,7 +61,7 @@ class Pipeline:
 
     def __init__(self, model: StableDiffusion, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, optimize: bool = True,
-                 lora_dir: str | os.PathLike | None = None):
+                 lora_dir: str | os.PathLike | None = None, embeddings_dir: str | os.PathLike | None = None):
         """device: "cpu", "cuda", ... (default: CUDA if present); dtype: "fp32", "bf16", "fp16" or a torch dtype
         (default: bf16 where the hardware runs it natively, e.g. a CPU with AMX, else fp32). The samplers'
         arithmetic stays in fp32 whatever the networks run in.
@@ -67,7 +69,8 @@ class Pipeline:
         (kedavra.networks.acceleration): the same images, bitwise or within a bf16 rounding step at a few elements
         (speed and memory: docs/benchmark.md). The model is changed in place, as `.to()` already is.
         lora_dir: the folder where `<lora:NAME:WEIGHT>` tags in prompts find NAME (A1111's models/Lora); also settable
-        as `pipe.lora_dir`."""
+        as `pipe.lora_dir`. embeddings_dir: textual-inversion embeddings to load (A1111's embeddings/ folder): a
+        prompt uses one by naming it; files that cannot be used are in `embeddings_report.failed`."""
         check_bool("optimize", optimize)
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = parse_precision(dtype) or default_dtype(self.device)
@@ -83,6 +86,11 @@ class Pipeline:
         self._loras: list[LoraUse] = []  # load_lora's, applied to every generation, before a prompt's tags
         self._lora_files: dict[Path, tuple[float, LoraFile]] = {}  # file -> (mtime, contents) read for tags
         self._merger: LoraMerger | None = None
+        widths = tuple(getattr(encoder, "width", 0) for encoder in self.config.text_encoders)
+        self.embeddings = EmbeddingLibrary(widths=widths)  # textual inversion: names a prompt may use
+        self.embeddings_report = LoadReport(())
+        if embeddings_dir is not None:
+            self.embeddings_report = self.embeddings.load_dir(embeddings_dir)
 
     @property
     def size_multiple(self) -> int:
@@ -102,7 +110,12 @@ class Pipeline:
         if model.text_encoder_2 is not None:
             encoders.append((model.tokenizer_2, model.text_encoder_2))
         return encode_conditioning(encoders, list(prompts), list(negative_prompts), clip_skip=clip_skip,
-                                   pooled=self.config.micro_conditioning > 0)
+                                   pooled=self.config.micro_conditioning > 0, embeddings=self.embeddings or None)
+
+    def load_textual_inversion(self, path: str | os.PathLike, name: str | None = None) -> Embedding:
+        """Add a textual-inversion embedding (A1111 .pt / .safetensors, diffusers learned_embeds, SDXL clip_l /
+        clip_g; kedavra.adapters.textual_inversion); prompts use it by its name (default: the file's stem)."""
+        return self.embeddings.load(path, name)
 
     def encode_prompts(self, prompts: Sequence[str], negative_prompts: Sequence[str], clip_skip: int | None = None):
         """(context, negative context), each (B, 77·k, D), of `encode_text`. Plain prompts of up to 75 tokens give
@@ -178,6 +191,9 @@ class Pipeline:
 
         prompts, parameters = self._prepare_loras(request)
         denoise = self.guided_unet(request.replace(prompts=prompts), extra_channels, record=callback is not None)
+        ti_hashes = self.embeddings.ti_hashes(denoise.embeddings) if denoise.embeddings else ""
+        if ti_hashes:
+            parameters[TI_HASHES_KEY] = ti_hashes
         if refiner is not None:
             denoise = ModelSwitch(denoise, self._refiner_unet(refiner, request, callback is not None),
                                   round(self.config.schedule.num_train_timesteps * (1 - request.refiner_switch_at)))
@@ -212,7 +228,7 @@ class Pipeline:
         text = self.encode_text(request.prompts, request.negative_prompts, request.clip_skip)
         return GuidedUNet(self.model.unet, self.dtype, text.context, text.uncond_context, request.guidance_scale,
                           request.guidance_rescale, extra_channels, added=self._added_conditioning(request, text),
-                          record=record)
+                          record=record, embeddings=text.embeddings)
 
     def _refiner_unet(self, refiner: Pipeline, request: GenerationRequest, record: bool) -> GuidedUNet:
         """The refiner's guided U-Net for `request`, once it is known to share this model's latent space."""
@@ -333,12 +349,15 @@ class GuidedUNet:
     with classifier-free guidance folded in (kedavra.diffusion.guidance); an inpainting U-Net also gets the mask and
     masked-image latents as extra input channels, an SDXL U-Net its added conditioning (`added`: the prompt's and
     the negative prompt's pooled text and micro-conditioning). With `record`, it keeps the conditional and
-    unconditional outputs of the first evaluation since the last step report, for `reporting`'s step records."""
+    unconditional outputs of the first evaluation since the last step report, for `reporting`'s step records.
+    `embeddings`: the textual-inversion embeddings the text used, for the infotext."""
 
     def __init__(self, unet, dtype: torch.dtype, context: torch.Tensor, uncond_context: torch.Tensor,
                  guidance_scale: float, guidance_rescale: float, extra_channels: torch.Tensor | None,
-                 added: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None, record: bool = False):
+                 added: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None, record: bool = False,
+                 embeddings: tuple[str, ...] = ()):
         self.unet, self.dtype, self.extra_channels = unet, dtype, extra_channels
+        self.embeddings = embeddings
         self.guidance_scale, self.guidance_rescale = guidance_scale, guidance_rescale
         self.use_guidance = guidance_scale != 1.0
         self.context = torch.cat([uncond_context, context]) if self.use_guidance else context  # unconditional first

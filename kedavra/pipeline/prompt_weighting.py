@@ -60,8 +60,20 @@ Where this differs from A1111, on purpose:
   - At most MAX_CHUNKS = 20 chunks (1,500 tokens) per prompt; a longer prompt is a ValueError.
   - Weights that leave a chunk's mean hidden state at exactly 0 (so the rescale is 0/0 or x/0) are a
     ValueError; A1111 passes NaN or inf to the U-Net.
-Not implemented (other A1111 features, not attention syntax): textual-inversion embeddings, prompt
-editing `[a:b:0.5]` and alternation `[a|b]` (their brackets read as emphasis here), `AND`.
+
+Textual-inversion embeddings (Gal et al. 2022; files and the library: kedavra.adapters.textual_inversion), the A1111
+way (sd_hijack_clip.tokenize_line, sd_hijack.EmbeddingsWithFixes), when an `embeddings` library is given: in each
+fragment's tokens, where the tokens of an embedding's name begin (the longest name first), those tokens are
+replaced by the embedding's n vectors, each with the fragment's weight. The ids there are EMBEDDING_TOKEN_ID (0),
+so the end token stays the largest id, where TextEncoder.pool finds it. An embedding is never split across chunks:
+when its n vectors do not fit in the open chunk, the chunk is closed and the embedding starts the next. The text
+encoder then takes the token embeddings of the ids with the learned vectors put in (TextEncoder's
+`token_embeddings`); SDXL's encoders each take their own (clip_l, clip_g). Without embeddings (or with none named
+in the prompt) everything is as before, bit for bit. Where this differs from A1111: when the comma backtrack moves
+the words after a comma to the next chunk, an embedding among them moves with them (A1111 leaves its vectors at the
+old offsets, over the old chunk's end token and padding); an embedding of more than 75 vectors is a ValueError.
+Not implemented (other A1111 features, not attention syntax): prompt editing `[a:b:0.5]` and alternation `[a|b]`
+(their brackets read as emphasis here), `AND`.
 """
 
 import math
@@ -72,6 +84,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kedavra.adapters.textual_inversion import Embedding, EmbeddingLibrary
 from kedavra.networks.text_encoder import TextEncoder
 from kedavra.networks.tokenizer import Tokenizer
 from kedavra.validation import check_int
@@ -81,6 +94,7 @@ SQUARE_MULTIPLIER = 1 / 1.1  # A1111 prompt_parser: [text]
 COMMA_BACKTRACK = 20  # A1111 shared option comma_padding_backtrack, default 20 tokens
 MAX_CHUNKS = 20  # ours: 20 chunks of 75 tokens = 1,500 tokens per prompt
 BREAK: tuple[str, float] = ("BREAK", math.inf)  # the fragment standing for a BREAK in parsed prompts
+EMBEDDING_TOKEN_ID = 0  # A1111 sd_hijack_clip: the id at embedding positions; below the end token, which pools
 
 # One alternative per syntax element, tried in this order (A1111 prompt_parser.re_attention).
 _SYNTAX = re.compile(
@@ -171,11 +185,13 @@ def parse_weighted_prompt(prompt: str) -> list[tuple[str, float]]:
 
 @dataclass(frozen=True)
 class PromptChunk:
-    """One framed chunk: `ids` [start] + up to 75 tokens + [end] + padding (77 in all), and the weight of
-    each position (1 for start, end and padding)."""
+    """One framed chunk: `ids` [start] + up to 75 tokens + [end] + padding (77 in all), the weight of
+    each position (1 for start, end and padding), and the textual-inversion embeddings in it: (position in
+    `ids` of its first vector, embedding), its n vectors at that position and the n - 1 after it."""
 
     ids: tuple[int, ...]
     weights: tuple[float, ...]
+    embeddings: tuple[tuple[int, Embedding], ...] = ()
 
 
 def chunk_prompt(
@@ -184,56 +200,78 @@ def chunk_prompt(
     *,
     comma_backtrack: int = COMMA_BACKTRACK,
     max_chunks: int = MAX_CHUNKS,
+    embeddings: EmbeddingLibrary | None = None,
 ) -> list[PromptChunk]:
     """Parse, tokenise and split a prompt into framed chunks of the tokenizer's context (see module docstring).
 
     comma_backtrack: how far back (in tokens) a comma may be for the text after it to move to the next
     chunk when a chunk overflows; 0 turns this off. More than `max_chunks` chunks is a ValueError.
+    embeddings: the textual-inversion embeddings the prompt may name (None: none, as an empty library).
     """
     _check_prompt(prompt)
     size = tokenizer.max_content_length  # 75 for CLIP
     check_int("comma_backtrack", comma_backtrack, 0, size - 1)
     check_int("max_chunks", max_chunks, 1)
     comma = tokenizer.comma_id
-    closed: list[tuple[list[int], list[float]]] = []
+    closed: list[tuple[list[int], list[float], list[tuple[int, Embedding]]]] = []
     ids: list[int] = []
     weights: list[float] = []
+    fixes: list[tuple[int, Embedding]] = []  # (index in ids, embedding) of the open chunk's embeddings
     last_comma: int | None = None  # index of the last comma in the open chunk
 
     def close_chunk() -> None:
-        nonlocal ids, weights, last_comma
+        nonlocal ids, weights, fixes, last_comma
         if len(closed) == max_chunks:
             raise ValueError(
                 f"prompt {_shorten(prompt)!r} needs more than {max_chunks} chunks of {size} tokens "
                 f"(at most {max_chunks * size} tokens); shorten it"
             )
-        closed.append((ids, weights))
-        ids, weights, last_comma = [], [], None
+        closed.append((ids, weights, fixes))
+        ids, weights, fixes, last_comma = [], [], [], None
 
     for text, weight in parse_weighted_prompt(prompt):
         if (text, weight) == BREAK:
             close_chunk()
             continue
-        for token in tokenizer.encode(text):
+        tokens = tokenizer.encode(text)
+        position = 0
+        while position < len(tokens):
+            token = tokens[position]
             if token == comma:
                 last_comma = len(ids)
             elif len(ids) == size and last_comma is not None and size - last_comma <= comma_backtrack:
-                tail = slice(last_comma + 1, None)  # the words after the comma move on together
-                moved_ids, moved_weights = ids[tail], weights[tail]
-                del ids[tail], weights[tail]
+                start = last_comma + 1  # the words after the comma move on together, with their embeddings
+                moved = ids[start:], weights[start:], [(i - start, e) for i, e in fixes if i >= start]
+                del ids[start:], weights[start:]
+                fixes[:] = [(i, e) for i, e in fixes if i < start]
                 close_chunk()
-                ids, weights = moved_ids, moved_weights
+                ids, weights, fixes = moved
             if len(ids) == size:
                 close_chunk()
-            ids.append(token)
-            weights.append(weight)
+            found = None if embeddings is None else embeddings.find(tokenizer, tokens, position)
+            if found is None:
+                ids.append(token)
+                weights.append(weight)
+                position += 1
+                continue
+            embedding, name_length = found
+            count = embedding.num_vectors
+            if count > size:
+                raise ValueError(f"embedding {embedding.name!r} has {count} vectors; at most {size} fit in a chunk")
+            if len(ids) + count > size:  # A1111 never splits an embedding across chunks
+                close_chunk()
+            fixes.append((len(ids), embedding))
+            ids += [EMBEDDING_TOKEN_ID] * count
+            weights += [weight] * count
+            position += name_length
     if ids or not closed:
         close_chunk()
 
     length = tokenizer.config.max_length
     return [
-        PromptChunk(tuple(tokenizer.frame(chunk_ids)), (1.0, *w, *[1.0] * (length - 1 - len(w))))  # start, ids, rest
-        for chunk_ids, w in closed
+        PromptChunk(tuple(tokenizer.frame(chunk_ids)), (1.0, *w, *[1.0] * (length - 1 - len(w))),  # start, ids, rest
+                    tuple((index + 1, embedding) for index, embedding in chunk_fixes))  # + 1: the start token
+        for chunk_ids, w, chunk_fixes in closed
     ]
 
 
@@ -276,25 +314,47 @@ def _pad_chunks(chunk_lists: list[list[PromptChunk]], count: int, empty: PromptC
     return [chunks + [empty] * (count - len(chunks)) for chunks in chunk_lists]
 
 
+def _token_embeddings(text_encoder: TextEncoder, rows: list[PromptChunk], ids: Tensor, index: int,
+                      widths: tuple[int, ...] | None) -> Tensor | None:
+    """(N, L, D) input vectors of N chunks with each embedding's vectors for text encoder `index` (of a model whose
+    encoders take `widths`; None: this encoder alone) in place of its placeholder ids (Gal et al. 2022, Sec. 3: v*
+    where S*'s token embedding would be; A1111 sd_hijack.EmbeddingsWithFixes); None when no chunk holds one."""
+    if not any(chunk.embeddings for chunk in rows):
+        return None
+    if not isinstance(text_encoder, TextEncoder):
+        raise ValueError(f"textual-inversion embeddings need a CLIP text encoder; this model's is a "
+                         f"{type(text_encoder).__name__}")
+    vectors = text_encoder.token_embedding(ids)  # (N, L, D)
+    for row, chunk in enumerate(rows):
+        for position, embedding in chunk.embeddings:
+            learned = embedding.vectors_for(index, widths or (text_encoder.config.width,))  # (n, D)
+            vectors[row, position : position + learned.shape[0]] = learned.to(vectors)
+    return vectors
+
+
 def _encode_chunks(text_encoder: TextEncoder, chunk_lists: list[list[PromptChunk]], clip_skip: int | None) -> Tensor:
     """B lists of k chunks each -> (B, k·L, D): one text-encoder batch of B·k chunks, then emphasis."""
     return _encode_pooled(text_encoder, chunk_lists, clip_skip, pooled=False)[0]
 
 
 def _encode_pooled(text_encoder: TextEncoder, chunk_lists: list[list[PromptChunk]], clip_skip: int | None,
-                   pooled: bool) -> tuple[Tensor, Tensor | None]:
+                   pooled: bool, index: int = 0, widths: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor | None]:
     """(B, k·L, D) emphasised states of B lists of k chunks, and with `pooled` the encoder's pooled (projected)
-    embedding of each list's first chunk (B, P), from the same pass (TextEncoder.encode)."""
+    embedding of each list's first chunk (B, P), from the same pass (TextEncoder.encode). index, widths: which of
+    the model's text encoders this is and the widths of all of them, for the chunks' embeddings (default: the
+    only one)."""
     device = next(text_encoder.parameters()).device
     batch, count = len(chunk_lists), len(chunk_lists[0])
     rows = [chunk for chunks in chunk_lists for chunk in chunks]  # prompt-major: prompt 0's chunks first
     ids = torch.tensor([chunk.ids for chunk in rows], dtype=torch.long, device=device)  # (B·k, L)
     weights = torch.tensor([chunk.weights for chunk in rows], dtype=torch.float32, device=device)  # (B·k, L)
+    vectors = _token_embeddings(text_encoder, rows, ids, index, widths)
+    extra = {} if vectors is None else {"token_embeddings": vectors}  # (B·k, L, D)
     if pooled:
-        states, pooled_rows = text_encoder.encode(ids, clip_skip=clip_skip)  # (B·k, L, D), (B·k, P)
+        states, pooled_rows = text_encoder.encode(ids, clip_skip=clip_skip, **extra)  # (B·k, L, D), (B·k, P)
         pooled_rows = pooled_rows.reshape(batch, count, -1)[:, 0]  # (B, P): each prompt's first chunk
     else:
-        states, pooled_rows = text_encoder(ids, clip_skip=clip_skip), None
+        states, pooled_rows = text_encoder(ids, clip_skip=clip_skip, **extra), None
     hidden = apply_emphasis(states, weights)  # (B·k, L, D)
     return hidden.reshape(batch, count * ids.shape[1], hidden.shape[-1]), pooled_rows  # (B, k·L, D)
 
@@ -306,12 +366,14 @@ def encode_weighted_prompts(
     *,
     num_chunks: int | None = None,
     clip_skip: int | None = None,
+    embeddings: EmbeddingLibrary | None = None,
 ) -> Tensor:
     """Weighted, possibly long prompts -> (B, L·k, D) hidden states, L = 77, k = the most chunks of any
     prompt (or `num_chunks` if given, which must be at least that); shorter prompts are padded with the
-    empty prompt's chunk. clip_skip: passed to the text encoder (None: its config's)."""
+    empty prompt's chunk. clip_skip: passed to the text encoder (None: its config's). embeddings: the
+    textual-inversion embeddings the prompts may name, for a model with this one text encoder."""
     prompts = _check_prompts(prompts, "prompts")
-    chunk_lists = [chunk_prompt(tokenizer, prompt) for prompt in prompts]
+    chunk_lists = [chunk_prompt(tokenizer, prompt, embeddings=embeddings) for prompt in prompts]
     needed = max(map(len, chunk_lists))
     count = needed if num_chunks is None else num_chunks
     check_int("num_chunks", count, needed, note=" (as many as the longest prompt's chunks)")
@@ -337,12 +399,15 @@ def encode_prompt_pairs(
 @dataclass(frozen=True)
 class TextConditioning:
     """What the text gives the U-Net for classifier-free guidance: token states (B, L·k, D) for the prompts and
-    their negative prompts, and, for SDXL's added embedding, the last encoder's pooled projections (B, P)."""
+    their negative prompts, and, for SDXL's added embedding, the last encoder's pooled projections (B, P); and the
+    names of the textual-inversion embeddings the prompts and negative prompts used, in order of first use (for
+    the infotext's "TI hashes": EmbeddingLibrary.ti_hashes)."""
 
     context: Tensor
     uncond_context: Tensor
     pooled: Tensor | None = None
     uncond_pooled: Tensor | None = None
+    embeddings: tuple[str, ...] = ()
 
 
 def encode_conditioning(
@@ -352,25 +417,33 @@ def encode_conditioning(
     *,
     clip_skip: int | None = None,
     pooled: bool = False,
+    embeddings: EmbeddingLibrary | None = None,
 ) -> TextConditioning:
     """Prompts and their negative prompts through every (tokenizer, text encoder) pair, the states concatenated
     along the channels in the pairs' order (SDXL: ViT-L then bigG), all padded to one chunk count; with `pooled`,
     the last encoder's pooled projection of each prompt's first chunk. With one pair the states are
-    `encode_prompt_pairs`'. clip_skip: passed to every encoder (None: each one's config)."""
+    `encode_prompt_pairs`'. clip_skip: passed to every encoder (None: each one's config). embeddings: the
+    textual-inversion embeddings the prompts may name (SDXL: clip_l vectors to the first pair, clip_g to the
+    second); the names used come back in TextConditioning.embeddings."""
     prompts = _check_prompts(prompts, "prompts")
     negatives = _check_prompts(negative_prompts, "negative_prompts")
     if len(negatives) == 1:
         negatives = negatives * len(prompts)
     if len(negatives) != len(prompts):
         raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts; give one or one each")
-    chunked = [([chunk_prompt(tok, p) for p in prompts], [chunk_prompt(tok, p) for p in negatives])
-               for tok, _ in encoders]
+    chunked = [([chunk_prompt(tok, p, embeddings=embeddings) for p in prompts],
+                [chunk_prompt(tok, p, embeddings=embeddings) for p in negatives]) for tok, _ in encoders]
     count = max(len(chunks) for cond, uncond in chunked for chunks in cond + uncond)
+    widths = tuple(encoder.config.width for _, encoder in encoders)
     sides: dict[str, list[tuple[Tensor, Tensor | None]]] = {"cond": [], "uncond": []}
     for index, ((tokenizer, encoder), (cond, uncond)) in enumerate(zip(encoders, chunked, strict=True)):
         empty = chunk_prompt(tokenizer, "")[0]
         want_pooled = pooled and index == len(encoders) - 1
         for side, chunk_lists in (("cond", cond), ("uncond", uncond)):
-            sides[side].append(_encode_pooled(encoder, _pad_chunks(chunk_lists, count, empty), clip_skip, want_pooled))
+            sides[side].append(_encode_pooled(encoder, _pad_chunks(chunk_lists, count, empty), clip_skip, want_pooled,
+                                              index, widths))
     context, uncond_context = (torch.cat([states for states, _ in sides[s]], dim=-1) for s in ("cond", "uncond"))
-    return TextConditioning(context, uncond_context, sides["cond"][-1][1], sides["uncond"][-1][1])
+    used = (embedding.name for cond, uncond in chunked for chunks in cond + uncond for chunk in chunks
+            for _, embedding in chunk.embeddings)
+    return TextConditioning(context, uncond_context, sides["cond"][-1][1], sides["uncond"][-1][1],
+                            tuple(dict.fromkeys(used)))

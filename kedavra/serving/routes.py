@@ -187,6 +187,19 @@ async def refresh_loras(worker: WorkerDep):
     return None
 
 
+@router.get("/embeddings")
+async def embeddings(worker: WorkerDep):
+    """The textual-inversion embeddings of the loaded model, in A1111's shape: `loaded` (name -> step,
+    sd_checkpoint, sd_checkpoint_name, shape (the vector width; SDXL: the clip_g width), vectors) and `skipped`
+    (files in the folder that could not be used, with the reason)."""
+    pipe = loaded_pipeline(worker)
+    loaded = {name: {"step": e.step, "sd_checkpoint": e.sd_checkpoint, "sd_checkpoint_name": e.sd_checkpoint_name,
+                     "shape": next(reversed(list(e.vectors.values()))).shape[1], "vectors": e.num_vectors}
+              for name, e in pipe.embeddings.items()}
+    skipped = {path.stem: {"reason": reason} for path, reason in pipe.embeddings_report.failed.items()}
+    return {"loaded": loaded, "skipped": skipped}
+
+
 @router.get("/scripts")
 async def scripts():
     """A1111's script lists: kedavra has no scripts (webuiapi asks at start-up)."""
