@@ -292,3 +292,19 @@ def write_sgm_original(path, refs, config: ModelConfig, open_clip_names, metadat
     tensors = {k: v.contiguous() for k, v in sgm_state_dict(refs, config, open_clip_names).items()}
     save_file(tensors, str(path), metadata=metadata)
     return path
+
+
+def original_unet_layer_names(unet: UNet2DConditionModel, config: UNetConfig) -> dict[str, str]:
+    """diffusers' name of every Linear and Conv2d layer of `unet` -> its name in the original layout (CompVis LDM for
+    SD 1.x / 2.x, Stability's SGM for SDXL: what kohya's sd-scripts writes after lora_unet_ for SDXL), through
+    kedavra's checkpoint names and tests/sd_keys.py (not kedavra.adapters)."""
+    state = unet.state_dict()
+    by_storage = {tensor.data_ptr(): key for key, tensor in state.items()}
+    modules = sd_keys.unet_modules(config)
+    layers = {name for name, module in unet.named_modules() if isinstance(module, torch.nn.Linear | torch.nn.Conv2d)}
+    names = {}
+    for ours, tensor in convert_unet_state_dict(state, "diffusers", config).items():
+        theirs = by_storage[tensor.data_ptr()].removesuffix(".weight")
+        if theirs in layers and ours.endswith(".weight"):
+            names[theirs] = sd_keys.unet_key(ours, modules).removesuffix(".weight")
+    return names

@@ -7,7 +7,11 @@ by kedavra.checkpoint's restricted unpickler, so a pickle cannot run code):
   LyCORIS              the same layer names with LoHa `hada_*`, LoKr `lokr_*`, full `diff` / `diff_b`, DoRA `dora_scale`
   diffusers / PEFT     dotted names: `unet.<layer>.lora_A.weight` / `.lora_B.weight` (DoRA: `.lora_magnitude_vector`),
                        `text_encoder.` / `text_encoder_2.` for the encoders; diffusers' older `.lora.down.weight` /
-                       `.lora.up.weight`; a bare U-Net state dict from peft's get_peft_model_state_dict
+                       `.lora.up.weight`; a bare U-Net state dict from peft's get_peft_model_state_dict. No `.alpha`:
+                       α / r comes from the peft LoraConfig that diffusers' save_lora_weights / save_lora_adapter
+                       write as JSON in the `lora_adapter_metadata` header entry ("unet.lora_alpha",
+                       "text_encoder.alpha_pattern", ...; unprefixed for one model), as diffusers' load_lora_weights
+                       reads it; a file without it has scale 1 (α = r), as in diffusers
 The layer part of each name is resolved against a model by `kedavra.adapters.lora_targets`.
 
 Hashes, as A1111 writes them in "Lora hashes": the file's `sshs_model_hash` metadata when kohya's trainer wrote it,
@@ -19,7 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +54,12 @@ _UNSUPPORTED = {
     "a1.weight": "GLoRA", "w_norm": "a LyCORIS norm layer", "b_norm": "a LyCORIS norm layer",
     "lora_up.bias": "a LoRA with biases", "lora_B.bias": "a LoRA with biases", "hypernetwork": "a hypernetwork",
 }
+# PEFT's DoRA magnitude: one value per output channel, (out,) for a Linear and (1, out, 1, 1) for a Conv2d (peft
+# tuners/lora/dora.py, _DoraConvNdLayer.get_weight_norm transposes its (out, 1, 1, 1) norm); read as (out,), which
+# lora_math.merged_weight applies per output row whatever the layer's shape.
+_PEFT_MAGNITUDES = ("lora_magnitude_vector", "lora_magnitude_vector.weight")
+PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY (loaders/lora_base.py)
+_COMPONENT_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")
 _SUFFIXES = sorted({*(n for names in TENSOR_NAMES.values() for n in names), *SHARED_NAMES, *_ALIASES,
                     *_UNSUPPORTED}, key=len, reverse=True)
 
@@ -80,12 +92,47 @@ class LoraFile:
         return counts
 
 
-def _split(key: str) -> tuple[str, str] | None:
-    """(layer name, tensor name) of a key, or None when it ends in no tensor name any format uses."""
+def _split(key: str) -> tuple[str, str, str] | None:
+    """(layer name, tensor name, the suffix as written) of a key, or None when it ends in no tensor name any format
+    uses."""
     for suffix in _SUFFIXES:
         if key.endswith("." + suffix) and len(key) > len(suffix) + 1:
-            return key[: -len(suffix) - 1], _ALIASES.get(suffix, suffix)
+            return key[: -len(suffix) - 1], _ALIASES.get(suffix, suffix), suffix
     return None
+
+
+def _peft_configs(metadata: dict[str, str], path: Path) -> dict[str, dict]:
+    """Component ("unet", "text_encoder", "text_encoder_2"; "" for a one-model file) -> the fields of the peft
+    LoraConfig diffusers saved for it in the file's `lora_adapter_metadata` ({} without one)."""
+    raw = metadata.get(PEFT_METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        fields = json.loads(raw)
+    except ValueError:
+        fields = None
+    if not isinstance(fields, dict):
+        raise LoraFileError(f"{path}: its {PEFT_METADATA_KEY!r} metadata is not the JSON object diffusers writes")
+    configs: dict[str, dict] = {}
+    for key, value in fields.items():
+        component, _, name = key.rpartition(".")
+        configs.setdefault(component, {})[name] = value
+    return configs
+
+
+def _peft_alpha(layer: str, rank: int, configs: dict[str, dict]) -> float | None:
+    """The α of a diffusers / PEFT LoRA layer from its component's saved LoraConfig, as peft computes the scale:
+    alpha_pattern's first key matching the end of the layer name (peft utils.other.get_pattern_key), else
+    lora_alpha; with use_rslora the scale is α / √r (Kalajdzievski 2023), written as α √r so that α / r gives it."""
+    component, module = next(((p[:-1], layer[len(p):]) for p in _COMPONENT_PREFIXES if layer.startswith(p)),
+                             ("", layer))
+    config = configs.get(component)
+    if not config or "lora_alpha" not in config:
+        return None
+    patterns = config.get("alpha_pattern") or {}
+    key = next((k for k in patterns if re.match(rf"(.*\.)?({k})$", module)), None)
+    alpha = float(patterns[key] if key is not None else config["lora_alpha"])
+    return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha
 
 
 def _kind(layer: str, names: set[str], path: Path) -> str:
@@ -124,16 +171,20 @@ def read_lora(path: str | os.PathLike, name: str | None = None) -> LoraFile:
         if split is None:
             stray.append(key)
             continue
-        layer, tensor_name = split
-        groups.setdefault(layer, {})[tensor_name] = tensor
+        layer, tensor_name, written = split
+        groups.setdefault(layer, {})[tensor_name] = tensor.reshape(-1) if written in _PEFT_MAGNITUDES else tensor
     if stray:
         what = "has no LoRA tensors" if not groups else f"has {len(stray)} keys that belong to no LoRA format"
         raise LoraFileError(f"{path} {what}: {some(sorted(stray))}")
+    configs = _peft_configs(weights.metadata, path)
     updates = {}
     for layer, tensors in groups.items():
         kind = _kind(layer, set(tensors), path)
         alpha = tensors.pop("alpha", None)
-        updates[layer] = LayerUpdate(kind, tensors, None if alpha is None else float(alpha.float().reshape(-1)[0]))
+        update = LayerUpdate(kind, tensors, None if alpha is None else float(alpha.float().reshape(-1)[0]))
+        if alpha is None and kind == "lora" and configs:
+            update = LayerUpdate(kind, tensors, _peft_alpha(layer, update.rank, configs))
+        updates[layer] = update
     return LoraFile(path, name or path.stem, updates, dict(weights.metadata),
                     weights.metadata.get("sshs_model_hash") or file_hash(path))
 

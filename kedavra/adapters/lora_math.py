@@ -18,10 +18,15 @@ Every type stores a low-rank or structured factorisation of ΔW for one Linear o
                                          both are whole or α is absent (A1111's network_lokr, ComfyUI).
   full (LyCORIS "full" / "diff")         ΔW = diff, Δb = diff_b, stored as is.
   DoRA (Liu et al. 2024, eq. 5)          with a magnitude m (`dora_scale`, PEFT's `lora_magnitude_vector`) the
-                                         merged weight is W' = m · (W + ΔW) / ‖W + ΔW‖, the norm taken per output
-                                         row when m has one value per output channel (PEFT, LyCORIS wd_on_out)
-                                         and per input column when it has one per input channel (older LyCORIS,
-                                         A1111's apply_weight_decompose).
+                                         merged weight is W' = m · (W + ΔW) / ‖W + ΔW‖, the norm's axis told by
+                                         m's shape, as LyCORIS writes it and ComfyUI reads it: per output row for
+                                         (out, 1[, 1, 1]) (LyCORIS wd_on_out) and 1-D (out,) (PEFT's; lora_file
+                                         flattens its (1, out, 1, 1) of convolutions); per input column for
+                                         (1, in[, 1, 1]) (LyCORIS' default; A1111 always norms so), a square
+                                         layer's (1, C, 1, 1) included; per output row where only that fits (a
+                                         (1, out, 1, 1), out ≠ in, copied from PEFT by diffusers'
+                                         convert_state_dict_to_kohya). ComfyUI's per-output branch divides by ‖W‖
+                                         instead of ‖W + ΔW‖; kedavra follows the paper, PEFT and LyCORIS.
 
 A strength s scales what the adapter changes: W + s ΔW, and for DoRA W + s (W' - W) (A1111 and ComfyUI both scale
 the decomposed update). Arithmetic is in float32 whatever the model's dtype.
@@ -131,7 +136,7 @@ def _lokr_delta(t: dict[str, Tensor], shape: torch.Size) -> Tensor:
         w1 = w1.reshape(*w1.shape[:2], 1, 1)  # (a, b, 1, 1)
         if w2.ndim == 2:  # a conv factor stored flat: (c, d·kh·kw) -> (c, d, kh, kw)
             w2 = w2.reshape(w2.shape[0], -1, *shape[2:])
-    return torch.kron(w1, w2)  # (a·c, b·d[, kh, kw])
+    return torch.kron(w1.contiguous(), w2.contiguous())  # (a·c, b·d[, kh, kw]); kron needs dense factors
 
 
 def merged_weight(weight: Tensor, update: LayerUpdate, strength: float) -> Tensor:
@@ -144,10 +149,12 @@ def merged_weight(weight: Tensor, update: LayerUpdate, strength: float) -> Tenso
     combined = weight + delta
     flat_out = combined.reshape(combined.shape[0], -1)  # (out, in·kh·kw)
     m = magnitude.to(device=weight.device, dtype=torch.float32)
-    if m.numel() == combined.shape[0] and (m.ndim == 1 or m.shape[0] == combined.shape[0]):
+    outputs, inputs = combined.shape[:2]
+    # m's shape tells the axis (module docstring): (out, 1..) and (out,) per output row, (1, in..) per input column
+    if m.numel() == outputs and (m.shape[0] == outputs or m.numel() != inputs):
         norm = flat_out.norm(dim=1).reshape(-1, *[1] * (combined.ndim - 1))  # per output row
         m = m.reshape(norm.shape)
-    elif m.numel() == combined.shape[1]:
+    elif m.numel() == inputs:
         norm = combined.transpose(0, 1).reshape(combined.shape[1], -1).norm(dim=1)  # per input column
         norm = norm.reshape(1, -1, *[1] * (combined.ndim - 2))
         m = m.reshape(norm.shape)

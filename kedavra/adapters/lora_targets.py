@@ -10,6 +10,10 @@ own configuration (kedavra.networks.unet_keys.layer_names, the text encoder's ch
                             transformers CLIPTextModel name: lora_te1_text_model_encoder_layers_0_self_attn_q_proj
   diffusers / PEFT          dotted: `unet.` + diffusers name, `text_encoder.` / `text_encoder_2.` + transformers name;
                             a bare diffusers U-Net name (peft's get_peft_model_state_dict of a U-Net)
+  transformers 5            the same text-encoder names without `text_model.`: transformers 5's CLIPTextModel has no
+                            text_model submodule, so diffusers' save_lora_weights writes
+                            `text_encoder.encoder.layers.0.self_attn.q_proj` and its convert_state_dict_to_kohya
+                            `lora_te1_encoder_layers_0_self_attn_q_proj` (CLIPTextModelWithProjection keeps it)
   original layout, dotted   `diffusion_model.` / `model.diffusion_model.` + the LDM / SGM name (some SDXL trainers)
   kedavra                   `lora_unet_` / `lora_te_` + kedavra's own layer names, and dotted `unet.` / `text_encoder.`
                             ones (what `kedavra train --lora` writes for the embedded models' extra layers)
@@ -74,7 +78,7 @@ def target_table(model: StableDiffusion) -> dict[str, str]:
         encoder = getattr(model, component)
         if encoder is not None:
             for ours, theirs in _encoder_names(encoder).items():
-                add(component, ours, theirs)
+                add(component, ours, theirs, theirs.removeprefix("text_model."))
     return table
 
 
