@@ -327,14 +327,18 @@ def test_unmatched_layers_refused_or_skipped(model, tmp_path):
 
 
 def test_lora_for_another_architecture(model, tmp_path):
-    """An SDXL LoRA on SD 1.x names no layer; an SD 2.x-shaped one on the same names does not fit: both errors name
-    the LoRA's architecture, and the model is left as it was."""
-    save_file({"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 768),
-               "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(768, 4)},
+    """An SDXL LoRA on SD 1.x: its bigG layers (lora_te2_) name no layer, and the refusal names SDXL (lora_te1_ alone
+    would not: diffusers writes it for SD 1.x too, and it is read there); an SD 2.x-shaped one on SD 1.x names does
+    not fit. Both errors name the LoRA's architecture, and the model is left as it was."""
+    te1, te2 = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj", "lora_te2_text_model_encoder_layers_0_mlp_fc1"
+    save_file({f"{te1}.lora_down.weight": torch.zeros(4, 768), f"{te1}.lora_up.weight": torch.zeros(768, 4),
+               f"{te2}.lora_down.weight": torch.zeros(4, 1280), f"{te2}.lora_up.weight": torch.zeros(5120, 4)},
               tmp_path / "xl.safetensors")
     pipe = Pipeline(model, dtype="fp32", optimize=False)
-    with pytest.raises(LoraFileError, match=r"\(a LoRA for SDXL\) matches no layer of this tiny model"):
+    with pytest.raises(LoraFileError, match=r"\(a LoRA for SDXL\): 1 of its 2 layers match no layer of this tiny"):
         pipe.load_lora(tmp_path / "xl.safetensors")
+    with pytest.raises(LoraFileError, match=r"'xl' \(made for SDXL\) does not fit this tiny model at text_encoder"):
+        pipe.load_lora(tmp_path / "xl.safetensors", strict=False)
     k = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
     sd2 = {f"{k}.lora_down.weight": torch.zeros(4, 1024), f"{k}.lora_up.weight": torch.zeros(64, 4)}
     save_file(lora_tensors() | sd2, tmp_path / "sd2.safetensors")

@@ -496,10 +496,6 @@ def test_sdxl_lora_as_diffusers_converter_writes_it_matches_diffusers(sdxl, clea
     print(f"SDXL diffusers-converted kohya LoRA: {compare(sdxl)}")
 
 
-@pytest.mark.xfail(strict=True, raises=LoraFileError, reason="lora_targets maps lora_te1_ on SDXL only; diffusers, "
-                   "A1111 (networks.py: lora_te1_text_model -> transformer_text_model, 'some SD1 Loras') and ComfyUI "
-                   "(model_lora_keys_clip: lora_te1_ -> clip_l) read it on SD 1.x; mapping it there changes the error "
-                   "tests/test_lora.py::test_lora_for_another_architecture expects")
 def test_sd1_lora_as_diffusers_converter_writes_it_matches_diffusers(sd, clean, tmp_path):
     path = write_converted_lora(tmp_path / "converted.safetensors", sd.adapters["locon"])
     sd.reference.load_lora_weights(path, adapter_name="converted")
@@ -538,8 +534,6 @@ def test_an_sdxl_lora_on_sd1_is_refused_and_changes_nothing(sd, sdxl, clean):
     assert_bitwise(sd.ours, before)
 
 
-@pytest.mark.xfail(strict=True, reason="merge.py: LoraMerger.resolve names the LoRA's architecture only when no layer "
-                   "matches; the partly-matching refusal should add lora_architecture's ' (a LoRA for SDXL)' too")
 def test_the_refusal_of_an_sdxl_lora_on_sd1_names_both_architectures(sd, sdxl, clean):
     with pytest.raises(LoraFileError) as refused:
         sd.ours.load_lora(sdxl.files["xl_locon"])

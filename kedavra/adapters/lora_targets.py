@@ -62,10 +62,15 @@ def target_table(model: StableDiffusion) -> dict[str, str]:
     table: dict[str, str] = {}
     prefixes = kohya_prefixes(model)
 
+    # a one-encoder model's encoder also answers to lora_te1_: diffusers' kohya converter writes it for SD 1.x, and
+    # A1111 (networks.py, "some SD1 Loras") and ComfyUI (lora_te1_ -> clip_l) read it there
+    aliases = {"text_encoder": ("lora_te1_",)} if prefixes.get("text_encoder") == "lora_te_" else {}
+
     def add(component: str, ours: str, *theirs: str) -> None:
         path = f"{component}.{ours}"
         for name in {ours, *theirs}:
-            table[prefixes[component] + name.replace(".", "_")] = path
+            for prefix in (prefixes[component], *aliases.get(component, ())):
+                table[prefix + name.replace(".", "_")] = path
             table[f"{component}.{name}"] = path
 
     diffusers, ldm = (layer_names(model.config.unet, layout) for layout in ("diffusers", "ldm"))

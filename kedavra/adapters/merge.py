@@ -48,15 +48,17 @@ class LoraUse:
 
 
 def lora_architecture(lora: LoraFile) -> str | None:
-    """The family a LoRA was trained for, where its names or shapes tell: SDXL's two encoder prefixes, else the
-    cross-attention width its attn2.to_k factor takes (768 SD 1.x, 1024 SD 2.x, 2048 SDXL)."""
-    if any(name.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for name in lora.updates):
-        return "SDXL"
+    """The family a LoRA was trained for, where its shapes or names tell: the cross-attention width its attn2.to_k
+    factor takes (768 SD 1.x, 1024 SD 2.x, 2048 SDXL, 1280 the SDXL refiner), else a second text encoder's names
+    (lora_te2_, text_encoder_2.: SDXL). lora_te1_ alone says nothing: diffusers writes it for SD 1.x too."""
     for name, update in lora.updates.items():
         if "attn2" in name and "to_k" in name:
             first = next(iter(update.tensors.values()))
             factor = update.tensors.get("lora_down.weight", update.tensors.get("hada_w1_b", first))
-            return _CONTEXT_WIDTHS.get(factor.shape[-1])
+            if factor.shape[-1] in _CONTEXT_WIDTHS:
+                return _CONTEXT_WIDTHS[factor.shape[-1]]
+    if any(name.startswith(("lora_te2_", "text_encoder_2.")) for name in lora.updates):
+        return "SDXL"
     return None
 
 
@@ -94,14 +96,16 @@ class LoraMerger:
             cached = self._resolved[id(lora)] = (lora, updates, tuple(sorted(unmatched)))
         _, updates, unmatched = cached
         family = self.model.config.family
+        made_for = lora_architecture(lora) if not updates or (unmatched and strict) else None
+        for_what = f" (a LoRA for {made_for})" if made_for else ""
         if not updates:
-            made_for = lora_architecture(lora)
-            for_what = f" (a LoRA for {made_for})" if made_for else ""
             raise LoraFileError(f"LoRA {lora.name!r}{for_what} matches no layer of this {family} model; its layers "
                                 f"are named like {some(list(lora.updates), 3)}")
         if unmatched and strict:
-            raise LoraFileError(f"LoRA {lora.name!r}: {len(unmatched)} of its {len(lora.updates)} layers match no "
-                                f"layer of this {family} model: {some(list(unmatched))}. Load it with strict=False "
+            if made_for == _CONTEXT_WIDTHS.get(self.model.config.unet.context_dim):
+                for_what = ""  # made for this family: the names are the problem, not the architecture
+            raise LoraFileError(f"LoRA {lora.name!r}{for_what}: {len(unmatched)} of its {len(lora.updates)} layers "
+                                f"match no layer of this {family} model: {some(list(unmatched))}. Load it with strict=False "
                                 "(--lora-nonstrict) to apply the rest and skip these")
         return updates, unmatched
 
