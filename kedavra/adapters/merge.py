@@ -105,8 +105,8 @@ class LoraMerger:
             if made_for == _CONTEXT_WIDTHS.get(self.model.config.unet.context_dim):
                 for_what = ""  # made for this family: the names are the problem, not the architecture
             raise LoraFileError(f"LoRA {lora.name!r}{for_what}: {len(unmatched)} of its {len(lora.updates)} layers "
-                                f"match no layer of this {family} model: {some(list(unmatched))}. Load it with strict=False "
-                                "(--lora-nonstrict) to apply the rest and skip these")
+                                f"match no layer of this {family} model: {some(list(unmatched))}. Load it with "
+                                "strict=False (--lora-nonstrict) to apply the rest and skip these")
         return updates, unmatched
 
     @torch.no_grad()
