@@ -455,3 +455,17 @@ def test_server_loras(tmp_path, lora_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         worker.stop()
+
+
+def test_a_safetensors_header_length_starting_with_byte_0x80_is_not_a_pickle(tmp_path):
+    """A header of 0x180 bytes starts the file with 0x80, the pickle protocol opcode: still read as safetensors, its
+    metadata kept (one file in 256 has such a length)."""
+    from kedavra.checkpoint.weights import read_weights
+
+    header = json.dumps({"__metadata__": {"ss_network_dim": "4"},
+                         "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    header += b" " * (0x180 - len(header))
+    (tmp_path / "w.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + struct.pack("<f", 1.5))
+    weights = read_weights(tmp_path / "w.safetensors")
+    assert weights.container == "safetensors" and weights.metadata == {"ss_network_dim": "4"}
+    assert weights.tensors["w"].tolist() == [1.5]

@@ -48,11 +48,13 @@ def _read_weights(path: Path) -> _Weights:
         )
     if head.startswith(b"PK\x03\x04"):
         return _Weights(_read_torch_file(path, zipped=True), "torch zip")
-    if head[:1] == b"\x80":  # pickle protocol 2+ opcode: a legacy (pre-zip) torch.save file
-        return _Weights(_read_torch_file(path, zipped=False), "torch pickle")
+    # safetensors before the pickle test: its header length (u64, little-endian) may start with byte 0x80; a legacy
+    # torch file has its magic number's 0xf9 at byte 8, never "{"
     if len(head) > 8 and head[8:9] == b"{":
         file = SafetensorsFile(path)
         return _Weights(file.tensors(), "safetensors", [file], file.metadata)
+    if head[:1] == b"\x80":  # pickle protocol 2+ opcode: a legacy (pre-zip) torch.save file
+        return _Weights(_read_torch_file(path, zipped=False), "torch pickle")
     for magic, what in _FOREIGN_FILES:
         if head.lstrip().startswith(magic):
             raise _fail(path, f"{what}, not a checkpoint")
