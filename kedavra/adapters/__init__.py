@@ -14,4 +14,6 @@ Modules, in the order a LoRA file flows through them:
   prompt_tags         A1111's `<lora:NAME:WEIGHT>` tags, parsed out of a prompt
   textual_inversion   textual-inversion embeddings (A1111 .pt / .safetensors, diffusers learned_embeds, SDXL
                       clip_l / clip_g) and their use in prompts
+  lora_training       trainable (down, up) layers injected around a model's layers for `kedavra train --lora`, and
+                      their export as a kohya file (kedavra.training.lora drives them)
 """

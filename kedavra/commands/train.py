@@ -5,6 +5,7 @@
     kedavra train --stage unet --vae runs/vae/model.safetensors -o runs/unet
     kedavra train -o runs/sd                       # both stages: runs/sd/vae, then runs/sd/unet
     kedavra train --init kedavra-shapes --data photos/ --stage unet --freeze-text-encoder -o runs/ft  # fine-tune
+    kedavra train --init v1-5-pruned-emaonly.safetensors --lora 16 --data photos/ -o runs/lora  # a LoRA (kohya file)
     kedavra train --resume runs/unet --steps 40000 # continue a run (here: longer), with its stored settings
     torchrun --nproc_per_node=2 -m kedavra train ...   # data parallel over processes (gloo / NCCL)
 
@@ -26,7 +27,7 @@ import torch
 
 from kedavra.diffusion.schedule import SCHEDULE_PRESETS
 from kedavra.networks.model import PRESETS, UNET_PREDICTION_TYPES
-from kedavra.training.checkpointing import find_checkpoint
+from kedavra.training.checkpointing import LORA_FILE, find_checkpoint
 from kedavra.training.config import (
     LR_SCHEDULES,
     PRECISIONS,
@@ -60,7 +61,8 @@ def register(subparsers) -> None:
         help="train the VAE and the text-to-image U-Net (with its text encoder) from scratch, or fine-tune a model",
         description="Train latent diffusion from scratch: the VAE (stage vae), then the U-Net and the CLIP text "
         "encoder on the frozen VAE's latents (stage unet), or both (stage all); or fine-tune a trained model "
-        "(--init: an embedded name, a kedavra file, an SD 1.x/2.x single file or a diffusers folder). Checkpoints are "
+        "(--init: an embedded name, a kedavra file, an SD 1.x/2.x single file or a diffusers folder), whole or "
+        "through a LoRA (--lora RANK; SDXL too). Checkpoints are "
         "atomic and a run resumes exactly where it stopped; under torchrun it trains data-parallel. See "
         "docs/training.md.",
     )
@@ -79,13 +81,30 @@ def register(subparsers) -> None:
     add("--init", metavar="MODEL", default=s, help="fine-tune this model instead: an embedded name (kedavra-shapes), "
         "a kedavra .safetensors, an SD 1.x/2.x single file (.safetensors, .ckpt) or a diffusers folder; the run "
         "starts from its weights and keeps its config (family, schedule, prediction type, VAE scaling factor)")
-    add("--stage", choices=STAGES, default=s, help=f"what to train (default {DEFAULTS.stage}): vae; unet (needs "
-        "--vae or --init); all = vae into OUT/vae, then unet into OUT/unet")
+    add("--stage", choices=STAGES, default=s, help=f"what to train (default {DEFAULTS.stage}, with --lora unet): vae; "
+        "unet (needs --vae or --init); all = vae into OUT/vae, then unet into OUT/unet")
     add("--vae", default=s, help="stage unet from scratch: the trained VAE (model.safetensors of a vae run, or its "
         "folder); not with --init, whose model brings its VAE")
     add("--freeze-text-encoder", dest="train_text_encoder", action="store_false", default=s,
         help="unet stage: train the U-Net alone, the text encoder frozen (usual for SD fine-tunes; default: "
         "trained with the U-Net; MiniLM is always frozen)")
+    lora_d = STAGE_DEFAULTS["lora"]
+    lora = parser.add_argument_group("LoRA", "Hu et al. 2021: train low-rank adapters instead of the weights, "
+                                     "written as a kohya-format .safetensors (A1111, ComfyUI, diffusers, kedavra)")
+    lora.add_argument("--lora", dest="lora_rank", type=int, metavar="RANK", default=s,
+                      help="train a LoRA of rank RANK on the --init model (stage unet, every base weight frozen; "
+                      f"defaults: --steps {lora_d.steps} --batch-size {lora_d.batch_size} --lr {lora_d.lr} "
+                      f"--warmup-steps {lora_d.warmup_steps}); writes OUT/lora.safetensors")
+    lora.add_argument("--lora-alpha", type=float, default=s, metavar="ALPHA",
+                      help="alpha of the alpha/rank scale of the update (kohya's network_alpha; default: RANK, "
+                      "scale 1)")
+    lora.add_argument("--lora-text-encoder", action="store_true", default=s,
+                      help="also train LoRA layers on the text encoder(s) (default: the U-Net's only)")
+    lora.add_argument("--lora-conv", action="store_true", default=s,
+                      help="also adapt the ResNet blocks' 3x3 convolutions and the resamplers (LoCon; default: the "
+                      "attention blocks' projections and feed-forward)")
+    lora.add_argument("--lora-dropout", type=float, default=s, metavar="P",
+                      help="dropout on the LoRA's down projection while training (kohya's network_dropout; default 0)")
     add("--steps", type=int, default=s, help=f"optimizer steps (stage all: of the unet stage; default vae "
         f"{vae_d.steps}, unet {unet_d.steps})")
     add("--vae-steps", type=int, default=s, help=f"stage all: steps of the vae stage (default {vae_d.steps})")
@@ -180,8 +199,9 @@ def run(args: argparse.Namespace) -> int:
         state = "finished" if result.finished else "stopped"
         print(f"{result.run_dir}: {state} at step {result.step}; loss (last {len(finite)} steps) {loss}; "
               f"{result.images_per_s:.1f} images/s; {result.skipped} skipped steps")
+        lora = config.lora_rank is not None
         if result.checkpoint is not None:
-            print(f"  checkpoint: {result.checkpoint}")
+            print(f"  checkpoint: {result.checkpoint}" + (f" (LoRA: {result.checkpoint / LORA_FILE})" if lora else ""))
         if result.model_path is not None:
-            print(f"  model (EMA weights): {result.model_path}")
+            print(f"  {'LoRA' if lora else 'model'} (EMA weights): {result.model_path}")
     return 0

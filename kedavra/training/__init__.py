@@ -1,6 +1,7 @@
 """Training kedavra's models from scratch: the VAE, then the U-Net with its text encoder (latent diffusion's two
 stages), on a CPU or GPUs, resumable bitwise, under torchrun for several processes; or fine-tuning any loaded
-model (`TrainConfig.init`: an embedded name, a kedavra file, an SD 1.x / 2.x checkpoint or diffusers folder).
+model (`TrainConfig.init`: an embedded name, a kedavra file, an SD 1.x / 2.x checkpoint or diffusers folder), whole
+or through a LoRA (`TrainConfig.lora_rank`; SDXL base models too), written as a kohya-format file.
 
     from kedavra.training import TrainConfig, train
     train(TrainConfig(data="shapes", preset="tiny", stage="vae", steps=3000, out_dir="runs/vae"))
@@ -16,6 +17,8 @@ or `kedavra train --help` (docs/training.md). Modules, one concept each:
   precision      bf16 autocast around the forward pass, fp32 weights
   optim          AdamW and the warm-up / cosine learning-rate schedule
   ema            the exponential moving average of the weights, with LDM's warm-up
+  lora           a LoRA run: its layers injected (kedavra.adapters.lora_training), its files' kohya metadata, the
+                 fingerprint that ties a checkpoint to its base model
   checkpointing  atomic checkpoints, the `latest` link, resume checks
   distributed    torchrun / torch.distributed setup and the collectives the loop uses
   report         metrics.jsonl, the loss plot, sample grids

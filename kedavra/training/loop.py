@@ -15,6 +15,10 @@ One optimizer step on the global batch of B = batch_size items:
 So the result depends on the global batch, not on how it is split (up to float rounding), and a run resumed
 from a checkpoint continues bitwise: weights, optimizer, EMA, the generator, the data position and the forked
 global RNG (which only dropout would use) are all restored.
+
+A LoRA run (TrainConfig.lora_rank) is the same loop over the LoRA layers' parameters (the stage injects them and
+freezes the rest): its checkpoints and export are LoRA files (kedavra.training.lora), and a resume reads the base
+model from `init` again, refusing one whose weights changed.
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from kedavra.adapters.merge import LoraMerger, LoraUse
 from kedavra.checkpoint import save_model
 from kedavra.networks.model import StableDiffusion
-from kedavra.training import checkpointing, report
+from kedavra.training import checkpointing, lora, report
 from kedavra.training.batches import DataPosition, TrainingData, open_dataset
 from kedavra.training.checkpointing import EXPORT_FILE
 from kedavra.training.config import TrainConfig, stream_seed
@@ -63,7 +68,7 @@ class TrainResult:
     skipped: int
     finished: bool  # reached config.steps (False: stopped early by stop_after or Ctrl-C)
     checkpoint: Path | None
-    model_path: Path | None  # the exported EMA model, once finished
+    model_path: Path | None  # the exported EMA model (a LoRA run: its EMA LoRA, OUT/lora.safetensors), once finished
     seconds: float  # training time of this call, sampling and checkpoints excluded
     images_per_s: float
 
@@ -119,17 +124,19 @@ class Trainer:
                              f"{config.accumulation} x {context.world_size} = {micro}")
         self.micro_size = config.batch_size // micro
         checkpoint = self._find_checkpoint(resume)
-        if checkpoint is not None:
+        if checkpoint is not None and not checkpoint.lora:
             model = model_from_state(checkpoint.model_config, checkpoint.model_state)
-        else:
+        else:  # a LoRA checkpoint holds no model: its base is the init model, read again
             model = build_model(config)
         self.config = config = resolved_config(config, model.config)  # a fine-tune's image size: its model's
         if checkpoint is not None:
             checkpointing.check_same_run(checkpoint.config, config, checkpoint.path)
+        self.base_fingerprint = lora.weights_fingerprint(model) if config.lora_rank is not None else None
         data_source = dataset if dataset is not None else open_dataset(config.data, config.image_size, config.seed)
         self.data = TrainingData(data_source, config.image_size, config.batch_size, config.seed)
         self.model: StableDiffusion = model.to(self.device)
         self.stage = make_stage(config, self.model, self.data, self.device)
+        self.lora = self.stage.lora  # a LoRA run's injected layers (None: the stage trains the weights themselves)
         self.stage.freeze_untrained()
         self.params = self.stage.trained_parameters()
         self.objective = self.stage.objective()
@@ -150,6 +157,7 @@ class Trainer:
         if checkpoint is not None:
             self._restore(checkpoint)
         self.resumed_from = checkpoint.path if checkpoint is not None else None
+        self.started_at = time.time()
         self._snapshot_step, self._snapshot_models = None, None
         self.stage.prepare(progress=progress and context.is_main)
 
@@ -169,8 +177,17 @@ class Trainer:
         if state["data_size"] != self.data.size:
             raise ValueError(f"cannot resume {checkpoint.path}: its data set had {state['data_size']} items, this one "
                              f"has {self.data.size}; the run would not continue on the same data order")
+        ema_state = checkpoint.ema_state
+        if self.lora is not None:  # the checkpoint's LoRA files, in kohya's names, on the same base model
+            if state.get("base_fingerprint") != self.base_fingerprint:
+                stored = str(state.get("base_fingerprint"))[:12]
+                raise ValueError(f"cannot resume {checkpoint.path}: init {self.config.init!r} is not the base model "
+                                 "the checkpoint's LoRA was trained on (its weights changed: SHA-256 "
+                                 f"{self.base_fingerprint[:12]}..., the checkpoint's {stored}...)")
+            self.lora.load_kohya(checkpoint.model_state, str(checkpoint.path / checkpointing.LORA_FILE))
+            ema_state = self.lora.from_kohya(ema_state, str(checkpoint.path / checkpointing.LORA_EMA_FILE))
         self.optimizer.load_state_dict(state["optimizer"])
-        self.ema.load_state_dict({k: v.to(self.device) for k, v in checkpoint.ema_state.items() if k in self.params},
+        self.ema.load_state_dict({k: v.to(self.device) for k, v in ema_state.items() if k in self.params},
                                  state["ema_updates"])
         self.generator.set_state(state["generator"])
         self.global_rng = state["global_rng"]
@@ -300,8 +317,14 @@ class Trainer:
 
     def _snapshots(self) -> tuple[StableDiffusion, StableDiffusion]:
         """(trained, EMA) copies of the model on the CPU, made once per step and completed by the stage (the vae
-        stage's measured latent scale)."""
+        stage's measured latent scale). A LoRA run has one: a copy of the base model with the EMA LoRA merged into
+        its weights (kedavra.adapters.merge, as `Pipeline.load_lora` merges the exported file), as both."""
         if self._snapshot_step == self.step:
+            return self._snapshot_models
+        if self.lora is not None:
+            model = model_from_state(self.model.config, self.lora.base_state_dict())
+            LoraMerger(model).apply([LoraUse(self.lora.lora_file(self.ema.state_dict()))])
+            self._snapshot_step, self._snapshot_models = self.step, (model, model)
             return self._snapshot_models
         state = self.model.state_dict()
         ema_state = {**state, **self.ema.state_dict()}
@@ -314,7 +337,7 @@ class Trainer:
         return self._snapshot_models
 
     def _training_state(self) -> dict:
-        return {
+        state = {
             "step": self.step, "epoch": self.position.epoch, "batch": self.position.batch,
             "order_seed": self.config.seed, "data_size": self.data.size, "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(), "global_rng": torch.get_rng_state(),
@@ -322,20 +345,39 @@ class Trainer:
             "consecutive_nonfinite": self.consecutive_nonfinite, "train_seconds": self.train_seconds,
             "world_size": self.context.world_size,
         }
+        if self.lora is not None:
+            state["base_fingerprint"] = self.base_fingerprint
+        return state
 
     def _save(self) -> Path:
-        """Write a checkpoint (rank 0) and the loss plot; every rank waits for it."""
+        """Write a checkpoint (rank 0) and the loss plot; every rank waits for it. A LoRA run's holds its LoRA
+        files (trained and EMA), never the model."""
         path = self.run_dir / checkpointing.CHECKPOINTS_DIR / checkpointing.step_dir_name(self.step)
         state = self._training_state()  # before the snapshots, which must not change it
         if self.context.is_main:
-            with _own_rng():
-                trained, ema_model = self._snapshots()
-            path = checkpointing.save_checkpoint(self.run_dir, self.step, trained, ema_model, state,
-                                                 self.config, self.config.keep_checkpoints)
+            if self.lora is not None:
+                files = {checkpointing.LORA_FILE: lambda file: self._write_lora(file, None, "trained"),
+                         checkpointing.LORA_EMA_FILE: lambda file: self._write_lora(file, self.ema.state_dict(), "EMA")}
+            else:
+                with _own_rng():
+                    files = checkpointing.model_files(*self._snapshots())
+            path = checkpointing.save_checkpoint(self.run_dir, self.step, files, state, self.config,
+                                                 self.config.keep_checkpoints)
             report.plot_loss(self.run_dir / report.METRICS_FILE, self.run_dir / report.LOSS_PLOT_FILE,
                              f"{self.stage.name} stage, {self.config.model_name}, {self.config.data}")
         self.context.barrier()
         return path
+
+    def _write_lora(self, path: Path, values: dict[str, Tensor] | None, weights: str) -> Path:
+        """The LoRA (`values`: EMA shadows, or None for the trained weights) as a kohya file with the run's
+        metadata (kedavra.training.lora)."""
+        if weights == "EMA":
+            weights = f"EMA (decay {self.config.ema_decay}, {self.ema.updates} updates)"
+        metadata = lora.lora_metadata(
+            self.config, self.model.config, step=self.step, epoch=self.position.epoch, data_size=self.data.size,
+            batches_per_epoch=self.data.batches_per_epoch, world_size=self.context.world_size,
+            started_at=self.started_at, weights=weights)
+        return lora.write_lora(path, self.lora, values, metadata)
 
     def _sample(self) -> None:
         """The stage's sample grid of the EMA weights (vae stage: reconstructions) in OUT/samples (rank 0)."""
@@ -349,12 +391,18 @@ class Trainer:
         self.context.barrier()
 
     def _export(self) -> Path:
-        """The EMA model as OUT/model.safetensors (written atomically), ready for `kedavra generate`."""
-        path = self.run_dir / EXPORT_FILE
-        if self.context.is_main:
-            with _own_rng():
-                _, ema_model = self._snapshots()
-            checkpointing.atomic_write(path, lambda partial: save_model(ema_model, partial))
+        """The EMA model as OUT/model.safetensors (written atomically), ready for `kedavra generate`; a LoRA run's
+        EMA LoRA as OUT/lora.safetensors, for `kedavra generate --lora`, A1111, ComfyUI or diffusers."""
+        if self.lora is not None:
+            path = self.run_dir / checkpointing.LORA_FILE
+            if self.context.is_main:
+                self._write_lora(path, self.ema.state_dict(), "EMA")
+        else:
+            path = self.run_dir / EXPORT_FILE
+            if self.context.is_main:
+                with _own_rng():
+                    _, ema_model = self._snapshots()
+                checkpointing.atomic_write(path, lambda partial: save_model(ema_model, partial))
         self.context.barrier()
         return path
 

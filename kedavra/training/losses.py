@@ -76,11 +76,12 @@ class VAEObjective(nn.Module):
 
 
 class DiffusionObjective(nn.Module):
-    """A denoiser with the diffusion loss: forward(x0, noise, t, input_ids) -> per-sample {"loss": (B,)}.
+    """A denoiser with the diffusion loss: forward(x0, noise, t, **conditioning) -> per-sample {"loss": (B,)}.
 
     x0 (B, C, h, w) the clean (scaled) latents, noise ε shaped like them and t (B,) integer timesteps in
-    [0, T) are drawn by the caller from its generator; input_ids (B, L) the captions' token ids.
-    denoiser(x_t, t, input_ids) predicts `prediction_type` ("eps" or "v") from x_t; `alpha_bar` (T,) is ᾱ_t of
+    [0, T) are drawn by the caller from its generator; conditioning: the denoiser's keyword arguments, input_ids
+    (B, L) the captions' token ids (SDXL: also input_ids_2 and time_ids, kedavra.training.conditioning).
+    denoiser(x_t, t, **conditioning) predicts `prediction_type` ("eps" or "v") from x_t; `alpha_bar` (T,) is ᾱ_t of
     the model's schedule. min_snr_gamma: γ of the min-SNR-γ weights (Hang et al. 2023), None for w_t = 1.
     """
 
@@ -91,11 +92,11 @@ class DiffusionObjective(nn.Module):
         self.prediction_type = prediction_type
         self.min_snr_gamma = min_snr_gamma
 
-    def forward(self, x0: Tensor, noise: Tensor, t: Tensor, input_ids: Tensor) -> dict[str, Tensor]:
+    def forward(self, x0: Tensor, noise: Tensor, t: Tensor, **conditioning: Tensor) -> dict[str, Tensor]:
         alpha_bar = self.alpha_bar.to(t.device)[t]  # (B,)
         x_t = add_noise(x0, noise, alpha_bar)  # DDPM eq. 4
         target = training_target(noise, x0, alpha_bar, self.prediction_type)  # ε, or v (Salimans and Ho 2022, eq. 6)
-        prediction = self.denoiser(x_t, t, input_ids)  # (B, C, h, w)
+        prediction = self.denoiser(x_t, t, **conditioning)  # (B, C, h, w)
         gamma = self.min_snr_gamma
         weights = min_snr_weight(alpha_bar, gamma, self.prediction_type) if gamma is not None else None  # (B,)
         return {"loss": diffusion_loss(prediction, target, weights)}  # DDPM eq. 14, weighted per sample

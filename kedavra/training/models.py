@@ -4,7 +4,8 @@ and models rebuilt from saved weights (a resumed checkpoint, the snapshots a run
 From scratch the model is the preset's, drawn from the run's seed; a unet run from scratch takes the weights (and
 the latent scale) of the trained VAE that `TrainConfig.vae` names. A fine-tune (`TrainConfig.init`) loads the
 model with kedavra.checkpoint.load_model and keeps its ModelConfig, only `prediction_type` and `schedule` replaced
-where the config names them.
+where the config names them. SDXL base models (two text encoders, the added embedding) are trained through a LoRA
+only; the refiner not at all.
 """
 
 from __future__ import annotations
@@ -85,9 +86,10 @@ def _load_init(config: TrainConfig) -> StableDiffusion:
         channels = model.config.unet.in_channels
         raise ValueError(f"init {config.init!r} is an inpainting model (its U-Net takes {channels} input channels: "
                          "latents, mask, masked image); training supports text-to-image models")
-    if model.config.micro_conditioning:
+    if model.config.micro_conditioning and (config.lora_rank is None or model.config.text_encoder_2 is None):
+        what = "a LoRA of SDXL base models (--lora RANK)" if config.lora_rank is None else "no SDXL refiner"
         raise ValueError(f"init {config.init!r} is an SDXL model ({model.config.family}); kedavra train fine-tunes "
-                         "SD 1.x / 2.x-style models (one text encoder, no added embedding) so far")
+                         f"SD 1.x / 2.x-style models (one text encoder, no added embedding) whole, and trains {what}")
     model.config = finetune_model_config(config, model.config)
     return model
 

@@ -4,7 +4,9 @@
           along untouched
     unet  UNetStage: model.unet, and model.text_encoder unless `train_text_encoder` is off, through
           DiffusionObjective on the latents of model.vae, frozen: the trained VAE (`TrainConfig.vae`) or the init
-          model's
+          model's; in a LoRA run (`TrainConfig.lora_rank`), the LoRA layers injected into them alone (every base
+          weight frozen; kedavra.training.lora). An SDXL model (LoRA runs only, kedavra.training.models) conditions
+          on both text encoders, the pooled text and the micro-conditioning (kedavra.training.conditioning)
     all   no object of its own: the vae run, then the unet run on the VAE just trained (`stage_configs`)
 
 The Trainer (kedavra.training.loop) drives any Stage the same way:
@@ -37,8 +39,9 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from kedavra.adapters.lora_training import LoraNetwork
 from kedavra.networks.model import ModelConfig, StableDiffusion
-from kedavra.training import report
+from kedavra.training import lora, report
 from kedavra.training.batches import TokenCache, TrainingData
 from kedavra.training.checkpointing import EXPORT_FILE
 from kedavra.training.conditioning import TextConditionedUNet
@@ -80,21 +83,35 @@ class Stage(ABC):
 
     def __init__(self, config: TrainConfig, model: StableDiffusion, data: TrainingData, device: torch.device):
         self.config, self.model, self.data, self.device = config, model, data, device
+        self.lora: LoraNetwork | None = None  # the injected LoRA layers of a LoRA run (UNetStage)
 
     @property
     @abstractmethod
     def trained_components(self) -> tuple[str, ...]:
-        """The components of the model the stage trains (of COMPONENTS); the others are frozen."""
+        """The components of the model the stage trains (of COMPONENTS, and SDXL's text_encoder_2); the others are
+        frozen. In a LoRA run: the components whose LoRA layers train."""
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The model's components: COMPONENTS, and SDXL's second text encoder where the model has one."""
+        return COMPONENTS if self.model.text_encoder_2 is None else (*COMPONENTS, "text_encoder_2")
 
     def freeze_untrained(self) -> None:
-        """requires_grad and train mode on the trained components; the others frozen, in eval mode."""
-        for part in COMPONENTS:
+        """requires_grad and train mode on the trained components; the others frozen, in eval mode. In a LoRA run
+        every base weight is frozen and only the LoRA layers' parameters require grad."""
+        for part in self.components:
             module = getattr(self.model, part)
-            module.requires_grad_(part in self.trained_components)
+            module.requires_grad_(part in self.trained_components and self.lora is None)
             module.train(part in self.trained_components)
+        if self.lora is not None:
+            for parameter in self.lora.named_parameters().values():
+                parameter.requires_grad_(True)
 
     def trained_parameters(self) -> dict[str, nn.Parameter]:
-        """The parameters the stage trains, named as in the model's state dict ("unet.conv_in.weight", ...)."""
+        """The parameters the stage trains, named as in the model's state dict ("unet.conv_in.weight", ...; a LoRA
+        run's "unet.<layer>.lora_down.weight", ...)."""
+        if self.lora is not None:
+            return self.lora.named_parameters()
         return {f"{part}.{name}": p for part in self.trained_components
                 for name, p in getattr(self.model, part).named_parameters()}
 
@@ -183,17 +200,23 @@ class UNetStage(Stage):
     def __init__(self, config: TrainConfig, model: StableDiffusion, data: TrainingData, device: torch.device):
         super().__init__(config, model, data, device)
         self.tokens = TokenCache(model.tokenizer)
+        self.tokens_2 = TokenCache(model.tokenizer_2) if model.tokenizer_2 is not None else None  # SDXL's bigG
         self.latents: tuple[Tensor, Tensor] | None = None  # the posteriors' (mean, std), each (N, C, h, w)
         self.prompts: list[str] | None = None
+        if config.lora_rank is not None:
+            self.lora = lora.inject(config, model)
 
     @property
     def trained_components(self) -> tuple[str, ...]:
-        return ("text_encoder", "unet") if self.config.train_text_encoder else ("unet",)
+        if not self.config.train_text_encoder:
+            return ("unet",)
+        encoders = ("text_encoder",) if self.model.text_encoder_2 is None else ("text_encoder", "text_encoder_2")
+        return (*encoders, "unet")
 
     def objective(self) -> nn.Module:
         model = self.model
         model.unet.enable_gradient_checkpointing(self.config.gradient_checkpointing)
-        denoiser = TextConditionedUNet(model.text_encoder, model.unet)
+        denoiser = TextConditionedUNet(model.text_encoder, model.unet, model.text_encoder_2)
         return DiffusionObjective(denoiser, model.config.schedule.alpha_bar, model.config.prediction_type,
                                   self.config.min_snr_gamma)
 
@@ -236,8 +259,18 @@ class UNetStage(Stage):
             mean, std = posterior.mean.float(), posterior.std.float()
         z = mean + std * draws["posterior"].to(device)  # Kingma and Welling 2014, eq. 10
         captions = ["" if drop else c for c, drop in zip(self.data.captions(indices), draws["drop"], strict=True)]
-        return {"x0": z * self.model.config.vae.scaling_factor, "noise": draws["noise"].to(device),
-                "t": draws["t"].to(device), "input_ids": self.tokens(captions).to(device)}
+        inputs = {"x0": z * self.model.config.vae.scaling_factor, "noise": draws["noise"].to(device),
+                  "t": draws["t"].to(device), "input_ids": self.tokens(captions).to(device)}
+        if self.tokens_2 is not None:
+            inputs |= {"input_ids_2": self.tokens_2(captions).to(device), "time_ids": self.time_ids(len(captions))}
+        return inputs
+
+    def time_ids(self, batch: int) -> Tensor:
+        """(B, 6) SDXL micro-conditioning (Podell et al. 2023, sec. 2.2; diffusers' _get_add_time_ids order):
+        original size (h, w), crop top-left (0, 0), target size (h, w), all the training size: the data sets give
+        whole images at that size."""
+        size = float(self.config.image_size)
+        return torch.tensor([[size, size, 0.0, 0.0, size, size]], device=self.device).expand(batch, -1)
 
     def sample(self, ema_model: StableDiffusion, path: Path) -> None:
         """Text-to-image samples of the sample prompts: the config's, or the data's first distinct captions."""
