@@ -46,7 +46,9 @@ Picture = Image.Image | torch.Tensor
 class GenerationRequest:
     """What to generate, checked (see the module docstring). One image per prompt.
 
-    prompts, negative_prompts  one negative prompt per prompt (the unconditional side of guidance)
+    prompts, negative_prompts  one negative prompt per prompt (the unconditional side of guidance); prompts may carry
+                               A1111's `<lora:NAME:WEIGHT>` tags, the same set in every prompt of a batch
+                               (kedavra.adapters.prompt_tags; the pipeline merges the LoRAs and encodes the rest)
     sampler, karras            kedavra's sampler name (any diffusers / A1111 / ComfyUI name is resolved to it; a
                                " Karras" suffix sets karras: Karras et al. 2022 σ spacing)
     guidance_scale             w of classifier-free guidance (Ho and Salimans 2022, eq. 6); 1 turns it off
