@@ -78,6 +78,16 @@ def check_number(name: str, value, low: float | None = None, high: float | None 
     return float(value)
 
 
+def finite_float(text: str) -> float | None:
+    """The finite number `text` writes (Python's float syntax), or None for anything else (words, inf, nan): for
+    numbers inside text, such as a prompt's weights, whose error message the caller words."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
 def check_bool(name: str, value) -> bool:
     """`value` when it is True or False (not 0, 1 or a string)."""
     if not isinstance(value, bool):

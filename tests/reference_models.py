@@ -308,3 +308,26 @@ def original_unet_layer_names(unet: UNet2DConditionModel, config: UNetConfig) ->
         if theirs in layers and ours.endswith(".weight"):
             names[theirs] = sd_keys.unet_key(ours, modules).removesuffix(".weight")
     return names
+
+
+def tiny_sd_pipelines(tmp_path_factory, **pipeline_options):
+    """(kedavra's model read from a diffusers folder, diffusers' StableDiffusionPipeline) over the same tiny random
+    weights (reference_models, seed 1), both with SD 1.x's Euler scheduler settings (leading spacing, steps_offset
+    1). pipeline_options go to kedavra's Pipeline (fp32 by default)."""
+    from diffusers import StableDiffusionPipeline
+
+    from kedavra.checkpoint import load_model
+    from kedavra.pipeline.pipeline import Pipeline
+
+    config = PRESETS["tiny"]
+    refs = reference_models(config, seed=1)
+    folder = write_diffusers(tmp_path_factory.mktemp("tiny_sd"), refs, config)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1)
+    scheduler.save_pretrained(folder / "scheduler")
+    text, unet, vae = refs
+    reference = StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=write_clip_tokenizer(tmp_path_factory.mktemp("tok")), unet=unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    reference.set_progress_bar_config(disable=True)
+    return Pipeline(load_model(folder), **({"dtype": "fp32"} | pipeline_options)), reference

@@ -28,10 +28,9 @@ from peft import LoHaConfig, LoKrConfig, LoraConfig, get_peft_model_state_dict, 
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 from reference_models import (  # noqa: E402
     original_unet_layer_names,
-    reference_models,
     sdxl_reference_models,
+    tiny_sd_pipelines,
     write_clip_tokenizer,
-    write_diffusers,
     write_sdxl_diffusers,
 )
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -230,19 +229,8 @@ def sd(tmp_path_factory):
     """SD 1.x (tiny): the pipelines of test_pipeline_parity (a diffusers folder loaded by kedavra, diffusers'
     StableDiffusionPipeline with SD's Euler scheduler) and six adapter files: a kohya LoCon, a diffusers LoRA, DoRA
     as a diffusers file (convolutions included) and as a kohya file (Linear layers), LyCORIS LoHa and LoKr."""
-    config = PRESETS["tiny"]
-    refs = reference_models(config, seed=1)
-    folder = write_diffusers(tmp_path_factory.mktemp("tiny_sd"), refs, config)
-    scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                                 timestep_spacing="leading", steps_offset=1)
-    scheduler.save_pretrained(folder / "scheduler")
-    text, unet, vae = refs
-    reference = diffusers.StableDiffusionPipeline(
-        vae=vae, text_encoder=text, tokenizer=write_clip_tokenizer(tmp_path_factory.mktemp("tok")), unet=unet,
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    reference.set_progress_bar_config(disable=True)
     loras = tmp_path_factory.mktemp("loras")
-    ours = Pipeline(load_model(folder), dtype="fp32", lora_dir=loras)
+    ours, reference = tiny_sd_pipelines(tmp_path_factory, lora_dir=loras)
     adapters = make_adapters(reference, {"locon": ("lora", 1), "peft_lora": ("lora", 3), "dora": ("dora", 5),
                                          "dora_kohya": ("dora", 7, KOHYA_DORA_UNET_TARGETS), "loha": ("loha", 9),
                                          "lokr": ("lokr", 11)}, ("unet", "text_encoder"))

@@ -9,11 +9,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from reference_models import reference_models, write_clip_tokenizer, write_diffusers  # noqa: E402
-
-from kedavra.checkpoint import load_model  # noqa: E402
-from kedavra.networks.model import ModelConfig  # noqa: E402
-from kedavra.pipeline.pipeline import Pipeline  # noqa: E402
+from reference_models import tiny_sd_pipelines, write_clip_tokenizer  # noqa: E402
 
 IMAGE_TOL = 1e-4  # decoded images in [0, 1], fp32
 LATENT_REL_TOL = 1e-4
@@ -27,19 +23,7 @@ def clip_tokenizer(folder):
 @pytest.fixture(scope="module")
 def both(tmp_path_factory):
     """(kedavra Pipeline, diffusers StableDiffusionPipeline) over the same tiny random weights."""
-    config = ModelConfig.from_preset("tiny")
-    refs = reference_models(config, seed=1)
-    folder = write_diffusers(tmp_path_factory.mktemp("tiny_sd"), refs, config)
-    # SD 1.x's scheduler settings: leading spacing with steps_offset 1
-    scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                                 timestep_spacing="leading", steps_offset=1)
-    scheduler.save_pretrained(folder / "scheduler")
-    text, unet, vae = refs
-    reference = diffusers.StableDiffusionPipeline(
-        vae=vae, text_encoder=text, tokenizer=clip_tokenizer(tmp_path_factory.mktemp("tok")), unet=unet,
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    reference.set_progress_bar_config(disable=True)
-    return Pipeline(load_model(folder), dtype="fp32"), reference
+    return tiny_sd_pipelines(tmp_path_factory)
 
 
 @pytest.mark.parametrize("sampler,scheduler_class", [

@@ -17,9 +17,10 @@ Where this differs from A1111, on purpose: a tag of another network type (`<hype
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
+
+from kedavra.validation import finite_float
 
 TAG = re.compile(r"<(\w+):([^>]+)>")  # A1111 extra_networks.re_extra_net
 NETWORK_TYPES = ("lora", "lyco")
@@ -40,11 +41,8 @@ class LoraTag:
 
 
 def _weight(text: str, tag: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
+    value = finite_float(text)
+    if value is None:
         raise ValueError(f"{tag}: the weight {text!r} is not a number (write <lora:NAME:0.8>)")
     return value
 

@@ -87,7 +87,7 @@ from torch import Tensor
 from kedavra.adapters.textual_inversion import Embedding, EmbeddingLibrary
 from kedavra.networks.text_encoder import TextEncoder
 from kedavra.networks.tokenizer import Tokenizer
-from kedavra.validation import check_int
+from kedavra.validation import check_int, finite_float
 
 ROUND_MULTIPLIER = 1.1  # A1111 prompt_parser: (text)
 SQUARE_MULTIPLIER = 1 / 1.1  # A1111 prompt_parser: [text]
@@ -118,11 +118,8 @@ def _check_prompt(prompt, name: str = "prompt") -> None:
 
 
 def _parse_weight(number: str, prompt: str) -> float:
-    try:
-        weight = float(number)
-    except ValueError:
-        weight = math.nan
-    if not math.isfinite(weight):
+    weight = finite_float(number)
+    if weight is None:
         raise ValueError(
             f"prompt weight {number!r} in {_shorten(prompt)!r} is not a finite number; write it like (text:1.2)"
         )
