@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "kedavra.commands.demo",
     "kedavra.commands.train",
     "kedavra.commands.viz",
+    "kedavra.commands.upscale",
 )
 
 

