@@ -36,7 +36,9 @@ def _cross() -> tuple[tuple[float, float], ...]:
             (-w, -w))
 
 
-# Each shape's outline in its unit box [-1, 1]^2 (y down); the circle is the ellipse inscribed in the box.
+# Each shape's outline in its unit box [-1, 1]^2 (y down); the circle is the ellipse inscribed in the box. More
+# outlines than the shapes data set's SHAPES: "hexagon" is drawn (and can be a template of the evaluator) but is no
+# part of the data set's grammar, so that a model trained on it has never seen one (docs/adapters.md).
 OUTLINES: dict[str, tuple[tuple[float, float], ...] | None] = {
     "circle": None,
     "square": ((-1, -1), (1, -1), (1, 1), (-1, 1)),
@@ -44,6 +46,9 @@ OUTLINES: dict[str, tuple[tuple[float, float], ...] | None] = {
     "star": _star(),
     "cross": _cross(),
     "diamond": ((0, -1), (1, 0), (0, 1), (-1, 0)),
+    # a regular hexagon with a flat top and bottom (vertices at 0, 60, ..., 300 degrees), normalised: in a square box
+    # its height is stretched from √3/2 of its width to all of it, as the triangle's is
+    "hexagon": ((-0.5, -1), (0.5, -1), (1, 0), (0.5, 1), (-0.5, 1), (-1, 0)),
 }
 
 

@@ -13,8 +13,9 @@ plain image analysis does the same job without weights:
     5. coverage     per pixel, how much of the object colour it holds: the projection of (pixel - background)
                     on (colour - background), clipped to [0, 1]
     6. shape        the template (the data set's own drawing code, `shape_coverage`) with the highest soft IoU
-                    against the coverage, each template stretched to the component's box and the box refined by
-                    half-pixel moves; below MIN_SHAPE_IOU the object has no shape
+                    against the coverage, among the candidate shapes (the data set's SHAPES unless others are
+                    named), each template stretched to the component's box and the box refined by half-pixel
+                    moves; below MIN_SHAPE_IOU the object has no shape
     7. size         'large' when the box's longer side is at least LARGE_FRACTION of the image side
     8. relation     GenEval's rule on box centres (`relative_position`)
 
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kedavra.data.shape_drawing import shape_coverage
+from kedavra.data.shape_drawing import OUTLINES, shape_coverage
 from kedavra.data.shapes import PALETTE, SHAPES, PromptSpec, parse_prompt
 
 FOREGROUND_DISTANCE = 40.0  # RGB distance from the background that makes a pixel foreground (data: >= 100)
@@ -146,19 +147,25 @@ def fit_template(shape: str, coverage: np.ndarray, box: tuple[float, float, floa
     return best
 
 
-def classify_shape(coverage: np.ndarray, box: tuple[float, float, float, float]) -> tuple[str | None, float]:
+def classify_shape(coverage: np.ndarray, box: tuple[float, float, float, float],
+                   shapes: Sequence[str] = SHAPES) -> tuple[str | None, float]:
     """(best shape or None, its soft IoU) for the coverage window (h, w) whose object fills `box` (window
-    pixels): every template at `box`, then the REFINE_CANDIDATES best refined by `fit_template`."""
+    pixels): the template of every shape in `shapes` at `box`, then the REFINE_CANDIDATES best refined by
+    `fit_template`."""
     height, width = coverage.shape
-    first = {s: soft_iou(coverage, shape_coverage(s, box, height, width)) for s in SHAPES}
+    first = {s: soft_iou(coverage, shape_coverage(s, box, height, width)) for s in shapes}
     candidates = sorted(first, key=first.get, reverse=True)[:REFINE_CANDIDATES]
     scores = {s: fit_template(s, coverage, box) for s in candidates}
     best = max(scores, key=scores.get)
     return (best if scores[best] >= MIN_SHAPE_IOU else None), scores[best]
 
 
-def detect_objects(image) -> list[DetectedObject]:
-    """The objects in `image` (PIL, uint8 (H, W, 3) or tensor (3, H, W) in [-1, 1]), in label order."""
+def detect_objects(image, shapes: Sequence[str] = SHAPES) -> list[DetectedObject]:
+    """The objects in `image` (PIL, uint8 (H, W, 3) or tensor (3, H, W) in [-1, 1]), in label order.
+
+    shapes: the candidate templates, names in shape_drawing.OUTLINES; the data set's SHAPES by default, more to
+        ask whether a model draws a shape outside its grammar (the hexagon of docs/adapters.md)."""
+    shapes = _check_shapes(shapes)
     pixels = to_pixels(image)
     height, width, _ = pixels.shape
     values = pixels.astype(np.float32)
@@ -188,11 +195,19 @@ def detect_objects(image) -> list[DetectedObject]:
         if max(box_w, box_h) > MAX_SIDE_FRACTION * side:
             shape, iou = None, 0.0
         else:
-            shape, iou = classify_shape(coverage, box)
+            shape, iou = classify_shape(coverage, box, shapes)
         size = "large" if max(box_w, box_h) >= LARGE_FRACTION * side else "small"
         image_box = (box[0] + x0, box[1] + y0, box[2] + x0, box[3] + y0)
         found.append(DetectedObject(shape, nearest_colour(colour_rgb), image_box, float(coverage.sum()), iou, size))
     return found
+
+
+def _check_shapes(shapes: Sequence[str]) -> tuple[str, ...]:
+    """`shapes` as a tuple, checked: a non-empty list of distinct names in OUTLINES."""
+    names = () if isinstance(shapes, str) else tuple(shapes)
+    if not names or len(set(names)) != len(names) or any(s not in OUTLINES for s in names):
+        raise ValueError(f"shapes must be a non-empty list of distinct names from {tuple(OUTLINES)}, got {shapes!r}")
+    return names
 
 
 def relative_position(a: DetectedObject, b: DetectedObject) -> set[str]:
