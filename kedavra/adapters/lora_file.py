@@ -192,16 +192,13 @@ def read_lora(path: str | os.PathLike, name: str | None = None) -> LoraFile:
 def file_hash(path: Path) -> str:
     """A1111's hash of an adapter file (module docstring): SHA-256 of a .safetensors file's tensor data, or of the
     whole file otherwise."""
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) == 8 and f.read(1) == b"{":  # safetensors: u64 header length, then the JSON header
             f.seek(8 + struct.unpack("<Q", head)[0])
         else:
             f.seek(0)
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()  # from the current position to the end
 
 
 def file_metadata(path: Path) -> dict[str, str]:

@@ -14,6 +14,7 @@ SD 1.5 LoRA about 100 MB in bf16; for a LoRA on every SDXL layer, the U-Net's si
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -72,7 +73,10 @@ class LoraMerger:
         self._layers = adapted_layers(model)
         self._originals: dict[str, tuple[Tensor, Tensor | None]] = {}  # path -> (weight, bias) before any merge
         self._applied: tuple = ()
-        self._resolved: dict[int, tuple[LoraFile, dict[str, LayerUpdate], tuple[str, ...]]] = {}
+        # file -> (its updates by model path, its unmatched names); dropped with the file, so a server that reads
+        # changed files again does not keep the old ones' tensors
+        self._resolved: weakref.WeakKeyDictionary[LoraFile, tuple[dict[str, LayerUpdate], tuple[str, ...]]] = (
+            weakref.WeakKeyDictionary())
 
     @property
     def merged_layers(self) -> int:
@@ -82,8 +86,8 @@ class LoraMerger:
         """(model path -> update, the file's layer names that match no layer). Unmatched names are a LoraFileError
         listing them unless `strict` is False; a file matching no layer at all is always one, naming the
         architecture the file was made for where it can be told."""
-        cached = self._resolved.get(id(lora))
-        if cached is None or cached[0] is not lora:
+        cached = self._resolved.get(lora)
+        if cached is None:
             updates, unmatched = {}, []
             for name, update in lora.updates.items():
                 path = self._table.get(name)
@@ -93,8 +97,8 @@ class LoraMerger:
                     raise LoraFileError(f"{lora.path}: two layer names of the file both name {path}")
                 else:
                     updates[path] = update
-            cached = self._resolved[id(lora)] = (lora, updates, tuple(sorted(unmatched)))
-        _, updates, unmatched = cached
+            cached = self._resolved[lora] = (updates, tuple(sorted(unmatched)))
+        updates, unmatched = cached
         family = self.model.config.family
         made_for = lora_architecture(lora) if not updates or (unmatched and strict) else None
         for_what = f" (a LoRA for {made_for})" if made_for else ""

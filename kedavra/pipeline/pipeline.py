@@ -86,8 +86,8 @@ class Pipeline:
         self._loras: list[LoraUse] = []  # load_lora's, applied to every generation, before a prompt's tags
         self._lora_files: dict[Path, tuple[float, LoraFile]] = {}  # file -> (mtime, contents) read for tags
         self._merger: LoraMerger | None = None
-        widths = tuple(getattr(encoder, "width", 0) for encoder in self.config.text_encoders)
-        self.embeddings = EmbeddingLibrary(widths=widths)  # textual inversion: names a prompt may use
+        # textual inversion: the embeddings a prompt may name
+        self.embeddings = EmbeddingLibrary(widths=tuple(encoder.width for encoder in self.config.text_encoders))
         self.embeddings_report = LoadReport(())
         if embeddings_dir is not None:
             self.embeddings_report = self.embeddings.load_dir(embeddings_dir)

@@ -194,7 +194,7 @@ async def embeddings(worker: WorkerDep):
     (files in the folder that could not be used, with the reason)."""
     pipe = loaded_pipeline(worker)
     loaded = {name: {"step": e.step, "sd_checkpoint": e.sd_checkpoint, "sd_checkpoint_name": e.sd_checkpoint_name,
-                     "shape": next(reversed(list(e.vectors.values()))).shape[1], "vectors": e.num_vectors}
+                     "shape": list(e.vectors.values())[-1].shape[1], "vectors": e.num_vectors}
               for name, e in pipe.embeddings.items()}
     skipped = {path.stem: {"reason": reason} for path, reason in pipe.embeddings_report.failed.items()}
     return {"loaded": loaded, "skipped": skipped}
