@@ -33,6 +33,10 @@ if [ -n "$extras" ]; then
     # spandrel (the .pth upscaler oracle) declares torchvision, which would replace the CPU torch: installed alone,
     # with einops; tests/test_upscaling.py imports only its ESRGAN and Compact architectures.
     $pip install -q --no-deps spandrel einops
+    # k-diffusion (the sampler code A1111 and ComfyUI run) is the oracle of tests/test_k_samplers.py; its package
+    # __init__ imports torchvision, so it comes without dependencies and the tests load its sampling module alone
+    # (tests/k_diffusion_oracle.py), with torchsde (the Brownian tree of the SDE samplers) and torchdiffeq.
+    $pip install -q --no-deps k-diffusion==0.1.1.post1 torchsde==0.2.6 trampoline==0.1.2 torchdiffeq==0.2.5
     if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && [ ! -x /usr/bin/chromedriver ]; then
         # headless Chromium + driver for tests/test_serving_browser.py (selenium uses /usr/bin/chromedriver and
         # never downloads one); without them that test skips and says why

@@ -15,7 +15,8 @@ fractional timesteps whose σ these are.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -41,13 +42,22 @@ class SamplingPlan:
     timesteps: torch.Tensor
     alpha_bar: torch.Tensor
     sigmas: torch.Tensor
+    sigma_to_t: Callable[[float], float] | None = None  # the timestep of any σ, for evaluations between levels
 
     def __len__(self) -> int:
         return len(self.timesteps)
 
     def start_at(self, index: int) -> SamplingPlan:
         """The plan from step `index` on (image-to-image starts part-way)."""
-        return SamplingPlan(self.timesteps[index:], self.alpha_bar[index:], self.sigmas[index:])
+        return replace(self, timesteps=self.timesteps[index:], alpha_bar=self.alpha_bar[index:],
+                       sigmas=self.sigmas[index:])
+
+    def t_at(self, sigma: float) -> float:
+        """The timestep at which to evaluate the model for noise level σ (second-order samplers evaluate between
+        the plan's levels); ValueError for a plan that has no σ -> t map."""
+        if self.sigma_to_t is None:
+            raise ValueError("this sampler evaluates the model between the plan's levels; its plan needs sigma_to_t")
+        return self.sigma_to_t(sigma)
 
 
 def check_steps(steps, num_train_timesteps: int) -> None:

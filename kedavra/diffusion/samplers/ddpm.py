@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from kedavra.diffusion.forward_process import randn_like
 from kedavra.diffusion.samplers.denoiser import Denoiser
 from kedavra.diffusion.timesteps import SamplingPlan
 
@@ -16,7 +15,7 @@ DDPM_VARIANCES = ("fixed_small", "fixed_large")
 DDPM_MIN_VARIANCE = 1e-20  # clamp on β̃ so its square root stays finite (as diffusers does)
 
 
-def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, generator=None, callback=None,
+def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, noise=None, callback=None,
                 variance: str = "fixed_small") -> torch.Tensor:
     """Ancestral sampling with p(x_prev | x_t) = N(μ̃(x_t, x̂_0), σ²I) (Ho et al. 2020, Algorithm 2).
 
@@ -37,13 +36,13 @@ def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, generat
         if i < n - 1:
             posterior_variance = max((1 - alpha_bar_prev) / (1 - alpha_bar) * beta, DDPM_MIN_VARIANCE)
             var = posterior_variance if variance == "fixed_small" else beta
-            x_next = x_next + var**0.5 * randn_like(x, generator)
+            x_next = x_next + var**0.5 * noise(x, plan.sigmas[i].item(), plan.sigmas[i + 1].item())
         x_next = denoiser.after_step(callback, i, n, x_next, x0)
         x = x_next
     return x
 
 
-def sample_ddim(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, generator=None, callback=None,
+def sample_ddim(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, noise=None, callback=None,
                 eta: float = 0.0) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12):
         x_prev = √ᾱ_prev x̂_0 + √(1 - ᾱ_prev - σ_t²) ε̂ + σ_t z,
@@ -57,7 +56,7 @@ def sample_ddim(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, generat
         sigma_t = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)) ** 0.5
         x_next = alpha_bar_prev**0.5 * x0 + (1 - alpha_bar_prev - sigma_t**2) ** 0.5 * eps
         if sigma_t > 0:
-            x_next = x_next + sigma_t * randn_like(x, generator)
+            x_next = x_next + sigma_t * noise(x, plan.sigmas[i].item(), plan.sigmas[i + 1].item())
         x_next = denoiser.after_step(callback, i, n, x_next, x0)
         x = x_next
     return x

@@ -13,6 +13,8 @@ from kedavra.diffusion.samplers.ddpm import sample_ddim, sample_ddpm
 from kedavra.diffusion.samplers.denoiser import Denoiser, Model, StepCallback, StepRecord, with_state
 from kedavra.diffusion.samplers.dpm_solver import sample_dpmpp_2m, sample_dpmpp_2m_sde
 from kedavra.diffusion.samplers.euler import sample_euler, sample_euler_ancestral, sample_heun
+from kedavra.diffusion.samplers.k_diffusion import prepare_k_run, run_k_sampler
+from kedavra.diffusion.samplers.noise import NoiseSampler, generator_noise
 from kedavra.diffusion.samplers.unipc import sample_unipc
 from kedavra.diffusion.schedule import SCHEDULE_PRESETS, NoiseSchedule
 from kedavra.diffusion.timesteps import SPACINGS, make_plan, start_index_for_strength
@@ -48,9 +50,9 @@ SAMPLERS: dict[str, SamplerSpec] = {
         SamplerSpec("euler_a", sample_euler_ancestral, "ve", True, "EulerAncestralDiscreteScheduler", "Euler a",
                     "euler_ancestral"),
         SamplerSpec("heun", sample_heun, "ve", False, "HeunDiscreteScheduler", "Heun", "heun", 2),
-        SamplerSpec("dpmpp_2m", sample_dpmpp_2m, "vp", False, "DPMSolverMultistepScheduler", "DPM++ 2M",
+        SamplerSpec("dpmpp_2m", sample_dpmpp_2m, "ve", False, "DPMSolverMultistepScheduler", "DPM++ 2M",
                     "dpmpp_2m"),
-        SamplerSpec("dpmpp_2m_sde", sample_dpmpp_2m_sde, "vp", True,
+        SamplerSpec("dpmpp_2m_sde", sample_dpmpp_2m_sde, "ve", True,
                     'DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")', "DPM++ 2M SDE",
                     "dpmpp_2m_sde"),
         SamplerSpec("unipc", sample_unipc, "vp", False, "UniPCMultistepScheduler", "UniPC", "uni_pc"),
@@ -121,6 +123,11 @@ def sample(
     mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
+    schedule_type: str | None = None,
+    convention: str = "a1111",
+    noise_sampler: NoiseSampler | None = None,
+    brownian: Callable | None = None,
+    sdxl: bool = False,
 ) -> torch.Tensor:
     """Run the reverse process from `noise` (standard normal, the shape of a sample) to a sample.
 
@@ -134,7 +141,19 @@ def sample(
     callback(step) is called after each step with its `StepRecord` (index, count, t, ᾱ, x_t, x̂_0, new state);
     a tensor it returns replaces the new state. Returns the sample at the final level (the clean
     sample when final_sigma is "zero"; with "sigma_min" the state at σ(t=0) in the sampler's view).
+
+    schedule_type: run the sampler as A1111 (convention "a1111") or ComfyUI ("comfyui") does, on the σ's of this
+    schedule type ("Automatic", "Karras", "sgm_uniform", ...; kedavra.diffusion.sigmas) built from the model's σ
+    table (kedavra.diffusion.samplers.k_diffusion): `sampler` is then an A1111 label or ComfyUI name, spacing,
+    steps_offset, karras and final_sigma do not apply, and strength follows that program's img2img rule.
+    noise_sampler: where ancestral steps draw fresh noise (default: `generator`); brownian(x, σ_min, σ_max): the
+    noise of SDE samplers (k-diffusion's seeded Brownian tree; default: noise_sampler). sdxl: picks SDXL's Align
+    Your Steps table.
     """
+    noise_sampler = noise_sampler or generator_noise(generator)
+    if schedule_type is not None:
+        return _sample_k(model, noise, sampler, steps, schedule, prediction_type, schedule_type, convention, init,
+                         strength, mask, noise_sampler, brownian, callback, sdxl)
     spec, karras_from_name = resolve_sampler(sampler)
     check_choice("timestep spacing", spacing, SPACINGS)
     eta = check_eta(spec, eta)
@@ -156,7 +175,22 @@ def sample(
     if mask is not None:
         callback = _keep_outside_mask(init, noise, mask, plan, spec.view, callback)
     options = {"eta": eta} if spec.name == "ddim" else {}
-    return spec.fn(denoiser, x, plan, generator=generator, callback=callback, **options)
+    return spec.fn(denoiser, x, plan, noise=noise_sampler, callback=callback, **options)
+
+
+def _sample_k(model, noise, sampler, steps, schedule, prediction_type, schedule_type, convention, init, strength,
+              mask, noise_sampler, brownian, callback, sdxl) -> torch.Tensor:
+    """`sample` for an A1111 / ComfyUI run (schedule_type given)."""
+    check_finite(noise, "noise")
+    if init is not None:
+        check_finite(init, "init")
+        if init.shape != noise.shape:
+            raise ValueError(f"init has shape {tuple(init.shape)} but noise has {tuple(noise.shape)}; they must match")
+    run = prepare_k_run(sampler, noise, steps, schedule, schedule_type, convention, init, strength, sdxl)
+    denoiser = model if isinstance(model, Denoiser) else Denoiser(model, prediction_type)
+    if mask is not None:
+        callback = _keep_outside_mask(init, noise, mask, run.plan, "ve", callback)
+    return run_k_sampler(denoiser, run, noise_sampler, brownian, callback)
 
 
 def _keep_outside_mask(init, noise, mask, plan, view: str, callback: StepCallback | None) -> StepCallback:

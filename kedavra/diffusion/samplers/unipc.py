@@ -46,7 +46,7 @@ def _lam(plan: SamplingPlan, i: int) -> float:
     return vp_scales(plan.sigmas[i].item())[2]
 
 
-def sample_unipc(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, generator=None, callback=None):
+def sample_unipc(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, noise=None, callback=None):
     """UniPC-2 (bh2): n model evaluations; the last step is first order and uncorrected."""
     n = len(plan)
     x0s: list[torch.Tensor] = []  # data predictions at the levels visited so far

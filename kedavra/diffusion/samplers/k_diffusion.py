@@ -1,0 +1,225 @@
+"""The samplers A1111 and ComfyUI list, run their way: k-diffusion's algorithms on σ sequences built from the
+model's σ table (kedavra.diffusion.sigmas), with each program's defaults.
+
+    A1111 (v1.10, modules/sd_samplers_kdiffusion.py)    ComfyUI (comfy/samplers.py, KSAMPLER_NAMES)
+    the start x = σ_0 ε                                  x = √(1+σ_0²) ε when σ_0 is the table's σ_max, else σ_0 ε
+    t(σ) interpolated in log σ                           t(σ) the nearest table timestep
+    "Automatic": the sampler's own schedule type          a scheduler is always named ("normal" by default)
+    DPM2, DPM2 a, DPM++ 3M SDE drop the penultimate σ     dpm_2, dpm_2_ancestral drop it
+    ancestral η = 1, also for DPM fast / adaptive         η = 1 for ancestral and SDE samplers, 0 for dpm_fast/adaptive
+    img2img: the last ⌊min(s, 0.999)·n⌋ + 1 σ-steps      denoise d: the last n of ⌊n/d⌋ steps
+             of the n-step sequence, x = x_0 + σ ε
+
+The noise of ancestral samplers comes from `noise_sampler` (A1111: each image's own generator, continuing after
+the initial noise, kedavra.diffusion.rng); SDE samplers take a Brownian tree (kedavra.diffusion.brownian) from
+`brownian(x, sigma_min, sigma_max)` when one is given.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from kedavra.diffusion.samplers.denoiser import Denoiser, StepCallback
+from kedavra.diffusion.samplers.dpm_fast import sample_dpm_adaptive, sample_dpm_fast
+from kedavra.diffusion.samplers.dpm_solver import (
+    sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
+    sample_dpmpp_2s_ancestral,
+    sample_dpmpp_3m_sde,
+    sample_dpmpp_sde,
+)
+from kedavra.diffusion.samplers.euler import (
+    sample_dpm_2,
+    sample_dpm_2_ancestral,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_heun,
+    sample_lms,
+)
+from kedavra.diffusion.samplers.noise import NoiseSampler
+from kedavra.diffusion.samplers.restart import sample_restart
+from kedavra.diffusion.schedule import NoiseSchedule
+from kedavra.diffusion.sigmas import AUTOMATIC, CONVENTIONS, SigmaTable, build_sigmas, resolve_schedule_type
+from kedavra.diffusion.timesteps import SamplingPlan
+from kedavra.validation import check_number
+
+COMFYUI_DEFAULT_SCHEDULE = "normal"  # ComfyUI's KSampler default scheduler
+A1111_MAX_STRENGTH = 0.999  # A1111 caps denoising strength here when choosing the first img2img step
+
+
+@dataclass(frozen=True)
+class KSamplerSpec:
+    """One sampler of A1111's / ComfyUI's lists: the function, the names, and each program's defaults."""
+
+    a1111: str  # A1111's label ("" where it has none)
+    comfyui: str  # ComfyUI's sampler_name ("" where it has none)
+    fn: Callable
+    schedule: str = "uniform"  # A1111's "Automatic" for this sampler
+    a1111_discard_penultimate: bool = False
+    comfyui_discard_penultimate: bool = False
+    brownian: bool = False  # SDE samplers: noise from a Brownian tree
+    ancestral: bool = False  # draws fresh noise with η > 0
+    a1111_options: dict = field(default_factory=dict)
+    comfyui_options: dict = field(default_factory=dict)
+    whole_table: bool = False  # DPM fast / adaptive: A1111's txt2img runs from the table's σ_max to its σ_min
+
+    @property
+    def name(self) -> str:
+        return self.a1111 or self.comfyui
+
+
+K_SAMPLERS: tuple[KSamplerSpec, ...] = (
+    KSamplerSpec("Euler", "euler", sample_euler),
+    KSamplerSpec("Euler a", "euler_ancestral", sample_euler_ancestral, ancestral=True),
+    KSamplerSpec("LMS", "lms", sample_lms),
+    KSamplerSpec("Heun", "heun", sample_heun),
+    KSamplerSpec("DPM2", "dpm_2", sample_dpm_2, "karras", True, True),
+    KSamplerSpec("DPM2 a", "dpm_2_ancestral", sample_dpm_2_ancestral, "karras", True, True, ancestral=True),
+    KSamplerSpec("DPM++ 2S a", "dpmpp_2s_ancestral", sample_dpmpp_2s_ancestral, "karras", ancestral=True),
+    KSamplerSpec("DPM++ 2M", "dpmpp_2m", functools.partial(sample_dpmpp_2m, lower_order_final=False), "karras"),
+    KSamplerSpec("DPM++ SDE", "dpmpp_sde", sample_dpmpp_sde, "karras", brownian=True, ancestral=True),
+    KSamplerSpec("DPM++ 2M SDE", "dpmpp_2m_sde", sample_dpmpp_2m_sde, "exponential", brownian=True, ancestral=True),
+    KSamplerSpec("DPM++ 2M SDE Heun", "", functools.partial(sample_dpmpp_2m_sde, solver_type="heun"), "exponential",
+                 brownian=True, ancestral=True),
+    KSamplerSpec("DPM++ 3M SDE", "dpmpp_3m_sde", sample_dpmpp_3m_sde, "exponential", True, brownian=True,
+                 ancestral=True),
+    KSamplerSpec("DPM fast", "dpm_fast", sample_dpm_fast, ancestral=True, a1111_options={"eta": 1.0},
+                 whole_table=True),
+    KSamplerSpec("DPM adaptive", "dpm_adaptive", sample_dpm_adaptive, ancestral=True, a1111_options={"eta": 1.0},
+                 whole_table=True),
+    KSamplerSpec("Restart", "", sample_restart, "karras"),
+)
+# A1111's older labels that carry their schedule type in the name (still accepted by its API)
+_LEGACY_KARRAS = {"lms karras": "LMS", "dpm2 karras": "DPM2", "dpm2 a karras": "DPM2 a",
+                  "dpm++ 2s a karras": "DPM++ 2S a", "dpm++ 2m karras": "DPM++ 2M", "dpm++ sde karras": "DPM++ SDE",
+                  "dpm++ 2m sde karras": "DPM++ 2M SDE", "dpm++ 2m sde exponential": "DPM++ 2M SDE",
+                  "dpm++ 3m sde karras": "DPM++ 3M SDE", "dpm++ 3m sde exponential": "DPM++ 3M SDE"}
+_EXTRA = {"k_euler": "Euler", "k_euler_a": "Euler a", "k_euler_ancestral": "Euler a", "euler_a": "Euler a",
+          "k_lms": "LMS", "k_heun": "Heun", "k_dpm_2": "DPM2", "k_dpm_2_a": "DPM2 a", "k_dpmpp_2s_a": "DPM++ 2S a",
+          "k_dpmpp_2m": "DPM++ 2M", "k_dpmpp_sde": "DPM++ SDE", "k_dpmpp_2m_sde": "DPM++ 2M SDE",
+          "k_dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun", "k_dpmpp_3m_sde": "DPM++ 3M SDE", "k_dpm_fast": "DPM fast",
+          "k_dpm_ad": "DPM adaptive", "restart": "Restart", "dpmpp_sde_gpu": "DPM++ SDE",
+          "dpmpp_2m_sde_gpu": "DPM++ 2M SDE", "dpmpp_3m_sde_gpu": "DPM++ 3M SDE"}
+
+
+def _normalise(name: str) -> str:
+    return " ".join(name.strip().lower().replace("-", " ").split())
+
+
+def _table() -> dict[str, KSamplerSpec]:
+    by_label = {spec.name: spec for spec in K_SAMPLERS}
+    table = {}
+    for spec in K_SAMPLERS:
+        for alias in (spec.a1111, spec.comfyui):
+            if alias:
+                table[_normalise(alias)] = spec
+    for alias, label in {**_EXTRA, **_LEGACY_KARRAS}.items():
+        table[_normalise(alias)] = by_label[label]
+    return table
+
+
+_K_ALIASES = _table()
+
+
+def k_sampler_names() -> list[str]:
+    """A1111's labels and ComfyUI's names of the samplers run here."""
+    return [spec.a1111 for spec in K_SAMPLERS if spec.a1111] + [spec.comfyui for spec in K_SAMPLERS if spec.comfyui]
+
+
+def resolve_k_sampler(name: str) -> tuple[KSamplerSpec, str | None]:
+    """(spec, schedule type the name carries or None) for an A1111 label or ComfyUI name, case-insensitive
+    ("DPM++ 2M Karras" carries "karras")."""
+    key = _normalise(name) if isinstance(name, str) else None
+    if key not in _K_ALIASES:
+        raise ValueError(f"unknown A1111 / ComfyUI sampler {name!r}; allowed: {', '.join(k_sampler_names())}")
+    carried = None
+    if key in _LEGACY_KARRAS:
+        carried = key.rsplit(" ", 1)[1]
+    return _K_ALIASES[key], carried
+
+
+@dataclass(frozen=True)
+class KRun:
+    """What a k-diffusion run needs besides the model: its plan, where it starts and with what options."""
+
+    plan: SamplingPlan
+    start: torch.Tensor
+    spec: KSamplerSpec
+    options: dict
+
+
+def k_sigmas(spec: KSamplerSpec, steps: int, schedule: NoiseSchedule, schedule_type: str, convention: str,
+             sdxl: bool = False) -> tuple[torch.Tensor, SigmaTable]:
+    """The full n-step σ sequence (float32) the program builds for this sampler and schedule type, and the table."""
+    table = SigmaTable.from_schedule(schedule, convention)
+    kind = resolve_schedule_type(schedule_type)
+    if kind == AUTOMATIC:
+        kind = spec.schedule if convention == "a1111" else COMFYUI_DEFAULT_SCHEDULE
+    discard = spec.a1111_discard_penultimate if convention == "a1111" else spec.comfyui_discard_penultimate
+    sigmas = build_sigmas(kind, steps + int(discard), table, convention, sdxl)
+    if discard:
+        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+    return sigmas, table
+
+
+def plan_from_sigmas(sigmas: torch.Tensor, table: SigmaTable) -> SamplingPlan:
+    """A SamplingPlan visiting `sigmas` (float32, n+1), evaluating the model at the table's timestep of each σ."""
+    levels = sigmas.double()
+    timesteps = table.sigma_to_t(sigmas[:-1]).double()
+    return SamplingPlan(timesteps, 1 / (1 + levels**2), levels, sigma_to_t=lambda s: table.sigma_to_t(s).item())
+
+
+def prepare_k_run(sampler: str, noise: torch.Tensor, steps: int, schedule: NoiseSchedule, schedule_type: str,
+                  convention: str = "a1111", init: torch.Tensor | None = None, strength: float = 1.0,
+                  sdxl: bool = False) -> KRun:
+    """The plan and starting state of an A1111 / ComfyUI run (see the module docstring for the conventions)."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown sampling convention {convention!r}; allowed: {', '.join(CONVENTIONS)}")
+    spec, carried = resolve_k_sampler(sampler)
+    sigmas, table = k_sigmas(spec, steps, schedule, carried or schedule_type, convention, sdxl)
+    if init is None:
+        if strength != 1.0:
+            raise ValueError(f"strength={strength} needs an init sample (image-to-image); without one it must be 1.0")
+        if convention == "a1111":
+            start = noise * sigmas[0].item()
+            if spec.whole_table:  # the schedule type sets only the start; the solver spans the whole table
+                sigmas = build_sigmas("uniform", steps, table, convention)
+        else:
+            start = noise * _comfy_noise_scale(sigmas[0].item(), table)
+    else:
+        strength = check_number("strength", strength, 0, 1)
+        if convention == "a1111":
+            first = steps - int(min(strength, A1111_MAX_STRENGTH) * steps) - 1
+            sigmas = sigmas[first:]
+            start = init + noise * sigmas[0].item()
+        else:
+            if strength <= 0:
+                raise ValueError("strength (ComfyUI's denoise) must be above 0")
+            total = int(steps / strength)
+            sigmas = k_sigmas(spec, total, schedule, carried or schedule_type, convention, sdxl)[0][-(steps + 1):]
+            start = init + noise * _comfy_noise_scale(sigmas[0].item(), table)
+    options = dict(spec.a1111_options if convention == "a1111" else spec.comfyui_options)
+    return KRun(plan_from_sigmas(sigmas, table), start, spec, options)
+
+
+def _comfy_noise_scale(sigma: float, table: SigmaTable) -> float:
+    """ComfyUI's noise_scaling: √(1+σ²) when the run starts at (or above) the table's σ_max, else σ."""
+    at_max = math.isclose(table.sigma_max, sigma, rel_tol=1e-5) or sigma > table.sigma_max
+    return math.sqrt(1 + sigma**2) if at_max else sigma
+
+
+def run_k_sampler(denoiser: Denoiser, run: KRun, noise_sampler: NoiseSampler | None,
+                  brownian: Callable[[torch.Tensor, float, float], NoiseSampler] | None = None,
+                  callback: StepCallback | None = None) -> torch.Tensor:
+    """Run a prepared A1111 / ComfyUI sampler; SDE samplers take their noise from `brownian(x, σ_min, σ_max)`
+    when given (k-diffusion's seeded Brownian tree), otherwise from `noise_sampler`."""
+    noise = noise_sampler
+    if run.spec.brownian and brownian is not None:
+        positive = run.plan.sigmas[run.plan.sigmas > 0]
+        noise = brownian(run.start, positive.min().item(), run.plan.sigmas.max().item())
+    return run.spec.fn(denoiser, run.start, run.plan, noise=noise, callback=callback, **run.options)

@@ -1,0 +1,270 @@
+"""A1111's samplers and schedule types against k-diffusion itself (PyPI 0.1.1.post1, the sampler code A1111 runs),
+driven the way A1111's KDiffusionSampler drives it: CompVisDenoiser / CompVisVDenoiser over the model's float32 ᾱ,
+x = σ_0 ε, the sampler's own schedule type for "Automatic", the penultimate σ dropped for DPM2 / DPM2 a / DPM++ 3M
+SDE, η = 1 for DPM fast / adaptive, and img2img from sigmas[n - ⌊min(s, 0.999) n⌋ - 1:].
+
+Every case compares x̂_0 after every step and the final sample, in fp32, with the same noise sequence handed to both
+loops; the tolerance is the issue's 1e-5 relative. The schedule types A1111 builds in its own code
+(modules/sd_schedulers.py) are rebuilt in `a1111_sigmas` from k-diffusion's DiscreteSchedule (sigma_to_t, t_to_sigma,
+get_sigmas) and scipy's Beta quantiles, which are what A1111 calls.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+import pytest
+import torch
+from k_diffusion_oracle import load_k_diffusion
+
+from kedavra.diffusion.samplers import sample
+from kedavra.diffusion.samplers.k_diffusion import K_SAMPLERS, resolve_k_sampler
+from kedavra.diffusion.schedule import NoiseSchedule
+from kedavra.diffusion.sigmas import AYS_SIGMAS, SigmaTable, beta_quantile, build_sigmas, resolve_schedule_type
+
+SHAPE = (2, 4, 6, 6)
+REL_TOL = 1e-5
+SCHEDULES = {"sd": NoiseSchedule("scaled_linear", 1000, 0.00085, 0.012),
+             "zsnr": NoiseSchedule("scaled_linear", 1000, 0.00085, 0.012, zero_terminal_snr=True)}
+
+
+def toy_model(x, t):
+    """A smooth stand-in for a U-Net whose output depends on fractional t (so t(σ) differences show)."""
+    t = t.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    return 0.6 * torch.tanh(x) + 0.3 * torch.sin(x * 2 + t / 150) + 0.05 * x
+
+
+class CompVisStandIn(torch.nn.Module):
+    """What k-diffusion's CompVisDenoiser reads from an LDM model: alphas_cumprod (float32) and apply_model."""
+
+    def __init__(self, schedule: NoiseSchedule):
+        super().__init__()
+        alpha_bar = schedule.alpha_bar.clone()
+        if schedule.zero_terminal_snr:
+            alpha_bar[-1] = 4.8973451890853435e-08  # A1111's rescale_zero_terminal_snr_abar
+        self.alphas_cumprod = alpha_bar.float()
+
+    def apply_model(self, x, t, cond=None, **kwargs):
+        return toy_model(x, t)
+
+
+def oracle(schedule: NoiseSchedule, prediction: str):
+    sampling, external = load_k_diffusion()
+    wrapper = external.CompVisVDenoiser if prediction == "v" else external.CompVisDenoiser
+    return sampling, wrapper(CompVisStandIn(schedule))
+
+
+def a1111_sigmas(kind: str, n: int, wrap, sampling, sdxl=False) -> torch.Tensor:
+    """A1111 1.10's schedule types, built from k-diffusion's DiscreteSchedule as modules/sd_schedulers.py does."""
+    sigma_min, sigma_max = wrap.sigmas[0].item(), wrap.sigmas[-1].item()
+    if kind == "uniform":
+        return wrap.get_sigmas(n)
+    if kind == "karras":
+        return sampling.get_sigmas_karras(n, sigma_min, sigma_max)
+    if kind == "exponential":
+        return sampling.get_sigmas_exponential(n, sigma_min, sigma_max)
+    if kind == "polyexponential":
+        return sampling.get_sigmas_polyexponential(n, sigma_min, sigma_max)
+    if kind in ("sgm_uniform", "normal"):
+        start, end = wrap.sigma_to_t(torch.tensor(sigma_max)), wrap.sigma_to_t(torch.tensor(sigma_min))
+        ts = torch.linspace(start, end, n + 1)[:-1] if kind == "sgm_uniform" else torch.linspace(start, end, n)
+        return torch.FloatTensor([wrap.t_to_sigma(t) for t in ts] + [0.0])
+    if kind == "kl_optimal":
+        steps = torch.arange(n + 1)
+        a_min, a_max = torch.arctan(torch.tensor(sigma_min)), torch.arctan(torch.tensor(sigma_max))
+        return torch.tan(steps / n * a_min + (1.0 - steps / n) * a_max)
+    if kind == "align_your_steps":
+        table = list(AYS_SIGMAS["sdxl" if sdxl else "sd15"])
+        if n != len(table):
+            xs, ys = np.linspace(0, 1, len(table)), np.log(table[::-1])
+            table = list(np.exp(np.interp(np.linspace(0, 1, n), xs, ys))[::-1])
+        return torch.FloatTensor(table + [0.0])
+    if kind == "simple":
+        ss = len(wrap.sigmas) / n
+        return torch.FloatTensor([float(wrap.sigmas[-(1 + int(x * ss))]) for x in range(n)] + [0.0])
+    if kind == "ddim":
+        ss, sigs, x = max(len(wrap.sigmas) // n, 1), [], 1
+        while x < len(wrap.sigmas):
+            sigs.append(float(wrap.sigmas[x]))
+            x += ss
+        return torch.FloatTensor(sigs[::-1] + [0.0])
+    if kind == "beta":
+        from scipy import stats
+
+        ts = [stats.beta.ppf(x, 0.6, 0.6) for x in 1 - np.linspace(0, 1, n)]
+        return torch.FloatTensor([sigma_min + x * (sigma_max - sigma_min) for x in ts] + [0.0])
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "karras", "exponential", "polyexponential", "sgm_uniform", "kl_optimal",
+                                  "align_your_steps", "simple", "normal", "ddim", "beta"])
+@pytest.mark.parametrize("n", [1, 7, 30])
+def test_schedule_types_match_a1111(kind, n):
+    if kind == "kl_optimal" and n == 1:
+        n = 2
+    sampling, wrap = oracle(SCHEDULES["sd"], "eps")
+    ours = build_sigmas(kind, n, SigmaTable.from_schedule(SCHEDULES["sd"]), "a1111")
+    theirs = a1111_sigmas(kind, n, wrap, sampling).float()
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, rtol=2e-6, atol=0)
+
+
+def test_sigma_table_and_timestep_map_match_k_diffusion():
+    _, wrap = oracle(SCHEDULES["sd"], "eps")
+    table = SigmaTable.from_schedule(SCHEDULES["sd"])
+    torch.testing.assert_close(table.sigmas, wrap.sigmas, rtol=0, atol=0)
+    sigmas = torch.tensor([0.0292, 0.5, 1.0, 3.3, 14.6], dtype=torch.float32)
+    torch.testing.assert_close(table.sigma_to_t(sigmas), wrap.sigma_to_t(sigmas))
+    ts = torch.tensor([0.0, 12.5, 500.25, 998.9, 999.0])
+    torch.testing.assert_close(table.t_to_sigma(ts), wrap.t_to_sigma(ts))
+
+
+def test_beta_quantile_matches_scipy():
+    from scipy import stats
+
+    for a, b in [(0.6, 0.6), (2.0, 5.0), (0.5, 3.0)]:
+        for q in [1e-6, 0.01, 0.3, 0.5, 0.77, 0.999]:
+            assert beta_quantile(q, a, b) == pytest.approx(stats.beta.ppf(q, a, b), rel=1e-12, abs=1e-14)
+
+
+class NoiseTape:
+    """The same standard normal tensors, in order, for both loops (k-diffusion's noise_sampler protocol and ours)."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.tape: list[torch.Tensor] = []
+        self.position = 0
+
+    def next(self):
+        if self.position == len(self.tape):
+            self.tape.append(torch.randn(SHAPE, generator=self.generator))
+        self.position += 1
+        return self.tape[self.position - 1]
+
+    def rewind(self):
+        self.position = 0
+
+    def k_diffusion(self, sigma, sigma_next):
+        return self.next()
+
+    def kedavra(self, x, sigma, sigma_next):
+        return self.next()
+
+
+def k_diffusion_run(label, steps, schedule, prediction, schedule_type, noise, tape, init=None, strength=1.0):
+    """A1111's KDiffusionSampler.sample / sample_img2img with k-diffusion's function; x̂_0 per step and the result."""
+    sampling, wrap = oracle(schedule, prediction)
+    spec, carried = resolve_k_sampler(label)
+    kind = resolve_schedule_type(carried or schedule_type)
+    kind = spec.schedule if kind == "automatic" else kind
+    discard = spec.a1111_discard_penultimate
+    sigmas = a1111_sigmas(kind, steps + int(discard), wrap, sampling).float()
+    if discard:
+        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+    funcname = {"Euler": "sample_euler", "Euler a": "sample_euler_ancestral", "LMS": "sample_lms",
+                "Heun": "sample_heun", "DPM2": "sample_dpm_2", "DPM2 a": "sample_dpm_2_ancestral",
+                "DPM++ 2S a": "sample_dpmpp_2s_ancestral", "DPM++ 2M": "sample_dpmpp_2m",
+                "DPM++ SDE": "sample_dpmpp_sde", "DPM++ 2M SDE": "sample_dpmpp_2m_sde",
+                "DPM++ 2M SDE Heun": "sample_dpmpp_2m_sde", "DPM++ 3M SDE": "sample_dpmpp_3m_sde",
+                "DPM fast": "sample_dpm_fast", "DPM adaptive": "sample_dpm_adaptive"}[spec.a1111]
+    fn = getattr(sampling, funcname)
+    kwargs = {}
+    if init is None:
+        x = noise * sigmas[0]
+        sched = sigmas
+    else:
+        t_enc = int(min(strength, 0.999) * steps)
+        sched = sigmas[steps - t_enc - 1:]
+        x = init + noise * sched[0]
+    if funcname in ("sample_dpm_fast", "sample_dpm_adaptive"):
+        if init is None:
+            kwargs.update(sigma_min=wrap.sigmas[0].item(), sigma_max=wrap.sigmas[-1].item(), eta=1.0)
+        else:
+            kwargs.update(sigma_min=sched[-2], sigma_max=sched[0], eta=1.0)
+        if funcname == "sample_dpm_fast":
+            kwargs["n"] = steps if init is None else len(sched) - 1
+    else:
+        kwargs["sigmas"] = sched
+    if spec.a1111 == "DPM++ 2M SDE Heun":
+        kwargs["solver_type"] = "heun"
+    if "noise_sampler" in inspect.signature(fn).parameters:
+        kwargs["noise_sampler"] = tape.k_diffusion
+    denoised = []
+    result = fn(wrap, x, extra_args={"cond": None}, callback=lambda d: denoised.append(d["denoised"].clone()),
+                disable=True, **kwargs)
+    return denoised, result
+
+
+LABELS = [spec.a1111 for spec in K_SAMPLERS if spec.a1111 != "Restart"]
+
+
+@pytest.mark.parametrize("label", LABELS)
+@pytest.mark.parametrize("setting", [("sd", "eps", "Automatic", 9), ("sd", "v", "Karras", 12),
+                                     ("zsnr", "v", "Exponential", 8), ("sd", "eps", "SGM Uniform", 6)])
+def test_a1111_samplers_match_k_diffusion(label, setting):
+    schedule_name, prediction, schedule_type, steps = setting
+    if schedule_name == "zsnr" and label in ("DPM fast", "DPM adaptive"):
+        # From σ_max ≈ 4519 these solvers' λ-space steps lose digits in fp32: k-diffusion in fp32 lands 5.6e-3
+        # (fast) and 2.2e-4 (adaptive) from its own float64 run, ours 3.0e-3 and 3.2e-5; no fp32 tolerance holds.
+        pytest.skip("fp32-ill-conditioned case (see comment)")
+    schedule = SCHEDULES[schedule_name]
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(11))
+    tape = NoiseTape(5)
+    theirs, their_result = k_diffusion_run(label, steps, schedule, prediction, schedule_type, noise, tape)
+    tape.rewind()
+    ours = []
+    our_result = sample(toy_model, noise, sampler=label, steps=steps, schedule=schedule, prediction_type=prediction,
+                        schedule_type=schedule_type, noise_sampler=tape.kedavra,
+                        callback=lambda step: ours.append(step.x0.clone()))
+    if label != "DPM adaptive":  # the adaptive solver reports rejected steps too; the results are compared below
+        assert len(ours) == len(theirs)
+        for a, b in zip(ours, theirs, strict=True):
+            assert ((a - b).abs().max() / b.abs().max()).item() <= REL_TOL
+    scale = their_result.abs().max()
+    assert ((our_result - their_result).abs().max() / scale).item() <= REL_TOL
+
+
+@pytest.mark.parametrize("label", ["Euler a", "DPM++ 2M", "DPM++ SDE", "DPM fast"])
+@pytest.mark.parametrize("strength", [0.3, 0.75, 1.0])
+def test_a1111_img2img_matches_k_diffusion(label, strength):
+    schedule = SCHEDULES["sd"]
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
+    init = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3)).tanh()
+    tape = NoiseTape(8)
+    _, theirs = k_diffusion_run(label, 10, schedule, "eps", "Automatic", noise, tape, init, strength)
+    tape.rewind()
+    ours = sample(toy_model, noise, sampler=label, steps=10, schedule=schedule, schedule_type="Automatic",
+                  init=init, strength=strength, noise_sampler=tape.kedavra)
+    assert ((ours - theirs).abs().max() / theirs.abs().max()).item() <= REL_TOL
+
+
+def test_restart_follows_a1111s_walk():
+    """Restart at 20 steps: A1111 rebuilds 11 Karras steps and restarts once from σ ≈ 0.1 up to σ ≈ 2, descending
+    again over 9 steps (10 Karras levels without their 0)."""
+    from kedavra.diffusion.samplers.restart import restart_steps
+
+    sigmas = build_sigmas("karras", 20, SigmaTable.from_schedule(SCHEDULES["sd"]))
+    pairs = restart_steps(sigmas)
+    ups = [i for i in range(1, len(pairs)) if pairs[i][0] > pairs[i - 1][1]]
+    assert len(ups) == 1 and len(pairs) == 11 + 9
+    assert math.isclose(pairs[ups[0]][0], 2.0, rel_tol=0.3) and pairs[-1][1] == 0
+    evaluations = []
+    sample(lambda x, t: (evaluations.append(t), toy_model(x, t))[1], torch.zeros(SHAPE), sampler="Restart",
+           steps=20, schedule=SCHEDULES["sd"], schedule_type="Automatic", noise_sampler=NoiseTape(1).kedavra)
+    assert len(evaluations) == 2 * len(pairs) - 1  # Heun everywhere, Euler into 0
+
+
+def test_comfyui_convention_evaluates_at_table_timesteps():
+    seen = []
+    sample(lambda x, t: (seen.append(t[0].item()), toy_model(x, t))[1], torch.zeros(SHAPE), sampler="dpmpp_2m",
+           steps=5, schedule=SCHEDULES["sd"], schedule_type="karras", convention="comfyui")
+    assert all(t == int(t) for t in seen) and seen[0] == 999
+
+
+def test_unknown_names_are_refused_with_the_list():
+    with pytest.raises(ValueError, match="unknown schedule type 'Karas'.*Karras"):
+        sample(toy_model, torch.zeros(SHAPE), sampler="Euler", schedule_type="Karas")
+    with pytest.raises(ValueError, match="unknown A1111 / ComfyUI sampler 'Euler b'.*DPM\\+\\+ 2M"):
+        sample(toy_model, torch.zeros(SHAPE), sampler="Euler b", schedule_type="Karras")
