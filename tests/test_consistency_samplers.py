@@ -26,6 +26,7 @@ from kedavra.diffusion.samplers.consistency import (  # noqa: E402
     tcd_timesteps,
 )
 from kedavra.diffusion.samplers.denoiser import Denoiser  # noqa: E402
+from kedavra.diffusion.samplers.noise import generator_noise  # noqa: E402
 from kedavra.diffusion.schedule import SCHEDULE_PRESETS  # noqa: E402
 from kedavra.diffusion.timesteps import SamplingPlan, make_plan  # noqa: E402
 
@@ -78,7 +79,8 @@ def lcm_parity(steps, prediction, config, strength=1.0, custom=None) -> float:
         x = add_noise(init, noise, plan.alpha_bar[0].item())
         x_theirs = sched.add_noise(init, noise, sched.timesteps[:1])
     ours = []
-    result = sample_lcm(Denoiser(toy_model, prediction), x, plan, generator=torch.Generator().manual_seed(3),
+    per_step = generator_noise(torch.Generator().manual_seed(3))
+    result = sample_lcm(Denoiser(toy_model, prediction), x, plan, noise=per_step,
                         callback=lambda step: ours.append(step.x.clone()))
     theirs = diffusers_run(sched, x_theirs, {"generator": torch.Generator().manual_seed(3)})
     assert torch.equal(result, ours[-1]) and len(ours) == steps
@@ -113,7 +115,7 @@ def tcd_parity(steps, prediction, gamma, strength=1.0, every_timestep=False) -> 
     plan = make_consistency_plan(SD, timesteps, final_sigma="sigma_min")  # TCDScheduler's last step lands on t = 0
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7))
     ours = []
-    sample_tcd(Denoiser(toy_model, prediction), noise, plan, generator=torch.Generator().manual_seed(3),
+    sample_tcd(Denoiser(toy_model, prediction), noise, plan, noise=generator_noise(torch.Generator().manual_seed(3)),
                callback=lambda step: ours.append(step.x.clone()), gamma=gamma)
     theirs = diffusers_run(sched, noise, {"eta": gamma, "generator": torch.Generator().manual_seed(3)})
     return relative_error(ours, theirs)
@@ -290,3 +292,20 @@ def test_tcd_needs_the_schedule_table_only_when_stochastic():
         sample_tcd(Denoiser(toy_model), torch.zeros(SHAPE), plain, gamma=0.3)
     sample_tcd(Denoiser(toy_model), torch.zeros(SHAPE), plain, gamma=0.0)  # deterministic: DDIM, no table needed
     assert isinstance(make_consistency_plan(SD, lcm_timesteps(SD, 4)).start_at(2).train_alpha_bar, torch.Tensor)
+
+
+@pytest.mark.parametrize(("name", "scheduler"), [("lcm", "LCMScheduler"), ("tcd", "TCDScheduler")])
+def test_sample_runs_lcm_and_tcd_as_diffusers(name, scheduler):
+    """`sample(sampler="lcm" / "tcd")` (what the pipeline, CLI and server call) gives diffusers' result, TCD with its
+    default γ = 0.3 (eta 0 in a request means that default)."""
+    from kedavra.diffusion.samplers import sample
+
+    schedule = SCHEDULE_PRESETS["sd"]
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7))
+    ours = sample(toy_model, noise, sampler=name, steps=4, schedule=schedule,
+                  generator=torch.Generator().manual_seed(3))
+    sched = getattr(diffusers, scheduler)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    options = {"generator": torch.Generator().manual_seed(3)} | ({"eta": 0.3} if name == "tcd" else {})
+    sched.set_timesteps(4)
+    theirs = diffusers_run(sched, noise, options)
+    assert ((ours - theirs[-1]).abs().max() / theirs[-1].abs().max()).item() < 1e-5

@@ -101,7 +101,7 @@ def test_one_image_carries_its_parameters(single, model_file):
     assert params == GenerationParameters(
         prompt=PROMPT, negative_prompt="blurry, lowres", steps=3, sampler="Euler a", cfg_scale=5.0, seed=7,
         width=SIZE, height=SIZE, model_hash=model_hash(model_file), model="tiny",
-        extra={"CFG rescale": "0.5"}, version=f"kedavra {__version__}")
+        extra={"CFG rescale": "0.5", "RNG": "CPU"}, version=f"kedavra {__version__}")
 
 
 def test_same_seed_gives_the_same_pixels(single, tmp_path, capsys):
@@ -131,22 +131,23 @@ def test_from_png_flags_override(single, model_file, tmp_path):
     assert (request.seed, request.guidance_rescale) == (7, 0.5)
 
 
-@pytest.mark.parametrize(("sampler", "schedule_type", "expected", "noted"), [
-    ("DPM++ 2M Karras", None, ("dpmpp_2m", True), False),  # A1111 before v1.9: the schedule in the name
-    ("DPM++ 2M", None, ("dpmpp_2m", False), False),
-    ("DPM++ 2M", "Karras", ("dpmpp_2m", True), False),  # A1111 v1.9 on
-    ("DPM++ 2M", "Automatic", ("dpmpp_2m", True), False),  # A1111's 'DPM++ 2M' defaults to {'scheduler': 'karras'}
-    ("Euler a", "Automatic", ("euler_a", False), False),
-    ("Euler", "Uniform", ("euler", False), False),
-    ("Euler", "Exponential", ("euler", False), True),  # not supported: said on stderr
+@pytest.mark.parametrize(("sampler", "schedule_type", "expected"), [
+    ("DPM++ 2M Karras", None, ("dpmpp_2m", None, True, "CPU")),  # no schedule type: kedavra's plans, Karras σ's
+    ("DPM++ 2M", None, ("dpmpp_2m", None, False, "CPU")),
+    ("DPM++ 2M", "Karras", ("DPM++ 2M", "karras", False, "GPU")),  # A1111 v1.9 on: its sampler, its GPU noise
+    ("DPM++ 2M", "Automatic", ("DPM++ 2M", "automatic", False, "GPU")),
+    ("Euler a", "Automatic", ("Euler a", "automatic", False, "GPU")),
+    ("Euler", "Uniform", ("Euler", "uniform", False, "GPU")),
+    ("DPM2 a", "Exponential", ("DPM2 a", "exponential", False, "GPU")),
+    ("DPM++ 3M SDE", None, ("DPM++ 3M SDE", "automatic", False, "CPU")),  # only A1111 has it: its way
 ])
-def test_a1111_sampler_and_schedule_type(sampler, schedule_type, expected, noted):
+def test_a1111_sampler_and_schedule_type(sampler, schedule_type, expected):
     png = GenerationParameters(prompt="a", steps=20, sampler=sampler, schedule_type=schedule_type, cfg_scale=7,
                                seed=1, width=512, height=512)
     notes = []
     request = resolve_request(build_parser().parse_args(["generate", "--from-png", "a.png"]), png, notes)
-    assert (request.sampler, request.karras) == expected
-    assert bool(notes) == noted
+    assert (request.sampler, request.schedule_type, request.karras, request.rng) == expected
+    assert not notes
 
 
 def test_a1111_text_with_an_old_sampler_name(model_file, tmp_path, capsys):
@@ -165,7 +166,8 @@ def test_a1111_text_with_an_old_sampler_name(model_file, tmp_path, capsys):
                     "-o", tmp_path / "direct.png") == 0
     assert np.array_equal(pixels(tmp_path / "from_a1111.png"), pixels(tmp_path / "direct.png"))
     params = read_parameters(tmp_path / "direct.png")
-    assert (params.sampler, params.schedule_type, params.seed) == ("DPM++ 2M", "Karras", 42)
+    # kedavra's own plans name Karras σ's as A1111 did before v1.9; a "Schedule type" would mean A1111's sampler
+    assert (params.sampler, params.schedule_type, params.seed) == ("DPM++ 2M Karras", None, 42)
 
 
 def test_batch_with_grid(single, model_file, tmp_path, capsys):
@@ -330,3 +332,32 @@ def test_model_identity_of_a_file_and_a_diffusers_folder(model_file, tmp_path):
     sharded.mkdir(parents=True)
     (sharded / "diffusion_pytorch_model.safetensors.index.json").write_text("{}")
     assert model_identity(sharded.parent) == ("sharded", None)
+
+
+@pytest.mark.parametrize("sampler", ["DPM++ 2M", "Euler a", "DPM++ SDE", "DPM2 a"])
+def test_a1111_sampling_round_trips_through_the_png(sampler, model_file, tmp_path):
+    """An A1111-style run (schedule type, NV noise, variation seed, ENSD) writes A1111's fields, and --from-png
+    reads them back into the same pixels; a different RNG source gives other pixels."""
+    out = tmp_path / "a1111.png"
+    common = ("--model", model_file, "--precision", "fp32", "-q", "--steps", STEPS, "--seed", "5")
+    assert generate(PROMPT, *common, "--sampler", sampler, "--schedule-type", "Karras", "--rng", "NV",
+                    "--variation-seed", "9", "--variation-strength", "0.3", "--ensd", "31337", "-o", out) == 0
+    params = read_parameters(out)
+    assert (params.sampler, params.schedule_type) == (sampler, "Karras")
+    assert {key: params.extra[key] for key in ("RNG", "ENSD", "Variation seed", "Variation seed strength")} == {
+        "RNG": "NV", "ENSD": "31337", "Variation seed": "9", "Variation seed strength": "0.3"}
+    again = tmp_path / "again.png"
+    assert generate("--from-png", out, "--model", model_file, "--precision", "fp32", "-q", "-o", again) == 0
+    assert np.array_equal(pixels(out), pixels(again))
+    cpu = tmp_path / "cpu.png"
+    assert generate("--from-png", out, "--model", model_file, "--precision", "fp32", "-q", "--rng", "CPU",
+                    "-o", cpu) == 0
+    assert not np.array_equal(pixels(out), pixels(cpu))
+
+
+def test_bad_sampling_flags_are_refused(model_file, capsys):
+    common = (PROMPT, "--model", model_file, "-q")
+    assert generate(*common, "--schedule-type", "Karas") != 0
+    assert "unknown schedule type 'Karas'" in capsys.readouterr().err
+    assert generate(*common, "--variation-strength", "0.5") != 0
+    assert "needs a subseed" in capsys.readouterr().err

@@ -28,22 +28,26 @@ from tqdm import tqdm
 from kedavra.adapters.lora_file import locate_lora
 from kedavra.adapters.prompt_tags import split_lora_tags
 from kedavra.api import choose_model, load, model_identity, resolve_model
-from kedavra.diffusion.samplers import resolve_sampler
+from kedavra.diffusion.rng import RNG_SOURCES
+from kedavra.diffusion.sigmas import CONVENTIONS
 from kedavra.diffusion.timesteps import SPACINGS, start_index_for_strength
 from kedavra.formats.grid import image_grid
 from kedavra.formats.png_info import GenerationParameters, read_parameters, write_png
 from kedavra.networks.model import PRESETS, UNET_PREDICTION_TYPES
 from kedavra.pipeline.device import check_device, parse_precision
 from kedavra.pipeline.infotext import (
-    DEFAULT_SCHEDULES,
+    A1111_DEFAULT_RNG,
+    CONVENTION_KEY,
+    ENSD_KEY,
     ETA_KEY,
     GUIDANCE_RESCALE_KEY,
-    KARRAS_SCHEDULE,
     REFINER_KEY,
     REFINER_SWITCH_KEY,
+    RNG_KEY,
     SPACING_KEY,
+    VARIATION_SEED_KEY,
+    VARIATION_STRENGTH_KEY,
     request_parameters,
-    schedule_karras,
 )
 from kedavra.pipeline.pipeline import LORA_HASHES_KEY
 from kedavra.pipeline.request import (
@@ -126,7 +130,21 @@ def register(subparsers) -> None:
                           help=f"kedavra, A1111, ComfyUI or diffusers name, e.g. euler_a, 'DPM++ 2M Karras' "
                                f"(default {DEFAULT_SAMPLER}; `kedavra samplers` lists them)")
     sampling.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None,
-                          help="Karras et al. 2022 noise levels (--no-karras turns off what a PNG or name says)")
+                          help="Karras et al. 2022 noise levels on kedavra's plans")
+    sampling.add_argument("--schedule-type", metavar="NAME",
+                          help="run the sampler as A1111 / ComfyUI do, on this schedule type's σ's: A1111's "
+                               "Automatic, Uniform, Karras, Exponential, Polyexponential, SGM Uniform, KL Optimal, "
+                               "Align Your Steps, Simple, Normal, DDIM, Beta, or ComfyUI's scheduler names")
+    sampling.add_argument("--convention", choices=CONVENTIONS,
+                          help="with --schedule-type: whose conventions to follow (default a1111)")
+    sampling.add_argument("--rng", choices=RNG_SOURCES,
+                          help="noise source, as A1111's setting: CPU (default), GPU or NV (an NVIDIA card's "
+                               "torch.randn, emulated)")
+    sampling.add_argument("--variation-seed", type=int, metavar="N", help="A1111's variation seed (subseed)")
+    sampling.add_argument("--variation-strength", type=float, metavar="F",
+                          help="how far towards the variation seed's noise, in [0, 1]")
+    sampling.add_argument("--ensd", type=int, metavar="N",
+                          help="A1111's eta noise seed delta: sampler noise after the first restarts from seed + N")
     sampling.add_argument("--cfg-scale", type=float, metavar="F",
                           help=f"classifier-free guidance scale w (default {DEFAULT_CFG_SCALE}; 1 = no guidance)")
     sampling.add_argument("--guidance-rescale", type=float, metavar="F",
@@ -181,13 +199,17 @@ def resolve_request(args, png: GenerationParameters | None, notes: list[str], in
     extra = png.extra if png is not None else {}
     if args.prompt is None and png is None:
         raise ValueError("give a prompt, or --from-png IMAGE.png to take it from an image")
-    spec, karras = resolve_sampler(pick(args.sampler, png and png.sampler, DEFAULT_SAMPLER))
-    if args.karras is not None:
-        karras = args.karras
-    elif png is not None and png.schedule_type is not None:
-        karras = schedule_karras(png.schedule_type, spec, karras)
-        if png.schedule_type not in (KARRAS_SCHEDULE, *DEFAULT_SCHEDULES):
-            notes.append(f"schedule type {png.schedule_type!r} is not supported; using the model's default spacing")
+    sampler = pick(args.sampler, png and png.sampler, DEFAULT_SAMPLER)
+    # A1111 (1.9 on) writes a "Schedule type", and kedavra writes one for the A1111 / ComfyUI runs: the image was
+    # sampled their way. Without one (kedavra's own plans, or an older A1111) the name alone decides.
+    png_schedule = png.schedule_type if png is not None and args.sampler is None else None
+    schedule_type = pick(args.schedule_type, png_schedule, None)
+    karras = bool(args.karras)
+    if args.karras is False and sampler.lower().endswith(" karras"):  # --no-karras wins over the name's " Karras"
+        sampler = sampler[: -len(" karras")]
+    rng = pick(args.rng, extra.get(RNG_KEY), A1111_DEFAULT_RNG if png_schedule is not None else "CPU")
+    variation_seed = pick(args.variation_seed, _number(extra, VARIATION_SEED_KEY), None)
+    variation_strength = pick(args.variation_strength, _number(extra, VARIATION_STRENGTH_KEY), 0.0)
     strength = args.strength
     if png is not None and png.denoising_strength is not None and strength is None:
         if init_image is not None:
@@ -214,10 +236,13 @@ def resolve_request(args, png: GenerationParameters | None, notes: list[str], in
         pick(args.negative, png and png.negative_prompt, ""),
         num_images=args.num_images,
         steps=pick(args.steps, png and png.steps, DEFAULT_STEPS),
-        sampler=spec.name, karras=karras,
+        sampler=sampler, karras=karras, schedule_type=schedule_type,
+        convention=pick(args.convention, extra.get(CONVENTION_KEY), "a1111"), rng=rng,
+        subseed=None if variation_seed is None else int(variation_seed), subseed_strength=variation_strength,
+        eta_noise_seed_delta=int(pick(args.ensd, _number(extra, ENSD_KEY), 0)),
         guidance_scale=pick(args.cfg_scale, png and png.cfg_scale, DEFAULT_CFG_SCALE),
         guidance_rescale=pick(args.guidance_rescale, _number(extra, GUIDANCE_RESCALE_KEY), 0.0),
-        eta=pick(args.eta, _number(extra, ETA_KEY) if spec.name == "ddim" else None, 0.0),
+        eta=pick(args.eta, _number(extra, ETA_KEY), 0.0),
         seed=pick(args.seed, png and png.seed, None),
         width=pick(args.width, png and png.width, None),
         height=pick(args.height, png and png.height, None),

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from kedavra.diffusion.samplers import SamplerSpec
+from kedavra.diffusion.sigmas import schedule_type_label
 from kedavra.formats.png_info import GenerationParameters
 from kedavra.pipeline.request import GenerationRequest
 
@@ -20,6 +21,10 @@ ETA_KEY = "Eta DDIM"  # A1111 (modules/sd_samplers_compvis.py) writes DDIM's η 
 REFINER_KEY = "Refiner"  # A1111 (modules/processing.py): "Refiner: NAME [HASH]" when a refiner ran
 REFINER_SWITCH_KEY = "Refiner switch at"  # A1111: the refiner_switch_at it ran with
 SPACING_KEY = "Timestep spacing"  # ours: written only when a request overrides the model's spacing
+RNG_KEY, ENSD_KEY = "RNG", "ENSD"  # A1111's keys for the noise source and the eta noise seed delta
+VARIATION_SEED_KEY, VARIATION_STRENGTH_KEY = "Variation seed", "Variation seed strength"  # A1111's subseed keys
+A1111_DEFAULT_RNG = "GPU"  # what an A1111 PNG without "RNG" was made with
+CONVENTION_KEY = "Sampling convention"  # ours: "comfyui" when the sampler ran as ComfyUI runs it
 GUIDANCE_RESCALE_KEY = "CFG rescale"  # SD.Next's key for Lin et al. 2023's φ (A1111 itself has no such option)
 
 
@@ -29,6 +34,21 @@ def schedule_karras(schedule_type: str, sampler: SamplerSpec, karras_from_name: 
     other keeps what the sampler's name said (`karras_from_name`, e.g. from "DPM++ 2M Karras")."""
     automatic_karras = schedule_type == DEFAULT_SCHEDULES[0] and sampler.name in AUTOMATIC_KARRAS
     return karras_from_name or schedule_type == KARRAS_SCHEDULE or automatic_karras
+
+
+def noise_parameters(request: GenerationRequest, index: int) -> dict[str, str]:
+    """A1111's infotext fields for the noise (modules/processing.py): "RNG" (kedavra writes it always, so that its
+    own PNGs read back with the source they were made with; A1111 omits its default "GPU"), "ENSD", and "Variation
+    seed" / "Variation seed strength"; and "Sampling convention" when a ComfyUI-style run made the image."""
+    fields = {RNG_KEY: request.rng}
+    if request.eta_noise_seed_delta:
+        fields[ENSD_KEY] = str(request.eta_noise_seed_delta)
+    if request.subseed_strength:
+        fields[VARIATION_SEED_KEY] = str(request.image_seeds(request.seed or 0)[1][index])
+        fields[VARIATION_STRENGTH_KEY] = repr(float(request.subseed_strength))
+    if request.schedule_type is not None and request.convention != "a1111":
+        fields[CONVENTION_KEY] = request.convention
+    return fields
 
 
 def request_parameters(request: GenerationRequest, index: int, seed: int, width: int, height: int,
@@ -48,9 +68,17 @@ def request_parameters(request: GenerationRequest, index: int, seed: int, width:
         extra[ETA_KEY] = repr(float(request.eta))
     if request.spacing is not None:
         extra[SPACING_KEY] = request.spacing
-    spec = request.sampler_spec
+    extra.update(noise_parameters(request, index))
+    if request.schedule_type is not None:  # an A1111 / ComfyUI sampler, named as they name it
+        sampler, schedule_type = request.sampler, schedule_type_label(request.schedule_type)
+    else:
+        # kedavra's own plans: no "Schedule type" (that would read back as an A1111 run); Karras σ's in the name,
+        # as A1111 named its samplers before 1.9 ("DPM++ 2M Karras")
+        spec = request.sampler_spec
+        sampler = f"{spec.a1111 or spec.name}{' ' + KARRAS_SCHEDULE if request.karras else ''}"
+        schedule_type = None
     return GenerationParameters(
         prompt=request.prompts[index], negative_prompt=request.negative_prompts[index], steps=request.steps,
-        sampler=spec.a1111 or spec.name, schedule_type=KARRAS_SCHEDULE if request.karras else None,
+        sampler=sampler, schedule_type=schedule_type,
         cfg_scale=request.guidance_scale, seed=seed, width=width, height=height, model_hash=model_hash, model=model,
         denoising_strength=request.strength, clip_skip=request.clip_skip, extra=extra)

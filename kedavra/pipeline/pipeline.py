@@ -25,7 +25,9 @@ from kedavra.adapters.lora_file import LoraFile, find_loras, locate_lora, read_l
 from kedavra.adapters.merge import LoraMerger, LoraUse
 from kedavra.adapters.prompt_tags import LoraTag, batch_lora_tags
 from kedavra.adapters.textual_inversion import Embedding, EmbeddingLibrary, LoadReport
+from kedavra.diffusion.brownian import BrownianTreeNoise
 from kedavra.diffusion.guidance import classifier_free_guidance
+from kedavra.diffusion.rng import ImageNoise
 from kedavra.diffusion.samplers import StepCallback, StepRecord, sample
 from kedavra.formats.images import to_pil
 from kedavra.networks.acceleration import optimize_for_inference
@@ -172,7 +174,7 @@ class Pipeline:
                              "serves as the refiner of an SDXL base model (refiner=...)")
         batch, f = request.num_images, self.config.vae.downsample_factor
         seed = secrets.randbelow(MAX_SEED + 1 - batch) if request.seed is None else request.seed
-        seeds = [(seed + i) % (MAX_SEED + 1) for i in range(batch)]
+        seeds, subseeds = request.image_seeds(seed)
         generators = [torch.Generator().manual_seed(s) for s in seeds]
 
         latent_size = (request.height // f, request.width // f)
@@ -180,8 +182,16 @@ class Pipeline:
         if request.init_image is not None:  # encoded before the noise is drawn, as diffusers' img2img does
             images = request.init_image.to(self.device)
             init_latents = self._encode_images(images, generators)
-        noise = torch.cat([torch.randn((1, self.config.vae.latent_channels, *latent_size), generator=g)
-                           for g in generators]).to(self.device)
+        noise_shape = (self.config.vae.latent_channels, *latent_size)
+        noise_sampler = brownian = None
+        if request.uses_image_noise:  # A1111's noise: its RNG source, variation seed, ENSD, per-step draws
+            image_noise = ImageNoise(noise_shape, seeds, request.rng, subseeds, request.subseed_strength,
+                                     eta_noise_seed_delta=request.eta_noise_seed_delta)
+            noise = image_noise.first().to(self.device)
+            noise_sampler = image_noise.as_noise_sampler()
+            brownian = self._brownian(request, seeds)
+        else:
+            noise = torch.cat([torch.randn((1, *noise_shape), generator=g) for g in generators]).to(self.device)
         if request.mask is not None:
             pixel_mask = request.mask.to(self.device)  # (B, 1, H, W), 1 = paint
             latent_mask = torch.nn.functional.interpolate(pixel_mask, size=latent_size)
@@ -204,8 +214,18 @@ class Pipeline:
             steps_offset=self.config.steps_offset, karras=request.karras, eta=request.eta, init=init_latents,
             strength=request.strength if init_latents is not None else 1.0, mask=blend_mask, generator=generators,
             callback=denoise.reporting(callback) if callback is not None else None,
+            schedule_type=request.schedule_type, convention=request.convention, noise_sampler=noise_sampler,
+            brownian=brownian, sdxl=self.config.micro_conditioning > 0,
         )
         return GenerationResult(to_pil(self.decode(latents)), seeds, latents, parameters)
+
+    @staticmethod
+    def _brownian(request: GenerationRequest, seeds: list[int]):
+        """The Brownian-tree noise of SDE samplers: one tree per image seeded with its seed (A1111), or one for the
+        batch on the CPU seeded with the first seed (ComfyUI)."""
+        if request.convention == "comfyui":
+            return lambda x, sigma_min, sigma_max: BrownianTreeNoise(x, sigma_min, sigma_max, seeds[0], device="cpu")
+        return lambda x, sigma_min, sigma_max: BrownianTreeNoise(x, sigma_min, sigma_max, seeds)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -21,10 +21,21 @@ import torch
 from PIL import Image
 
 from kedavra.adapters.prompt_tags import batch_lora_tags
-from kedavra.diffusion.samplers import SamplerSpec, check_eta, resolve_sampler
+from kedavra.diffusion.rng import RNG_SOURCES
+from kedavra.diffusion.samplers import SAMPLERS, SamplerSpec, check_eta, resolve_sampler
+from kedavra.diffusion.samplers.k_diffusion import KSamplerSpec, k_sampler_names, resolve_k_sampler
+from kedavra.diffusion.sigmas import AUTOMATIC, CONVENTIONS, resolve_schedule_type
 from kedavra.diffusion.timesteps import SPACINGS, check_steps
 from kedavra.formats.images import from_pil
-from kedavra.validation import check_bool, check_choice, check_int, check_number, check_optional_int, check_seed
+from kedavra.validation import (
+    MAX_SEED,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    check_optional_int,
+    check_seed,
+)
 
 MAX_SIDE = 2048  # largest width/height accepted, in pixels: beyond it a CPU run takes hours
 MAX_IMAGES = 64  # largest batch accepted in one call
@@ -70,6 +81,16 @@ class GenerationRequest:
                                "trailing", which starts at the last training timestep (Lin et al. 2023, sec. 3.3)
     refiner_switch_at          with a refiner (`Pipeline.generate`): the share of the training timesteps, counted
                                from the noisiest, that the base model denoises before the refiner takes over
+    schedule_type, convention  run the sampler as A1111 ("a1111") or ComfyUI ("comfyui") does, on the σ's of this
+                               schedule type ("Automatic", "Karras", "sgm_uniform", ...; kedavra.diffusion.sigmas);
+                               None: kedavra's own plans (diffusers' trajectories). A sampler only A1111 / ComfyUI
+                               list ("DPM2", "LMS", "DPM++ 3M SDE", "Restart", ...) gets "Automatic" when it is None;
+                               samplers A1111 runs on timesteps (DDIM, UniPC) ignore it.
+    rng                        where the noise comes from, as A1111's "Random number generator source": "CPU"
+                               (torch's CPU generator: kedavra's default), "GPU" or "NV" (what an NVIDIA card draws,
+                               emulated: kedavra.diffusion.rng)
+    subseed, subseed_strength  A1111's variation seed and strength (slerp towards the variation seed's noise)
+    eta_noise_seed_delta       A1111's ENSD: sampler noise after the initial noise restarts from seed + delta
     """
 
     prompts: tuple[str, ...]
@@ -94,6 +115,12 @@ class GenerationRequest:
     negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE
     refiner_switch_at: float = DEFAULT_REFINER_SWITCH_AT
     spacing: str | None = None
+    schedule_type: str | None = None
+    convention: str = "a1111"
+    rng: str = "CPU"
+    subseed: int | None = None
+    subseed_strength: float = 0.0
+    eta_noise_seed_delta: int = 0
 
     def __post_init__(self):
         prompts, negatives = tuple(self.prompts), tuple(self.negative_prompts)
@@ -106,11 +133,22 @@ class GenerationRequest:
         check_int("num_images", len(prompts), 1, MAX_IMAGES)
         batch_lora_tags(prompts)  # <lora:NAME:WEIGHT> tags: their syntax, and one set per batch
         check_int("steps", self.steps, 1)
-        spec, karras_from_name = resolve_sampler(self.sampler)
+        sampler, schedule_type, karras_from_name = self._sampling()
         check_bool("karras", self.karras)
         check_number("guidance_scale", self.guidance_scale, low=0)
         check_number("guidance_rescale", self.guidance_rescale, 0, 1)
-        check_eta(spec, self.eta)
+        if schedule_type is None:
+            check_eta(resolve_sampler(sampler)[0], self.eta)
+        elif self.eta or self.karras:
+            raise ValueError(f"{'eta' if self.eta else 'karras'} does not apply with a schedule type "
+                             f"({self.schedule_type!r}): the schedule type sets the σ's and {sampler} its own noise")
+        check_choice("sampling convention", self.convention, CONVENTIONS)
+        check_choice("rng", self.rng, RNG_SOURCES)
+        check_seed("subseed", self.subseed, optional=True)
+        check_number("subseed_strength", self.subseed_strength, 0, 1)
+        if self.subseed_strength and self.subseed is None:
+            raise ValueError(f"subseed_strength={self.subseed_strength} needs a subseed (the variation seed)")
+        check_int("eta_noise_seed_delta", self.eta_noise_seed_delta, 0, MAX_SEED)
         check_seed("seed", self.seed, optional=True)
         for name in ("width", "height"):
             check_optional_int(name, getattr(self, name), 1, MAX_SIDE, none_means="the model's image size")
@@ -143,7 +181,8 @@ class GenerationRequest:
         set_field = object.__setattr__  # normalising a frozen instance's own fields while it is being built
         set_field(self, "prompts", prompts)
         set_field(self, "negative_prompts", negatives)
-        set_field(self, "sampler", spec.name)
+        set_field(self, "sampler", sampler)
+        set_field(self, "schedule_type", schedule_type)
         set_field(self, "karras", self.karras or karras_from_name)
         if self.init_image is not None and self.strength is None:
             set_field(self, "strength", DEFAULT_INPAINT_STRENGTH if self.mask is not None else DEFAULT_IMG2IMG_STRENGTH)
@@ -174,9 +213,51 @@ class GenerationRequest:
     def num_images(self) -> int:
         return len(self.prompts)
 
+    def _sampling(self) -> tuple[str, str | None, bool]:
+        """(sampler name, resolved schedule type or None, karras from the name): an A1111 / ComfyUI sampler with a
+        schedule type (or one only they list) takes their path; any other runs on kedavra's plans."""
+        schedule_type = None if self.schedule_type is None else resolve_schedule_type(self.schedule_type)
+        try:
+            kedavra_spec, karras_from_name = resolve_sampler(self.sampler)
+        except ValueError:
+            kedavra_spec, karras_from_name = None, False
+        if schedule_type is not None or kedavra_spec is None:
+            try:
+                k_spec, carried = resolve_k_sampler(self.sampler)
+            except ValueError:
+                if kedavra_spec is None:
+                    allowed = f"{', '.join(SAMPLERS)} (kedavra), {', '.join(k_sampler_names())} (A1111 / ComfyUI)"
+                    raise ValueError(f"unknown sampler {self.sampler!r}; allowed: {allowed}, optionally with "
+                                     "' Karras'") from None
+                return kedavra_spec.name, None, karras_from_name  # A1111 runs DDIM, UniPC, ... on timesteps
+            return k_spec.name, carried or schedule_type or AUTOMATIC, False
+        return kedavra_spec.name, None, karras_from_name
+
     @property
-    def sampler_spec(self) -> SamplerSpec:
-        return resolve_sampler(self.sampler)[0]
+    def uses_image_noise(self) -> bool:
+        """Whether the noise is drawn as A1111 draws it (kedavra.diffusion.rng.ImageNoise) rather than from one CPU
+        generator per image (the same numbers as A1111's "CPU" source without variation seed or ENSD)."""
+        return (self.schedule_type is not None or self.rng != "CPU" or bool(self.subseed_strength)
+                or bool(self.eta_noise_seed_delta))
+
+    def image_seeds(self, seed: int) -> tuple[list[int], list[int] | None]:
+        """(seed of each image, variation seed of each image or None) for a batch starting at `seed`: A1111's rule
+        (modules/processing.py): seed + i, except that with a variation strength every image keeps `seed` and the
+        variation seeds count up instead."""
+        n = self.num_images
+        if self.subseed_strength:
+            return [seed] * n, [(self.subseed + i) % (MAX_SEED + 1) for i in range(n)]
+        return [(seed + i) % (MAX_SEED + 1) for i in range(n)], None
+
+    @property
+    def sampler_spec(self) -> SamplerSpec | None:
+        """kedavra's sampler, or None when the request runs an A1111 / ComfyUI sampler (`k_sampler`)."""
+        return None if self.schedule_type is not None else resolve_sampler(self.sampler)[0]
+
+    @property
+    def k_sampler(self) -> KSamplerSpec | None:
+        """The A1111 / ComfyUI sampler of a request with a schedule type, else None."""
+        return resolve_k_sampler(self.sampler)[0] if self.schedule_type is not None else None
 
     def replace(self, **changes) -> GenerationRequest:
         """A copy with some fields changed, checked again."""

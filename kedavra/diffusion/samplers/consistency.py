@@ -140,7 +140,7 @@ def lcm_scalings(t: float) -> tuple[float, float]:
     return c_skip, c_out
 
 
-def sample_lcm(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, generator=None, callback=None) -> torch.Tensor:
+def sample_lcm(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, noise=None, callback=None) -> torch.Tensor:
     """Multistep latent consistency sampling (Luo et al. 2023, Algorithm 3), in the VP view:
 
         x̂_0    = c_skip(t) x_t + c_out(t) x̂_θ(x_t, t)                 (LCM sec. 4.1: f_θ from the network's x̂_0)
@@ -157,7 +157,8 @@ def sample_lcm(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, generato
         x0 = c_skip * x + c_out * network_x0
         x_next = x0
         if alpha_bar_next < 1:
-            x_next = alpha_bar_next**0.5 * x0 + (1 - alpha_bar_next) ** 0.5 * randn_like(x, generator)
+            z = noise(x, plan.sigmas[i].item(), plan.sigmas[i + 1].item())
+            x_next = alpha_bar_next**0.5 * x0 + (1 - alpha_bar_next) ** 0.5 * z
         x = denoiser.after_step(callback, i, n, x_next, x0)
     return x
 
@@ -171,7 +172,7 @@ def tcd_intermediate_timestep(t_next: float, gamma: float) -> int:
     return int(product.floor().item())
 
 
-def sample_tcd(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, generator=None, callback=None,
+def sample_tcd(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, noise=None, callback=None,
                gamma: float = TCD_GAMMA) -> torch.Tensor:
     """Strategic stochastic sampling of Trajectory Consistency Distillation (Zheng et al. 2024), in the VP view.
 
@@ -201,7 +202,8 @@ def sample_tcd(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, generato
         x_next = alpha_bar_s**0.5 * x0 + (1 - alpha_bar_s) ** 0.5 * eps
         if stochastic:
             ratio = alpha_bar_next / alpha_bar_s
-            x_next = ratio**0.5 * x_next + (1 - ratio) ** 0.5 * randn_like(x, generator)
+            z = noise(x, plan.sigmas[i].item(), plan.sigmas[i + 1].item())
+            x_next = ratio**0.5 * x_next + (1 - ratio) ** 0.5 * z
         x = denoiser.after_step(callback, i, n, x_next, x0)
     return x
 

@@ -9,6 +9,14 @@ from dataclasses import dataclass
 import torch
 
 from kedavra.diffusion.forward_process import add_noise, check_finite
+from kedavra.diffusion.samplers.consistency import (
+    TCD_GAMMA,
+    lcm_timesteps,
+    make_consistency_plan,
+    sample_lcm,
+    sample_tcd,
+    tcd_timesteps,
+)
 from kedavra.diffusion.samplers.ddpm import sample_ddim, sample_ddpm
 from kedavra.diffusion.samplers.denoiser import Denoiser, Model, StepCallback, StepRecord, with_state
 from kedavra.diffusion.samplers.dpm_solver import sample_dpmpp_2m, sample_dpmpp_2m_sde
@@ -56,6 +64,8 @@ SAMPLERS: dict[str, SamplerSpec] = {
                     'DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")', "DPM++ 2M SDE",
                     "dpmpp_2m_sde"),
         SamplerSpec("unipc", sample_unipc, "vp", False, "UniPCMultistepScheduler", "UniPC", "uni_pc"),
+        SamplerSpec("lcm", sample_lcm, "vp", True, "LCMScheduler", "", ""),
+        SamplerSpec("tcd", sample_tcd, "vp", True, "TCDScheduler", "", ""),
     ]
 }
 
@@ -97,11 +107,16 @@ def resolve_sampler(name: str) -> tuple[SamplerSpec, bool]:
     return SAMPLERS[_ALIASES[key]], karras
 
 
+ETA_SAMPLERS = ("ddim", "tcd")  # DDIM's η; TCD's γ (diffusers' TCDScheduler calls it eta too)
+CONSISTENCY_SAMPLERS = ("lcm", "tcd")  # their own timesteps from the distillation grid (consistency.py)
+
+
 def check_eta(spec: SamplerSpec, eta) -> float:
-    """DDIM's η (Song et al. 2021, eq. 16): a finite number >= 0, and only for the ddim sampler."""
-    eta = check_number("eta", eta, low=0)
-    if eta and spec.name != "ddim":
-        raise ValueError(f"eta={eta} applies only to the ddim sampler, not {spec.name!r}")
+    """DDIM's η (Song et al. 2021, eq. 16), or TCD's γ (Zheng et al. 2024; 0 means its default 0.3): a number in
+    [0, 1] (η may exceed 1 for DDIM), and only for those samplers."""
+    eta = check_number("eta", eta, low=0, high=None if spec.name == "ddim" else 1)
+    if eta and spec.name not in ETA_SAMPLERS:
+        raise ValueError(f"eta={eta} applies only to the {' and '.join(ETA_SAMPLERS)} samplers, not {spec.name!r}")
     return eta
 
 
@@ -158,13 +173,19 @@ def sample(
     check_choice("timestep spacing", spacing, SPACINGS)
     eta = check_eta(spec, eta)
     check_finite(noise, "noise")
-    plan = make_plan(schedule, steps, spacing, steps_offset, karras or karras_from_name, final_sigma)
+    if spec.name in CONSISTENCY_SAMPLERS:  # the distillation grid's timesteps; strength picks among them
+        pick = lcm_timesteps if spec.name == "lcm" else tcd_timesteps
+        timesteps = pick(schedule, steps, strength=strength if init is not None else 1.0)
+        plan = make_consistency_plan(schedule, timesteps, "zero" if spec.name == "lcm" else "sigma_min")
+    else:
+        plan = make_plan(schedule, steps, spacing, steps_offset, karras or karras_from_name, final_sigma)
     denoiser = model if isinstance(model, Denoiser) else Denoiser(model, prediction_type)
     if init is not None:
         check_finite(init, "init")
         if init.shape != noise.shape:
             raise ValueError(f"init has shape {tuple(init.shape)} but noise has {tuple(noise.shape)}; they must match")
-        plan = plan.start_at(start_index_for_strength(steps, strength))
+        if spec.name not in CONSISTENCY_SAMPLERS:
+            plan = plan.start_at(start_index_for_strength(steps, strength))
         x = add_noise(init, noise, plan.alpha_bar[0].item())
     elif strength != 1.0:
         raise ValueError(f"strength={strength} needs an init sample (image-to-image); without one it must be 1.0")
@@ -174,7 +195,7 @@ def sample(
         x = x * (1 + plan.sigmas[0].item() ** 2) ** 0.5  # x_VE = x_t / √ᾱ
     if mask is not None:
         callback = _keep_outside_mask(init, noise, mask, plan, spec.view, callback)
-    options = {"eta": eta} if spec.name == "ddim" else {}
+    options = {"eta": eta} if spec.name == "ddim" else {"gamma": eta or TCD_GAMMA} if spec.name == "tcd" else {}
     return spec.fn(denoiser, x, plan, noise=noise_sampler, callback=callback, **options)
 
 
