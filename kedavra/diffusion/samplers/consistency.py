@@ -19,13 +19,13 @@ keeps only the first ⌊original_steps·strength⌋ grid points and picks the n 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from kedavra.diffusion.forward_process import randn_like
 from kedavra.diffusion.samplers.denoiser import Denoiser
+from kedavra.diffusion.samplers.noise import NoiseSampler
 from kedavra.diffusion.schedule import NoiseSchedule, check_timesteps
 from kedavra.diffusion.timesteps import FINAL_SIGMAS, ZERO_SNR_ALPHA_BAR_FLOOR, SamplingPlan, check_steps
 from kedavra.validation import check_bool, check_choice, check_int, check_number, is_int
@@ -209,9 +209,6 @@ def sample_tcd(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, noise=No
 
 
 # --- The "LCM" sampler of AUTOMATIC1111's web UI and ComfyUI: the same idea in the VE view -------------------------
-
-NoiseSampler = Callable[[torch.Tensor, float, float], torch.Tensor]
-
 
 def sample_lcm_kdiffusion(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, generator=None, callback=None,
                           noise: NoiseSampler | None = None, boundary: bool = True) -> torch.Tensor:

@@ -33,6 +33,11 @@ def _first_order(x, x0, sigma: float, sigma_next: float, h: float):
     return (sigma_next / sigma) * x - math.expm1(-h) * x0
 
 
+def _sde_noise(noise: NoiseSampler, x, sigma: float, sigma_next: float, eta_h: float, s_noise: float):
+    """The fresh noise of a DPM-Solver++ SDE step: σ_{i+1} √(1 - e^{-2ηh}) s_noise z (Lu et al. 2022, sec. 5)."""
+    return noise(x, sigma, sigma_next) * (sigma_next * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise)
+
+
 def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, noise=None, callback=None,
                     lower_order_final: bool = True):
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): the midpoint difference
@@ -83,8 +88,7 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan,
                 c = phi / 2 if solver_type == "midpoint" else phi / (-h - eta_h) + 1
                 x_next = x_next + (c / r) * (x0 - x0_prev)
             if eta:
-                z = noise(x, sigma, sigma_next)
-                x_next = x_next + z * (sigma_next * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise)
+                x_next = x_next + _sde_noise(noise, x, sigma, sigma_next, eta * h, s_noise)
         x = denoiser.after_step(callback, i, n, x_next, x0)
         x0_prev, h_prev = x0, h
     return x
@@ -120,8 +124,7 @@ def sample_dpmpp_3m_sde(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan,
             elif h_1 is not None:
                 x_next = x_next + phi_2 * ((x0 - x0_1) / (h_1 / h))
             if eta:
-                z = noise(x, sigma, sigma_next)
-                x_next = x_next + z * (sigma_next * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise)
+                x_next = x_next + _sde_noise(noise, x, sigma, sigma_next, eta * h, s_noise)
         x = denoiser.after_step(callback, i, n, x_next, x0)
         x0_1, x0_2 = x0, x0_1
         h_1, h_2 = h, h_1
