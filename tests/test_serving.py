@@ -25,6 +25,7 @@ from PIL import Image
 from kedavra.api import load
 from kedavra.cli import main
 from kedavra.diffusion.samplers import resolve_sampler
+from kedavra.diffusion.samplers.k_diffusion import resolve_k_sampler
 from kedavra.formats.png_info import PARAMETERS_KEYWORD, model_hash, parse_parameters
 from kedavra.viz.sample_image import draw_sample_image
 
@@ -164,8 +165,10 @@ def test_webuiapi_txt2img_matches_the_pipeline(server, models_dir):
         ("a red circle", "blurry", 7, STEPS, "Euler a", 5.0)
     assert (params.model, params.model_hash) == ("tiny", model_hash(models_dir / "tiny.safetensors"))
     assert result.parameters["prompt"] == "a red circle" and result.parameters["seed"] == 7  # the request echoed
-    direct = worker.pipeline("a red circle", "blurry", steps=STEPS, sampler="euler_a", guidance_scale=5, seed=7,
-                             width=SIZE, height=SIZE).images[0]
+    # A1111's way: Euler a on its own ("Automatic") σ's, noise from the emulated CUDA generator ("GPU")
+    assert "Schedule type: Automatic" in text and "RNG: GPU" in text  # A1111 writes Automatic when none applies
+    direct = worker.pipeline("a red circle", "blurry", steps=STEPS, sampler="Euler a", schedule_type="Automatic",
+                             rng="GPU", guidance_scale=5, seed=7, width=SIZE, height=SIZE).images[0]
     assert np.array_equal(np.asarray(result.images[0].convert("RGB")), np.asarray(direct))
 
 
@@ -181,6 +184,42 @@ def test_batches_and_n_iter_number_the_seeds_as_a1111(server):
     randomised = webui(url).txt2img(prompt="a cat", seed=-1, batch_size=2, steps=STEPS, width=SIZE, height=SIZE)
     first = randomised.info["seed"]
     assert randomised.info["all_seeds"] == [first, first + 1] and randomised.parameters["seed"] == -1
+
+
+def test_a1111_noise_settings_act_and_are_recorded(server, client):
+    url, worker = server
+    api = webui(url)
+    base = {"prompt": "a cat", "seed": 11, "steps": STEPS, "width": SIZE, "height": SIZE}
+    gpu = api.txt2img(**base)
+    cpu = api.txt2img(**base, override_settings={"randn_source": "CPU", "eta_noise_seed_delta": 31337})
+    assert gpu.images[0].tobytes() != cpu.images[0].tobytes()
+    params = parse_parameters(cpu.info["infotexts"][0])
+    assert (params.extra["RNG"], params.extra["ENSD"]) == ("CPU", "31337")
+    direct = worker.pipeline("a cat", steps=STEPS, sampler="Euler a", schedule_type="automatic", rng="CPU",
+                             eta_noise_seed_delta=31337, seed=11, width=SIZE, height=SIZE).images[0]
+    assert np.array_equal(np.asarray(cpu.images[0].convert("RGB")), np.asarray(direct))
+    # variation seeds: every image keeps the seed, the variation seeds count up across batches (A1111's numbering)
+    varied = api.txt2img(**base, batch_size=2, n_iter=2, subseed=500, subseed_strength=0.3)
+    assert varied.info["all_seeds"] == [11] * 4 and varied.info["all_subseeds"] == [500, 501, 502, 503]
+    assert varied.info["subseed_strength"] == 0.3
+    extras = [parse_parameters(text).extra for text in varied.info["infotexts"]]
+    assert [e["Variation seed"] for e in extras] == ["500", "501", "502", "503"]
+    single = api.txt2img(**base, subseed=502, subseed_strength=0.3)
+    assert single.images[0].tobytes() == varied.images[2].tobytes()
+    # the scheduler picks the σ's; an unknown setting is named in the notes; POST /options sets the default
+    karras = client.post("/sdapi/v1/txt2img", json={**base, "sampler_name": "Euler", "scheduler": "karras",
+                                                    "override_settings": {"sd_vae": "x"}}).json()
+    info = json.loads(karras["info"])
+    assert info["scheduler"] == "Karras" and "Schedule type: Karras" in info["infotexts"][0]
+    assert any("override_settings.sd_vae" in note for note in info["notes"])
+    try:
+        assert client.post("/sdapi/v1/options", json={"randn_source": "CPU"}).json()["applied"] == \
+            {"randn_source": "CPU"}
+        assert client.get("/sdapi/v1/options").json()["randn_source"] == "CPU"
+        assert client.post("/sdapi/v1/options", json={"randn_source": "TPU"}).status_code == 422
+        assert "RNG: CPU" in api.txt2img(**base).info["infotexts"][0]
+    finally:
+        client.post("/sdapi/v1/options", json={"randn_source": "GPU"})
 
 
 def test_webuiapi_img2img_and_inpainting(server):
@@ -225,7 +264,12 @@ def test_listing_endpoints_through_webuiapi(server, models_dir):
     samplers = api.get_samplers()
     names = [s["name"] for s in samplers]
     assert {"Euler a", "Euler", "DPM++ 2M", "DDIM", "UniPC"} <= set(names)
-    assert all(resolve_sampler(name) for name in names)
+    assert {"DPM2", "LMS", "DPM++ 3M SDE", "Restart", "DDPM"} <= set(names)  # A1111's, then kedavra's others
+    for name in names:
+        with contextlib.suppress(ValueError):  # an A1111 / ComfyUI sampler, else kedavra's
+            resolve_k_sampler(name)
+            continue
+        resolve_sampler(name)
     assert {"name", "aliases", "options"} <= set(samplers[0])
     models = {m["model_name"]: m for m in api.get_sd_models()}
     assert set(models) == {"tiny", "other"}  # notes.txt is not listed
@@ -233,7 +277,9 @@ def test_listing_endpoints_through_webuiapi(server, models_dir):
     assert models["tiny"]["title"] == f"tiny.safetensors [{models['tiny']['hash']}]"
     assert models["other"]["hash"] is None  # hashed once loaded, as A1111
     assert api.util_get_current_model() == models["tiny"]["title"]
-    assert api.util_get_scheduler_names() == ["automatic", "karras", "uniform"]
+    assert api.util_get_scheduler_names() == sorted([  # A1111 1.10's (webuiapi sorts them)
+        "automatic", "uniform", "karras", "exponential", "polyexponential", "sgm_uniform", "kl_optimal",
+        "align_your_steps", "simple", "normal", "ddim", "beta"])
     idle = api.get_progress()
     assert (idle["progress"], idle["state"]["job_count"], idle["current_image"]) == (0.0, 0, None)
 
@@ -247,7 +293,9 @@ def test_listing_endpoints_through_webuiapi(server, models_dir):
     ({"cfg_scale": 31}, ["body", "cfg_scale"]),
     ({"seed": -2}, ["body", "seed"]),
     ({"sampler_name": "nope"}, ["body", "sampler_name"]),
-    ({"scheduler": "exponential"}, ["body", "scheduler"]),
+    ({"scheduler": "nope"}, ["body", "scheduler"]),
+    ({"override_settings": {"randn_source": "TPU"}}, ["body", "override_settings"]),
+    ({"subseed_strength": 1.5}, ["body", "subseed_strength"]),
     ({"eta": 2}, ["body", "eta"]),
     ({"prompt": "a cat\nNegative prompt: x"}, ["body"]),  # A1111's parameters text could not hold it
 ])

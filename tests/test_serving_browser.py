@@ -85,8 +85,9 @@ def test_generate_from_the_page(browser, models_dir, tmp_path):  # noqa: F811
                                                                                      "#result figure img")))
         text = browser.find_element(By.CSS_SELECTOR, "#result .parameters").text
         params = parse_parameters(text)
-        # the server runs kedavra's plans, which name Karras σ's in the sampler, as A1111 did before 1.9
-        assert (params.prompt, params.steps, params.seed, params.sampler) == (PROMPT, STEPS, 42, "DPM++ 2M Karras")
+        # the server samples as A1111 1.10: DPM++ 2M's "Automatic" schedule type is Karras, written apart
+        assert (params.prompt, params.steps, params.seed, params.sampler, params.schedule_type) == \
+            (PROMPT, STEPS, 42, "DPM++ 2M", "Karras")
         assert (params.width, params.height, params.model) == (SIZE, SIZE, "tiny")
         src = figure_image.get_attribute("src")
         assert src.startswith("data:image/png;base64,")

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from kedavra.diffusion.samplers import SamplerSpec
-from kedavra.diffusion.sigmas import schedule_type_label
+from kedavra.diffusion.samplers.k_diffusion import effective_schedule_type
+from kedavra.diffusion.sigmas import AUTOMATIC, schedule_type_label
 from kedavra.formats.png_info import GenerationParameters
 from kedavra.pipeline.request import GenerationRequest
 
@@ -70,7 +71,11 @@ def request_parameters(request: GenerationRequest, index: int, seed: int, width:
         extra[SPACING_KEY] = request.spacing
     extra.update(noise_parameters(request, index))
     if request.schedule_type is not None:  # an A1111 / ComfyUI sampler, named as they name it
-        sampler, schedule_type = request.sampler, schedule_type_label(request.schedule_type)
+        # A1111 writes the schedule type "Automatic" resolved to (Karras for DPM++ 2M), and "Automatic" where the
+        # sampler has none of its own (the model's σ table, "Uniform")
+        kind = effective_schedule_type(request.k_sampler, request.schedule_type, request.convention)
+        automatic = request.schedule_type == AUTOMATIC and kind == "uniform"
+        sampler, schedule_type = request.sampler, schedule_type_label(AUTOMATIC if automatic else kind)
     else:
         # kedavra's own plans: no "Schedule type" (that would read back as an A1111 run); Karras σ's in the name,
         # as A1111 named its samplers before 1.9 ("DPM++ 2M Karras")

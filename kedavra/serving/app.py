@@ -130,6 +130,7 @@ def create_app(worker: Worker, config: ServerConfig) -> FastAPI:
                   description="Stable Diffusion from scratch, behind AUTOMATIC1111's /sdapi/v1 API. With an API key "
                               "set, send 'Authorization: Bearer KEY' (or basic auth with KEY as the password).")
     app.state.worker = worker
+    app.state.settings = {}  # A1111 settings set by POST /options (kedavra.serving.routes)
     app.add_middleware(RequestGuard, config=config)
     app.include_router(router)
     for path, (name, media_type) in PAGE_FILES.items():

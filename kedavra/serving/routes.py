@@ -19,10 +19,16 @@ from starlette.concurrency import run_in_threadpool
 
 from kedavra.adapters.lora_file import file_metadata
 from kedavra.diffusion.samplers import SAMPLERS
+from kedavra.diffusion.samplers.k_diffusion import K_SAMPLERS
+from kedavra.diffusion.sigmas import SCHEDULE_TYPES
 from kedavra.pipeline.infotext import AUTOMATIC_KARRAS
 from kedavra.pipeline.pipeline import Pipeline
 from kedavra.serving.errors import ClientGone, field_error, unavailable
 from kedavra.serving.schemas import (
+    A1111_DEFAULT_RNG,
+    A1111_ENSD_SETTING,
+    A1111_RNG_SETTING,
+    SAMPLING_SETTINGS,
     SCHEDULERS,
     GenerationBody,
     GenerationResponse,
@@ -33,7 +39,7 @@ from kedavra.serving.schemas import (
     SDModelItem,
     Txt2ImgRequest,
 )
-from kedavra.serving.tasks import generation_info, img2img_task, request_notes, txt2img_task
+from kedavra.serving.tasks import generation_info, img2img_task, noise_settings, request_notes, txt2img_task
 from kedavra.serving.worker import GenerationTask, Job, ModelCatalog, ModelEntry, Worker
 
 API_PREFIX = "/sdapi/v1"
@@ -82,14 +88,20 @@ async def wait_for(job: Job[T], worker: Worker, request: Request) -> T:
     return waiter.result()
 
 
+def server_settings(request: Request) -> dict[str, Any]:
+    """The A1111 settings POST /options set on this server (SAMPLING_SETTINGS), which requests' override_settings
+    override."""
+    return request.app.state.settings
+
+
 async def generate(body: Body, request: Request, worker: Worker,
-                   build_task: Callable[[Body, Pipeline, ModelCatalog], GenerationTask]) -> GenerationResponse:
+                   build_task: Callable[[Body, Pipeline, ModelCatalog, dict], GenerationTask]) -> GenerationResponse:
     """Run the task `build_task` makes of `body` and answer it in A1111's shape."""
     pipe = loaded_pipeline(worker)
-    task = build_task(body, pipe, worker.catalog)
+    task = build_task(body, pipe, worker.catalog, server_settings(request))
     outcome = await wait_for(worker.submit_generation(task), worker, request)
     images = [base64.b64encode(png).decode("ascii") for png in outcome.images] if body.send_images else []
-    info = generation_info(task, outcome, request_notes(body, task.request.sampler_spec), pipe.config.inpainting)
+    info = generation_info(task, outcome, request_notes(body, task.request), pipe.config.inpainting)
     return GenerationResponse(images=images, parameters=body.echoed(), info=json.dumps(info))
 
 
@@ -119,9 +131,15 @@ async def interrupt(worker: WorkerDep):
 
 @router.get("/samplers", response_model=list[SamplerItem])
 async def samplers():
-    items = []
+    """A1111's samplers run its way (options: the schedule type "Automatic" picks), then kedavra's others."""
+    items = [SamplerItem(name=spec.a1111, aliases=[spec.comfyui] if spec.comfyui else [],
+                         options={"scheduler": spec.schedule} if spec.schedule != "uniform" else {})
+             for spec in K_SAMPLERS if spec.a1111]
+    listed = {item.name.lower() for item in items}
     for spec in SAMPLERS.values():
         name = spec.a1111 or spec.name
+        if name.lower() in listed:  # kedavra's own plan for it stays reachable by kedavra's name (aliases)
+            continue
         aliases = list(dict.fromkeys(a for a in (spec.name, spec.comfyui) if a and a != name))
         items.append(SamplerItem(name=name, aliases=aliases,
                                  options={"scheduler": "karras"} if spec.name in AUTOMATIC_KARRAS else {}))
@@ -130,8 +148,13 @@ async def samplers():
 
 @router.get("/schedulers", response_model=list[SchedulerItem])
 async def schedulers():
-    return [SchedulerItem(name=name, label=label, default_rho=KARRAS_RHO if name == "karras" else -1)
-            for name, label in SCHEDULERS.items()]
+    """A1111 1.10's schedule types, with ComfyUI's name where it differs as an alias."""
+    items = []
+    for name, label in SCHEDULERS.items():
+        comfyui = SCHEDULE_TYPES[name].comfyui if name in SCHEDULE_TYPES else ""
+        items.append(SchedulerItem(name=name, label=label, aliases=[comfyui] if comfyui and comfyui != name else None,
+                                   default_rho=KARRAS_RHO if name == "karras" else -1))
+    return items
 
 
 @router.get("/sd-models", response_model=list[SDModelItem])
@@ -141,18 +164,25 @@ async def sd_models(worker: WorkerDep):
 
 
 @router.get("/options")
-async def get_options(worker: WorkerDep):
+async def get_options(request: Request, worker: WorkerDep):
+    settings = server_settings(request)
     return {"sd_model_checkpoint": worker.model.title, "sd_checkpoint_hash": worker.model.sha256,
-            "samples_format": "png", "CLIP_stop_at_last_layers": 1}
+            "samples_format": "png", "CLIP_stop_at_last_layers": 1, A1111_RNG_SETTING: A1111_DEFAULT_RNG,
+            A1111_ENSD_SETTING: 0, **settings}
 
 
 @router.post("/options")
 async def set_options(options: dict[str, Any], request: Request, worker: WorkerDep):
-    """Only sd_model_checkpoint acts: it switches to a listed model, named as /sd-models lists it."""
-    ignored = sorted(key for key in options if key != "sd_model_checkpoint")
+    """sd_model_checkpoint switches to a listed model, named as /sd-models lists it; the sampling settings
+    (randn_source, eta_noise_seed_delta, CLIP_stop_at_last_layers) become the server's defaults; other keys are
+    ignored and listed as such."""
+    ignored = sorted(key for key in options if key != "sd_model_checkpoint" and key not in SAMPLING_SETTINGS)
+    sampling = {key: options[key] for key in SAMPLING_SETTINGS if key in options}
+    noise_settings(sampling)  # 422 naming the setting before anything changes
+    server_settings(request).update(sampling)
     name = options.get("sd_model_checkpoint")
     if name is None:
-        return {"applied": {}, "ignored": ignored}
+        return {"applied": sampling, "ignored": ignored}
     if not isinstance(name, str):
         raise field_error("sd_model_checkpoint", "must be a model's listed name (a string)", name)
     try:
@@ -160,7 +190,7 @@ async def set_options(options: dict[str, Any], request: Request, worker: WorkerD
     except ValueError as error:
         raise field_error("sd_model_checkpoint", str(error), name) from None
     model = await wait_for(worker.submit_model_switch(entry), worker, request)
-    return {"applied": {"sd_model_checkpoint": model.title}, "ignored": ignored}
+    return {"applied": {**sampling, "sd_model_checkpoint": model.title}, "ignored": ignored}
 
 
 @router.get("/loras")

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 from PIL import Image, ImageOps
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from kedavra.pipeline.infotext import DEFAULT_SCHEDULES, KARRAS_SCHEDULE
+from kedavra.diffusion.sigmas import AUTOMATIC, SCHEDULE_TYPES
 from kedavra.pipeline.request import DEFAULT_REFINER_SWITCH_AT, MAX_SIDE
 from kedavra.validation import MAX_SEED
 
@@ -37,10 +37,15 @@ A1111_INPAINT_ORIGINAL = 1  # A1111 inpainting_fill: 0 fill, 1 original, 2 laten
 # An uploaded image is refused above this many pixels before Pillow decodes it (a small PNG can claim a huge
 # canvas): four times the largest generation size on a side.
 MAX_INPUT_PIXELS = (4 * MAX_SIDE) ** 2
-# Schedule types: A1111's /sdapi/v1/schedulers names and labels for the noise-level spacings kedavra has.
-# "automatic" is the sampler's own choice (Karras for DPM++ 2M, as in A1111), "uniform" the model's spacing:
-# {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras"}.
-SCHEDULERS = {label.lower(): label for label in (*DEFAULT_SCHEDULES, KARRAS_SCHEDULE)}
+# Schedule types as A1111 1.10's /sdapi/v1/schedulers lists them, name -> label: "automatic" (the sampler's own:
+# Karras for DPM++ 2M, Exponential for DPM++ 2M SDE, ...), then its 11 σ spacings (kedavra.diffusion.sigmas).
+SCHEDULERS = {AUTOMATIC: "Automatic"} | {name: s.a1111 for name, s in SCHEDULE_TYPES.items() if s.a1111}
+# A1111 settings a request's override_settings (or POST /options) may set, and what each becomes here.
+A1111_RNG_SETTING = "randn_source"  # "Random number generator source": CPU, GPU (A1111's default) or NV
+A1111_ENSD_SETTING = "eta_noise_seed_delta"  # "Eta noise seed delta"
+A1111_CLIP_SKIP_SETTING = "CLIP_stop_at_last_layers"  # "Clip skip"
+A1111_DEFAULT_RNG = "GPU"  # A1111's default randn_source: torch.randn on the card (emulated here, bit for bit)
+SAMPLING_SETTINGS = (A1111_RNG_SETTING, A1111_ENSD_SETTING, A1111_CLIP_SKIP_SETTING)
 DATA_URL_PREFIX = "data:"  # "data:image/png;base64,...." as browsers and webuiapi send images
 BASE64_MARKER = ";base64"
 
@@ -87,7 +92,8 @@ class GenerationBody(BaseModel):
     seed: Seed = RANDOM_SEED
     sampler_name: str | None = Field(None, description="A1111, kedavra, ComfyUI or diffusers name")
     sampler_index: str = Field(A1111_DEFAULT_SAMPLER, description="A1111's older name for sampler_name")
-    scheduler: str | None = Field(None, description=f"schedule type: {', '.join(SCHEDULERS.values())}")
+    scheduler: str | None = Field(None, description=f"schedule type: {', '.join(SCHEDULERS.values())} (or "
+                                                     "ComfyUI's names)")
     batch_size: int = Field(1, ge=1, le=MAX_BATCH_SIZE)
     n_iter: int = Field(1, ge=1, le=MAX_N_ITER, description="batches run one after another")
     steps: int = Field(A1111_DEFAULT_STEPS, ge=1, le=MAX_STEPS)
@@ -100,13 +106,17 @@ class GenerationBody(BaseModel):
     refiner_switch_at: float = Field(DEFAULT_REFINER_SWITCH_AT, ge=0, le=1, allow_inf_nan=False,
                                      description="share of the training timesteps before the refiner takes over")
     send_images: bool = True
+    subseed: Seed = Field(RANDOM_SEED, description="the variation seed (-1 for a random one)")
+    subseed_strength: float = Field(0.0, ge=0, le=1, allow_inf_nan=False,
+                                    description="how far towards the variation seed's noise")
+    override_settings: dict[str, Any] | None = Field(
+        None, description=f"A1111 settings for this request: {', '.join(SAMPLING_SETTINGS)} act, others are ignored")
     # Accepted for A1111's clients; kedavra does not act on them (named in the notes when set).
     styles: list[str] = []
-    subseed: int = -1
-    subseed_strength: float = Field(0.0, allow_inf_nan=False)
     restore_faces: bool | None = None
     tiling: bool | None = None
-    override_settings: dict[str, Any] | None = None
+    seed_resize_from_w: int = -1
+    seed_resize_from_h: int = -1
     save_images: bool = False
     script_name: str | None = None
     alwayson_scripts: dict[str, Any] = {}
@@ -122,7 +132,9 @@ class GenerationBody(BaseModel):
 
     def ignored_settings(self) -> list[str]:
         """Notes for the A1111 settings in this request that kedavra accepts but does not carry out."""
-        return [f"{name} is not supported and was ignored" for name, value in self._unsupported().items() if value]
+        notes = [f"{name} is not supported and was ignored" for name, value in self._unsupported().items() if value]
+        ignored = sorted(set(self.override_settings or {}) - set(SAMPLING_SETTINGS))
+        return notes + [f"override_settings.{key} is not supported and was ignored" for key in ignored]
 
     def _unsupported(self) -> dict[str, Any]:
         """The settings kedavra does not act on, by the name a note gives them: their values (falsy: unset)."""
@@ -130,8 +142,7 @@ class GenerationBody(BaseModel):
             "restore_faces": self.restore_faces,
             "tiling": self.tiling,
             "styles": self.styles,
-            "subseed_strength": self.subseed_strength,
-            "override_settings": self.override_settings,
+            "seed_resize_from_w/h": self.seed_resize_from_w > 0 or self.seed_resize_from_h > 0,
             "save_images (images are never written on the server)": self.save_images,
             "script_name": self.script_name,
             "alwayson_scripts": self.alwayson_scripts,

@@ -1,55 +1,84 @@
 """Request bodies into the worker's tasks, checked against the loaded model, and outcomes into A1111's info.
 
-    txt2img_task(Txt2ImgRequest, pipe, catalog) / img2img_task(Img2ImgRequest, pipe, catalog) -> GenerationTask
-    (or a 422; the catalog names the refiner_checkpoint)
+    txt2img_task(Txt2ImgRequest, pipe, catalog, settings) / img2img_task(Img2ImgRequest, pipe, catalog, settings)
+        -> GenerationTask (or a 422; the catalog names the refiner_checkpoint; settings: the server's A1111
+        settings set by POST /options, which a request's override_settings override)
     generation_info(task, outcome, notes, inpainting_model) -> A1111's Processed.js() dict
 
 The bodies' ranges are checked by their schemas; what depends on the model (sizes a multiple of its VAE factor,
 an inpainting model needing a mask) and on several fields together (strength leaving a step to run) is checked
 here, in that order: sampler and schedule type, sizes, init images, mask, then the settings as a whole. The
 generation request itself is built in one place, `request_from_payload`.
+
+Sampling follows A1111 1.10: a sampler A1111 (or ComfyUI) lists runs its way, on the schedule type's σ's
+("Automatic" when none is given: the sampler's own) with the noise of A1111's "Random number generator source"
+(default GPU, emulated bit for bit: kedavra.diffusion.rng), variation seed and eta noise seed delta. kedavra's
+other samplers (DDPM, DDIM, UniPC, LCM, TCD) run on kedavra's plans, where "Karras" means Karras σ spacing.
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from PIL import Image, ImageOps
 
-from kedavra.diffusion.samplers import SamplerSpec, resolve_sampler
+from kedavra.diffusion.rng import RNG_SOURCES
+from kedavra.diffusion.samplers import SAMPLERS, resolve_sampler
+from kedavra.diffusion.samplers.k_diffusion import k_sampler_names, resolve_k_sampler
+from kedavra.diffusion.sigmas import AUTOMATIC, resolve_schedule_type, schedule_type_label
 from kedavra.diffusion.timesteps import start_index_for_strength
 from kedavra.formats.images import from_pil
 from kedavra.formats.png_info import KEDAVRA_VERSION
-from kedavra.pipeline.infotext import request_parameters, schedule_karras
+from kedavra.pipeline.infotext import AUTOMATIC_KARRAS, request_parameters
 from kedavra.pipeline.pipeline import Pipeline
 from kedavra.pipeline.request import MAX_SIDE, GenerationRequest
 from kedavra.serving.errors import body_error, field_error
 from kedavra.serving.schemas import (
-    SCHEDULERS,
+    A1111_CLIP_SKIP_SETTING,
+    A1111_DEFAULT_RNG,
+    A1111_ENSD_SETTING,
+    A1111_RNG_SETTING,
     GenerationBody,
     Img2ImgRequest,
     Txt2ImgRequest,
     decode_image,
 )
 from kedavra.serving.worker import GenerationOutcome, GenerationTask, ModelCatalog
-from kedavra.validation import MAX_SEED
+from kedavra.validation import MAX_SEED, check_choice, check_int
 
-Sampling = tuple[SamplerSpec, bool]  # (the sampler, whether its σ spacing is Karras')
 Size = tuple[int, int]  # (width, height) in pixels
+KEDAVRA_PLAN_SCHEDULES = (AUTOMATIC, "uniform", "karras")  # the schedule types kedavra's own plans carry out
 
 
-def txt2img_task(body: Txt2ImgRequest, pipe: Pipeline, catalog: ModelCatalog) -> GenerationTask:
+@dataclass(frozen=True)
+class Sampling:
+    """How a request samples: the sampler's name, the schedule type of an A1111 / ComfyUI run (None: kedavra's
+    plans, Karras σ's when `karras`), and the noise settings (A1111's randn_source, ENSD, clip skip)."""
+
+    sampler: str
+    schedule_type: str | None
+    karras: bool
+    rng: str = A1111_DEFAULT_RNG
+    eta_noise_seed_delta: int = 0
+    clip_skip: int | None = None
+
+
+def txt2img_task(body: Txt2ImgRequest, pipe: Pipeline, catalog: ModelCatalog,
+                 settings: Mapping[str, Any] | None = None) -> GenerationTask:
     """`body` checked against `pipe` and resolved (a random seed for -1, the model's size by default)."""
-    sampling = resolve_sampling(body)
+    sampling = resolve_sampling(body, settings)
     return checked_task(body, pipe, catalog, sampling, request_size(body, pipe))
 
 
-def img2img_task(body: Img2ImgRequest, pipe: Pipeline, catalog: ModelCatalog) -> GenerationTask:
+def img2img_task(body: Img2ImgRequest, pipe: Pipeline, catalog: ModelCatalog,
+                 settings: Mapping[str, Any] | None = None) -> GenerationTask:
     """`body` checked and resolved, its init images resized to the request's size (A1111's resize_mode 0, "just
     resize"), its mask (white = paint) decoded and inverted when asked."""
-    sampling = resolve_sampling(body)
+    sampling = resolve_sampling(body, settings)
     decoded = [decode_image(text).convert("RGB") for text in body.init_images]
     width, height = request_size(body, pipe, decoded[0].size)
     if len(decoded) not in (1, body.batch_size):
@@ -69,18 +98,43 @@ def img2img_task(body: Img2ImgRequest, pipe: Pipeline, catalog: ModelCatalog) ->
     return checked_task(body, pipe, catalog, sampling, (width, height), init_images, mask, body.denoising_strength)
 
 
-def resolve_sampling(body: GenerationBody) -> Sampling:
-    """The request's sampler and whether its schedule type means Karras σ spacing (A1111's "automatic": the
-    sampler's own choice); 422 naming sampler_name or scheduler."""
+def resolve_sampling(body: GenerationBody, settings: Mapping[str, Any] | None = None) -> Sampling:
+    """The request's sampling (module docstring), from its sampler_name, scheduler and override_settings over the
+    server's `settings`; 422 naming the field. A1111's rule for its older names that carry a schedule type
+    ("DPM++ 2M Karras"): the name's type holds when the scheduler is "Automatic" or absent."""
     try:
-        spec, karras_from_name = resolve_sampler(body.sampler)
+        schedule_type = resolve_schedule_type(body.scheduler or AUTOMATIC)
     except ValueError as error:
-        raise field_error("sampler_name", str(error), body.sampler) from None
-    name = (body.scheduler or "automatic").strip().lower()
-    if name not in SCHEDULERS:
-        raise field_error("scheduler", f"unknown schedule type {body.scheduler!r}; allowed: "
-                                       f"{', '.join(SCHEDULERS.values())} (or their lower-case names)", body.scheduler)
-    return spec, schedule_karras(SCHEDULERS[name], spec, karras_from_name)
+        raise field_error("scheduler", str(error), body.scheduler) from None
+    noise = noise_settings({**(settings or {}), **(body.override_settings or {})})
+    try:
+        k_spec, carried = resolve_k_sampler(body.sampler)
+    except ValueError:
+        try:
+            spec, karras_from_name = resolve_sampler(body.sampler)
+        except ValueError:
+            allowed = f"{', '.join(k_sampler_names())} (A1111 / ComfyUI), {', '.join(SAMPLERS)} (kedavra)"
+            raise field_error("sampler_name", f"unknown sampler {body.sampler!r}; allowed: {allowed}",
+                              body.sampler) from None
+        automatic_karras = schedule_type == AUTOMATIC and spec.name in AUTOMATIC_KARRAS
+        return Sampling(spec.name, None, karras_from_name or schedule_type == "karras" or automatic_karras, **noise)
+    if carried is not None and schedule_type == AUTOMATIC:
+        schedule_type = resolve_schedule_type(carried)
+    return Sampling(k_spec.name, schedule_type, False, **noise)
+
+
+def noise_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Sampling's rng, eta_noise_seed_delta and clip_skip from A1111's settings (module docstring); 422 naming
+    override_settings for a bad value. Keys other than SAMPLING_SETTINGS are left to the notes."""
+    try:
+        rng = check_choice(A1111_RNG_SETTING, settings.get(A1111_RNG_SETTING, A1111_DEFAULT_RNG), RNG_SOURCES)
+        ensd = check_int(A1111_ENSD_SETTING, settings.get(A1111_ENSD_SETTING, 0), 0, MAX_SEED)
+        clip_skip = settings.get(A1111_CLIP_SKIP_SETTING)
+        if clip_skip is not None:
+            clip_skip = check_int(A1111_CLIP_SKIP_SETTING, clip_skip, 1)
+    except ValueError as error:
+        raise field_error("override_settings", str(error), dict(settings)) from None
+    return {"rng": rng, "eta_noise_seed_delta": ensd, "clip_skip": clip_skip}
 
 
 def request_size(body: GenerationBody, pipe: Pipeline, init_size: Size | None = None) -> Size:
@@ -119,9 +173,9 @@ def request_from_payload(body: GenerationBody, pipe: Pipeline, sampling: Samplin
     """The generation request of one HTTP request (each batch's; seed: the first image's), checked against the
     loaded model: a random seed for -1, eta for DDIM only (the other samplers' noise is their own), init images
     as one image or one per batch slot; 422 with loc ["body"] for what the request or the model refuses."""
-    sampler, karras = sampling
     seed = secrets.randbelow(MAX_SEED + 1) if body.seed < 0 else body.seed
-    eta = (body.eta if body.eta is not None else 0.0) if sampler.name == "ddim" else 0.0
+    subseed = secrets.randbelow(MAX_SEED + 1) if body.subseed < 0 else body.subseed
+    eta = (body.eta if body.eta is not None else 0.0) if sampling.sampler == "ddim" else 0.0
     init_image = None
     if len(init_images) == 1:
         init_image = init_images[0]
@@ -129,20 +183,29 @@ def request_from_payload(body: GenerationBody, pipe: Pipeline, sampling: Samplin
         init_image = torch.cat([from_pil(image) for image in init_images])  # (B, 3, H, W), one per batch slot
     try:
         request = GenerationRequest.build(
-            body.prompt, body.negative_prompt, num_images=body.batch_size, steps=body.steps, sampler=sampler.name,
-            karras=karras, guidance_scale=body.cfg_scale, eta=eta, seed=seed, width=size[0], height=size[1],
-            init_image=init_image, mask=mask, strength=strength, refiner_switch_at=body.refiner_switch_at)
+            body.prompt, body.negative_prompt, num_images=body.batch_size, steps=body.steps,
+            sampler=sampling.sampler, schedule_type=sampling.schedule_type, karras=sampling.karras,
+            guidance_scale=body.cfg_scale, eta=eta, seed=seed, width=size[0], height=size[1], init_image=init_image,
+            mask=mask, strength=strength, refiner_switch_at=body.refiner_switch_at, rng=sampling.rng,
+            eta_noise_seed_delta=sampling.eta_noise_seed_delta, clip_skip=sampling.clip_skip,
+            subseed=subseed if body.subseed_strength else None, subseed_strength=body.subseed_strength)
         request_parameters(request, 0, seed, *size, None, None)  # refuses text the PNG's parameters cannot hold
         return pipe.check(request)  # also finds the LoRAs of <lora:NAME:...> tags in the server's LoRA folder
     except (ValueError, FileNotFoundError) as error:
         raise body_error(str(error)) from None
 
 
-def request_notes(body: GenerationBody, spec: SamplerSpec) -> list[str]:
+def request_notes(body: GenerationBody, request: GenerationRequest) -> list[str]:
     """The response's notes: settings accepted but not carried out."""
     notes = body.ignored_settings()
-    if body.eta not in (None, 1.0) and spec.stochastic and spec.name != "ddim":
-        notes.append(f"eta applies to DDIM only; {spec.a1111 or spec.name} adds its full ancestral noise (eta 1)")
+    spec, k_spec = request.sampler_spec, request.k_sampler
+    stochastic = k_spec.ancestral if k_spec is not None else spec.stochastic
+    if body.eta not in (None, 1.0) and stochastic and request.sampler != "ddim":
+        notes.append(f"eta applies to DDIM only; {request.sampler if k_spec else spec.a1111 or spec.name} adds its "
+                     "full ancestral noise (eta 1)")
+    if k_spec is None and body.scheduler and resolve_schedule_type(body.scheduler) not in KEDAVRA_PLAN_SCHEDULES:
+        notes.append(f"scheduler {body.scheduler!r} does not apply to {spec.a1111 or spec.name}, which runs on its "
+                     "own timesteps; it was ignored")
     return notes
 
 
@@ -152,20 +215,22 @@ def generation_info(task: GenerationTask, outcome: GenerationOutcome, notes: lis
     s = task.request
     spec = s.sampler_spec
     count = len(outcome.seeds)
+    subseeds = outcome.subseeds if s.subseed_strength else [-1] * count
     return {
         "prompt": s.prompts[0], "all_prompts": [s.prompts[0]] * count,
         "negative_prompt": s.negative_prompts[0], "all_negative_prompts": [s.negative_prompts[0]] * count,
         "seed": outcome.seeds[0] if count else s.seed, "all_seeds": outcome.seeds,
-        "subseed": -1, "all_subseeds": [-1] * count, "subseed_strength": 0,
-        "width": s.width, "height": s.height, "sampler_name": spec.a1111 or spec.name,
-        "scheduler": SCHEDULERS["karras"] if s.karras else SCHEDULERS["uniform"],
+        "subseed": subseeds[0] if count else -1, "all_subseeds": subseeds, "subseed_strength": s.subseed_strength,
+        "width": s.width, "height": s.height, "sampler_name": s.sampler if spec is None else spec.a1111 or spec.name,
+        "scheduler": schedule_type_label(s.schedule_type) if spec is None else "Karras" if s.karras else "Uniform",
         "cfg_scale": s.guidance_scale, "steps": s.steps, "batch_size": s.num_images, "n_iter": task.n_iter,
         "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": outcome.model.model_name, "sd_model_hash": outcome.model.short_hash,
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": s.strength, "extra_generation_params": dict(outcome.parameters),
         "index_of_first_image": 0,
-        "infotexts": outcome.infotexts, "styles": [], "job_timestamp": outcome.job_timestamp, "clip_skip": 1,
+        "infotexts": outcome.infotexts, "styles": [], "job_timestamp": outcome.job_timestamp,
+        "clip_skip": s.clip_skip or 1,
         "is_using_inpainting_conditioning": inpainting_model and s.mask is not None,
         "version": KEDAVRA_VERSION, "interrupted": outcome.interrupted, "notes": notes,
     }

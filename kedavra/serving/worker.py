@@ -170,6 +170,7 @@ class GenerationOutcome:
     model: ModelEntry
     job_timestamp: str
     parameters: dict[str, str] = field(default_factory=dict)  # the pipeline's additions, e.g. "Lora hashes"
+    subseeds: list[int] = field(default_factory=list)  # each image's variation seed (with a variation strength)
 
 
 @dataclass(eq=False)
@@ -195,6 +196,16 @@ class _Progress:
     preview: str | None = None  # base64 PNG of the last decoded x0 prediction
     preview_step: int = -1
     textinfo: str | None = None
+
+
+def batch_seeds(request: GenerationRequest, batch: int) -> GenerationRequest:
+    """The request of batch `batch` of an n_iter run, numbered as A1111 numbers its images
+    (modules/processing.py): image i of the run has seed + i, or, with a variation strength, the same seed and
+    variation seed subseed + i."""
+    step = batch * request.num_images
+    if request.subseed_strength:
+        return request.replace(subseed=(request.subseed + step) % (MAX_SEED + 1))
+    return request.replace(seed=(request.seed + step) % (MAX_SEED + 1))
 
 
 class Worker:
@@ -360,29 +371,29 @@ class Worker:
             refiner_text = f"{entry.model_name} [{entry.short_hash}]" if entry.short_hash else entry.model_name
         with self._condition:
             self._progress.job_count = task.n_iter
-        images, seeds, infotexts, interrupted, parameters = [], [], [], False, {}
+        images, seeds, subseeds, infotexts, interrupted, parameters = [], [], [], [], False, {}
         for batch in range(task.n_iter):
             if job.cancelled.is_set():
                 interrupted = True
                 break
             with self._condition:
                 self._progress.job_no, self._progress.step, self._progress.steps = batch, 0, 0
-            seed = (request.seed + batch * request.num_images) % (MAX_SEED + 1)
+            batch_request = batch_seeds(request, batch)
             try:
-                result = pipe.generate(request.replace(seed=seed), callback=self._step_callback(job, pipe),
-                                       refiner=refiner)
+                result = pipe.generate(batch_request, callback=self._step_callback(job, pipe), refiner=refiner)
             except Interrupted:
                 interrupted = True
                 break
             parameters = result.parameters
             for index, (image, image_seed) in enumerate(zip(result.images, result.seeds, strict=True)):
-                params = request_parameters(request, index, image_seed, request.width, request.height,
+                params = request_parameters(batch_request, index, image_seed, request.width, request.height,
                                             model.model_name, model.short_hash, refiner_text, parameters)
                 images.append(encode_png(image, params))
                 seeds.append(image_seed)
                 infotexts.append(format_parameters(params))
+            subseeds += batch_request.image_seeds(batch_request.seed)[1] or []
         self._count("interrupted" if interrupted else "completed")
-        return GenerationOutcome(images, seeds, infotexts, interrupted, model, job.timestamp, parameters)
+        return GenerationOutcome(images, seeds, infotexts, interrupted, model, job.timestamp, parameters, subseeds)
 
     def _refiner_pipeline(self, entry: ModelEntry | None) -> Pipeline | None:
         """The refiner's pipeline, loaded once and kept while requests keep asking for the same one."""

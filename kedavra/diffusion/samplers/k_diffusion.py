@@ -153,13 +153,20 @@ class KRun:
     options: dict
 
 
+def effective_schedule_type(spec: KSamplerSpec, schedule_type: str, convention: str = "a1111") -> str:
+    """The schedule type a run uses: `schedule_type`, or for "Automatic" the sampler's own (A1111) or ComfyUI's
+    default scheduler."""
+    kind = resolve_schedule_type(schedule_type)
+    if kind == AUTOMATIC:
+        kind = spec.schedule if convention == "a1111" else COMFYUI_DEFAULT_SCHEDULE
+    return kind
+
+
 def k_sigmas(spec: KSamplerSpec, steps: int, schedule: NoiseSchedule, schedule_type: str, convention: str,
              sdxl: bool = False) -> tuple[torch.Tensor, SigmaTable]:
     """The full n-step σ sequence (float32) the program builds for this sampler and schedule type, and the table."""
     table = SigmaTable.from_schedule(schedule, convention)
-    kind = resolve_schedule_type(schedule_type)
-    if kind == AUTOMATIC:
-        kind = spec.schedule if convention == "a1111" else COMFYUI_DEFAULT_SCHEDULE
+    kind = effective_schedule_type(spec, schedule_type, convention)
     discard = spec.a1111_discard_penultimate if convention == "a1111" else spec.comfyui_discard_penultimate
     sigmas = build_sigmas(kind, steps + int(discard), table, convention, sdxl)
     if discard:
