@@ -14,6 +14,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from kedavra.diffusion.forward_process import add_noise  # noqa: E402
+from kedavra.diffusion.samplers import sample  # noqa: E402
 from kedavra.diffusion.samplers.consistency import (  # noqa: E402
     lcm_scalings,
     lcm_timesteps,
@@ -26,6 +27,7 @@ from kedavra.diffusion.samplers.consistency import (  # noqa: E402
     tcd_timesteps,
 )
 from kedavra.diffusion.samplers.denoiser import Denoiser  # noqa: E402
+from kedavra.diffusion.samplers.k_diffusion import prepare_k_run  # noqa: E402
 from kedavra.diffusion.samplers.noise import generator_noise  # noqa: E402
 from kedavra.diffusion.schedule import SCHEDULE_PRESETS  # noqa: E402
 from kedavra.diffusion.timesteps import SamplingPlan, make_plan  # noqa: E402
@@ -254,6 +256,37 @@ def test_lcm_sigma_plan_by_hand():
         torch.testing.assert_close(simple.sigmas[:-1], table[simple.timesteps.long()], rtol=1e-12, atol=0)
     full = make_lcm_sigma_plan(SD, 3, original_steps=1000)  # the model's own table: t = linspace(999, 0, 3)
     assert full.timesteps.tolist() == [999, 499, 0]  # 499.5 rounds down
+
+
+def test_lcm_as_a1111_and_comfyui_run_it_through_sample():
+    """sample(sampler="LCM", schedule_type=...) is A1111's LCM (distillation grid, boundary scalings, start σ_0 ε,
+    img2img from the last ⌊s·n⌋ + 1 steps) or ComfyUI's lcm (the model's own table, no boundary)."""
+    mu, s = 0.7, 0.4
+    model = Denoiser(GaussianConsistencyModel(mu, s), "x0")
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def zeros(x, sigma, sigma_next):
+        return torch.zeros_like(x)
+
+    for schedule_type, spacing in (("Automatic", "normal"), ("Uniform", "normal"), ("SGM Uniform", "sgm_uniform"),
+                                   ("simple", "simple")):
+        plan = make_lcm_sigma_plan(SD, 4, spacing)
+        expected = sample_lcm_kdiffusion(model, noise * plan.sigmas[0].item(), plan, noise=zeros)
+        out = sample(model, noise, sampler="LCM", steps=4, schedule=SD, schedule_type=schedule_type,
+                     noise_sampler=zeros)
+        assert torch.equal(out, expected), schedule_type
+    init = torch.full(SHAPE, 0.3, dtype=torch.float64)
+    plan = make_lcm_sigma_plan(SD, 4).start_at(4 - int(0.5 * 4) - 1)  # strength 0.5: the last 3 of 4 steps
+    expected = sample_lcm_kdiffusion(model, init + noise * plan.sigmas[0].item(), plan, noise=zeros)
+    out = sample(model, noise, sampler="LCM", steps=4, schedule=SD, schedule_type="Automatic", init=init,
+                 strength=0.5, noise_sampler=zeros)
+    assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match="Automatic, Uniform, Normal, SGM Uniform, Simple, not 'Karras'"):
+        sample(model, noise, sampler="LCM", steps=4, schedule=SD, schedule_type="Karras")
+    comfy = sample(model, noise, sampler="lcm", steps=4, schedule=SD, schedule_type="karras", convention="comfyui",
+                   noise_sampler=zeros)
+    run = prepare_k_run("lcm", noise, 4, SD, "karras", "comfyui")
+    assert torch.equal(comfy, sample_lcm_kdiffusion(model, run.start, run.plan, noise=zeros, boundary=False))
 
 
 # --- Bad input -----------------------------------------------------------------------------------------------------

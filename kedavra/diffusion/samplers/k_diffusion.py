@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kedavra.diffusion.samplers.consistency import make_lcm_sigma_plan, sample_lcm_kdiffusion
 from kedavra.diffusion.samplers.denoiser import Denoiser, StepCallback
 from kedavra.diffusion.samplers.dpm_fast import sample_dpm_adaptive, sample_dpm_fast
 from kedavra.diffusion.samplers.dpm_solver import (
@@ -44,7 +45,14 @@ from kedavra.diffusion.samplers.euler import (
 from kedavra.diffusion.samplers.noise import NoiseSampler
 from kedavra.diffusion.samplers.restart import sample_restart
 from kedavra.diffusion.schedule import NoiseSchedule
-from kedavra.diffusion.sigmas import AUTOMATIC, CONVENTIONS, SigmaTable, build_sigmas, resolve_schedule_type
+from kedavra.diffusion.sigmas import (
+    AUTOMATIC,
+    CONVENTIONS,
+    SigmaTable,
+    build_sigmas,
+    resolve_schedule_type,
+    schedule_type_label,
+)
 from kedavra.diffusion.timesteps import SamplingPlan
 from kedavra.validation import check_number
 
@@ -67,6 +75,7 @@ class KSamplerSpec:
     a1111_options: dict = field(default_factory=dict)
     comfyui_options: dict = field(default_factory=dict)
     whole_table: bool = False  # DPM fast / adaptive: A1111's txt2img runs from the table's σ_max to its σ_min
+    distilled_table: bool = False  # A1111's LCM: the σ table of the 50-step distillation grid (consistency.py)
 
     @property
     def name(self) -> str:
@@ -93,7 +102,14 @@ K_SAMPLERS: tuple[KSamplerSpec, ...] = (
     KSamplerSpec("DPM adaptive", "dpm_adaptive", sample_dpm_adaptive, ancestral=True, a1111_options={"eta": 1.0},
                  whole_table=True),
     KSamplerSpec("Restart", "", sample_restart, "karras"),
+    # LCM (Luo et al. 2023): A1111 on the distillation grid's σ's with the boundary scalings; ComfyUI's "lcm" on the
+    # model's own table, the boundary left to a model patch (ModelSamplingDiscrete "lcm") kedavra does not apply
+    KSamplerSpec("LCM", "lcm", sample_lcm_kdiffusion, ancestral=True, a1111_options={"boundary": True},
+                 comfyui_options={"boundary": False}, distilled_table=True),
 )
+# A1111's LCM schedule types and the distillation-grid spacing each gives (its "Uniform" and "Normal" are the same
+# linspace in t there); others are refused by name
+A1111_LCM_SPACINGS = {"uniform": "normal", "normal": "normal", "sgm_uniform": "sgm_uniform", "simple": "simple"}
 # A1111's older labels that carry their schedule type in the name (still accepted by its API)
 _LEGACY_KARRAS = {"lms karras": "LMS", "dpm2 karras": "DPM2", "dpm2 a karras": "DPM2 a",
                   "dpm++ 2s a karras": "DPM++ 2S a", "dpm++ 2m karras": "DPM++ 2M", "dpm++ sde karras": "DPM++ SDE",
@@ -188,6 +204,8 @@ def prepare_k_run(sampler: str, noise: torch.Tensor, steps: int, schedule: Noise
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown sampling convention {convention!r}; allowed: {', '.join(CONVENTIONS)}")
     spec, carried = resolve_k_sampler(sampler)
+    if spec.distilled_table and convention == "a1111":
+        return _prepare_a1111_lcm(spec, noise, steps, schedule, carried or schedule_type, init, strength)
     sigmas, table = k_sigmas(spec, steps, schedule, carried or schedule_type, convention, sdxl)
     if init is None:
         if strength != 1.0:
@@ -212,6 +230,27 @@ def prepare_k_run(sampler: str, noise: torch.Tensor, steps: int, schedule: Noise
             start = init + noise * _comfy_noise_scale(sigmas[0].item(), table)
     options = dict(spec.a1111_options if convention == "a1111" else spec.comfyui_options)
     return KRun(plan_from_sigmas(sigmas, table), start, spec, options)
+
+
+def _prepare_a1111_lcm(spec: KSamplerSpec, noise: torch.Tensor, steps: int, schedule: NoiseSchedule,
+                       schedule_type: str, init: torch.Tensor | None, strength: float) -> KRun:
+    """A1111's LCM run: the distillation grid's σ's (consistency.make_lcm_sigma_plan), the A1111 start and img2img
+    rule of `prepare_k_run`."""
+    kind = effective_schedule_type(spec, schedule_type)
+    if kind not in A1111_LCM_SPACINGS:
+        allowed = ", ".join(["Automatic"] + [schedule_type_label(name) for name in A1111_LCM_SPACINGS])
+        raise ValueError(f"A1111's LCM sampler runs here with the schedule types {allowed}, not "
+                         f"{schedule_type_label(kind)!r}")
+    plan = make_lcm_sigma_plan(schedule, steps, A1111_LCM_SPACINGS[kind])
+    if init is None:
+        if strength != 1.0:
+            raise ValueError(f"strength={strength} needs an init sample (image-to-image); without one it must be 1.0")
+        start = noise * plan.sigmas[0].item()
+    else:
+        strength = check_number("strength", strength, 0, 1)
+        plan = plan.start_at(steps - int(min(strength, A1111_MAX_STRENGTH) * steps) - 1)
+        start = init + noise * plan.sigmas[0].item()
+    return KRun(plan, start, spec, dict(spec.a1111_options))
 
 
 def _comfy_noise_scale(sigma: float, table: SigmaTable) -> float:
