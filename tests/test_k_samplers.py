@@ -197,7 +197,9 @@ def k_diffusion_run(label, steps, schedule, prediction, schedule_type, noise, ta
     return denoised, result
 
 
-LABELS = [spec.a1111 for spec in K_SAMPLERS if spec.a1111 != "Restart"]
+# k-diffusion's own samplers (Restart, LCM and the CompVis samplers are A1111's code: tested below and in test_pndm,
+# test_unipc_orders and test_consistency_samplers)
+LABELS = [spec.a1111 for spec in K_SAMPLERS if spec.a1111 not in ("Restart", "LCM") and not spec.timestep_grid]
 
 
 @pytest.mark.parametrize("label", LABELS)
@@ -268,3 +270,81 @@ def test_unknown_names_are_refused_with_the_list():
         sample(toy_model, torch.zeros(SHAPE), sampler="Euler", schedule_type="Karas")
     with pytest.raises(ValueError, match="unknown A1111 / ComfyUI sampler 'Euler b'.*DPM\\+\\+ 2M"):
         sample(toy_model, torch.zeros(SHAPE), sampler="Euler b", schedule_type="Karras")
+
+
+# --- A1111's CompVis samplers (DDIM, PLMS, UniPC) through sample() and the request -----------------------------------
+
+
+def _zeros(x, sigma, sigma_next):
+    return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("steps", [1, 7, 20])
+def test_a1111_compvis_samplers_run_on_a1111_grids(steps):
+    """sample(sampler="DDIM" / "PLMS" / "UniPC", schedule_type=...) is A1111's CompVis run: x = ε on its integer
+    timesteps (DDIM, PLMS: pndm.py) or its continuous-time grid (UniPC bh1, order 3: unipc.py), whatever the schedule
+    type names (A1111 ignores it for these)."""
+    from kedavra.diffusion.samplers.ddpm import sample_ddim
+    from kedavra.diffusion.samplers.denoiser import Denoiser
+    from kedavra.diffusion.samplers.pndm import a1111_timesteps_plan, sample_plms
+    from kedavra.diffusion.samplers.unipc import a1111_unipc_plan, a1111_unipc_steps, sample_unipc
+
+    schedule = SCHEDULES["sd"]
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(steps))
+    plan = a1111_timesteps_plan(schedule, steps)
+    unipc_plan = a1111_unipc_plan(schedule, a1111_unipc_steps(steps)[0])
+    expected = {
+        "DDIM": sample_ddim(Denoiser(toy_model), noise, plan),
+        "PLMS": sample_plms(Denoiser(toy_model), noise, plan),
+        "UniPC": sample_unipc(Denoiser(toy_model), noise, unipc_plan, order=3, variant="bh1"),
+    }
+    for name, reference in expected.items():
+        for schedule_type in ("Automatic", "Karras"):
+            out = sample(toy_model, noise, sampler=name, steps=steps, schedule=schedule, schedule_type=schedule_type)
+            assert torch.equal(out, reference), (name, schedule_type)
+    eta_noise = []
+    sample(toy_model, noise, sampler="DDIM", steps=steps, schedule=schedule, schedule_type="Automatic", eta=0.5,
+           noise_sampler=lambda x, s, s_next: (eta_noise.append(s_next), torch.zeros_like(x))[1])
+    assert len(eta_noise) == len(plan)  # η > 0 draws noise at every step
+
+
+def test_a1111_compvis_img2img_noises_one_timestep_above_the_first():
+    from kedavra.diffusion.forward_process import add_noise
+    from kedavra.diffusion.samplers.ddpm import sample_ddim
+    from kedavra.diffusion.samplers.denoiser import Denoiser
+    from kedavra.diffusion.samplers.pndm import a1111_img2img_plan
+
+    schedule = SCHEDULES["sd"]
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    init = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
+    plan, alpha_bar = a1111_img2img_plan(schedule, 20, 0.6)  # t_enc = 12: 11 steps from ts[11] = 551, noised at 601
+    assert plan.timesteps[0].item() == 551 and alpha_bar == pytest.approx(schedule.alpha_bar[601].item(), rel=1e-6)
+    expected = sample_ddim(Denoiser(toy_model), add_noise(init, noise, alpha_bar), plan)
+    out = sample(toy_model, noise, sampler="DDIM", steps=20, schedule=schedule, schedule_type="Automatic", init=init,
+                 strength=0.6)
+    assert torch.equal(out, expected)
+    assert sample(toy_model, noise, sampler="UniPC", steps=20, schedule=schedule, schedule_type="Automatic",
+                  init=init, strength=0.6).shape == SHAPE
+
+
+def test_a1111_compvis_bad_input():
+    schedule = SCHEDULES["sd"]
+    noise = torch.zeros(SHAPE)
+    with pytest.raises(ValueError, match="DDIM runs as A1111 runs it"):
+        sample(toy_model, noise, sampler="DDIM", steps=4, schedule=schedule, schedule_type="normal",
+               convention="comfyui")
+    with pytest.raises(ValueError, match="eta=0.5 applies to A1111's DDIM here, not 'Euler a'"):
+        sample(toy_model, noise, sampler="Euler a", steps=4, schedule=schedule, schedule_type="Automatic", eta=0.5)
+
+
+def test_requests_name_a1111_ddim_and_write_its_eta():
+    from kedavra.pipeline.infotext import request_parameters
+    from kedavra.pipeline.request import GenerationRequest
+
+    request = GenerationRequest.build("a cat", sampler="DDIM", schedule_type="Automatic", eta=0.3)
+    assert request.k_sampler.name == "DDIM" and request.sampler_spec is None
+    params = request_parameters(request, 0, 1, 64, 64, None, None)
+    assert (params.sampler, params.schedule_type, params.extra["Eta DDIM"]) == ("DDIM", "Automatic", "0.3")
+    assert GenerationRequest.build("a cat", sampler="DDIM").sampler_spec.name == "ddim"  # kedavra's (diffusers')
+    with pytest.raises(ValueError, match="eta=0.3 does not apply to Euler a"):
+        GenerationRequest.build("a cat", sampler="Euler a", schedule_type="Automatic", eta=0.3)

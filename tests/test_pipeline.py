@@ -95,7 +95,7 @@ def test_pil_round_trip():
     ({"width": 4096}, r"width must be an integer from 1 to 2048 \(or None for the model's image size\), got 4096"),
     ({"steps": 0}, "steps must be an integer >= 1, got 0"),
     ({"steps": 1001}, "steps must be an integer from 1 to 1000"),
-    ({"sampler": "plms"}, "unknown sampler 'plms'"),
+    ({"sampler": "dpm_solver_v3"}, "unknown sampler 'dpm_solver_v3'"),
     ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number"),
     ({"num_images": 0}, "num_images must be an integer from 1 to 64"),
     ({"seed": -1}, "seed must be an integer from 0 to 4294967295"),

@@ -45,6 +45,7 @@ CONVENTIONS = ("a1111", "comfyui")
 # ᾱ_{T-1} of a zero-terminal-SNR schedule in A1111 (modules/sd_models.py, rescale_zero_terminal_snr_abar) and
 # ComfyUI (comfy/model_sampling.py): "a tiny value so σ_max stays finite", σ_max ≈ 4519.
 ZSNR_LAST_ALPHA_BAR = 4.8973451890853435e-08
+A1111_MAX_STRENGTH = 0.999  # A1111 caps denoising strength here when choosing the first img2img step
 # Align Your Steps (Sabour et al. 2024), the published 10-step σ schedules (NVIDIA's "how to" page), as A1111's
 # modules/sd_schedulers.py and ComfyUI's AlignYourStepsScheduler node use them.
 AYS_SIGMAS = {

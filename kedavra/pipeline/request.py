@@ -23,7 +23,7 @@ from PIL import Image
 from kedavra.adapters.prompt_tags import batch_lora_tags
 from kedavra.diffusion.rng import RNG_SOURCES
 from kedavra.diffusion.samplers import SAMPLERS, SamplerSpec, check_eta, resolve_sampler
-from kedavra.diffusion.samplers.k_diffusion import KSamplerSpec, k_sampler_names, resolve_k_sampler
+from kedavra.diffusion.samplers.k_diffusion import ETA_K_SAMPLERS, KSamplerSpec, k_sampler_names, resolve_k_sampler
 from kedavra.diffusion.sigmas import AUTOMATIC, CONVENTIONS, resolve_schedule_type
 from kedavra.diffusion.timesteps import SPACINGS, check_steps
 from kedavra.formats.images import from_pil
@@ -139,9 +139,13 @@ class GenerationRequest:
         check_number("guidance_rescale", self.guidance_rescale, 0, 1)
         if schedule_type is None:
             check_eta(resolve_sampler(sampler)[0], self.eta)
-        elif self.eta or self.karras:
-            raise ValueError(f"{'eta' if self.eta else 'karras'} does not apply with a schedule type "
-                             f"({self.schedule_type!r}): the schedule type sets the σ's and {sampler} its own noise")
+        elif self.karras:
+            raise ValueError(f"karras does not apply with a schedule type ({self.schedule_type!r}): the schedule type "
+                             "sets the σ's")
+        elif check_number("eta", self.eta, low=0) and sampler not in ETA_K_SAMPLERS:
+            raise ValueError(f"eta={self.eta} does not apply to {sampler} with a schedule type "
+                             f"({self.schedule_type!r}): it draws its own noise (A1111's eta applies to "
+                             f"{', '.join(ETA_K_SAMPLERS)})")
         check_choice("sampling convention", self.convention, CONVENTIONS)
         check_choice("rng", self.rng, RNG_SOURCES)
         check_seed("subseed", self.subseed, optional=True)

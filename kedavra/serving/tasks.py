@@ -175,7 +175,7 @@ def request_from_payload(body: GenerationBody, pipe: Pipeline, sampling: Samplin
     as one image or one per batch slot; 422 with loc ["body"] for what the request or the model refuses."""
     seed = secrets.randbelow(MAX_SEED + 1) if body.seed < 0 else body.seed
     subseed = secrets.randbelow(MAX_SEED + 1) if body.subseed < 0 else body.subseed
-    eta = (body.eta if body.eta is not None else 0.0) if sampling.sampler == "ddim" else 0.0
+    eta = (body.eta if body.eta is not None else 0.0) if sampling.sampler.lower() == "ddim" else 0.0
     init_image = None
     if len(init_images) == 1:
         init_image = init_images[0]
@@ -200,7 +200,7 @@ def request_notes(body: GenerationBody, request: GenerationRequest) -> list[str]
     notes = body.ignored_settings()
     spec, k_spec = request.sampler_spec, request.k_sampler
     stochastic = k_spec.ancestral if k_spec is not None else spec.stochastic
-    if body.eta not in (None, 1.0) and stochastic and request.sampler != "ddim":
+    if body.eta not in (None, 1.0) and stochastic and request.sampler.lower() != "ddim":
         notes.append(f"eta applies to DDIM only; {request.sampler if k_spec else spec.a1111 or spec.name} adds its "
                      "full ancestral noise (eta 1)")
     if k_spec is None and body.scheduler and resolve_schedule_type(body.scheduler) not in KEDAVRA_PLAN_SCHEDULES:

@@ -38,13 +38,18 @@ ORDER_FIT_FLOOR_FACTOR = 10  # the order fit keeps ODE errors above this multipl
 ORDER_FIT_MAX_ERROR = 0.1  # ... and below this (a quarter of a mode's std: past the few-step, mode-jumping regime)
 
 
+# samplers that run on their own timestep grids (the distillation grid, diffusers' PNDM timesteps) rather than the
+# study's Karras σ's: left out by default
+OWN_GRID_SAMPLERS = ("lcm", "tcd", "pndm")
+
+
 @dataclass(frozen=True)
 class ConvergenceConfig:
     """samplers: kedavra sampler names; budgets: NFE targets (ascending); num_samples: N per set;
     num_projections: directions of the sliced distance; schedule: preset name; reference_steps: Heun steps of
     the reference ODE solution (2·steps - 1 evaluations); seed: every random draw derives from it."""
 
-    samplers: tuple[str, ...] = tuple(SAMPLERS)
+    samplers: tuple[str, ...] = tuple(name for name in SAMPLERS if name not in OWN_GRID_SAMPLERS)
     budgets: tuple[int, ...] = (5, 10, 20, 50, 100, 200, 1000)
     num_samples: int = 10000
     num_projections: int = 128
@@ -124,7 +129,10 @@ def random_directions(num: int, dim: int, generator: torch.Generator) -> torch.T
 def steps_for_budget(sampler: str, budget: int) -> int:
     """The most steps whose evaluations fit `budget`: n for one-evaluation samplers, ⌊(budget+1)/2⌋ for Heun."""
     spec = SAMPLERS[sampler]
-    return budget if spec.evaluations_per_step == 1 else max(1, (budget + 1) // 2)
+    steps = budget if spec.evaluations_per_step == 1 else max(1, (budget + 1) // 2)
+    while steps > 1 and spec.evaluations(steps) > budget:  # PNDM's extra evaluation
+        steps -= 1
+    return steps
 
 
 def fit_order(nfes, errors, floor: float, max_error: float = ORDER_FIT_MAX_ERROR):

@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kedavra.diffusion.forward_process import add_noise
 from kedavra.diffusion.samplers.consistency import make_lcm_sigma_plan, sample_lcm_kdiffusion
+from kedavra.diffusion.samplers.ddpm import sample_ddim
 from kedavra.diffusion.samplers.denoiser import Denoiser, StepCallback
 from kedavra.diffusion.samplers.dpm_fast import sample_dpm_adaptive, sample_dpm_fast
 from kedavra.diffusion.samplers.dpm_solver import (
@@ -43,9 +45,12 @@ from kedavra.diffusion.samplers.euler import (
     sample_lms,
 )
 from kedavra.diffusion.samplers.noise import NoiseSampler
+from kedavra.diffusion.samplers.pndm import a1111_img2img_plan, a1111_timesteps_plan, sample_plms
 from kedavra.diffusion.samplers.restart import sample_restart
+from kedavra.diffusion.samplers.unipc import a1111_unipc_plan, a1111_unipc_steps, sample_unipc
 from kedavra.diffusion.schedule import NoiseSchedule
 from kedavra.diffusion.sigmas import (
+    A1111_MAX_STRENGTH,
     AUTOMATIC,
     CONVENTIONS,
     SigmaTable,
@@ -57,7 +62,8 @@ from kedavra.diffusion.timesteps import SamplingPlan
 from kedavra.validation import check_number
 
 COMFYUI_DEFAULT_SCHEDULE = "normal"  # ComfyUI's KSampler default scheduler
-A1111_MAX_STRENGTH = 0.999  # A1111 caps denoising strength here when choosing the first img2img step
+A1111_UNIPC_ORDER = 3  # A1111's settings "UniPC order" default
+A1111_UNIPC_VARIANT = "bh1"  # A1111's settings "UniPC variant" default
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,14 @@ class KSamplerSpec:
     comfyui_options: dict = field(default_factory=dict)
     whole_table: bool = False  # DPM fast / adaptive: A1111's txt2img runs from the table's σ_max to its σ_min
     distilled_table: bool = False  # A1111's LCM: the σ table of the 50-step distillation grid (consistency.py)
+    # A1111's CompVis samplers (DDIM, PLMS, UniPC): "compvis" or "unipc", the timestep grid they run on instead
+    # of a schedule type's σ's, in the VP view (pndm.py, unipc.py); "" for the k-diffusion samplers
+    timestep_grid: str = ""
+
+    @property
+    def view(self) -> str:
+        """The state the sampler keeps: "vp" (x_t) for A1111's CompVis samplers, "ve" (x_0 + σ ε) otherwise."""
+        return "vp" if self.timestep_grid else "ve"
 
     @property
     def name(self) -> str:
@@ -106,7 +120,14 @@ K_SAMPLERS: tuple[KSamplerSpec, ...] = (
     # model's own table, the boundary left to a model patch (ModelSamplingDiscrete "lcm") kedavra does not apply
     KSamplerSpec("LCM", "lcm", sample_lcm_kdiffusion, ancestral=True, a1111_options={"boundary": True},
                  comfyui_options={"boundary": False}, distilled_table=True),
+    # A1111's CompVis samplers (modules/sd_samplers_timesteps*.py): DDIM (η from its "eta_ddim", default 0), PLMS,
+    # and UniPC with A1111's defaults (bh1, order 3, time-uniform, lower order at the end)
+    KSamplerSpec("DDIM", "", sample_ddim, timestep_grid="compvis"),
+    KSamplerSpec("PLMS", "", sample_plms, timestep_grid="compvis"),
+    KSamplerSpec("UniPC", "", functools.partial(sample_unipc, order=A1111_UNIPC_ORDER, variant=A1111_UNIPC_VARIANT),
+                 timestep_grid="unipc"),
 )
+ETA_K_SAMPLERS = ("DDIM",)  # the A1111 samplers a request's eta reaches (A1111's eta_ddim; the others keep η = 1)
 # A1111's LCM schedule types and the distillation-grid spacing each gives (its "Uniform" and "Normal" are the same
 # linspace in t there); others are refused by name
 A1111_LCM_SPACINGS = {"uniform": "normal", "normal": "normal", "sgm_uniform": "sgm_uniform", "simple": "simple"}
@@ -199,11 +220,21 @@ def plan_from_sigmas(sigmas: torch.Tensor, table: SigmaTable) -> SamplingPlan:
 
 def prepare_k_run(sampler: str, noise: torch.Tensor, steps: int, schedule: NoiseSchedule, schedule_type: str,
                   convention: str = "a1111", init: torch.Tensor | None = None, strength: float = 1.0,
-                  sdxl: bool = False) -> KRun:
-    """The plan and starting state of an A1111 / ComfyUI run (see the module docstring for the conventions)."""
+                  sdxl: bool = False, eta: float = 0.0) -> KRun:
+    """The plan and starting state of an A1111 / ComfyUI run (see the module docstring for the conventions).
+    eta: DDIM's η (ETA_K_SAMPLERS); the other samplers refuse a nonzero one."""
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown sampling convention {convention!r}; allowed: {', '.join(CONVENTIONS)}")
     spec, carried = resolve_k_sampler(sampler)
+    eta = check_number("eta", eta, low=0)
+    if eta and spec.name not in ETA_K_SAMPLERS:
+        raise ValueError(f"eta={eta} applies to A1111's {', '.join(ETA_K_SAMPLERS)} here, not {spec.name!r}")
+    if spec.timestep_grid:
+        if convention != "a1111":
+            raise ValueError(f"{spec.name} runs as A1111 runs it (its CompVis sampler); ComfyUI's own samplers are "
+                             f"{', '.join(s.comfyui for s in K_SAMPLERS if s.comfyui)}")
+        run = _prepare_a1111_timesteps(spec, noise, steps, schedule, init, strength)
+        return KRun(run.plan, run.start, spec, {"eta": eta} if spec.name in ETA_K_SAMPLERS else {})
     if spec.distilled_table and convention == "a1111":
         return _prepare_a1111_lcm(spec, noise, steps, schedule, carried or schedule_type, init, strength)
     sigmas, table = k_sigmas(spec, steps, schedule, carried or schedule_type, convention, sdxl)
@@ -251,6 +282,30 @@ def _prepare_a1111_lcm(spec: KSamplerSpec, noise: torch.Tensor, steps: int, sche
         plan = plan.start_at(steps - int(min(strength, A1111_MAX_STRENGTH) * steps) - 1)
         start = init + noise * plan.sigmas[0].item()
     return KRun(plan, start, spec, dict(spec.a1111_options))
+
+
+def _prepare_a1111_timesteps(spec: KSamplerSpec, noise: torch.Tensor, steps: int, schedule: NoiseSchedule,
+                             init: torch.Tensor | None, strength: float) -> KRun:
+    """A1111's CompVis run (modules/sd_samplers_timesteps.py): the VP start x = ε, or for image-to-image the init
+    noised to ᾱ one timestep above the first one evaluated (A1111's rule, pndm.a1111_img2img_plan); DDIM and PLMS on
+    A1111's integer timesteps, UniPC on its continuous-time grid (unipc.a1111_unipc_plan). The schedule type does
+    not apply (A1111 ignores it for these samplers)."""
+    if init is None:
+        if strength != 1.0:
+            raise ValueError(f"strength={strength} needs an init sample (image-to-image); without one it must be 1.0")
+        if spec.timestep_grid == "unipc":
+            plan = a1111_unipc_plan(schedule, a1111_unipc_steps(steps, None, schedule.num_train_timesteps)[0])
+        else:
+            plan = a1111_timesteps_plan(schedule, steps)
+        return KRun(plan, noise, spec, {})
+    plan, alpha_bar_noise = a1111_img2img_plan(schedule, steps, strength)
+    if spec.timestep_grid == "unipc":
+        t_enc = int(min(strength, A1111_MAX_STRENGTH) * steps)
+        if t_enc < 1:
+            raise ValueError(f"strength={strength} of {steps} steps leaves A1111's UniPC no step to run")
+        unipc_steps, t_start = a1111_unipc_steps(steps, t_enc, schedule.num_train_timesteps)
+        plan = a1111_unipc_plan(schedule, unipc_steps, t_start)
+    return KRun(plan, add_noise(init, noise, alpha_bar_noise), spec, {})
 
 
 def _comfy_noise_scale(sigma: float, table: SigmaTable) -> float:

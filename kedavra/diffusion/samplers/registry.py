@@ -23,6 +23,7 @@ from kedavra.diffusion.samplers.dpm_solver import sample_dpmpp_2m, sample_dpmpp_
 from kedavra.diffusion.samplers.euler import sample_euler, sample_euler_ancestral, sample_heun
 from kedavra.diffusion.samplers.k_diffusion import prepare_k_run, run_k_sampler
 from kedavra.diffusion.samplers.noise import NoiseSampler, generator_noise
+from kedavra.diffusion.samplers.pndm import pndm_plan, sample_pndm
 from kedavra.diffusion.samplers.unipc import sample_unipc
 from kedavra.diffusion.schedule import SCHEDULE_PRESETS, NoiseSchedule
 from kedavra.diffusion.timesteps import SPACINGS, make_plan, start_index_for_strength
@@ -41,10 +42,12 @@ class SamplerSpec:
     a1111: str  # the name in AUTOMATIC1111's web UI ("" where it has none)
     comfyui: str  # the sampler_name in ComfyUI ("" where it has none)
     evaluations_per_step: int = 1  # Heun: 2 per step, minus one on the last
+    extra_evaluations: int = 0  # PNDM: its repeated first step costs one more (runs of 2 steps or more)
 
     def evaluations(self, steps: int) -> int:
         """Model evaluations for a run of `steps` steps ending at σ = 0."""
-        return steps if self.evaluations_per_step == 1 else 2 * steps - 1
+        base = steps if self.evaluations_per_step == 1 else 2 * steps - 1
+        return base + (self.extra_evaluations if steps > 1 else 0)
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
@@ -66,11 +69,16 @@ SAMPLERS: dict[str, SamplerSpec] = {
         SamplerSpec("unipc", sample_unipc, "vp", False, "UniPCMultistepScheduler", "UniPC", "uni_pc"),
         SamplerSpec("lcm", sample_lcm, "vp", True, "LCMScheduler", "", ""),
         SamplerSpec("tcd", sample_tcd, "vp", True, "TCDScheduler", "", ""),
+        # A1111's "PLMS" is its own (CompVis) sampler, reached with a schedule type (k_diffusion.py)
+        SamplerSpec("pndm", sample_pndm, "vp", False, "PNDMScheduler(skip_prk_steps=True)", "", "",
+                    extra_evaluations=1),
     ]
 }
 
 _EXTRA_ALIASES = {"k_euler": "euler", "k_euler_a": "euler_a", "k_euler_ancestral": "euler_a", "k_heun": "heun",
                   "dpm++ 2m": "dpmpp_2m", "dpmsolvermultistep": "dpmpp_2m", "unipcmultistep": "unipc"}
+# where diffusers' own rules pick the levels (pndm.py): the evaluation plan comes from pndm_plan
+PNDM = "pndm"
 
 
 def _normalise(name: str) -> str:
@@ -168,7 +176,7 @@ def sample(
     noise_sampler = noise_sampler or generator_noise(generator)
     if schedule_type is not None:
         return _sample_k(model, noise, sampler, steps, schedule, prediction_type, schedule_type, convention, init,
-                         strength, mask, noise_sampler, brownian, callback, sdxl)
+                         strength, mask, noise_sampler, brownian, callback, sdxl, eta)
     spec, karras_from_name = resolve_sampler(sampler)
     check_choice("timestep spacing", spacing, SPACINGS)
     eta = check_eta(spec, eta)
@@ -177,6 +185,14 @@ def sample(
         pick = lcm_timesteps if spec.name == "lcm" else tcd_timesteps
         timesteps = pick(schedule, steps, strength=strength if init is not None else 1.0)
         plan = make_consistency_plan(schedule, timesteps, "zero" if spec.name == "lcm" else "sigma_min")
+    elif spec.name == PNDM:  # diffusers' PNDMScheduler(skip_prk_steps=True): its own evaluations and final level
+        if karras or karras_from_name:
+            raise ValueError("pndm runs on diffusers' PNDM timesteps; Karras σ's do not apply to it")
+        if init is not None:
+            raise ValueError("pndm cannot start part-way (its warm-up belongs to the start): for image-to-image use "
+                             "ddim, or A1111's PLMS (sampler 'PLMS' with a schedule type)")
+        plan = pndm_plan(schedule, steps, steps_offset, skip_prk_steps=True,
+                         set_alpha_to_one=final_sigma == "zero", spacing=spacing)
     else:
         plan = make_plan(schedule, steps, spacing, steps_offset, karras or karras_from_name, final_sigma)
     denoiser = model if isinstance(model, Denoiser) else Denoiser(model, prediction_type)
@@ -200,17 +216,17 @@ def sample(
 
 
 def _sample_k(model, noise, sampler, steps, schedule, prediction_type, schedule_type, convention, init, strength,
-              mask, noise_sampler, brownian, callback, sdxl) -> torch.Tensor:
+              mask, noise_sampler, brownian, callback, sdxl, eta) -> torch.Tensor:
     """`sample` for an A1111 / ComfyUI run (schedule_type given)."""
     check_finite(noise, "noise")
     if init is not None:
         check_finite(init, "init")
         if init.shape != noise.shape:
             raise ValueError(f"init has shape {tuple(init.shape)} but noise has {tuple(noise.shape)}; they must match")
-    run = prepare_k_run(sampler, noise, steps, schedule, schedule_type, convention, init, strength, sdxl)
+    run = prepare_k_run(sampler, noise, steps, schedule, schedule_type, convention, init, strength, sdxl, eta)
     denoiser = model if isinstance(model, Denoiser) else Denoiser(model, prediction_type)
     if mask is not None:
-        callback = _keep_outside_mask(init, noise, mask, run.plan, "ve", callback)
+        callback = _keep_outside_mask(init, noise, mask, run.plan, run.spec.view, callback)
     return run_k_sampler(denoiser, run, noise_sampler, brownian, callback)
 
 
