@@ -138,10 +138,13 @@ def test_diffusers_folder_loads_with_parity_and_scheduler_settings(tiny_refs, tm
     folder = write_diffusers(tmp_path / "model", tiny_refs[name], PRESETS[name], prediction)
     model = load_model(folder)
     expected = {"v_prediction": "v", "epsilon": "eps"}[prediction]
-    assert model.config == dataclasses.replace(PRESETS[name], prediction_type=expected, spacing="trailing")
+    # the folder's DDIMScheduler(set_alpha_to_one=False): its sampler and final level, with diffusers' timestep rules
+    assert model.config == dataclasses.replace(PRESETS[name], prediction_type=expected, spacing="trailing",
+                                               sampler="ddim", timestep_rules="diffusers", set_alpha_to_one=False)
     assert f"prediction type: {expected} (scheduler/scheduler_config.json prediction_type='{prediction}')" in (
         model.describe()
     )
+    assert "scheduler: DDIMScheduler -> sampler ddim, diffusers' timestep rules" in model.describe()
     assert_parity(model, tiny_refs[name])
 
 

@@ -46,3 +46,43 @@ def test_text_to_image_matches_diffusers(both, sampler, scheduler_class):
     print(f"{sampler}: image max abs error {image_error:.2e}")
     assert image_error < IMAGE_TOL
     assert result.seeds == [42, 43]
+
+
+FOLDER_SCHEDULERS = [  # (diffusers scheduler class, its config as a folder ships it)
+    ("PNDMScheduler", dict(skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)),  # SD 1.x folders
+    ("DDIMScheduler", dict(clip_sample=False, set_alpha_to_one=False, steps_offset=1)),  # SD 2.x base folders
+    ("DPMSolverMultistepScheduler", dict(steps_offset=1, use_karras_sigmas=True)),
+    ("UniPCMultistepScheduler", dict(timestep_spacing="linspace")),
+    ("EulerDiscreteScheduler", dict(timestep_spacing="trailing")),  # SD-Turbo's kind
+]
+
+
+@pytest.mark.parametrize("scheduler_class,settings", FOLDER_SCHEDULERS, ids=[c for c, _ in FOLDER_SCHEDULERS])
+def test_a_folders_own_scheduler_is_the_default_and_matches_diffusers(tmp_path, scheduler_class, settings):
+    """kedavra.load(folder) and a request without a sampler run the folder's scheduler_config.json as diffusers'
+    StableDiffusionPipeline runs it (its class, spacing, Karras σ's, final level, timestep rules)."""
+    from diffusers import StableDiffusionPipeline
+    from reference_models import reference_models, write_diffusers
+
+    import kedavra
+    from kedavra.networks.model import PRESETS
+
+    config = PRESETS["tiny"]
+    refs = reference_models(config, seed=1)
+    folder = write_diffusers(tmp_path / "folder", refs, config)
+    scheduler = getattr(diffusers, scheduler_class)(beta_start=0.00085, beta_end=0.012,
+                                                    beta_schedule="scaled_linear", **settings)
+    scheduler.save_pretrained(folder / "scheduler")
+    text, unet, vae = refs
+    reference = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=clip_tokenizer(tmp_path / "tok"),
+                                        unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                        requires_safety_checker=False)
+    reference.set_progress_bar_config(disable=True)
+    ours = kedavra.load(folder, dtype="fp32")
+    size, kwargs = ours.config.image_size, dict(prompt="a red circle", negative_prompt="blurry", guidance_scale=5.0)
+    theirs = reference(**kwargs, num_inference_steps=10, height=size, width=size,
+                       generator=torch.Generator().manual_seed(3), output_type="latent").images
+    result = ours(**kwargs, steps=10, seed=3)  # no sampler: the folder's
+    rel = ((result.latents - theirs).abs().max() / theirs.abs().max()).item()
+    print(f"{scheduler_class}: latent max relative error {rel:.2e}")
+    assert rel < LATENT_REL_TOL

@@ -136,3 +136,52 @@ def max_relative_error(name, kind, prediction, spacing, offset, karras, zero_snr
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_trajectory_matches_diffusers(case):
     assert max_relative_error(*case) <= REL_TOL
+
+
+# --- diffusers' own timestep rules for a folder's scheduler config (sample(..., diffusers_rules=True)) --------------
+
+RULES_CASES = [
+    # sampler, prediction, spacing, offset, karras, steps: what SD folders' configs and diffusers' defaults give
+    ("dpmpp_2m", "eps", "leading", 1, False, 20),  # SD 1.5's config handed to DPMSolverMultistepScheduler
+    ("dpmpp_2m", "eps", "linspace", 0, False, 25),  # DPMSolverMultistepScheduler's own default spacing
+    ("dpmpp_2m", "v", "leading", 1, True, 15),  # Karras: diffusers evaluates at rounded timesteps
+    ("dpmpp_2m_sde", "eps", "leading", 1, False, 12),
+    ("unipc", "eps", "leading", 1, False, 20),
+    ("unipc", "eps", "linspace", 0, True, 10),
+    ("euler", "eps", "linspace", 0, False, 10),  # diffusers starts from σ_max·ε here
+    ("euler", "v", "trailing", 0, False, 4),  # SD-Turbo's kind of config
+    ("euler_a", "eps", "trailing", 0, False, 6),
+    ("heun", "eps", "trailing", 0, True, 8),
+]
+
+
+@pytest.mark.parametrize("case", RULES_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_diffusers_rules_match_diffusers_from_its_own_start(case):
+    """With diffusers_rules every case runs as diffusers runs the folder's config, from diffusers' own start
+    (x = init_noise_sigma·ε for the σ-space schedulers, ε for the others)."""
+    name, prediction, spacing, offset, karras, steps = case
+    schedule = NoiseSchedule("scaled_linear", 1000, 0.00085, 0.012)
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7))
+    ours = []
+    sample(toy_model, noise, sampler=name, steps=steps, schedule=schedule, prediction_type=prediction,
+           spacing=spacing, steps_offset=offset, karras=karras, generator=torch.Generator().manual_seed(3),
+           callback=lambda step: ours.append(step.x.clone()), diffusers_rules=True)
+    if name.startswith("dpmpp"):  # ours steps x_t/√ᾱ, diffusers' DPM-Solver x_t
+        plan = make_plan(schedule, steps, spacing, offset, karras, solver_grid=True)
+        ours = [x / (1 + plan.sigmas[i + 1].item() ** 2) ** 0.5 for i, x in enumerate(ours)]
+    sched = diffusers_scheduler(name, "scaled_linear", prediction, spacing, offset, karras, False, "zero")
+    if name in ("dpmpp_2m", "dpmpp_2m_sde", "unipc") and karras:
+        sched = type(sched).from_config(sched.config, use_karras_sigmas=True)
+    sched.set_timesteps(steps)
+    stochastic = "generator" in inspect.signature(sched.step).parameters
+    x, theirs, generator = noise * sched.init_noise_sigma, [], torch.Generator().manual_seed(3)
+    for t in sched.timesteps:
+        out = toy_model(sched.scale_model_input(x, t), t.expand(x.shape[0]).to(torch.float32))
+        x = sched.step(out, t, x, **({"generator": generator} if stochastic else {})).prev_sample
+        if getattr(sched, "state_in_first_order", True):
+            theirs.append(x)
+    if not getattr(sched, "state_in_first_order", True):
+        theirs.append(x)
+    assert len(ours) == len(theirs) == steps
+    error = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(ours, theirs, strict=True))
+    assert error <= REL_TOL

@@ -99,7 +99,9 @@ def test_diffusers_folder_loads_as_sdxl_with_parity(refs, tmp_path):
     folder = write_sdxl_diffusers(tmp_path / "sdxl", refs["tiny-sdxl"], PRESETS["tiny-sdxl"],
                                   force_zeros_for_empty_prompt=True)
     model = load_model(folder)
-    assert model.config == dataclasses.replace(PRESETS["tiny-sdxl"], spacing="leading", steps_offset=1)
+    # SDXL's EulerDiscreteScheduler config: its sampler, with diffusers' timestep rules
+    assert model.config == dataclasses.replace(PRESETS["tiny-sdxl"], spacing="leading", steps_offset=1,
+                                               sampler="euler", timestep_rules="diffusers")
     assert "described by the folder's unet/, text_encoder/, text_encoder_2/ and vae/ config.json" in model.source
     assert "model_index.json force_zeros_for_empty_prompt=true" in model.source
     assert_sdxl_parity(model, refs["tiny-sdxl"])
@@ -129,7 +131,7 @@ def test_refiner_single_file_and_folder_load_with_parity(refs, tmp_path):
     folder = write_sdxl_diffusers(tmp_path / "refiner", refs["tiny-sdxl-refiner"], config,
                                   requires_aesthetics_score=True)
     model = load_model(folder)
-    assert model.config == config
+    assert model.config == dataclasses.replace(config, sampler="euler", timestep_rules="diffusers")
     assert "text_encoder_2/ is the only text encoder" in model.source
     assert "model_index.json requires_aesthetics_score=true" in model.source
     assert_sdxl_parity(model, refs["tiny-sdxl-refiner"])

@@ -169,6 +169,13 @@ def _apply_hints(path: Path, config: ModelConfig, hints: _Hints, details: list[s
     if hints.spacing is not None:
         changes["spacing"], changes["steps_offset"], where = hints.spacing
         details.append(f"sampling: {changes['spacing']} spacing, steps_offset {changes['steps_offset']} ({where})")
+    if hints.scheduler is not None:  # the folder's scheduler: its sampler, and diffusers' timestep rules
+        defaults, where = hints.scheduler
+        changes["sampler"], changes["set_alpha_to_one"] = defaults.sampler, defaults.set_alpha_to_one
+        changes["timestep_rules"] = "diffusers"
+        runs = f"sampler {defaults.sampler}" if defaults.sampler else "kedavra's default sampler"
+        ignored = f"; not carried out: {'; '.join(defaults.notes)}" if defaults.notes else ""
+        details.append(f"scheduler: {defaults.scheduler_class} -> {runs}, diffusers' timestep rules ({where}){ignored}")
     if hints.image_size is not None:
         changes["image_size"], where = hints.image_size
         details.append(f"image size: {changes['image_size']} px ({where})")

@@ -14,6 +14,7 @@ from kedavra.checkpoint import diffusers_config
 from kedavra.checkpoint.errors import _fail
 from kedavra.checkpoint.foreign import FOREIGN_FOLDERS, NOT_A_FULL_MODEL, what_else
 from kedavra.checkpoint.safetensors_io import SafetensorsFile
+from kedavra.checkpoint.scheduler_config import SchedulerDefaults, scheduler_defaults
 from kedavra.checkpoint.weights import _read_json, _read_weights, _Weights
 from kedavra.diffusion.schedule import NoiseSchedule
 from kedavra.networks.model import ModelConfig
@@ -46,6 +47,7 @@ class _Hints:
     scaling_factor: tuple[float, str] | None = None
     text_style: str | None = None  # "clip" (OpenAI CLIP, quick GELU) or "openclip" (exact GELU)
     zero_terminal_snr: str | None = None  # where a file says its schedule was rescaled to zero terminal SNR
+    scheduler: tuple[SchedulerDefaults, str] | None = None  # a folder's scheduler class read as sampling defaults
 
 
 @dataclass
@@ -309,6 +311,7 @@ def _diffusers_hints(path: Path, source: _Source, folders: Mapping[str, str]) ->
         hints.schedule = (schedule, where)
         if "timestep_spacing" in config or "steps_offset" in config:
             hints.spacing = (config.get("timestep_spacing", "leading"), steps_offset, where)
+        hints.scheduler = (scheduler_defaults(config), where)
     unet_config = path / "unet" / "config.json"
     vae_config = path / "vae" / "config.json"
     if unet_config.exists() and vae_config.exists():

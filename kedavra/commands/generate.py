@@ -367,6 +367,12 @@ def run(args) -> int:
     if args.refiner is not None:
         refiner = load(refiner_path, device=device, dtype=dtype)
     request = _sized(request, pipe.config.image_size)
+    if pipe.config.sampler is not None and args.sampler is None and (png is None or not png.sampler):
+        # a diffusers folder samples with its own scheduler unless --sampler names another, as diffusers does
+        request = request.replace(sampler=pipe.config.sampler)
+        if not args.quiet:
+            print(f"kedavra generate: sampler {pipe.config.sampler} (the model folder's scheduler; --sampler picks "
+                  "another)", file=sys.stderr)
     try:
         request = pipe.check(request)
     except ValueError as error:
@@ -374,6 +380,8 @@ def run(args) -> int:
             raise ValueError(f"{error} (from init image {args.init_image}; --width/--height resize it)") from None
         raise
 
+    if request.sampler_spec is not None and init_image is None and request.steps > 1:
+        steps_to_run += request.sampler_spec.extra_evaluations  # PNDM reports each of its n+1 evaluations
     with tqdm(total=steps_to_run, desc="sampling", unit="step", file=sys.stderr, disable=args.quiet) as bar:
         result = pipe.generate(request, callback=lambda step: bar.update(1), refiner=refiner)
 

@@ -8,6 +8,12 @@ Spacings (the names diffusers' `timestep_spacing` uses; Lin et al. 2023, table 2
     leading   t_i = (n-1-i)·⌊T/n⌋ + offset       SD 1.x/2.x's default, with steps_offset = 1
     trailing  t_i = round(T - i·T/n) - 1          starts at the last step t = T-1 (needed with zero terminal SNR)
     linspace  t_i = round(linspace(T-1, 0, n))
+diffusers' multistep solvers (DPMSolverMultistepScheduler, UniPCMultistepScheduler) take n of n+1 points instead
+(`solver_grid`; "trailing" is unchanged):
+    leading   t_i = (n-i)·⌊T/(n+1)⌋ + offset
+    linspace  t_i = round(linspace(0, T-1, n+1))[n-i]
+TIMESTEP_RULES: "kedavra" builds every sampler's plan by the one rule above; "diffusers" by the rules diffusers'
+scheduler of each sampler applies to a model folder's scheduler_config.json (registry.sample's diffusers_rules).
 Karras σ (Karras et al. 2022, eq. 5, ρ = 7) replaces the σ's of the spaced steps by
 σ_i = (σ_max^{1/ρ} + i/(n-1) (σ_min^{1/ρ} - σ_max^{1/ρ}))^ρ between the same end points, evaluated at the
 fractional timesteps whose σ these are.
@@ -24,6 +30,7 @@ from kedavra.diffusion.schedule import NoiseSchedule
 from kedavra.validation import check_choice, check_int, check_number
 
 SPACINGS = ("leading", "trailing", "linspace")
+TIMESTEP_RULES = ("kedavra", "diffusers")
 FINAL_SIGMAS = ("zero", "sigma_min")
 KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5 and table 1
 # ᾱ floor where the σ-space samplers meet a zero-terminal-SNR schedule (σ = ∞ there): the value
@@ -65,18 +72,23 @@ def check_steps(steps, num_train_timesteps: int) -> None:
     check_int("steps", steps, 1, num_train_timesteps)
 
 
-def spaced_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "leading", steps_offset: int = 0):
-    """Integer timesteps, descending, shape (steps,), by the named spacing (see the module docstring)."""
+def spaced_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "leading", steps_offset: int = 0,
+                     solver_grid: bool = False):
+    """Integer timesteps, descending, shape (steps,), by the named spacing (see the module docstring);
+    solver_grid: the first n of n+1 points, as diffusers' multistep solvers space "leading" and "linspace"."""
     T = schedule.num_train_timesteps
     check_steps(steps, T)
     check_choice("timestep spacing", spacing, SPACINGS)
+    points = steps + 1 if solver_grid and spacing != "trailing" else steps
     if spacing == "leading":
-        ratio = T // steps
-        timesteps = torch.arange(steps - 1, -1, -1, dtype=torch.float64) * ratio + steps_offset
+        ratio = T // points
+        timesteps = torch.arange(points - 1, points - 1 - steps, -1, dtype=torch.float64) * ratio + steps_offset
     elif spacing == "trailing":
         timesteps = torch.round(T - torch.arange(steps, dtype=torch.float64) * (T / steps)) - 1
     else:  # linspace
-        timesteps = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round()
+        timesteps = torch.linspace(T - 1, 0, points, dtype=torch.float64).round()[:steps]
+        if solver_grid:  # diffusers rounds the ascending linspace(0, T-1, n+1), which differs at exact halves
+            timesteps = torch.linspace(0, T - 1, points, dtype=torch.float64).round().flip(0)[:steps]
     if timesteps.max() > T - 1:
         raise ValueError(f"steps_offset {steps_offset} puts the first timestep past {T - 1}; lower it")
     return timesteps
@@ -96,20 +108,27 @@ def make_plan(
     steps_offset: int = 0,
     karras: bool = False,
     final_sigma: str = "zero",
+    solver_grid: bool = False,
 ) -> SamplingPlan:
     """The timesteps and noise levels of an n-step sampler (see the module docstring).
 
     final_sigma: "zero" ends on the clean sample (σ_n = 0, ᾱ_n = 1); "sigma_min" ends on the training
     schedule's first level σ_n = σ(t=0) (DDIM's `set_alpha_to_one=False`, as Stable Diffusion's config has it).
+    solver_grid: diffusers' multistep solvers' rules (DPMSolverMultistepScheduler, UniPCMultistepScheduler): n of
+    n+1 spaced points (spaced_timesteps), and with Karras σ's the end points of the whole table, σ(0) and σ(T-1),
+    whatever the spacing, evaluated at timesteps rounded to integers (not for the cosine schedule).
     """
     check_choice("final_sigma", final_sigma, FINAL_SIGMAS)
-    timesteps = spaced_timesteps(schedule, steps, spacing, steps_offset)
+    timesteps = spaced_timesteps(schedule, steps, spacing, steps_offset, solver_grid)
     alpha_bar = schedule.alpha_bar[timesteps.long()]
     if karras:
-        floored = alpha_bar.clamp(min=ZERO_SNR_ALPHA_BAR_FLOOR)
+        ends = schedule.alpha_bar[[0, -1]] if solver_grid else alpha_bar[[-1, 0]]  # (σ_min's ᾱ, σ_max's ᾱ)
+        floored = ends.clamp(min=ZERO_SNR_ALPHA_BAR_FLOOR)
         sigma_ends = ((1 - floored) / floored).sqrt()
-        sigmas = karras_sigmas(sigma_ends[-1].item(), sigma_ends[0].item(), steps)
+        sigmas = karras_sigmas(sigma_ends[0].item(), sigma_ends[1].item(), steps)
         timesteps = schedule.sigma_to_t(sigmas, alpha_bar_floor=ZERO_SNR_ALPHA_BAR_FLOOR)
+        if solver_grid and schedule.kind != "cosine":
+            timesteps = timesteps.round()
         alpha_bar = 1 / (1 + sigmas**2)
     final = torch.ones(1, dtype=torch.float64) if final_sigma == "zero" else schedule.alpha_bar[:1]
     alpha_bar = torch.cat([alpha_bar, final])

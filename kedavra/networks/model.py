@@ -32,7 +32,7 @@ from torch import nn
 
 from kedavra.diffusion import forward_process
 from kedavra.diffusion.schedule import NoiseSchedule, get_schedule
-from kedavra.diffusion.timesteps import SPACINGS
+from kedavra.diffusion.timesteps import SPACINGS, TIMESTEP_RULES
 from kedavra.networks.minilm import MiniLMConfig, MiniLMEncoder
 from kedavra.networks.text_encoder import TextEncoder, TextEncoderConfig
 from kedavra.networks.tokenizer import VOCAB_SIZE, Tokenizer, TokenizerConfig
@@ -62,6 +62,10 @@ class ModelConfig:
 
     spacing / steps_offset: the default timestep plan for samplers (diffusers' `timestep_spacing` and
     `steps_offset`; SD ships "leading" with offset 1). image_size: the default output side in pixels.
+    sampler / timestep_rules / set_alpha_to_one: the sampling a diffusers folder ships in its scheduler config
+    (kedavra.checkpoint.scheduler_config): the sampler a request without one runs (kedavra's name; None: the
+    request's default), "diffusers" to build every sampler's timesteps by diffusers' rules for that config
+    (kedavra.diffusion.timesteps.TIMESTEP_RULES), and where DDIM / PNDM end (ᾱ = 1, or ᾱ_0 when False).
     """
 
     family: str
@@ -74,6 +78,9 @@ class ModelConfig:
     image_size: int = 512
     spacing: str = "leading"
     steps_offset: int = 1
+    sampler: str | None = None
+    timestep_rules: str = "kedavra"
+    set_alpha_to_one: bool = True
     # SDXL (Podell et al. 2023, sec. 2.1): a second tokenizer and text encoder (OpenCLIP ViT-bigG) whose token
     # states are concatenated to the first's; the last encoder's pooled, projected embedding conditions the U-Net's
     # added embedding. None for SD 1.x / 2.x and for the SDXL refiner, which has bigG alone as `text_encoder`.
@@ -95,6 +102,12 @@ class ModelConfig:
         if self.spacing not in SPACINGS:
             raise ValueError(f"ModelConfig.spacing must be one of {SPACINGS}, got {self.spacing!r}")
         check_int("ModelConfig.steps_offset", self.steps_offset, low=0)
+        if self.sampler is not None and (not isinstance(self.sampler, str) or not self.sampler):
+            raise ValueError(f"ModelConfig.sampler must be a sampler name or None, got {self.sampler!r}")
+        if self.timestep_rules not in TIMESTEP_RULES:
+            raise ValueError(f"ModelConfig.timestep_rules must be one of {TIMESTEP_RULES}, got {self.timestep_rules!r}")
+        if not isinstance(self.set_alpha_to_one, bool):
+            raise ValueError(f"ModelConfig.set_alpha_to_one must be a bool, got {self.set_alpha_to_one!r}")
         text, unet, vae = self.text_encoder, self.unet, self.vae
         if (self.tokenizer_2 is None) != (self.text_encoder_2 is None):
             raise ValueError("ModelConfig.tokenizer_2 and text_encoder_2 come together: give both or neither")

@@ -29,6 +29,7 @@ from kedavra.diffusion.brownian import BrownianTreeNoise
 from kedavra.diffusion.guidance import classifier_free_guidance
 from kedavra.diffusion.rng import ImageNoise
 from kedavra.diffusion.samplers import StepCallback, StepRecord, sample
+from kedavra.diffusion.samplers.registry import SET_ALPHA_TO_ONE_SAMPLERS
 from kedavra.formats.images import to_pil
 from kedavra.networks.acceleration import optimize_for_inference
 from kedavra.networks.model import StableDiffusion
@@ -215,9 +216,16 @@ class Pipeline:
             strength=request.strength if init_latents is not None else 1.0, mask=blend_mask, generator=generators,
             callback=denoise.reporting(callback) if callback is not None else None,
             schedule_type=request.schedule_type, convention=request.convention, noise_sampler=noise_sampler,
-            brownian=brownian, sdxl=self.config.micro_conditioning > 0,
+            brownian=brownian, sdxl=self.config.micro_conditioning > 0, final_sigma=self._final_sigma(request),
+            diffusers_rules=self.config.timestep_rules == "diffusers",
         )
         return GenerationResult(to_pil(self.decode(latents)), seeds, latents, parameters)
+
+    def _final_sigma(self, request: GenerationRequest) -> str:
+        """Where kedavra's plan ends: at σ = 0, except DDIM and PNDM under a folder's set_alpha_to_one=False
+        (diffusers' final_alpha_cumprod = ᾱ_0, as Stable Diffusion's scheduler configs have it)."""
+        own_final = self.config.timestep_rules == "diffusers" and request.sampler in SET_ALPHA_TO_ONE_SAMPLERS
+        return "sigma_min" if own_final and not self.config.set_alpha_to_one else "zero"
 
     @staticmethod
     def _brownian(request: GenerationRequest, seeds: list[int]):

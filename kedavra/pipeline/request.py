@@ -61,7 +61,9 @@ class GenerationRequest:
                                A1111's `<lora:NAME:WEIGHT>` tags, the same set in every prompt of a batch
                                (kedavra.adapters.prompt_tags; the pipeline merges the LoRAs and encodes the rest)
     sampler, karras            kedavra's sampler name (any diffusers / A1111 / ComfyUI name is resolved to it; a
-                               " Karras" suffix sets karras: Karras et al. 2022 σ spacing)
+                               " Karras" suffix sets karras: Karras et al. 2022 σ spacing); None: the model's own
+                               (a diffusers folder's scheduler, ModelConfig.sampler), else DEFAULT_SAMPLER, filled
+                               in by `for_model`
     guidance_scale             w of classifier-free guidance (Ho and Salimans 2022, eq. 6); 1 turns it off
     guidance_rescale           φ of Lin et al. 2023, sec. 3.4 (0 = off)
     eta                        DDIM's η (Song et al. 2021, eq. 16), ddim only
@@ -96,7 +98,7 @@ class GenerationRequest:
     prompts: tuple[str, ...]
     negative_prompts: tuple[str, ...]
     steps: int = DEFAULT_STEPS
-    sampler: str = DEFAULT_SAMPLER
+    sampler: str | None = None
     karras: bool = False
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE
     guidance_rescale: float = 0.0
@@ -133,11 +135,15 @@ class GenerationRequest:
         check_int("num_images", len(prompts), 1, MAX_IMAGES)
         batch_lora_tags(prompts)  # <lora:NAME:WEIGHT> tags: their syntax, and one set per batch
         check_int("steps", self.steps, 1)
-        sampler, schedule_type, karras_from_name = self._sampling()
+        sampler, schedule_type, karras_from_name = (self._sampling() if self.sampler is not None
+                                                    else (None, self.schedule_type, False))
         check_bool("karras", self.karras)
         check_number("guidance_scale", self.guidance_scale, low=0)
         check_number("guidance_rescale", self.guidance_rescale, 0, 1)
-        if schedule_type is None:
+        if sampler is None:  # the model's sampler: checked once for_model has filled it in
+            if self.schedule_type is not None:
+                resolve_schedule_type(self.schedule_type)
+        elif schedule_type is None:
             check_eta(resolve_sampler(sampler)[0], self.eta)
         elif self.karras:
             raise ValueError(f"karras does not apply with a schedule type ({self.schedule_type!r}): the schedule type "
@@ -272,6 +278,8 @@ class GenerationRequest:
         (multiples of the VAE's downsampling factor), steps within the training timesteps, clip_skip within the
         text encoder's layers, an inpainting model given a mask, and init_image / mask as (B, 3, H, W) in [-1, 1]
         and (B, 1, H, W) of 0/1 tensors on the CPU."""
+        if self.sampler is None:
+            return dataclasses.replace(self, sampler=config.sampler or DEFAULT_SAMPLER).for_model(config)
         f = config.vae.downsample_factor
         width = config.image_size if self.width is None else self.width
         height = config.image_size if self.height is None else self.height

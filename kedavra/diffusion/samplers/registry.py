@@ -79,6 +79,13 @@ _EXTRA_ALIASES = {"k_euler": "euler", "k_euler_a": "euler_a", "k_euler_ancestral
                   "dpm++ 2m": "dpmpp_2m", "dpmsolvermultistep": "dpmpp_2m", "unipcmultistep": "unipc"}
 # where diffusers' own rules pick the levels (pndm.py): the evaluation plan comes from pndm_plan
 PNDM = "pndm"
+# diffusers' multistep solvers: n of n+1 spaced points, and Karras timesteps rounded to integers (diffusers_rules)
+MULTISTEP_SOLVERS = ("dpmpp_2m", "dpmpp_2m_sde", "unipc")
+# diffusers starts its σ-space schedulers (Euler, Euler a, Heun; not DPM-Solver, which starts from x_T = ε) from
+# σ_max·ε, not √(σ_max²+1)·ε, with these spacings (their init_noise_sigma)
+SIGMA_MAX_START_SPACINGS = ("linspace", "trailing")
+SIGMA_SPACE_SCHEDULERS = ("euler", "euler_a", "heun")
+SET_ALPHA_TO_ONE_SAMPLERS = ("ddim", "pndm")  # diffusers' schedulers with set_alpha_to_one (their final level)
 
 
 def _normalise(name: str) -> str:
@@ -151,6 +158,7 @@ def sample(
     noise_sampler: NoiseSampler | None = None,
     brownian: Callable | None = None,
     sdxl: bool = False,
+    diffusers_rules: bool = False,
 ) -> torch.Tensor:
     """Run the reverse process from `noise` (standard normal, the shape of a sample) to a sample.
 
@@ -172,6 +180,11 @@ def sample(
     noise_sampler: where ancestral steps draw fresh noise (default: `generator`); brownian(x, σ_min, σ_max): the
     noise of SDE samplers (k-diffusion's seeded Brownian tree; default: noise_sampler). sdxl: picks SDXL's Align
     Your Steps table.
+
+    diffusers_rules: build kedavra's plan as diffusers' scheduler of this sampler builds its timesteps from a model
+    folder's config (kedavra.diffusion.timesteps.TIMESTEP_RULES): DPM-Solver++ and UniPC on n of n+1 spaced points
+    with Karras timesteps rounded to integers, and the σ-space samplers (Euler, Euler a, Heun) starting from σ_max·ε
+    with "linspace" and "trailing" spacing (diffusers' init_noise_sigma).
     """
     noise_sampler = noise_sampler or generator_noise(generator)
     if schedule_type is not None:
@@ -194,7 +207,9 @@ def sample(
         plan = pndm_plan(schedule, steps, steps_offset, skip_prk_steps=True,
                          set_alpha_to_one=final_sigma == "zero", spacing=spacing)
     else:
-        plan = make_plan(schedule, steps, spacing, steps_offset, karras or karras_from_name, final_sigma)
+        multistep = diffusers_rules and spec.name in MULTISTEP_SOLVERS
+        plan = make_plan(schedule, steps, spacing, steps_offset, karras or karras_from_name, final_sigma,
+                         solver_grid=multistep)
     denoiser = model if isinstance(model, Denoiser) else Denoiser(model, prediction_type)
     if init is not None:
         check_finite(init, "init")
@@ -208,7 +223,11 @@ def sample(
     else:
         x = noise
     if spec.view == "ve":
-        x = x * (1 + plan.sigmas[0].item() ** 2) ** 0.5  # x_VE = x_t / √ᾱ
+        if diffusers_rules and init is None and spacing in SIGMA_MAX_START_SPACINGS and \
+                spec.name in SIGMA_SPACE_SCHEDULERS:
+            x = x * plan.sigmas[0].item()  # diffusers' init_noise_sigma = σ_max for these spacings
+        else:
+            x = x * (1 + plan.sigmas[0].item() ** 2) ** 0.5  # x_VE = x_t / √ᾱ
     if mask is not None:
         callback = _keep_outside_mask(init, noise, mask, plan, spec.view, callback)
     options = {"eta": eta} if spec.name == "ddim" else {"gamma": eta or TCD_GAMMA} if spec.name == "tcd" else {}
