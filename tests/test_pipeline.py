@@ -182,3 +182,28 @@ def test_a_request_may_override_the_models_timestep_spacing(pipe):
     assert first_t[0] == 999 and first_t[4] == 751  # leading, offset 1: 750 + 1
     with pytest.raises(ValueError, match="unknown timestep spacing 'sgm'"):
         pipe("a circle", steps=4, spacing="sgm")
+
+
+def test_comfyui_runs_draw_the_batch_noise_as_comfyui(pipe, monkeypatch):
+    """convention "comfyui": the initial noise is ComfyUI's prepare_noise (the whole batch from one CPU generator
+    seeded with the seed) and every image reports that seed; A1111's variation seed / ENSD are refused there."""
+    import kedavra.pipeline.pipeline as pipeline_module
+    from kedavra.diffusion.rng import comfyui_noise
+
+    seen = {}
+    real_sample = pipeline_module.sample
+
+    def spy(denoise, noise, **options):
+        seen["noise"], seen["noise_sampler"] = noise.clone(), options["noise_sampler"]
+        return real_sample(denoise, noise, **options)
+
+    monkeypatch.setattr(pipeline_module, "sample", spy)
+    result = pipe("a red circle", steps=2, sampler="euler_ancestral", schedule_type="normal", convention="comfyui",
+                  seed=5, num_images=2)
+    assert result.seeds == [5, 5]
+    shape = (2, pipe.config.vae.latent_channels, *result.latents.shape[2:])
+    assert torch.equal(seen["noise"], comfyui_noise(5, shape))
+    assert type(seen["noise_sampler"]).__name__ == "ComfyNoiseSampler"
+    with pytest.raises(ValueError, match="ComfyUI's noise"):
+        pipe("a red circle", steps=2, sampler="euler", schedule_type="normal", convention="comfyui", seed=5,
+             subseed=3, subseed_strength=0.5)

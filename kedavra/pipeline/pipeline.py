@@ -27,7 +27,7 @@ from kedavra.adapters.prompt_tags import LoraTag, batch_lora_tags
 from kedavra.adapters.textual_inversion import Embedding, EmbeddingLibrary, LoadReport
 from kedavra.diffusion.brownian import BrownianTreeNoise
 from kedavra.diffusion.guidance import classifier_free_guidance
-from kedavra.diffusion.rng import ImageNoise
+from kedavra.diffusion.rng import ComfyNoiseSampler, ImageNoise, comfyui_noise
 from kedavra.diffusion.samplers import StepCallback, StepRecord, sample
 from kedavra.diffusion.samplers.registry import SET_ALPHA_TO_ONE_SAMPLERS
 from kedavra.formats.images import to_pil
@@ -185,7 +185,11 @@ class Pipeline:
             init_latents = self._encode_images(images, generators)
         noise_shape = (self.config.vae.latent_channels, *latent_size)
         noise_sampler = brownian = None
-        if request.uses_image_noise:  # A1111's noise: its RNG source, variation seed, ENSD, per-step draws
+        if request.comfyui_noise:  # ComfyUI's: the batch's noise from one generator, its per-step sampler noise
+            noise = comfyui_noise(seeds[0], (batch, *noise_shape)).to(self.device)
+            noise_sampler = ComfyNoiseSampler((batch, *noise_shape), seeds[0], request.rng)
+            brownian = self._brownian(request, seeds)
+        elif request.uses_image_noise:  # A1111's noise: its RNG source, variation seed, ENSD, per-step draws
             image_noise = ImageNoise(noise_shape, seeds, request.rng, subseeds, request.subseed_strength,
                                      eta_noise_seed_delta=request.eta_noise_seed_delta)
             noise = image_noise.first().to(self.device)

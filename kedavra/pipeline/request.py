@@ -159,6 +159,10 @@ class GenerationRequest:
         if self.subseed_strength and self.subseed is None:
             raise ValueError(f"subseed_strength={self.subseed_strength} needs a subseed (the variation seed)")
         check_int("eta_noise_seed_delta", self.eta_noise_seed_delta, 0, MAX_SEED)
+        if schedule_type is not None and self.convention == "comfyui" and (
+                self.subseed_strength or self.eta_noise_seed_delta):
+            raise ValueError("variation seeds and ENSD are A1111's; ComfyUI's noise (convention 'comfyui') has "
+                             "neither")
         check_seed("seed", self.seed, optional=True)
         for name in ("width", "height"):
             check_optional_int(name, getattr(self, name), 1, MAX_SIDE, none_means="the model's image size")
@@ -250,11 +254,19 @@ class GenerationRequest:
         return (self.schedule_type is not None or self.rng != "CPU" or bool(self.subseed_strength)
                 or bool(self.eta_noise_seed_delta))
 
+    @property
+    def comfyui_noise(self) -> bool:
+        """Whether the noise is drawn as ComfyUI draws it (a ComfyUI-convention run): the whole batch's initial noise
+        from one CPU generator seeded with the seed, and its sampler's per-step noise (kedavra.diffusion.rng)."""
+        return self.schedule_type is not None and self.convention == "comfyui"
+
     def image_seeds(self, seed: int) -> tuple[list[int], list[int] | None]:
         """(seed of each image, variation seed of each image or None) for a batch starting at `seed`: A1111's rule
         (modules/processing.py): seed + i, except that with a variation strength every image keeps `seed` and the
-        variation seeds count up instead."""
+        variation seeds count up instead. ComfyUI draws a batch from one seed: every image has it."""
         n = self.num_images
+        if self.comfyui_noise:
+            return [seed] * n, None
         if self.subseed_strength:
             return [seed] * n, [(self.subseed + i) % (MAX_SEED + 1) for i in range(n)]
         return [(seed + i) % (MAX_SEED + 1) for i in range(n)], None
