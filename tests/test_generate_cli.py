@@ -361,3 +361,23 @@ def test_bad_sampling_flags_are_refused(model_file, capsys):
     assert "unknown schedule type 'Karas'" in capsys.readouterr().err
     assert generate(*common, "--variation-strength", "0.5") != 0
     assert "needs a subseed" in capsys.readouterr().err
+
+
+def test_log_uniform_sigmas_are_written_and_read_back(model_file, tmp_path, capsys):
+    """--sigmas log-uniform fills in the model's levels; the PNG's "Sigmas" gives them back exactly."""
+    from kedavra.checkpoint import load_model
+    from kedavra.diffusion.step_schedule import log_uniform_sigmas, table_sigma_range
+
+    out = tmp_path / "levels.png"
+    common = ("--model", model_file, "--precision", "fp32", "-q", "--seed", "4")
+    assert generate(PROMPT, *common, "--steps", 3, "--sampler", "unipc", "--sigmas", "log-uniform", "-o", out) == 0
+    levels = [float(part) for part in read_parameters(out).extra["Sigmas"].split()]
+    schedule = load_model(model_file).config.schedule
+    assert levels == log_uniform_sigmas(*table_sigma_range(schedule), 3).tolist()
+    again = tmp_path / "again.png"
+    assert generate("--from-png", out, "--model", model_file, "--precision", "fp32", "-q", "-o", again) == 0
+    assert np.array_equal(pixels(out), pixels(again))
+    assert generate(PROMPT, *common, "--steps", 2, "--sigmas", "3,x", "-o", out) != 0
+    assert "--sigmas must be noise levels" in capsys.readouterr().err
+    assert generate(PROMPT, *common, "--steps", 3, "--sigmas", "3 1", "-o", out) != 0
+    assert "one noise level per step (3)" in capsys.readouterr().err

@@ -30,6 +30,7 @@ from kedavra.adapters.prompt_tags import split_lora_tags
 from kedavra.api import choose_model, load, model_identity, resolve_model
 from kedavra.diffusion.rng import RNG_SOURCES
 from kedavra.diffusion.sigmas import CONVENTIONS
+from kedavra.diffusion.step_schedule import log_uniform_sigmas, table_sigma_range
 from kedavra.diffusion.timesteps import SPACINGS, start_index_for_strength
 from kedavra.formats.grid import image_grid
 from kedavra.formats.png_info import GenerationParameters, read_parameters, write_png
@@ -44,6 +45,7 @@ from kedavra.pipeline.infotext import (
     REFINER_KEY,
     REFINER_SWITCH_KEY,
     RNG_KEY,
+    SIGMAS_KEY,
     SPACING_KEY,
     VARIATION_SEED_KEY,
     VARIATION_STRENGTH_KEY,
@@ -150,6 +152,10 @@ def register(subparsers) -> None:
     sampling.add_argument("--guidance-rescale", type=float, metavar="F",
                           help="Lin et al. 2023 guidance rescale φ in [0, 1] (default 0; 0.7 for v-models)")
     sampling.add_argument("--eta", type=float, metavar="F", help="DDIM's η (ddim sampler only; default 0)")
+    sampling.add_argument("--sigmas", metavar="LEVELS",
+                          help="explicit noise levels, one per step, descending, separated by spaces or commas; or "
+                               "'log-uniform' (uniform in log σ between the model's σ_max and σ_min: the spacing that "
+                               "helps at few steps, docs/samplers.md)")
     sampling.add_argument("--spacing", metavar="|".join(SPACINGS),
                           help="timestep spacing instead of the model's; trailing for few-step distilled models "
                                "(SDXL-Turbo, Lightning)")
@@ -252,7 +258,23 @@ def resolve_request(args, png: GenerationParameters | None, notes: list[str], in
         aesthetic_score=args.aesthetic_score if args.aesthetic_score is not None else DEFAULT_AESTHETIC_SCORE,
         refiner_switch_at=pick(args.refiner_switch_at, _number(extra, REFINER_SWITCH_KEY), DEFAULT_REFINER_SWITCH_AT),
         spacing=pick(args.spacing, extra.get(SPACING_KEY), None),
+        sigmas=parse_sigmas(pick(args.sigmas, extra.get(SIGMAS_KEY), None)),
     )
+
+
+LOG_UNIFORM = "log-uniform"  # --sigmas: levels uniform in log σ, filled in once the model (its σ range) is known
+
+
+def parse_sigmas(text: str | None) -> tuple[float, ...] | None:
+    """--sigmas (or a PNG's "Sigmas"): the levels as floats; None for none or for "log-uniform" (filled in by
+    `run` once the model is loaded); ValueError naming the text otherwise."""
+    if text is None or text.strip().lower() == LOG_UNIFORM:
+        return None
+    try:
+        return tuple(float(part) for part in text.replace(",", " ").split())
+    except ValueError:
+        raise ValueError(f"--sigmas must be noise levels (numbers separated by spaces or commas) or "
+                         f"'{LOG_UNIFORM}', got {text!r}") from None
 
 
 def lora_flag(flag: str) -> tuple[str, float]:
@@ -367,6 +389,9 @@ def run(args) -> int:
     if args.refiner is not None:
         refiner = load(refiner_path, device=device, dtype=dtype)
     request = _sized(request, pipe.config.image_size)
+    if args.sigmas is not None and args.sigmas.strip().lower() == LOG_UNIFORM:
+        request = request.replace(sigmas=tuple(log_uniform_sigmas(*table_sigma_range(pipe.config.schedule),
+                                                                  request.steps).tolist()))
     if pipe.config.sampler is not None and args.sampler is None and (png is None or not png.sampler):
         # a diffusers folder samples with its own scheduler unless --sampler names another, as diffusers does
         request = request.replace(sampler=pipe.config.sampler)

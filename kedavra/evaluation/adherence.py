@@ -58,11 +58,13 @@ def measure_adherence(
     guidance_scale: float = DEFAULT_GUIDANCE,
     batch_size: int = 50,
     shapes_config: ShapesConfig | None = None,
+    **settings,
 ) -> AdherenceResult:
     """Generate `per_kind` images for each prompt kind and score them.
 
     prompts: "held-out" (colour/shape combinations the shapes data set never shows in training), "seen" (its
         training distribution) or "any". Image i uses seed `seed + i`; the prompts come from their own seed stream.
+    settings: other generation settings (GenerationRequest's fields, e.g. sigmas or schedule_type).
     """
     check_choice("prompts", prompts, HELD_OUT_CHOICES)
     check_int("batch_size", batch_size, low=1)
@@ -75,10 +77,10 @@ def measure_adherence(
     for first in range(0, len(captions), batch_size):
         chunk = captions[first : first + batch_size]
         result = pipe(chunk, steps=steps, sampler=sampler, guidance_scale=guidance_scale, seed=seed + first,
-                      width=size, height=size)
+                      width=size, height=size, **settings)
         images += result.images
         seeds += result.seeds
     seconds = time.perf_counter() - start
     settings = {"per_kind": per_kind, "prompts": prompts, "seed": seed, "steps": steps, "sampler": sampler,
-                "guidance_scale": guidance_scale, "size": size}
+                "guidance_scale": guidance_scale, "size": size, **settings}
     return AdherenceResult(evaluate_batch(images, captions), captions, seeds, images, settings, seconds)

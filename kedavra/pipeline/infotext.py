@@ -22,6 +22,7 @@ ETA_KEY = "Eta DDIM"  # A1111 (modules/sd_samplers_compvis.py) writes DDIM's η 
 REFINER_KEY = "Refiner"  # A1111 (modules/processing.py): "Refiner: NAME [HASH]" when a refiner ran
 REFINER_SWITCH_KEY = "Refiner switch at"  # A1111: the refiner_switch_at it ran with
 SPACING_KEY = "Timestep spacing"  # ours: written only when a request overrides the model's spacing
+SIGMAS_KEY = "Sigmas"  # ours: a request's explicit noise levels, comma-separated, each as Python writes the float
 RNG_KEY, ENSD_KEY = "RNG", "ENSD"  # A1111's keys for the noise source and the eta noise seed delta
 VARIATION_SEED_KEY, VARIATION_STRENGTH_KEY = "Variation seed", "Variation seed strength"  # A1111's subseed keys
 A1111_DEFAULT_RNG = "GPU"  # what an A1111 PNG without "RNG" was made with
@@ -69,6 +70,8 @@ def request_parameters(request: GenerationRequest, index: int, seed: int, width:
         extra[ETA_KEY] = repr(float(request.eta))
     if request.spacing is not None:
         extra[SPACING_KEY] = request.spacing
+    if request.sigmas is not None:
+        extra[SIGMAS_KEY] = " ".join(repr(float(level)) for level in request.sigmas)
     extra.update(noise_parameters(request, index))
     if request.schedule_type is not None:  # an A1111 / ComfyUI sampler, named as they name it
         # A1111 writes the schedule type "Automatic" resolved to (Karras for DPM++ 2M), and "Automatic" where the

@@ -221,7 +221,7 @@ class Pipeline:
             callback=denoise.reporting(callback) if callback is not None else None,
             schedule_type=request.schedule_type, convention=request.convention, noise_sampler=noise_sampler,
             brownian=brownian, sdxl=self.config.micro_conditioning > 0, final_sigma=self._final_sigma(request),
-            diffusers_rules=self.config.timestep_rules == "diffusers",
+            diffusers_rules=self.config.timestep_rules == "diffusers", sigmas=request.sigmas,
         )
         return GenerationResult(to_pil(self.decode(latents)), seeds, latents, parameters)
 

@@ -93,6 +93,8 @@ class GenerationRequest:
                                emulated: kedavra.diffusion.rng)
     subseed, subseed_strength  A1111's variation seed and strength (slerp towards the variation seed's noise)
     eta_noise_seed_delta       A1111's ENSD: sampler noise after the initial noise restarts from seed + delta
+    sigmas                     explicit noise levels, one per step, descending (e.g. an optimised few-step schedule,
+                               kedavra.diffusion.step_schedule); kedavra's plans only, without karras
     """
 
     prompts: tuple[str, ...]
@@ -123,6 +125,7 @@ class GenerationRequest:
     subseed: int | None = None
     subseed_strength: float = 0.0
     eta_noise_seed_delta: int = 0
+    sigmas: tuple[float, ...] | None = None
 
     def __post_init__(self):
         prompts, negatives = tuple(self.prompts), tuple(self.negative_prompts)
@@ -163,6 +166,16 @@ class GenerationRequest:
                 self.subseed_strength or self.eta_noise_seed_delta):
             raise ValueError("variation seeds and ENSD are A1111's; ComfyUI's noise (convention 'comfyui') has "
                              "neither")
+        if self.sigmas is not None:
+            levels = self.sigmas.tolist() if isinstance(self.sigmas, torch.Tensor) else self.sigmas
+            if isinstance(levels, str) or not isinstance(levels, Sequence) or len(levels) != self.steps:
+                raise ValueError(f"sigmas must give one noise level per step ({self.steps}), got {self.sigmas!r}")
+            levels = tuple(check_number("sigmas value", level, low=0, low_inclusive=False) for level in levels)
+            if any(b >= a for a, b in zip(levels, levels[1:], strict=False)):
+                raise ValueError(f"sigmas must descend strictly, got {levels}")
+            if schedule_type is not None or self.karras or karras_from_name:
+                raise ValueError("sigmas replace the plan's noise levels: not with a schedule type or karras")
+            object.__setattr__(self, "sigmas", levels)
         check_seed("seed", self.seed, optional=True)
         for name in ("width", "height"):
             check_optional_int(name, getattr(self, name), 1, MAX_SIDE, none_means="the model's image size")

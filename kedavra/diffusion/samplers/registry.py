@@ -26,7 +26,13 @@ from kedavra.diffusion.samplers.noise import NoiseSampler, generator_noise
 from kedavra.diffusion.samplers.pndm import pndm_plan, sample_pndm
 from kedavra.diffusion.samplers.unipc import sample_unipc
 from kedavra.diffusion.schedule import SCHEDULE_PRESETS, NoiseSchedule
-from kedavra.diffusion.timesteps import SPACINGS, make_plan, start_index_for_strength
+from kedavra.diffusion.timesteps import (
+    SPACINGS,
+    ZERO_SNR_ALPHA_BAR_FLOOR,
+    SamplingPlan,
+    make_plan,
+    start_index_for_strength,
+)
 from kedavra.validation import check_choice, check_number
 
 
@@ -159,6 +165,7 @@ def sample(
     brownian: Callable | None = None,
     sdxl: bool = False,
     diffusers_rules: bool = False,
+    sigmas=None,
 ) -> torch.Tensor:
     """Run the reverse process from `noise` (standard normal, the shape of a sample) to a sample.
 
@@ -185,6 +192,10 @@ def sample(
     folder's config (kedavra.diffusion.timesteps.TIMESTEP_RULES): DPM-Solver++ and UniPC on n of n+1 spaced points
     with Karras timesteps rounded to integers, and the σ-space samplers (Euler, Euler a, Heun) starting from σ_max·ε
     with "linspace" and "trailing" spacing (diffusers' init_noise_sigma).
+
+    sigmas: explicit noise levels, one per step, descending (diffusers' `sigmas=`; e.g. an optimised schedule,
+    kedavra.diffusion.step_schedule): kedavra's plan visits them, the model at each σ's fractional timestep, and
+    ends at σ = 0; spacing, steps_offset, karras and final_sigma do not apply, and steps must be len(sigmas).
     """
     noise_sampler = noise_sampler or generator_noise(generator)
     if schedule_type is not None:
@@ -198,6 +209,11 @@ def sample(
         pick = lcm_timesteps if spec.name == "lcm" else tcd_timesteps
         timesteps = pick(schedule, steps, strength=strength if init is not None else 1.0)
         plan = make_consistency_plan(schedule, timesteps, "zero" if spec.name == "lcm" else "sigma_min")
+    elif sigmas is not None:
+        if spec.name == PNDM or karras or karras_from_name:
+            raise ValueError(f"explicit sigmas replace the plan's levels: not with {spec.name}"
+                             f"{' and Karras σ' if karras or karras_from_name else ''}")
+        plan = plan_from_levels(schedule, sigmas, steps)
     elif spec.name == PNDM:  # diffusers' PNDMScheduler(skip_prk_steps=True): its own evaluations and final level
         if karras or karras_from_name:
             raise ValueError("pndm runs on diffusers' PNDM timesteps; Karras σ's do not apply to it")
@@ -232,6 +248,19 @@ def sample(
         callback = _keep_outside_mask(init, noise, mask, plan, spec.view, callback)
     options = {"eta": eta} if spec.name == "ddim" else {"gamma": eta or TCD_GAMMA} if spec.name == "tcd" else {}
     return spec.fn(denoiser, x, plan, noise=noise_sampler, callback=callback, **options)
+
+
+def plan_from_levels(schedule: NoiseSchedule, sigmas, steps: int) -> SamplingPlan:
+    """A plan visiting explicit noise levels (descending, one per step), each evaluated at its fractional timestep,
+    then σ = 0; ValueError naming what is wrong."""
+    levels = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+    if len(levels) != steps:
+        raise ValueError(f"sigmas gives {len(levels)} levels for {steps} steps; give one per step")
+    if not torch.isfinite(levels).all() or (levels <= 0).any() or (levels[1:] >= levels[:-1]).any():
+        raise ValueError(f"sigmas must be finite, positive and strictly descending, got {levels.tolist()}")
+    timesteps = schedule.sigma_to_t(levels, alpha_bar_floor=ZERO_SNR_ALPHA_BAR_FLOOR)
+    sigmas = torch.cat([levels, torch.zeros(1, dtype=torch.float64)])
+    return SamplingPlan(timesteps.double(), 1 / (1 + sigmas**2), sigmas)
 
 
 def _sample_k(model, noise, sampler, steps, schedule, prediction_type, schedule_type, convention, init, strength,
