@@ -1,7 +1,8 @@
 """Few-step schedules measured: Karras σ's, log-uniform σ's and the GITS-optimised schedule
 (kedavra.diffusion.step_schedule), at 5 and 10 model evaluations.
 
-1. The two clusters' exact denoiser (`kedavra convergence`'s set-up: schedule "ddpm", float64, 10000 samples): the
+1. The two clusters' exact denoiser (`kedavra convergence`'s set-up: schedule "ddpm", float64, 10000 samples; and
+   the same with SD's schedule, the σ range of the embedded model and of Stable Diffusion): the
    mean distance of each sampler's samples from the reference ODE solution (Heun, 1000 Karras steps) from the same
    noise. The optimised schedule is fitted on other noise (seed 123, 2048 samples) than it is measured on.
 2. The embedded model (kedavra-shapes): prompt adherence on held-out prompts (the project's evaluator), the
@@ -30,6 +31,8 @@ from kedavra.pipeline import GenerationRequest
 from kedavra.toy.mixture import TWO_MODES, ExactModel
 
 BUDGETS = (5, 10)
+# `kedavra convergence`'s schedule (σ_max ≈ 157), and SD's (σ_max ≈ 14.6, the embedded model's)
+MIXTURE_SCHEDULES = ("ddpm", "sd")
 SAMPLERS = ("euler", "dpmpp_2m", "unipc")
 MIXTURE_SAMPLES = 10000
 FIT_SAMPLES = 2048
@@ -37,8 +40,8 @@ REFERENCE_STEPS = 1000
 FIT_PER_KIND = 16  # prompts per kind the embedded model's schedule is fitted on
 
 
-def mixture_table() -> str:
-    schedule = get_schedule("ddpm")
+def mixture_table(schedule_name: str) -> str:
+    schedule = get_schedule(schedule_name)
     model = ExactModel(TWO_MODES, schedule, "eps")
     noise = torch.randn(MIXTURE_SAMPLES, TWO_MODES.dim, generator=torch.Generator().manual_seed(0),
                         dtype=torch.float64)
@@ -109,8 +112,10 @@ def main() -> None:
     parser.add_argument("--skip-model", action="store_true", help="only the exact-denoiser table")
     args = parser.parse_args()
     start = time.perf_counter()
-    print("## Two clusters, exact denoiser: mean distance from the reference ODE solution\n")
-    print(mixture_table())
+    for name in MIXTURE_SCHEDULES:
+        print(f"## Two clusters, exact denoiser, schedule {name!r}: mean distance from the reference ODE solution\n")
+        print(mixture_table(name))
+        print()
     if not args.skip_model:
         print(f"\n## kedavra-shapes: prompt adherence (overall), held-out prompts, {args.per_kind} per kind\n")
         print(model_table(args.per_kind))
