@@ -297,6 +297,9 @@ def test_listing_endpoints_through_webuiapi(server, models_dir):
     ({"override_settings": {"randn_source": "TPU"}}, ["body", "override_settings"]),
     ({"subseed_strength": 1.5}, ["body", "subseed_strength"]),
     ({"eta": 2}, ["body", "eta"]),
+    ({"seed": True}, ["body", "seed"]),
+    ({"batch_size": True}, ["body", "batch_size"]),
+    ({"cfg_scale": False}, ["body", "cfg_scale"]),
     ({"prompt": "a cat\nNegative prompt: x"}, ["body"]),  # A1111's parameters text could not hold it
 ])
 def test_bad_txt2img_fields_are_422_naming_the_field(client, body, loc):
@@ -313,6 +316,8 @@ def test_bad_txt2img_fields_are_422_naming_the_field(client, body, loc):
     ({"denoising_strength": 1.5}, ["body", "denoising_strength"]),
     ({"denoising_strength": 0.1}, ["body", "denoising_strength"]),  # 0.1 of 2 steps runs none
     ({"mask": "????"}, ["body", "mask"]),
+    ({"mask": b64_png(Image.new("L", (SIZE // 2, SIZE)))}, ["body", "mask"]),  # not the init image's size
+    ({"steps": True}, ["body", "steps"]),  # JSON true is not the number 1
 ])
 def test_bad_img2img_fields_are_422_naming_the_field(client, body, loc):
     request = {"init_images": [b64_png(draw_sample_image(SIZE))], "steps": STEPS, **body}

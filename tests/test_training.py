@@ -447,3 +447,43 @@ def test_train_command_stops_resumes_and_refuses(tmp_path, monkeypatch, capsys):
     assert "lr: checkpoint 0.0004, now 0.5" in capsys.readouterr().err
     assert cli.main(["train", "--steps", "0", "-o", str(tmp_path / "bad")]) == 2
     assert "steps must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, capsys):
+    """A truncated latest/model.safetensors (a crash mid-copy, a full disk): resuming says so in one line and
+    continues from the step before; with every checkpoint damaged it is a ValueError naming them, no traceback."""
+    train(small_config(tmp_path, steps=3, checkpoint_interval=1, keep_checkpoints=3), dataset=Squares())
+    latest = checkpointing.find_checkpoint(tmp_path)
+    assert latest.name.endswith("3")
+    weights = latest / checkpointing.MODEL_FILE
+    weights.write_bytes(weights.read_bytes()[:100])
+    train(small_config(tmp_path, steps=4, checkpoint_interval=1, keep_checkpoints=3), dataset=Squares())
+    note = capsys.readouterr().err
+    assert "cannot read checkpoint" in note and "resuming from the newest intact checkpoint" in note
+    assert note.count("\n") == 1  # one line
+    for folder in (tmp_path / checkpointing.CHECKPOINTS_DIR).iterdir():
+        if folder.is_dir():
+            (folder / checkpointing.STATE_FILE).write_bytes(b"broken")
+    with pytest.raises(ValueError, match="no intact checkpoint to resume"):
+        train(small_config(tmp_path, steps=5, checkpoint_interval=1, keep_checkpoints=3), dataset=Squares())
+
+
+def test_skip_bad_reaches_an_image_folder_and_is_refused_for_built_in_data(tmp_path):
+    from PIL import Image
+
+    from kedavra.training.batches import open_dataset
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("a red square")
+    (folder / "broken.png").write_text("not an image")
+    (folder / "broken.txt").write_text("a caption")
+    with pytest.raises(ValueError, match="kedavra train --skip-bad"):
+        open_dataset(str(folder), 16, 0)
+    with pytest.warns(UserWarning):
+        assert len(open_dataset(str(folder), 16, 0, skip_bad=True)) == 3
+    with pytest.raises(ValueError, match="skip_bad applies to an image folder, not the built-in data set 'shapes'"):
+        open_dataset("shapes", 16, 0, skip_bad=True)
+    assert cli.build_parser().parse_args(["train", "--skip-bad"]).skip_bad is True

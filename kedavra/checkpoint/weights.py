@@ -35,6 +35,10 @@ def _read_weights(path: Path) -> _Weights:
     """Open one weights file, whatever its container, after checking what the bytes actually are."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
+    if not path.is_file():  # a device (/dev/zero), a FIFO, a socket: reading it could block or never end
+        kind = "a FIFO" if path.is_fifo() else "a device" if path.is_char_device() or path.is_block_device() else \
+            "a socket" if path.is_socket() else "not a regular file"
+        raise _fail(path, f"{kind}, not a checkpoint file (give a .safetensors / .ckpt file or a diffusers folder)")
     size = path.stat().st_size
     if size == 0:
         raise _fail(path, "empty file, not a checkpoint")

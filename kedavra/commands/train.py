@@ -71,6 +71,8 @@ def register(subparsers) -> None:
     vae_d, unet_d = STAGE_DEFAULTS["vae"], STAGE_DEFAULTS["unet"]
     add("--data", default=s, help=f"data set: shapes, emoji, digits, or a folder of captioned images "
         f"(default {DEFAULTS.data})")
+    add("--skip-bad", action="store_true", default=s, help="with a folder of captioned images: leave out unreadable "
+        "and uncaptioned images with a warning instead of stopping")
     add("--image-size", type=int, default=s, help=f"training image side in pixels (default: the preset's, "
         f"{DEFAULTS.preset} {DEFAULTS.image_size}; with --init the model's; a multiple of its VAE's factor)")
     add("--preset", choices=[p for p in PRESETS if not PRESETS[p].inpainting], default=s,

@@ -149,7 +149,8 @@ class FolderDataset(torch.utils.data.Dataset):
             problems.append(f"{len(uncaptioned)} image(s) without a caption ({source}): "
                             f"{_listing(uncaptioned, self.root)}")
         if problems and not skip_bad:
-            raise ValueError(f"{self.root}: " + "; ".join(problems) + " (pass skip_bad=True to leave them out)")
+            raise ValueError(f"{self.root}: " + "; ".join(problems)
+                             + " (to leave them out: kedavra train --skip-bad, or skip_bad=True)")
         if problems:
             warnings.warn(f"{self.root}: leaving out " + "; ".join(problems), stacklevel=3)
         bad = set(unreadable) | set(uncaptioned)

@@ -18,7 +18,7 @@ import io
 from typing import Annotated, Any
 
 from PIL import Image, ImageOps
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from kedavra.diffusion.sigmas import AUTOMATIC, SCHEDULE_TYPES
 from kedavra.pipeline.request import DEFAULT_REFINER_SWITCH_AT, MAX_SIDE
@@ -78,8 +78,21 @@ def _check_image(text: str) -> str:
 
 
 Base64Image = Annotated[str, AfterValidator(_check_image)]
-Seed = Annotated[int, Field(ge=RANDOM_SEED, le=MAX_SEED, description="-1 for a random seed")]
-Side = Annotated[int | None, Field(ge=1, le=MAX_SIDE, description="pixels; default the model's image size")]
+
+
+def _not_a_bool(value: Any) -> Any:
+    """JSON true / false where a number belongs is refused (pydantic's lax mode would read them as 1 / 0)."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, not {str(value).lower()}")
+    return value
+
+
+NotBool = BeforeValidator(_not_a_bool)
+Seed = Annotated[int, NotBool, Field(ge=RANDOM_SEED, le=MAX_SEED, description="-1 for a random seed")]
+Side = Annotated[int | None, NotBool, Field(ge=1, le=MAX_SIDE, description="pixels; default the model's image size")]
+Count = Annotated[int, NotBool]
+Number = Annotated[float, NotBool]
+OptionalNumber = Annotated[float | None, NotBool]
 
 
 class GenerationBody(BaseModel):
@@ -94,20 +107,20 @@ class GenerationBody(BaseModel):
     sampler_index: str = Field(A1111_DEFAULT_SAMPLER, description="A1111's older name for sampler_name")
     scheduler: str | None = Field(None, description=f"schedule type: {', '.join(SCHEDULERS.values())} (or "
                                                      "ComfyUI's names)")
-    batch_size: int = Field(1, ge=1, le=MAX_BATCH_SIZE)
-    n_iter: int = Field(1, ge=1, le=MAX_N_ITER, description="batches run one after another")
-    steps: int = Field(A1111_DEFAULT_STEPS, ge=1, le=MAX_STEPS)
-    cfg_scale: float = Field(A1111_DEFAULT_CFG_SCALE, ge=0, le=MAX_CFG_SCALE, allow_inf_nan=False)
+    batch_size: Count = Field(1, ge=1, le=MAX_BATCH_SIZE)
+    n_iter: Count = Field(1, ge=1, le=MAX_N_ITER, description="batches run one after another")
+    steps: Count = Field(A1111_DEFAULT_STEPS, ge=1, le=MAX_STEPS)
+    cfg_scale: Number = Field(A1111_DEFAULT_CFG_SCALE, ge=0, le=MAX_CFG_SCALE, allow_inf_nan=False)
     width: Side = None
     height: Side = None
-    eta: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="DDIM's η (DDIM only)")
+    eta: OptionalNumber = Field(None, ge=0, le=1, allow_inf_nan=False, description="DDIM's η (DDIM only)")
     refiner_checkpoint: str | None = Field(None, description="a listed model that takes over the sampling run "
                                                              "(the SDXL refiner), by its /sd-models name")
-    refiner_switch_at: float = Field(DEFAULT_REFINER_SWITCH_AT, ge=0, le=1, allow_inf_nan=False,
+    refiner_switch_at: Number = Field(DEFAULT_REFINER_SWITCH_AT, ge=0, le=1, allow_inf_nan=False,
                                      description="share of the training timesteps before the refiner takes over")
     send_images: bool = True
     subseed: Seed = Field(RANDOM_SEED, description="the variation seed (-1 for a random one)")
-    subseed_strength: float = Field(0.0, ge=0, le=1, allow_inf_nan=False,
+    subseed_strength: Number = Field(0.0, ge=0, le=1, allow_inf_nan=False,
                                     description="how far towards the variation seed's noise")
     override_settings: dict[str, Any] | None = Field(
         None, description=f"A1111 settings for this request: {', '.join(SAMPLING_SETTINGS)} act, others are ignored")
@@ -152,7 +165,7 @@ class GenerationBody(BaseModel):
 class Txt2ImgRequest(GenerationBody):
     """POST /sdapi/v1/txt2img (A1111's StableDiffusionTxt2ImgProcessingAPI)."""
 
-    denoising_strength: float | None = Field(None, ge=0, le=1, allow_inf_nan=False,
+    denoising_strength: OptionalNumber = Field(None, ge=0, le=1, allow_inf_nan=False,
                                              description="hires fix only, which kedavra lacks: ignored")
     enable_hr: bool = False
 
@@ -165,9 +178,9 @@ class Img2ImgRequest(GenerationBody):
 
     init_images: list[Base64Image] = Field(min_length=1, max_length=MAX_BATCH_SIZE,
                                            description="base64 images (or data: URLs): one, or one per batch image")
-    denoising_strength: float = Field(A1111_DEFAULT_IMG2IMG_STRENGTH, ge=0, le=1, allow_inf_nan=False)
+    denoising_strength: Number = Field(A1111_DEFAULT_IMG2IMG_STRENGTH, ge=0, le=1, allow_inf_nan=False)
     mask: Base64Image | None = Field(None, description="inpainting: white where to paint")
-    inpainting_mask_invert: int = Field(0, ge=0, le=1, description="1: paint where the mask is black")
+    inpainting_mask_invert: Count = Field(0, ge=0, le=1, description="1: paint where the mask is black")
     resize_mode: int = Field(0, description="only 0 (just resize) is done")
     include_init_images: bool = False
     mask_blur: int | None = None

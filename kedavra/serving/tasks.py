@@ -92,7 +92,12 @@ def img2img_task(body: Img2ImgRequest, pipe: Pipeline, catalog: ModelCatalog,
                         image.resize((width, height), Image.Resampling.LANCZOS) for image in decoded)
     mask = None
     if body.mask is not None:
-        mask = decode_image(body.mask).convert("L").resize((width, height), Image.Resampling.NEAREST)
+        mask = decode_image(body.mask).convert("L")
+        if mask.size not in (decoded[0].size, (width, height)):  # another size cannot say which pixels it means
+            raise field_error("mask", f"the mask is {mask.width}x{mask.height}; give it the size of init_images[0] "
+                                      f"({decoded[0].width}x{decoded[0].height}) or of the output ({width}x{height})",
+                              mask.size)
+        mask = mask.resize((width, height), Image.Resampling.NEAREST)
         if body.inpainting_mask_invert:
             mask = ImageOps.invert(mask)
     return checked_task(body, pipe, catalog, sampling, (width, height), init_images, mask, body.denoising_strength)

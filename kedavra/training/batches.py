@@ -35,13 +35,17 @@ class DataPosition:
         return DataPosition(self.epoch + 1, 0)
 
 
-def open_dataset(name: str, image_size: int, seed: int):
-    """kedavra.data's training split of `name` (a data set name or an image folder)."""
+def open_dataset(name: str, image_size: int, seed: int, skip_bad: bool = False):
+    """kedavra.data's training split of `name` (a data set name or an image folder; skip_bad: a folder's unreadable
+    and uncaptioned images are left out with a warning)."""
     try:
-        from kedavra.data import get_dataset
+        from kedavra.data import DATASETS, get_dataset
     except ImportError as error:
         raise ValueError(f"cannot load data set {name!r}: kedavra.data is not available ({error})") from error
-    return get_dataset(name, split="train", image_size=image_size, seed=seed)
+    if skip_bad and name in DATASETS:
+        raise ValueError(f"skip_bad applies to an image folder, not the built-in data set {name!r}")
+    options = {"skip_bad": True} if skip_bad else {}
+    return get_dataset(name, split="train", image_size=image_size, seed=seed, **options)
 
 
 class TrainingData:

@@ -168,8 +168,9 @@ def load_checkpoint(folder: Path) -> Checkpoint:
                 model_config = ModelConfig.from_dict(json.loads(file.metadata()[CONFIG_KEY]))
         model_state = load_file(folder / weights)
         ema_state = load_file(folder / ema_weights)
-    except (OSError, RuntimeError, KeyError, TypeError, json.JSONDecodeError, ValueError) as error:
-        raise ValueError(f"cannot read checkpoint {folder}: {error}") from error
+    except Exception as error:  # noqa: BLE001 -- a truncated or damaged file fails in whatever parser reads it
+        # (safetensors' SafetensorError, torch.load's EOFError / UnpicklingError / IndexError, json, OSError, ...)
+        raise ValueError(f"cannot read checkpoint {folder}: {type(error).__name__}: {error}") from error
     if state.get("format") != STATE_FORMAT:
         raise ValueError(f"checkpoint {folder} has training-state format {state.get('format')!r}; "
                          f"this kedavra reads format {STATE_FORMAT}")
@@ -184,6 +185,26 @@ def check_same_run(stored: TrainConfig, new: TrainConfig, where: Path) -> None:
         raise ValueError(f"cannot resume {where}: its config differs in {len(differences)} field(s): {listed}. "
                          "Resume with the checkpoint's settings (kedavra train --resume DIR alone takes them) or "
                          "start a new run in another folder")
+
+
+def load_intact_checkpoint(found: Path, notify: Callable[[str], object] = print) -> Checkpoint:
+    """`load_checkpoint(found)`, or where that one is damaged (a truncated file, a crash mid-copy) the newest intact
+    checkpoint of its run (the step folders beside it), with one line to `notify` naming what was skipped and why;
+    ValueError when none is intact."""
+    step_folders = sorted((p for p in found.parent.iterdir() if p.is_dir() and p.name.startswith("step_")),
+                          key=lambda p: p.name, reverse=True) if found.parent.name == CHECKPOINTS_DIR else []
+    candidates = [found] + [p for p in step_folders if p.resolve() != found.resolve()]
+    problems = []
+    for candidate in candidates:
+        try:
+            checkpoint = load_checkpoint(candidate)
+        except ValueError as error:
+            problems.append(str(error))
+            continue
+        if problems:
+            notify(f"kedavra train: note: {problems[0]}; resuming from the newest intact checkpoint, {candidate}")
+        return checkpoint
+    raise ValueError("no intact checkpoint to resume: " + "; ".join(problems))
 
 
 def _prune(folder: Path, keep: int, keep_name: str) -> None:

@@ -75,6 +75,7 @@ class TrainConfig:
     `accumulation` micro-steps and over the processes of a torchrun launch.
 
     data             kedavra.data name ("shapes", "emoji", "digits") or an image folder
+    skip_bad         an image folder: leave out unreadable and uncaptioned images with a warning instead of failing
     image_size       side of the training images in pixels (None: the preset's, or the init model's)
     preset           kedavra.networks.model preset the components are built from (None: "tiny"; not with init)
     text_encoder     from scratch: "clip" (the preset's CLIP text encoder, trained from scratch) or "minilm" (the
@@ -113,6 +114,7 @@ class TrainConfig:
     """
 
     data: str = "shapes"
+    skip_bad: bool = False
     image_size: int | None = None
     preset: str | None = None
     text_encoder: str = "clip"
@@ -277,7 +279,7 @@ class TrainConfig:
         if self.init is None:  # under init, checked against the model's own (models.finetune_model_config)
             check_schedule_fits(SCHEDULE_PRESETS[self.schedule_name], f"schedule {self.schedule_name!r}",
                                 self.model_config_prediction)
-        for name in ("gradient_checkpointing", "latent_cache"):
+        for name in ("gradient_checkpointing", "latent_cache", "skip_bad"):
             check_bool(name, getattr(self, name))
         if not all(isinstance(p, str) for p in self.sample_prompts):
             raise ValueError(f"sample_prompts must be strings, got {self.sample_prompts!r}")

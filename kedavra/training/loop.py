@@ -27,6 +27,7 @@ import contextlib
 import json
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +133,8 @@ class Trainer:
         if checkpoint is not None:
             checkpointing.check_same_run(checkpoint.config, config, checkpoint.path)
         self.base_fingerprint = lora.weights_fingerprint(model) if config.lora_rank is not None else None
-        data_source = dataset if dataset is not None else open_dataset(config.data, config.image_size, config.seed)
+        data_source = dataset if dataset is not None else open_dataset(config.data, config.image_size, config.seed,
+                                                                                 config.skip_bad)
         self.data = TrainingData(data_source, config.image_size, config.batch_size, config.seed)
         self.model: StableDiffusion = model.to(self.device)
         self.stage = make_stage(config, self.model, self.data, self.device)
@@ -170,7 +172,8 @@ class Trainer:
         if not resume:
             raise ValueError(f"{self.run_dir} already holds checkpoints ({found.name}); resume it or choose another "
                              "output folder")
-        return checkpointing.load_checkpoint(found)  # checked against the config once it is resolved
+        # checked against the config once it is resolved; a damaged latest falls back to the newest intact one
+        return checkpointing.load_intact_checkpoint(found, notify=lambda line: print(line, file=sys.stderr))
 
     def _restore(self, checkpoint) -> None:
         state = checkpoint.state
