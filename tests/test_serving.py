@@ -33,6 +33,7 @@ webuiapi = pytest.importorskip("webuiapi")
 uvicorn = pytest.importorskip("uvicorn")
 from kedavra.commands.serve import server_config  # noqa: E402
 from kedavra.serving.app import ServerConfig, create_app, is_authorized, is_loopback  # noqa: E402
+from kedavra.serving.tasks import Admission  # noqa: E402
 from kedavra.serving.worker import ModelCatalog, Worker  # noqa: E402
 
 SIZE = 32  # the tiny preset's image size
@@ -326,6 +327,19 @@ def test_bad_img2img_fields_are_422_naming_the_field(client, body, loc):
     assert loc in [detail["loc"] for detail in response.json()["detail"]]
 
 
+def test_requests_beyond_the_models_bounds_are_422_before_any_work(client, server):
+    """A 2048x2048 request on the 32-pixel model (minutes of one step) and a batch of too much work are refused
+    naming the limit; the worker never sees them."""
+    _, worker = server
+    done = dict(worker.counts)
+    big = client.post("/sdapi/v1/txt2img", json={"width": 2048, "height": 2048, "steps": 1})
+    assert big.status_code == 422 and big.json()["detail"][0]["loc"] == ["body", "width"]
+    assert "from 2 to 128 (4x this model's native 32; kedavra serve --max-side-factor)" in big.text
+    costly = client.post("/sdapi/v1/txt2img", json={"width": 128, "height": 128, "steps": 150, "batch_size": 8})
+    assert costly.status_code == 422 and "19200 native-image steps" in costly.text and "--max-cost" in costly.text
+    assert worker.counts == done
+
+
 def test_nan_cfg_scale_is_422(client):
     response = client.post("/sdapi/v1/txt2img", content=b'{"cfg_scale": NaN}',
                            headers={"Content-Type": "application/json"})
@@ -463,6 +477,9 @@ def test_listening_beyond_the_loopback_needs_a_key(models_dir, capsys, monkeypat
     assert main(["serve", "--host", "0.0.0.0", "--model", str(models_dir / "tiny.safetensors")]) == 2
     assert "--api-key" in capsys.readouterr().err
     assert server_config("0.0.0.0", API_KEY, 20).loopback_only is False
+    assert server_config("::1", None, 20, 2, 100).admission == Admission(2.0, 100.0)
+    with pytest.raises(ValueError, match="side_factor must be"):
+        server_config("::1", None, 20, 0.5)
     assert server_config("::1", None, 20).loopback_only is True
     with pytest.raises(ValueError, match="API key"):
         server_config("192.168.1.5", None, 20)

@@ -77,6 +77,12 @@ def register(subparsers) -> None:
                              f"(default {DEFAULT_QUEUE_SIZE})")
     server.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB, metavar="MB",
                         help=f"largest request body in MiB; larger ones get 413 (default {DEFAULT_MAX_BODY_MB})")
+    server.add_argument("--max-side-factor", type=float, metavar="F",
+                        help="largest width / height a request may ask for, as a multiple of the model's native side "
+                             "(default 4)")
+    server.add_argument("--max-cost", type=float, metavar="N",
+                        help="most work one batch may ask for, in native-size image steps: (width·height / native²) "
+                             "x steps x batch_size (default 4800: every A1111 slider at twice the native side)")
     server.add_argument("--preview-every", type=int, default=DEFAULT_PREVIEW_EVERY, metavar="STEPS",
                         help=f"decode a live preview for /sdapi/v1/progress at most every STEPS steps "
                              f"(default {DEFAULT_PREVIEW_EVERY})")
@@ -85,16 +91,22 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def server_config(host: str, api_key: str | None, max_body_mb: float):
+def server_config(host: str, api_key: str | None, max_body_mb: float, max_side_factor: float | None = None,
+                  max_cost: float | None = None):
     """The app's ServerConfig; refuses to listen beyond the loopback without an API key."""
     from kedavra.serving.app import ServerConfig, is_loopback
+    from kedavra.serving.tasks import Admission
 
     if not is_loopback(host) and api_key is None:
         raise ValueError(f"refusing to listen on {host} without an API key: anyone who reaches this machine could "
                          f"use the server. Give --api-key KEY (or set {API_KEY_ENV}), or listen on {DEFAULT_HOST}")
     if not 0 < max_body_mb < float("inf"):
         raise ValueError(f"--max-body-mb must be a positive number, got {max_body_mb}")
-    return ServerConfig(api_key=api_key, max_body_bytes=int(max_body_mb * 2**20), loopback_only=is_loopback(host))
+    defaults = Admission()
+    admission = Admission(defaults.side_factor if max_side_factor is None else max_side_factor,
+                          defaults.max_cost if max_cost is None else max_cost)
+    return ServerConfig(api_key=api_key, max_body_bytes=int(max_body_mb * 2**20), loopback_only=is_loopback(host),
+                        admission=admission)
 
 
 def check_counts(args) -> None:
@@ -131,7 +143,7 @@ def run(args) -> int:
         raise ValueError(f"kedavra serve needs fastapi and uvicorn ({error}): pip install fastapi uvicorn") from None
 
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
-    config = server_config(args.host, api_key, args.max_body_mb)
+    config = server_config(args.host, api_key, args.max_body_mb, args.max_side_factor, args.max_cost)
     check_counts(args)
     models_dir = Path(args.models_dir).expanduser() if args.models_dir is not None else None
     if args.model is not None:

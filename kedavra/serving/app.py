@@ -30,6 +30,7 @@ from starlette.datastructures import Headers
 from kedavra import __version__
 from kedavra.serving.errors import EXCEPTION_HANDLERS
 from kedavra.serving.routes import router
+from kedavra.serving.tasks import Admission
 from kedavra.serving.worker import Worker
 from kedavra.validation import check_int
 
@@ -58,12 +59,15 @@ class ServerConfig:
     api_key: str | None
     max_body_bytes: int
     loopback_only: bool = True
+    admission: Admission = Admission()
 
     def __post_init__(self):
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()
                                          or self.api_key != self.api_key.strip()):
             raise ValueError("api_key must be a non-empty string without spaces at its ends, or None")
         check_int("max_body_bytes", self.max_body_bytes, low=1)
+        if not isinstance(self.admission, Admission):
+            raise ValueError(f"admission must be an Admission, got {type(self.admission).__name__}")
 
 
 def is_loopback(host: str) -> bool:
@@ -131,6 +135,7 @@ def create_app(worker: Worker, config: ServerConfig) -> FastAPI:
                               "set, send 'Authorization: Bearer KEY' (or basic auth with KEY as the password).")
     app.state.worker = worker
     app.state.settings = {}  # A1111 settings set by POST /options (kedavra.serving.routes)
+    app.state.admission = config.admission  # per-model bounds on a request's work (kedavra.serving.tasks)
     app.add_middleware(RequestGuard, config=config)
     app.include_router(router)
     for path, (name, media_type) in PAGE_FILES.items():

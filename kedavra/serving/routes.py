@@ -40,7 +40,7 @@ from kedavra.serving.schemas import (
     Txt2ImgRequest,
 )
 from kedavra.serving.tasks import generation_info, img2img_task, noise_settings, request_notes, txt2img_task
-from kedavra.serving.worker import GenerationTask, Job, ModelCatalog, ModelEntry, Worker
+from kedavra.serving.worker import GenerationTask, Job, ModelEntry, Worker
 
 API_PREFIX = "/sdapi/v1"
 DISCONNECT_POLL_S = 0.25  # how often a waiting handler checks that its client is still connected
@@ -95,10 +95,10 @@ def server_settings(request: Request) -> dict[str, Any]:
 
 
 async def generate(body: Body, request: Request, worker: Worker,
-                   build_task: Callable[[Body, Pipeline, ModelCatalog, dict], GenerationTask]) -> GenerationResponse:
+                   build_task: Callable[..., GenerationTask]) -> GenerationResponse:
     """Run the task `build_task` makes of `body` and answer it in A1111's shape."""
     pipe = loaded_pipeline(worker)
-    task = build_task(body, pipe, worker.catalog, server_settings(request))
+    task = build_task(body, pipe, worker.catalog, server_settings(request), request.app.state.admission)
     outcome = await wait_for(worker.submit_generation(task), worker, request)
     images = [base64.b64encode(png).decode("ascii") for png in outcome.images] if body.send_images else []
     info = generation_info(task, outcome, request_notes(body, task.request), pipe.config.inpainting)

@@ -48,7 +48,7 @@ from kedavra.serving.schemas import (
     decode_image,
 )
 from kedavra.serving.worker import GenerationOutcome, GenerationTask, ModelCatalog
-from kedavra.validation import MAX_SEED, check_choice, check_int
+from kedavra.validation import MAX_SEED, check_choice, check_int, check_number
 
 Size = tuple[int, int]  # (width, height) in pixels
 KEDAVRA_PLAN_SCHEDULES = (AUTOMATIC, "uniform", "karras")  # the schedule types kedavra's own plans carry out
@@ -67,20 +67,54 @@ class Sampling:
     clip_skip: int | None = None
 
 
+@dataclass(frozen=True)
+class Admission:
+    """Per-model bounds on the work one request may ask for, so that a valid request cannot tie the worker up for
+    minutes (a 2048x2048 image on a 32-pixel model): both refused with 422 naming the limit, before any work.
+
+    side_factor  width and height at most this multiple of the model's native side (its training size)
+    max_cost     pixels x steps x images of one batch, counted in native images: (w·h / native²)·steps·batch_size
+                 (batches of n_iter run one by one and can be interrupted between them)
+    The defaults allow every A1111 slider at twice the native side (4 native images x 150 steps x 8 images)."""
+
+    side_factor: float = 4.0
+    max_cost: float = 4.0 * 150 * 8
+
+    def __post_init__(self):
+        check_number("side_factor", self.side_factor, low=1)
+        check_number("max_cost", self.max_cost, low=0, low_inclusive=False)
+
+    def max_side(self, pipe: Pipeline) -> int:
+        """The largest width or height for `pipe`'s model: side_factor x its native side, within MAX_SIDE."""
+        return min(MAX_SIDE, int(self.side_factor * pipe.config.image_size))
+
+    def check_cost(self, body: GenerationBody, pipe: Pipeline, size: Size, steps: int) -> None:
+        """422 naming the limit when the batch's work exceeds max_cost."""
+        cost = size[0] * size[1] / pipe.config.image_size**2 * steps * body.batch_size
+        if cost > self.max_cost:
+            raise body_error(f"the request asks for {cost:g} native-image steps per batch ({size[0]}x{size[1]} "
+                             f"pixels x {steps} steps x {body.batch_size} images, the model's native size being "
+                             f"{pipe.config.image_size}); this server allows at most {self.max_cost:g} for it "
+                             "(kedavra serve --max-cost); use fewer steps, images or pixels")
+
+
 def txt2img_task(body: Txt2ImgRequest, pipe: Pipeline, catalog: ModelCatalog,
-                 settings: Mapping[str, Any] | None = None) -> GenerationTask:
+                 settings: Mapping[str, Any] | None = None, admission: Admission = Admission()) -> GenerationTask:
     """`body` checked against `pipe` and resolved (a random seed for -1, the model's size by default)."""
     sampling = resolve_sampling(body, settings)
-    return checked_task(body, pipe, catalog, sampling, request_size(body, pipe))
+    size = request_size(body, pipe, admission=admission)
+    admission.check_cost(body, pipe, size, body.steps)
+    return checked_task(body, pipe, catalog, sampling, size)
 
 
 def img2img_task(body: Img2ImgRequest, pipe: Pipeline, catalog: ModelCatalog,
-                 settings: Mapping[str, Any] | None = None) -> GenerationTask:
+                 settings: Mapping[str, Any] | None = None, admission: Admission = Admission()) -> GenerationTask:
     """`body` checked and resolved, its init images resized to the request's size (A1111's resize_mode 0, "just
     resize"), its mask (white = paint) decoded and inverted when asked."""
     sampling = resolve_sampling(body, settings)
     decoded = [decode_image(text).convert("RGB") for text in body.init_images]
-    width, height = request_size(body, pipe, decoded[0].size)
+    width, height = request_size(body, pipe, decoded[0].size, admission)
+    admission.check_cost(body, pipe, (width, height), body.steps)
     if len(decoded) not in (1, body.batch_size):
         raise field_error("init_images", f"give 1 init image or one per batch image ({body.batch_size}), "
                                          f"got {len(decoded)}", len(decoded))
@@ -142,16 +176,20 @@ def noise_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     return {"rng": rng, "eta_noise_seed_delta": ensd, "clip_skip": clip_skip}
 
 
-def request_size(body: GenerationBody, pipe: Pipeline, init_size: Size | None = None) -> Size:
-    """(width, height): the request's, else the init image's, else the model's; multiples of its VAE factor."""
+def request_size(body: GenerationBody, pipe: Pipeline, init_size: Size | None = None,
+                 admission: Admission = Admission()) -> Size:
+    """(width, height): the request's, else the init image's, else the model's; multiples of its VAE factor, at
+    most the admission's largest side for this model."""
     default = init_size or (pipe.config.image_size, pipe.config.image_size)
     width, height = body.width or default[0], body.height or default[1]
-    multiple = pipe.size_multiple
+    multiple, largest = pipe.size_multiple, admission.max_side(pipe)
     for name, side, given in (("width", width, body.width), ("height", height, body.height)):
-        if side % multiple or not multiple <= side <= MAX_SIDE:
+        if side % multiple or not multiple <= side <= largest:
             origin = "" if given else " (the size of init_images[0]; set width and height to resize it)"
+            bound = f" ({admission.side_factor:g}x this model's native {pipe.config.image_size}; kedavra serve " \
+                    "--max-side-factor)" if largest < MAX_SIDE else ""
             raise field_error(name, f"{name} must be a multiple of {multiple} (this model's VAE factor) from "
-                                    f"{multiple} to {MAX_SIDE}, got {side}{origin}", side)
+                                    f"{multiple} to {largest}{bound}, got {side}{origin}", side)
     return width, height
 
 
