@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from kedavra.api import load
@@ -524,3 +525,38 @@ def test_kedavra_serve_runs_as_a_process(models_dir):
     finally:
         process.terminate()
         assert process.wait(WAIT_S) in (0, -signal.SIGTERM)
+
+
+def test_a_cancelled_job_stops_between_the_unets_blocks(server):
+    """interruptible: once the job is cancelled, the next U-Net block raises Interrupted, inside the step; the
+    hooks are gone afterwards."""
+    from kedavra.serving.worker import Interrupted, Job, interruptible
+
+    _, worker = server
+    pipe = worker.pipeline
+    unet = pipe.model.unet
+    job = Job(lambda job: None)
+    ran = []
+    first = unet.down_blocks[0].resnets[0]
+    last = unet.up_blocks[-1].resnets[-1]
+    def after_first(*args) -> None:  # a forward hook's return value would replace the output: return None
+        ran.append("first")
+        job.cancelled.set()
+
+    def after_last(*args) -> None:
+        ran.append("last")
+
+    watches = [first.register_forward_hook(after_first), last.register_forward_hook(after_last)]
+    latents = torch.zeros(1, pipe.config.vae.latent_channels, 8, 8)
+    context = torch.zeros(1, pipe.config.tokenizer.max_length, pipe.config.unet.context_dim)
+    try:
+        with pytest.raises(Interrupted), interruptible(job, pipe), torch.no_grad():
+            unet(latents, torch.tensor([500.0]), context)
+        assert ran == ["first"]  # stopped after the first block, not at the end of the step
+        job.cancelled.clear()
+        with torch.no_grad():
+            unet(latents, torch.tensor([500.0]), context)  # no hook left behind
+        assert ran[-1] == "last"
+    finally:
+        for watch in watches:
+            watch.remove()

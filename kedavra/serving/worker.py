@@ -5,7 +5,8 @@
 Requests wait in a FIFO of at most `queue_size` jobs behind the running one; a request that finds it full is
 refused at once (`QueueFull`, answered 503 with Retry-After), never parked without bound. A job leaves the queue
 when its client goes away (`cancel`); a running job stops after its current sampler step when cancelled or
-interrupted, through the step callback. Every image's randomness comes from its own seeded generator inside the
+interrupted, through the step callback, or inside the step between the networks' blocks (`interruptible`).
+Every image's randomness comes from its own seeded generator inside the
 pipeline, so a request's images do not depend on what ran before it or beside it.
 
 The models a server may switch between are those a `ModelCatalog` lists: the model it started with and the
@@ -16,6 +17,7 @@ path from a request is ever opened.
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import math
 import statistics
@@ -196,6 +198,31 @@ class _Progress:
     preview: str | None = None  # base64 PNG of the last decoded x0 prediction
     preview_step: int = -1
     textinfo: str | None = None
+
+
+@contextlib.contextmanager
+def interruptible(job: Job, *pipelines: Pipeline | None):
+    """While it lasts, a cancelled or interrupted `job` stops inside a sampler step, between the U-Net's (and the
+    VAE decoder's) residual and attention blocks, not only after the step: a forward pre-hook on each block raises
+    Interrupted once job.cancelled is set, so a large step frees the worker within one block's time."""
+
+    def check(module, args) -> None:
+        if job.cancelled.is_set():
+            raise Interrupted
+
+    handles = []
+    for pipe in pipelines:
+        if pipe is None:
+            continue
+        for network in (pipe.model.unet, pipe.model.vae):
+            for name, module in network.named_modules():
+                if name.rsplit(".", 2)[-2:-1] in (["resnets"], ["attentions"]):  # ...resnets.0, ...attentions.1
+                    handles.append(module.register_forward_pre_hook(check))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def batch_seeds(request: GenerationRequest, batch: int) -> GenerationRequest:
@@ -380,7 +407,8 @@ class Worker:
                 self._progress.job_no, self._progress.step, self._progress.steps = batch, 0, 0
             batch_request = batch_seeds(request, batch)
             try:
-                result = pipe.generate(batch_request, callback=self._step_callback(job, pipe), refiner=refiner)
+                with interruptible(job, pipe, refiner):
+                    result = pipe.generate(batch_request, callback=self._step_callback(job, pipe), refiner=refiner)
             except Interrupted:
                 interrupted = True
                 break
