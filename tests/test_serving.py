@@ -34,6 +34,7 @@ webuiapi = pytest.importorskip("webuiapi")
 uvicorn = pytest.importorskip("uvicorn")
 from kedavra.commands.serve import server_config  # noqa: E402
 from kedavra.serving.app import ServerConfig, create_app, is_authorized, is_loopback  # noqa: E402
+from kedavra.serving.connections import uvicorn_options  # noqa: E402
 from kedavra.serving.tasks import Admission  # noqa: E402
 from kedavra.serving.worker import ModelCatalog, Worker  # noqa: E402
 
@@ -83,7 +84,8 @@ def serve(worker: Worker, config: ServerConfig):
     """uvicorn serving create_app(worker, config) in a thread on a free 127.0.0.1 port; yields the base URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(worker, config), log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(create_app(worker, config), log_level="warning", lifespan="on",
+                                           **uvicorn_options()))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + WAIT_S
@@ -560,3 +562,29 @@ def test_a_cancelled_job_stops_between_the_unets_blocks(server):
     finally:
         for watch in watches:
             watch.remove()
+
+
+def test_a_thousand_unfinished_requests_do_not_starve_a_key_holder(models_dir, monkeypatch):
+    """Slow-loris: 1,000 connections that send part of a request line and stop; an authorised request is still
+    answered within 2 s, and such a connection is closed once its request is overdue."""
+    from kedavra.serving.connections import GuardedH11Protocol
+
+    monkeypatch.setattr(GuardedH11Protocol, "request_timeout", 3.0)
+    worker = make_worker(models_dir)
+    with serve(worker, ServerConfig(api_key=API_KEY, max_body_bytes=BODY_LIMIT)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        idle = []
+        try:
+            for _ in range(1000):
+                sock = socket.create_connection(("127.0.0.1", port))
+                sock.sendall(b"GET / HTTP/1.1\r\n")
+                idle.append(sock)
+            start = time.monotonic()
+            answer = httpx.get(f"{url}/sdapi/v1/samplers", headers={"Authorization": f"Bearer {API_KEY}"},
+                               timeout=10)
+            assert answer.status_code == 200 and time.monotonic() - start < 2.0
+            idle[0].settimeout(10)
+            assert idle[0].recv(1) == b""  # closed by the server once its request was overdue
+        finally:
+            for sock in idle:
+                sock.close()

@@ -24,12 +24,6 @@ DEFAULT_QUEUE_SIZE = 8  # requests waiting behind the running one before new one
 DEFAULT_MAX_BODY_MB = 20  # a few base64 PNGs at 2048 px fit, a runaway upload does not
 DEFAULT_PREVIEW_EVERY = 4  # steps between live previews: a full VAE decode costs about as much as a step or more
 API_KEY_ENV = "KEDAVRA_API_KEY"
-# Open connections uvicorn serves at once before answering 503 itself: far above the queue, so that waiting
-# clients and progress polls fit, but bounded.
-CONNECTION_LIMIT = 256
-KEEP_ALIVE_S = 5  # uvicorn's default idle keep-alive
-# On Ctrl-C, requests still waiting after this long are cancelled, which interrupts the running job.
-GRACEFUL_SHUTDOWN_S = 10
 MAX_PORT = 65535
 
 EXAMPLES = """examples:
@@ -138,6 +132,7 @@ def run(args) -> int:
         import uvicorn
 
         from kedavra.serving.app import create_app
+        from kedavra.serving.connections import raise_open_file_limit, uvicorn_options
         from kedavra.serving.worker import ModelCatalog, Worker
     except ImportError as error:
         raise ValueError(f"kedavra serve needs fastapi and uvicorn ({error}): pip install fastapi uvicorn") from None
@@ -163,6 +158,6 @@ def run(args) -> int:
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"kedavra serve: {entry.title} at http://{shown}:{args.port}/ (API {shown}:{args.port}/sdapi/v1, "
           f"description /docs){'; API key required' if api_key else ''}", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, limit_concurrency=CONNECTION_LIMIT,
-                timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    raise_open_file_limit()  # idle sockets must not run the process out of descriptors before they time out
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, **uvicorn_options())
     return 0

@@ -28,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 
 from kedavra import __version__
+from kedavra.serving.connections import CONCURRENT_REQUESTS
 from kedavra.serving.errors import EXCEPTION_HANDLERS
 from kedavra.serving.routes import router
 from kedavra.serving.tasks import Admission
@@ -105,12 +106,16 @@ class RequestGuard:
     def __init__(self, app, config: ServerConfig):
         self.app = app
         self.config = config
+        self.active = 0  # requests being handled (the event loop's one thread counts them)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
             headers = Headers(scope=scope)
             refusal = None
-            if self.config.loopback_only and not is_loopback(headers.get("host", "")):
+            if self.active >= CONCURRENT_REQUESTS:  # uvicorn's own limit is off (kedavra.serving.connections)
+                refusal = JSONResponse({"detail": f"the server is handling {self.active} requests; try again"},
+                                       status_code=503, headers={"Retry-After": "1"})
+            elif self.config.loopback_only and not is_loopback(headers.get("host", "")):
                 refusal = JSONResponse({"detail": f"Host {headers.get('host', '')!r} is not a loopback name; this "
                                                   "server is local-only"}, status_code=403)
             elif (self.config.api_key is not None and scope["path"] not in PUBLIC_PATHS
@@ -121,6 +126,12 @@ class RequestGuard:
             if refusal is not None:
                 await refusal(scope, receive, send)
                 return
+            self.active += 1
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                self.active -= 1
+            return
         await self.app(scope, receive, send)
 
 
