@@ -588,3 +588,24 @@ def test_a_thousand_unfinished_requests_do_not_starve_a_key_holder(models_dir, m
         finally:
             for sock in idle:
                 sock.close()
+
+
+def test_openai_images_generations(client, server):
+    """OpenAI's POST /v1/images/generations: b64 PNGs of the loaded model, the same images as A1111's txt2img with
+    the same seed; its own field names in errors."""
+    answer = client.post("/v1/images/generations", json={"prompt": "a red circle", "n": 2, "size": "32x32",
+                                                          "model": "dall-e-3", "seed": 12, "steps": STEPS})
+    assert answer.status_code == 200
+    body = answer.json()
+    assert isinstance(body["created"], int) and len(body["data"]) == 2
+    assert body["data"][0]["revised_prompt"] == "a red circle"
+    image = decode_png(body["data"][0]["b64_json"])
+    assert image.size == (SIZE, SIZE)
+    a1111 = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "seed": 12, "steps": STEPS,
+                                                    "batch_size": 2, "width": SIZE, "height": SIZE}).json()
+    assert a1111["images"][1] == body["data"][1]["b64_json"]
+    for request, field in (({"prompt": "x", "response_format": "url"}, "response_format"),
+                           ({"prompt": "x", "size": "big"}, "size"), ({"prompt": "x", "n": 20}, "n"),
+                           ({"prompt": "x", "size": "31x31"}, "width"), ({"prompt": ""}, "prompt")):
+        refused = client.post("/v1/images/generations", json=request)
+        assert refused.status_code == 422 and field in str(refused.json()["detail"][0]["loc"]), request

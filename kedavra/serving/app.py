@@ -30,6 +30,7 @@ from starlette.datastructures import Headers
 from kedavra import __version__
 from kedavra.serving.connections import CONCURRENT_REQUESTS
 from kedavra.serving.errors import EXCEPTION_HANDLERS
+from kedavra.serving.openai_images import router as openai_router
 from kedavra.serving.routes import router
 from kedavra.serving.tasks import Admission
 from kedavra.serving.worker import Worker
@@ -149,6 +150,7 @@ def create_app(worker: Worker, config: ServerConfig) -> FastAPI:
     app.state.admission = config.admission  # per-model bounds on a request's work (kedavra.serving.tasks)
     app.add_middleware(RequestGuard, config=config)
     app.include_router(router)
+    app.include_router(openai_router)  # OpenAI's /v1/images/generations
     for path, (name, media_type) in PAGE_FILES.items():
         app.add_api_route(path, page_file((STATIC_DIR / name).read_bytes(), media_type), methods=["GET"],
                           include_in_schema=False)
