@@ -609,3 +609,28 @@ def test_openai_images_generations(client, server):
                            ({"prompt": "x", "size": "31x31"}, "width"), ({"prompt": ""}, "prompt")):
         refused = client.post("/v1/images/generations", json=request)
         assert refused.status_code == 422 and field in str(refused.json()["detail"][0]["loc"]), request
+
+
+def test_extras_upscale_as_a1111s_extras_tab(client):
+    """/upscalers lists None, Lanczos, Nearest and the shipped Real-ESRGAN models; extra-single-image and
+    extra-batch-images resize by a factor or to a size (cropping the centre), Real-ESRGAN included."""
+    names = [item["name"] for item in client.get("/sdapi/v1/upscalers").json()]
+    assert names[:3] == ["None", "Lanczos", "Nearest"]
+    photo = draw_sample_image(16)
+    single = client.post("/sdapi/v1/extra-single-image", json={"image": b64_png(photo), "upscaler_1": "Lanczos",
+                                                               "upscaling_resize": 2})
+    assert single.status_code == 200 and decode_png(single.json()["image"]).size == (32, 32)
+    assert "Postprocess upscaler: Lanczos" in single.json()["html_info"]
+    cropped = client.post("/sdapi/v1/extra-single-image", json={
+        "image": b64_png(photo.resize((16, 8))), "upscaler_1": "nearest", "resize_mode": 1,
+        "upscaling_resize_w": 24, "upscaling_resize_h": 24}).json()
+    assert decode_png(cropped["image"]).size == (24, 24)  # scaled to cover 24x24, then the centre cropped
+    if "R-ESRGAN 4x+" in names:
+        esrgan = client.post("/sdapi/v1/extra-batch-images", json={
+            "imageList": [{"data": b64_png(photo), "name": "a"}, {"data": b64_png(photo), "name": "b"}],
+            "upscaler_1": "R-ESRGAN 4x+", "upscaling_resize": 4}).json()
+        assert [decode_png(image).size for image in esrgan["images"]] == [(64, 64)] * 2
+    unknown = client.post("/sdapi/v1/extra-single-image", json={"image": b64_png(photo), "upscaler_1": "SwinIR"})
+    assert unknown.status_code == 422 and "known: None, Lanczos, Nearest" in unknown.text
+    faces = client.post("/sdapi/v1/extra-single-image", json={"image": b64_png(photo), "gfpgan_visibility": 1})
+    assert faces.status_code == 422 and faces.json()["detail"][0]["loc"] == ["body", "gfpgan_visibility"]

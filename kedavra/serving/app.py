@@ -30,6 +30,7 @@ from starlette.datastructures import Headers
 from kedavra import __version__
 from kedavra.serving.connections import CONCURRENT_REQUESTS
 from kedavra.serving.errors import EXCEPTION_HANDLERS
+from kedavra.serving.extras import router as extras_router
 from kedavra.serving.openai_images import router as openai_router
 from kedavra.serving.routes import router
 from kedavra.serving.tasks import Admission
@@ -151,6 +152,7 @@ def create_app(worker: Worker, config: ServerConfig) -> FastAPI:
     app.add_middleware(RequestGuard, config=config)
     app.include_router(router)
     app.include_router(openai_router)  # OpenAI's /v1/images/generations
+    app.include_router(extras_router)  # A1111's Extras tab: upscalers
     for path, (name, media_type) in PAGE_FILES.items():
         app.add_api_route(path, page_file((STATIC_DIR / name).read_bytes(), media_type), methods=["GET"],
                           include_in_schema=False)

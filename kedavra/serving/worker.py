@@ -279,6 +279,11 @@ class Worker:
         """Queue `task`; QueueFull when `queue_size` jobs already wait."""
         return self._submit(Job(functools.partial(self._generate, task)))
 
+    def submit_work(self, work: Callable[[Job], T]) -> Job[T]:
+        """Queue other work for the worker thread (the Extras tab's upscaling), in turn with the generations, so
+        that two heavy jobs never share the CPU; QueueFull as above."""
+        return self._submit(Job(work))
+
     def submit_model_switch(self, entry: ModelEntry) -> Job[ModelEntry]:
         """Queue a switch to the listed model `entry` (its result: `entry` with its hashes); QueueFull as above."""
         return self._submit(Job(lambda job: self._switch_model(entry)))
