@@ -17,7 +17,6 @@ path from a request is ever opened.
 from __future__ import annotations
 
 import base64
-import contextlib
 import functools
 import math
 import statistics
@@ -39,6 +38,7 @@ from kedavra.formats.png_info import SHORT_HASH_LENGTH, encode_png, format_param
 from kedavra.pipeline.infotext import request_parameters
 from kedavra.pipeline.pipeline import Pipeline
 from kedavra.pipeline.request import GenerationRequest
+from kedavra.serving.interrupts import Interrupted, interruptible
 from kedavra.serving.schemas import ProgressResponse, ProgressState
 from kedavra.validation import MAX_SEED, check_int, check_optional_int
 
@@ -57,10 +57,6 @@ class QueueFull(Exception):
         super().__init__(f"the queue is full ({queued} requests waiting); retry after {retry_after} s")
         self.queued = queued
         self.retry_after = retry_after
-
-
-class Interrupted(Exception):
-    """Raised from the step callback to stop a running job."""
 
 
 # ---- models -------------------------------------------------------------------------------------------------------
@@ -198,31 +194,6 @@ class _Progress:
     preview: str | None = None  # base64 PNG of the last decoded x0 prediction
     preview_step: int = -1
     textinfo: str | None = None
-
-
-@contextlib.contextmanager
-def interruptible(job: Job, *pipelines: Pipeline | None):
-    """While it lasts, a cancelled or interrupted `job` stops inside a sampler step, between the U-Net's (and the
-    VAE decoder's) residual and attention blocks, not only after the step: a forward pre-hook on each block raises
-    Interrupted once job.cancelled is set, so a large step frees the worker within one block's time."""
-
-    def check(module, args) -> None:
-        if job.cancelled.is_set():
-            raise Interrupted
-
-    handles = []
-    for pipe in pipelines:
-        if pipe is None:
-            continue
-        for network in (pipe.model.unet, pipe.model.vae):
-            for name, module in network.named_modules():
-                if name.rsplit(".", 2)[-2:-1] in (["resnets"], ["attentions"]):  # ...resnets.0, ...attentions.1
-                    handles.append(module.register_forward_pre_hook(check))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def batch_seeds(request: GenerationRequest, batch: int) -> GenerationRequest:
