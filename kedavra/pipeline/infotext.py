@@ -9,33 +9,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from kedavra.diffusion.samplers import SamplerSpec
 from kedavra.diffusion.samplers.k_diffusion import effective_schedule_type
 from kedavra.diffusion.sigmas import AUTOMATIC, schedule_type_label
 from kedavra.formats.png_info import GenerationParameters
 from kedavra.pipeline.request import GenerationRequest
 
 KARRAS_SCHEDULE = "Karras"  # A1111's "Schedule type" value for Karras σ spacing
-DEFAULT_SCHEDULES = ("Automatic", "Uniform")  # the sampler's own spacing
 AUTOMATIC_KARRAS = ("dpmpp_2m",)  # samplers whose "Automatic" schedule is Karras in A1111
 ETA_KEY = "Eta DDIM"  # A1111 (modules/sd_samplers_compvis.py) writes DDIM's η under this key when it is not 0
 REFINER_KEY = "Refiner"  # A1111 (modules/processing.py): "Refiner: NAME [HASH]" when a refiner ran
 REFINER_SWITCH_KEY = "Refiner switch at"  # A1111: the refiner_switch_at it ran with
 SPACING_KEY = "Timestep spacing"  # ours: written only when a request overrides the model's spacing
-SIGMAS_KEY = "Sigmas"  # ours: a request's explicit noise levels, comma-separated, each as Python writes the float
+SIGMAS_KEY = "Sigmas"  # ours: a request's explicit noise levels, space-separated, each as Python writes the float
 RNG_KEY, ENSD_KEY = "RNG", "ENSD"  # A1111's keys for the noise source and the eta noise seed delta
 VARIATION_SEED_KEY, VARIATION_STRENGTH_KEY = "Variation seed", "Variation seed strength"  # A1111's subseed keys
 A1111_DEFAULT_RNG = "GPU"  # what an A1111 PNG without "RNG" was made with
 CONVENTION_KEY = "Sampling convention"  # ours: "comfyui" when the sampler ran as ComfyUI runs it
 GUIDANCE_RESCALE_KEY = "CFG rescale"  # SD.Next's key for Lin et al. 2023's φ (A1111 itself has no such option)
-
-
-def schedule_karras(schedule_type: str, sampler: SamplerSpec, karras_from_name: bool) -> bool:
-    """Whether A1111's "Schedule type" `schedule_type` (its label: "Karras", "Automatic", ...) means Karras σ
-    spacing for `sampler`: "Karras" does, and "Automatic" (the sampler's own) does for AUTOMATIC_KARRAS; any
-    other keeps what the sampler's name said (`karras_from_name`, e.g. from "DPM++ 2M Karras")."""
-    automatic_karras = schedule_type == DEFAULT_SCHEDULES[0] and sampler.name in AUTOMATIC_KARRAS
-    return karras_from_name or schedule_type == KARRAS_SCHEDULE or automatic_karras
 
 
 def noise_parameters(request: GenerationRequest, index: int) -> dict[str, str]:

@@ -108,11 +108,11 @@ def upscaler_items() -> list[UpscalerItem]:
 
 def check_upscaler(field: str, name: str) -> str:
     """`name` as one of the listed upscalers (case-insensitive, A1111's label or kedavra's name); 422 otherwise."""
-    names = {item.name.lower(): item.name for item in upscaler_items()}
-    names.update({item.model_name.lower(): item.name for item in upscaler_items() if item.model_name})
+    items = upscaler_items()
+    names = {item.name.lower(): item.name for item in items}
+    names.update({item.model_name.lower(): item.name for item in items if item.model_name})
     if name.lower() not in names:
-        raise field_error(field, f"unknown upscaler {name!r}; known: {', '.join(i.name for i in upscaler_items())}",
-                          name)
+        raise field_error(field, f"unknown upscaler {name!r}; known: {', '.join(i.name for i in items)}", name)
     return names[name.lower()]
 
 

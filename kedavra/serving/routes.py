@@ -21,11 +21,10 @@ from kedavra.adapters.lora_file import file_metadata
 from kedavra.diffusion.samplers import SAMPLERS
 from kedavra.diffusion.samplers.k_diffusion import K_SAMPLERS
 from kedavra.diffusion.sigmas import SCHEDULE_TYPES
-from kedavra.pipeline.infotext import AUTOMATIC_KARRAS
+from kedavra.pipeline.infotext import A1111_DEFAULT_RNG, AUTOMATIC_KARRAS
 from kedavra.pipeline.pipeline import Pipeline
 from kedavra.serving.errors import ClientGone, field_error, unavailable
 from kedavra.serving.schemas import (
-    A1111_DEFAULT_RNG,
     A1111_ENSD_SETTING,
     A1111_RNG_SETTING,
     SAMPLING_SETTINGS,

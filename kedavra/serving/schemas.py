@@ -44,7 +44,6 @@ SCHEDULERS = {AUTOMATIC: "Automatic"} | {name: s.a1111 for name, s in SCHEDULE_T
 A1111_RNG_SETTING = "randn_source"  # "Random number generator source": CPU, GPU (A1111's default) or NV
 A1111_ENSD_SETTING = "eta_noise_seed_delta"  # "Eta noise seed delta"
 A1111_CLIP_SKIP_SETTING = "CLIP_stop_at_last_layers"  # "Clip skip"
-A1111_DEFAULT_RNG = "GPU"  # A1111's default randn_source: torch.randn on the card (emulated here, bit for bit)
 SAMPLING_SETTINGS = (A1111_RNG_SETTING, A1111_ENSD_SETTING, A1111_CLIP_SKIP_SETTING)
 DATA_URL_PREFIX = "data:"  # "data:image/png;base64,...." as browsers and webuiapi send images
 BASE64_MARKER = ";base64"

@@ -33,13 +33,12 @@ from kedavra.diffusion.sigmas import AUTOMATIC, resolve_schedule_type, schedule_
 from kedavra.diffusion.timesteps import start_index_for_strength
 from kedavra.formats.images import from_pil
 from kedavra.formats.png_info import KEDAVRA_VERSION
-from kedavra.pipeline.infotext import AUTOMATIC_KARRAS, request_parameters
+from kedavra.pipeline.infotext import A1111_DEFAULT_RNG, AUTOMATIC_KARRAS, request_parameters
 from kedavra.pipeline.pipeline import Pipeline
 from kedavra.pipeline.request import MAX_SIDE, GenerationRequest
 from kedavra.serving.errors import body_error, field_error
 from kedavra.serving.schemas import (
     A1111_CLIP_SKIP_SETTING,
-    A1111_DEFAULT_RNG,
     A1111_ENSD_SETTING,
     A1111_RNG_SETTING,
     GenerationBody,
