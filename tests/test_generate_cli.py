@@ -273,6 +273,11 @@ BAD_INPUTS = {
     "output folder missing": (lambda f: [PROMPT, *f.m, "-o", f.out.parent / "nope" / "out.png"], "nope"),
     "output not png": (lambda f: [PROMPT, *f.m, "-o", f.out.with_suffix(".jpg")], "out.jpg"),
     "model missing": (lambda f: [PROMPT, *f.m], "missing.safetensors"),
+    "unknown hires upscaler": (lambda f: [PROMPT, *f.m, "--hires-upscaler", "Bogus"], "unknown upscaler 'Bogus'"),
+    "hires with an init image": (lambda f: [PROMPT, *f.m, *f.init, "--hires"], "with --init-image, upscale"),
+    "hires flag with --no-hires": (lambda f: [PROMPT, *f.m, "--no-hires", "--hires-scale", "2"], "--no-hires with"),
+    "hires past the size limit": (lambda f: [PROMPT, *f.real, "--hires-scale", "100"], "each side must be from 2"),
+    "hires strength zero": (lambda f: [PROMPT, *f.m, "--hires", "--strength", "0"], "strength must be a number in"),
 }
 
 
@@ -381,3 +386,34 @@ def test_log_uniform_sigmas_are_written_and_read_back(model_file, tmp_path, caps
     assert "--sigmas must be noise levels" in capsys.readouterr().err
     assert generate(PROMPT, *common, "--steps", 3, "--sigmas", "3 1", "-o", out) != 0
     assert "one noise level per step (3)" in capsys.readouterr().err
+
+
+def test_hires_fix_round_trips_through_the_png(model_file, tmp_path):
+    """--hires writes A1111's keys (Size: the first pass's), --from-png redoes both passes bit for bit, --no-hires
+    gives the first pass alone, and an A1111-written text with Hires keys runs its hires fix."""
+    out = tmp_path / "hires.png"
+    common = ("--model", model_file, "--precision", "fp32", "-q", "--steps", STEPS, "--seed", "3")
+    assert generate(PROMPT, *common, "--hires-scale", "1.5", "--hires-steps", "2", "--strength", "0.6",
+                    "--hires-upscaler", "Lanczos", "--hires-sampler", "Euler a", "-o", out) == 0
+    assert Image.open(out).size == (48, 48)
+    params = read_parameters(out)
+    assert (params.width, params.height, params.denoising_strength) == (SIZE, SIZE, 0.6)
+    assert {key: params.extra[key] for key in params.extra if key.startswith("Hires")} == {
+        "Hires upscale": "1.5", "Hires steps": "2", "Hires upscaler": "Lanczos", "Hires sampler": "Euler a"}
+    again = tmp_path / "again.png"
+    assert generate("--from-png", out, "--model", model_file, "--precision", "fp32", "-q", "-o", again) == 0
+    assert np.array_equal(pixels(out), pixels(again))
+    first = tmp_path / "first.png"
+    assert generate("--from-png", out, "--model", model_file, "--precision", "fp32", "-q", "--no-hires",
+                    "-o", first) == 0
+    assert Image.open(first).size == (SIZE, SIZE) and "Hires upscale" not in read_parameters(first).extra
+    a1111 = tmp_path / "a1111.png"
+    text = (f"{PROMPT}\nSteps: 3, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 1, Size: 32x32, "
+            "Denoising strength: 0.45, Hires upscale: 2, Hires upscaler: Latent, Version: v1.10.1")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    Image.new("RGB", (64, 64)).save(a1111, pnginfo=info)
+    made = tmp_path / "made.png"
+    assert generate("--from-png", a1111, "--model", model_file, "--precision", "fp32", "-q", "-o", made) == 0
+    assert Image.open(made).size == (64, 64)
+    assert read_parameters(made).extra["Hires upscaler"] == "Latent"

@@ -153,9 +153,15 @@ class NoiseTape:
         return self.next()
 
 
-def k_diffusion_run(label, steps, schedule, prediction, schedule_type, noise, tape, init=None, strength=1.0):
-    """A1111's KDiffusionSampler.sample / sample_img2img with k-diffusion's function; x̂_0 per step and the result."""
+def k_diffusion_run(label, steps, schedule, prediction, schedule_type, noise, tape, init=None, strength=1.0,
+                    fix_steps=False):
+    """A1111's KDiffusionSampler.sample / sample_img2img with k-diffusion's function; x̂_0 per step and the result.
+    fix_steps: sample_img2img handed a step count (its hires fix; setup_img2img_steps with steps given)."""
     sampling, wrap = oracle(schedule, prediction)
+    t_enc = None
+    if init is not None:
+        t_enc = steps - 1 if fix_steps else int(min(strength, 0.999) * steps)
+        steps = int(steps / min(strength, 0.999)) if fix_steps else steps
     spec, carried = resolve_k_sampler(label)
     kind = resolve_schedule_type(carried or schedule_type)
     kind = spec.schedule if kind == "automatic" else kind
@@ -175,7 +181,6 @@ def k_diffusion_run(label, steps, schedule, prediction, schedule_type, noise, ta
         x = noise * sigmas[0]
         sched = sigmas
     else:
-        t_enc = int(min(strength, 0.999) * steps)
         sched = sigmas[steps - t_enc - 1:]
         x = init + noise * sched[0]
     if funcname in ("sample_dpm_fast", "sample_dpm_adaptive"):
@@ -240,6 +245,57 @@ def test_a1111_img2img_matches_k_diffusion(label, strength):
     ours = sample(toy_model, noise, sampler=label, steps=10, schedule=schedule, schedule_type="Automatic",
                   init=init, strength=strength, noise_sampler=tape.kedavra)
     assert ((ours - theirs).abs().max() / theirs.abs().max()).item() <= REL_TOL
+
+
+@pytest.mark.parametrize("label", ["Euler a", "DPM++ 2M", "DPM++ SDE"])
+@pytest.mark.parametrize("strength", [0.3, 0.75, 1.0])
+def test_a1111_fixed_step_img2img_matches_k_diffusion(label, strength):
+    """A1111's hires fix hands sample_img2img its step count: exactly `steps` steps of a longer schedule."""
+    schedule = SCHEDULES["sd"]
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4))
+    init = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5)).tanh()
+    tape = NoiseTape(9)
+    theirs_x0, theirs = k_diffusion_run(label, 7, schedule, "eps", "Karras", noise, tape, init, strength,
+                                        fix_steps=True)
+    tape.rewind()
+    ours_x0 = []
+    ours = sample(toy_model, noise, sampler=label, steps=7, schedule=schedule, schedule_type="Karras", init=init,
+                  strength=strength, noise_sampler=tape.kedavra, fix_steps=True,
+                  callback=lambda step: ours_x0.append(step.x0))
+    assert len(ours_x0) == len(theirs_x0) == 7
+    assert ((ours - theirs).abs().max() / theirs.abs().max()).item() <= REL_TOL
+
+
+def test_a1111_img2img_steps_rule():
+    from kedavra.diffusion.sigmas import a1111_img2img_steps
+
+    assert a1111_img2img_steps(20, 0.7) == (20, 14)
+    assert a1111_img2img_steps(20, 0.7, fix_steps=True) == (28, 19)  # ⌊20 / 0.7⌋ = 28
+    assert a1111_img2img_steps(10, 1.0, fix_steps=True) == (10, 9)  # ⌊10 / 0.999⌋ = 10: from σ_max
+    assert a1111_img2img_steps(10, 0.5, fix_steps=True) == (20, 9)
+    with pytest.raises(ValueError, match="strength 0 runs no step"):
+        a1111_img2img_steps(10, 0.0, fix_steps=True)
+
+
+def test_fixed_steps_run_exactly_the_steps_asked_on_every_path():
+    """kedavra's plans, A1111's k-diffusion and CompVis samplers: fix_steps runs `steps` steps (evaluations for the
+    single-evaluation samplers), starting on the longer schedule's level."""
+    schedule = SCHEDULES["sd"]
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(6))
+    init = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7)).tanh()
+    for sampler, schedule_type, expected in [("euler", None, 6), ("dpmpp_2m", None, 6), ("Euler", "Automatic", 6),
+                                             ("DDIM", "Automatic", 4), ("LCM", "Automatic", 6)]:
+        indices = []
+        sample(toy_model, noise, sampler=sampler, steps=6, schedule=schedule, schedule_type=schedule_type,
+               init=init, strength=0.4, fix_steps=True, callback=lambda step, seen=indices: seen.append(step.index))
+        assert len(indices) == expected, sampler  # A1111's DDIM takes t_enc - 1 = steps - 2 (pndm.a1111_img2img_plan)
+    # on kedavra's plans the run is the last 6 steps of a 15-step plan: it starts where that plan's step 9 does
+    from kedavra.diffusion.timesteps import make_plan
+
+    first = []
+    sample(toy_model, noise, sampler="euler", steps=6, schedule=schedule, init=init, strength=0.4, fix_steps=True,
+           callback=lambda step: first.append(step.t) if step.index == 0 else None)
+    assert first[0] == make_plan(schedule, 15, "leading", 0, False, "zero").timesteps[9].item()
 
 
 def test_restart_follows_a1111s_walk():

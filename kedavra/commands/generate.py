@@ -36,6 +36,13 @@ from kedavra.formats.grid import image_grid
 from kedavra.formats.png_info import GenerationParameters, read_parameters, write_png
 from kedavra.networks.model import PRESETS, UNET_PREDICTION_TYPES
 from kedavra.pipeline.device import check_device, parse_precision
+from kedavra.pipeline.hires import (
+    DEFAULT_HIRES_SCALE,
+    DEFAULT_HIRES_STRENGTH,
+    DEFAULT_HIRES_UPSCALER,
+    LATENT_UPSCALE_MODES,
+    HiresFix,
+)
 from kedavra.pipeline.infotext import (
     A1111_DEFAULT_RNG,
     CONVENTION_KEY,
@@ -81,6 +88,7 @@ EXAMPLES = """examples:
   kedavra generate --from-png cat.png --model m.safetensors --steps 30 --sampler "DPM++ 2M Karras" -o cat-30.png
   kedavra generate "a cat <lora:watercolor:0.8>" --model m.safetensors --lora-dir models/Lora -o cat.png
   kedavra generate "a cat" --model m.safetensors --lora watercolor.safetensors:0.8 -o cat.png
+  kedavra generate "a castle" --model m.safetensors --hires --hires-upscaler "R-ESRGAN 4x+" --strength 0.4 -o big.png
 """
 
 
@@ -183,6 +191,27 @@ def register(subparsers) -> None:
                             f"or {DEFAULT_INPAINT_STRENGTH} with --mask)")
     image.add_argument("--mask", metavar="PATH",
                        help="inpainting: white where to paint, black where to keep the init image (same size)")
+    hires = parser.add_argument_group("hires fix (A1111's: a second pass at a larger size; docs/generate.md)")
+    hires.add_argument("--hires", action=argparse.BooleanOptionalAction, default=None,
+                       help="upscale the first pass and run image to image on it (any --hires-* flag turns it on; "
+                            "--no-hires generates a PNG's first pass only); --strength sets its denoising strength "
+                            f"(default {DEFAULT_HIRES_STRENGTH})")
+    hires.add_argument("--hires-scale", type=float, metavar="F",
+                       help=f"the first pass's size times F (default {DEFAULT_HIRES_SCALE:g})")
+    hires.add_argument("--hires-resize", type=int, nargs=2, metavar=("WIDTH", "HEIGHT"),
+                       help="a target size instead (0 for one side: from the other; both: scaled to cover, then "
+                            "cropped, as A1111 does)")
+    hires.add_argument("--hires-upscaler", metavar="NAME",
+                       help=f"{', '.join(LATENT_UPSCALE_MODES)}, or a pixel upscaler: None, Lanczos, Nearest, "
+                            f"R-ESRGAN 4x+, ... or an upscaler file (default {DEFAULT_HIRES_UPSCALER})")
+    hires.add_argument("--hires-steps", type=int, metavar="N",
+                       help="steps of the second pass, run exactly (default: the first pass's)")
+    hires.add_argument("--hires-sampler", metavar="NAME", help="the second pass's sampler (default: the first's)")
+    hires.add_argument("--hires-schedule-type", metavar="NAME",
+                       help="the second pass's schedule type (default: the first's)")
+    hires.add_argument("--hires-prompt", metavar="TEXT", help="the second pass's prompt (default: the prompt)")
+    hires.add_argument("--hires-negative", metavar="TEXT",
+                       help="the second pass's negative prompt (default: the negative prompt)")
     output = parser.add_argument_group("output")
     output.add_argument("-o", "--output", default=DEFAULT_OUTPUT, metavar="PATH",
                         help="a .png file (several images: PATH_STEM-0.png, PATH_STEM-1.png, ...) or an "
@@ -217,14 +246,16 @@ def resolve_request(args, png: GenerationParameters | None, notes: list[str], in
     variation_seed = pick(args.variation_seed, _number(extra, VARIATION_SEED_KEY), None)
     variation_strength = pick(args.variation_strength, _number(extra, VARIATION_STRENGTH_KEY), 0.0)
     strength = args.strength
+    png_hires = any(key.startswith(HIRES_PREFIX) for key in extra)
     if png is not None and png.denoising_strength is not None and strength is None:
         if init_image is not None:
             strength = png.denoising_strength
-        elif any(key.startswith(HIRES_PREFIX) for key in extra):
-            notes.append("hires fix is not supported; generating the first pass only")
-        else:
+        elif not png_hires:
             raise ValueError(f"{args.from_png} was made from an init image (Denoising strength "
                              f"{png.denoising_strength}); give it with --init-image (and --mask if it was inpainted)")
+    hires = resolve_hires(args, extra if png_hires else {}, png and png.denoising_strength)
+    if hires is not None:
+        strength = None
     if REFINER_KEY in extra and args.refiner is None:
         notes.append(f"{args.from_png} was refined with {extra[REFINER_KEY]}; give it with --refiner to do the same")
     if png is not None and LORA_HASHES_KEY in extra:
@@ -258,8 +289,51 @@ def resolve_request(args, png: GenerationParameters | None, notes: list[str], in
         aesthetic_score=args.aesthetic_score if args.aesthetic_score is not None else DEFAULT_AESTHETIC_SCORE,
         refiner_switch_at=pick(args.refiner_switch_at, _number(extra, REFINER_SWITCH_KEY), DEFAULT_REFINER_SWITCH_AT),
         spacing=pick(args.spacing, extra.get(SPACING_KEY), None),
-        sigmas=parse_sigmas(pick(args.sigmas, extra.get(SIGMAS_KEY), None)),
+        sigmas=parse_sigmas(pick(args.sigmas, extra.get(SIGMAS_KEY), None)), hires=hires,
     )
+
+
+HIRES_FLAGS = ("hires_scale", "hires_resize", "hires_upscaler", "hires_steps", "hires_sampler", "hires_schedule_type",
+               "hires_prompt", "hires_negative")
+
+
+def resolve_hires(args, extra: dict[str, str], png_strength: float | None) -> HiresFix | None:
+    """The hires fix of a run: --hires, any --hires-* flag, or a PNG's "Hires ..." keys (A1111's infotext) turn it
+    on, --no-hires off; flags over the PNG's keys over the defaults. --strength is its denoising strength (A1111's
+    one "Denoising strength" field) when there is no init image."""
+    flagged = [name for name in HIRES_FLAGS if getattr(args, name) is not None]
+    if args.hires is False or not (args.hires or flagged or extra):
+        if args.hires is False and flagged:
+            raise ValueError(f"--no-hires with --{flagged[0].replace('_', '-')}: drop one of them")
+        return None
+    if args.init_image is not None:
+        raise ValueError("hires fix (--hires, --hires-*, or the PNG's Hires keys) is text to image's second pass; "
+                         "with --init-image, upscale the image first (kedavra upscale) or give --no-hires")
+
+    def pick(flag, key, parse, default):
+        if flag is not None:
+            return flag
+        if key not in extra:
+            return default
+        try:
+            return parse(extra[key])
+        except ValueError:
+            raise ValueError(f"the PNG's {key!r} cannot be read: {extra[key]!r}") from None
+
+    resize = args.hires_resize or pick(None, "Hires resize", lambda text: [int(v) for v in text.split("x")], [0, 0])
+    if len(resize) != 2:
+        raise ValueError(f"the PNG's 'Hires resize' must be WIDTHxHEIGHT, got {extra['Hires resize']!r}")
+    strength = args.strength if args.strength is not None else png_strength
+    return HiresFix(
+        scale=pick(args.hires_scale, "Hires upscale", float, DEFAULT_HIRES_SCALE),
+        resize_x=resize[0], resize_y=resize[1],
+        upscaler=pick(args.hires_upscaler, "Hires upscaler", str, DEFAULT_HIRES_UPSCALER),
+        steps=pick(args.hires_steps, "Hires steps", int, 0),
+        strength=DEFAULT_HIRES_STRENGTH if strength is None else strength,
+        sampler=pick(args.hires_sampler, "Hires sampler", str, None),
+        schedule_type=pick(args.hires_schedule_type, "Hires schedule type", str, None),
+        prompt=pick(args.hires_prompt, "Hires prompt", str, None),
+        negative_prompt=pick(args.hires_negative, "Hires negative prompt", str, None))
 
 
 LOG_UNIFORM = "log-uniform"  # --sigmas: levels uniform in log σ, filled in once the model (its σ range) is known
@@ -407,6 +481,8 @@ def run(args) -> int:
 
     if request.sampler_spec is not None and init_image is None and request.steps > 1:
         steps_to_run += request.sampler_spec.extra_evaluations  # PNDM reports each of its n+1 evaluations
+    if request.hires is not None:
+        steps_to_run += request.hires.steps or request.steps
     with tqdm(total=steps_to_run, desc="sampling", unit="step", file=sys.stderr, disable=args.quiet) as bar:
         result = pipe.generate(request, callback=lambda step: bar.update(1), refiner=refiner)
 

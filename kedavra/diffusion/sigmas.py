@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from kedavra.diffusion.schedule import NoiseSchedule
-from kedavra.validation import check_int
+from kedavra.validation import check_int, check_number
 
 CONVENTIONS = ("a1111", "comfyui")
 # ᾱ_{T-1} of a zero-terminal-SNR schedule in A1111 (modules/sd_models.py, rescale_zero_terminal_snr_abar) and
@@ -54,6 +54,22 @@ AYS_SIGMAS = {
 }
 BETA_SCHEDULE_AB = (0.6, 0.6)  # Beta(α, β) of the Beta schedule: A1111's beta_dist_alpha/beta and ComfyUI's defaults
 LINEAR_QUADRATIC_THRESHOLD = 0.025  # ComfyUI's threshold_noise of the Mochi linear-quadratic schedule
+
+
+def a1111_img2img_steps(steps: int, strength: float, fix_steps: bool = False) -> tuple[int, int]:
+    """(steps of the schedule built, t_enc) of an A1111 image-to-image run of `steps` steps at denoising
+    `strength` (modules/sd_samplers_common.py, setup_img2img_steps). A k-diffusion sampler runs the last t_enc + 1
+    steps of that schedule; A1111's DDIM / PLMS / UniPC evaluate its first t_enc timesteps (pndm, unipc).
+
+    By default the schedule has `steps` steps and t_enc = ⌊min(strength, 0.999)·steps⌋, so fewer steps run than
+    asked. fix_steps (A1111's "img2img_fix_steps" setting, and what its hires fix always does): the schedule has
+    ⌊steps / min(strength, 0.999)⌋ steps and t_enc = steps - 1, so a k-diffusion sampler runs exactly `steps`."""
+    strength = check_number("strength", strength, 0, 1)
+    if not fix_steps:
+        return steps, int(min(strength, A1111_MAX_STRENGTH) * steps)
+    if strength <= 0:
+        raise ValueError("strength 0 runs no step; give a denoising strength above 0")
+    return int(steps / min(strength, A1111_MAX_STRENGTH)), steps - 1
 
 
 @dataclass(frozen=True)

@@ -63,20 +63,30 @@ def request_parameters(request: GenerationRequest, index: int, seed: int, width:
     if request.sigmas is not None:
         extra[SIGMAS_KEY] = " ".join(repr(float(level)) for level in request.sigmas)
     extra.update(noise_parameters(request, index))
+    sampler, schedule_type = sampler_label(request)
+    strength = request.strength
+    if request.hires is not None:  # A1111's "Denoising strength" is the hires pass's in a txt2img infotext
+        hires, strength = request.hires, request.hires.strength
+        second = request.replace(sampler=hires.sampler or request.sampler, eta=0.0, sigmas=None, hires=None,
+                                 schedule_type=hires.schedule_type or request.schedule_type)
+        extra.update(hires.infotext(sampler, schedule_type, *sampler_label(second), request.prompts[index],
+                                    request.negative_prompts[index]))
+    return GenerationParameters(
+        prompt=request.prompts[index], negative_prompt=request.negative_prompts[index], steps=request.steps,
+        sampler=sampler, schedule_type=schedule_type,
+        cfg_scale=request.guidance_scale, seed=seed, width=width, height=height, model_hash=model_hash, model=model,
+        denoising_strength=strength, clip_skip=request.clip_skip, extra=extra)
+
+
+def sampler_label(request: GenerationRequest) -> tuple[str, str | None]:
+    """(Sampler, Schedule type) as the infotext names the request's sampling."""
     if request.schedule_type is not None:  # an A1111 / ComfyUI sampler, named as they name it
         # A1111 writes the schedule type "Automatic" resolved to (Karras for DPM++ 2M), and "Automatic" where the
         # sampler has none of its own (the model's σ table, "Uniform")
         kind = effective_schedule_type(request.k_sampler, request.schedule_type, request.convention)
         automatic = request.schedule_type == AUTOMATIC and kind == "uniform"
-        sampler, schedule_type = request.sampler, schedule_type_label(AUTOMATIC if automatic else kind)
-    else:
-        # kedavra's own plans: no "Schedule type" (that would read back as an A1111 run); Karras σ's in the name,
-        # as A1111 named its samplers before 1.9 ("DPM++ 2M Karras")
-        spec = request.sampler_spec
-        sampler = f"{spec.a1111 or spec.name}{' ' + KARRAS_SCHEDULE if request.karras else ''}"
-        schedule_type = None
-    return GenerationParameters(
-        prompt=request.prompts[index], negative_prompt=request.negative_prompts[index], steps=request.steps,
-        sampler=sampler, schedule_type=schedule_type,
-        cfg_scale=request.guidance_scale, seed=seed, width=width, height=height, model_hash=model_hash, model=model,
-        denoising_strength=request.strength, clip_skip=request.clip_skip, extra=extra)
+        return request.sampler, schedule_type_label(AUTOMATIC if automatic else kind)
+    # kedavra's own plans: no "Schedule type" (that would read back as an A1111 run); Karras σ's in the name,
+    # as A1111 named its samplers before 1.9 ("DPM++ 2M Karras")
+    spec = request.sampler_spec
+    return f"{spec.a1111 or spec.name}{' ' + KARRAS_SCHEDULE if request.karras else ''}", None

@@ -30,13 +30,15 @@ from kedavra.diffusion.guidance import classifier_free_guidance
 from kedavra.diffusion.rng import ComfyNoiseSampler, ImageNoise, comfyui_noise
 from kedavra.diffusion.samplers import StepCallback, StepRecord, sample
 from kedavra.diffusion.samplers.registry import SET_ALPHA_TO_ONE_SAMPLERS
-from kedavra.formats.images import to_pil
+from kedavra.formats.images import from_pil, to_pil
 from kedavra.networks.acceleration import optimize_for_inference
 from kedavra.networks.model import StableDiffusion
 from kedavra.networks.vae_tiling import Tiling
 from kedavra.pipeline.device import default_device, default_dtype, parse_precision
+from kedavra.pipeline.hires import crop_latents, upscale_latents
 from kedavra.pipeline.prompt_weighting import TextConditioning, encode_conditioning
 from kedavra.pipeline.request import GenerationRequest
+from kedavra.upscaling.named import UpscalerCache, resize_image
 from kedavra.validation import MAX_SEED, check_bool, check_number
 
 BASE_MICRO_CONDITIONING = 6  # SDXL base: original size, crop top-left, target size (ModelConfig.micro_conditioning)
@@ -89,6 +91,7 @@ class Pipeline:
         self._loras: list[LoraUse] = []  # load_lora's, applied to every generation, before a prompt's tags
         self._lora_files: dict[Path, tuple[float, LoraFile]] = {}  # file -> (mtime, contents) read for tags
         self._merger: LoraMerger | None = None
+        self._upscalers: UpscalerCache | None = None  # hires fix's pixel upscalers, loaded when first used
         # textual inversion: the embeddings a prompt may name
         self.embeddings = EmbeddingLibrary(widths=tuple(encoder.width for encoder in self.config.text_encoders))
         self.embeddings_report = LoadReport(())
@@ -169,6 +172,7 @@ class Pipeline:
         denoising_end / denoising_start): evaluations at timesteps t >= T (1 - switch_at) use this model, the
         rest the refiner, each with its own text conditioning, in one run of the sampler (A1111's way: a
         multistep sampler keeps its history across the switch)."""
+        asked_sizes = (request.original_size, request.target_size)  # None: the image's size, at each pass
         request = self.check(request)
         if self.config.micro_conditioning == REFINER_MICRO_CONDITIONING and request.init_image is None:
             raise ValueError(f"{self.config.family} is an SDXL refiner: it refines an image (give init_image), or "
@@ -183,20 +187,8 @@ class Pipeline:
         if request.init_image is not None:  # encoded before the noise is drawn, as diffusers' img2img does
             images = request.init_image.to(self.device)
             init_latents = self._encode_images(images, generators)
-        noise_shape = (self.config.vae.latent_channels, *latent_size)
-        noise_sampler = brownian = None
-        if request.comfyui_noise:  # ComfyUI's: the batch's noise from one generator, its per-step sampler noise
-            noise = comfyui_noise(seeds[0], (batch, *noise_shape)).to(self.device)
-            noise_sampler = ComfyNoiseSampler((batch, *noise_shape), seeds[0], request.rng)
-            brownian = self._brownian(request, seeds)
-        elif request.uses_image_noise:  # A1111's noise: its RNG source, variation seed, ENSD, per-step draws
-            image_noise = ImageNoise(noise_shape, seeds, request.rng, subseeds, request.subseed_strength,
-                                     eta_noise_seed_delta=request.eta_noise_seed_delta)
-            noise = image_noise.first().to(self.device)
-            noise_sampler = image_noise.as_noise_sampler()
-            brownian = self._brownian(request, seeds)
-        else:
-            noise = torch.cat([torch.randn((1, *noise_shape), generator=g) for g in generators]).to(self.device)
+        noise, noise_sampler, brownian = self._draw_noise(request, seeds, subseeds, generators,
+                                                          (self.config.vae.latent_channels, *latent_size))
         if request.mask is not None:
             pixel_mask = request.mask.to(self.device)  # (B, 1, H, W), 1 = paint
             latent_mask = torch.nn.functional.interpolate(pixel_mask, size=latent_size)
@@ -210,20 +202,76 @@ class Pipeline:
         if ti_hashes:
             parameters[TI_HASHES_KEY] = ti_hashes
         if refiner is not None:
+            if request.hires is not None:
+                raise ValueError("hires fix with a refiner is not supported: run the refiner on the first pass "
+                                 "without hires fix, or hires fix without the refiner")
             denoise = ModelSwitch(denoise, self._refiner_unet(refiner, request, callback is not None),
                                   round(self.config.schedule.num_train_timesteps * (1 - request.refiner_switch_at)))
         blend_mask = latent_mask if latent_mask is not None and not self.config.inpainting else None
-        latents = sample(
+        latents = self._sample(request, denoise, noise, noise_sampler, brownian, generators, callback,
+                               init=init_latents, strength=request.strength, mask=blend_mask)
+        if request.hires is not None:
+            latents = self._hires_pass(request, asked_sizes, latents, seeds, subseeds, callback)
+        return GenerationResult(to_pil(self.decode(latents)), seeds, latents, parameters)
+
+    def _sample(self, request: GenerationRequest, denoise, noise: torch.Tensor, noise_sampler, brownian,
+                generators: list[torch.Generator], callback: StepCallback | None, init: torch.Tensor | None = None,
+                strength: float | None = None, mask: torch.Tensor | None = None, fix_steps: bool = False):
+        """One run of the request's sampler on this model's schedule (kedavra.diffusion.samplers.sample)."""
+        return sample(
             denoise, noise, sampler=request.sampler, steps=request.steps, schedule=self.config.schedule,
             prediction_type=self.config.prediction_type, spacing=request.spacing or self.config.spacing,
-            steps_offset=self.config.steps_offset, karras=request.karras, eta=request.eta, init=init_latents,
-            strength=request.strength if init_latents is not None else 1.0, mask=blend_mask, generator=generators,
+            steps_offset=self.config.steps_offset, karras=request.karras, eta=request.eta, init=init,
+            strength=strength if init is not None else 1.0, mask=mask, generator=generators,
             callback=denoise.reporting(callback) if callback is not None else None,
             schedule_type=request.schedule_type, convention=request.convention, noise_sampler=noise_sampler,
             brownian=brownian, sdxl=self.config.micro_conditioning > 0, final_sigma=self._final_sigma(request),
-            diffusers_rules=self.config.timestep_rules == "diffusers", sigmas=request.sigmas,
+            diffusers_rules=self.config.timestep_rules == "diffusers", sigmas=request.sigmas, fix_steps=fix_steps,
         )
-        return GenerationResult(to_pil(self.decode(latents)), seeds, latents, parameters)
+
+    def _draw_noise(self, request: GenerationRequest, seeds: list[int], subseeds: list[int] | None,
+                    generators: list[torch.Generator], shape: tuple[int, ...]):
+        """(initial noise (B, *shape), the sampler's noise source or None for `generators`, the SDE samplers'
+        Brownian noise or None) as the request's convention draws them."""
+        batch = len(seeds)
+        if request.comfyui_noise:  # ComfyUI's: the batch's noise from one generator, its per-step sampler noise
+            noise = comfyui_noise(seeds[0], (batch, *shape)).to(self.device)
+            return noise, ComfyNoiseSampler((batch, *shape), seeds[0], request.rng), self._brownian(request, seeds)
+        if request.uses_image_noise:  # A1111's noise: its RNG source, variation seed, ENSD, per-step draws
+            image_noise = ImageNoise(shape, seeds, request.rng, subseeds, request.subseed_strength,
+                                     eta_noise_seed_delta=request.eta_noise_seed_delta)
+            return image_noise.first().to(self.device), image_noise.as_noise_sampler(), self._brownian(request, seeds)
+        noise = torch.cat([torch.randn((1, *shape), generator=g) for g in generators]).to(self.device)
+        return noise, None, None
+
+    def _hires_pass(self, request: GenerationRequest, asked_sizes, latents: torch.Tensor, seeds: list[int],
+                    subseeds: list[int] | None, callback: StepCallback | None) -> torch.Tensor:
+        """A1111's hires fix on the first pass's latents (kedavra.pipeline.hires): upscale, crop, then image to
+        image at the larger size with fresh noise from the same seeds, running exactly the hires steps."""
+        hires, f = request.hires, self.config.vae.downsample_factor
+        geometry = hires.geometry(request.width, request.height, f)
+        if hires.latent_mode is not None:
+            init = upscale_latents(latents, hires.latent_mode, geometry, f)
+        else:
+            images = [resize_image(image, geometry.upscaled, hires.upscaler, self.upscalers)
+                      for image in to_pil(self.decode(latents))]
+            pixels = torch.cat([from_pil(image) for image in images]).to(self.device)
+            init = self._encode_images(pixels, [torch.Generator().manual_seed(s) for s in seeds])
+        init = crop_latents(init, geometry)
+        second = hires.second_request(request, geometry, asked_sizes).for_model(self.config)
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        noise, noise_sampler, brownian = self._draw_noise(second, seeds, subseeds, generators, tuple(init.shape[1:]))
+        prompts, _ = self._prepare_loras(second)
+        denoise = self.guided_unet(second.replace(prompts=prompts), record=callback is not None)
+        return self._sample(second, denoise, noise, noise_sampler, brownian, generators, callback, init=init,
+                            strength=hires.strength, fix_steps=True)
+
+    @property
+    def upscalers(self) -> UpscalerCache:
+        """The pixel upscalers hires fix uses, the last one kept loaded (bf16 when the model runs in bf16)."""
+        if self._upscalers is None:
+            self._upscalers = UpscalerCache("bf16" if self.dtype == torch.bfloat16 else "fp32")
+        return self._upscalers
 
     def _final_sigma(self, request: GenerationRequest) -> str:
         """Where kedavra's plan ends: at σ = 0, except DDIM and PNDM under a folder's set_alpha_to_one=False

@@ -27,6 +27,7 @@ from kedavra.diffusion.samplers.k_diffusion import ETA_K_SAMPLERS, KSamplerSpec,
 from kedavra.diffusion.sigmas import AUTOMATIC, CONVENTIONS, resolve_schedule_type
 from kedavra.diffusion.timesteps import SPACINGS, check_steps
 from kedavra.formats.images import from_pil
+from kedavra.pipeline.hires import HiresFix
 from kedavra.validation import (
     MAX_SEED,
     check_bool,
@@ -95,6 +96,8 @@ class GenerationRequest:
     eta_noise_seed_delta       A1111's ENSD: sampler noise after the initial noise restarts from seed + delta
     sigmas                     explicit noise levels, one per step, descending (e.g. an optimised few-step schedule,
                                kedavra.diffusion.step_schedule); kedavra's plans only, without karras
+    hires                      A1111's hires fix (kedavra.pipeline.hires.HiresFix): a second pass at a larger size;
+                               text to image only. width / height are the first pass's, as in A1111
     """
 
     prompts: tuple[str, ...]
@@ -126,6 +129,7 @@ class GenerationRequest:
     subseed_strength: float = 0.0
     eta_noise_seed_delta: int = 0
     sigmas: tuple[float, ...] | None = None
+    hires: HiresFix | None = None
 
     def __post_init__(self):
         prompts, negatives = tuple(self.prompts), tuple(self.negative_prompts)
@@ -176,6 +180,12 @@ class GenerationRequest:
             if schedule_type is not None or self.karras or karras_from_name:
                 raise ValueError("sigmas replace the plan's noise levels: not with a schedule type or karras")
             object.__setattr__(self, "sigmas", levels)
+        if self.hires is not None:
+            if not isinstance(self.hires, HiresFix):
+                raise ValueError(f"hires must be a HiresFix (kedavra.pipeline.hires), got {type(self.hires).__name__}")
+            if self.init_image is not None:
+                raise ValueError("hires fix is text to image's second pass, not for init_image: upscale the image "
+                                 "(kedavra upscale), then run image to image at the larger size")
         check_seed("seed", self.seed, optional=True)
         for name in ("width", "height"):
             check_optional_int(name, getattr(self, name), 1, MAX_SIDE, none_means="the model's image size")
@@ -314,6 +324,8 @@ class GenerationRequest:
         if self.clip_skip is not None:
             check_int("clip_skip", self.clip_skip, 1, getattr(config.text_encoder, "num_layers", 1)
                       if getattr(config.text_encoder, "kind", "clip") == "clip" else 1)
+        if self.hires is not None:
+            self.hires.geometry(width, height, f)  # the second pass's size within bounds
         if config.inpainting and self.mask is None:
             raise ValueError(f"{config.family} is an inpainting model: give init_image and mask")
         init_image = mask = None

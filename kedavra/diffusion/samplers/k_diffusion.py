@@ -50,10 +50,10 @@ from kedavra.diffusion.samplers.restart import sample_restart
 from kedavra.diffusion.samplers.unipc import a1111_unipc_plan, a1111_unipc_steps, sample_unipc
 from kedavra.diffusion.schedule import NoiseSchedule
 from kedavra.diffusion.sigmas import (
-    A1111_MAX_STRENGTH,
     AUTOMATIC,
     CONVENTIONS,
     SigmaTable,
+    a1111_img2img_steps,
     build_sigmas,
     resolve_schedule_type,
     schedule_type_label,
@@ -220,9 +220,10 @@ def plan_from_sigmas(sigmas: torch.Tensor, table: SigmaTable) -> SamplingPlan:
 
 def prepare_k_run(sampler: str, noise: torch.Tensor, steps: int, schedule: NoiseSchedule, schedule_type: str,
                   convention: str = "a1111", init: torch.Tensor | None = None, strength: float = 1.0,
-                  sdxl: bool = False, eta: float = 0.0) -> KRun:
+                  sdxl: bool = False, eta: float = 0.0, fix_steps: bool = False) -> KRun:
     """The plan and starting state of an A1111 / ComfyUI run (see the module docstring for the conventions).
-    eta: DDIM's η (ETA_K_SAMPLERS); the other samplers refuse a nonzero one."""
+    eta: DDIM's η (ETA_K_SAMPLERS); the other samplers refuse a nonzero one. fix_steps: A1111's image-to-image
+    runs `steps` steps of a longer schedule (sigmas.a1111_img2img_steps; ComfyUI's denoise always does)."""
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown sampling convention {convention!r}; allowed: {', '.join(CONVENTIONS)}")
     spec, carried = resolve_k_sampler(sampler)
@@ -233,10 +234,16 @@ def prepare_k_run(sampler: str, noise: torch.Tensor, steps: int, schedule: Noise
         if convention != "a1111":
             raise ValueError(f"{spec.name} runs as A1111 runs it (its CompVis sampler); ComfyUI's own samplers are "
                              f"{', '.join(s.comfyui for s in K_SAMPLERS if s.comfyui)}")
-        run = _prepare_a1111_timesteps(spec, noise, steps, schedule, init, strength)
+        run = _prepare_a1111_timesteps(spec, noise, steps, schedule, init, strength, fix_steps)
         return KRun(run.plan, run.start, spec, {"eta": eta} if spec.name in ETA_K_SAMPLERS else {})
     if spec.distilled_table and convention == "a1111":
-        return _prepare_a1111_lcm(spec, noise, steps, schedule, carried or schedule_type, init, strength)
+        return _prepare_a1111_lcm(spec, noise, steps, schedule, carried or schedule_type, init, strength, fix_steps)
+    if init is not None and convention == "a1111":
+        total, t_enc = a1111_img2img_steps(steps, strength, fix_steps)
+        sigmas, table = k_sigmas(spec, total, schedule, carried or schedule_type, convention, sdxl)
+        sigmas = sigmas[total - t_enc - 1:]
+        options = dict(spec.a1111_options)
+        return KRun(plan_from_sigmas(sigmas, table), init + noise * sigmas[0].item(), spec, options)
     sigmas, table = k_sigmas(spec, steps, schedule, carried or schedule_type, convention, sdxl)
     if init is None:
         if strength != 1.0:
@@ -249,22 +256,17 @@ def prepare_k_run(sampler: str, noise: torch.Tensor, steps: int, schedule: Noise
             start = noise * _comfy_noise_scale(sigmas[0].item(), table)
     else:
         strength = check_number("strength", strength, 0, 1)
-        if convention == "a1111":
-            first = steps - int(min(strength, A1111_MAX_STRENGTH) * steps) - 1
-            sigmas = sigmas[first:]
-            start = init + noise * sigmas[0].item()
-        else:
-            if strength <= 0:
-                raise ValueError("strength (ComfyUI's denoise) must be above 0")
-            total = int(steps / strength)
-            sigmas = k_sigmas(spec, total, schedule, carried or schedule_type, convention, sdxl)[0][-(steps + 1):]
-            start = init + noise * _comfy_noise_scale(sigmas[0].item(), table)
+        if strength <= 0:
+            raise ValueError("strength (ComfyUI's denoise) must be above 0")
+        total = int(steps / strength)
+        sigmas = k_sigmas(spec, total, schedule, carried or schedule_type, convention, sdxl)[0][-(steps + 1):]
+        start = init + noise * _comfy_noise_scale(sigmas[0].item(), table)
     options = dict(spec.a1111_options if convention == "a1111" else spec.comfyui_options)
     return KRun(plan_from_sigmas(sigmas, table), start, spec, options)
 
 
 def _prepare_a1111_lcm(spec: KSamplerSpec, noise: torch.Tensor, steps: int, schedule: NoiseSchedule,
-                       schedule_type: str, init: torch.Tensor | None, strength: float) -> KRun:
+                       schedule_type: str, init: torch.Tensor | None, strength: float, fix_steps: bool) -> KRun:
     """A1111's LCM run: the distillation grid's σ's (consistency.make_lcm_sigma_plan), the A1111 start and img2img
     rule of `prepare_k_run`."""
     kind = effective_schedule_type(spec, schedule_type)
@@ -272,20 +274,20 @@ def _prepare_a1111_lcm(spec: KSamplerSpec, noise: torch.Tensor, steps: int, sche
         allowed = ", ".join(["Automatic"] + [schedule_type_label(name) for name in A1111_LCM_SPACINGS])
         raise ValueError(f"A1111's LCM sampler runs here with the schedule types {allowed}, not "
                          f"{schedule_type_label(kind)!r}")
-    plan = make_lcm_sigma_plan(schedule, steps, A1111_LCM_SPACINGS[kind])
     if init is None:
         if strength != 1.0:
             raise ValueError(f"strength={strength} needs an init sample (image-to-image); without one it must be 1.0")
+        plan = make_lcm_sigma_plan(schedule, steps, A1111_LCM_SPACINGS[kind])
         start = noise * plan.sigmas[0].item()
     else:
-        strength = check_number("strength", strength, 0, 1)
-        plan = plan.start_at(steps - int(min(strength, A1111_MAX_STRENGTH) * steps) - 1)
+        total, t_enc = a1111_img2img_steps(steps, strength, fix_steps)
+        plan = make_lcm_sigma_plan(schedule, total, A1111_LCM_SPACINGS[kind]).start_at(total - t_enc - 1)
         start = init + noise * plan.sigmas[0].item()
     return KRun(plan, start, spec, dict(spec.a1111_options))
 
 
 def _prepare_a1111_timesteps(spec: KSamplerSpec, noise: torch.Tensor, steps: int, schedule: NoiseSchedule,
-                             init: torch.Tensor | None, strength: float) -> KRun:
+                             init: torch.Tensor | None, strength: float, fix_steps: bool = False) -> KRun:
     """A1111's CompVis run (modules/sd_samplers_timesteps.py): the VP start x = ε, or for image-to-image the init
     noised to ᾱ one timestep above the first one evaluated (A1111's rule, pndm.a1111_img2img_plan); DDIM and PLMS on
     A1111's integer timesteps, UniPC on its continuous-time grid (unipc.a1111_unipc_plan). The schedule type does
@@ -298,12 +300,12 @@ def _prepare_a1111_timesteps(spec: KSamplerSpec, noise: torch.Tensor, steps: int
         else:
             plan = a1111_timesteps_plan(schedule, steps)
         return KRun(plan, noise, spec, {})
-    plan, alpha_bar_noise = a1111_img2img_plan(schedule, steps, strength)
+    total, t_enc = a1111_img2img_steps(steps, strength, fix_steps)
+    plan, alpha_bar_noise = a1111_img2img_plan(schedule, steps, strength, fix_steps)
     if spec.timestep_grid == "unipc":
-        t_enc = int(min(strength, A1111_MAX_STRENGTH) * steps)
         if t_enc < 1:
             raise ValueError(f"strength={strength} of {steps} steps leaves A1111's UniPC no step to run")
-        unipc_steps, t_start = a1111_unipc_steps(steps, t_enc, schedule.num_train_timesteps)
+        unipc_steps, t_start = a1111_unipc_steps(total, t_enc, schedule.num_train_timesteps)
         plan = a1111_unipc_plan(schedule, unipc_steps, t_start)
     return KRun(plan, add_noise(init, noise, alpha_bar_noise), spec, {})
 

@@ -37,9 +37,9 @@ import torch
 from kedavra.diffusion.forward_process import eps_from_v, v_from_eps_x0, x0_from_eps
 from kedavra.diffusion.samplers.denoiser import Denoiser
 from kedavra.diffusion.schedule import NoiseSchedule
-from kedavra.diffusion.sigmas import A1111_MAX_STRENGTH, ZSNR_LAST_ALPHA_BAR
+from kedavra.diffusion.sigmas import ZSNR_LAST_ALPHA_BAR, a1111_img2img_steps
 from kedavra.diffusion.timesteps import SamplingPlan, check_steps, spaced_timesteps
-from kedavra.validation import check_bool, check_int, check_number
+from kedavra.validation import check_bool, check_int
 
 # Adams-Bashforth weights on ε_t, ε_{t+δ}, ε_{t+2δ}, ... (newest first) and their divisor, by order: the linear
 # multistep part of PNDM's PLMS (Liu et al. 2022, sec. 3.3), as diffusers and A1111 write them.
@@ -223,17 +223,19 @@ def a1111_timesteps_plan(schedule: NoiseSchedule, steps: int) -> SamplingPlan:
                         sigma_to_t=functools.partial(_timestep_of_sigma, _sigmas(table).log()))
 
 
-def a1111_img2img_plan(schedule: NoiseSchedule, steps: int, strength: float) -> tuple[SamplingPlan, float]:
-    """A1111's DDIM / PLMS image-to-image run (CompVisSampler.sample_img2img with setup_img2img_steps' default,
-    img2img_fix_steps off): (plan, ᾱ at which to noise the init latent, x = √ᾱ x_0 + √(1-ᾱ) ε).
+def a1111_img2img_plan(schedule: NoiseSchedule, steps: int, strength: float, fix_steps: bool = False
+                       ) -> tuple[SamplingPlan, float]:
+    """A1111's DDIM / PLMS image-to-image run (CompVisSampler.sample_img2img): (plan, ᾱ at which to noise the init
+    latent, x = √ᾱ x_0 + √(1-ᾱ) ε).
 
-    t_enc = ⌊min(strength, 0.999)·steps⌋; the run takes ts[:t_enc], i.e. t_enc-1 steps from ts[t_enc-1] down to
-    ᾱ(ts[0]) (none for t_enc <= 1), while the init is noised one timestep higher, at ᾱ(ts[t_enc]).
+    The schedule's step count and t_enc come from sigmas.a1111_img2img_steps (by default `steps` and
+    t_enc = ⌊min(strength, 0.999)·steps⌋; fix_steps: A1111's img2img_fix_steps rule); the run takes ts[:t_enc],
+    i.e. t_enc-1 steps from ts[t_enc-1] down to ᾱ(ts[0]) (none for t_enc <= 1), while the init is noised one
+    timestep higher, at ᾱ(ts[t_enc]).
     """
-    strength = check_number("strength", strength, 0, 1)
-    plan = a1111_timesteps_plan(schedule, steps)
+    total, t_enc = a1111_img2img_steps(steps, strength, fix_steps)
+    plan = a1111_timesteps_plan(schedule, total)
     count = len(plan) + 1  # len(ts)
-    t_enc = int(min(strength, A1111_MAX_STRENGTH) * steps)
     alpha_bar_noise = plan.alpha_bar[count - 1 - t_enc].item()  # plan.alpha_bar[k] is ᾱ(ts[count-1-k])
     return plan.start_at(min(count - t_enc, count - 1)), alpha_bar_noise
 

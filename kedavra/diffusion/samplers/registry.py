@@ -26,6 +26,7 @@ from kedavra.diffusion.samplers.noise import NoiseSampler, generator_noise
 from kedavra.diffusion.samplers.pndm import pndm_plan, sample_pndm
 from kedavra.diffusion.samplers.unipc import sample_unipc
 from kedavra.diffusion.schedule import SCHEDULE_PRESETS, NoiseSchedule
+from kedavra.diffusion.sigmas import a1111_img2img_steps
 from kedavra.diffusion.timesteps import (
     SPACINGS,
     ZERO_SNR_ALPHA_BAR_FLOOR,
@@ -166,6 +167,7 @@ def sample(
     sdxl: bool = False,
     diffusers_rules: bool = False,
     sigmas=None,
+    fix_steps: bool = False,
 ) -> torch.Tensor:
     """Run the reverse process from `noise` (standard normal, the shape of a sample) to a sample.
 
@@ -196,15 +198,25 @@ def sample(
     sigmas: explicit noise levels, one per step, descending (diffusers' `sigmas=`; e.g. an optimised schedule,
     kedavra.diffusion.step_schedule): kedavra's plan visits them, the model at each σ's fractional timestep, and
     ends at σ = 0; spacing, steps_offset, karras and final_sigma do not apply, and steps must be len(sigmas).
+
+    fix_steps (with init): image-to-image runs exactly `steps` steps, the last ones of a plan of
+    ⌊steps / min(strength, 0.999)⌋ steps (A1111's img2img_fix_steps rule, which its hires fix always follows;
+    kedavra.diffusion.sigmas.a1111_img2img_steps) instead of the last ⌊strength·steps⌋ of `steps`. ComfyUI's
+    denoise (convention "comfyui") always works this way; the consistency samplers' strength picks among their
+    grid and ignores it.
     """
     noise_sampler = noise_sampler or generator_noise(generator)
     if schedule_type is not None:
         return _sample_k(model, noise, sampler, steps, schedule, prediction_type, schedule_type, convention, init,
-                         strength, mask, noise_sampler, brownian, callback, sdxl, eta)
+                         strength, mask, noise_sampler, brownian, callback, sdxl, eta, fix_steps)
     spec, karras_from_name = resolve_sampler(sampler)
     check_choice("timestep spacing", spacing, SPACINGS)
     eta = check_eta(spec, eta)
     check_finite(noise, "noise")
+    run_steps = steps  # with fix_steps, the plan has more steps and the run takes the last run_steps
+    fixed = fix_steps and init is not None and spec.name not in CONSISTENCY_SAMPLERS and sigmas is None
+    if fixed:
+        steps = a1111_img2img_steps(run_steps, strength, fix_steps=True)[0]
     if spec.name in CONSISTENCY_SAMPLERS:  # the distillation grid's timesteps; strength picks among them
         pick = lcm_timesteps if spec.name == "lcm" else tcd_timesteps
         timesteps = pick(schedule, steps, strength=strength if init is not None else 1.0)
@@ -232,7 +244,7 @@ def sample(
         if init.shape != noise.shape:
             raise ValueError(f"init has shape {tuple(init.shape)} but noise has {tuple(noise.shape)}; they must match")
         if spec.name not in CONSISTENCY_SAMPLERS:
-            plan = plan.start_at(start_index_for_strength(steps, strength))
+            plan = plan.start_at(steps - run_steps if fixed else start_index_for_strength(steps, strength))
         x = add_noise(init, noise, plan.alpha_bar[0].item())
     elif strength != 1.0:
         raise ValueError(f"strength={strength} needs an init sample (image-to-image); without one it must be 1.0")
@@ -264,14 +276,15 @@ def plan_from_levels(schedule: NoiseSchedule, sigmas, steps: int) -> SamplingPla
 
 
 def _sample_k(model, noise, sampler, steps, schedule, prediction_type, schedule_type, convention, init, strength,
-              mask, noise_sampler, brownian, callback, sdxl, eta) -> torch.Tensor:
+              mask, noise_sampler, brownian, callback, sdxl, eta, fix_steps) -> torch.Tensor:
     """`sample` for an A1111 / ComfyUI run (schedule_type given)."""
     check_finite(noise, "noise")
     if init is not None:
         check_finite(init, "init")
         if init.shape != noise.shape:
             raise ValueError(f"init has shape {tuple(init.shape)} but noise has {tuple(noise.shape)}; they must match")
-    run = prepare_k_run(sampler, noise, steps, schedule, schedule_type, convention, init, strength, sdxl, eta)
+    run = prepare_k_run(sampler, noise, steps, schedule, schedule_type, convention, init, strength, sdxl, eta,
+                        fix_steps)
     denoiser = model if isinstance(model, Denoiser) else Denoiser(model, prediction_type)
     if mask is not None:
         callback = _keep_outside_mask(init, noise, mask, run.plan, run.spec.view, callback)
