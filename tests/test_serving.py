@@ -305,6 +305,13 @@ def test_listing_endpoints_through_webuiapi(server, models_dir):
     ({"batch_size": True}, ["body", "batch_size"]),
     ({"cfg_scale": False}, ["body", "cfg_scale"]),
     ({"prompt": "a cat\nNegative prompt: x"}, ["body"]),  # A1111's parameters text could not hold it
+    ({"enable_hr": True, "hr_upscaler": "4x-UltraSharp"}, ["body", "hr_upscaler"]),
+    ({"enable_hr": True, "hr_upscaler": "/etc/passwd"}, ["body", "hr_upscaler"]),  # no file paths over HTTP
+    ({"enable_hr": True, "denoising_strength": 0}, ["body", "denoising_strength"]),
+    ({"enable_hr": True, "hr_scale": 5}, ["body", "hr_scale"]),  # 160 px: over 4x the tiny model's 32
+    ({"enable_hr": True, "hr_resize_x": 4096}, ["body", "hr_resize_x"]),
+    ({"enable_hr": True, "hr_sampler_name": "nope"}, ["body"]),
+    ({"enable_hr": True, "hr_second_pass_steps": -1}, ["body", "hr_second_pass_steps"]),
 ])
 def test_bad_txt2img_fields_are_422_naming_the_field(client, body, loc):
     response = client.post("/sdapi/v1/txt2img", json={"steps": STEPS, **body})
@@ -634,3 +641,34 @@ def test_extras_upscale_as_a1111s_extras_tab(client):
     assert unknown.status_code == 422 and "known: None, Lanczos, Nearest" in unknown.text
     faces = client.post("/sdapi/v1/extra-single-image", json={"image": b64_png(photo), "gfpgan_visibility": 1})
     assert faces.status_code == 422 and faces.json()["detail"][0]["loc"] == ["body", "gfpgan_visibility"]
+
+
+def test_hires_fix_as_a1111s_txt2img(server, client):
+    """enable_hr with A1111's fields: the image at the hires size, A1111's infotext keys (Size: the first pass's),
+    the same pixels as the pipeline's hires fix, and a pixel upscaler from /sdapi/v1/upscalers."""
+    _, worker = server
+    body = {"prompt": "a red circle", "seed": 3, "steps": STEPS, "width": SIZE, "height": SIZE, "sampler_name": "Euler",
+            "enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 2, "denoising_strength": 0.5,
+            "hr_sampler_name": "Use same sampler", "hr_prompt": "a blue circle"}
+    response = client.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    image = decode_png(result["images"][0])
+    assert image.size == (48, 48)
+    info = json.loads(result["info"])
+    assert (info["width"], info["height"], info["denoising_strength"]) == (SIZE, SIZE, 0.5)
+    params = parse_parameters(info["infotexts"][0])
+    assert (params.width, params.height, params.denoising_strength) == (SIZE, SIZE, 0.5)
+    assert {key: value for key, value in params.extra.items() if key.startswith("Hires")} == {
+        "Hires upscale": "1.5", "Hires steps": "2", "Hires upscaler": "Latent", "Hires prompt": "a blue circle"}
+    from kedavra.pipeline.hires import HiresFix
+
+    direct = worker.pipeline("a red circle", steps=STEPS, sampler="Euler", schedule_type="Automatic", rng="GPU",
+                             guidance_scale=7, seed=3, width=SIZE, height=SIZE,
+                             hires=HiresFix(scale=1.5, steps=2, strength=0.5, prompt="a blue circle")).images[0]
+    assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(direct))
+    pixel = client.post("/sdapi/v1/txt2img", json={**body, "hr_upscaler": "Lanczos", "hr_resize_x": 40,
+                                                   "hr_resize_y": 32})
+    assert pixel.status_code == 200, pixel.text
+    assert decode_png(pixel.json()["images"][0]).size == (40, 32)  # covered at 40x40, the rows cropped
+    assert "Hires resize: 40x32" in json.loads(pixel.json()["info"])["infotexts"][0]

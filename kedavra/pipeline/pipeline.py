@@ -30,6 +30,8 @@ from kedavra.diffusion.guidance import classifier_free_guidance
 from kedavra.diffusion.rng import ComfyNoiseSampler, ImageNoise, comfyui_noise
 from kedavra.diffusion.samplers import StepCallback, StepRecord, sample
 from kedavra.diffusion.samplers.registry import SET_ALPHA_TO_ONE_SAMPLERS
+from kedavra.diffusion.sigmas import a1111_img2img_steps
+from kedavra.diffusion.timesteps import check_steps
 from kedavra.formats.images import from_pil, to_pil
 from kedavra.networks.acceleration import optimize_for_inference
 from kedavra.networks.model import StableDiffusion
@@ -147,6 +149,8 @@ class Pipeline:
             zero-terminal-SNR models.
         clip_skip: take the text encoder's output that many layers from the end (A1111's "Clip skip"; default
             the model's own, 1 = the last layer).
+        hires: A1111's hires fix, a second pass at a larger size (kedavra.pipeline.hires.HiresFix); its steps are
+            reported to `callback` after the first pass's, counting from 0 again.
         callback(step): called after every step with its `StepRecord`, cond and uncond filled in (see `generate`).
         """
         request = GenerationRequest.build(prompt, negative_prompt, num_images=num_images, **settings)
@@ -158,6 +162,17 @@ class Pipeline:
         `<lora:...>` tags are looked up (and read) here."""
         checked = request.for_model(self.config)
         self._tag_uses(batch_lora_tags(checked.prompts)[1])
+        if checked.hires is not None:  # the second pass's settings too, before the first pass runs
+            hires = checked.hires
+            try:
+                geometry = hires.geometry(checked.width, checked.height, self.config.vae.downsample_factor)
+                second = hires.second_request(checked, geometry).for_model(self.config)
+                if second.sampler_spec is not None:  # kedavra's plans: the longer schedule within the timesteps
+                    check_steps(a1111_img2img_steps(second.steps, hires.strength, fix_steps=True)[0],
+                                self.config.schedule.num_train_timesteps)
+            except ValueError as error:
+                raise ValueError(f"hires fix: {error}") from None
+            self._tag_uses(batch_lora_tags(second.prompts)[1])
         return checked
 
     @torch.no_grad()

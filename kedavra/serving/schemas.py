@@ -21,6 +21,7 @@ from PIL import Image, ImageOps
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from kedavra.diffusion.sigmas import AUTOMATIC, SCHEDULE_TYPES
+from kedavra.pipeline.hires import DEFAULT_HIRES_SCALE
 from kedavra.pipeline.request import DEFAULT_REFINER_SWITCH_AT, MAX_SIDE
 from kedavra.validation import MAX_SEED
 
@@ -33,6 +34,10 @@ A1111_DEFAULT_SAMPLER = "Euler"  # A1111's API default (`sampler_index: str = "E
 A1111_DEFAULT_STEPS = 50  # A1111's StableDiffusionProcessing default
 A1111_DEFAULT_CFG_SCALE = 7.0  # A1111's StableDiffusionProcessing default
 A1111_DEFAULT_IMG2IMG_STRENGTH = 0.75  # A1111's StableDiffusionProcessingImg2Img default denoising_strength
+A1111_DEFAULT_HIRES_STRENGTH = 0.75  # A1111's StableDiffusionProcessingTxt2Img default denoising_strength
+# What A1111's UI sends for "no other" in the hires fields (its API maps None and these to the first pass's)
+USE_SAME_SAMPLER, USE_SAME_SCHEDULER, USE_SAME_CHECKPOINT = "Use same sampler", "Use same scheduler", \
+    "Use same checkpoint"
 A1111_INPAINT_ORIGINAL = 1  # A1111 inpainting_fill: 0 fill, 1 original, 2 latent noise, 3 latent nothing
 # An uploaded image is refused above this many pixels before Pillow decodes it (a small PNG can claim a huge
 # canvas): four times the largest generation size on a side.
@@ -162,14 +167,31 @@ class GenerationBody(BaseModel):
 
 
 class Txt2ImgRequest(GenerationBody):
-    """POST /sdapi/v1/txt2img (A1111's StableDiffusionTxt2ImgProcessingAPI)."""
+    """POST /sdapi/v1/txt2img (A1111's StableDiffusionTxt2ImgProcessingAPI), with its hires fix fields
+    (kedavra.pipeline.hires; its defaults are A1111's API's: denoising_strength 0.75, upscaler "Latent")."""
 
-    denoising_strength: OptionalNumber = Field(None, ge=0, le=1, allow_inf_nan=False,
-                                             description="hires fix only, which kedavra lacks: ignored")
     enable_hr: bool = False
+    denoising_strength: Number = Field(A1111_DEFAULT_HIRES_STRENGTH, ge=0, le=1, allow_inf_nan=False,
+                                       description="hires fix: how much of the upscaled image is repainted")
+    firstphase_width: Count = Field(0, ge=0, le=MAX_SIDE, description="A1111's older hires fields: the first pass's "
+                                                                       "size, width/height then the final size")
+    firstphase_height: Count = Field(0, ge=0, le=MAX_SIDE)
+    hr_scale: Number = Field(DEFAULT_HIRES_SCALE, gt=0, allow_inf_nan=False)
+    hr_upscaler: str | None = Field(None, description="a latent mode (Latent, Latent (nearest), ...) or an upscaler "
+                                                      "of /sdapi/v1/upscalers; default Latent")
+    hr_second_pass_steps: Count = Field(0, ge=0, le=MAX_STEPS, description="0: the first pass's steps")
+    hr_resize_x: Count = Field(0, ge=0, le=MAX_SIDE)
+    hr_resize_y: Count = Field(0, ge=0, le=MAX_SIDE)
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = Field(None, description="the second pass's sampler (default: the first's)")
+    hr_scheduler: str | None = Field(None, description="the second pass's schedule type (default: the first's)")
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
 
     def _unsupported(self) -> dict[str, Any]:
-        return {**super()._unsupported(), "enable_hr (hires fix)": self.enable_hr}
+        same = (None, "", USE_SAME_CHECKPOINT)
+        return {**super()._unsupported(),
+                "hr_checkpoint_name (the hires pass runs on the loaded model)": self.hr_checkpoint_name not in same}
 
 
 class Img2ImgRequest(GenerationBody):

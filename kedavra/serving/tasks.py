@@ -33,6 +33,7 @@ from kedavra.diffusion.sigmas import AUTOMATIC, resolve_schedule_type, schedule_
 from kedavra.diffusion.timesteps import start_index_for_strength
 from kedavra.formats.images import from_pil
 from kedavra.formats.png_info import KEDAVRA_VERSION
+from kedavra.pipeline.hires import DEFAULT_HIRES_UPSCALER, LATENT_UPSCALE_MODES, HiresFix, resolve_hires_upscaler
 from kedavra.pipeline.infotext import A1111_DEFAULT_RNG, AUTOMATIC_KARRAS, request_parameters
 from kedavra.pipeline.pipeline import Pipeline
 from kedavra.pipeline.request import MAX_SIDE, GenerationRequest
@@ -41,12 +42,15 @@ from kedavra.serving.schemas import (
     A1111_CLIP_SKIP_SETTING,
     A1111_ENSD_SETTING,
     A1111_RNG_SETTING,
+    USE_SAME_SAMPLER,
+    USE_SAME_SCHEDULER,
     GenerationBody,
     Img2ImgRequest,
     Txt2ImgRequest,
     decode_image,
 )
 from kedavra.serving.worker import GenerationOutcome, GenerationTask, ModelCatalog
+from kedavra.upscaling.named import upscaler_labels
 from kedavra.validation import MAX_SEED, check_choice, check_int, check_number
 
 Size = tuple[int, int]  # (width, height) in pixels
@@ -87,23 +91,65 @@ class Admission:
         """The largest width or height for `pipe`'s model: side_factor x its native side, within MAX_SIDE."""
         return min(MAX_SIDE, int(self.side_factor * pipe.config.image_size))
 
-    def check_cost(self, body: GenerationBody, pipe: Pipeline, size: Size, steps: int) -> None:
-        """422 naming the limit when the batch's work exceeds max_cost."""
-        cost = size[0] * size[1] / pipe.config.image_size**2 * steps * body.batch_size
+    def check_cost(self, body: GenerationBody, pipe: Pipeline, size: Size, steps: int,
+                   hires: tuple[Size, int] | None = None) -> None:
+        """422 naming the limit when the batch's work exceeds max_cost; hires: the second pass's (size, steps)."""
+        passes = [(size, steps)] + ([hires] if hires is not None else [])
+        cost = sum(w * h * n for (w, h), n in passes) / pipe.config.image_size**2 * body.batch_size
         if cost > self.max_cost:
-            raise body_error(f"the request asks for {cost:g} native-image steps per batch ({size[0]}x{size[1]} "
-                             f"pixels x {steps} steps x {body.batch_size} images, the model's native size being "
-                             f"{pipe.config.image_size}); this server allows at most {self.max_cost:g} for it "
-                             "(kedavra serve --max-cost); use fewer steps, images or pixels")
+            work = " + ".join(f"{w}x{h} pixels x {n} steps" for (w, h), n in passes)
+            raise body_error(f"the request asks for {cost:g} native-image steps per batch (({work}) x "
+                             f"{body.batch_size} images, the model's native size being {pipe.config.image_size}); "
+                             f"this server allows at most {self.max_cost:g} for it (kedavra serve --max-cost); use "
+                             "fewer steps, images or pixels")
 
 
 def txt2img_task(body: Txt2ImgRequest, pipe: Pipeline, catalog: ModelCatalog,
                  settings: Mapping[str, Any] | None = None, admission: Admission = Admission()) -> GenerationTask:
     """`body` checked against `pipe` and resolved (a random seed for -1, the model's size by default)."""
     sampling = resolve_sampling(body, settings)
+    if body.enable_hr and (body.firstphase_width or body.firstphase_height):  # A1111's older fields: the first pass
+        body = body.model_copy(update={"width": body.firstphase_width or body.width,
+                                       "height": body.firstphase_height or body.height})
     size = request_size(body, pipe, admission=admission)
-    admission.check_cost(body, pipe, size, body.steps)
-    return checked_task(body, pipe, catalog, sampling, size)
+    hires = hires_fix(body, pipe, size, admission) if body.enable_hr else None
+    second = None
+    if hires is not None:
+        second = (hires.geometry(*size, pipe.config.vae.downsample_factor).final, hires.steps or body.steps)
+    admission.check_cost(body, pipe, size, body.steps, second)
+    return checked_task(body, pipe, catalog, sampling, size, hires=hires)
+
+
+def hires_fix(body: Txt2ImgRequest, pipe: Pipeline, size: Size, admission: Admission) -> HiresFix:
+    """The request's hires fix (A1111's hr_* fields; "Use same ..." and "" mean the first pass's), its upscaler one
+    of /sdapi/v1/upscalers or a latent mode, its size within this model's largest side; 422 naming the field."""
+    upscaler = body.hr_upscaler or DEFAULT_HIRES_UPSCALER
+    try:
+        upscaler = resolve_hires_upscaler(upscaler)
+    except ValueError as error:
+        raise field_error("hr_upscaler", str(error), body.hr_upscaler) from None
+    if upscaler not in LATENT_UPSCALE_MODES and upscaler not in upscaler_labels():  # no file paths over HTTP
+        raise field_error("hr_upscaler", f"unknown upscaler {body.hr_upscaler!r}; known: "
+                                         f"{', '.join([*LATENT_UPSCALE_MODES, *upscaler_labels()])}", body.hr_upscaler)
+    if body.denoising_strength <= 0:
+        raise field_error("denoising_strength", "hires fix needs a denoising strength above 0 (0 would run no step; "
+                                                "/sdapi/v1/extra-single-image upscales alone)", body.denoising_strength)
+    hires = HiresFix(scale=body.hr_scale, resize_x=body.hr_resize_x, resize_y=body.hr_resize_y, upscaler=upscaler,
+                     steps=body.hr_second_pass_steps, strength=body.denoising_strength,
+                     sampler=None if body.hr_sampler_name in (None, "", USE_SAME_SAMPLER) else body.hr_sampler_name,
+                     schedule_type=None if body.hr_scheduler in (None, "", USE_SAME_SCHEDULER) else body.hr_scheduler,
+                     prompt=body.hr_prompt or None, negative_prompt=body.hr_negative_prompt or None)
+    field = "hr_scale" if hires.by_scale else "hr_resize_x"
+    try:
+        geometry = hires.geometry(*size, pipe.config.vae.downsample_factor)
+    except ValueError as error:
+        raise field_error(field, str(error), body.hr_scale if hires.by_scale else body.hr_resize_x) from None
+    largest = admission.max_side(pipe)
+    if max(geometry.upscaled) > largest:
+        raise field_error(field, f"hires fix makes the image {geometry.upscaled[0]}x{geometry.upscaled[1]}; this "
+                                 f"server allows sides up to {largest} for this model (kedavra serve "
+                                 "--max-side-factor)", body.hr_scale if hires.by_scale else body.hr_resize_x)
+    return hires
 
 
 def img2img_task(body: Img2ImgRequest, pipe: Pipeline, catalog: ModelCatalog,
@@ -194,7 +240,7 @@ def request_size(body: GenerationBody, pipe: Pipeline, init_size: Size | None = 
 
 def checked_task(body: GenerationBody, pipe: Pipeline, catalog: ModelCatalog, sampling: Sampling, size: Size,
                  init_images: tuple[Image.Image, ...] = (), mask: Image.Image | None = None,
-                 strength: float | None = None) -> GenerationTask:
+                 strength: float | None = None, hires: HiresFix | None = None) -> GenerationTask:
     """The task for `body` once its parts are resolved, after the checks that need them all; 422 otherwise."""
     if pipe.config.inpainting and mask is None:
         raise field_error("mask", f"the loaded model ({pipe.config.family}) is an inpainting model: use img2img "
@@ -205,13 +251,16 @@ def checked_task(body: GenerationBody, pipe: Pipeline, catalog: ModelCatalog, sa
             refiner = catalog.find(body.refiner_checkpoint)
         except ValueError as error:
             raise field_error("refiner_checkpoint", str(error), body.refiner_checkpoint) from None
-    return GenerationTask(request_from_payload(body, pipe, sampling, size, init_images, mask, strength), body.n_iter,
-                          refiner)
+    if refiner is not None and hires is not None:
+        raise field_error("refiner_checkpoint", "hires fix with a refiner is not supported here: send one of "
+                                                "enable_hr or refiner_checkpoint", body.refiner_checkpoint)
+    return GenerationTask(request_from_payload(body, pipe, sampling, size, init_images, mask, strength, hires),
+                          body.n_iter, refiner)
 
 
 def request_from_payload(body: GenerationBody, pipe: Pipeline, sampling: Sampling, size: Size,
                          init_images: tuple[Image.Image, ...], mask: Image.Image | None,
-                         strength: float | None) -> GenerationRequest:
+                         strength: float | None, hires: HiresFix | None = None) -> GenerationRequest:
     """The generation request of one HTTP request (each batch's; seed: the first image's), checked against the
     loaded model: a random seed for -1, eta for DDIM only (the other samplers' noise is their own), init images
     as one image or one per batch slot; 422 with loc ["body"] for what the request or the model refuses."""
@@ -230,7 +279,7 @@ def request_from_payload(body: GenerationBody, pipe: Pipeline, sampling: Samplin
             guidance_scale=body.cfg_scale, eta=eta, seed=seed, width=size[0], height=size[1], init_image=init_image,
             mask=mask, strength=strength, refiner_switch_at=body.refiner_switch_at, rng=sampling.rng,
             eta_noise_seed_delta=sampling.eta_noise_seed_delta, clip_skip=sampling.clip_skip,
-            subseed=subseed if body.subseed_strength else None, subseed_strength=body.subseed_strength)
+            subseed=subseed if body.subseed_strength else None, subseed_strength=body.subseed_strength, hires=hires)
         request_parameters(request, 0, seed, *size, None, None)  # refuses text the PNG's parameters cannot hold
         return pipe.check(request)  # also finds the LoRAs of <lora:NAME:...> tags in the server's LoRA folder
     except (ValueError, FileNotFoundError) as error:
@@ -269,7 +318,8 @@ def generation_info(task: GenerationTask, outcome: GenerationOutcome, notes: lis
         "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": outcome.model.model_name, "sd_model_hash": outcome.model.short_hash,
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": s.strength, "extra_generation_params": dict(outcome.parameters),
+        "denoising_strength": s.strength if s.hires is None else s.hires.strength,
+        "extra_generation_params": dict(outcome.parameters),
         "index_of_first_image": 0,
         "infotexts": outcome.infotexts, "styles": [], "job_timestamp": outcome.job_timestamp,
         "clip_skip": s.clip_skip or 1,

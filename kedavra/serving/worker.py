@@ -372,15 +372,16 @@ class Worker:
         if task.refiner is not None:
             entry = self.catalog.identify(task.refiner)
             refiner_text = f"{entry.model_name} [{entry.short_hash}]" if entry.short_hash else entry.model_name
+        passes = 2 if request.hires is not None else 1  # A1111 counts the hires pass as a job of its own
         with self._condition:
-            self._progress.job_count = task.n_iter
+            self._progress.job_count = task.n_iter * passes
         images, seeds, subseeds, infotexts, interrupted, parameters = [], [], [], [], False, {}
         for batch in range(task.n_iter):
             if job.cancelled.is_set():
                 interrupted = True
                 break
             with self._condition:
-                self._progress.job_no, self._progress.step, self._progress.steps = batch, 0, 0
+                self._progress.job_no, self._progress.step, self._progress.steps = batch * passes, 0, 0
             batch_request = batch_seeds(request, batch)
             try:
                 with interruptible(job, pipe, refiner):
@@ -414,6 +415,11 @@ class Worker:
         """The pipeline's step callback for `job`: the one place that reads its `StepRecord`."""
 
         def on_step(step: StepRecord) -> None:
+            if step.index == 0:
+                with self._condition:
+                    if self._progress.step > 0:  # the sampler starts again within a batch: the hires pass
+                        self._progress.job_no += 1
+                        self._progress.preview, self._progress.preview_step = None, -1
             self._record_step(job, pipe, step.index + 1, step.count, step.x0)
 
         return on_step
