@@ -278,6 +278,11 @@ BAD_INPUTS = {
     "hires flag with --no-hires": (lambda f: [PROMPT, *f.m, "--no-hires", "--hires-scale", "2"], "--no-hires with"),
     "hires past the size limit": (lambda f: [PROMPT, *f.real, "--hires-scale", "100"], "each side must be from 2"),
     "hires strength zero": (lambda f: [PROMPT, *f.m, "--hires", "--strength", "0"], "strength must be a number in"),
+    "taesd without preview": (lambda f: [PROMPT, *f.m, "--taesd", f.images], "give --preview FILE.png"),
+    "preview not png": (lambda f: [PROMPT, *f.m, "--preview", f.out.with_suffix(".jpg")], "must be a .png file"),
+    "preview every zero": (lambda f: [PROMPT, *f.m, "--preview", f.out, "--preview-every", "0"], "got 0"),
+    "taesd missing": (lambda f: [PROMPT, *f.real, "--preview", f.out.with_name("p.png"), "--taesd",
+                                 f.images / "nowhere"], "nowhere: no such file"),
 }
 
 
@@ -417,3 +422,13 @@ def test_hires_fix_round_trips_through_the_png(model_file, tmp_path):
     assert generate("--from-png", a1111, "--model", model_file, "--precision", "fp32", "-q", "-o", made) == 0
     assert Image.open(made).size == (64, 64)
     assert read_parameters(made).extra["Hires upscaler"] == "Latent"
+
+
+def test_preview_file_follows_the_sampling(model_file, tmp_path):
+    """--preview rewrites one PNG (no parameters) with the first image's x̂_0 every --preview-every steps and at the
+    last step of each pass; without --taesd it is the VAE's decode, so the last one is the image itself."""
+    out, preview = tmp_path / "out.png", tmp_path / "preview.png"
+    assert generate(PROMPT, "--model", model_file, "--precision", "fp32", "-q", "--steps", "4", "--seed", "2",
+                    "--sampler", "euler", "--preview", preview, "--preview-every", "3", "-o", out) == 0
+    assert Image.open(preview).size == (SIZE, SIZE) and "parameters" not in Image.open(preview).text
+    assert np.array_equal(pixels(preview), pixels(out))  # Euler's last x̂_0 is the sample

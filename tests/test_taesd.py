@@ -1,16 +1,23 @@
 """Tests for kedavra.networks.taesd: parity with diffusers' AutoencoderTiny and with taesd.py's nn.Sequential layout,
 loading diffusers folders and the original single files, the refusals, and the preview helper."""
 
+import base64
+import dataclasses
 import functools
+import io
 import json
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
 from diffusers import AutoencoderTiny
+from PIL import Image
+from random_models import tiny_model
 from torch import nn
 
 from kedavra.formats.images import to_pil
+from kedavra.networks.model import ModelConfig, StableDiffusion
 from kedavra.networks.taesd import (
     TINY_AUTOENCODER_PRESETS,
     TinyAutoencoder,
@@ -18,6 +25,8 @@ from kedavra.networks.taesd import (
     get_tiny_autoencoder_config,
     load_tiny_autoencoder,
 )
+from kedavra.pipeline.pipeline import Pipeline
+from kedavra.serving.worker import preview_png
 
 PARITY_ATOL = 1e-5  # fp32, from the brief; the op sequence is diffusers', so the measured error is 0
 WIDTH = 8  # every stage's width in the fast tests (TAESD's is 64)
@@ -330,3 +339,29 @@ def test_preview_runs_in_the_decoders_dtype_and_applies_the_pipeline_scaling():
     with torch.no_grad():
         expected = to_pil(ours.decode((latents / 2 + 0.5).to(torch.bfloat16)))  # scaled in the input's dtype
     assert [image.tobytes() for image in images] == [image.tobytes() for image in expected]
+
+
+def f8_pipeline() -> Pipeline:
+    """A tiny random model whose VAE has SD's factor 8 (TAESD's), fp32."""
+    tiny = ModelConfig.from_preset("tiny")
+    vae = dataclasses.replace(tiny.vae, channel_multipliers=(1, 1, 2, 2))
+    torch.manual_seed(0)
+    return Pipeline(StableDiffusion(dataclasses.replace(tiny, family="tiny-f8", vae=vae)), dtype="fp32")
+
+
+def test_pipeline_and_server_previews_decode_with_taesd(tmp_path):
+    """pipe.load_preview_decoder: pipe.preview (the CLI's --preview, the server's /progress image) is TAESD's decode
+    of the latents, not the VAE's; a model of another latent factor is refused, naming both."""
+    reference().save_pretrained(tmp_path / "taesd")
+    pipe = f8_pipeline()
+    latents = inputs()[1][:1]
+    vae_preview = np.asarray(pipe.preview(latents)[0])
+    pipe.load_preview_decoder(tmp_path / "taesd")
+    with torch.no_grad():
+        expected = np.asarray(to_pil(reference().decode(latents).sample)[0])
+    assert np.array_equal(np.asarray(pipe.preview(latents)[0]), expected)
+    assert not np.array_equal(vae_preview, expected)
+    served = Image.open(io.BytesIO(base64.b64decode(preview_png(pipe, latents)))).convert("RGB")
+    assert np.array_equal(np.asarray(served), expected)
+    with pytest.raises(ValueError, match="4-channel latents at 1/8 scale; tiny's are 4-channel at 1/2"):
+        Pipeline(tiny_model(), dtype="fp32").load_preview_decoder(tmp_path / "taesd")

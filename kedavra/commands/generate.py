@@ -220,6 +220,13 @@ def register(subparsers) -> None:
     output.add_argument("--from-png", metavar="IMAGE.png",
                         help="take the parameters from a PNG this tool or A1111 wrote; flags given override them")
     output.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    output.add_argument("--preview", metavar="FILE.png",
+                        help="live preview: rewrite this PNG with the first image's predicted x0 as sampling goes")
+    output.add_argument("--preview-every", type=int, default=1, metavar="STEPS",
+                        help="with --preview: every this many steps (default 1)")
+    output.add_argument("--taesd", metavar="PATH",
+                        help="with --preview: decode it with this tiny autoencoder (a taesd_decoder.pth / "
+                             "taesdxl_decoder.pth file or a diffusers AutoencoderTiny folder; default the full VAE)")
     parser.set_defaults(func=run)
 
 
@@ -433,6 +440,7 @@ def run(args) -> int:
         if folder is not None and not Path(folder).expanduser().is_dir():
             raise ValueError(f"{flag} {folder!r} does not exist or is not a folder")
     loras = [(locate_lora(name, args.lora_dir), weight) for name, weight in map(lora_flag, args.lora)]
+    preview = check_preview(args)
     device, dtype = check_device(args.device), parse_precision(args.precision)
     if args.family is not None:
         check_choice("--family", args.family, PRESETS)
@@ -462,6 +470,8 @@ def run(args) -> int:
         pipe.load_lora(lora, weight, strict=not args.lora_nonstrict)
     if args.refiner is not None:
         refiner = load(refiner_path, device=device, dtype=dtype)
+    if args.taesd is not None:
+        pipe.load_preview_decoder(args.taesd)
     request = _sized(request, pipe.config.image_size)
     if args.sigmas is not None and args.sigmas.strip().lower() == LOG_UNIFORM:
         request = request.replace(sigmas=tuple(log_uniform_sigmas(*table_sigma_range(pipe.config.schedule),
@@ -484,7 +494,8 @@ def run(args) -> int:
     if request.hires is not None:
         steps_to_run += request.hires.steps or request.steps
     with tqdm(total=steps_to_run, desc="sampling", unit="step", file=sys.stderr, disable=args.quiet) as bar:
-        result = pipe.generate(request, callback=lambda step: bar.update(1), refiner=refiner)
+        result = pipe.generate(request, callback=step_reporter(bar, pipe, preview, args.preview_every),
+                               refiner=refiner)
 
     image_paths, grid_path = output_paths(output, result.seeds)
     for index, (image, seed, path) in enumerate(zip(result.images, result.seeds, image_paths, strict=True)):
@@ -497,6 +508,35 @@ def run(args) -> int:
         write_png(image_grid(result.images), grid_path, first)
         print(f"{grid_path}  grid of {len(result.images)}")
     return 0
+
+
+def check_preview(args) -> Path | None:
+    """--preview's file (a .png in an existing folder), --preview-every and --taesd, checked before any work."""
+    if args.preview_every < 1:
+        raise ValueError(f"--preview-every must be 1 or more steps, got {args.preview_every}")
+    if args.taesd is not None:
+        if args.preview is None:
+            raise ValueError("--taesd decodes the --preview image; give --preview FILE.png with it")
+        if not Path(args.taesd).expanduser().exists():
+            raise ValueError(f"--taesd {args.taesd}: no such file or folder")
+    if args.preview is None:
+        return None
+    path = Path(args.preview).expanduser()
+    if path.suffix.lower() != ".png" or not path.parent.is_dir():
+        raise ValueError(f"--preview {args.preview!r} must be a .png file in an existing folder")
+    return path
+
+
+def step_reporter(bar, pipe, preview: Path | None, every: int):
+    """The sampling callback: the progress bar, and every `every` steps (and at each pass's last step) the first
+    image's x̂_0 decoded into the --preview file (TAESD with --taesd, else the VAE), written atomically."""
+
+    def on_step(step) -> None:
+        bar.update(1)
+        if preview is not None and ((step.index + 1) % every == 0 or step.index + 1 == step.count):
+            write_png(pipe.preview(step.x0[:1])[0], preview, None)
+
+    return on_step
 
 
 def read_inputs(init_path: str | None, mask_path: str | None) -> tuple[Image.Image | None, Image.Image | None]:

@@ -80,6 +80,9 @@ def register(subparsers) -> None:
     server.add_argument("--preview-every", type=int, default=DEFAULT_PREVIEW_EVERY, metavar="STEPS",
                         help=f"decode a live preview for /sdapi/v1/progress at most every STEPS steps "
                              f"(default {DEFAULT_PREVIEW_EVERY})")
+    server.add_argument("--taesd", metavar="PATH",
+                        help="decode /progress previews with this tiny autoencoder (taesd_decoder.pth, "
+                             "taesdxl_decoder.pth or a diffusers AutoencoderTiny folder) instead of the full VAE")
     server.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                         help="uvicorn's log level (default info)")
     parser.set_defaults(func=run)
@@ -127,6 +130,18 @@ def adapter_folder(flag: str, given: str | None, models_dir: Path | None, subfol
     return None
 
 
+def load_model(path: Path, taesd: str | None = None, **options):
+    """A model's pipeline for the server (kedavra.api.load), with the --taesd preview decoder when it fits the model
+    (a model it does not fit, switched to later, previews through its VAE: said on stderr)."""
+    pipe = load(path, **options)
+    if taesd is not None:
+        try:
+            pipe.load_preview_decoder(taesd)
+        except ValueError as error:
+            print(f"kedavra serve: note: previews of {Path(path).name} use its VAE: {error}", file=sys.stderr)
+    return pipe
+
+
 def run(args) -> int:
     try:
         import uvicorn
@@ -150,9 +165,15 @@ def run(args) -> int:
     device, dtype = check_device(args.device), parse_precision(args.precision)
     lora_dir = adapter_folder("--lora-dir", args.lora_dir, models_dir, "Lora")
     embeddings_dir = adapter_folder("--embeddings-dir", args.embeddings_dir, models_dir, "embeddings")
-    loader = functools.partial(load, device=device, dtype=dtype, lora_dir=lora_dir, embeddings_dir=embeddings_dir)
+    if args.taesd is not None and not Path(args.taesd).expanduser().exists():
+        raise ValueError(f"--taesd {args.taesd}: no such file or folder")
+    loader = functools.partial(load_model, device=device, dtype=dtype, lora_dir=lora_dir,
+                               embeddings_dir=embeddings_dir, taesd=args.taesd)
     entry = catalog.identify(catalog.entries()[0])
-    worker = Worker(loader(model_path), entry, catalog, loader, queue_size=args.queue_size,
+    first = load(model_path, device=device, dtype=dtype, lora_dir=lora_dir, embeddings_dir=embeddings_dir)
+    if args.taesd is not None:
+        first.load_preview_decoder(args.taesd)  # raises, naming why, for the model the server starts with
+    worker = Worker(first, entry, catalog, loader, queue_size=args.queue_size,
                     preview_every=args.preview_every, threads=args.threads)
     app = create_app(worker, config)
     shown = f"[{args.host}]" if ":" in args.host else args.host

@@ -35,6 +35,7 @@ from kedavra.diffusion.timesteps import check_steps
 from kedavra.formats.images import from_pil, to_pil
 from kedavra.networks.acceleration import optimize_for_inference
 from kedavra.networks.model import StableDiffusion
+from kedavra.networks.taesd import TinyAutoencoder, load_tiny_autoencoder
 from kedavra.networks.vae_tiling import Tiling
 from kedavra.pipeline.device import default_device, default_dtype, parse_precision
 from kedavra.pipeline.hires import crop_latents, upscale_latents
@@ -94,6 +95,7 @@ class Pipeline:
         self._lora_files: dict[Path, tuple[float, LoraFile]] = {}  # file -> (mtime, contents) read for tags
         self._merger: LoraMerger | None = None
         self._upscalers: UpscalerCache | None = None  # hires fix's pixel upscalers, loaded when first used
+        self.preview_decoder: TinyAutoencoder | None = None  # TAESD for live previews (load_preview_decoder)
         # textual inversion: the embeddings a prompt may name
         self.embeddings = EmbeddingLibrary(widths=tuple(encoder.width for encoder in self.config.text_encoders))
         self.embeddings_report = LoadReport(())
@@ -315,6 +317,29 @@ class Pipeline:
             finally:
                 vae.to(self.dtype)
         return images
+
+    def load_preview_decoder(self, path: str | os.PathLike) -> TinyAutoencoder:
+        """Decode live previews (`preview`) with the tiny autoencoder at `path` (TAESD for SD 1.x / 2.x, TAESDXL for
+        SDXL: a diffusers AutoencoderTiny folder or a taesd*_decoder .pth / .safetensors file; kedavra.networks.taesd)
+        instead of the full VAE. ValueError when its latents cannot be this model's (other channels or factor)."""
+        taesd = load_tiny_autoencoder(path)
+        vae = self.config.vae
+        if taesd.decoder is None:
+            raise ValueError(f"{path}: an encoder-only tiny autoencoder; previews need its decoder (taesd_decoder)")
+        if (taesd.config.latent_channels, taesd.config.upsample_factor) != (vae.latent_channels, vae.downsample_factor):
+            raise ValueError(f"{path}: a tiny autoencoder for {taesd.config.latent_channels}-channel latents at "
+                             f"1/{taesd.config.upsample_factor} scale; {self.config.family}'s are "
+                             f"{vae.latent_channels}-channel at 1/{vae.downsample_factor}")
+        self.preview_decoder = taesd.to(device=self.device, dtype=self.dtype)
+        return taesd
+
+    @torch.no_grad()
+    def preview(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Images of latents (B, C, h, w), e.g. a step's x̂_0, for a live preview: with the preview decoder (TAESD)
+        when one is loaded, else through the full VAE (`decode`)."""
+        if self.preview_decoder is not None:
+            return self.preview_decoder.preview(latents)
+        return to_pil(self.decode(latents))
 
     def guided_unet(self, request: GenerationRequest, extra_channels: torch.Tensor | None = None,
                     record: bool = False) -> GuidedUNet:

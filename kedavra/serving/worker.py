@@ -33,7 +33,6 @@ import torch
 
 from kedavra.api import model_identity
 from kedavra.diffusion.samplers import StepCallback, StepRecord
-from kedavra.formats.images import to_pil
 from kedavra.formats.png_info import SHORT_HASH_LENGTH, encode_png, format_parameters, sha256_file
 from kedavra.pipeline.infotext import request_parameters
 from kedavra.pipeline.pipeline import Pipeline
@@ -441,5 +440,6 @@ class Worker:
 
 
 def preview_png(pipe: Pipeline, x0_hat: torch.Tensor) -> str:
-    """The first image of a step's x̂_0 latents (B, C, h, w), decoded: a base64 PNG without parameters."""
-    return base64.b64encode(encode_png(to_pil(pipe.decode(x0_hat[:1]))[0], None)).decode("ascii")
+    """The first image of a step's x̂_0 latents (B, C, h, w), decoded by the pipeline's preview decoder (TAESD
+    when `kedavra serve --taesd` loaded one, else the VAE): a base64 PNG without parameters."""
+    return base64.b64encode(encode_png(pipe.preview(x0_hat[:1])[0], None)).decode("ascii")
