@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import sys
 from functools import cache
 
 import torch
@@ -59,3 +62,18 @@ def check_device(name: str | None) -> torch.device | None:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {name}: MPS (Apple GPU) is not available here")
     return device
+
+
+def release_memory(device: torch.device | None = None) -> None:
+    """Give the memory a finished job freed back to the system: Python's cycles collected, CUDA's cached blocks
+    released, and on glibc (Linux) the allocator's free pages returned with malloc_trim(0). Without the trim, glibc
+    keeps a large job's freed activations in its arenas: the embedded model at 768x768 stays at 730 MB after the job
+    against 389 MB before it, and comes back to 396 MB with it (docs/serving.md)."""
+    gc.collect()
+    if device is not None and device.type == "cuda":
+        torch.cuda.empty_cache()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # musl and other C libraries have no malloc_trim
+            pass

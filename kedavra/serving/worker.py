@@ -34,6 +34,7 @@ import torch
 from kedavra.api import model_identity
 from kedavra.diffusion.samplers import StepCallback, StepRecord
 from kedavra.formats.png_info import SHORT_HASH_LENGTH, encode_png, format_parameters, sha256_file
+from kedavra.pipeline.device import release_memory
 from kedavra.pipeline.infotext import request_parameters
 from kedavra.pipeline.pipeline import Pipeline
 from kedavra.pipeline.request import GenerationRequest
@@ -330,6 +331,7 @@ class Worker:
             started = time.monotonic()
             if job.future.set_running_or_notify_cancel():
                 self._run(job)
+                release_memory(self.pipeline.device if self.pipeline is not None else None)  # back near baseline
             with self._condition:
                 self._progress = _Progress()
                 self._durations.append(time.monotonic() - started)
