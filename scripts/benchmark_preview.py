@@ -1,0 +1,69 @@
+"""What a live preview costs: TAESD's decoder against SD's VAE decoder and one guided U-Net step, side by side.
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/benchmark_preview.py --threads 1 --size 512
+    .venv/bin/python scripts/benchmark_preview.py --size 512          # torch's default thread count
+
+SD 1.5's VAE and U-Net at their real shapes with random weights (the cost of a convolution does not depend on its
+weights) and TAESD at its real shape (kedavra.networks.taesd), on one 512x512 image's 64x64 latents, in fp32 and bf16,
+as the pipeline runs them (channels-last, oneDNN-packed weights: Pipeline's own set-up). Prints seconds per call
+(best of --repeats after a warm-up) and the ratios VAE / TAESD and U-Net step / TAESD.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from kedavra.networks.model import ModelConfig, StableDiffusion
+from kedavra.networks.taesd import TinyAutoencoder, get_tiny_autoencoder_config
+from kedavra.pipeline.pipeline import Pipeline
+
+
+def best_time(run, repeats: int) -> float:
+    run()  # warm-up: oneDNN primitive creation
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--size", type=int, default=512, help="image side in pixels (latents: size / 8)")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.size}x{args.size} image")
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn((1, 4, args.size // 8, args.size // 8), generator=generator)
+    t = torch.tensor([500.0])
+    print("| precision | TAESD decode | VAE decode | U-Net step (guided) | VAE / TAESD | U-Net step / TAESD |")
+    print("|---|---|---|---|---|---|")
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        pipe = Pipeline(StableDiffusion(ModelConfig.from_preset("sd15")), dtype=precision)
+        pipe.preview_decoder = TinyAutoencoder(get_tiny_autoencoder_config("taesd"), encoder=False).eval().to(
+            dtype=pipe.dtype).to(memory_format=torch.channels_last)
+        context = torch.randn((2, 77, 768), generator=generator).to(pipe.dtype)
+        unet = pipe.model.unet
+
+        def unet_step():
+            with torch.no_grad():
+                unet(torch.cat([latents, latents]).to(pipe.dtype), torch.cat([t, t]), context)
+
+        taesd = best_time(lambda: pipe.preview(latents), args.repeats)
+        vae = best_time(lambda: pipe.decode(latents), args.repeats)
+        step = best_time(unet_step, args.repeats)
+        print(f"| {precision} | {taesd:.3f} s | {vae:.3f} s | {step:.3f} s | {vae / taesd:.1f}x | "
+              f"{step / taesd:.1f}x |")
+        del pipe
+
+
+if __name__ == "__main__":
+    main()
