@@ -278,6 +278,7 @@ BAD_INPUTS = {
     "hires flag with --no-hires": (lambda f: [PROMPT, *f.m, "--no-hires", "--hires-scale", "2"], "--no-hires with"),
     "hires past the size limit": (lambda f: [PROMPT, *f.real, "--hires-scale", "100"], "each side must be from 2"),
     "hires strength zero": (lambda f: [PROMPT, *f.m, "--hires", "--strength", "0"], "strength must be a number in"),
+    "step cache negative": (lambda f: [PROMPT, *f.m, "--step-cache", "-1"], "step_cache must be an integer >= 0"),
     "taesd without preview": (lambda f: [PROMPT, *f.m, "--taesd", f.images], "give --preview FILE.png"),
     "preview not png": (lambda f: [PROMPT, *f.m, "--preview", f.out.with_suffix(".jpg")], "must be a .png file"),
     "preview every zero": (lambda f: [PROMPT, *f.m, "--preview", f.out, "--preview-every", "0"], "got 0"),
@@ -432,3 +433,13 @@ def test_preview_file_follows_the_sampling(model_file, tmp_path):
                     "--sampler", "euler", "--preview", preview, "--preview-every", "3", "-o", out) == 0
     assert Image.open(preview).size == (SIZE, SIZE) and "parameters" not in Image.open(preview).text
     assert np.array_equal(pixels(preview), pixels(out))  # Euler's last x̂_0 is the sample
+
+
+def test_step_cache_round_trips_through_the_png(model_file, tmp_path):
+    out = tmp_path / "cached.png"
+    common = ("--model", model_file, "--precision", "fp32", "-q", "--steps", STEPS, "--seed", "6")
+    assert generate(PROMPT, *common, "--step-cache", "2", "-o", out) == 0
+    assert read_parameters(out).extra["Step cache"] == "2"
+    again = tmp_path / "again.png"
+    assert generate("--from-png", out, "--model", model_file, "--precision", "fp32", "-q", "-o", again) == 0
+    assert np.array_equal(pixels(out), pixels(again))

@@ -54,6 +54,7 @@ from kedavra.pipeline.infotext import (
     RNG_KEY,
     SIGMAS_KEY,
     SPACING_KEY,
+    STEP_CACHE_KEY,
     VARIATION_SEED_KEY,
     VARIATION_STRENGTH_KEY,
     request_parameters,
@@ -164,6 +165,9 @@ def register(subparsers) -> None:
                           help="explicit noise levels, one per step, descending, separated by spaces or commas; or "
                                "'log-uniform' (uniform in log σ between the model's σ_max and σ_min: the spacing that "
                                "helps at few steps, docs/samplers.md)")
+    sampling.add_argument("--step-cache", type=int, metavar="N",
+                          help="DeepCache (Ma et al. 2023): a full U-Net call every N calls, the others reuse its "
+                               "deep features: faster, and the image changes (docs/benchmark.md; default off)")
     sampling.add_argument("--spacing", metavar="|".join(SPACINGS),
                           help="timestep spacing instead of the model's; trailing for few-step distilled models "
                                "(SDXL-Turbo, Lightning)")
@@ -297,6 +301,7 @@ def resolve_request(args, png: GenerationParameters | None, notes: list[str], in
         refiner_switch_at=pick(args.refiner_switch_at, _number(extra, REFINER_SWITCH_KEY), DEFAULT_REFINER_SWITCH_AT),
         spacing=pick(args.spacing, extra.get(SPACING_KEY), None),
         sigmas=parse_sigmas(pick(args.sigmas, extra.get(SIGMAS_KEY), None)), hires=hires,
+        step_cache=int(pick(args.step_cache, _number(extra, STEP_CACHE_KEY), 0)),
     )
 
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from kedavra.networks.step_cache import StepCache
 from kedavra.networks.transformer import CrossAttention, SpatialTransformer
 from kedavra.networks.unet_config import RESNET_NORM_EPS, UNetConfig
 
@@ -208,6 +209,7 @@ class UNet(nn.Module):
                 skip_channels.append(width)
             self.down_blocks.append(Level(resnets, attentions, downsample))
 
+        self.num_skips = len(skip_channels)  # conv_in's output and every down sub-block's and downsampler's
         self.mid_block = None  # block-removed models (BK-SDM) go straight from the down path to the up path
         if config.mid_block:
             self.mid_block = Level([resnet(channels, channels), resnet(channels, channels)], [transformer(-1)], None)
@@ -295,40 +297,59 @@ class UNet(nn.Module):
             )
 
     def forward(
-        self, x: Tensor, t: Tensor | float, context: Tensor, added_cond: Mapping[str, Tensor] | None = None
+        self, x: Tensor, t: Tensor | float, context: Tensor, added_cond: Mapping[str, Tensor] | None = None,
+        cache: StepCache | None = None,
     ) -> Tensor:
         """x (B, C_in, H, W), t (B,) or scalar, context (B, L, D_ctx) -> (B, C_out, H, W). added_cond: SDXL's
-        {"text_embeds": (B, P), "time_ids": (B, n)} when the config has the added embedding, else None."""
+        {"text_embeds": (B, P), "time_ids": (B, n)} when the config has the added embedding, else None.
+        cache: DeepCache's state (kedavra.networks.step_cache): the call either runs whole and keeps the up path's
+        input at skip `cache.depth`, or runs only the shallow blocks around that skip and reuses the kept feature."""
         t = self._check_inputs(x, t, context, added_cond)
         emb = self.time_embedding(t)  # (B, 4C)
         if self.add_embedding is not None:  # SDXL (Podell et al. 2023, Sec. 2.2): emb + MLP([pooled text, sinusoids])
             emb = emb + self.add_embedding(added_cond["text_embeds"], added_cond["time_ids"])  # (B, 4C)
+        reuse = cache is not None and cache.next_call(x)
+        # DeepCache (Ma et al. 2023, Eq. 4-5): the up sub-block that pops skip `depth` is where a cached call resumes
+        resume_at = self.num_skips - 1 - min(cache.depth, self.num_skips - 1) if cache is not None else -1
 
         h = self.conv_in(x)  # (B, C, H, W)
         skips = [h]
         for level in self.down_blocks:
+            if reuse and len(skips) > cache.depth:  # the shallow skips are all a cached call needs
+                break
             for j, resnet in enumerate(level.resnets):
+                if reuse and len(skips) > cache.depth:
+                    break
                 h = self._run(resnet, h, emb)
                 if level.attentions:
                     h = self._run(level.attentions[j], h, context)
                 skips.append(h)
-            if level.resample is not None:
+            if level.resample is not None and not (reuse and len(skips) > cache.depth):
                 h = level.resample(h)  # (B, C_level, ceil(H/2), ceil(W/2))
                 skips.append(h)
 
         mid = self.mid_block
-        if mid is not None:
+        if mid is not None and not reuse:
             h = self._run(mid.resnets[0], h, emb)
             h = self._run(mid.attentions[0], h, context)
             h = self._run(mid.resnets[1], h, emb)
 
+        k = 0  # up sub-blocks in order; sub-block k pops skip num_skips - 1 - k
         for level in self.up_blocks:
             for j, resnet in enumerate(level.resnets):
+                if k == resume_at:
+                    if reuse:
+                        h = cache.feature
+                    else:
+                        cache.keep(h, x)
+                k += 1
+                if reuse and k <= resume_at:
+                    continue
                 h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
                 h = self._run(resnet, h, emb)
                 if level.attentions:
                     h = self._run(level.attentions[j], h, context)
-            if level.resample is not None:
+            if level.resample is not None and not (reuse and k <= resume_at):
                 h = level.resample(h, skips[-1].shape[2:])  # (B, C_level, H_skip, W_skip): 2H, 2W unless rounded
 
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -25,6 +25,7 @@ RNG_KEY, ENSD_KEY = "RNG", "ENSD"  # A1111's keys for the noise source and the e
 VARIATION_SEED_KEY, VARIATION_STRENGTH_KEY = "Variation seed", "Variation seed strength"  # A1111's subseed keys
 A1111_DEFAULT_RNG = "GPU"  # what an A1111 PNG without "RNG" was made with
 CONVENTION_KEY = "Sampling convention"  # ours: "comfyui" when the sampler ran as ComfyUI runs it
+STEP_CACHE_KEY = "Step cache"  # ours: DeepCache's interval (a full U-Net call every N calls) when one was used
 GUIDANCE_RESCALE_KEY = "CFG rescale"  # SD.Next's key for Lin et al. 2023's φ (A1111 itself has no such option)
 
 
@@ -60,6 +61,8 @@ def request_parameters(request: GenerationRequest, index: int, seed: int, width:
         extra[ETA_KEY] = repr(float(request.eta))
     if request.spacing is not None:
         extra[SPACING_KEY] = request.spacing
+    if request.step_cache > 1:
+        extra[STEP_CACHE_KEY] = str(request.step_cache)
     if request.sigmas is not None:
         extra[SIGMAS_KEY] = " ".join(repr(float(level)) for level in request.sigmas)
     extra.update(noise_parameters(request, index))

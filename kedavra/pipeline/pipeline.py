@@ -35,6 +35,7 @@ from kedavra.diffusion.timesteps import check_steps
 from kedavra.formats.images import from_pil, to_pil
 from kedavra.networks.acceleration import optimize_for_inference
 from kedavra.networks.model import StableDiffusion
+from kedavra.networks.step_cache import StepCache
 from kedavra.networks.taesd import TinyAutoencoder, load_tiny_autoencoder
 from kedavra.networks.vae_tiling import Tiling
 from kedavra.pipeline.device import default_device, default_dtype, parse_precision
@@ -348,7 +349,7 @@ class Pipeline:
         text = self.encode_text(request.prompts, request.negative_prompts, request.clip_skip)
         return GuidedUNet(self.model.unet, self.dtype, text.context, text.uncond_context, request.guidance_scale,
                           request.guidance_rescale, extra_channels, added=self._added_conditioning(request, text),
-                          record=record, embeddings=text.embeddings)
+                          record=record, embeddings=text.embeddings, step_cache=request.step_cache)
 
     def _refiner_unet(self, refiner: Pipeline, request: GenerationRequest, record: bool) -> GuidedUNet:
         """The refiner's guided U-Net for `request`, once it is known to share this model's latent space."""
@@ -475,8 +476,9 @@ class GuidedUNet:
     def __init__(self, unet, dtype: torch.dtype, context: torch.Tensor, uncond_context: torch.Tensor,
                  guidance_scale: float, guidance_rescale: float, extra_channels: torch.Tensor | None,
                  added: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None, record: bool = False,
-                 embeddings: tuple[str, ...] = ()):
+                 embeddings: tuple[str, ...] = (), step_cache: int = 0):
         self.unet, self.dtype, self.extra_channels = unet, dtype, extra_channels
+        self.cache = StepCache(step_cache) if step_cache > 1 else None  # DeepCache: one per sampling run
         self.embeddings = embeddings
         self.guidance_scale, self.guidance_rescale = guidance_scale, guidance_rescale
         self.use_guidance = guidance_scale != 1.0
@@ -492,11 +494,11 @@ class GuidedUNet:
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x_in = x_t if self.extra_channels is None else torch.cat([x_t, self.extra_channels], dim=1)
         if not self.use_guidance:
-            cond, uncond = self.unet(x_in.to(self.dtype), t, self.context, added_cond=self.added).float(), None
-            guided = cond
+            cond = self.unet(x_in.to(self.dtype), t, self.context, added_cond=self.added, cache=self.cache).float()
+            guided, uncond = cond, None
         else:
             both = self.unet(torch.cat([x_in, x_in]).to(self.dtype), torch.cat([t, t]), self.context,
-                             added_cond=self.added).float()
+                             added_cond=self.added, cache=self.cache).float()
             uncond, cond = both.chunk(2)
             guided = classifier_free_guidance(cond, uncond, self.guidance_scale, self.guidance_rescale)
         if self.record and self.outputs is None:

@@ -98,6 +98,8 @@ class GenerationRequest:
                                kedavra.diffusion.step_schedule); kedavra's plans only, without karras
     hires                      A1111's hires fix (kedavra.pipeline.hires.HiresFix): a second pass at a larger size;
                                text to image only. width / height are the first pass's, as in A1111
+    step_cache                 DeepCache (kedavra.networks.step_cache): a full U-Net call every `step_cache` calls,
+                               the others reuse its deep features (0 or 1: off); faster, and the image changes
     """
 
     prompts: tuple[str, ...]
@@ -130,6 +132,7 @@ class GenerationRequest:
     eta_noise_seed_delta: int = 0
     sigmas: tuple[float, ...] | None = None
     hires: HiresFix | None = None
+    step_cache: int = 0
 
     def __post_init__(self):
         prompts, negatives = tuple(self.prompts), tuple(self.negative_prompts)
@@ -180,6 +183,7 @@ class GenerationRequest:
             if schedule_type is not None or self.karras or karras_from_name:
                 raise ValueError("sigmas replace the plan's noise levels: not with a schedule type or karras")
             object.__setattr__(self, "sigmas", levels)
+        check_int("step_cache", self.step_cache, 0)  # U-Net calls per full call; 0 or 1: off
         if self.hires is not None:
             if not isinstance(self.hires, HiresFix):
                 raise ValueError(f"hires must be a HiresFix (kedavra.pipeline.hires), got {type(self.hires).__name__}")
