@@ -203,8 +203,8 @@ def k_diffusion_run(label, steps, schedule, prediction, schedule_type, noise, ta
 
 
 # k-diffusion's own samplers (Restart, LCM and the CompVis samplers are A1111's code: tested below and in test_pndm,
-# test_unipc_orders and test_consistency_samplers)
-LABELS = [spec.a1111 for spec in K_SAMPLERS if spec.a1111 not in ("Restart", "LCM") and not spec.timestep_grid]
+# test_unipc_orders and test_consistency_samplers; ComfyUI's samplers without an A1111 label in test_comfyui_samplers)
+LABELS = [spec.a1111 for spec in K_SAMPLERS if spec.a1111 not in ("", "Restart", "LCM") and not spec.timestep_grid]
 
 
 @pytest.mark.parametrize("label", LABELS)

@@ -264,7 +264,7 @@ class GenerationRequest:
             kedavra_spec, karras_from_name = None, False
         if schedule_type is not None or kedavra_spec is None:
             try:
-                k_spec, carried = resolve_k_sampler(self.sampler)
+                k_spec, carried = resolve_k_sampler(self.sampler, self.convention)
             except ValueError:
                 if kedavra_spec is None:
                     allowed = f"{', '.join(SAMPLERS)} (kedavra), {', '.join(k_sampler_names())} (A1111 / ComfyUI)"
@@ -306,7 +306,7 @@ class GenerationRequest:
     @property
     def k_sampler(self) -> KSamplerSpec | None:
         """The A1111 / ComfyUI sampler of a request with a schedule type, else None."""
-        return resolve_k_sampler(self.sampler)[0] if self.schedule_type is not None else None
+        return resolve_k_sampler(self.sampler, self.convention)[0] if self.schedule_type is not None else None
 
     def replace(self, **changes) -> GenerationRequest:
         """A copy with some fields changed, checked again."""

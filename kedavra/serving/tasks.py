@@ -18,6 +18,7 @@ other samplers (DDPM, DDIM, UniPC, LCM, TCD) run on kedavra's plans, where "Karr
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -191,9 +192,11 @@ def resolve_sampling(body: GenerationBody, settings: Mapping[str, Any] | None = 
     except ValueError as error:
         raise field_error("scheduler", str(error), body.scheduler) from None
     noise = noise_settings({**(settings or {}), **(body.override_settings or {})})
-    try:
-        k_spec, carried = resolve_k_sampler(body.sampler)
-    except ValueError:
+    k_spec = carried = None
+    with contextlib.suppress(ValueError):
+        k_spec, carried = resolve_k_sampler(body.sampler, "a1111")
+    # kedavra's own plans for its samplers and for ComfyUI-only names kedavra also has ("uni_pc": diffusers' UniPC)
+    if k_spec is None or (not k_spec.a1111 and _is_kedavra_sampler(body.sampler)):
         try:
             spec, karras_from_name = resolve_sampler(body.sampler)
         except ValueError:
@@ -205,6 +208,15 @@ def resolve_sampling(body: GenerationBody, settings: Mapping[str, Any] | None = 
     if carried is not None and schedule_type == AUTOMATIC:
         schedule_type = resolve_schedule_type(carried)
     return Sampling(k_spec.name, schedule_type, False, **noise)
+
+
+def _is_kedavra_sampler(name: str) -> bool:
+    """Whether kedavra's own samplers know `name` ("uni_pc" is kedavra's diffusers UniPC here, not ComfyUI's)."""
+    try:
+        resolve_sampler(name)
+    except ValueError:
+        return False
+    return True
 
 
 def noise_settings(settings: Mapping[str, Any]) -> dict[str, Any]:

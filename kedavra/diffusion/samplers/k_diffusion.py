@@ -5,7 +5,7 @@ model's σ table (kedavra.diffusion.sigmas), with each program's defaults.
     the start x = σ_0 ε                                  x = √(1+σ_0²) ε when σ_0 is the table's σ_max, else σ_0 ε
     t(σ) interpolated in log σ                           t(σ) the nearest table timestep
     "Automatic": the sampler's own schedule type          a scheduler is always named ("normal" by default)
-    DPM2, DPM2 a, DPM++ 3M SDE drop the penultimate σ     dpm_2, dpm_2_ancestral drop it
+    DPM2, DPM2 a, DPM++ 3M SDE drop the penultimate σ     dpm_2, dpm_2_ancestral, uni_pc(_bh2) drop it
     ancestral η = 1, also for DPM fast / adaptive         η = 1 for ancestral and SDE samplers, 0 for dpm_fast/adaptive
     img2img: the last ⌊min(s, 0.999)·n⌋ + 1 σ-steps      denoise d: the last n of ⌊n/d⌋ steps
              of the n-step sequence, x = x_0 + σ ε
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kedavra.diffusion.forward_process import add_noise
+from kedavra.diffusion.samplers.adams import sample_deis, sample_ipndm, sample_ipndm_v
 from kedavra.diffusion.samplers.consistency import make_lcm_sigma_plan, sample_lcm_kdiffusion
 from kedavra.diffusion.samplers.ddpm import sample_ddim
 from kedavra.diffusion.samplers.denoiser import Denoiser, StepCallback
@@ -48,6 +49,7 @@ from kedavra.diffusion.samplers.noise import NoiseSampler
 from kedavra.diffusion.samplers.pndm import a1111_img2img_plan, a1111_timesteps_plan, sample_plms
 from kedavra.diffusion.samplers.restart import sample_restart
 from kedavra.diffusion.samplers.unipc import a1111_unipc_plan, a1111_unipc_steps, sample_unipc
+from kedavra.diffusion.samplers.unipc_comfyui import sample_unipc_comfyui
 from kedavra.diffusion.schedule import NoiseSchedule
 from kedavra.diffusion.sigmas import (
     AUTOMATIC,
@@ -126,6 +128,18 @@ K_SAMPLERS: tuple[KSamplerSpec, ...] = (
     KSamplerSpec("PLMS", "", sample_plms, timestep_grid="compvis"),
     KSamplerSpec("UniPC", "", functools.partial(sample_unipc, order=A1111_UNIPC_ORDER, variant=A1111_UNIPC_VARIANT),
                  timestep_grid="unipc"),
+    # ComfyUI's samplers A1111 does not list: the Adams–Bashforth family of Zhang & Chen 2023 (adams.py), UniPC on its
+    # σ's, penultimate σ dropped (unipc_comfyui.py), and its "ddim", which is Euler (comfy/samplers.py sampler_object:
+    # ksampler("euler", inpaint_options={"random": True}); the option only changes the noise of an inpainting mask's
+    # kept region). "ddim" is also an alias of A1111's DDIM: see resolve_k_sampler
+    KSamplerSpec("", "ipndm", sample_ipndm),
+    KSamplerSpec("", "ipndm_v", sample_ipndm_v),
+    KSamplerSpec("", "deis", sample_deis),
+    KSamplerSpec("", "uni_pc", functools.partial(sample_unipc_comfyui, variant="bh1"),
+                 comfyui_discard_penultimate=True),
+    KSamplerSpec("", "uni_pc_bh2", functools.partial(sample_unipc_comfyui, variant="bh2"),
+                 comfyui_discard_penultimate=True),
+    KSamplerSpec("", "ddim", sample_euler),
 )
 ETA_K_SAMPLERS = ("DDIM",)  # the A1111 samplers a request's eta reaches (A1111's eta_ddim; the others keep η = 1)
 # A1111's LCM schedule types and the distillation-grid spacing each gives (its "Uniform" and "Normal" are the same
@@ -149,18 +163,17 @@ def _normalise(name: str) -> str:
 
 
 def _table() -> dict[str, KSamplerSpec]:
+    """Every name, normalised, to its spec; where an A1111 label and a ComfyUI name meet ("ddim"), A1111's."""
     by_label = {spec.name: spec for spec in K_SAMPLERS}
-    table = {}
-    for spec in K_SAMPLERS:
-        for alias in (spec.a1111, spec.comfyui):
-            if alias:
-                table[_normalise(alias)] = spec
+    table = {_normalise(spec.comfyui): spec for spec in K_SAMPLERS if spec.comfyui}
+    table.update({_normalise(spec.a1111): spec for spec in K_SAMPLERS if spec.a1111})
     for alias, label in {**_EXTRA, **_LEGACY_KARRAS}.items():
         table[_normalise(alias)] = by_label[label]
     return table
 
 
 _K_ALIASES = _table()
+_COMFYUI_NAMES = {spec.comfyui: spec for spec in K_SAMPLERS if spec.comfyui}  # as ComfyUI spells them
 
 
 def k_sampler_names() -> list[str]:
@@ -168,12 +181,20 @@ def k_sampler_names() -> list[str]:
     return [spec.a1111 for spec in K_SAMPLERS if spec.a1111] + [spec.comfyui for spec in K_SAMPLERS if spec.comfyui]
 
 
-def resolve_k_sampler(name: str) -> tuple[KSamplerSpec, str | None]:
+def resolve_k_sampler(name: str, convention: str | None = None) -> tuple[KSamplerSpec, str | None]:
     """(spec, schedule type the name carries or None) for an A1111 label or ComfyUI name, case-insensitive
-    ("DPM++ 2M Karras" carries "karras")."""
+    ("DPM++ 2M Karras" carries "karras").
+
+    One name belongs to both programs: "ddim" is ComfyUI's ddim (Euler) and an alias of A1111's DDIM (its CompVis
+    sampler; A1111 folds case, ComfyUI matches its names exactly). Spelt as ComfyUI spells it, "ddim" is ComfyUI's,
+    except with convention "a1111"; any other spelling ("DDIM") is A1111's label, refused by convention "comfyui".
+    So a request, which checks its name without the convention and keeps the spec's name, keeps "ddim", and its
+    run resolves that again with the convention."""
     key = _normalise(name) if isinstance(name, str) else None
     if key not in _K_ALIASES:
         raise ValueError(f"unknown A1111 / ComfyUI sampler {name!r}; allowed: {', '.join(k_sampler_names())}")
+    if convention != "a1111" and name.strip() in _COMFYUI_NAMES:
+        return _COMFYUI_NAMES[name.strip()], None
     carried = None
     if key in _LEGACY_KARRAS:
         carried = key.rsplit(" ", 1)[1]
@@ -226,7 +247,7 @@ def prepare_k_run(sampler: str, noise: torch.Tensor, steps: int, schedule: Noise
     runs `steps` steps of a longer schedule (sigmas.a1111_img2img_steps; ComfyUI's denoise always does)."""
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown sampling convention {convention!r}; allowed: {', '.join(CONVENTIONS)}")
-    spec, carried = resolve_k_sampler(sampler)
+    spec, carried = resolve_k_sampler(sampler, convention)
     eta = check_number("eta", eta, low=0)
     if eta and spec.name not in ETA_K_SAMPLERS:
         raise ValueError(f"eta={eta} applies to A1111's {', '.join(ETA_K_SAMPLERS)} here, not {spec.name!r}")
