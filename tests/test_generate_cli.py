@@ -278,6 +278,7 @@ BAD_INPUTS = {
     "hires flag with --no-hires": (lambda f: [PROMPT, *f.m, "--no-hires", "--hires-scale", "2"], "--no-hires with"),
     "hires past the size limit": (lambda f: [PROMPT, *f.real, "--hires-scale", "100"], "each side must be from 2"),
     "hires strength zero": (lambda f: [PROMPT, *f.m, "--hires", "--strength", "0"], "strength must be a number in"),
+    "churn without a schedule type": (lambda f: [PROMPT, *f.m, "--s-churn", "1"], "give a schedule type"),
     "step cache negative": (lambda f: [PROMPT, *f.m, "--step-cache", "-1"], "step_cache must be an integer >= 0"),
     "taesd without preview": (lambda f: [PROMPT, *f.m, "--taesd", f.images], "give --preview FILE.png"),
     "preview not png": (lambda f: [PROMPT, *f.m, "--preview", f.out.with_suffix(".jpg")], "must be a .png file"),
@@ -443,3 +444,19 @@ def test_step_cache_round_trips_through_the_png(model_file, tmp_path):
     again = tmp_path / "again.png"
     assert generate("--from-png", out, "--model", model_file, "--precision", "fp32", "-q", "-o", again) == 0
     assert np.array_equal(pixels(out), pixels(again))
+
+
+def test_sigma_churn_round_trips_through_the_png(model_file, tmp_path):
+    out = tmp_path / "churn.png"
+    common = ("--model", model_file, "--precision", "fp32", "-q", "--steps", STEPS, "--seed", "8")
+    assert generate(PROMPT, *common, "--sampler", "Euler", "--schedule-type", "Karras", "--s-churn", "2",
+                    "--s-tmax", "0", "-o", out) == 0
+    extra = read_parameters(out).extra
+    assert extra["Sigma churn"] == "2.0" and "Sigma tmax" not in extra  # 0: no bound, the default
+    again = tmp_path / "again.png"
+    assert generate("--from-png", out, "--model", model_file, "--precision", "fp32", "-q", "-o", again) == 0
+    assert np.array_equal(pixels(out), pixels(again))
+    plain = tmp_path / "plain.png"
+    assert generate("--from-png", out, "--model", model_file, "--precision", "fp32", "-q", "--s-churn", "0",
+                    "-o", plain) == 0
+    assert not np.array_equal(pixels(out), pixels(plain))

@@ -404,3 +404,56 @@ def test_requests_name_a1111_ddim_and_write_its_eta():
     assert GenerationRequest.build("a cat", sampler="DDIM").sampler_spec.name == "ddim"  # kedavra's (diffusers')
     with pytest.raises(ValueError, match="eta=0.3 does not apply to Euler a"):
         GenerationRequest.build("a cat", sampler="Euler a", schedule_type="Automatic", eta=0.3)
+
+
+class RandnHijack:
+    """A1111's TorchHijack: k-diffusion's torch.randn_like answered from a NoiseTape (its ImageRNG draws)."""
+
+    def __init__(self, tape):
+        self.tape = tape
+
+    def __getattr__(self, item):
+        return self.tape.next if item == "randn_like" else getattr(torch, item)
+
+    def randn_like(self, x):
+        return self.tape.next()
+
+
+@pytest.mark.parametrize("label, function", [("Euler", "sample_euler"), ("Heun", "sample_heun"),
+                                             ("DPM2", "sample_dpm_2")])
+@pytest.mark.parametrize("s_tmin, s_tmax", [(0.0, math.inf), (0.5, 5.0)])
+def test_churn_matches_k_diffusion(label, function, s_tmin, s_tmax, monkeypatch):
+    """s_churn / s_tmin / s_tmax / s_noise (Karras et al. 2022, Algorithm 2) as A1111 hands them to k-diffusion's
+    Euler, Heun and DPM2, with the noise k-diffusion draws at every step (torch.randn_like, A1111's hijack)."""
+    from kedavra.diffusion.samplers.euler import Churn
+
+    sampling, wrap = oracle(SCHEDULES["sd"], "eps")
+    schedule, steps = SCHEDULES["sd"], 8
+    spec = resolve_k_sampler(label)[0]
+    sigmas = a1111_sigmas("karras", steps + int(spec.a1111_discard_penultimate), wrap, sampling).float()
+    if spec.a1111_discard_penultimate:
+        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(12))
+    tape = NoiseTape(13)
+    monkeypatch.setattr(sampling, "torch", RandnHijack(tape))
+    theirs = getattr(sampling, function)(wrap, noise * sigmas[0], sigmas, extra_args={"cond": None}, disable=True,
+                                         s_churn=3.0, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=1.003)
+    monkeypatch.undo()
+    tape.rewind()
+    ours = sample(toy_model, noise, sampler=label, steps=steps, schedule=schedule, schedule_type="Karras",
+                  noise_sampler=tape.kedavra, churn=Churn(3.0, s_tmin, s_tmax, 1.003))
+    assert tape.position == steps  # one draw per step, γ or not
+    assert ((ours - theirs).abs().max() / theirs.abs().max()).item() <= REL_TOL
+    plain = sample(toy_model, noise, sampler=label, steps=steps, schedule=schedule, schedule_type="Karras")
+    assert not torch.allclose(ours, plain)
+
+
+def test_churn_bad_input():
+    from kedavra.diffusion.samplers.euler import Churn
+
+    with pytest.raises(ValueError, match="s_churn must be a finite number >= 0, got -1"):
+        Churn(s_churn=-1)
+    with pytest.raises(ValueError, match="s_tmax must be a number > 0 or inf"):
+        Churn(s_tmax=0)
+    with pytest.raises(ValueError, match="give a schedule type"):
+        sample(toy_model, torch.zeros(SHAPE), sampler="euler", steps=2, churn=Churn(s_churn=1.0))

@@ -672,3 +672,23 @@ def test_hires_fix_as_a1111s_txt2img(server, client):
     assert pixel.status_code == 200, pixel.text
     assert decode_png(pixel.json()["images"][0]).size == (40, 32)  # covered at 40x40, the rows cropped
     assert "Hires resize: 40x32" in json.loads(pixel.json()["info"])["infotexts"][0]
+
+
+def test_sigma_churn_as_a1111(server, client):
+    """s_churn / s_noise (request fields, or override_settings) reach A1111's Euler as Karras et al. 2022's churn,
+    written as A1111's "Sigma churn" / "Sigma noise"; the same pixels as the pipeline with the same Churn."""
+    from kedavra.diffusion.samplers.euler import Churn
+
+    _, worker = server
+    body = {"prompt": "a red circle", "seed": 4, "steps": 3, "width": SIZE, "height": SIZE, "sampler_name": "Euler",
+            "s_churn": 1.5, "override_settings": {"s_noise": 1.01}}
+    response = client.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 200, response.text
+    text = json.loads(response.json()["info"])["infotexts"][0]
+    assert "Sigma churn: 1.5" in text and "Sigma noise: 1.01" in text and "Sigma tmax" not in text
+    direct = worker.pipeline("a red circle", steps=3, sampler="Euler", schedule_type="Automatic", rng="GPU",
+                             guidance_scale=7, seed=4, width=SIZE, height=SIZE,
+                             churn=Churn(s_churn=1.5, s_noise=1.01)).images[0]
+    assert np.array_equal(np.asarray(decode_png(response.json()["images"][0]).convert("RGB")), np.asarray(direct))
+    bad = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"s_noise": "loud"}})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "override_settings"]

@@ -18,6 +18,7 @@ training timesteps) run right after it loads (`Pipeline.check`), before sampling
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ from kedavra.adapters.lora_file import locate_lora
 from kedavra.adapters.prompt_tags import split_lora_tags
 from kedavra.api import choose_model, load, model_identity, resolve_model
 from kedavra.diffusion.rng import RNG_SOURCES
+from kedavra.diffusion.samplers.euler import Churn
 from kedavra.diffusion.sigmas import CONVENTIONS
 from kedavra.diffusion.step_schedule import log_uniform_sigmas, table_sigma_range
 from kedavra.diffusion.timesteps import SPACINGS, start_index_for_strength
@@ -45,6 +47,7 @@ from kedavra.pipeline.hires import (
 )
 from kedavra.pipeline.infotext import (
     A1111_DEFAULT_RNG,
+    CHURN_KEYS,
     CONVENTION_KEY,
     ENSD_KEY,
     ETA_KEY,
@@ -165,6 +168,15 @@ def register(subparsers) -> None:
                           help="explicit noise levels, one per step, descending, separated by spaces or commas; or "
                                "'log-uniform' (uniform in log σ between the model's σ_max and σ_min: the spacing that "
                                "helps at few steps, docs/samplers.md)")
+    sampling.add_argument("--s-churn", type=float, metavar="F",
+                          help="with --schedule-type: Karras et al. 2022's churn for Euler, Heun, DPM2 (A1111's "
+                               "'Sigma churn'; default 0), within --s-tmin / --s-tmax (default 0, inf)")
+    sampling.add_argument("--s-tmin", type=float, metavar="F", help="with --s-churn: churn only where σ >= F")
+    sampling.add_argument("--s-tmax", type=float, metavar="F",
+                          help="with --s-churn: churn only where σ <= F (0: no bound, as in A1111)")
+    sampling.add_argument("--s-noise", type=float, metavar="F",
+                          help="with --schedule-type: scale of the churn's and the ancestral / SDE samplers' fresh "
+                               "noise (A1111's 'Sigma noise'; default 1)")
     sampling.add_argument("--step-cache", type=int, metavar="N",
                           help="DeepCache (Ma et al. 2023): a full U-Net call every N calls, the others reuse its "
                                "deep features: faster, and the image changes (docs/benchmark.md; default off)")
@@ -302,6 +314,8 @@ def resolve_request(args, png: GenerationParameters | None, notes: list[str], in
         spacing=pick(args.spacing, extra.get(SPACING_KEY), None),
         sigmas=parse_sigmas(pick(args.sigmas, extra.get(SIGMAS_KEY), None)), hires=hires,
         step_cache=int(pick(args.step_cache, _number(extra, STEP_CACHE_KEY), 0)),
+        churn=Churn(*(pick(getattr(args, name), _number(extra, key), getattr(Churn(), name)) or
+                      (math.inf if name == "s_tmax" else 0.0) for name, key in CHURN_KEYS.items())),
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from kedavra.diffusion.samplers.euler import Churn
 from kedavra.diffusion.samplers.k_diffusion import effective_schedule_type
 from kedavra.diffusion.sigmas import AUTOMATIC, schedule_type_label
 from kedavra.formats.png_info import GenerationParameters
@@ -25,6 +26,8 @@ RNG_KEY, ENSD_KEY = "RNG", "ENSD"  # A1111's keys for the noise source and the e
 VARIATION_SEED_KEY, VARIATION_STRENGTH_KEY = "Variation seed", "Variation seed strength"  # A1111's subseed keys
 A1111_DEFAULT_RNG = "GPU"  # what an A1111 PNG without "RNG" was made with
 CONVENTION_KEY = "Sampling convention"  # ours: "comfyui" when the sampler ran as ComfyUI runs it
+# A1111's keys for Karras et al. 2022's churn settings, written when not the default and the sampler takes them
+CHURN_KEYS = {"s_churn": "Sigma churn", "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax", "s_noise": "Sigma noise"}
 STEP_CACHE_KEY = "Step cache"  # ours: DeepCache's interval (a full U-Net call every N calls) when one was used
 GUIDANCE_RESCALE_KEY = "CFG rescale"  # SD.Next's key for Lin et al. 2023's φ (A1111 itself has no such option)
 
@@ -61,6 +64,7 @@ def request_parameters(request: GenerationRequest, index: int, seed: int, width:
         extra[ETA_KEY] = repr(float(request.eta))
     if request.spacing is not None:
         extra[SPACING_KEY] = request.spacing
+    extra.update(churn_parameters(request))
     if request.step_cache > 1:
         extra[STEP_CACHE_KEY] = str(request.step_cache)
     if request.sigmas is not None:
@@ -93,3 +97,16 @@ def sampler_label(request: GenerationRequest) -> tuple[str, str | None]:
     # as A1111 named its samplers before 1.9 ("DPM++ 2M Karras")
     spec = request.sampler_spec
     return f"{spec.a1111 or spec.name}{' ' + KARRAS_SCHEDULE if request.karras else ''}", None
+
+
+def churn_parameters(request: GenerationRequest) -> dict[str, str]:
+    """A1111's "Sigma churn", "Sigma tmin", "Sigma tmax", "Sigma noise": the settings that differ from the default
+    and that the request's sampler takes (all four for Euler, Heun, DPM2; "Sigma noise" for the ancestral / SDE
+    samplers), as A1111 writes them (sd_samplers_kdiffusion.py)."""
+    churn, spec = request.churn, request.k_sampler
+    if churn is None or spec is None or not spec.churn:
+        return {}
+    default = Churn()
+    names = CHURN_KEYS if spec.churn == "all" else {"s_noise": CHURN_KEYS["s_noise"]}
+    return {key: repr(float(getattr(churn, name))) for name, key in names.items()
+            if getattr(churn, name) != getattr(default, name)}

@@ -23,6 +23,7 @@ from PIL import Image
 from kedavra.adapters.prompt_tags import batch_lora_tags
 from kedavra.diffusion.rng import RNG_SOURCES
 from kedavra.diffusion.samplers import SAMPLERS, SamplerSpec, check_eta, resolve_sampler
+from kedavra.diffusion.samplers.euler import Churn
 from kedavra.diffusion.samplers.k_diffusion import ETA_K_SAMPLERS, KSamplerSpec, k_sampler_names, resolve_k_sampler
 from kedavra.diffusion.sigmas import AUTOMATIC, CONVENTIONS, resolve_schedule_type
 from kedavra.diffusion.timesteps import SPACINGS, check_steps
@@ -100,6 +101,9 @@ class GenerationRequest:
                                text to image only. width / height are the first pass's, as in A1111
     step_cache                 DeepCache (kedavra.networks.step_cache): a full U-Net call every `step_cache` calls,
                                the others reuse its deep features (0 or 1: off); faster, and the image changes
+    churn                      Karras et al. 2022's s_churn, s_tmin, s_tmax, s_noise (kedavra.diffusion.samplers.
+                               euler.Churn), A1111's "Sigma churn" settings: for A1111 / ComfyUI samplers (a schedule
+                               type), applied as A1111 applies them (Euler, Heun, DPM2; s_noise also ancestral / SDE)
     """
 
     prompts: tuple[str, ...]
@@ -133,6 +137,7 @@ class GenerationRequest:
     sigmas: tuple[float, ...] | None = None
     hires: HiresFix | None = None
     step_cache: int = 0
+    churn: Churn | None = None
 
     def __post_init__(self):
         prompts, negatives = tuple(self.prompts), tuple(self.negative_prompts)
@@ -184,6 +189,12 @@ class GenerationRequest:
                 raise ValueError("sigmas replace the plan's noise levels: not with a schedule type or karras")
             object.__setattr__(self, "sigmas", levels)
         check_int("step_cache", self.step_cache, 0)  # U-Net calls per full call; 0 or 1: off
+        if self.churn is not None:
+            if not isinstance(self.churn, Churn):
+                raise ValueError(f"churn must be a Churn (kedavra.diffusion.samplers.euler), got {self.churn!r}")
+            if not self.churn.is_default and schedule_type is None:
+                raise ValueError("s_churn, s_tmin, s_tmax and s_noise apply to A1111's / ComfyUI's samplers: give a "
+                                 "schedule type (e.g. Automatic)")
         if self.hires is not None:
             if not isinstance(self.hires, HiresFix):
                 raise ValueError(f"hires must be a HiresFix (kedavra.pipeline.hires), got {type(self.hires).__name__}")

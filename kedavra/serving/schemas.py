@@ -49,7 +49,8 @@ SCHEDULERS = {AUTOMATIC: "Automatic"} | {name: s.a1111 for name, s in SCHEDULE_T
 A1111_RNG_SETTING = "randn_source"  # "Random number generator source": CPU, GPU (A1111's default) or NV
 A1111_ENSD_SETTING = "eta_noise_seed_delta"  # "Eta noise seed delta"
 A1111_CLIP_SKIP_SETTING = "CLIP_stop_at_last_layers"  # "Clip skip"
-SAMPLING_SETTINGS = (A1111_RNG_SETTING, A1111_ENSD_SETTING, A1111_CLIP_SKIP_SETTING)
+CHURN_SETTINGS = ("s_churn", "s_tmin", "s_tmax", "s_noise")  # A1111's "Sigma churn", ... (0 for s_tmax: no bound)
+SAMPLING_SETTINGS = (A1111_RNG_SETTING, A1111_ENSD_SETTING, A1111_CLIP_SKIP_SETTING, *CHURN_SETTINGS)
 DATA_URL_PREFIX = "data:"  # "data:image/png;base64,...." as browsers and webuiapi send images
 BASE64_MARKER = ";base64"
 
@@ -126,6 +127,11 @@ class GenerationBody(BaseModel):
     subseed: Seed = Field(RANDOM_SEED, description="the variation seed (-1 for a random one)")
     subseed_strength: Number = Field(0.0, ge=0, le=1, allow_inf_nan=False,
                                     description="how far towards the variation seed's noise")
+    s_churn: OptionalNumber = Field(None, ge=0, allow_inf_nan=False, description="Karras et al. 2022's churn "
+                                   "(Euler, Heun, DPM2); default the server's setting, 0")
+    s_tmin: OptionalNumber = Field(None, ge=0, allow_inf_nan=False)
+    s_tmax: OptionalNumber = Field(None, ge=0, description="0: no bound")
+    s_noise: OptionalNumber = Field(None, ge=0, allow_inf_nan=False)
     override_settings: dict[str, Any] | None = Field(
         None, description=f"A1111 settings for this request: {', '.join(SAMPLING_SETTINGS)} act, others are ignored")
     # Accepted for A1111's clients; kedavra does not act on them (named in the notes when set).

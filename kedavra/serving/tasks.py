@@ -19,6 +19,7 @@ other samplers (DDPM, DDIM, UniPC, LCM, TCD) run on kedavra's plans, where "Karr
 from __future__ import annotations
 
 import contextlib
+import math
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from PIL import Image, ImageOps
 
 from kedavra.diffusion.rng import RNG_SOURCES
 from kedavra.diffusion.samplers import SAMPLERS, resolve_sampler
+from kedavra.diffusion.samplers.euler import Churn
 from kedavra.diffusion.samplers.k_diffusion import k_sampler_names, resolve_k_sampler
 from kedavra.diffusion.sigmas import AUTOMATIC, resolve_schedule_type, schedule_type_label
 from kedavra.diffusion.timesteps import start_index_for_strength
@@ -43,6 +45,7 @@ from kedavra.serving.schemas import (
     A1111_CLIP_SKIP_SETTING,
     A1111_ENSD_SETTING,
     A1111_RNG_SETTING,
+    CHURN_SETTINGS,
     USE_SAME_SAMPLER,
     USE_SAME_SCHEDULER,
     GenerationBody,
@@ -69,6 +72,7 @@ class Sampling:
     rng: str = A1111_DEFAULT_RNG
     eta_noise_seed_delta: int = 0
     clip_skip: int | None = None
+    churn: Churn | None = None
 
 
 @dataclass(frozen=True)
@@ -191,7 +195,8 @@ def resolve_sampling(body: GenerationBody, settings: Mapping[str, Any] | None = 
         schedule_type = resolve_schedule_type(body.scheduler or AUTOMATIC)
     except ValueError as error:
         raise field_error("scheduler", str(error), body.scheduler) from None
-    noise = noise_settings({**(settings or {}), **(body.override_settings or {})})
+    given = {name: getattr(body, name) for name in CHURN_SETTINGS if getattr(body, name) is not None}
+    noise = noise_settings({**(settings or {}), **(body.override_settings or {}), **given})
     k_spec = carried = None
     with contextlib.suppress(ValueError):
         k_spec, carried = resolve_k_sampler(body.sampler, "a1111")
@@ -228,9 +233,12 @@ def noise_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
         clip_skip = settings.get(A1111_CLIP_SKIP_SETTING)
         if clip_skip is not None:
             clip_skip = check_int(A1111_CLIP_SKIP_SETTING, clip_skip, 1)
+        values = {name: check_number(name, settings.get(name, default), low=0)
+                  for name, default in (("s_churn", 0.0), ("s_tmin", 0.0), ("s_tmax", 0.0), ("s_noise", 1.0))}
+        churn = Churn(values["s_churn"], values["s_tmin"], values["s_tmax"] or math.inf, values["s_noise"])
     except ValueError as error:
         raise field_error("override_settings", str(error), dict(settings)) from None
-    return {"rng": rng, "eta_noise_seed_delta": ensd, "clip_skip": clip_skip}
+    return {"rng": rng, "eta_noise_seed_delta": ensd, "clip_skip": clip_skip, "churn": churn}
 
 
 def request_size(body: GenerationBody, pipe: Pipeline, init_size: Size | None = None,
@@ -291,7 +299,8 @@ def request_from_payload(body: GenerationBody, pipe: Pipeline, sampling: Samplin
             guidance_scale=body.cfg_scale, eta=eta, seed=seed, width=size[0], height=size[1], init_image=init_image,
             mask=mask, strength=strength, refiner_switch_at=body.refiner_switch_at, rng=sampling.rng,
             eta_noise_seed_delta=sampling.eta_noise_seed_delta, clip_skip=sampling.clip_skip,
-            subseed=subseed if body.subseed_strength else None, subseed_strength=body.subseed_strength, hires=hires)
+            subseed=subseed if body.subseed_strength else None, subseed_strength=body.subseed_strength, hires=hires,
+            churn=sampling.churn if sampling.schedule_type is not None else None)
         request_parameters(request, 0, seed, *size, None, None)  # refuses text the PNG's parameters cannot hold
         return pipe.check(request)  # also finds the LoRAs of <lora:NAME:...> tags in the server's LoRA folder
     except (ValueError, FileNotFoundError) as error:

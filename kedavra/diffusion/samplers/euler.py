@@ -9,6 +9,7 @@ Heun schedulers compute the same steps.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,7 +19,53 @@ from kedavra.diffusion.samplers.noise import NoiseSampler
 from kedavra.diffusion.timesteps import SamplingPlan
 
 LMS_ORDER = 4  # k-diffusion's sample_lms default order
+MAX_GAMMA = math.sqrt(2) - 1  # Karras et al. 2022, Algorithm 2: γ_i at most √2 - 1, so σ̂ at most √2 σ
 _GAUSS_NODES, _GAUSS_WEIGHTS = np.polynomial.legendre.leggauss(8)  # exact for the order-4 Lagrange basis
+
+
+@dataclass(frozen=True)
+class Churn:
+    """Karras et al. 2022's stochastic sampling (Algorithm 2, lines 4-6), as k-diffusion's sample_euler, sample_heun
+    and sample_dpm_2 take it and A1111 sets it ("Sigma churn", "Sigma tmin", "Sigma tmax", "Sigma noise"): before
+    step i of n, where s_tmin <= σ_i <= s_tmax, the level is raised to σ̂ = σ_i (1 + γ), γ = min(s_churn / n,
+    √2 - 1), by adding fresh noise z·s_noise of std √(σ̂² - σ_i²); the step then runs from σ̂. s_noise alone also
+    scales the fresh noise of the ancestral and SDE samplers A1111 hands it to. The defaults change nothing."""
+
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = math.inf
+    s_noise: float = 1.0
+
+    def __post_init__(self):
+        for name in ("s_churn", "s_tmin", "s_noise"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if isinstance(self.s_tmax, bool) or not isinstance(self.s_tmax, int | float) or not self.s_tmax > 0:
+            raise ValueError(f"s_tmax must be a number > 0 or inf (A1111's 0 means inf), got {self.s_tmax!r}")
+
+    @property
+    def is_default(self) -> bool:
+        return self == Churn()
+
+    def raise_level(self, x: torch.Tensor, sigma: float, n: int, noise: NoiseSampler, sigma_next: float):
+        """(x at σ̂, σ̂) for step i of n at level σ (Algorithm 2, lines 4-6). The noise is drawn at every step, γ or
+        not, as k-diffusion draws it (A1111's noise sequence depends on it)."""
+        gamma = min(self.s_churn / n, MAX_GAMMA) if self.s_tmin <= sigma <= self.s_tmax else 0.0
+        eps = noise(x, sigma, sigma_next) * self.s_noise
+        sigma_hat = sigma * (gamma + 1)
+        if gamma > 0:
+            x = x + eps * math.sqrt(sigma_hat**2 - sigma**2)
+        return x, sigma_hat
+
+
+def _start(plan: SamplingPlan, i: int, n: int, x: torch.Tensor, noise, churn: Churn | None):
+    """(x, σ, t) a step starts from: the plan's level i, or σ̂ after churn (its timestep mapped from σ̂)."""
+    sigma, sigma_next = _levels(plan, i)
+    if churn is None or churn.s_churn == 0:
+        return x, sigma, plan.timesteps[i].item()
+    x, sigma_hat = churn.raise_level(x, sigma, n, noise, sigma_next)
+    return x, sigma_hat, plan.timesteps[i].item() if sigma_hat == sigma else plan.t_at(sigma_hat)
 
 
 def _levels(plan: SamplingPlan, i: int) -> tuple[float, float]:
@@ -30,12 +77,14 @@ def _next_t(plan: SamplingPlan, i: int, sigma_next: float) -> float:
     return plan.timesteps[i + 1].item() if i + 1 < len(plan) else plan.t_at(sigma_next)
 
 
-def sample_euler(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, noise=None, callback=None):
-    """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
+def sample_euler(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, noise=None, callback=None,
+                 churn: Churn | None = None):
+    """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2; churn: its lines 4-6)."""
     n = len(plan)
     for i in range(n):
-        sigma, sigma_next = _levels(plan, i)
-        x0 = denoiser.ve(x, plan.timesteps[i].item(), sigma)
+        x, sigma, t = _start(plan, i, n, x, noise, churn)
+        sigma_next = plan.sigmas[i + 1].item()
+        x0 = denoiser.ve(x, t, sigma)
         d = (x - x0) / sigma  # dx/dσ, Karras et al. 2022 eq. 3
         x = x + d * (sigma_next - sigma)
         x = denoiser.after_step(callback, i, n, x, x0)
@@ -68,13 +117,15 @@ def sample_euler_ancestral(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPl
     return x
 
 
-def sample_heun(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, noise=None, callback=None):
-    """Heun's second-order method (Karras et al. 2022, Algorithm 1): an Euler step, then the slope is averaged
-    with the slope at the Euler step's end; a plain Euler step into σ = 0. 2n-1 evaluations ending at 0."""
+def sample_heun(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, noise=None, callback=None,
+                churn: Churn | None = None):
+    """Heun's second-order method (Karras et al. 2022, Algorithm 1; churn: Algorithm 2): an Euler step, then the
+    slope is averaged with the slope at the Euler step's end; a plain Euler step into σ = 0. 2n-1 evaluations."""
     n = len(plan)
     for i in range(n):
-        sigma, sigma_next = _levels(plan, i)
-        x0 = denoiser.ve(x, plan.timesteps[i].item(), sigma)
+        x, sigma, t = _start(plan, i, n, x, noise, churn)
+        sigma_next = plan.sigmas[i + 1].item()
+        x0 = denoiser.ve(x, t, sigma)
         d = (x - x0) / sigma
         x_euler = x + d * (sigma_next - sigma)
         if sigma_next == 0:
@@ -97,12 +148,15 @@ def _dpm2_step(denoiser: Denoiser, plan: SamplingPlan, x, x0, sigma: float, sigm
     return x + d_mid * (sigma_to - sigma)
 
 
-def sample_dpm_2(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, noise=None, callback=None):
-    """DPM2 (k-diffusion's sample_dpm_2): DPM-Solver-2 steps in σ, Euler into σ = 0. 2n-1 evaluations."""
+def sample_dpm_2(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, noise=None, callback=None,
+                 churn: Churn | None = None):
+    """DPM2 (k-diffusion's sample_dpm_2): DPM-Solver-2 steps in σ, Euler into σ = 0. 2n-1 evaluations. churn: as
+    `sample_euler`'s."""
     n = len(plan)
     for i in range(n):
-        sigma, sigma_next = _levels(plan, i)
-        x0 = denoiser.ve(x, plan.timesteps[i].item(), sigma)
+        x, sigma, t = _start(plan, i, n, x, noise, churn)
+        sigma_next = plan.sigmas[i + 1].item()
+        x0 = denoiser.ve(x, t, sigma)
         if sigma_next == 0:
             x = x + (x - x0) / sigma * (sigma_next - sigma)
         else:

@@ -38,6 +38,7 @@ from kedavra.diffusion.samplers.dpm_solver import (
     sample_dpmpp_sde,
 )
 from kedavra.diffusion.samplers.euler import (
+    Churn,
     sample_dpm_2,
     sample_dpm_2_ancestral,
     sample_euler,
@@ -87,6 +88,9 @@ class KSamplerSpec:
     # A1111's CompVis samplers (DDIM, PLMS, UniPC): "compvis" or "unipc", the timestep grid they run on instead
     # of a schedule type's σ's, in the VP view (pndm.py, unipc.py); "" for the k-diffusion samplers
     timestep_grid: str = ""
+    # what of Karras et al. 2022's churn settings A1111 hands the function (its sampler_extra_params): "all" for
+    # Euler, Heun, DPM2 (s_churn, s_tmin, s_tmax, s_noise), "noise" (s_noise) for the ancestral and SDE samplers
+    churn: str = ""
 
     @property
     def view(self) -> str:
@@ -99,22 +103,25 @@ class KSamplerSpec:
 
 
 K_SAMPLERS: tuple[KSamplerSpec, ...] = (
-    KSamplerSpec("Euler", "euler", sample_euler),
+    KSamplerSpec("Euler", "euler", sample_euler, churn="all"),
     KSamplerSpec("Euler a", "euler_ancestral", sample_euler_ancestral, ancestral=True),
     KSamplerSpec("LMS", "lms", sample_lms),
-    KSamplerSpec("Heun", "heun", sample_heun),
-    KSamplerSpec("DPM2", "dpm_2", sample_dpm_2, "karras", True, True),
-    KSamplerSpec("DPM2 a", "dpm_2_ancestral", sample_dpm_2_ancestral, "karras", True, True, ancestral=True),
-    KSamplerSpec("DPM++ 2S a", "dpmpp_2s_ancestral", sample_dpmpp_2s_ancestral, "karras", ancestral=True),
+    KSamplerSpec("Heun", "heun", sample_heun, churn="all"),
+    KSamplerSpec("DPM2", "dpm_2", sample_dpm_2, "karras", True, True, churn="all"),
+    KSamplerSpec("DPM2 a", "dpm_2_ancestral", sample_dpm_2_ancestral, "karras", True, True, ancestral=True,
+                 churn="noise"),
+    KSamplerSpec("DPM++ 2S a", "dpmpp_2s_ancestral", sample_dpmpp_2s_ancestral, "karras", ancestral=True,
+                 churn="noise"),
     KSamplerSpec("DPM++ 2M", "dpmpp_2m", functools.partial(sample_dpmpp_2m, lower_order_final=False), "karras"),
-    KSamplerSpec("DPM++ SDE", "dpmpp_sde", sample_dpmpp_sde, "karras", brownian=True, ancestral=True),
-    KSamplerSpec("DPM++ 2M SDE", "dpmpp_2m_sde", sample_dpmpp_2m_sde, "exponential", brownian=True, ancestral=True),
+    KSamplerSpec("DPM++ SDE", "dpmpp_sde", sample_dpmpp_sde, "karras", brownian=True, ancestral=True, churn="noise"),
+    KSamplerSpec("DPM++ 2M SDE", "dpmpp_2m_sde", sample_dpmpp_2m_sde, "exponential", brownian=True, ancestral=True,
+                 churn="noise"),
     KSamplerSpec("DPM++ 2M SDE Heun", "", functools.partial(sample_dpmpp_2m_sde, solver_type="heun"), "exponential",
-                 brownian=True, ancestral=True),
+                 brownian=True, ancestral=True, churn="noise"),
     KSamplerSpec("DPM++ 3M SDE", "dpmpp_3m_sde", sample_dpmpp_3m_sde, "exponential", True, brownian=True,
-                 ancestral=True),
+                 ancestral=True, churn="noise"),
     KSamplerSpec("DPM fast", "dpm_fast", sample_dpm_fast, ancestral=True, a1111_options={"eta": 1.0},
-                 whole_table=True),
+                 whole_table=True, churn="noise"),
     KSamplerSpec("DPM adaptive", "dpm_adaptive", sample_dpm_adaptive, ancestral=True, a1111_options={"eta": 1.0},
                  whole_table=True),
     KSamplerSpec("Restart", "", sample_restart, "karras"),
@@ -241,10 +248,12 @@ def plan_from_sigmas(sigmas: torch.Tensor, table: SigmaTable) -> SamplingPlan:
 
 def prepare_k_run(sampler: str, noise: torch.Tensor, steps: int, schedule: NoiseSchedule, schedule_type: str,
                   convention: str = "a1111", init: torch.Tensor | None = None, strength: float = 1.0,
-                  sdxl: bool = False, eta: float = 0.0, fix_steps: bool = False) -> KRun:
+                  sdxl: bool = False, eta: float = 0.0, fix_steps: bool = False, churn: Churn | None = None) -> KRun:
     """The plan and starting state of an A1111 / ComfyUI run (see the module docstring for the conventions).
     eta: DDIM's η (ETA_K_SAMPLERS); the other samplers refuse a nonzero one. fix_steps: A1111's image-to-image
-    runs `steps` steps of a longer schedule (sigmas.a1111_img2img_steps; ComfyUI's denoise always does)."""
+    runs `steps` steps of a longer schedule (sigmas.a1111_img2img_steps; ComfyUI's denoise always does).
+    churn: Karras et al. 2022's churn settings, handed to the samplers that take them as A1111 hands them
+    (`churn_options`); the others ignore them, as in A1111."""
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown sampling convention {convention!r}; allowed: {', '.join(CONVENTIONS)}")
     spec, carried = resolve_k_sampler(sampler, convention)
@@ -263,7 +272,7 @@ def prepare_k_run(sampler: str, noise: torch.Tensor, steps: int, schedule: Noise
         total, t_enc = a1111_img2img_steps(steps, strength, fix_steps)
         sigmas, table = k_sigmas(spec, total, schedule, carried or schedule_type, convention, sdxl)
         sigmas = sigmas[total - t_enc - 1:]
-        options = dict(spec.a1111_options)
+        options = {**spec.a1111_options, **churn_options(spec, churn)}
         return KRun(plan_from_sigmas(sigmas, table), init + noise * sigmas[0].item(), spec, options)
     sigmas, table = k_sigmas(spec, steps, schedule, carried or schedule_type, convention, sdxl)
     if init is None:
@@ -282,8 +291,18 @@ def prepare_k_run(sampler: str, noise: torch.Tensor, steps: int, schedule: Noise
         total = int(steps / strength)
         sigmas = k_sigmas(spec, total, schedule, carried or schedule_type, convention, sdxl)[0][-(steps + 1):]
         start = init + noise * _comfy_noise_scale(sigmas[0].item(), table)
-    options = dict(spec.a1111_options if convention == "a1111" else spec.comfyui_options)
+    options = {**(spec.a1111_options if convention == "a1111" else spec.comfyui_options), **churn_options(spec, churn)}
     return KRun(plan_from_sigmas(sigmas, table), start, spec, options)
+
+
+def churn_options(spec: KSamplerSpec, churn: Churn | None) -> dict:
+    """The options `churn` gives the sampler: all of it for Euler, Heun and DPM2, s_noise for the ancestral and SDE
+    samplers (A1111's sampler_extra_params), nothing otherwise or when it is the default."""
+    if churn is None or churn.is_default or not spec.churn:
+        return {}
+    if spec.churn == "all":
+        return {"churn": churn}
+    return {"s_noise": churn.s_noise} if churn.s_noise != 1.0 else {}
 
 
 def _prepare_a1111_lcm(spec: KSamplerSpec, noise: torch.Tensor, steps: int, schedule: NoiseSchedule,

@@ -20,7 +20,7 @@ from kedavra.diffusion.samplers.consistency import (
 from kedavra.diffusion.samplers.ddpm import sample_ddim, sample_ddpm
 from kedavra.diffusion.samplers.denoiser import Denoiser, Model, StepCallback, StepRecord, with_state
 from kedavra.diffusion.samplers.dpm_solver import sample_dpmpp_2m, sample_dpmpp_2m_sde
-from kedavra.diffusion.samplers.euler import sample_euler, sample_euler_ancestral, sample_heun
+from kedavra.diffusion.samplers.euler import Churn, sample_euler, sample_euler_ancestral, sample_heun
 from kedavra.diffusion.samplers.k_diffusion import prepare_k_run, run_k_sampler
 from kedavra.diffusion.samplers.noise import NoiseSampler, generator_noise
 from kedavra.diffusion.samplers.pndm import pndm_plan, sample_pndm
@@ -168,6 +168,7 @@ def sample(
     diffusers_rules: bool = False,
     sigmas=None,
     fix_steps: bool = False,
+    churn: Churn | None = None,
 ) -> torch.Tensor:
     """Run the reverse process from `noise` (standard normal, the shape of a sample) to a sample.
 
@@ -204,11 +205,17 @@ def sample(
     kedavra.diffusion.sigmas.a1111_img2img_steps) instead of the last ⌊strength·steps⌋ of `steps`. ComfyUI's
     denoise (convention "comfyui") always works this way; the consistency samplers' strength picks among their
     grid and ignores it.
+
+    churn: Karras et al. 2022's stochastic settings (euler.Churn: s_churn, s_tmin, s_tmax, s_noise) for an A1111 /
+    ComfyUI run (schedule_type given), handed to the samplers A1111 hands them to; kedavra's plans refuse them.
     """
     noise_sampler = noise_sampler or generator_noise(generator)
     if schedule_type is not None:
         return _sample_k(model, noise, sampler, steps, schedule, prediction_type, schedule_type, convention, init,
-                         strength, mask, noise_sampler, brownian, callback, sdxl, eta, fix_steps)
+                         strength, mask, noise_sampler, brownian, callback, sdxl, eta, fix_steps, churn)
+    if churn is not None and not churn.is_default:
+        raise ValueError("s_churn, s_tmin, s_tmax and s_noise apply to A1111's / ComfyUI's samplers (Euler, Heun, "
+                         "DPM2, and s_noise to the ancestral and SDE ones): give a schedule type, e.g. Automatic")
     spec, karras_from_name = resolve_sampler(sampler)
     check_choice("timestep spacing", spacing, SPACINGS)
     eta = check_eta(spec, eta)
@@ -276,7 +283,7 @@ def plan_from_levels(schedule: NoiseSchedule, sigmas, steps: int) -> SamplingPla
 
 
 def _sample_k(model, noise, sampler, steps, schedule, prediction_type, schedule_type, convention, init, strength,
-              mask, noise_sampler, brownian, callback, sdxl, eta, fix_steps) -> torch.Tensor:
+              mask, noise_sampler, brownian, callback, sdxl, eta, fix_steps, churn) -> torch.Tensor:
     """`sample` for an A1111 / ComfyUI run (schedule_type given)."""
     check_finite(noise, "noise")
     if init is not None:
@@ -284,7 +291,7 @@ def _sample_k(model, noise, sampler, steps, schedule, prediction_type, schedule_
         if init.shape != noise.shape:
             raise ValueError(f"init has shape {tuple(init.shape)} but noise has {tuple(noise.shape)}; they must match")
     run = prepare_k_run(sampler, noise, steps, schedule, schedule_type, convention, init, strength, sdxl, eta,
-                        fix_steps)
+                        fix_steps, churn)
     denoiser = model if isinstance(model, Denoiser) else Denoiser(model, prediction_type)
     if mask is not None:
         callback = _keep_outside_mask(init, noise, mask, run.plan, run.spec.view, callback)
