@@ -672,6 +672,8 @@ def test_hires_fix_as_a1111s_txt2img(server, client):
     assert pixel.status_code == 200, pixel.text
     assert decode_png(pixel.json()["images"][0]).size == (40, 32)  # covered at 40x40, the rows cropped
     assert "Hires resize: 40x32" in json.loads(pixel.json()["info"])["infotexts"][0]
+    modes = client.get("/sdapi/v1/latent-upscale-modes").json()
+    assert [mode["name"] for mode in modes][:2] == ["Latent", "Latent (antialiased)"] and len(modes) == 6
 
 
 def test_sigma_churn_as_a1111(server, client):

@@ -104,10 +104,21 @@ def test_generate_from_the_page(browser, models_dir, tmp_path):  # noqa: F811
         gallery[0].click()
         assert browser.find_element(By.CSS_SELECTOR, "#result .parameters").text == text
 
+        browser.find_element(By.ID, "enable_hr").click()  # hires fix: the image at 1.5x, A1111's keys written
+        Select(browser.find_element(By.ID, "hr_upscaler")).select_by_visible_text("Latent (nearest)")
+        scale = browser.find_element(By.ID, "hr_scale")
+        scale.clear()
+        scale.send_keys("1.5")
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery img")) == 2)
+        hires_text = browser.find_element(By.CSS_SELECTOR, "#result .parameters").text
+        assert "Hires upscale: 1.5" in hires_text and "Hires upscaler: Latent (nearest)" in hires_text
+        browser.find_element(By.ID, "enable_hr").click()
+
         width = wait.until(lambda d: d.find_element(By.ID, "width"))  # a bad field: the server's 422, shown
         width.clear()
         width.send_keys("31")  # not a multiple of the tiny VAE factor 2
         browser.find_element(By.ID, "generate").click()
         wait.until(lambda d: "422" in d.find_element(By.ID, "status").text)
         assert "width" in browser.find_element(By.ID, "status").text
-        assert len(browser.find_elements(By.CSS_SELECTOR, "#gallery img")) == 1
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#gallery img")) == 2

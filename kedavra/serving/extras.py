@@ -27,6 +27,7 @@ from fastapi import APIRouter, Request
 from PIL import Image
 from pydantic import BaseModel, Field
 
+from kedavra.pipeline.hires import LATENT_UPSCALE_MODES
 from kedavra.serving.errors import field_error
 from kedavra.serving.schemas import Base64Image, Count, Number, decode_image
 from kedavra.upscaling.named import (
@@ -213,6 +214,16 @@ def info_text(body: ExtrasBase, before: Image.Image, after: Image.Image) -> str:
 @router.get("/upscalers", response_model=list[UpscalerItem])
 async def upscalers():
     return upscaler_items()
+
+
+class LatentUpscaleModeItem(BaseModel):
+    name: str
+
+
+@router.get("/latent-upscale-modes", response_model=list[LatentUpscaleModeItem])
+async def latent_upscale_modes():
+    """A1111's list of hires fix's latent upscalers (kedavra.pipeline.hires.LATENT_UPSCALE_MODES)."""
+    return [LatentUpscaleModeItem(name=name) for name in LATENT_UPSCALE_MODES]
 
 
 @router.post("/extra-single-image", response_model=ExtrasSingleImageResponse)

@@ -56,8 +56,10 @@ function fillSelect(select, items, chosen) {
 
 async function loadServerLists() {
   try {
-    const [samplers, schedulers, options] = await Promise.all([api("samplers"), api("schedulers"), api("options")]);
+    const [samplers, schedulers, options, latentModes, upscalers] = await Promise.all([
+      api("samplers"), api("schedulers"), api("options"), api("latent-upscale-modes"), api("upscalers")]);
     fillSelect($("sampler_name"), samplers.map((s) => [s.name, s.name]), "Euler a");
+    fillSelect($("hr_upscaler"), [...latentModes, ...upscalers].map((u) => [u.name, u.name]), "Latent");
     fillSelect($("scheduler"), schedulers.map((s) => [s.name, s.label]), "automatic");
     $("model").textContent = options.sd_model_checkpoint;
   } catch (error) {
@@ -78,6 +80,12 @@ function payload() {
     if (text !== "" && (name !== "denoising_strength" || initImage)) body[name] = Number(text);
   }
   if (initImage) body.init_images = [initImage];
+  if (!initImage && $("enable_hr").checked) { // A1111's hires fix: its fields, its one denoising_strength
+    body.enable_hr = true;
+    body.hr_upscaler = $("hr_upscaler").value;
+    for (const name of ["hr_scale", "hr_second_pass_steps"]) body[name] = Number($(name).value);
+    body.denoising_strength = Number($("hr_denoising_strength").value);
+  }
   return body;
 }
 
