@@ -12,23 +12,13 @@ as the pipeline runs them (channels-last, oneDNN-packed weights: Pipeline's own 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from timing import best_time
 
 from kedavra.networks.model import ModelConfig, StableDiffusion
 from kedavra.networks.taesd import TinyAutoencoder, get_tiny_autoencoder_config
 from kedavra.pipeline.pipeline import Pipeline
-
-
-def best_time(run, repeats: int) -> float:
-    run()  # warm-up: oneDNN primitive creation
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
@@ -42,28 +32,29 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.size}x{args.size} image")
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn((1, 4, args.size // 8, args.size // 8), generator=generator)
-    t = torch.tensor([500.0])
     print("| precision | TAESD decode | VAE decode | U-Net step (guided) | VAE / TAESD | U-Net step / TAESD |")
     print("|---|---|---|---|---|---|")
     for precision in ("fp32", "bf16"):
-        torch.manual_seed(0)
-        pipe = Pipeline(StableDiffusion(ModelConfig.from_preset("sd15")), dtype=precision)
-        pipe.preview_decoder = TinyAutoencoder(get_tiny_autoencoder_config("taesd"), encoder=False).eval().to(
-            dtype=pipe.dtype).to(memory_format=torch.channels_last)
-        context = torch.randn((2, 77, 768), generator=generator).to(pipe.dtype)
-        unet = pipe.model.unet
-
-        def unet_step():
-            with torch.no_grad():
-                unet(torch.cat([latents, latents]).to(pipe.dtype), torch.cat([t, t]), context)
-
-        taesd = best_time(lambda: pipe.preview(latents), args.repeats)
-        vae = best_time(lambda: pipe.decode(latents), args.repeats)
-        step = best_time(unet_step, args.repeats)
+        taesd, vae, step = measure(precision, latents, generator, args.repeats)
         print(f"| {precision} | {taesd:.3f} s | {vae:.3f} s | {step:.3f} s | {vae / taesd:.1f}x | "
               f"{step / taesd:.1f}x |")
-        del pipe
 
+
+def measure(precision: str, latents: torch.Tensor, generator: torch.Generator, repeats: int):
+    """(TAESD decode, VAE decode, guided U-Net call) seconds in `precision`."""
+    torch.manual_seed(0)
+    pipe = Pipeline(StableDiffusion(ModelConfig.from_preset("sd15")), dtype=precision)
+    pipe.preview_decoder = TinyAutoencoder(get_tiny_autoencoder_config("taesd"), encoder=False).eval().to(
+        dtype=pipe.dtype).to(memory_format=torch.channels_last)
+    context = torch.randn((2, 77, 768), generator=generator).to(pipe.dtype)
+    t = torch.tensor([500.0, 500.0])
+
+    def unet_step():
+        with torch.no_grad():
+            pipe.model.unet(torch.cat([latents, latents]).to(pipe.dtype), t, context)
+
+    return (best_time(lambda: pipe.preview(latents), repeats), best_time(lambda: pipe.decode(latents), repeats),
+            best_time(unet_step, repeats))
 
 if __name__ == "__main__":
     main()

@@ -20,22 +20,13 @@ import time
 
 import numpy as np
 import torch
+from timing import best_time
 
 import kedavra
 from kedavra.evaluation.adherence import measure_adherence
 from kedavra.networks.model import ModelConfig, StableDiffusion
 from kedavra.networks.step_cache import StepCache
 from kedavra.pipeline.pipeline import Pipeline
-
-
-def best_time(run, repeats: int) -> float:
-    run()  # warm-up: oneDNN primitive creation
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def unet_speed(intervals: list[int], size: int, repeats: int) -> None:

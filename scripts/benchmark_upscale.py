@@ -10,23 +10,13 @@ off, like the parity tests (its default fp16 paths would be faster and less exac
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
 from PIL import Image
+from timing import best_time
 
 from kedavra.upscaling.upscaler import KNOWN_UPSCALERS, from_image, load_upscaler, weights_folder
-
-
-def best_time(run, repeats: int) -> float:
-    run()  # warm-up: oneDNN primitive creation, ncnn pipeline set-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def ncnn_runner(stem: str, pixels: np.ndarray, threads: int):
