@@ -153,6 +153,22 @@ def test_mask_keeps_init_outside_and_generates_inside(name):
     assert torch.allclose(out[..., 2:, :], init[..., 2:, :], atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["ddim", "euler"])
+def test_full_strength_inpainting_starts_from_noise(name):
+    """A mask at strength 1 starts from pure noise (diffusers' inpainting pipelines), not from init noised to the
+    first level; image to image at strength 1 without a mask still starts from the noised init."""
+    init, mask = torch.full(SHAPE, 0.7), torch.ones(SHAPE[0], 1, *SHAPE[2:])
+    starts = {}
+    for key, options in (("masked", {"mask": mask}), ("plain", {}), ("none", None)):
+        seen = []
+        kwargs = {"init": init, "strength": 1.0, **options} if options is not None else {}
+        sample(smooth_eps_model, noise(), sampler=name, steps=6, callback=lambda step, s=seen: s.append(step.x_t),
+               **kwargs)
+        starts[key] = seen[0]
+    assert torch.allclose(starts["masked"], starts["none"], atol=1e-6)  # the same x_T as text to image
+    assert not torch.allclose(starts["plain"], starts["none"], atol=1e-3)
+
+
 def test_bad_masks():
     init = torch.zeros(SHAPE)
     with pytest.raises(ValueError, match="mask needs an init"):

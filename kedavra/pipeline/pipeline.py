@@ -29,7 +29,7 @@ from kedavra.diffusion.brownian import BrownianTreeNoise
 from kedavra.diffusion.guidance import classifier_free_guidance
 from kedavra.diffusion.rng import ComfyNoiseSampler, ImageNoise, comfyui_noise
 from kedavra.diffusion.samplers import StepCallback, StepRecord, sample
-from kedavra.diffusion.samplers.registry import SET_ALPHA_TO_ONE_SAMPLERS
+from kedavra.diffusion.samplers.registry import SET_ALPHA_TO_ONE_SAMPLERS, inpaints_from_noise
 from kedavra.diffusion.sigmas import a1111_img2img_steps
 from kedavra.diffusion.timesteps import check_steps
 from kedavra.formats.images import from_pil, to_pil
@@ -144,7 +144,8 @@ class Pipeline:
         from a CPU generator seeded with it, so a seed gives the same image on any device, and a batch the
         same images as single calls.
         init_image, strength: image to image; strength (default 0.8, or 1.0 with a mask) is the fraction of the
-            steps run from the noised image (1 starts from pure noise).
+            steps run from the noised image (1 with a mask starts from pure noise on kedavra's samplers, as
+            diffusers' inpainting pipelines do; otherwise from the image noised to the first level).
         mask: inpainting (needs init_image): white (>= 0.5) where to paint, black where to keep the image; an
             inpainting model (9-channel U-Net) sees the mask and the masked image, any other model has the kept
             region put back after every step.
@@ -204,7 +205,11 @@ class Pipeline:
         init_latents = latent_mask = extra_channels = None
         if request.init_image is not None:  # encoded before the noise is drawn, as diffusers' img2img does
             images = request.init_image.to(self.device)
-            init_latents = self._encode_images(images, generators)
+            # a full-strength run on kedavra's plans starts from pure noise (inpaints_from_noise): an inpainting
+            # U-Net then needs only the masked image, and diffusers' pipeline draws no init posterior either
+            from_noise = request.schedule_type is None and inpaints_from_noise(request.mask, request.strength)
+            if not (self.config.inpainting and from_noise):
+                init_latents = self._encode_images(images, generators)
         noise, noise_sampler, brownian = self._draw_noise(request, seeds, subseeds, generators,
                                                           (self.config.vae.latent_channels, *latent_size))
         if request.mask is not None:

@@ -174,7 +174,8 @@ def sample(
 
     init/strength: image-to-image; the run starts part-way, at the step a fraction `strength` of the way
     from the end, from init noised to that level (x_t = √ᾱ_t init + √(1-ᾱ_t) noise, DDPM eq. 4).
-    Without init it starts from x_T = noise (VP), as Stable Diffusion does.
+    Without init it starts from x_T = noise (VP), as Stable Diffusion does; so does a mask with strength 1
+    (diffusers' inpainting pipelines: `inpaints_from_noise`).
     mask (with init): 1 where to generate, 0 where to keep init, broadcastable to the sample (e.g. (B, 1, h, w)).
     After every step the kept region is replaced by init noised to the next step's level with the same noise,
     so only the masked region is generated (inpainting with an ordinary model, as SD's img2img scripts and
@@ -252,13 +253,14 @@ def sample(
             raise ValueError(f"init has shape {tuple(init.shape)} but noise has {tuple(noise.shape)}; they must match")
         if spec.name not in CONSISTENCY_SAMPLERS:
             plan = plan.start_at(steps - run_steps if fixed else start_index_for_strength(steps, strength))
-        x = add_noise(init, noise, plan.alpha_bar[0].item())
+        x = noise if inpaints_from_noise(mask, strength) else add_noise(init, noise, plan.alpha_bar[0].item())
     elif strength != 1.0:
         raise ValueError(f"strength={strength} needs an init sample (image-to-image); without one it must be 1.0")
     else:
         x = noise
     if spec.view == "ve":
-        if diffusers_rules and init is None and spacing in SIGMA_MAX_START_SPACINGS and \
+        from_noise = init is None or inpaints_from_noise(mask, strength)
+        if diffusers_rules and from_noise and spacing in SIGMA_MAX_START_SPACINGS and \
                 spec.name in SIGMA_SPACE_SCHEDULERS:
             x = x * plan.sigmas[0].item()  # diffusers' init_noise_sigma = σ_max for these spacings
         else:
@@ -267,6 +269,13 @@ def sample(
         callback = _keep_outside_mask(init, noise, mask, plan, spec.view, callback)
     options = {"eta": eta} if spec.name == "ddim" else {"gamma": eta or TCD_GAMMA} if spec.name == "tcd" else {}
     return spec.fn(denoiser, x, plan, noise=noise_sampler, callback=callback, **options)
+
+
+def inpaints_from_noise(mask: torch.Tensor | None, strength: float) -> bool:
+    """Whether a run starts from pure noise although it has an init sample: inpainting (a mask) at full strength,
+    as diffusers' inpainting pipelines do (their `is_strength_max`); the init then only supplies the kept region.
+    Image to image at strength 1 starts from the init noised to the first level (diffusers' img2img does too)."""
+    return mask is not None and strength == 1.0
 
 
 def plan_from_levels(schedule: NoiseSchedule, sigmas, steps: int) -> SamplingPlan:
