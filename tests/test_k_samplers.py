@@ -457,3 +457,58 @@ def test_churn_bad_input():
         Churn(s_tmax=0)
     with pytest.raises(ValueError, match="give a schedule type"):
         sample(toy_model, torch.zeros(SHAPE), sampler="euler", steps=2, churn=Churn(s_churn=1.0))
+
+
+@pytest.mark.parametrize("label", ["Euler", "DPM++ 2M", "Euler a"])
+def test_a1111_inpainting_blends_the_prediction_as_a1111(label):
+    """A1111's inpainting with an ordinary model, transcribed: CFGDenoiser's denoised = init·keep + paint·denoised
+    around k-diffusion's sampler, then samples·paint + init·keep (processing.py); ours within 1e-5."""
+    sampling, wrap = oracle(SCHEDULES["sd"], "eps")
+    schedule, steps, strength = SCHEDULES["sd"], 8, 0.75
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(21))
+    init = torch.randn(SHAPE, generator=torch.Generator().manual_seed(22)).tanh()
+    paint = torch.zeros(SHAPE[0], 1, *SHAPE[2:])
+    paint[..., 1:4, 2:5] = 1
+    keep = 1 - paint
+    spec = resolve_k_sampler(label)[0]
+    sigmas = a1111_sigmas(spec.schedule, steps, wrap, sampling).float()  # the sampler's "Automatic"
+    t_enc = int(min(strength, 0.999) * steps)
+    sched = sigmas[steps - t_enc - 1:]
+
+    def blended(x, sigma, **extra):
+        return init * keep + paint * wrap(x, sigma, **extra)
+
+    tape = NoiseTape(23)
+    fn = {"Euler": sampling.sample_euler, "DPM++ 2M": sampling.sample_dpmpp_2m,
+          "Euler a": sampling.sample_euler_ancestral}[label]
+    kwargs = {"noise_sampler": tape.k_diffusion} if label == "Euler a" else {}
+    theirs = fn(blended, init + noise * sched[0], sched, extra_args={"cond": None}, disable=True, **kwargs)
+    theirs = theirs * paint + init * keep
+    tape.rewind()
+    ours = sample(toy_model, noise, sampler=label, steps=steps, schedule=schedule, schedule_type="Automatic",
+                  init=init, strength=strength, mask=paint, noise_sampler=tape.kedavra)
+    assert ((ours - theirs).abs().max() / theirs.abs().max()).item() <= REL_TOL
+    assert torch.equal(ours * keep, init * keep)  # the kept region is the init exactly
+
+
+def test_comfyui_inpainting_blends_input_and_prediction():
+    """ComfyUI's KSamplerX0Inpaint with Euler, transcribed: the input blended with init + σ·noise where kept, the
+    prediction with init; nothing after the run."""
+    from kedavra.diffusion.samplers.denoiser import Denoiser
+    from kedavra.diffusion.samplers.k_diffusion import prepare_k_run
+
+    schedule, steps = SCHEDULES["sd"], 6
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(31))
+    init = torch.randn(SHAPE, generator=torch.Generator().manual_seed(32)).tanh()
+    paint = torch.zeros(SHAPE[0], 1, *SHAPE[2:])
+    paint[..., :3, :] = 0.6  # ComfyUI's masks are soft
+    run = prepare_k_run("euler", noise, steps, schedule, "normal", "comfyui", init, 0.8)
+    denoiser, x, plan = Denoiser(toy_model), run.start, run.plan
+    for i in range(len(plan)):
+        sigma, sigma_next = plan.sigmas[i].item(), plan.sigmas[i + 1].item()
+        x_in = x * paint + (init + sigma * noise) * (1 - paint)
+        x0 = denoiser.ve(x_in, plan.timesteps[i].item(), sigma) * paint + init * (1 - paint)
+        x = x + (x - x0) / sigma * (sigma_next - sigma)
+    ours = sample(toy_model, noise, sampler="euler", steps=steps, schedule=schedule, schedule_type="normal",
+                  convention="comfyui", init=init, strength=0.8, mask=paint)
+    assert ((ours - x).abs().max() / x.abs().max()).item() <= REL_TOL

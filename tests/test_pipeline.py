@@ -3,6 +3,7 @@
 import dataclasses
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -228,3 +229,23 @@ def test_release_memory_brings_a_large_jobs_memory_back(pipe):
     release_memory()
     assert grown > 100, f"the job added only {grown:.0f} MB: too small to show anything"
     assert resident_mb() - before < 60, f"still {resident_mb() - before:.0f} MB above (the job added {grown:.0f})"
+
+
+def test_a1111_inpainting_keeps_the_original_pixels_and_masks_as_a1111(pipe):
+    """With A1111's sampling (a schedule type) the kept region is pasted back from the original (A1111's overlay),
+    the blend mask is A1111's rounded bicubic resize, ComfyUI's a soft bilinear one."""
+    from kedavra.pipeline.inpainting import program_latent_mask
+
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:21, 5:19] = 255
+    result = pipe("a red circle", steps=3, seed=2, sampler="Euler", schedule_type="Automatic", init_image=init,
+                  mask=Image.fromarray(mask), strength=0.8)
+    out, original = np.asarray(result.images[0]), np.asarray(init)
+    assert np.array_equal(out[mask == 0], original[mask == 0])
+    assert not np.array_equal(out[mask > 0], original[mask > 0])
+    pixel_mask = torch.from_numpy(mask / 255.0).float()[None, None]
+    a1111 = program_latent_mask(pixel_mask, (16, 16), "a1111")
+    comfy = program_latent_mask(pixel_mask, (16, 16), "comfyui")
+    assert set(a1111.unique().tolist()) == {0.0, 1.0} and a1111.shape == (1, 1, 16, 16)
+    assert ((comfy > 0) & (comfy < 1)).any()

@@ -40,6 +40,7 @@ from kedavra.networks.taesd import TinyAutoencoder, load_tiny_autoencoder
 from kedavra.networks.vae_tiling import Tiling
 from kedavra.pipeline.device import default_device, default_dtype, parse_precision
 from kedavra.pipeline.hires import crop_latents, upscale_latents
+from kedavra.pipeline.inpainting import overlay_kept_pixels, program_latent_mask
 from kedavra.pipeline.prompt_weighting import TextConditioning, encode_conditioning
 from kedavra.pipeline.request import GenerationRequest
 from kedavra.upscaling.named import UpscalerCache, resize_image
@@ -230,12 +231,19 @@ class Pipeline:
                                  "without hires fix, or hires fix without the refiner")
             denoise = ModelSwitch(denoise, self._refiner_unet(refiner, request, callback is not None),
                                   round(self.config.schedule.num_train_timesteps * (1 - request.refiner_switch_at)))
-        blend_mask = latent_mask if latent_mask is not None and not self.config.inpainting else None
+        blend_mask = None
+        if request.mask is not None and request.schedule_type is not None:  # A1111 / ComfyUI: every model blends
+            blend_mask = program_latent_mask(request.mask, latent_size, request.convention).to(self.device)
+        elif latent_mask is not None and not self.config.inpainting:
+            blend_mask = latent_mask
         latents = self._sample(request, denoise, noise, noise_sampler, brownian, generators, callback,
                                init=init_latents, strength=request.strength, mask=blend_mask)
         if request.hires is not None:
             latents = self._hires_pass(request, asked_sizes, latents, seeds, subseeds, callback)
-        return GenerationResult(to_pil(self.decode(latents)), seeds, latents, parameters)
+        images = to_pil(self.decode(latents))
+        if request.mask is not None and request.schedule_type is not None and request.convention == "a1111":
+            images = overlay_kept_pixels(images, request.init_image, request.mask)
+        return GenerationResult(images, seeds, latents, parameters)
 
     def _sample(self, request: GenerationRequest, denoise, noise: torch.Tensor, noise_sampler, brownian,
                 generators: list[torch.Generator], callback: StepCallback | None, init: torch.Tensor | None = None,
@@ -542,3 +550,4 @@ class ModelSwitch:
             return callback(replace(step, cond=cond, uncond=uncond))
 
         return report
+

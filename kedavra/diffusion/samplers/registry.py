@@ -302,13 +302,49 @@ def _sample_k(model, noise, sampler, steps, schedule, prediction_type, schedule_
     run = prepare_k_run(sampler, noise, steps, schedule, schedule_type, convention, init, strength, sdxl, eta,
                         fix_steps, churn)
     denoiser = model if isinstance(model, Denoiser) else Denoiser(model, prediction_type)
-    if mask is not None:
-        callback = _keep_outside_mask(init, noise, mask, run.plan, run.spec.view, callback)
-    return run_k_sampler(denoiser, run, noise_sampler, brownian, callback)
+    if mask is None:
+        return run_k_sampler(denoiser, run, noise_sampler, brownian, callback)
+    _check_mask(init, mask)
+    inpainting = InpaintingDenoiser(denoiser, init, mask, noise, convention)
+    samples = run_k_sampler(inpainting, run, noise_sampler, brownian, callback)
+    return samples * mask + init * (1 - mask) if convention == "a1111" else samples
 
 
-def _keep_outside_mask(init, noise, mask, plan, view: str, callback: StepCallback | None) -> StepCallback:
-    """A step callback that puts init, noised to the level just reached, back where mask is 0."""
+class InpaintingDenoiser:
+    """A1111's and ComfyUI's inpainting with an ordinary model, inside the denoiser (not after each step, as
+    diffusers' pipelines and kedavra's plans do): mask is 1 where to paint, 0 where to keep init.
+
+    A1111 (modules/sd_samplers_cfg_denoiser.py): the prediction x̂_0 is blended, init where kept, and the final
+    sample is blended again (processing.py, StableDiffusionProcessingImg2Img.sample); its CompVis samplers (DDIM,
+    PLMS, UniPC: mask_before_denoising) blend the model's input x_t with the clean init instead.
+    ComfyUI (comfy/samplers.py, KSamplerX0Inpaint): the input is blended with init noised to the level with the run's
+    initial noise (x_0 + σ ε), and the prediction x̂_0 with init."""
+
+    def __init__(self, inner: Denoiser, init: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor, convention: str):
+        self.inner, self.init, self.mask, self.noise, self.convention = inner, init, mask, noise, convention
+        self.prediction_type = inner.prediction_type
+
+    def _keep(self, known: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return known * (1 - self.mask) + x * self.mask
+
+    def ve(self, x: torch.Tensor, t: float, sigma: float) -> torch.Tensor:
+        if self.convention == "comfyui":
+            x = self._keep(self.init + sigma * self.noise, x)  # ComfyUI's scale_latent_inpaint for ε and v
+        return self._keep(self.init, self.inner.ve(x, t, sigma))
+
+    def vp(self, x_t: torch.Tensor, t: float, alpha_bar: float):
+        return self.inner.vp(self._keep(self.init, x_t), t, alpha_bar)  # A1111's mask_before_denoising
+
+    def after_step(self, *args, **kwargs) -> torch.Tensor:
+        return self.inner.after_step(*args, **kwargs)
+
+    @property
+    def evaluations(self) -> int:
+        return self.inner.evaluations
+
+
+def _check_mask(init, mask) -> None:
+    """ValueError when a mask comes without init, has values outside [0, 1], or does not fit the sample."""
     if init is None:
         raise ValueError("mask needs an init sample (the image whose unmasked part is kept)")
     check_finite(mask, "mask")
@@ -319,6 +355,11 @@ def _keep_outside_mask(init, noise, mask, plan, view: str, callback: StepCallbac
     except RuntimeError:
         shapes = f"mask of shape {tuple(mask.shape)} does not broadcast to the sample's {tuple(init.shape)}"
         raise ValueError(shapes) from None
+
+
+def _keep_outside_mask(init, noise, mask, plan, view: str, callback: StepCallback | None) -> StepCallback:
+    """A step callback that puts init, noised to the level just reached, back where mask is 0."""
+    _check_mask(init, mask)
 
     def blend(step: StepRecord) -> torch.Tensor:
         level = step.index + 1
