@@ -8,6 +8,7 @@
     kedavra train --init v1-5-pruned-emaonly.safetensors --lora 16 --data photos/ -o runs/lora  # a LoRA (kohya file)
     kedavra train --resume runs/unet --steps 40000 # continue a run (here: longer), with its stored settings
     torchrun --nproc_per_node=2 -m kedavra train ...   # data parallel over processes (gloo / NCCL)
+    torchrun --nproc_per_node=8 -m kedavra train --fsdp ...   # weights and optimizer sharded (FSDP2)
 
 Flags map one to one onto TrainConfig fields. A fresh run takes the defaults for the flags not given; a resumed
 run (--resume DIR, or an output folder that already holds checkpoints) takes the stored config, and the flags
@@ -63,8 +64,8 @@ def register(subparsers) -> None:
         "encoder on the frozen VAE's latents (stage unet), or both (stage all); or fine-tune a trained model "
         "(--init: an embedded name, a kedavra file, an SD 1.x/2.x single file or a diffusers folder), whole or "
         "through a LoRA (--lora RANK; SDXL too). Checkpoints are "
-        "atomic and a run resumes exactly where it stopped; under torchrun it trains data-parallel. See "
-        "docs/training.md.",
+        "atomic and a run resumes exactly where it stopped; under torchrun it trains data-parallel (DDP, or sharded "
+        "with --fsdp). See docs/training.md and docs/scaling.md.",
     )
     add = parser.add_argument
     s = argparse.SUPPRESS  # flags not given stay absent, so a resumed run keeps its stored values
@@ -136,6 +137,10 @@ def register(subparsers) -> None:
     add("--precision", choices=PRECISIONS, default=s, help=f"autocast precision (default {DEFAULTS.precision})")
     add("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=s,
         help="recompute U-Net blocks in the backward pass (less memory, slower; default off)")
+    add("--fsdp", action=argparse.BooleanOptionalAction, default=s,
+        help="under torchrun: shard the trained weights, gradients, AdamW and EMA state over the processes (FSDP2) "
+        "instead of copying them to each (DDP), for models whose training does not fit one device; checkpoints "
+        "are then sharded (docs/scaling.md; default off)")
     add("--latent-cache", action=argparse.BooleanOptionalAction, default=s,
         help="encode the data set's VAE posteriors once instead of every batch (default on)")
     add("--seed", type=int, default=s, help=f"seed of the run (default {DEFAULTS.seed})")

@@ -1,7 +1,8 @@
 """Training kedavra's models from scratch: the VAE, then the U-Net with its text encoder (latent diffusion's two
-stages), on a CPU or GPUs, resumable bitwise, under torchrun for several processes; or fine-tuning any loaded
-model (`TrainConfig.init`: an embedded name, a kedavra file, an SD 1.x / 2.x checkpoint or diffusers folder), whole
-or through a LoRA (`TrainConfig.lora_rank`; SDXL base models too), written as a kohya-format file.
+stages), on a CPU or GPUs, resumable bitwise, under torchrun for several processes (DDP, or FSDP2 with `fsdp`); or
+fine-tuning any loaded model (`TrainConfig.init`: an embedded name, a kedavra file, an SD 1.x / 2.x checkpoint or
+diffusers folder), whole (SDXL base models with `fsdp`) or through a LoRA (`TrainConfig.lora_rank`; SDXL base models
+too), written as a kohya-format file.
 
     from kedavra.training import TrainConfig, train
     train(TrainConfig(data="shapes", preset="tiny", stage="vae", steps=3000, out_dir="runs/vae"))
@@ -21,6 +22,8 @@ or `kedavra train --help` (docs/training.md). Modules, one concept each:
                  fingerprint that ties a checkpoint to its base model
   checkpointing  atomic checkpoints, the `latest` link, resume checks
   distributed    torchrun / torch.distributed setup and the collectives the loop uses
+  sharding       FSDP2 (`TrainConfig.fsdp`): the trained network sharded over the processes, its sharded (DCP)
+                 checkpoints, the full weights gathered on rank 0
   report         metrics.jsonl, the loss plot, sample grids
   loop           the Trainer, which drives any stage, and `train`
 The `kedavra train` command is kedavra.commands.train.

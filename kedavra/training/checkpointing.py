@@ -15,6 +15,16 @@ base model from the run's `init` again, and checks it is the same weights):
                                      diffusers and kedavra read them), training_state.pt, train_config.json
     OUT/lora.safetensors               the finished run's EMA LoRA
 
+A sharded run's checkpoints (TrainConfig.fsdp, kedavra.training.sharding) hold no full weights, only the shards:
+    OUT/checkpoints/step_00001000/   shards/ (torch.distributed.checkpoint: __R_0.distcp written by rank R, and
+                                     .metadata; the model's, AdamW's and the EMA's state, keyed by parameter name),
+                                     training_state.pt, train_config.json
+    OUT/model.safetensors              the finished run's EMA model, gathered in full on rank 0 (kedavra format)
+Every rank writes its file into one shared hidden folder (`shard_folder`), which rank 0 then moves into the
+checkpoint's own hidden folder before renaming that into place, as above: the run folder must be on a file system
+every rank sees. The same rules hold: `latest`, the newest `keep` kept, a damaged checkpoint (a missing or short
+shard file, unreadable metadata) skipped for the newest intact one.
+
 Writing: the files go into a hidden folder beside the final one; each file and the folder are fsync'ed; the
 folder is renamed into place (atomic); then a new link is made under a temporary name and renamed over
 `latest` (atomic). Until that last rename, `latest` names the previous checkpoint, complete and untouched.
@@ -34,6 +44,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader
 
 from kedavra.checkpoint import CONFIG_KEY, save_model
 from kedavra.networks.model import ModelConfig, StableDiffusion
@@ -48,6 +59,8 @@ CONFIG_FILE = "train_config.json"
 EXPORT_FILE = "model.safetensors"  # in OUT: the finished run's EMA model
 LORA_FILE = "lora.safetensors"  # a LoRA run's trained LoRA in a checkpoint, and its EMA LoRA in OUT once finished
 LORA_EMA_FILE = "lora_ema.safetensors"
+SHARDS_DIR = "shards"  # a sharded run's DCP folder in a checkpoint
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of the shard files (FileSystemWriter)
 STATE_FORMAT = 1  # version of training_state.pt's layout
 PARTIAL_MARK = ".partial-"
 
@@ -64,6 +77,7 @@ class Checkpoint:
     ema_state: dict[str, torch.Tensor]
     state: dict[str, Any]
     lora: bool = False
+    sharded: bool = False  # a sharded run's: its weights, AdamW's and the EMA's state are in path / SHARDS_DIR
 
 
 def step_dir_name(step: int) -> str:
@@ -87,6 +101,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
 def model_files(model: StableDiffusion, ema_model: StableDiffusion) -> dict[str, Callable[[Path], None]]:
     """The weight files of a full run's checkpoint: the trained and the EMA model (kedavra format)."""
     return {MODEL_FILE: lambda path: save_model(model, path), EMA_FILE: lambda path: save_model(ema_model, path)}
+
+
+def shard_folder(run_dir: Path, step: int) -> Path:
+    """The hidden folder every rank of a sharded run writes checkpoint `step`'s shards into (one name all ranks
+    know, whatever their process ids); `save_checkpoint` moves it into the checkpoint (files[SHARDS_DIR])."""
+    return run_dir / CHECKPOINTS_DIR / f".{step_dir_name(step)}{PARTIAL_MARK}{SHARDS_DIR}"
 
 
 def save_checkpoint(run_dir: Path, step: int, files: dict[str, Callable[[Path], None]], state: dict[str, Any],
@@ -152,29 +172,53 @@ def find_checkpoint(path: str | os.PathLike) -> Path | None:
 
 
 def load_checkpoint(folder: Path) -> Checkpoint:
-    """Read a checkpoint folder written by `save_checkpoint` (a full run's or a LoRA run's, told apart by its files);
-    ValueError naming what is missing or broken."""
+    """Read a checkpoint folder written by `save_checkpoint` (a full run's, a LoRA run's or a sharded run's, told
+    apart by its files; a sharded one's shards are checked, not read: kedavra.training.sharding.load_sharded reads
+    them into the sharded model); ValueError naming what is missing or broken."""
     lora = (folder / LORA_FILE).is_file()
+    sharded = (folder / SHARDS_DIR).is_dir()
     weights, ema_weights = (LORA_FILE, LORA_EMA_FILE) if lora else (MODEL_FILE, EMA_FILE)
-    missing = [name for name in (weights, ema_weights, STATE_FILE, CONFIG_FILE) if not (folder / name).is_file()]
+    needed = (STATE_FILE, CONFIG_FILE) if sharded else (weights, ema_weights, STATE_FILE, CONFIG_FILE)
+    missing = [name for name in needed if not (folder / name).is_file()]
     if missing:
         raise ValueError(f"checkpoint {folder} is incomplete: no {', '.join(missing)}")
     try:
         config = TrainConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
         state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-        model_config = None
-        if not lora:
-            with safe_open(folder / MODEL_FILE, framework="pt") as file:
-                model_config = ModelConfig.from_dict(json.loads(file.metadata()[CONFIG_KEY]))
-        model_state = load_file(folder / weights)
-        ema_state = load_file(folder / ema_weights)
+        model_config, model_state, ema_state = None, {}, {}
+        if sharded:
+            check_shards(folder / SHARDS_DIR)
+        else:
+            if not lora:
+                with safe_open(folder / MODEL_FILE, framework="pt") as file:
+                    model_config = ModelConfig.from_dict(json.loads(file.metadata()[CONFIG_KEY]))
+            model_state = load_file(folder / weights)
+            ema_state = load_file(folder / ema_weights)
     except Exception as error:  # noqa: BLE001 -- a truncated or damaged file fails in whatever parser reads it
         # (safetensors' SafetensorError, torch.load's EOFError / UnpicklingError / IndexError, json, OSError, ...)
         raise ValueError(f"cannot read checkpoint {folder}: {type(error).__name__}: {error}") from error
     if state.get("format") != STATE_FORMAT:
         raise ValueError(f"checkpoint {folder} has training-state format {state.get('format')!r}; "
                          f"this kedavra reads format {STATE_FORMAT}")
-    return Checkpoint(folder, config, model_config, model_state, ema_state, state, lora)
+    return Checkpoint(folder, config, model_config, model_state, ema_state, state, lora, sharded)
+
+
+def check_shards(folder: Path) -> None:
+    """Check a DCP folder is whole without reading its tensors: its metadata reads, and every byte range it indexes
+    lies inside a file that exists (a crash mid-copy leaves a file missing or short). ValueError naming the first
+    problem."""
+    if not (folder / DCP_METADATA).is_file():
+        raise ValueError(f"no {DCP_METADATA} in {folder}")
+    metadata = FileSystemReader(folder).read_metadata()
+    needed: dict[str, int] = {}  # file -> the bytes its indexed ranges need
+    for item in metadata.storage_data.values():
+        needed[item.relative_path] = max(needed.get(item.relative_path, 0), item.offset + item.length)
+    for name, size in sorted(needed.items()):
+        file = folder / name
+        if not file.is_file():
+            raise ValueError(f"shard file {file} is missing")
+        if file.stat().st_size < size:
+            raise ValueError(f"shard file {file} is truncated: {file.stat().st_size} bytes, its index needs {size}")
 
 
 def check_same_run(stored: TrainConfig, new: TrainConfig, where: Path) -> None:

@@ -103,6 +103,9 @@ class TrainConfig:
     recon_loss       the VAE's reconstruction loss, "l1" or "mse"; kl_weight: β on the KL term
     precision        "fp32" or "bf16" autocast
     gradient_checkpointing  recompute the U-Net's blocks in the backward pass (memory for time)
+    fsdp             shard the trained weights, gradients, AdamW state and EMA over the processes of a torchrun
+                     launch (FSDP2, kedavra.training.sharding) instead of replicating them (DDP); checkpoints are
+                     then sharded (kedavra.training.checkpointing). Not with lora_rank
     latent_cache     unet stage: encode the data set's posteriors once per run instead of every batch
     seed             seed of the initial weights and of every random draw of the run
     sample_interval  optimizer steps between sample grids, and one at the end (0: no sample grids)
@@ -146,6 +149,7 @@ class TrainConfig:
     kl_weight: float = 1e-6  # LDM's KL-f autoencoders (ldm/configs/autoencoder/*.yaml kl_weight: 0.000001)
     precision: str = "bf16"
     gradient_checkpointing: bool = False
+    fsdp: bool = False
     latent_cache: bool = True
     seed: int = 0
     sample_interval: int = 1000
@@ -200,6 +204,10 @@ class TrainConfig:
         self._check("lora_alpha", check_number, 0.0, low_inclusive=False)
         for name in ("lora_text_encoder", "lora_conv"):
             check_bool(name, getattr(self, name))
+        if self.fsdp is True:
+            raise ValueError(f"fsdp=True (--fsdp) shards the trained weights over the processes, and lora_rank "
+                             f"{self.lora_rank} (--lora) trains a few small LoRA layers on a frozen base model, which "
+                             "FSDP would not shard: leave --fsdp out (a LoRA run trains data-parallel under torchrun)")
         self._check("lora_dropout", check_number, 0.0, 1.0)
         if self.lora_dropout == 1:
             raise ValueError(f"lora_dropout must be a number in [0.0, 1.0), got {self.lora_dropout!r}")
@@ -279,7 +287,7 @@ class TrainConfig:
         if self.init is None:  # under init, checked against the model's own (models.finetune_model_config)
             check_schedule_fits(SCHEDULE_PRESETS[self.schedule_name], f"schedule {self.schedule_name!r}",
                                 self.model_config_prediction)
-        for name in ("gradient_checkpointing", "latent_cache", "skip_bad"):
+        for name in ("gradient_checkpointing", "fsdp", "latent_cache", "skip_bad"):
             check_bool(name, getattr(self, name))
         if not all(isinstance(p, str) for p in self.sample_prompts):
             raise ValueError(f"sample_prompts must be strings, got {self.sample_prompts!r}")

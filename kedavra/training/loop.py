@@ -19,6 +19,12 @@ global RNG (which only dropout would use) are all restored.
 A LoRA run (TrainConfig.lora_rank) is the same loop over the LoRA layers' parameters (the stage injects them and
 freezes the rest): its checkpoints and export are LoRA files (kedavra.training.lora), and a resume reads the base
 model from `init` again, refusing one whose weights changed.
+
+A sharded run (TrainConfig.fsdp, kedavra.training.sharding) is the same loop over FSDP2's sharded parameters in
+place of DDP's replicated ones: step 2 reduce-scatters each micro-step's gradients, step 3's norm is taken over the
+shards, AdamW and the EMA update each rank's slice; its checkpoints are sharded (every rank writes its slice) and
+its samples and export are of the full weights, gathered on rank 0. A resume builds the starting model again and
+reads the shards into it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import shutil
 import signal
 import sys
 import time
@@ -40,7 +48,7 @@ from tqdm import tqdm
 from kedavra.adapters.merge import LoraMerger, LoraUse
 from kedavra.checkpoint import save_model
 from kedavra.networks.model import StableDiffusion
-from kedavra.training import checkpointing, lora, report
+from kedavra.training import checkpointing, lora, report, sharding
 from kedavra.training.batches import DataPosition, TrainingData, open_dataset
 from kedavra.training.checkpointing import EXPORT_FILE
 from kedavra.training.config import TrainConfig, stream_seed
@@ -48,7 +56,7 @@ from kedavra.training.distributed import Distributed, close_distributed, init_di
 from kedavra.training.ema import EMA
 from kedavra.training.models import build_model, model_from_state, resolved_config
 from kedavra.training.optim import learning_rate, make_optimizer, set_learning_rate
-from kedavra.training.precision import autocast
+from kedavra.training.precision import attention_kernels, autocast
 from kedavra.training.stages import make_stage, stage_configs
 
 RUN_CONFIG_FILE = checkpointing.CONFIG_FILE  # OUT/train_config.json, beside the checkpoints
@@ -124,10 +132,14 @@ class Trainer:
             raise ValueError(f"batch_size {config.batch_size} must be a multiple of accumulation x processes = "
                              f"{config.accumulation} x {context.world_size} = {micro}")
         self.micro_size = config.batch_size // micro
+        if config.fsdp and not context.active:
+            raise ValueError("fsdp=True (--fsdp) shards the model over the processes of a torchrun launch, and this "
+                             "is one process (WORLD_SIZE 1): launch with torchrun --nproc-per-node N (N >= 2 in all), "
+                             "or leave --fsdp out")
         checkpoint = self._find_checkpoint(resume)
-        if checkpoint is not None and not checkpoint.lora:
+        if checkpoint is not None and not checkpoint.lora and not checkpoint.sharded:
             model = model_from_state(checkpoint.model_config, checkpoint.model_state)
-        else:  # a LoRA checkpoint holds no model: its base is the init model, read again
+        else:  # a LoRA checkpoint holds no model (its base is the init model, read again), a sharded one only shards
             model = build_model(config)
         self.config = config = resolved_config(config, model.config)  # a fine-tune's image size: its model's
         if checkpoint is not None:
@@ -136,19 +148,27 @@ class Trainer:
         data_source = dataset if dataset is not None else open_dataset(config.data, config.image_size, config.seed,
                                                                                  config.skip_bad)
         self.data = TrainingData(data_source, config.image_size, config.batch_size, config.seed)
-        self.model: StableDiffusion = model.to(self.device)
+        # a sharded run's model reaches the device once sharded: a rank's device never holds all the trained weights
+        self.model: StableDiffusion = model if config.fsdp else model.to(self.device)
         self.stage = make_stage(config, self.model, self.data, self.device)
         self.lora = self.stage.lora  # a LoRA run's injected layers (None: the stage trains the weights themselves)
         self.stage.freeze_untrained()
-        self.params = self.stage.trained_parameters()
         self.objective = self.stage.objective()
-        if context.active:
+        if config.fsdp:
+            trained = [getattr(self.model, part) for part in self.stage.trained_components]
+            sharding.shard_objective(self.objective, trained, context)
+            self.model.to(self.device)  # the frozen parts, whole
+            self.network = self.objective
+        elif context.active:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.network = DistributedDataParallel(self.objective, device_ids=device_ids)
         else:
             self.network = self.objective
+        self.params = self.stage.trained_parameters()  # after sharding, which replaces them by DTensors
         self.optimizer = make_optimizer(self.params.values(), config.lr, config.weight_decay, self.device)
         self.ema = EMA(self.params, config.ema_decay)
+        if config.fsdp:
+            self._report_sharding()
         self.generator = torch.Generator().manual_seed(stream_seed(config.seed, "draws"))
         self.global_rng = torch.Generator().manual_seed(stream_seed(config.seed, "global")).get_state()
         self.step = 0
@@ -165,6 +185,16 @@ class Trainer:
 
     # ---- setup -----------------------------------------------------------------------------------------
 
+    def _report_sharding(self) -> None:
+        """One line (rank 0, to stderr): the trained state's bytes per process under FSDP2, and whole (what DDP
+        holds on every process); kedavra.training.sharding.trained_state_bytes."""
+        local = sharding.trained_state_bytes(self.params.values(), self.ema.state_dict().values())
+        totals = self.context.sum(torch.tensor([local], dtype=torch.float64))
+        if self.context.is_main:
+            print(f"kedavra train: FSDP2 over {self.context.world_size} processes: the trained state (weights, "
+                  f"gradients, AdamW's moments, EMA) takes {local / 2**20:.1f} MiB on rank 0, "
+                  f"{float(totals[0]) / 2**20:.1f} MiB whole (what DDP would hold on every process)", file=sys.stderr)
+
     def _find_checkpoint(self, resume: bool):
         found = checkpointing.find_checkpoint(self.run_dir) if self.run_dir.exists() else None
         if found is None:
@@ -180,6 +210,24 @@ class Trainer:
         if state["data_size"] != self.data.size:
             raise ValueError(f"cannot resume {checkpoint.path}: its data set had {state['data_size']} items, this one "
                              f"has {self.data.size}; the run would not continue on the same data order")
+        if checkpoint.sharded:
+            sharding.load_sharded(checkpoint.path / checkpointing.SHARDS_DIR, self.model, self.optimizer, self.ema,
+                                  with_optimizer=state["optimizer_in_shards"])
+            self.ema.updates = state["ema_updates"]
+        else:
+            self._restore_weights(checkpoint)
+        self.generator.set_state(state["generator"])
+        self.global_rng = state["global_rng"]
+        self.step = state["step"]
+        self.position = DataPosition(state["epoch"], state["batch"])
+        self.skipped = state["skipped"]
+        self.consecutive_nonfinite = state["consecutive_nonfinite"]
+        self.train_seconds = state["train_seconds"]
+
+    def _restore_weights(self, checkpoint) -> None:
+        """The optimizer's and the EMA's state from a full (or LoRA) checkpoint, and a LoRA run's layers; the model's
+        weights are already the checkpoint's (a full run) or the base model's (a LoRA run)."""
+        state = checkpoint.state
         ema_state = checkpoint.ema_state
         if self.lora is not None:  # the checkpoint's LoRA files, in kohya's names, on the same base model
             if state.get("base_fingerprint") != self.base_fingerprint:
@@ -192,13 +240,6 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.ema.load_state_dict({k: v.to(self.device) for k, v in ema_state.items() if k in self.params},
                                  state["ema_updates"])
-        self.generator.set_state(state["generator"])
-        self.global_rng = state["global_rng"]
-        self.step = state["step"]
-        self.position = DataPosition(state["epoch"], state["batch"])
-        self.skipped = state["skipped"]
-        self.consecutive_nonfinite = state["consecutive_nonfinite"]
-        self.train_seconds = state["train_seconds"]
 
     # ---- one step --------------------------------------------------------------------------------------
 
@@ -215,18 +256,21 @@ class Trainer:
         draws = self.stage.draws(config.batch_size, self.generator)
         names = ("loss", *self.stage.parts)
         sums = torch.zeros(len(names), dtype=torch.float64)  # each summed over this process's rows
+        # DDP sums the micro-steps' gradients locally and all-reduces once; FSDP2 reduce-scatters every micro-step,
+        # so that gradients stay sharded (kedavra.training.sharding)
+        ddp = context.active and not config.fsdp
         for k in range(config.accumulation):
             start = (k * context.world_size + context.rank) * self.micro_size
             rows = slice(start, start + self.micro_size)
             last = k == config.accumulation - 1
-            sync = self.network.no_sync() if context.active and not last else contextlib.nullcontext()
-            with sync:
+            sync = self.network.no_sync() if ddp and not last else contextlib.nullcontext()
+            with sync, attention_kernels(config.precision, self.device):  # the forward's kernels, recomputed too
                 values = self._micro_loss(indices[rows], {name: d[rows] for name, d in draws.items()})
                 (values["loss"].mean() / config.accumulation).backward()
             sums += torch.stack([values[name].detach().sum() for name in names]).double().cpu()
         totals = context.sum(sums) / config.batch_size
         limit = config.grad_clip if config.grad_clip is not None else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), limit))
+        grad_norm = float(sharding.local_value(torch.nn.utils.clip_grad_norm_(list(self.params.values()), limit)))
         loss_value = float(totals[0])
         parts = {name: float(total) for name, total in zip(names[1:], totals[1:], strict=True)}
         metrics = {"lr": learning_rate(self.step, lr=config.lr, warmup_steps=config.warmup_steps,
@@ -318,10 +362,11 @@ class Trainer:
 
     # ---- snapshots, samples, checkpoints -----------------------------------------------------------------
 
-    def _snapshots(self) -> tuple[StableDiffusion, StableDiffusion]:
+    def _snapshots(self) -> tuple[StableDiffusion, StableDiffusion] | None:
         """(trained, EMA) copies of the model on the CPU, made once per step and completed by the stage (the vae
         stage's measured latent scale). A LoRA run has one: a copy of the base model with the EMA LoRA merged into
-        its weights (kedavra.adapters.merge, as `Pipeline.load_lora` merges the exported file), as both."""
+        its weights (kedavra.adapters.merge, as `Pipeline.load_lora` merges the exported file), as both. A sharded
+        run's are gathered from every rank's shards: every rank calls this, and the others get None."""
         if self._snapshot_step == self.step:
             return self._snapshot_models
         if self.lora is not None:
@@ -329,8 +374,13 @@ class Trainer:
             LoraMerger(model).apply([LoraUse(self.lora.lora_file(self.ema.state_dict()))])
             self._snapshot_step, self._snapshot_models = self.step, (model, model)
             return self._snapshot_models
-        state = self.model.state_dict()
-        ema_state = {**state, **self.ema.state_dict()}
+        state, ema_state = self.model.state_dict(), self.ema.state_dict()
+        if self.config.fsdp:
+            state, ema_state = sharding.gather_full(state, self.context), sharding.gather_full(ema_state, self.context)
+            if not self.context.is_main:
+                self._snapshot_step, self._snapshot_models = self.step, None
+                return None
+        ema_state = {**state, **ema_state}
         models = []
         for weights in (state, ema_state):
             model = model_from_state(self.model.config, weights)
@@ -340,9 +390,11 @@ class Trainer:
         return self._snapshot_models
 
     def _training_state(self) -> dict:
+        """What a checkpoint keeps beside the weights (a sharded run's AdamW state is in its shards instead)."""
         state = {
             "step": self.step, "epoch": self.position.epoch, "batch": self.position.batch,
-            "order_seed": self.config.seed, "data_size": self.data.size, "optimizer": self.optimizer.state_dict(),
+            "order_seed": self.config.seed, "data_size": self.data.size,
+            "optimizer": None if self.config.fsdp else self.optimizer.state_dict(),
             "generator": self.generator.get_state(), "global_rng": torch.get_rng_state(),
             "ema_updates": self.ema.updates, "skipped": self.skipped,
             "consecutive_nonfinite": self.consecutive_nonfinite, "train_seconds": self.train_seconds,
@@ -354,11 +406,16 @@ class Trainer:
 
     def _save(self) -> Path:
         """Write a checkpoint (rank 0) and the loss plot; every rank waits for it. A LoRA run's holds its LoRA
-        files (trained and EMA), never the model."""
+        files (trained and EMA), never the model; a sharded run's, the shards every rank writes."""
         path = self.run_dir / checkpointing.CHECKPOINTS_DIR / checkpointing.step_dir_name(self.step)
         state = self._training_state()  # before the snapshots, which must not change it
+        if self.config.fsdp:
+            shards = checkpointing.shard_folder(self.run_dir, self.step)
+            state["optimizer_in_shards"] = self._save_shards(shards)
         if self.context.is_main:
-            if self.lora is not None:
+            if self.config.fsdp:
+                files = {checkpointing.SHARDS_DIR: lambda target: os.replace(shards, target)}
+            elif self.lora is not None:
                 files = {checkpointing.LORA_FILE: lambda file: self._write_lora(file, None, "trained"),
                          checkpointing.LORA_EMA_FILE: lambda file: self._write_lora(file, self.ema.state_dict(), "EMA")}
             else:
@@ -370,6 +427,15 @@ class Trainer:
                              f"{self.stage.name} stage, {self.config.model_name}, {self.config.data}")
         self.context.barrier()
         return path
+
+    def _save_shards(self, folder: Path) -> bool:
+        """Every rank's slice of the model, AdamW and the EMA into `folder` (emptied first); returns whether AdamW's
+        state is among them (kedavra.training.sharding.save_sharded)."""
+        if self.context.is_main:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+        self.context.barrier()
+        return sharding.save_sharded(folder, self.model, self.optimizer, self.ema)
 
     def _write_lora(self, path: Path, values: dict[str, Tensor] | None, weights: str) -> Path:
         """The LoRA (`values`: EMA shadows, or None for the trained weights) as a kohya file with the run's
@@ -384,13 +450,12 @@ class Trainer:
 
     def _sample(self) -> None:
         """The stage's sample grid of the EMA weights (vae stage: reconstructions) in OUT/samples (rank 0)."""
-        if self.context.is_main:
-            folder = self.run_dir / report.SAMPLES_DIR
-            folder.mkdir(exist_ok=True)
-            path = folder / f"step_{self.step:08d}.png"
-            with _own_rng():
-                _, ema_model = self._snapshots()
-                self.stage.sample(ema_model, path)
+        with _own_rng():
+            snapshots = self._snapshots() if self.context.is_main or self.config.fsdp else None
+            if self.context.is_main:
+                folder = self.run_dir / report.SAMPLES_DIR
+                folder.mkdir(exist_ok=True)
+                self.stage.sample(snapshots[1], folder / f"step_{self.step:08d}.png")
         self.context.barrier()
 
     def _export(self) -> Path:
@@ -402,10 +467,10 @@ class Trainer:
                 self._write_lora(path, self.ema.state_dict(), "EMA")
         else:
             path = self.run_dir / EXPORT_FILE
+            with _own_rng():
+                snapshots = self._snapshots() if self.context.is_main or self.config.fsdp else None
             if self.context.is_main:
-                with _own_rng():
-                    _, ema_model = self._snapshots()
-                checkpointing.atomic_write(path, lambda partial: save_model(ema_model, partial))
+                checkpointing.atomic_write(path, lambda partial: save_model(snapshots[1], partial))
         self.context.barrier()
         return path
 

@@ -4,8 +4,8 @@ and models rebuilt from saved weights (a resumed checkpoint, the snapshots a run
 From scratch the model is the preset's, drawn from the run's seed; a unet run from scratch takes the weights (and
 the latent scale) of the trained VAE that `TrainConfig.vae` names. A fine-tune (`TrainConfig.init`) loads the
 model with kedavra.checkpoint.load_model and keeps its ModelConfig, only `prediction_type` and `schedule` replaced
-where the config names them. SDXL base models (two text encoders, the added embedding) are trained through a LoRA
-only; the refiner not at all.
+where the config names them. SDXL base models (two text encoders, the added embedding) are trained through a LoRA,
+or whole with FSDP2 (`TrainConfig.fsdp`: their training state does not fit one device); the refiner not at all.
 """
 
 from __future__ import annotations
@@ -86,10 +86,15 @@ def _load_init(config: TrainConfig) -> StableDiffusion:
         channels = model.config.unet.in_channels
         raise ValueError(f"init {config.init!r} is an inpainting model (its U-Net takes {channels} input channels: "
                          "latents, mask, masked image); training supports text-to-image models")
-    if model.config.micro_conditioning and (config.lora_rank is None or model.config.text_encoder_2 is None):
-        what = "a LoRA of SDXL base models (--lora RANK)" if config.lora_rank is None else "no SDXL refiner"
+    if model.config.micro_conditioning and model.config.text_encoder_2 is None:
+        raise ValueError(f"init {config.init!r} is an SDXL model ({model.config.family}), a refiner; kedavra train "
+                         "fine-tunes SD 1.x / 2.x-style models and SDXL base models, not the refiner")
+    if model.config.micro_conditioning and config.lora_rank is None and not config.fsdp:
         raise ValueError(f"init {config.init!r} is an SDXL model ({model.config.family}); kedavra train fine-tunes "
-                         f"SD 1.x / 2.x-style models (one text encoder, no added embedding) whole, and trains {what}")
+                         "SD 1.x / 2.x-style models whole, and an SDXL base model through a LoRA (--lora RANK) or "
+                         "whole with --fsdp under torchrun: its U-Net's 2.6 B parameters take about 52 GB of fp32 "
+                         "weights, gradients, AdamW moments and EMA, which FSDP2 shares out over the processes "
+                         "(docs/scaling.md)")
     model.config = finetune_model_config(config, model.config)
     return model
 

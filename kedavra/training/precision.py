@@ -16,6 +16,15 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
         return contextlib.nullcontext()
     stack = contextlib.ExitStack()
     stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
-    if device.type == "cpu":  # CPU flash attention's bf16 backward is slower than the math path (docs/training.md)
-        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+    stack.enter_context(attention_kernels(precision, device))
     return stack
+
+
+def attention_kernels(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The attention kernels a step may use: on the CPU under "bf16" the math one alone (CPU flash attention's bf16
+    backward is slower than the math path, docs/training.md). The backward pass runs in it too: gradient
+    checkpointing recomputes the forward there, and torch.utils.checkpoint refuses a recomputation that took another
+    kernel (its saved tensors differ)."""
+    if precision == "bf16" and device.type == "cpu":
+        return sdpa_kernel([SDPBackend.MATH])
+    return contextlib.nullcontext()
