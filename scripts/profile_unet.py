@@ -1,0 +1,86 @@
+"""Where a U-Net call's time goes, by kind of operation: one guided SD 1.5 call, eager and with packed weights.
+
+    .venv/bin/python scripts/profile_unet.py --size 512                 # torch's default thread count
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/profile_unet.py --threads 1 --size 512
+
+SD 1.5's U-Net shape with random weights (a kernel's cost does not depend on the weights), batch 2 (guidance), bf16,
+channels-last as the pipeline runs it; torch.profiler over one call after a warm-up call, self CPU time of each
+aten / mkldnn op summed into kinds. Attention is split by sequence length and head width (the SDPA kernel's input
+shapes). "eager" is `Pipeline(optimize=False)`, "packed" kedavra's default (kedavra.networks.acceleration).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from kedavra.networks.model import ModelConfig, StableDiffusion
+from kedavra.pipeline.pipeline import Pipeline
+
+KINDS = (  # (kind, substrings of the op name), first match wins
+    ("attention", ("scaled_dot_product", "_flash_attention")),
+    ("convolution", ("convolution", "conv2d")),
+    ("linear / matmul", ("linear", "addmm", "aten::mm", "aten::bmm", "matmul", "baddbmm")),
+    ("GroupNorm / LayerNorm", ("group_norm", "layer_norm", "native_batch_norm")),
+    ("activations (SiLU, GELU)", ("silu", "gelu")),
+    ("elementwise (add, mul, ...)", ("aten::add", "aten::mul", "aten::div", "aten::sub")),
+    ("layout (copy, cat, permute)", ("copy_", "aten::cat", "contiguous", "clone", "to_dense", "reorder",
+                                     "_to_copy", "upsample")),
+)
+
+
+def kind_of(name: str) -> str:
+    for kind, needles in KINDS:
+        if any(needle in name for needle in needles):
+            return kind
+    return "other"
+
+
+def profile_call(optimize: bool, size: int) -> dict[str, float]:
+    """Self CPU seconds by kind (attention keyed by its sequence length and head width) of one guided call."""
+    torch.manual_seed(0)
+    pipe = Pipeline(StableDiffusion(ModelConfig.from_preset("sd15")), dtype="bf16", optimize=optimize)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn((2, 4, size // 8, size // 8), generator=generator).to(pipe.dtype)
+    t, context = torch.tensor([500.0, 500.0]), torch.randn((2, 77, 768), generator=generator).to(pipe.dtype)
+    with torch.no_grad():
+        pipe.model.unet(x, t, context)  # warm-up: oneDNN primitives, packing
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            pipe.model.unet(x, t, context)
+    seconds: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages(group_by_input_shape=True):
+        kind = kind_of(event.key)
+        if kind == "attention" and event.input_shapes and len(event.input_shapes[0]) == 4:
+            batch, heads, tokens, width = event.input_shapes[0]
+            other = event.input_shapes[1][2] if len(event.input_shapes) > 1 and event.input_shapes[1] else tokens
+            kind = f"attention {tokens}x{other} tokens, head width {width}"
+        seconds[kind] += event.self_cpu_time_total / 1e6
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--size", type=int, default=512)
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    results = {name: profile_call(optimize, args.size) for name, optimize in (("eager", False), ("packed", True))}
+    kinds = sorted(set().union(*results.values()), key=lambda k: -results["packed"].get(k, 0.0))
+    totals = {name: sum(values.values()) for name, values in results.items()}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, SD 1.5 U-Net, {args.size}x{args.size}, "
+          "guided (batch 2), bf16: self CPU time of one call\n")
+    print("| kind | eager | share | packed | share |")
+    print("|---|---|---|---|---|")
+    for kind in kinds:
+        row = [f"{results[n].get(kind, 0.0):.3f} s | {100 * results[n].get(kind, 0.0) / totals[n]:.0f} %"
+               for n in ("eager", "packed")]
+        print(f"| {kind} | {' | '.join(row)} |")
+    print(f"| total | {totals['eager']:.3f} s | | {totals['packed']:.3f} s | |")
+
+
+if __name__ == "__main__":
+    main()
