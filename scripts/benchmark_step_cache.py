@@ -85,13 +85,15 @@ def main() -> None:
     parser.add_argument("--intervals", type=int, nargs="+", default=[2, 3, 5])
     parser.add_argument("--per-kind", type=int, default=50, help="adherence prompts of each kind")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-quality", action="store_true")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}")
     if not args.skip_speed:
         unet_speed(args.intervals, args.size, args.repeats)
-    embedded_quality(args.intervals, args.per_kind)
+    if not args.skip_quality:
+        embedded_quality(args.intervals, args.per_kind)
 
 
 if __name__ == "__main__":
