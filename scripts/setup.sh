@@ -37,6 +37,8 @@ if [ -n "$extras" ]; then
     # __init__ imports torchvision, so it comes without dependencies and the tests load its sampling module alone
     # (tests/k_diffusion_oracle.py), with torchsde (the Brownian tree of the SDE samplers) and torchdiffeq.
     $pip install -q --no-deps k-diffusion==0.1.1.post1 torchsde==0.2.6 trampoline==0.1.2 torchdiffeq==0.2.5
+    # Ray Serve, for `kedavra serve --ray-replicas` and tests/test_serving_ray.py (which skips without it)
+    $pip install -q "ray[serve]==2.60.0" || echo "could not install ray[serve]; the Ray serving tests will be skipped"
     if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && [ ! -x /usr/bin/chromedriver ]; then
         # headless Chromium + driver for tests/test_serving_browser.py (selenium uses /usr/bin/chromedriver and
         # never downloads one); without them that test skips and says why

@@ -4,16 +4,24 @@
     kedavra serve --models-dir ~/models --port 7861                     # the first model there; switch by name
     KEDAVRA_API_KEY=... kedavra serve --model m.safetensors --host 0.0.0.0   # others reach it, with the key
 
-Binding anything but a loopback address needs an API key; with a key, every API request must carry it.
+    kedavra serve --model m.safetensors --ray-replicas 2                # two replicas of the model on Ray Serve
+
+Binding anything but a loopback address needs an API key; with a key, every API request must carry it. With
+--ray-replicas the model runs on Ray Serve replicas behind the same API (kedavra.serving.ray_workers;
+docs/scaling.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
+import math
 import os
 import sys
 from pathlib import Path
+
+import torch
 
 from kedavra.api import choose_model, load, resolve_model
 from kedavra.pipeline.device import check_device, parse_precision
@@ -31,7 +39,15 @@ EXAMPLES = """examples:
   kedavra serve --models-dir ~/models --queue-size 4
   KEDAVRA_API_KEY=$(openssl rand -hex 16) kedavra serve --model m.safetensors --host 0.0.0.0
   curl -s localhost:7860/sdapi/v1/txt2img -H 'Content-Type: application/json' -d '{"prompt": "a cat", "steps": 20}'
+  kedavra serve --model m.safetensors --ray-replicas 2 --ray-cpus-per-replica 1
+  kedavra serve --model m.safetensors --ray-address auto --ray-replicas 4 --ray-gpus-per-replica 1
 """
+# the --ray-* flags other than --ray-replicas, by RayOptions field (kedavra.serving.ray_deployment)
+RAY_FLAGS = {"address": "--ray-address", "cpus_per_replica": "--ray-cpus-per-replica",
+             "gpus_per_replica": "--ray-gpus-per-replica", "max_ongoing": "--ray-max-ongoing",
+             "min_replicas": "--ray-min-replicas", "max_replicas": "--ray-max-replicas",
+             "autoscaling": "--ray-autoscaling"}
+RAY_INSTALL = 'pip install "ray[serve]"'
 
 
 def register(subparsers) -> None:
@@ -85,6 +101,27 @@ def register(subparsers) -> None:
                              "taesdxl_decoder.pth or a diffusers AutoencoderTiny folder) instead of the full VAE")
     server.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                         help="uvicorn's log level (default info)")
+    ray = parser.add_argument_group("Ray Serve", "run the model on several Ray Serve replicas behind this server "
+                                                 f"(needs {RAY_INSTALL}; docs/scaling.md)")
+    ray.add_argument("--ray-replicas", type=int, metavar="N",
+                     help="replicas of the model, each loading it and running one job at a time (default: no Ray, "
+                          "one worker thread in this process)")
+    ray.add_argument("--ray-address", metavar="ADDRESS",
+                     help="'auto' or HOST:PORT of a running Ray cluster (default: start a local Ray instance)")
+    ray.add_argument("--ray-cpus-per-replica", type=float, metavar="F",
+                     help="CPUs Ray reserves for each replica (default 1; --threads defaults to it)")
+    ray.add_argument("--ray-gpus-per-replica", type=float, metavar="F",
+                     help="GPUs each replica takes (default 0; 1 puts each replica on a GPU of its own)")
+    ray.add_argument("--ray-max-ongoing", type=int, metavar="N",
+                     help="jobs a replica holds at once, the running one included (Ray Serve's "
+                          "max_ongoing_requests; default 1); --queue-size bounds those waiting for a replica")
+    ray.add_argument("--ray-min-replicas", type=int, metavar="N",
+                     help="autoscale: never fewer replicas than N (default 1 once autoscaling)")
+    ray.add_argument("--ray-max-replicas", type=int, metavar="N",
+                     help="autoscale: up to N replicas as requests wait (default --ray-replicas once autoscaling)")
+    ray.add_argument("--ray-autoscaling", metavar="JSON",
+                     help="other keys of Ray Serve's autoscaling_config, e.g. '{\"target_ongoing_requests\": 1, "
+                          "\"downscale_delay_s\": 300}' (with --ray-min-replicas / --ray-max-replicas)")
     parser.set_defaults(func=run)
 
 
@@ -116,6 +153,30 @@ def check_counts(args) -> None:
         raise ValueError(f"--preview-every must be 1 or more steps, got {args.preview_every}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be 1 or more, got {args.threads}")
+
+
+def ray_options(args):
+    """The --ray-* flags as RayOptions (kedavra.serving.ray_deployment), or None without --ray-replicas; checked
+    before anything loads."""
+    given = {field: getattr(args, flag[2:].replace("-", "_")) for field, flag in RAY_FLAGS.items()}
+    given = {field: value for field, value in given.items() if value is not None}
+    if args.ray_replicas is None:
+        if given:
+            raise ValueError(f"{RAY_FLAGS[next(iter(given))]} needs --ray-replicas N (the number of replicas)")
+        return None
+    if args.taesd is not None:
+        raise ValueError("--taesd does nothing with --ray-replicas: the replicas decode no live previews")
+    if "autoscaling" in given:
+        try:
+            given["autoscaling"] = json.loads(given["autoscaling"])
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--ray-autoscaling must be a JSON object, got {args.ray_autoscaling!r} ({error})") \
+                from None
+    from kedavra.serving.ray_deployment import RayOptions
+
+    options = RayOptions(replicas=args.ray_replicas, **given)
+    options.deployment_options(args.queue_size)  # --queue-size 0 has no Ray Serve counterpart
+    return options
 
 
 def adapter_folder(flag: str, given: str | None, models_dir: Path | None, subfolder: str) -> Path | None:
@@ -155,16 +216,19 @@ def run(args) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     config = server_config(args.host, api_key, args.max_body_mb, args.max_side_factor, args.max_cost)
     check_counts(args)
+    on_ray = ray_options(args)
     models_dir = Path(args.models_dir).expanduser() if args.models_dir is not None else None
     if args.model is not None:
         model_path = resolve_model(args.model)
     else:
         listed = ModelCatalog(models_dir).entries()
         model_path = listed[0].path if listed else resolve_model(choose_model(None, None))
-    catalog = ModelCatalog(models_dir, initial=model_path)
-    device, dtype = check_device(args.device), parse_precision(args.precision)
     lora_dir = adapter_folder("--lora-dir", args.lora_dir, models_dir, "Lora")
     embeddings_dir = adapter_folder("--embeddings-dir", args.embeddings_dir, models_dir, "embeddings")
+    if on_ray is not None:
+        return run_on_ray(args, on_ray, config, model_path, models_dir, lora_dir, embeddings_dir)
+    catalog = ModelCatalog(models_dir, initial=model_path)
+    device, dtype = check_device(args.device), parse_precision(args.precision)
     if args.taesd is not None and not Path(args.taesd).expanduser().exists():
         raise ValueError(f"--taesd {args.taesd}: no such file or folder")
     loader = functools.partial(load_model, device=device, dtype=dtype, lora_dir=lora_dir,
@@ -181,4 +245,46 @@ def run(args) -> int:
           f"description /docs){'; API key required' if api_key else ''}", file=sys.stderr)
     raise_open_file_limit()  # idle sockets must not run the process out of descriptors before they time out
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, **uvicorn_options())
+    return 0
+
+
+def run_on_ray(args, options, config, model_path: Path, models_dir: Path | None, lora_dir: Path | None,
+               embeddings_dir: Path | None) -> int:
+    """`kedavra serve --ray-replicas N`: this process serves the API; the model runs on Ray Serve replicas (on this
+    machine, or on the cluster at --ray-address), each loading it with the server's options."""
+    import uvicorn
+
+    from kedavra.serving.connections import raise_open_file_limit, uvicorn_options
+    from kedavra.serving.ray_deployment import ReplicaSpec
+
+    try:
+        from kedavra.serving.ray_workers import RayWorker, check_room, connect, create_ray_app, disconnect
+    except ImportError as error:
+        raise ValueError(f"--ray-replicas needs Ray Serve ({error}): {RAY_INSTALL}") from None
+    if args.device is not None:
+        try:
+            torch.device(args.device)  # the replicas check that their machine has it
+        except RuntimeError:
+            raise ValueError(f"unknown --device {args.device!r}; e.g. cpu, cuda, cuda:1") from None
+    loader = functools.partial(load, device=args.device, dtype=parse_precision(args.precision), lora_dir=lora_dir,
+                               embeddings_dir=embeddings_dir)
+    threads = args.threads if args.threads is not None else max(1, math.floor(options.cpus_per_replica))
+    spec = ReplicaSpec(model_path, models_dir, loader, threads=threads)
+    started_here = connect(options.address)
+    worker = None
+    try:
+        if started_here:
+            check_room(options)
+        worker = RayWorker(spec, options, queue_size=args.queue_size)
+        app = create_ray_app(worker, config)
+        shown = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"kedavra serve: {worker.model.title} on {options.replicas} Ray Serve replicas, at "
+              f"http://{shown}:{args.port}/ (API {shown}:{args.port}/sdapi/v1, description /docs)"
+              f"{'; API key required' if config.api_key else ''}", file=sys.stderr)
+        raise_open_file_limit()
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, **uvicorn_options())
+    finally:
+        if worker is not None:
+            worker.stop()  # nothing when the app's shutdown has stopped it
+        disconnect(started_here)
     return 0
