@@ -23,12 +23,8 @@ import argparse
 import importlib.util
 import json
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
-
-import httpx
 
 HOST = "127.0.0.1"  # loopback only
 STARTUP_TIMEOUT_S = 300.0  # a Ray instance and its replicas take tens of seconds to start on 2 cores
@@ -50,29 +46,11 @@ def load_test_module():
     return module
 
 
-def start_server(model: Path, port: int, queue_size: int, flags: list[str]) -> subprocess.Popen:
-    """`kedavra serve` on HOST:port with `flags`, once it answers."""
-    command = [sys.executable, "-m", "kedavra", "serve", "--model", str(model), "--host", HOST, "--port", str(port),
-               "--queue-size", str(queue_size), "--precision", "fp32", "--log-level", "warning", *flags]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"{' '.join(command)} exited with status {server.returncode}")
-        try:
-            if httpx.get(f"http://{HOST}:{port}/sdapi/v1/options", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    server.terminate()
-    raise RuntimeError(f"kedavra serve did not answer within {STARTUP_TIMEOUT_S} s")
-
-
 def measure(tester, model: Path, flags: list[str], args) -> dict:
     """The load test's report for one configuration (after a warm-up the report leaves out)."""
     port = tester.free_port()
-    server = start_server(model, port, args.queue_size, flags)
+    server = tester.start_server(model, port, args.queue_size, None, flags, quiet=True,
+                                  timeout_s=STARTUP_TIMEOUT_S)
     try:
         url = f"http://{HOST}:{port}"
         tester.run_load_test(url, clients=2, requests=WARM_UP_REQUESTS, steps=args.steps, size=args.size)

@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -264,13 +265,17 @@ def run_load_test(base_url: str, *, clients: int, requests: int, steps: int = 2,
     return report
 
 
-def start_server(model: Path, port: int, queue_size: int, threads: int | None) -> subprocess.Popen:
+def start_server(model: Path, port: int, queue_size: int, threads: int | None, flags: Sequence[str] = (),
+                 quiet: bool = False, timeout_s: float = STARTUP_TIMEOUT_S) -> subprocess.Popen:
+    """`kedavra serve` on HOST:port (with `flags`; `quiet`: its output discarded), once it answers within
+    timeout_s."""
     command = [sys.executable, "-m", "kedavra", "serve", "--model", str(model), "--host", HOST, "--port", str(port),
-               "--queue-size", str(queue_size), "--precision", "fp32", "--log-level", "warning"]
+               "--queue-size", str(queue_size), "--precision", "fp32", "--log-level", "warning", *flags]
     if threads is not None:
         command += ["--threads", str(threads)]
-    server = subprocess.Popen(command)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    output = subprocess.DEVNULL if quiet else None
+    server = subprocess.Popen(command, stdout=output, stderr=output)
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise RuntimeError(f"kedavra serve exited with status {server.returncode}")
@@ -281,7 +286,7 @@ def start_server(model: Path, port: int, queue_size: int, threads: int | None) -
             pass
         time.sleep(0.5)
     server.terminate()
-    raise RuntimeError(f"kedavra serve did not answer within {STARTUP_TIMEOUT_S} s")
+    raise RuntimeError(f"kedavra serve did not answer within {timeout_s:g} s")
 
 
 def main() -> int:
