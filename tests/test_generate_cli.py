@@ -221,6 +221,25 @@ def test_image_to_image_and_back_from_its_png(model_file, images, tmp_path, caps
     assert "Denoising strength 0.5" in capsys.readouterr().err
 
 
+def test_a1111_inpainting_settings_are_written_and_read_back(model_file, images, tmp_path):
+    """--mask-blur, --only-masked, --masked-padding, --masked-content: the output keeps the init image's size (the
+    crop is generated at --width x --height and pasted back), the PNG records A1111's keys, and --from-png with the
+    same init image and mask gives the same pixels."""
+    first, again = tmp_path / "first.png", tmp_path / "again.png"
+    assert generate(PROMPT, "--model", model_file, "--init-image", images / "init.png", "--mask", images / "mask.png",
+                    "--sampler", "Euler a", "--schedule-type", "Automatic", "--steps", "4", "--seed", "3",
+                    "--width", "16", "--height", "16",
+                    "--mask-blur", "2", "--only-masked", "--masked-padding", "4", "--masked-content", "latent-noise",
+                    "-o", first) == 0
+    assert Image.open(first).size == (SIZE, SIZE)
+    extra = read_parameters(first).extra
+    assert {key: extra[key] for key in ("Mask blur", "Inpaint area", "Masked area padding", "Masked content")} == {
+        "Mask blur": "2", "Inpaint area": "Only masked", "Masked area padding": "4", "Masked content": "latent noise"}
+    assert generate("--from-png", first, "--model", model_file, "--init-image", images / "init.png", "--mask",
+                    images / "mask.png", "-o", again) == 0
+    assert np.array_equal(pixels(first), pixels(again))
+
+
 def test_inpainting_keeps_the_unmasked_pixels(model_file, images, tmp_path):
     """Compared with the same run keeping everything (an all-black mask: the VAE round trip of the init image),
     pixels far from the mask barely move, while regenerating everything (an all-white mask) moves them more."""
@@ -254,6 +273,11 @@ BAD_INPUTS = {
     "strength without init": (lambda f: [PROMPT, *f.m, "--strength", "0.5"], "needs init_image"),
     "mask of another size": (lambda f: [PROMPT, *f.m, *f.init, "--mask", f.images / "small_mask.png"], "16x16"),
     "mask without init": (lambda f: [PROMPT, *f.m, "--mask", f.images / "mask.png"], "mask needs init_image"),
+    "mask blur without mask": (lambda f: [PROMPT, *f.m, *f.init, "--mask-blur", "4"], "--mask-blur set(s) how a mask"),
+    "unknown masked content": (lambda f: [PROMPT, *f.m, *f.init, "--mask", f.images / "mask.png", "--sampler",
+                                          "Euler", "--masked-content", "noise"], "unknown masked_content 'noise'"),
+    "mask settings on kedavra's plans": (lambda f: [PROMPT, *f.m, *f.init, "--mask", f.images / "mask.png",
+                                                    "--only-masked"], "are A1111's inpainting settings"),
     "init not an image": (lambda f: [PROMPT, *f.m, "--init-image", f.images / "not_an_image.png"], "not_an_image"),
     "init missing": (lambda f: [PROMPT, *f.m, "--init-image", f.images / "nowhere.png"], "nowhere.png"),
     "unknown sampler": (lambda f: [PROMPT, *f.m, "--sampler", "warp_drive"], "warp_drive"),

@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from kedavra.api import load
 from kedavra.cli import main
@@ -240,8 +240,11 @@ def test_webuiapi_img2img_and_inpainting(server):
     mask.paste(255, (8, 8, 24, 24))
     inpainted = api.img2img(images=[init], mask_image=mask, prompt="a ball", seed=3, steps=4, width=SIZE,
                             height=SIZE)
-    assert inpainted.images[0].size == (SIZE, SIZE)
-    assert any("mask_blur" in note for note in inpainted.info["notes"])  # webuiapi sends mask_blur=4: ignored
+    # webuiapi sends A1111's API defaults: mask blur 4, "only masked" (the output keeps the init image's size), fill
+    assert inpainted.images[0].size == init.size
+    extra = parse_parameters(inpainted.info["infotexts"][0]).extra
+    assert (extra["Mask blur"], extra["Inpaint area"], extra["Masked content"]) == ("4", "Only masked", "fill")
+    assert not inpainted.info["notes"]
 
 
 def test_img2img_takes_bare_base64_and_data_urls(client):
@@ -255,11 +258,16 @@ def test_img2img_takes_bare_base64_and_data_urls(client):
 
 def test_inverted_mask_paints_where_the_mask_is_black(client):
     init = b64_png(draw_sample_image(SIZE))
-    black, white = (b64_png(Image.new("L", (SIZE, SIZE), level)) for level in (0, 255))
+    left = Image.new("L", (SIZE, SIZE), 0)
+    left.paste(255, (0, 0, SIZE // 2, SIZE))
     request = {"init_images": [init], "seed": 5, "steps": 4, "prompt": "x"}
-    plain = client.post("/sdapi/v1/img2img", json={**request, "mask": black}).json()
-    inverted = client.post("/sdapi/v1/img2img", json={**request, "mask": white, "inpainting_mask_invert": 1}).json()
-    assert plain["images"] == inverted["images"]
+    for sampler in ("Euler", "DDPM"):  # A1111's (its inpainting settings) and kedavra's (the mask as sent)
+        plain = client.post("/sdapi/v1/img2img", json={**request, "sampler_name": sampler,
+                                                       "mask": b64_png(ImageOps.invert(left))}).json()
+        inverted = client.post("/sdapi/v1/img2img", json={**request, "sampler_name": sampler, "mask": b64_png(left),
+                                                          "inpainting_mask_invert": 1}).json()
+        assert np.array_equal(*(np.asarray(decode_png(answer["images"][0])) for answer in (plain, inverted)))
+        assert ("Mask mode: Inpaint not masked" in json.loads(inverted["info"])["infotexts"][0]) == (sampler == "Euler")
 
 
 def test_listing_endpoints_through_webuiapi(server, models_dir):

@@ -62,6 +62,14 @@ from kedavra.pipeline.infotext import (
     VARIATION_STRENGTH_KEY,
     request_parameters,
 )
+from kedavra.pipeline.inpainting import (
+    INPAINT_AREA_KEY,
+    MASK_BLUR_KEY,
+    MASK_MODE_KEY,
+    MASKED_CONTENT_KEY,
+    PADDING_KEY,
+    InpaintOptions,
+)
 from kedavra.pipeline.pipeline import LORA_HASHES_KEY
 from kedavra.pipeline.request import (
     DEFAULT_AESTHETIC_SCORE,
@@ -71,6 +79,7 @@ from kedavra.pipeline.request import (
     DEFAULT_REFINER_SWITCH_AT,
     GenerationRequest,
 )
+from kedavra.upscaling.named import JUST_RESIZE, NO_UPSCALER, resize_image
 from kedavra.validation import MAX_SEED, check_choice
 
 DEFAULT_STEPS = 20
@@ -207,6 +216,23 @@ def register(subparsers) -> None:
                             f"or {DEFAULT_INPAINT_STRENGTH} with --mask)")
     image.add_argument("--mask", metavar="PATH",
                        help="inpainting: white where to paint, black where to keep the init image (same size)")
+    image.add_argument("--resize-mode", choices=RESIZE_MODE_FLAGS, default=None,
+                       help="how an init image (and mask) of another size than --width/--height is brought to it, "
+                            "as A1111's Resize mode (default just-resize: stretched)")
+    a1111 = parser.add_argument_group("A1111's inpainting settings (with --mask and an A1111 sampler such as "
+                                      "'Euler a'; docs/generate.md)")
+    a1111.add_argument("--mask-blur", type=int, metavar="PX",
+                       help="blur the mask with a Gaussian of this σ in pixels (A1111's Mask blur; default 0)")
+    a1111.add_argument("--only-masked", action=argparse.BooleanOptionalAction, default=None,
+                       help="Inpaint area 'Only masked': paint a crop around the mask at --width x --height and "
+                            "paste it back into the full-size image (default: whole picture)")
+    a1111.add_argument("--masked-padding", type=int, metavar="PX",
+                       help="pixels around the mask's box in the --only-masked crop (default 0)")
+    a1111.add_argument("--masked-content", metavar="KIND",
+                       help="what the painted region starts from: fill, original (default), 'latent noise', "
+                            "'latent nothing'")
+    a1111.add_argument("--invert-mask", action=argparse.BooleanOptionalAction, default=None,
+                       help="paint where the mask is black (A1111's Mask mode 'Inpaint not masked')")
     hires = parser.add_argument_group("hires fix (A1111's: a second pass at a larger size; docs/generate.md)")
     hires.add_argument("--hires", action=argparse.BooleanOptionalAction, default=None,
                        help="upscale the first pass and run image to image on it (any --hires-* flag turns it on; "
@@ -316,9 +342,34 @@ def resolve_request(args, png: GenerationParameters | None, notes: list[str], in
         step_cache=int(pick(args.step_cache, _number(extra, STEP_CACHE_KEY), 0)),
         churn=Churn(*(pick(getattr(args, name), _number(extra, key), getattr(Churn(), name)) or
                       (math.inf if name == "s_tmax" else 0.0) for name, key in CHURN_KEYS.items())),
+        inpaint=resolve_inpaint(args, extra if mask is not None else {}, mask is not None),
     )
 
 
+def resolve_inpaint(args, extra: dict[str, str], masked: bool) -> InpaintOptions | None:
+    """A1111's inpainting settings from the flags over the PNG's "Mask blur", "Inpaint area", ... (None: none given
+    anywhere)."""
+    flags = {"--mask-blur": args.mask_blur, "--only-masked": args.only_masked, "--masked-padding": args.masked_padding,
+             "--masked-content": args.masked_content, "--invert-mask": args.invert_mask,
+             "--resize-mode": args.resize_mode}
+    given = [flag for flag, value in flags.items() if value is not None and flag != "--resize-mode"]
+    if given and not masked:
+        raise ValueError(f"{', '.join(given)} set(s) how a mask is used: give --mask (and --init-image)")
+    if not masked or (not given and args.resize_mode is None and not set(extra) & set(INPAINT_KEYS)):
+        return None
+    png = InpaintOptions.from_infotext(extra)
+    blur = args.mask_blur if args.mask_blur is not None else png.mask_blur_x
+    content = png.masked_content if args.masked_content is None else args.masked_content.replace("-", " ")
+    return InpaintOptions(
+        mask_blur_x=blur, mask_blur_y=blur if args.mask_blur is not None else png.mask_blur_y,
+        only_masked=png.only_masked if args.only_masked is None else args.only_masked,
+        padding=png.padding if args.masked_padding is None else args.masked_padding, masked_content=content,
+        invert=png.invert if args.invert_mask is None else args.invert_mask,
+        resize_mode=RESIZE_MODE_FLAGS.index(args.resize_mode) if args.resize_mode is not None else png.resize_mode)
+
+
+RESIZE_MODE_FLAGS = ("just-resize", "crop-and-resize", "resize-and-fill")  # A1111's resize modes 0, 1, 2
+INPAINT_KEYS = (MASK_BLUR_KEY, MASK_MODE_KEY, MASKED_CONTENT_KEY, INPAINT_AREA_KEY, PADDING_KEY)
 HIRES_FLAGS = ("hires_scale", "hires_resize", "hires_upscaler", "hires_steps", "hires_sampler", "hires_schedule_type",
                "hires_prompt", "hires_negative")
 
@@ -491,7 +542,8 @@ def run(args) -> int:
         refiner = load(refiner_path, device=device, dtype=dtype)
     if args.taesd is not None:
         pipe.load_preview_decoder(args.taesd)
-    request = _sized(request, pipe.config.image_size)
+    request = _sized(request, pipe.config.image_size,
+                     RESIZE_MODE_FLAGS.index(args.resize_mode) if args.resize_mode is not None else JUST_RESIZE)
     if args.sigmas is not None and args.sigmas.strip().lower() == LOG_UNIFORM:
         request = request.replace(sigmas=tuple(log_uniform_sigmas(*table_sigma_range(pipe.config.schedule),
                                                                   request.steps).tolist()))
@@ -568,13 +620,17 @@ def read_inputs(init_path: str | None, mask_path: str | None) -> tuple[Image.Ima
     return init_image, mask
 
 
-def _sized(request: GenerationRequest, model_size: int) -> GenerationRequest:
+def _sized(request: GenerationRequest, model_size: int, resize_mode: int = JUST_RESIZE) -> GenerationRequest:
     """The request at its size: --width/--height (or the PNG's), else the init image's size, else the model's image
-    size; an init image (and mask) of another size is resized to it (Lanczos; the mask nearest-neighbour)."""
+    size; an init image (and mask) of another size is brought to it by `resize_mode` (A1111's resize_image; a mask
+    just resized nearest-neighbour), except for A1111 inpainting, which does that itself (kedavra.pipeline.
+    inpainting: it blurs and crops at the image's own size first)."""
     image, mask = request.init_image, request.mask
     default_width, default_height = image.size if image is not None else (model_size, model_size)
     width, height = request.width or default_width, request.height or default_height
-    if image is not None and image.size != (width, height):
-        image = image.resize((width, height), Image.Resampling.LANCZOS)
-        mask = mask.resize((width, height), Image.Resampling.NEAREST) if mask is not None else None
+    if image is not None and image.size != (width, height) and not request.a1111_inpainting:
+        image = resize_image(image, (width, height), NO_UPSCALER, None, resize_mode)
+        mask = (None if mask is None else mask.resize((width, height), Image.Resampling.NEAREST)
+                if resize_mode == JUST_RESIZE else resize_image(mask, (width, height), NO_UPSCALER, None,
+                                                                resize_mode).convert("L"))
     return request.replace(width=width, height=height, init_image=image, mask=mask)

@@ -70,6 +70,8 @@ def request_parameters(request: GenerationRequest, index: int, seed: int, width:
     if request.sigmas is not None:
         extra[SIGMAS_KEY] = " ".join(repr(float(level)) for level in request.sigmas)
     extra.update(noise_parameters(request, index))
+    if request.mask is not None and request.inpaint is not None:
+        extra.update(request.inpaint.infotext())
     sampler, schedule_type = sampler_label(request)
     strength = request.strength
     if request.hires is not None:  # A1111's "Denoising strength" is the hires pass's in a txt2img infotext

@@ -40,7 +40,7 @@ from kedavra.networks.taesd import TinyAutoencoder, load_tiny_autoencoder
 from kedavra.networks.vae_tiling import Tiling
 from kedavra.pipeline.device import default_device, default_dtype, parse_precision
 from kedavra.pipeline.hires import crop_latents, upscale_latents
-from kedavra.pipeline.inpainting import overlay_kept_pixels, program_latent_mask
+from kedavra.pipeline.inpainting import a1111_inpainting, program_latent_mask
 from kedavra.pipeline.prompt_weighting import TextConditioning, encode_conditioning
 from kedavra.pipeline.request import GenerationRequest
 from kedavra.upscaling.named import UpscalerCache, resize_image
@@ -194,6 +194,9 @@ class Pipeline:
         multistep sampler keeps its history across the switch)."""
         asked_sizes = (request.original_size, request.target_size)  # None: the image's size, at each pass
         request = self.check(request)
+        inpainting = None
+        if request.a1111_inpainting:  # A1111's mask blur, crop, fill; its latent mask and overlay below
+            request, inpainting = a1111_inpainting(request, request.width, request.height)
         if self.config.micro_conditioning == REFINER_MICRO_CONDITIONING and request.init_image is None:
             raise ValueError(f"{self.config.family} is an SDXL refiner: it refines an image (give init_image), or "
                              "serves as the refiner of an SDXL base model (refiner=...)")
@@ -214,7 +217,7 @@ class Pipeline:
         noise, noise_sampler, brownian = self._draw_noise(request, seeds, subseeds, generators,
                                                           (self.config.vae.latent_channels, *latent_size))
         if request.mask is not None:
-            pixel_mask = request.mask.to(self.device)  # (B, 1, H, W), 1 = paint
+            pixel_mask = (request.mask >= 0.5).float().to(self.device)  # (B, 1, H, W), 1 = paint, binarised
             latent_mask = torch.nn.functional.interpolate(pixel_mask, size=latent_size)
             if self.config.inpainting:  # the U-Net sees the mask and the image with the painted part blacked out
                 masked_latents = self._encode_images(images * (1 - pixel_mask), generators)
@@ -236,13 +239,20 @@ class Pipeline:
             blend_mask = program_latent_mask(request.mask, latent_size, request.convention).to(self.device)
         elif latent_mask is not None and not self.config.inpainting:
             blend_mask = latent_mask
+        if inpainting is not None and inpainting.options.masked_content in ("latent noise", "latent nothing"):
+            # A1111: the masked latents replaced by the seeds' noise (without variation seed) or zeros
+            replacement = torch.zeros_like(init_latents)
+            if inpainting.options.masked_content == "latent noise":
+                replacement = noise if not request.subseed_strength else self._draw_noise(
+                    request.replace(subseed_strength=0.0), seeds, None, generators, tuple(noise.shape[1:]))[0]
+            init_latents = init_latents * (1 - blend_mask) + replacement * blend_mask
         latents = self._sample(request, denoise, noise, noise_sampler, brownian, generators, callback,
                                init=init_latents, strength=request.strength, mask=blend_mask)
         if request.hires is not None:
             latents = self._hires_pass(request, asked_sizes, latents, seeds, subseeds, callback)
         images = to_pil(self.decode(latents))
-        if request.mask is not None and request.schedule_type is not None and request.convention == "a1111":
-            images = overlay_kept_pixels(images, request.init_image, request.mask)
+        if inpainting is not None:
+            images = inpainting.finish(images)
         return GenerationResult(images, seeds, latents, parameters)
 
     def _sample(self, request: GenerationRequest, denoise, noise: torch.Tensor, noise_sampler, brownian,

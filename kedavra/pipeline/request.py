@@ -29,6 +29,7 @@ from kedavra.diffusion.sigmas import AUTOMATIC, CONVENTIONS, resolve_schedule_ty
 from kedavra.diffusion.timesteps import SPACINGS, check_steps
 from kedavra.formats.images import from_pil
 from kedavra.pipeline.hires import HiresFix
+from kedavra.pipeline.inpainting import InpaintOptions, inpainting_pictures
 from kedavra.validation import (
     MAX_SEED,
     check_bool,
@@ -104,6 +105,9 @@ class GenerationRequest:
     churn                      Karras et al. 2022's s_churn, s_tmin, s_tmax, s_noise (kedavra.diffusion.samplers.
                                euler.Churn), A1111's "Sigma churn" settings: for A1111 / ComfyUI samplers (a schedule
                                type), applied as A1111 applies them (Euler, Heun, DPM2; s_noise also ancestral / SDE)
+    inpaint                    A1111's inpainting settings (kedavra.pipeline.inpainting.InpaintOptions: mask blur,
+                               "only masked" and its padding, masked content, invert, resize mode) for a mask with an
+                               A1111 sampler; None: the mask as given over the whole picture
     """
 
     prompts: tuple[str, ...]
@@ -138,6 +142,7 @@ class GenerationRequest:
     hires: HiresFix | None = None
     step_cache: int = 0
     churn: Churn | None = None
+    inpaint: InpaintOptions | None = None
 
     def __post_init__(self):
         prompts, negatives = tuple(self.prompts), tuple(self.negative_prompts)
@@ -201,6 +206,16 @@ class GenerationRequest:
             if self.init_image is not None:
                 raise ValueError("hires fix is text to image's second pass, not for init_image: upscale the image "
                                  "(kedavra upscale), then run image to image at the larger size")
+        if self.inpaint is not None:
+            if not isinstance(self.inpaint, InpaintOptions):
+                raise ValueError(f"inpaint must be an InpaintOptions (kedavra.pipeline.inpainting), got "
+                                 f"{type(self.inpaint).__name__}")
+            if self.mask is None and not self.inpaint.is_default:
+                raise ValueError("mask blur, only masked, masked content and the mask's resize mode need a mask")
+            if not self.inpaint.is_default and (schedule_type is None or self.convention != "a1111"):
+                raise ValueError("mask blur, only masked, masked content and the mask's resize mode are A1111's "
+                                 "inpainting settings: give an A1111 sampler with a schedule type (e.g. sampler "
+                                 "'Euler a' with schedule type 'Automatic'; convention 'a1111')")
         check_seed("seed", self.seed, optional=True)
         for name in ("width", "height"):
             check_optional_int(name, getattr(self, name), 1, MAX_SIDE, none_means="the model's image size")
@@ -310,6 +325,12 @@ class GenerationRequest:
         return [(seed + i) % (MAX_SEED + 1) for i in range(n)], None
 
     @property
+    def a1111_inpainting(self) -> bool:
+        """Whether the request inpaints as A1111 does (a mask, an A1111 sampler with a schedule type): its mask
+        settings (`inpaint`), latent mask and final overlay (kedavra.pipeline.inpainting)."""
+        return self.mask is not None and self.schedule_type is not None and self.convention == "a1111"
+
+    @property
     def sampler_spec(self) -> SamplerSpec | None:
         """kedavra's sampler, or None when the request runs an A1111 / ComfyUI sampler (`k_sampler`)."""
         return None if self.schedule_type is not None else resolve_sampler(self.sampler)[0]
@@ -327,7 +348,8 @@ class GenerationRequest:
         """This request checked against a model's `ModelConfig`, with its defaults filled in: width and height set
         (multiples of the VAE's downsampling factor), steps within the training timesteps, clip_skip within the
         text encoder's layers, an inpainting model given a mask, and init_image / mask as (B, 3, H, W) in [-1, 1]
-        and (B, 1, H, W) of 0/1 tensors on the CPU."""
+        and (B, 1, H, W) in [0, 1] tensors on the CPU, at width x height; an A1111 inpainting request's pictures
+        are left as given (any size, the same for both) for the pipeline to prepare."""
         if self.sampler is None:
             return dataclasses.replace(self, sampler=config.sampler or DEFAULT_SAMPLER).for_model(config)
         f = config.vae.downsample_factor
@@ -344,10 +366,13 @@ class GenerationRequest:
         if config.inpainting and self.mask is None:
             raise ValueError(f"{config.family} is an inpainting model: give init_image and mask")
         init_image = mask = None
-        if self.init_image is not None:
+        if self.a1111_inpainting:  # prepared by the pipeline (kedavra.pipeline.inpainting), from any size
+            init_image, mask = self.init_image, self.mask
+            inpainting_pictures(init_image, mask, self.num_images)
+        elif self.init_image is not None:
             init_image = _image_batch(self.init_image, self.num_images, width, height)
-        if self.mask is not None:
-            mask = _mask_batch(self.mask, self.num_images, width, height)
+            if self.mask is not None:
+                mask = _mask_batch(self.mask, self.num_images, width, height)
         return dataclasses.replace(self, width=width, height=height, init_image=init_image, mask=mask,
                                    original_size=self.original_size or (height, width),
                                    target_size=self.target_size or (height, width))
@@ -374,7 +399,8 @@ def _image_batch(image: Picture, batch: int, width: int, height: int) -> torch.T
 
 
 def _mask_batch(mask: Picture, batch: int, width: int, height: int) -> torch.Tensor:
-    """A mask (PIL image, white = paint, or a (B|1, 1, H, W) / (H, W) tensor in [0, 1]) -> (B, 1, H, W) of 0/1."""
+    """A mask (PIL image, white = paint, or a (B|1, 1, H, W) / (H, W) tensor in [0, 1]) -> (B, 1, H, W) in [0, 1]
+    (grey levels kept: ComfyUI blends with them; kedavra's plans binarise it at 0.5, as SD's pipelines do)."""
     if isinstance(mask, Image.Image):
         tensor = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255)[None, None]
     else:
@@ -384,5 +410,5 @@ def _mask_batch(mask: Picture, batch: int, width: int, height: int) -> torch.Ten
                          "the size of the image")
     if tensor.shape[0] not in (1, batch):
         raise ValueError(f"mask holds {tensor.shape[0]} masks for a batch of {batch}; give 1 or {batch}")
-    return (tensor >= 0.5).float().expand(batch, -1, -1, -1)  # binarised, as SD's pipelines do
+    return tensor.float().clamp(0, 1).expand(batch, -1, -1, -1)
 

