@@ -240,6 +240,18 @@ def test_a1111_inpainting_settings_are_written_and_read_back(model_file, images,
     assert np.array_equal(pixels(first), pixels(again))
 
 
+def test_eta_of_a1111s_ancestral_samplers_is_written_and_read_back(model_file, tmp_path):
+    first, again, default = tmp_path / "first.png", tmp_path / "again.png", tmp_path / "default.png"
+    common = ["--model", model_file, "--sampler", "Euler a", "--schedule-type", "Automatic", "--steps", "4", "--seed",
+              "8"]
+    assert generate(PROMPT, *common, "--eta", "0.5", "-o", first) == 0
+    assert read_parameters(first).extra["Eta"] == "0.5"
+    assert generate("--from-png", first, "--model", model_file, "-o", again) == 0
+    assert generate(PROMPT, *common, "-o", default) == 0
+    assert np.array_equal(pixels(first), pixels(again)) and not np.array_equal(pixels(first), pixels(default))
+    assert "Eta" not in read_parameters(default).extra
+
+
 def test_inpainting_keeps_the_unmasked_pixels(model_file, images, tmp_path):
     """Compared with the same run keeping everything (an all-black mask: the VAE round trip of the init image),
     pixels far from the mask barely move, while regenerating everything (an all-white mask) moves them more."""

@@ -23,6 +23,8 @@ from kedavra.diffusion.samplers import sample
 from kedavra.diffusion.samplers.k_diffusion import K_SAMPLERS, resolve_k_sampler
 from kedavra.diffusion.schedule import NoiseSchedule
 from kedavra.diffusion.sigmas import AYS_SIGMAS, SigmaTable, beta_quantile, build_sigmas, resolve_schedule_type
+from kedavra.pipeline.infotext import request_parameters
+from kedavra.pipeline.request import GenerationRequest
 
 SHAPE = (2, 4, 6, 6)
 REL_TOL = 1e-5
@@ -154,7 +156,7 @@ class NoiseTape:
 
 
 def k_diffusion_run(label, steps, schedule, prediction, schedule_type, noise, tape, init=None, strength=1.0,
-                    fix_steps=False):
+                    fix_steps=False, eta=None):
     """A1111's KDiffusionSampler.sample / sample_img2img with k-diffusion's function; x̂_0 per step and the result.
     fix_steps: sample_img2img handed a step count (its hires fix; setup_img2img_steps with steps given)."""
     sampling, wrap = oracle(schedule, prediction)
@@ -194,6 +196,9 @@ def k_diffusion_run(label, steps, schedule, prediction, schedule_type, noise, ta
         kwargs["sigmas"] = sched
     if spec.a1111 == "DPM++ 2M SDE Heun":
         kwargs["solver_type"] = "heun"
+    if eta is not None:  # A1111 hands every function with an "eta" parameter its eta (default 1)
+        assert "eta" in inspect.signature(fn).parameters
+        kwargs["eta"] = eta
     if "noise_sampler" in inspect.signature(fn).parameters:
         kwargs["noise_sampler"] = tape.k_diffusion
     denoised = []
@@ -231,6 +236,38 @@ def test_a1111_samplers_match_k_diffusion(label, setting):
             assert ((a - b).abs().max() / b.abs().max()).item() <= REL_TOL
     scale = their_result.abs().max()
     assert ((our_result - their_result).abs().max() / scale).item() <= REL_TOL
+
+
+@pytest.mark.parametrize("label", [spec.a1111 for spec in K_SAMPLERS if spec.eta])
+@pytest.mark.parametrize("eta", [0.0, 0.4])
+def test_a1111_eta_reaches_the_samplers_that_take_one(label, eta):
+    """A1111's eta (its eta_ancestral setting or a request's eta) as k-diffusion's samplers take it."""
+    schedule = SCHEDULES["sd"]
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4))
+    tape = NoiseTape(6)
+    _, theirs = k_diffusion_run(label, 8, schedule, "eps", "Automatic", noise, tape, eta=eta)
+    tape.rewind()
+    ours = sample(toy_model, noise, sampler=label, steps=8, schedule=schedule, schedule_type="Automatic",
+                  noise_sampler=tape.kedavra, eta_ancestral=eta)
+    assert ((ours - theirs).abs().max() / theirs.abs().max()).item() <= REL_TOL
+    default = sample(toy_model, noise, sampler=label, steps=8, schedule=schedule, schedule_type="Automatic",
+                     noise_sampler=tape.kedavra)
+    assert not torch.allclose(ours, default)
+
+
+def test_eta_ancestral_is_refused_where_it_does_not_apply():
+    with pytest.raises(ValueError, match="eta_ancestral=0.5 applies to A1111's Euler a, DPM2 a"):
+        sample(toy_model, torch.zeros(SHAPE), sampler="DPM++ 2M", steps=4, schedule=SCHEDULES["sd"],
+               schedule_type="Automatic", eta_ancestral=0.5)
+    with pytest.raises(ValueError, match="give a schedule type"):
+        sample(toy_model, torch.zeros(SHAPE), sampler="euler_a", steps=4, schedule=SCHEDULES["sd"], eta_ancestral=0.5)
+    with pytest.raises(ValueError, match="not euler_ancestral \\(comfyui\\)"):
+        sample(toy_model, torch.zeros(SHAPE), sampler="euler_ancestral", steps=4, schedule=SCHEDULES["sd"],
+               schedule_type="normal", convention="comfyui", eta_ancestral=0.5)
+    request = GenerationRequest.build("x", sampler="Euler a", schedule_type="Automatic", eta_ancestral=0.25)
+    assert request_parameters(request, 0, 1, 8, 8, None, None).extra["Eta"] == "0.25"
+    with pytest.raises(ValueError, match="not kedavra's euler_a"):
+        GenerationRequest.build("x", sampler="euler_a", eta_ancestral=0.25)
 
 
 @pytest.mark.parametrize("label", ["Euler a", "DPM++ 2M", "DPM++ SDE", "DPM fast"])

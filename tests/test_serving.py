@@ -702,3 +702,20 @@ def test_sigma_churn_as_a1111(server, client):
     assert np.array_equal(np.asarray(decode_png(response.json()["images"][0]).convert("RGB")), np.asarray(direct))
     bad = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"s_noise": "loud"}})
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "override_settings"]
+
+
+def test_eta_reaches_a1111s_ancestral_samplers(server, client):
+    """A request's eta (or override_settings.eta_ancestral) is the η of A1111's ancestral / SDE samplers, written as
+    A1111's "Eta"; the same pixels as the pipeline with that eta_ancestral. Samplers without one get a note."""
+    _, worker = server
+    body = {"prompt": "a red circle", "seed": 4, "steps": 3, "width": SIZE, "height": SIZE, "sampler_name": "Euler a"}
+    answers = [client.post("/sdapi/v1/txt2img", json={**body, **extra}).json()
+               for extra in ({"eta": 0.3}, {"override_settings": {"eta_ancestral": 0.3}})]
+    for answer in answers:
+        assert "Eta: 0.3" in json.loads(answer["info"])["infotexts"][0]
+    direct = worker.pipeline("a red circle", steps=3, sampler="Euler a", schedule_type="Automatic", rng="GPU",
+                             guidance_scale=7, seed=4, width=SIZE, height=SIZE, eta_ancestral=0.3).images[0]
+    for answer in answers:
+        assert np.array_equal(np.asarray(decode_png(answer["images"][0]).convert("RGB")), np.asarray(direct))
+    euler = client.post("/sdapi/v1/txt2img", json={**body, "sampler_name": "Euler", "eta": 0.3}).json()
+    assert "Eta" not in json.loads(euler["info"])["infotexts"][0]

@@ -31,6 +31,7 @@ from kedavra.adapters.prompt_tags import split_lora_tags
 from kedavra.api import choose_model, load, model_identity, resolve_model
 from kedavra.diffusion.rng import RNG_SOURCES
 from kedavra.diffusion.samplers.euler import Churn
+from kedavra.diffusion.samplers.k_diffusion import A1111_ETA_ANCESTRAL
 from kedavra.diffusion.sigmas import CONVENTIONS
 from kedavra.diffusion.step_schedule import log_uniform_sigmas, table_sigma_range
 from kedavra.diffusion.timesteps import SPACINGS, start_index_for_strength
@@ -50,6 +51,7 @@ from kedavra.pipeline.infotext import (
     CHURN_KEYS,
     CONVENTION_KEY,
     ENSD_KEY,
+    ETA_ANCESTRAL_KEY,
     ETA_KEY,
     GUIDANCE_RESCALE_KEY,
     REFINER_KEY,
@@ -172,7 +174,9 @@ def register(subparsers) -> None:
                           help=f"classifier-free guidance scale w (default {DEFAULT_CFG_SCALE}; 1 = no guidance)")
     sampling.add_argument("--guidance-rescale", type=float, metavar="F",
                           help="Lin et al. 2023 guidance rescale φ in [0, 1] (default 0; 0.7 for v-models)")
-    sampling.add_argument("--eta", type=float, metavar="F", help="DDIM's η (ddim sampler only; default 0)")
+    sampling.add_argument("--eta", type=float, metavar="F",
+                          help="η: DDIM's (default 0), or that of A1111's ancestral and SDE samplers run with a "
+                               "schedule type (Euler a, DPM++ 2M SDE, ...: the share of fresh noise, default 1)")
     sampling.add_argument("--sigmas", metavar="LEVELS",
                           help="explicit noise levels, one per step, descending, separated by spaces or commas; or "
                                "'log-uniform' (uniform in log σ between the model's σ_max and σ_min: the spacing that "
@@ -317,7 +321,7 @@ def resolve_request(args, png: GenerationParameters | None, notes: list[str], in
                          "give them with --lora to do the same")
     if png is not None and png.clip_skip not in (None, 1):
         notes.append(f"Clip skip {png.clip_skip} is not supported; using the text encoder's last layer")
-    return GenerationRequest.build(
+    request = GenerationRequest.build(
         pick(args.prompt, png and png.prompt, ""),
         pick(args.negative, png and png.negative_prompt, ""),
         num_images=args.num_images,
@@ -328,7 +332,9 @@ def resolve_request(args, png: GenerationParameters | None, notes: list[str], in
         eta_noise_seed_delta=int(pick(args.ensd, _number(extra, ENSD_KEY), 0)),
         guidance_scale=pick(args.cfg_scale, png and png.cfg_scale, DEFAULT_CFG_SCALE),
         guidance_rescale=pick(args.guidance_rescale, _number(extra, GUIDANCE_RESCALE_KEY), 0.0),
-        eta=pick(args.eta, _number(extra, ETA_KEY), 0.0),
+        eta=pick(None if args.sampler is not None else _number(extra, ETA_KEY), None, 0.0),
+        eta_ancestral=pick(None if args.sampler is not None else _number(extra, ETA_ANCESTRAL_KEY), None,
+                           A1111_ETA_ANCESTRAL),
         seed=pick(args.seed, png and png.seed, None),
         width=pick(args.width, png and png.width, None),
         height=pick(args.height, png and png.height, None),
@@ -344,6 +350,11 @@ def resolve_request(args, png: GenerationParameters | None, notes: list[str], in
                       (math.inf if name == "s_tmax" else 0.0) for name, key in CHURN_KEYS.items())),
         inpaint=resolve_inpaint(args, extra if mask is not None else {}, mask is not None),
     )
+    if args.eta is None:
+        return request
+    # --eta is the η of whatever the sampler has: A1111's ancestral / SDE samplers' (eta_ancestral), else DDIM's
+    takes_ancestral = request.k_sampler is not None and request.k_sampler.eta
+    return request.replace(**{"eta_ancestral" if takes_ancestral else "eta": args.eta})
 
 
 def resolve_inpaint(args, extra: dict[str, str], masked: bool) -> InpaintOptions | None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kedavra.diffusion.samplers.k_diffusion import A1111_ETA_ANCESTRAL, resolve_k_sampler
 from kedavra.validation import check_int, check_number
 
 # A1111's latent upscale modes (modules/shared_items.py latent_upscale_modes): name -> (interpolation, antialias)
@@ -159,12 +160,16 @@ class HiresFix:
         n = request.num_images
         upscaled = (geometry.upscaled[1], geometry.upscaled[0])  # (height, width), as GenerationRequest keeps them
         same_sampler = self.sampler is None
+        schedule_type = self.schedule_type or request.schedule_type
+        eta_ancestral = A1111_ETA_ANCESTRAL  # A1111 hands the hires sampler the same eta when it takes one
+        if schedule_type is not None and resolve_k_sampler(self.sampler or request.sampler, request.convention)[0].eta:
+            eta_ancestral = request.eta_ancestral
         return request.replace(
             prompts=request.prompts if self.prompt is None else (self.prompt,) * n,
             negative_prompts=request.negative_prompts if self.negative_prompt is None else (self.negative_prompt,) * n,
             steps=self.steps or request.steps, sampler=self.sampler or request.sampler,
-            schedule_type=self.schedule_type or request.schedule_type,
-            eta=request.eta if same_sampler else 0.0, sigmas=None,
+            schedule_type=schedule_type, eta=request.eta if same_sampler else 0.0, eta_ancestral=eta_ancestral,
+            sigmas=None,
             width=geometry.final[0], height=geometry.final[1],
             original_size=asked_sizes[0] or upscaled, target_size=asked_sizes[1] or upscaled, hires=None)
 

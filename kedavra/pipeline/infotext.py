@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from kedavra.diffusion.samplers.euler import Churn
-from kedavra.diffusion.samplers.k_diffusion import effective_schedule_type
+from kedavra.diffusion.samplers.k_diffusion import A1111_ETA_ANCESTRAL, effective_schedule_type
 from kedavra.diffusion.sigmas import AUTOMATIC, schedule_type_label
 from kedavra.formats.png_info import GenerationParameters
 from kedavra.pipeline.request import GenerationRequest
@@ -18,6 +18,7 @@ from kedavra.pipeline.request import GenerationRequest
 KARRAS_SCHEDULE = "Karras"  # A1111's "Schedule type" value for Karras σ spacing
 AUTOMATIC_KARRAS = ("dpmpp_2m",)  # samplers whose "Automatic" schedule is Karras in A1111
 ETA_KEY = "Eta DDIM"  # A1111 (modules/sd_samplers_compvis.py) writes DDIM's η under this key when it is not 0
+ETA_ANCESTRAL_KEY = "Eta"  # A1111 (sd_samplers_kdiffusion.py): the ancestral / SDE samplers' η when it is not 1
 REFINER_KEY = "Refiner"  # A1111 (modules/processing.py): "Refiner: NAME [HASH]" when a refiner ran
 REFINER_SWITCH_KEY = "Refiner switch at"  # A1111: the refiner_switch_at it ran with
 SPACING_KEY = "Timestep spacing"  # ours: written only when a request overrides the model's spacing
@@ -62,6 +63,8 @@ def request_parameters(request: GenerationRequest, index: int, seed: int, width:
         extra[GUIDANCE_RESCALE_KEY] = repr(float(request.guidance_rescale))
     if request.eta:
         extra[ETA_KEY] = repr(float(request.eta))
+    if request.eta_ancestral != A1111_ETA_ANCESTRAL:
+        extra[ETA_ANCESTRAL_KEY] = repr(float(request.eta_ancestral))
     if request.spacing is not None:
         extra[SPACING_KEY] = request.spacing
     extra.update(churn_parameters(request))

@@ -268,7 +268,7 @@ class Pipeline:
             schedule_type=request.schedule_type, convention=request.convention, noise_sampler=noise_sampler,
             brownian=brownian, sdxl=self.config.micro_conditioning > 0, final_sigma=self._final_sigma(request),
             diffusers_rules=self.config.timestep_rules == "diffusers", sigmas=request.sigmas, fix_steps=fix_steps,
-            churn=request.churn,
+            churn=request.churn, eta_ancestral=request.eta_ancestral,
         )
 
     def _draw_noise(self, request: GenerationRequest, seeds: list[int], subseeds: list[int] | None,

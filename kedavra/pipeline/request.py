@@ -24,7 +24,14 @@ from kedavra.adapters.prompt_tags import batch_lora_tags
 from kedavra.diffusion.rng import RNG_SOURCES
 from kedavra.diffusion.samplers import SAMPLERS, SamplerSpec, check_eta, resolve_sampler
 from kedavra.diffusion.samplers.euler import Churn
-from kedavra.diffusion.samplers.k_diffusion import ETA_K_SAMPLERS, KSamplerSpec, k_sampler_names, resolve_k_sampler
+from kedavra.diffusion.samplers.k_diffusion import (
+    A1111_ETA_ANCESTRAL,
+    ETA_K_SAMPLERS,
+    KSamplerSpec,
+    check_eta_ancestral,
+    k_sampler_names,
+    resolve_k_sampler,
+)
 from kedavra.diffusion.sigmas import AUTOMATIC, CONVENTIONS, resolve_schedule_type
 from kedavra.diffusion.timesteps import SPACINGS, check_steps
 from kedavra.formats.images import from_pil
@@ -69,7 +76,10 @@ class GenerationRequest:
                                in by `for_model`
     guidance_scale             w of classifier-free guidance (Ho and Salimans 2022, eq. 6); 1 turns it off
     guidance_rescale           φ of Lin et al. 2023, sec. 3.4 (0 = off)
-    eta                        DDIM's η (Song et al. 2021, eq. 16), ddim only
+    eta                        DDIM's η (Song et al. 2021, eq. 16), ddim only (A1111's "Eta DDIM")
+    eta_ancestral              A1111's η of its ancestral and SDE samplers (Euler a, DPM2 a, DPM++ 2S a, DPM++ SDE,
+                               DPM++ 2M / 3M SDE, DPM fast / adaptive) run with a schedule type: the share of the
+                               step's noise drawn afresh (A1111's "Eta", its setting eta_ancestral, default 1)
     seed                       image i uses seed + i (A1111's convention); None: a random one at generation
     width, height              pixels; None: the model's image size
     init_image, mask, strength image to image and inpainting: PIL images or tensors (init: (B|1, 3, H, W) in
@@ -143,6 +153,7 @@ class GenerationRequest:
     step_cache: int = 0
     churn: Churn | None = None
     inpaint: InpaintOptions | None = None
+    eta_ancestral: float = A1111_ETA_ANCESTRAL
 
     def __post_init__(self):
         prompts, negatives = tuple(self.prompts), tuple(self.negative_prompts)
@@ -173,6 +184,11 @@ class GenerationRequest:
                              f"({self.schedule_type!r}): it draws its own noise (A1111's eta applies to "
                              f"{', '.join(ETA_K_SAMPLERS)})")
         check_choice("sampling convention", self.convention, CONVENTIONS)
+        if schedule_type is not None:
+            check_eta_ancestral(resolve_k_sampler(sampler, self.convention)[0], self.eta_ancestral, self.convention)
+        elif sampler is not None and check_number("eta_ancestral", self.eta_ancestral, low=0) != A1111_ETA_ANCESTRAL:
+            raise ValueError(f"eta_ancestral={self.eta_ancestral} applies to A1111's ancestral and SDE samplers run "
+                             f"as A1111 runs them (a schedule type), not kedavra's {sampler} (its η is eta)")
         check_choice("rng", self.rng, RNG_SOURCES)
         check_seed("subseed", self.subseed, optional=True)
         check_number("subseed_strength", self.subseed_strength, 0, 1)

@@ -50,7 +50,8 @@ A1111_RNG_SETTING = "randn_source"  # "Random number generator source": CPU, GPU
 A1111_ENSD_SETTING = "eta_noise_seed_delta"  # "Eta noise seed delta"
 A1111_CLIP_SKIP_SETTING = "CLIP_stop_at_last_layers"  # "Clip skip"
 CHURN_SETTINGS = ("s_churn", "s_tmin", "s_tmax", "s_noise")  # A1111's "Sigma churn", ... (0 for s_tmax: no bound)
-SAMPLING_SETTINGS = (A1111_RNG_SETTING, A1111_ENSD_SETTING, A1111_CLIP_SKIP_SETTING, *CHURN_SETTINGS)
+ETA_SETTINGS = ("eta_ddim", "eta_ancestral")  # A1111's defaults for a request without eta: DDIM's, the others'
+SAMPLING_SETTINGS = (A1111_RNG_SETTING, A1111_ENSD_SETTING, A1111_CLIP_SKIP_SETTING, *CHURN_SETTINGS, *ETA_SETTINGS)
 DATA_URL_PREFIX = "data:"  # "data:image/png;base64,...." as browsers and webuiapi send images
 BASE64_MARKER = ";base64"
 

@@ -31,7 +31,7 @@ from PIL import Image, ImageOps
 from kedavra.diffusion.rng import RNG_SOURCES
 from kedavra.diffusion.samplers import SAMPLERS, resolve_sampler
 from kedavra.diffusion.samplers.euler import Churn
-from kedavra.diffusion.samplers.k_diffusion import k_sampler_names, resolve_k_sampler
+from kedavra.diffusion.samplers.k_diffusion import A1111_ETA_ANCESTRAL, k_sampler_names, resolve_k_sampler
 from kedavra.diffusion.sigmas import AUTOMATIC, resolve_schedule_type, schedule_type_label
 from kedavra.diffusion.timesteps import start_index_for_strength
 from kedavra.formats.images import from_pil
@@ -74,6 +74,8 @@ class Sampling:
     eta_noise_seed_delta: int = 0
     clip_skip: int | None = None
     churn: Churn | None = None
+    eta_ddim: float = 0.0  # A1111's settings for a request without eta
+    eta_ancestral: float = A1111_ETA_ANCESTRAL
 
 
 @dataclass(frozen=True)
@@ -248,9 +250,12 @@ def noise_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
         values = {name: check_number(name, settings.get(name, default), low=0)
                   for name, default in (("s_churn", 0.0), ("s_tmin", 0.0), ("s_tmax", 0.0), ("s_noise", 1.0))}
         churn = Churn(values["s_churn"], values["s_tmin"], values["s_tmax"] or math.inf, values["s_noise"])
+        eta_ddim = check_number("eta_ddim", settings.get("eta_ddim", 0.0), low=0)
+        eta_ancestral = check_number("eta_ancestral", settings.get("eta_ancestral", A1111_ETA_ANCESTRAL), low=0)
     except ValueError as error:
         raise field_error("override_settings", str(error), dict(settings)) from None
-    return {"rng": rng, "eta_noise_seed_delta": ensd, "clip_skip": clip_skip, "churn": churn}
+    return {"rng": rng, "eta_noise_seed_delta": ensd, "clip_skip": clip_skip, "churn": churn, "eta_ddim": eta_ddim,
+            "eta_ancestral": eta_ancestral}
 
 
 def request_size(body: GenerationBody, pipe: Pipeline, init_size: Size | None = None,
@@ -297,11 +302,17 @@ def request_from_payload(body: GenerationBody, pipe: Pipeline, sampling: Samplin
                          strength: float | None, hires: HiresFix | None = None,
                          inpaint: InpaintOptions | None = None) -> GenerationRequest:
     """The generation request of one HTTP request (each batch's; seed: the first image's), checked against the
-    loaded model: a random seed for -1, eta for DDIM only (the other samplers' noise is their own), init images
+    loaded model: a random seed for -1, eta for DDIM and for A1111's samplers that take one, init images
     as one image or one per batch slot; 422 with loc ["body"] for what the request or the model refuses."""
     seed = secrets.randbelow(MAX_SEED + 1) if body.seed < 0 else body.seed
     subseed = secrets.randbelow(MAX_SEED + 1) if body.subseed < 0 else body.subseed
-    eta = (body.eta if body.eta is not None else 0.0) if sampling.sampler.lower() == "ddim" else 0.0
+    # A1111: a request's eta, else its setting, goes to DDIM (eta_ddim) and to the samplers that take an η
+    # (eta_ancestral: Euler a, the SDE samplers, ...); the others have none
+    eta, eta_ancestral = 0.0, A1111_ETA_ANCESTRAL
+    if sampling.sampler.lower() == "ddim":
+        eta = body.eta if body.eta is not None else sampling.eta_ddim
+    elif sampling.schedule_type is not None and resolve_k_sampler(sampling.sampler)[0].eta:
+        eta_ancestral = body.eta if body.eta is not None else sampling.eta_ancestral
     init_image = None
     if len(init_images) == 1:
         init_image = init_images[0]
@@ -315,7 +326,8 @@ def request_from_payload(body: GenerationBody, pipe: Pipeline, sampling: Samplin
             mask=mask, strength=strength, refiner_switch_at=body.refiner_switch_at, rng=sampling.rng,
             eta_noise_seed_delta=sampling.eta_noise_seed_delta, clip_skip=sampling.clip_skip,
             subseed=subseed if body.subseed_strength else None, subseed_strength=body.subseed_strength, hires=hires,
-            churn=sampling.churn if sampling.schedule_type is not None else None, inpaint=inpaint)
+            churn=sampling.churn if sampling.schedule_type is not None else None, inpaint=inpaint,
+            eta_ancestral=eta_ancestral)
         request_parameters(request, 0, seed, *size, None, None)  # refuses text the PNG's parameters cannot hold
         return pipe.check(request)  # also finds the LoRAs of <lora:NAME:...> tags in the server's LoRA folder
     except (ValueError, FileNotFoundError) as error:
@@ -327,10 +339,11 @@ def request_notes(body: GenerationBody, request: GenerationRequest) -> list[str]
     notes = body.ignored_settings()
     spec, k_spec = request.sampler_spec, request.k_sampler
     stochastic = k_spec.ancestral if k_spec is not None else spec.stochastic
-    if body.eta not in (None, 1.0) and stochastic and request.sampler.lower() != "ddim":
-        notes.append(f"eta applies to DDIM only; {request.sampler if k_spec else spec.a1111 or spec.name} adds its "
-                     "full ancestral noise (eta 1)")
-    if isinstance(body, Img2ImgRequest) and body.mask is not None and request.inpaint is None:
+    takes_eta = request.sampler.lower() == "ddim" or (k_spec is not None and k_spec.eta)
+    if body.eta not in (None, 1.0) and stochastic and not takes_eta:
+        notes.append(f"eta applies to DDIM and to A1111's ancestral and SDE samplers; "
+                     f"{request.sampler if k_spec else spec.a1111 or spec.name} adds its full ancestral noise (eta 1)")
+    if isinstance(body, Img2ImgRequest) and body.mask is not None and k_spec is None:
         notes.append(f"mask_blur, inpaint_full_res, inpainting_fill apply with A1111's samplers; "
                      f"{spec.a1111 or spec.name} (kedavra's, diffusers' trajectory) used the mask as sent")
     if k_spec is None and body.scheduler and resolve_schedule_type(body.scheduler) not in KEDAVRA_PLAN_SCHEDULES:

@@ -81,6 +81,10 @@ class KSamplerSpec:
     comfyui_discard_penultimate: bool = False
     brownian: bool = False  # SDE samplers: noise from a Brownian tree
     ancestral: bool = False  # draws fresh noise with η > 0
+    # the function has an η (k-diffusion's ancestral and SDE samplers, DPM fast / adaptive): A1111 hands it its
+    # "eta_ancestral" setting or the request's eta (default 1, even for DPM fast / adaptive whose own default is 0);
+    # ComfyUI's KSampler calls it with its default
+    eta: bool = False
     a1111_options: dict = field(default_factory=dict)
     comfyui_options: dict = field(default_factory=dict)
     whole_table: bool = False  # DPM fast / adaptive: A1111's txt2img runs from the table's σ_max to its σ_min
@@ -104,26 +108,25 @@ class KSamplerSpec:
 
 K_SAMPLERS: tuple[KSamplerSpec, ...] = (
     KSamplerSpec("Euler", "euler", sample_euler, churn="all"),
-    KSamplerSpec("Euler a", "euler_ancestral", sample_euler_ancestral, ancestral=True),
+    KSamplerSpec("Euler a", "euler_ancestral", sample_euler_ancestral, ancestral=True, eta=True),
     KSamplerSpec("LMS", "lms", sample_lms),
     KSamplerSpec("Heun", "heun", sample_heun, churn="all"),
     KSamplerSpec("DPM2", "dpm_2", sample_dpm_2, "karras", True, True, churn="all"),
-    KSamplerSpec("DPM2 a", "dpm_2_ancestral", sample_dpm_2_ancestral, "karras", True, True, ancestral=True,
+    KSamplerSpec("DPM2 a", "dpm_2_ancestral", sample_dpm_2_ancestral, "karras", True, True, ancestral=True, eta=True,
                  churn="noise"),
-    KSamplerSpec("DPM++ 2S a", "dpmpp_2s_ancestral", sample_dpmpp_2s_ancestral, "karras", ancestral=True,
+    KSamplerSpec("DPM++ 2S a", "dpmpp_2s_ancestral", sample_dpmpp_2s_ancestral, "karras", ancestral=True, eta=True,
                  churn="noise"),
     KSamplerSpec("DPM++ 2M", "dpmpp_2m", functools.partial(sample_dpmpp_2m, lower_order_final=False), "karras"),
-    KSamplerSpec("DPM++ SDE", "dpmpp_sde", sample_dpmpp_sde, "karras", brownian=True, ancestral=True, churn="noise"),
-    KSamplerSpec("DPM++ 2M SDE", "dpmpp_2m_sde", sample_dpmpp_2m_sde, "exponential", brownian=True, ancestral=True,
+    KSamplerSpec("DPM++ SDE", "dpmpp_sde", sample_dpmpp_sde, "karras", brownian=True, ancestral=True, eta=True,
                  churn="noise"),
+    KSamplerSpec("DPM++ 2M SDE", "dpmpp_2m_sde", sample_dpmpp_2m_sde, "exponential", brownian=True, ancestral=True,
+                 eta=True, churn="noise"),
     KSamplerSpec("DPM++ 2M SDE Heun", "", functools.partial(sample_dpmpp_2m_sde, solver_type="heun"), "exponential",
-                 brownian=True, ancestral=True, churn="noise"),
+                 brownian=True, ancestral=True, eta=True, churn="noise"),
     KSamplerSpec("DPM++ 3M SDE", "dpmpp_3m_sde", sample_dpmpp_3m_sde, "exponential", True, brownian=True,
-                 ancestral=True, churn="noise"),
-    KSamplerSpec("DPM fast", "dpm_fast", sample_dpm_fast, ancestral=True, a1111_options={"eta": 1.0},
-                 whole_table=True, churn="noise"),
-    KSamplerSpec("DPM adaptive", "dpm_adaptive", sample_dpm_adaptive, ancestral=True, a1111_options={"eta": 1.0},
-                 whole_table=True),
+                 ancestral=True, eta=True, churn="noise"),
+    KSamplerSpec("DPM fast", "dpm_fast", sample_dpm_fast, ancestral=True, eta=True, whole_table=True, churn="noise"),
+    KSamplerSpec("DPM adaptive", "dpm_adaptive", sample_dpm_adaptive, ancestral=True, eta=True, whole_table=True),
     KSamplerSpec("Restart", "", sample_restart, "karras"),
     # LCM (Luo et al. 2023): A1111 on the distillation grid's σ's with the boundary scalings; ComfyUI's "lcm" on the
     # model's own table, the boundary left to a model patch (ModelSamplingDiscrete "lcm") kedavra does not apply
@@ -148,7 +151,8 @@ K_SAMPLERS: tuple[KSamplerSpec, ...] = (
                  comfyui_discard_penultimate=True),
     KSamplerSpec("", "ddim", sample_euler),
 )
-ETA_K_SAMPLERS = ("DDIM",)  # the A1111 samplers a request's eta reaches (A1111's eta_ddim; the others keep η = 1)
+ETA_K_SAMPLERS = ("DDIM",)  # the A1111 samplers a request's eta reaches (A1111's eta_ddim)
+A1111_ETA_ANCESTRAL = 1.0  # A1111's "eta_ancestral" default: the η of the samplers that take one (KSamplerSpec.eta)
 # A1111's LCM schedule types and the distillation-grid spacing each gives (its "Uniform" and "Normal" are the same
 # linspace in t there); others are refused by name
 A1111_LCM_SPACINGS = {"uniform": "normal", "normal": "normal", "sgm_uniform": "sgm_uniform", "simple": "simple"}
@@ -248,10 +252,12 @@ def plan_from_sigmas(sigmas: torch.Tensor, table: SigmaTable) -> SamplingPlan:
 
 def prepare_k_run(sampler: str, noise: torch.Tensor, steps: int, schedule: NoiseSchedule, schedule_type: str,
                   convention: str = "a1111", init: torch.Tensor | None = None, strength: float = 1.0,
-                  sdxl: bool = False, eta: float = 0.0, fix_steps: bool = False, churn: Churn | None = None) -> KRun:
+                  sdxl: bool = False, eta: float = 0.0, fix_steps: bool = False, churn: Churn | None = None,
+                  eta_ancestral: float = A1111_ETA_ANCESTRAL) -> KRun:
     """The plan and starting state of an A1111 / ComfyUI run (see the module docstring for the conventions).
-    eta: DDIM's η (ETA_K_SAMPLERS); the other samplers refuse a nonzero one. fix_steps: A1111's image-to-image
-    runs `steps` steps of a longer schedule (sigmas.a1111_img2img_steps; ComfyUI's denoise always does).
+    eta: DDIM's η (ETA_K_SAMPLERS); the other samplers refuse a nonzero one. eta_ancestral: A1111's η of the
+    samplers that take one (KSamplerSpec.eta; A1111 only: ComfyUI's KSampler has none). fix_steps: A1111's
+    image-to-image runs `steps` steps of a longer schedule (sigmas.a1111_img2img_steps; ComfyUI's denoise always does).
     churn: Karras et al. 2022's churn settings, handed to the samplers that take them as A1111 hands them
     (`churn_options`); the others ignore them, as in A1111."""
     if convention not in CONVENTIONS:
@@ -260,6 +266,7 @@ def prepare_k_run(sampler: str, noise: torch.Tensor, steps: int, schedule: Noise
     eta = check_number("eta", eta, low=0)
     if eta and spec.name not in ETA_K_SAMPLERS:
         raise ValueError(f"eta={eta} applies to A1111's {', '.join(ETA_K_SAMPLERS)} here, not {spec.name!r}")
+    check_eta_ancestral(spec, eta_ancestral, convention)
     if spec.timestep_grid:
         if convention != "a1111":
             raise ValueError(f"{spec.name} runs as A1111 runs it (its CompVis sampler); ComfyUI's own samplers are "
@@ -272,7 +279,7 @@ def prepare_k_run(sampler: str, noise: torch.Tensor, steps: int, schedule: Noise
         total, t_enc = a1111_img2img_steps(steps, strength, fix_steps)
         sigmas, table = k_sigmas(spec, total, schedule, carried or schedule_type, convention, sdxl)
         sigmas = sigmas[total - t_enc - 1:]
-        options = {**spec.a1111_options, **churn_options(spec, churn)}
+        options = {**spec.a1111_options, **churn_options(spec, churn), **_eta_option(spec, eta_ancestral)}
         return KRun(plan_from_sigmas(sigmas, table), init + noise * sigmas[0].item(), spec, options)
     sigmas, table = k_sigmas(spec, steps, schedule, carried or schedule_type, convention, sdxl)
     if init is None:
@@ -292,7 +299,26 @@ def prepare_k_run(sampler: str, noise: torch.Tensor, steps: int, schedule: Noise
         sigmas = k_sigmas(spec, total, schedule, carried or schedule_type, convention, sdxl)[0][-(steps + 1):]
         start = init + noise * _comfy_noise_scale(sigmas[0].item(), table)
     options = {**(spec.a1111_options if convention == "a1111" else spec.comfyui_options), **churn_options(spec, churn)}
+    if convention == "a1111":
+        options.update(_eta_option(spec, eta_ancestral))
     return KRun(plan_from_sigmas(sigmas, table), start, spec, options)
+
+
+def check_eta_ancestral(spec: KSamplerSpec, eta_ancestral, convention: str) -> float:
+    """`eta_ancestral` (A1111's η of the ancestral / SDE samplers) when it applies, or is the default; else an
+    error saying where it applies."""
+    eta_ancestral = check_number("eta_ancestral", eta_ancestral, low=0)
+    if eta_ancestral != A1111_ETA_ANCESTRAL and (not spec.eta or convention != "a1111"):
+        takers = ", ".join(s.a1111 for s in K_SAMPLERS if s.eta and s.a1111)
+        name = (spec.comfyui if convention == "comfyui" else spec.a1111) or spec.comfyui or spec.a1111
+        raise ValueError(f"eta_ancestral={eta_ancestral} applies to A1111's {takers} (run as A1111 runs them), not "
+                         f"{name} ({convention})")
+    return eta_ancestral
+
+
+def _eta_option(spec: KSamplerSpec, eta_ancestral: float) -> dict:
+    """The η A1111 hands a sampler that takes one (its KDiffusionSampler: the function's "eta" parameter)."""
+    return {"eta": eta_ancestral} if spec.eta else {}
 
 
 def churn_options(spec: KSamplerSpec, churn: Churn | None) -> dict:

@@ -21,7 +21,7 @@ from kedavra.diffusion.samplers.ddpm import sample_ddim, sample_ddpm
 from kedavra.diffusion.samplers.denoiser import Denoiser, Model, StepCallback, StepRecord, with_state
 from kedavra.diffusion.samplers.dpm_solver import sample_dpmpp_2m, sample_dpmpp_2m_sde
 from kedavra.diffusion.samplers.euler import Churn, sample_euler, sample_euler_ancestral, sample_heun
-from kedavra.diffusion.samplers.k_diffusion import prepare_k_run, run_k_sampler
+from kedavra.diffusion.samplers.k_diffusion import A1111_ETA_ANCESTRAL, prepare_k_run, run_k_sampler
 from kedavra.diffusion.samplers.noise import NoiseSampler, generator_noise
 from kedavra.diffusion.samplers.pndm import pndm_plan, sample_pndm
 from kedavra.diffusion.samplers.unipc import sample_unipc
@@ -169,6 +169,7 @@ def sample(
     sigmas=None,
     fix_steps: bool = False,
     churn: Churn | None = None,
+    eta_ancestral: float = A1111_ETA_ANCESTRAL,
 ) -> torch.Tensor:
     """Run the reverse process from `noise` (standard normal, the shape of a sample) to a sample.
 
@@ -209,11 +210,16 @@ def sample(
 
     churn: Karras et al. 2022's stochastic settings (euler.Churn: s_churn, s_tmin, s_tmax, s_noise) for an A1111 /
     ComfyUI run (schedule_type given), handed to the samplers A1111 hands them to; kedavra's plans refuse them.
+    eta_ancestral: A1111's η of its ancestral and SDE samplers (its "eta_ancestral" setting, default 1), for an A1111
+    run of a sampler that takes one (k_diffusion.KSamplerSpec.eta); refused elsewhere unless it is 1.
     """
     noise_sampler = noise_sampler or generator_noise(generator)
     if schedule_type is not None:
         return _sample_k(model, noise, sampler, steps, schedule, prediction_type, schedule_type, convention, init,
-                         strength, mask, noise_sampler, brownian, callback, sdxl, eta, fix_steps, churn)
+                         strength, mask, noise_sampler, brownian, callback, sdxl, eta, fix_steps, churn, eta_ancestral)
+    if eta_ancestral != A1111_ETA_ANCESTRAL:
+        raise ValueError(f"eta_ancestral={eta_ancestral} applies to A1111's ancestral and SDE samplers: give a "
+                         "schedule type, e.g. Automatic (kedavra's own samplers take eta)")
     if churn is not None and not churn.is_default:
         raise ValueError("s_churn, s_tmin, s_tmax and s_noise apply to A1111's / ComfyUI's samplers (Euler, Heun, "
                          "DPM2, and s_noise to the ancestral and SDE ones): give a schedule type, e.g. Automatic")
@@ -292,7 +298,7 @@ def plan_from_levels(schedule: NoiseSchedule, sigmas, steps: int) -> SamplingPla
 
 
 def _sample_k(model, noise, sampler, steps, schedule, prediction_type, schedule_type, convention, init, strength,
-              mask, noise_sampler, brownian, callback, sdxl, eta, fix_steps, churn) -> torch.Tensor:
+              mask, noise_sampler, brownian, callback, sdxl, eta, fix_steps, churn, eta_ancestral) -> torch.Tensor:
     """`sample` for an A1111 / ComfyUI run (schedule_type given)."""
     check_finite(noise, "noise")
     if init is not None:
@@ -300,7 +306,7 @@ def _sample_k(model, noise, sampler, steps, schedule, prediction_type, schedule_
         if init.shape != noise.shape:
             raise ValueError(f"init has shape {tuple(init.shape)} but noise has {tuple(noise.shape)}; they must match")
     run = prepare_k_run(sampler, noise, steps, schedule, schedule_type, convention, init, strength, sdxl, eta,
-                        fix_steps, churn)
+                        fix_steps, churn, eta_ancestral)
     denoiser = model if isinstance(model, Denoiser) else Denoiser(model, prediction_type)
     if mask is None:
         return run_k_sampler(denoiser, run, noise_sampler, brownian, callback)
