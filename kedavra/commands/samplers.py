@@ -4,7 +4,7 @@ the samplers run as A1111 / ComfyUI run them (with a schedule type)."""
 from __future__ import annotations
 
 from kedavra.diffusion.samplers import SAMPLERS
-from kedavra.diffusion.samplers.k_diffusion import K_SAMPLERS
+from kedavra.diffusion.samplers.k_diffusion import K_SAMPLERS, comfyui_names
 from kedavra.diffusion.sigmas import schedule_type_label
 
 
@@ -42,7 +42,7 @@ def k_sampler_table(markdown: bool) -> str:
     for s in K_SAMPLERS:
         automatic = "own timesteps" if s.timestep_grid else schedule_type_label(s.schedule)
         noise = "Brownian tree" if s.brownian else "per step" if s.ancestral else "-"
-        rows.append((s.a1111 or "-", s.comfyui or "-", automatic, noise))
+        rows.append((s.a1111 or "-", ", ".join(comfyui_names(s)) or "-", automatic, noise))
     return _format(header, rows, markdown, code_columns=(1,))
 
 

@@ -28,6 +28,7 @@ from kedavra.diffusion.forward_process import add_noise
 from kedavra.diffusion.samplers.adams import sample_deis, sample_ipndm, sample_ipndm_v
 from kedavra.diffusion.samplers.consistency import make_lcm_sigma_plan, sample_lcm_kdiffusion
 from kedavra.diffusion.samplers.ddpm import sample_ddim
+from kedavra.diffusion.samplers.ddpm_comfyui import sample_ddpm_comfyui
 from kedavra.diffusion.samplers.denoiser import Denoiser, StepCallback
 from kedavra.diffusion.samplers.dpm_fast import sample_dpm_adaptive, sample_dpm_fast
 from kedavra.diffusion.samplers.dpm_solver import (
@@ -37,6 +38,7 @@ from kedavra.diffusion.samplers.dpm_solver import (
     sample_dpmpp_3m_sde,
     sample_dpmpp_sde,
 )
+from kedavra.diffusion.samplers.er_sde import sample_er_sde
 from kedavra.diffusion.samplers.euler import (
     Churn,
     sample_dpm_2,
@@ -46,9 +48,14 @@ from kedavra.diffusion.samplers.euler import (
     sample_heun,
     sample_lms,
 )
+from kedavra.diffusion.samplers.gradient_estimation import sample_gradient_estimation
+from kedavra.diffusion.samplers.heunpp import sample_heunpp2
 from kedavra.diffusion.samplers.noise import NoiseSampler
 from kedavra.diffusion.samplers.pndm import a1111_img2img_plan, a1111_timesteps_plan, sample_plms
+from kedavra.diffusion.samplers.res_multistep import sample_res_multistep
 from kedavra.diffusion.samplers.restart import sample_restart
+from kedavra.diffusion.samplers.sa_solver import sa_solver_options, sample_sa_solver
+from kedavra.diffusion.samplers.seeds import sample_seeds_2, sample_seeds_3
 from kedavra.diffusion.samplers.unipc import a1111_unipc_plan, a1111_unipc_steps, sample_unipc
 from kedavra.diffusion.samplers.unipc_comfyui import sample_unipc_comfyui
 from kedavra.diffusion.schedule import NoiseSchedule
@@ -95,6 +102,9 @@ class KSamplerSpec:
     # what of Karras et al. 2022's churn settings A1111 hands the function (its sampler_extra_params): "all" for
     # Euler, Heun, DPM2 (s_churn, s_tmin, s_tmax, s_noise), "noise" (s_noise) for the ancestral and SDE samplers
     churn: str = ""
+    # options the function takes from the model's σ table, in either program's convention (SA-Solver's noise
+    # interval, from ComfyUI's percent_to_sigma); None for the others
+    table_options: Callable[[SigmaTable], dict] | None = None
 
     @property
     def view(self) -> str:
@@ -150,6 +160,25 @@ K_SAMPLERS: tuple[KSamplerSpec, ...] = (
     KSamplerSpec("", "uni_pc_bh2", functools.partial(sample_unipc_comfyui, variant="bh2"),
                  comfyui_discard_penultimate=True),
     KSamplerSpec("", "ddim", sample_euler),
+    # ComfyUI's newer samplers (comfy/k_diffusion/sampling.py; CFG++ variants not run here): RES multistep (Zhang et
+    # al. 2023), ER-SDE-Solver-3 (Cui et al. 2025), gradient estimation (Permenter & Yuan 2024), Heun++ (Carzit),
+    # DDPM (Ho et al. 2020) in the VE view, SEEDS-2 / 3 (Gonzalez et al. 2023) and their exponential Heun, SA-Solver
+    # (Xue et al. 2023); each module's docstring says what it computes, ComfyUI's defaults as its KSampler calls them
+    KSamplerSpec("", "res_multistep", sample_res_multistep),
+    KSamplerSpec("", "res_multistep_ancestral", functools.partial(sample_res_multistep, eta=1.0), ancestral=True),
+    KSamplerSpec("", "gradient_estimation", sample_gradient_estimation),
+    KSamplerSpec("", "er_sde", sample_er_sde, ancestral=True),
+    KSamplerSpec("", "heunpp2", sample_heunpp2),
+    KSamplerSpec("", "ddpm", sample_ddpm_comfyui, ancestral=True),
+    KSamplerSpec("", "seeds_2", sample_seeds_2, ancestral=True),
+    KSamplerSpec("", "seeds_3", sample_seeds_3, ancestral=True),
+    KSamplerSpec("", "exp_heun_2_x0", functools.partial(sample_seeds_2, eta=0.0, s_noise=0.0, r=1.0,
+                                                         solver_type="phi_2")),
+    KSamplerSpec("", "exp_heun_2_x0_sde", functools.partial(sample_seeds_2, r=1.0, solver_type="phi_2"),
+                 ancestral=True),
+    KSamplerSpec("", "sa_solver", sample_sa_solver, ancestral=True, table_options=sa_solver_options),
+    KSamplerSpec("", "sa_solver_pece", functools.partial(sample_sa_solver, pece=True), ancestral=True,
+                 table_options=sa_solver_options),
 )
 ETA_K_SAMPLERS = ("DDIM",)  # the A1111 samplers a request's eta reaches (A1111's eta_ddim)
 A1111_ETA_ANCESTRAL = 1.0  # A1111's "eta_ancestral" default: the η of the samplers that take one (KSamplerSpec.eta)
@@ -165,8 +194,13 @@ _EXTRA = {"k_euler": "Euler", "k_euler_a": "Euler a", "k_euler_ancestral": "Eule
           "k_lms": "LMS", "k_heun": "Heun", "k_dpm_2": "DPM2", "k_dpm_2_a": "DPM2 a", "k_dpmpp_2s_a": "DPM++ 2S a",
           "k_dpmpp_2m": "DPM++ 2M", "k_dpmpp_sde": "DPM++ SDE", "k_dpmpp_2m_sde": "DPM++ 2M SDE",
           "k_dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun", "k_dpmpp_3m_sde": "DPM++ 3M SDE", "k_dpm_fast": "DPM fast",
-          "k_dpm_ad": "DPM adaptive", "restart": "Restart", "dpmpp_sde_gpu": "DPM++ SDE",
-          "dpmpp_2m_sde_gpu": "DPM++ 2M SDE", "dpmpp_3m_sde_gpu": "DPM++ 3M SDE"}
+          "k_dpm_ad": "DPM adaptive", "restart": "Restart"}
+# ComfyUI's names of samplers kedavra lists under another: DPM++ 2M SDE Heun (A1111's label), and its "_gpu"
+# variants, which draw the SDE samplers' Brownian tree on the model's device. kedavra draws it as ComfyUI does on the
+# CPU (kedavra.diffusion.brownian), and on a CPU ComfyUI's "_gpu" variants give the same numbers as the others
+COMFYUI_ALIASES = {"dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun", "dpmpp_sde_gpu": "DPM++ SDE",
+                   "dpmpp_2m_sde_gpu": "DPM++ 2M SDE", "dpmpp_2m_sde_heun_gpu": "DPM++ 2M SDE Heun",
+                   "dpmpp_3m_sde_gpu": "DPM++ 3M SDE"}
 
 
 def _normalise(name: str) -> str:
@@ -178,7 +212,7 @@ def _table() -> dict[str, KSamplerSpec]:
     by_label = {spec.name: spec for spec in K_SAMPLERS}
     table = {_normalise(spec.comfyui): spec for spec in K_SAMPLERS if spec.comfyui}
     table.update({_normalise(spec.a1111): spec for spec in K_SAMPLERS if spec.a1111})
-    for alias, label in {**_EXTRA, **_LEGACY_KARRAS}.items():
+    for alias, label in {**_EXTRA, **_LEGACY_KARRAS, **COMFYUI_ALIASES}.items():
         table[_normalise(alias)] = by_label[label]
     return table
 
@@ -188,8 +222,16 @@ _COMFYUI_NAMES = {spec.comfyui: spec for spec in K_SAMPLERS if spec.comfyui}  # 
 
 
 def k_sampler_names() -> list[str]:
-    """A1111's labels and ComfyUI's names of the samplers run here."""
-    return [spec.a1111 for spec in K_SAMPLERS if spec.a1111] + [spec.comfyui for spec in K_SAMPLERS if spec.comfyui]
+    """A1111's labels and ComfyUI's names of the samplers run here (its names of samplers listed under another
+    last: COMFYUI_ALIASES)."""
+    return ([spec.a1111 for spec in K_SAMPLERS if spec.a1111] + [spec.comfyui for spec in K_SAMPLERS if spec.comfyui]
+            + list(COMFYUI_ALIASES))
+
+
+def comfyui_names(spec: KSamplerSpec) -> list[str]:
+    """ComfyUI's names of `spec`'s sampler: its own and those of COMFYUI_ALIASES."""
+    return [name for name in [spec.comfyui] if name] + [alias for alias, label in COMFYUI_ALIASES.items()
+                                                        if label == spec.name]
 
 
 def resolve_k_sampler(name: str, convention: str | None = None) -> tuple[KSamplerSpec, str | None]:
@@ -279,7 +321,8 @@ def prepare_k_run(sampler: str, noise: torch.Tensor, steps: int, schedule: Noise
         total, t_enc = a1111_img2img_steps(steps, strength, fix_steps)
         sigmas, table = k_sigmas(spec, total, schedule, carried or schedule_type, convention, sdxl)
         sigmas = sigmas[total - t_enc - 1:]
-        options = {**spec.a1111_options, **churn_options(spec, churn), **_eta_option(spec, eta_ancestral)}
+        options = {**spec.a1111_options, **churn_options(spec, churn), **_eta_option(spec, eta_ancestral),
+                   **_table_options(spec, table)}
         return KRun(plan_from_sigmas(sigmas, table), init + noise * sigmas[0].item(), spec, options)
     sigmas, table = k_sigmas(spec, steps, schedule, carried or schedule_type, convention, sdxl)
     if init is None:
@@ -298,7 +341,8 @@ def prepare_k_run(sampler: str, noise: torch.Tensor, steps: int, schedule: Noise
         total = int(steps / strength)
         sigmas = k_sigmas(spec, total, schedule, carried or schedule_type, convention, sdxl)[0][-(steps + 1):]
         start = init + noise * _comfy_noise_scale(sigmas[0].item(), table)
-    options = {**(spec.a1111_options if convention == "a1111" else spec.comfyui_options), **churn_options(spec, churn)}
+    options = {**(spec.a1111_options if convention == "a1111" else spec.comfyui_options), **churn_options(spec, churn),
+               **_table_options(spec, table)}
     if convention == "a1111":
         options.update(_eta_option(spec, eta_ancestral))
     return KRun(plan_from_sigmas(sigmas, table), start, spec, options)
@@ -314,6 +358,11 @@ def check_eta_ancestral(spec: KSamplerSpec, eta_ancestral, convention: str) -> f
         raise ValueError(f"eta_ancestral={eta_ancestral} applies to A1111's {takers} (run as A1111 runs them), not "
                          f"{name} ({convention})")
     return eta_ancestral
+
+
+def _table_options(spec: KSamplerSpec, table: SigmaTable) -> dict:
+    """The options `spec`'s function takes from the model's σ table (KSamplerSpec.table_options)."""
+    return spec.table_options(table) if spec.table_options is not None else {}
 
 
 def _eta_option(spec: KSamplerSpec, eta_ancestral: float) -> dict:

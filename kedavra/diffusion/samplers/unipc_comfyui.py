@@ -49,7 +49,7 @@ def comfyui_unipc_plan(plan: SamplingPlan) -> SamplingPlan:
     return SamplingPlan(plan.timesteps, 1 / (1 + sigmas**2), sigmas, plan.sigma_to_t)
 
 
-def _ve_callback(callback: StepCallback | None, plan: SamplingPlan) -> StepCallback | None:
+def ve_callback(callback: StepCallback | None, plan: SamplingPlan) -> StepCallback | None:
     """`callback` seeing the state after each step in the VE view, x_VE = x_VP·√(1+σ²); a tensor it returns goes
     back to the VP view."""
     if callback is None:
@@ -70,6 +70,6 @@ def sample_unipc_comfyui(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan
     variant = check_choice("UniPC variant", variant, UNIPC_VARIANTS)
     plan = comfyui_unipc_plan(plan)
     x = x / math.sqrt(1 + plan.sigmas[0].item() ** 2)  # x_VP = x_VE √ᾱ
-    x = sample_unipc(denoiser, x, plan, callback=_ve_callback(callback, plan), order=COMFYUI_UNIPC_ORDER,
+    x = sample_unipc(denoiser, x, plan, callback=ve_callback(callback, plan), order=COMFYUI_UNIPC_ORDER,
                      variant=variant, lower_order_final=True)
     return x * math.sqrt(1 + plan.sigmas[-1].item() ** 2)
