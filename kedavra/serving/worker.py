@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import gc
 import math
 import statistics
 import threading
@@ -45,6 +46,7 @@ from kedavra.validation import MAX_SEED, check_int, check_optional_int
 MODEL_SUFFIXES = (".safetensors", ".ckpt")  # single-file checkpoints kedavra.checkpoint reads
 DIFFUSERS_INDEX = "model_index.json"  # what makes a folder a diffusers model
 DURATION_WINDOW = 20  # recent job durations averaged for Retry-After
+FULL_COLLECTION_EVERY = 100  # jobs between collections that also scan the frozen objects (Worker._collect)
 MAX_RETRY_AFTER_S = 3600  # Retry-After never asks a client to wait longer than this
 JOB_TIMESTAMP_FORMAT = "%Y%m%d%H%M%S"  # A1111's shared.state.job_timestamp
 T = TypeVar("T")  # what a job's work returns
@@ -226,6 +228,7 @@ class Worker:
         self._preview_wanted = False
         self._stopping = False
         self._durations: deque[float] = deque(maxlen=DURATION_WINDOW)
+        self._jobs_since_full_collection = 0
         self.counts = {"completed": 0, "interrupted": 0, "cancelled": 0, "failed": 0, "rejected": 0}
         self._thread = threading.Thread(target=self._loop, name="kedavra-worker", daemon=True)
 
@@ -331,10 +334,22 @@ class Worker:
             started = time.monotonic()
             if job.future.set_running_or_notify_cancel():
                 self._run(job)
-                release_memory(self.pipeline.device if self.pipeline is not None else None)  # back near baseline
+                self._collect()
             with self._condition:
                 self._progress = _Progress()
                 self._durations.append(time.monotonic() - started)
+
+    def _collect(self) -> None:
+        """Memory back near its baseline after a job (release_memory), then everything still alive frozen out of
+        the collector (gc.freeze): the next job's collection scans only what that job made (measured: 0.12 s per
+        collection with the embedded model loaded, 3 µs frozen). Every FULL_COLLECTION_EVERY jobs, and before a
+        model is dropped, the frozen objects are handed back (gc.unfreeze) so that cyclic garbage among them goes."""
+        self._jobs_since_full_collection += 1
+        if self._jobs_since_full_collection >= FULL_COLLECTION_EVERY:
+            gc.unfreeze()
+            self._jobs_since_full_collection = 0
+        release_memory(self.pipeline.device if self.pipeline is not None else None)
+        gc.freeze()
 
     def _run(self, job: Job) -> None:
         """Run `job`, its result or exception into its future; the job counts itself as completed or
@@ -355,6 +370,7 @@ class Worker:
         with self._condition:
             self._progress.textinfo = f"Loading {entry.filename}"
         if entry.path.resolve() != self.model.path.resolve():
+            gc.unfreeze()  # the old model's objects collectable again (_collect)
             self.pipeline = None  # let the old weights go before the new ones load
             try:
                 self.pipeline = self._load(entry.path)
@@ -408,6 +424,7 @@ class Worker:
         if self._refiner is None or self._refiner[0] != entry.path.resolve():
             with self._condition:
                 self._progress.textinfo = f"Loading refiner {entry.filename}"
+            gc.unfreeze()  # the old refiner's objects collectable again (_collect)
             self._refiner = None  # let the old refiner's weights go first
             self._refiner = (entry.path.resolve(), self._load(entry.path))
         return self._refiner[1]
