@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 
+import noise_tape
 import pytest
 import torch
 from test_comfyui_samplers import SCHEDULES, comfy_model, comfy_sigmas, comfy_start, relative, toy_model
@@ -51,28 +52,8 @@ STOCHASTIC = ("res_multistep_ancestral", "er_sde", "ddpm", "seeds_2", "seeds_3",
 NEW_SAMPLERS = DETERMINISTIC + STOCHASTIC
 
 
-class NoiseTape:
-    """The same standard normal tensors, in order, for both loops (tests/test_k_samplers.py's, for SHAPE)."""
-
-    def __init__(self, seed: int):
-        self.generator = torch.Generator().manual_seed(seed)
-        self.tape: list[torch.Tensor] = []
-        self.position = 0
-
-    def next(self) -> torch.Tensor:
-        if self.position == len(self.tape):
-            self.tape.append(torch.randn(SHAPE, generator=self.generator))
-        self.position += 1
-        return self.tape[self.position - 1]
-
-    def rewind(self):
-        self.position = 0
-
-    def comfy(self, sigma, sigma_next):
-        return self.next()
-
-    def kedavra(self, x, sigma, sigma_next):
-        return self.next()
+def NoiseTape(seed: int) -> noise_tape.NoiseTape:  # noqa: N802 (the shared tape, for this file's SHAPE)
+    return noise_tape.NoiseTape(seed, SHAPE)
 
 
 # --- ComfyUI's side: transcriptions of comfy/k_diffusion/sampling.py and sa_solver.py --------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import math
 
+import noise_tape
 import numpy as np
 import pytest
 import torch
@@ -131,28 +132,8 @@ def test_beta_quantile_matches_scipy():
             assert beta_quantile(q, a, b) == pytest.approx(stats.beta.ppf(q, a, b), rel=1e-12, abs=1e-14)
 
 
-class NoiseTape:
-    """The same standard normal tensors, in order, for both loops (k-diffusion's noise_sampler protocol and ours)."""
-
-    def __init__(self, seed: int):
-        self.generator = torch.Generator().manual_seed(seed)
-        self.tape: list[torch.Tensor] = []
-        self.position = 0
-
-    def next(self):
-        if self.position == len(self.tape):
-            self.tape.append(torch.randn(SHAPE, generator=self.generator))
-        self.position += 1
-        return self.tape[self.position - 1]
-
-    def rewind(self):
-        self.position = 0
-
-    def k_diffusion(self, sigma, sigma_next):
-        return self.next()
-
-    def kedavra(self, x, sigma, sigma_next):
-        return self.next()
+def NoiseTape(seed: int) -> noise_tape.NoiseTape:  # noqa: N802 (the shared tape, for this file's SHAPE)
+    return noise_tape.NoiseTape(seed, SHAPE)
 
 
 def k_diffusion_run(label, steps, schedule, prediction, schedule_type, noise, tape, init=None, strength=1.0,
