@@ -16,7 +16,7 @@ from kedavra import __version__
 from kedavra.api import model_identity
 from kedavra.checkpoint import save_model
 from kedavra.cli import build_parser, main
-from kedavra.commands.generate import resolve_request
+from kedavra.commands.generate_request import resolve_request
 from kedavra.formats.grid import grid_shape, image_grid
 from kedavra.formats.png_info import GenerationParameters, format_parameters, model_hash, read_parameters, read_png_text
 from kedavra.networks.model import ModelConfig, StableDiffusion
