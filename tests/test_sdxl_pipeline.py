@@ -26,6 +26,7 @@ from kedavra.networks.tokenizer import VOCAB_SIZE  # noqa: E402
 from kedavra.networks.unet_config import UNetConfig  # noqa: E402
 from kedavra.networks.unet_keys import convert_unet_state_dict  # noqa: E402
 from kedavra.networks.vae_keys import convert_vae_state_dict  # noqa: E402
+from kedavra.pipeline.inpainting import A1111_API_DEFAULTS  # noqa: E402
 from kedavra.pipeline.pipeline import Pipeline  # noqa: E402
 from kedavra.pipeline.request import GenerationRequest  # noqa: E402
 
@@ -153,6 +154,22 @@ def test_base_then_refiner_matches_diffusers_denoising_end_and_start(both, refin
     assert ((result.latents - theirs).abs().max() / theirs.abs().max()).item() < LATENT_REL_TOL
     alone = ours(**kwargs, steps=10, seed=4).latents
     assert not torch.allclose(alone, result.latents)  # the refiner did change the image
+
+
+def test_the_refiner_finishes_an_a1111_inpainting_run(both, refiners):
+    """The refiner refines the whole picture the base inpainted: the base's mask and A1111 mask settings stay with
+    the base (they once reached the refiner's request without its mask and were refused there)."""
+    (ours, _), (our_refiner, _) = both, refiners
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    kwargs = dict(init_image=init, mask=mask, inpaint=A1111_API_DEFAULTS, sampler="Euler",
+                  schedule_type="Automatic", steps=4, seed=1)
+    refined = ours.generate(GenerationRequest.build("a red circle", **kwargs, refiner_switch_at=0.5),
+                            refiner=our_refiner)
+    alone = ours.generate(GenerationRequest.build("a red circle", **kwargs))
+    assert refined.images[0].size == alone.images[0].size == (32, 32)
+    assert not torch.equal(refined.latents, alone.latents)
 
 
 def test_a_refiner_is_no_base_and_a_base_no_refiner(both, refiners):

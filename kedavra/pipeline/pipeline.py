@@ -391,7 +391,8 @@ class Pipeline:
             raise ValueError(f"the refiner runs on {refiner.device}, this model on {self.device}: load both on one")
         # the refiner runs with its own load_lora LoRAs; the prompt's tags name LoRAs for the base model
         prompts, _ = batch_lora_tags(request.prompts)
-        refiner_request = request.replace(prompts=prompts, init_image=None, mask=None, strength=None)
+        refiner_request = request.replace(prompts=prompts, init_image=None, mask=None, strength=None,
+                                          inpaint=None)
         return refiner.guided_unet(refiner_request.for_model(refiner.config), record=record)
 
     def _added_conditioning(self, request: GenerationRequest, text: TextConditioning):
