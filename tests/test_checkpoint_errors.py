@@ -135,10 +135,16 @@ def test_missing_and_unexpected_keys_are_counted_and_named(tiny_file, tmp_path):
         load_model(tmp_path / "extra.safetensors")
 
 
-def test_diffusers_folder_with_a_different_vocabulary(tiny_refs, tmp_path):
+def test_diffusers_folder_whose_vocabulary_does_not_fit_its_text_encoder(tiny_refs, tmp_path):
     folder = write_diffusers(tmp_path / "model", tiny_refs["tiny"], PRESETS["tiny"])
+    tokens = {"a</w>": 0, "b</w>": 1, "<|startoftext|>": 2, "<|endoftext|>": 3}
     (folder / "tokenizer" / "vocab.json").write_text(json.dumps({"a": 0, "b": 1}))
-    with pytest.raises(CheckpointError, match="vocab.json: the tokenizer has 2 tokens; kedavra uses .* 49408"):
+    with pytest.raises(CheckpointError, match="merges.txt: missing: a BPE vocabulary of the model's own"):
+        load_model(folder)
+    (folder / "tokenizer" / "vocab.json").write_text(json.dumps(tokens))
+    (folder / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
+    with pytest.raises(CheckpointError, match=r"text encoder \(vocab_size=49408.*does not fit the tokenizer "
+                                              r"\(vocabulary 4, max_length 77\)"):
         load_model(folder)
 
 

@@ -18,7 +18,6 @@ from kedavra.checkpoint.scheduler_config import SchedulerDefaults, scheduler_def
 from kedavra.checkpoint.weights import _read_json, _read_weights, _Weights
 from kedavra.diffusion.schedule import NoiseSchedule
 from kedavra.networks.model import ModelConfig
-from kedavra.networks.tokenizer import VOCAB_SIZE
 from kedavra.validation import some
 
 CONFIG_KEY = "kedavra_config"  # safetensors metadata key holding ModelConfig.to_dict() as JSON
@@ -326,15 +325,3 @@ def _diffusers_hints(path: Path, source: _Source, folders: Mapping[str, str]) ->
     if text_config.exists():
         act = _read_json(text_config).get("hidden_act")
         hints.text_style = {"quick_gelu": "clip", "gelu": "openclip"}.get(act)
-    for component in ("text_encoder", "text_encoder_2"):
-        if component not in folders:
-            continue
-        vocab = path / diffusers_config.tokenizer_folder(folders[component]) / "vocab.json"
-        if vocab.exists():
-            size = len(_read_json(vocab))
-            if size != VOCAB_SIZE:
-                raise _fail(
-                    vocab,
-                    f"the tokenizer has {size} tokens; kedavra uses its vendored CLIP BPE vocabulary of "
-                    f"{VOCAB_SIZE}, so this model's text encoder would see the wrong ids",
-                )

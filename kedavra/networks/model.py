@@ -35,7 +35,7 @@ from kedavra.diffusion.schedule import NoiseSchedule, get_schedule
 from kedavra.diffusion.timesteps import SPACINGS, TIMESTEP_RULES
 from kedavra.networks.minilm import MiniLMConfig, MiniLMEncoder
 from kedavra.networks.text_encoder import TextEncoder, TextEncoderConfig
-from kedavra.networks.tokenizer import VOCAB_SIZE, Tokenizer, TokenizerConfig
+from kedavra.networks.tokenizer import Tokenizer, TokenizerConfig
 from kedavra.networks.unet import UNet
 from kedavra.networks.unet_config import INPAINT_IN_CHANNELS, UNetConfig
 from kedavra.networks.vae import AutoencoderKL, VAEConfig, get_vae_config
@@ -135,12 +135,12 @@ class ModelConfig:
                 f"text encoder {type(text).__name__} does not fit tokenizer {type(self.tokenizer).__name__}: CLIP's "
                 "text encoder reads CLIP's BPE ids (TokenizerConfig), MiniLM reads WordPiece ids (WordPieceConfig)"
             )
-        vocab_size = self.tokenizer.vocab_size if isinstance(self.tokenizer, WordPieceConfig) else VOCAB_SIZE
-        if text.vocab_size != vocab_size or text.max_positions < self.tokenizer.max_length:
-            raise ValueError(
-                f"text encoder (vocab_size={text.vocab_size}, max_positions={text.max_positions}) does not fit the "
-                f"tokenizer (vocabulary {vocab_size}, max_length {self.tokenizer.max_length})"
-            )
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
+            if encoder.vocab_size != tokenizer.vocab_size or encoder.max_positions < tokenizer.max_length:
+                raise ValueError(
+                    f"text encoder (vocab_size={encoder.vocab_size}, max_positions={encoder.max_positions}) does not "
+                    f"fit the tokenizer (vocabulary {tokenizer.vocab_size}, max_length {tokenizer.max_length})"
+                )
         allowed_inputs = (vae.latent_channels, 2 * vae.latent_channels + 1)  # plain, or inpainting
         if unet.in_channels not in allowed_inputs or unet.out_channels != vae.latent_channels:
             raise ValueError(
@@ -157,6 +157,11 @@ class ModelConfig:
     def text_encoders(self) -> tuple[TextEncoderConfig | MiniLMConfig, ...]:
         """The text encoders whose token states the U-Net reads, concatenated in this order."""
         return (self.text_encoder,) if self.text_encoder_2 is None else (self.text_encoder, self.text_encoder_2)
+
+    @property
+    def tokenizers(self) -> tuple[TokenizerConfig | WordPieceConfig, ...]:
+        """The tokenizers of `text_encoders`, in the same order."""
+        return (self.tokenizer,) if self.tokenizer_2 is None else (self.tokenizer, self.tokenizer_2)
 
     @property
     def micro_conditioning(self) -> int:

@@ -20,6 +20,11 @@ Two cleaning recipes reproduce the two references SD was run with:
             whitespace, `str.lower`. ftfy's mojibake repair ("cafÃ©" -> "café") is left out: it
             changes only text that was already garbled by a wrong decoding, and it is a heuristic
             that would pull in a dependency for prompts nobody types.
+
+A model may bring its own vocabulary (a diffusers folder's tokenizer/vocab.json and merges.txt, e.g. the small test
+pipelines with 1,000 tokens): `TokenizerConfig.tokens` and `merges` then hold it, and it is read as transformers'
+CLIPTokenizer reads those files (the same byte-level BPE with "</w>" word ends; a symbol the vocabulary lacks becomes
+the unknown token). Without them the vendored CLIP vocabulary is used.
 """
 
 import functools
@@ -29,13 +34,14 @@ import re
 import unicodedata
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 VOCAB_PATH = Path(__file__).parent.parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"  # OpenAI CLIP, MIT
 NUM_MERGES = 49152 - 256 - 2  # CLIP simple_tokenizer.py: merges[1 : 49152 - 256 - 2 + 1]
+MAX_CACHED_PIECES = 1 << 16  # words whose BPE each vocabulary remembers
 VOCAB_SIZE = 256 + 256 + NUM_MERGES + 2  # bytes, bytes ending a word, merges, start and end = 49408
 START_TOKEN_ID = VOCAB_SIZE - 2  # 49406, "<|startoftext|>"
 END_TOKEN_ID = VOCAB_SIZE - 1  # 49407, "<|endoftext|>"
@@ -77,8 +83,16 @@ class TokenizerConfig:
     cleaning: str = "hf"  # one of CLEANINGS, see the module docstring
     # Prompt text that stands for the start and end tokens (each reference spells them its own way).
     special_text: tuple[str, str] = ("<|startoftext|>", "<|endoftext|>")
+    # A vocabulary of the model's own, None: the vendored CLIP one. tokens: id -> token (vocab.json); merges: the
+    # BPE merges in rank order, each "a b" (merges.txt); unknown: the token a symbol outside the vocabulary becomes.
+    tokens: tuple[str, ...] | None = field(default=None, repr=False)
+    merges: tuple[str, ...] | None = field(default=None, repr=False)
+    unknown: str = "<|endoftext|>"
 
     def __post_init__(self):
+        for name in ("tokens", "merges"):  # JSON round trips give lists
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         if not isinstance(self.max_length, int) or isinstance(self.max_length, bool) or self.max_length < 2:
             raise ValueError(
                 f"TokenizerConfig.max_length must be an int >= 2 (start and end tokens), got {self.max_length!r}"
@@ -92,10 +106,25 @@ class TokenizerConfig:
             raise ValueError(f"TokenizerConfig.special_text must be a tuple of two non-empty strings, got {text!r}")
         if text[0] == text[1]:
             raise ValueError(f"TokenizerConfig.special_text needs two different strings, got {text!r}")
+        if (self.tokens is None) != (self.merges is None):
+            raise ValueError("TokenizerConfig.tokens and merges come together: give both (a vocabulary of the "
+                             "model's own) or neither (CLIP's)")
+        if self.tokens is not None:
+            _check_vocabulary(self)
+
+    @property
+    def vocab_size(self) -> int:
+        """How many ids the text encoder's token embedding must hold."""
+        return VOCAB_SIZE if self.tokens is None else len(self.tokens)
+
+    def vocabulary(self) -> "Vocabulary":
+        return load_vocabulary() if self.tokens is None else _own_vocabulary(self.tokens, self.merges)
 
     @property
     def pad_id(self) -> int:
-        return END_TOKEN_ID if self.pad_with == "eos" else ZERO_PAD_ID
+        if self.pad_with == "zero":
+            return ZERO_PAD_ID
+        return END_TOKEN_ID if self.tokens is None else self.tokens.index(self.special_text[1])
 
     @classmethod
     def from_preset(cls, name: str) -> "TokenizerConfig":
@@ -131,6 +160,32 @@ class Vocabulary:
     tokens: tuple[str, ...]  # id -> token
     ids: dict[str, int]  # token -> id
     merge_ranks: dict[tuple[str, str], int]  # symbol pair -> priority (lower merges first)
+    _merged: dict[str, tuple[str, ...]] = field(default_factory=dict, compare=False, repr=False)  # bpe's cache
+
+    def bpe(self, piece: str) -> tuple[str, ...]:
+        """Merge the byte characters of one piece, lowest-ranked pair first (Sennrich et al. 2016, Alg. 1); the
+        last symbol carries END_OF_WORD."""
+        cached = self._merged.get(piece)
+        if cached is not None:
+            return cached
+        ranks, never = self.merge_ranks, len(self.merge_ranks)
+        symbols = [*piece[:-1], piece[-1] + END_OF_WORD]
+        while len(symbols) > 1:
+            pair = min(zip(symbols[:-1], symbols[1:], strict=True), key=lambda p: ranks.get(p, never))
+            if pair not in ranks:
+                break
+            merged, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        if len(self._merged) < MAX_CACHED_PIECES:
+            self._merged[piece] = tuple(symbols)
+        return tuple(symbols)
 
 
 @functools.cache
@@ -147,6 +202,38 @@ def load_vocabulary(path: Path = VOCAB_PATH) -> Vocabulary:
         "<|endoftext|>",
     )
     return Vocabulary(tokens, {t: i for i, t in enumerate(tokens)}, {p: i for i, p in enumerate(merges)})
+
+
+@functools.lru_cache(maxsize=8)
+def _own_vocabulary(tokens: tuple[str, ...], merges: tuple[str, ...]) -> Vocabulary:
+    """A model's own vocabulary (`TokenizerConfig.tokens` / `merges`), built once per process."""
+    pairs = [tuple(line.split(" ")) for line in merges]
+    return Vocabulary(tokens, {t: i for i, t in enumerate(tokens)}, {p: i for i, p in enumerate(pairs)})
+
+
+def _check_vocabulary(config: TokenizerConfig) -> None:
+    """A vocabulary of the model's own: distinct string tokens holding the start, end and unknown tokens, merges of
+    two symbols each, CLIPTokenizer's cleaning."""
+    tokens, merges = config.tokens, config.merges
+    if not isinstance(tokens, tuple) or not tokens or not all(isinstance(t, str) and t for t in tokens):
+        raise ValueError("TokenizerConfig.tokens must be a non-empty sequence of non-empty strings (id -> token)")
+    if len(set(tokens)) != len(tokens):
+        twice = sorted({t for t in tokens if tokens.count(t) > 1})[:5]
+        raise ValueError(f"TokenizerConfig.tokens lists tokens more than once: {twice}")
+    for token in (*config.special_text, config.unknown):
+        if token not in tokens:
+            raise ValueError(f"TokenizerConfig.tokens lacks the special token {token!r} (start, end and unknown "
+                             f"tokens: {(*config.special_text, config.unknown)})")
+    if not isinstance(merges, tuple) or not all(isinstance(m, str) and len(m.split(" ")) == 2 for m in merges):
+        bad = next((m for m in merges if not isinstance(m, str) or len(m.split(" ")) != 2), merges) \
+            if isinstance(merges, tuple) else merges
+        raise ValueError(f"TokenizerConfig.merges must be strings of two symbols separated by one space, got {bad!r}")
+    if config.cleaning != "hf":
+        raise ValueError(f"TokenizerConfig.cleaning must be 'hf' with a vocabulary of the model's own (it is read as "
+                         f"transformers' CLIPTokenizer reads vocab.json and merges.txt), got {config.cleaning!r}")
+    if config.pad_with == "zero" and tokens[0] != "!":
+        raise ValueError(f"TokenizerConfig.pad_with 'zero' pads with id 0, which must be '!' as in CLIP's byte-level "
+                         f"vocabulary; this vocabulary's id 0 is {tokens[0]!r}")
 
 
 def _category_classes(majors: str) -> dict[str, str]:
@@ -177,25 +264,9 @@ def _piece_pattern(special_text: tuple[str, ...] = ()) -> re.Pattern:
 _WHITESPACE_RUN = re.compile(f"[{WHITESPACE}]+")
 
 
-@functools.lru_cache(maxsize=1 << 16)
 def bpe(piece: str) -> tuple[str, ...]:
-    """Merge the byte characters of one piece, lowest-ranked pair first (Sennrich et al. 2016, Alg. 1)."""
-    ranks = load_vocabulary().merge_ranks
-    symbols = [*piece[:-1], piece[-1] + END_OF_WORD]
-    while len(symbols) > 1:
-        pair = min(zip(symbols[:-1], symbols[1:], strict=True), key=lambda p: ranks.get(p, NUM_MERGES))
-        if pair not in ranks:
-            break
-        merged, i = [], 0
-        while i < len(symbols):
-            if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
-                merged.append(symbols[i] + symbols[i + 1])
-                i += 2
-            else:
-                merged.append(symbols[i])
-                i += 1
-        symbols = merged
-    return tuple(symbols)
+    """`Vocabulary.bpe` on CLIP's vendored vocabulary."""
+    return load_vocabulary().bpe(piece)
 
 
 class PromptFraming:
@@ -241,8 +312,13 @@ class Tokenizer(PromptFraming):
         if not isinstance(config, TokenizerConfig):
             raise TypeError(f"Tokenizer needs a TokenizerConfig, got {type(config).__name__}")
         self.config = config
-        self.vocab = load_vocabulary()
-        self._special_ids = dict(zip(config.special_text, (START_TOKEN_ID, END_TOKEN_ID), strict=True))
+        self.vocab = config.vocabulary()
+        if config.tokens is None:
+            self._start_id, self._end_id, self._unknown_id = START_TOKEN_ID, END_TOKEN_ID, END_TOKEN_ID
+        else:
+            self._start_id, self._end_id = (self.vocab.ids[text] for text in config.special_text)
+            self._unknown_id = self.vocab.ids[config.unknown]
+        self._special_ids = dict(zip(config.special_text, (self._start_id, self._end_id), strict=True))
         if config.cleaning == "hf":  # tokenizers splits out special-token text first, as written
             self._special_split = re.compile("(" + "|".join(map(re.escape, config.special_text)) + ")")
             self._pattern = _piece_pattern()
@@ -260,20 +336,21 @@ class Tokenizer(PromptFraming):
 
     @property
     def start_id(self) -> int:
-        return START_TOKEN_ID
+        return self._start_id
 
     @property
     def end_id(self) -> int:
-        return END_TOKEN_ID
+        return self._end_id
 
     def token_ends_word(self, ids: Sequence[int], j: int) -> bool:
         """Whether token j of `ids` is the last of its word: CLIP's BPE marks it with "</w>"."""
         return self.vocab.tokens[ids[j]].endswith(END_OF_WORD)
 
     @property
-    def comma_id(self) -> int:
-        """The comma token, where long prompts prefer to break into chunks (A1111 sd_hijack_clip: vocab[',</w>'])."""
-        return self.vocab.ids["," + END_OF_WORD]
+    def comma_id(self) -> int | None:
+        """The comma token, where long prompts prefer to break into chunks (A1111 sd_hijack_clip: vocab[',</w>']);
+        None in a vocabulary without one."""
+        return self.vocab.ids.get("," + END_OF_WORD)
 
     def clean(self, text: str) -> str:
         """Normalise text as the configured reference does before splitting it."""
@@ -300,7 +377,7 @@ class Tokenizer(PromptFraming):
                     ids.append(self._special_ids[piece])
                     continue
                 as_bytes = "".join(alphabet[b] for b in piece.encode("utf-8"))
-                ids.extend(self.vocab.ids[symbol] for symbol in bpe(as_bytes))
+                ids.extend(self.vocab.ids.get(symbol, self._unknown_id) for symbol in self.vocab.bpe(as_bytes))
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -310,15 +387,18 @@ class Tokenizer(PromptFraming):
         """
         byte_of = {c: b for b, c in enumerate(byte_alphabet())}
         data = bytearray()
+        size = len(self.vocab.tokens)
         for i in map(int, ids):
-            if not 0 <= i < VOCAB_SIZE:
-                raise ValueError(f"token id {i} is outside CLIP's vocabulary 0..{VOCAB_SIZE - 1}")
-            if i == END_TOKEN_ID:
+            if not 0 <= i < size:
+                raise ValueError(f"token id {i} is outside the tokenizer's vocabulary 0..{size - 1}")
+            if i == self.end_id:
                 break
-            if i != START_TOKEN_ID:
+            if i != self.start_id:
                 token = self.vocab.tokens[i]
                 word = token.removesuffix(END_OF_WORD)
-                data += bytes(byte_of[c] for c in word) + (b" " if word != token else b"")
+                # a token outside the byte alphabet (a special token of the model's own vocabulary) as its text
+                data += b"".join(bytes([byte_of[c]]) if c in byte_of else c.encode() for c in word)
+                data += b" " if word != token else b""
         return data.decode("utf-8", errors="replace").removesuffix(" ")
 
 
