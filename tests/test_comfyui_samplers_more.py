@@ -13,10 +13,11 @@ defaults, and the stochastic samplers' noise from one tape read in order by both
 dpmpp_2m_sde_heun (sample_dpmpp_2m_sde, solver_type "heun"), which kedavra runs as A1111's DPM++ 2M SDE Heun, is
 compared the same way, its Brownian noise taken from the tape.
 
-Left out of the transcriptions: ComfyUI's flow-model (CONST) branches, CFG++ and model_sampling's noise_scale (1 for
-these models); heunpp2's churn (KSampler never sets s_churn; its unused draw from torch's global generator is
-dropped). ComfyUI's "_gpu" SDE variants differ from the others only in where the Brownian tree is drawn: they resolve
-to the same samplers here (test_gpu_variants_are_the_cpu_samplers).
+Left out of the transcriptions: ComfyUI's flow-model (CONST) branches, the CFG++ variants (cfg_pp=True, and the other
+*_cfg_pp samplers: tests/test_comfyui_cfg_pp.py) and model_sampling's noise_scale (1 for these models); heunpp2's
+churn (KSampler never sets s_churn; its unused draw from torch's global generator is dropped). ComfyUI's "_gpu" SDE
+variants differ from the others only in where the Brownian tree is drawn: they resolve to the same samplers here
+(test_gpu_variants_are_the_cpu_samplers).
 """
 
 from __future__ import annotations
@@ -644,8 +645,8 @@ def test_names_resolve_and_unknown_names_list_them_all():
                                          "res_multistep, res_multistep_ancestral, .*sa_solver_pece.*"
                                          "dpmpp_2m_sde_heun_gpu"):
         resolve_k_sampler("res_multistepp", "comfyui")
-    with pytest.raises(ValueError, match="unknown A1111 / ComfyUI sampler 'res_multistep_cfg_pp'"):
-        resolve_k_sampler("res_multistep_cfg_pp", "comfyui")  # CFG++ variants are not run here
+    cfg_pp = resolve_k_sampler("res_multistep_cfg_pp", "comfyui")[0]  # the CFG++ variants: test_comfyui_cfg_pp.py
+    assert cfg_pp.cfg_pp and cfg_pp != resolve_k_sampler("res_multistep", "comfyui")[0]
     assert [s.comfyui for s in K_SAMPLERS if s.comfyui_discard_penultimate] == [
         "dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"]  # unchanged: comfy/samplers.py's list
 

@@ -494,7 +494,8 @@ class GuidedUNet:
     """The model a sampler drives: `(x_t, t) -> prediction`, the U-Net (in the working precision, on fp32 samples)
     with classifier-free guidance folded in (kedavra.diffusion.guidance); an inpainting U-Net also gets the mask and
     masked-image latents as extra input channels, an SDXL U-Net its added conditioning (`added`: the prompt's and
-    the negative prompt's pooled text and micro-conditioning). With `record`, it keeps the conditional and
+    the negative prompt's pooled text and micro-conditioning). `with_uncond` gives the guided prediction with the
+    unconditional one of the same evaluation, for the CFG++ samplers. With `record`, it keeps the conditional and
     unconditional outputs of the first evaluation since the last step report, for `reporting`'s step records.
     `embeddings`: the textual-inversion embeddings the text used, for the infotext."""
 
@@ -507,28 +508,39 @@ class GuidedUNet:
         self.embeddings = embeddings
         self.guidance_scale, self.guidance_rescale = guidance_scale, guidance_rescale
         self.use_guidance = guidance_scale != 1.0
-        self.context = torch.cat([uncond_context, context]) if self.use_guidance else context  # unconditional first
-        self.added = None  # SDXL's added conditioning in the batch's order, in the working precision
+        # the conditioning of a conditional call and of a two-halves call (unconditional first, (2B, ...))
+        self.context, self.pair_context = context, torch.cat([uncond_context, context])
+        self.added = self.pair_added = None  # SDXL's added conditioning in the working precision
         if added is not None:
             cond, uncond = added
-            self.added = {key: (torch.cat([uncond[key], cond[key]]) if self.use_guidance else cond[key]).to(dtype)
-                          for key in cond}
+            self.added = {key: cond[key].to(dtype) for key in cond}
+            self.pair_added = {key: torch.cat([uncond[key], cond[key]]).to(dtype) for key in cond}
         self.record = record
         self.outputs: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (cond, uncond) at the step's level
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The guided prediction at x_t (the conditional one alone at guidance_scale 1)."""
+        return self._evaluate(x_t, t, both=self.use_guidance)[0]
+
+    def with_uncond(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(guided, unconditional) predictions at x_t from one evaluation; the unconditional half runs even at
+        guidance_scale 1 (ComfyUI's disable_cfg1_optimization, which its CFG++ samplers set)."""
+        return self._evaluate(x_t, t, both=True)
+
+    def _evaluate(self, x_t: torch.Tensor, t: torch.Tensor, both: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(guided, uncond): the U-Net on the conditional context alone (uncond None), or on both halves."""
         x_in = x_t if self.extra_channels is None else torch.cat([x_t, self.extra_channels], dim=1)
-        if not self.use_guidance:
+        if not both:
             cond = self.unet(x_in.to(self.dtype), t, self.context, added_cond=self.added, cache=self.cache).float()
             guided, uncond = cond, None
         else:
-            both = self.unet(torch.cat([x_in, x_in]).to(self.dtype), torch.cat([t, t]), self.context,
-                             added_cond=self.added, cache=self.cache).float()
-            uncond, cond = both.chunk(2)
+            halves = self.unet(torch.cat([x_in, x_in]).to(self.dtype), torch.cat([t, t]), self.pair_context,
+                               added_cond=self.pair_added, cache=self.cache).float()  # (2B, ...)
+            uncond, cond = halves.chunk(2)
             guided = classifier_free_guidance(cond, uncond, self.guidance_scale, self.guidance_rescale)
         if self.record and self.outputs is None:
             self.outputs = (cond, uncond)
-        return guided
+        return guided, uncond
 
     def reporting(self, callback: StepCallback):
         """A step callback that passes `callback` each step's record with cond and uncond filled in."""
@@ -548,8 +560,15 @@ class ModelSwitch:
     def __init__(self, first: GuidedUNet, second: GuidedUNet, cutoff: int):
         self.first, self.second, self.cutoff = first, second, cutoff
 
+    def _at(self, t: torch.Tensor) -> GuidedUNet:
+        return self.first if float(t[0]) >= self.cutoff else self.second
+
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return (self.first if float(t[0]) >= self.cutoff else self.second)(x_t, t)
+        return self._at(t)(x_t, t)
+
+    def with_uncond(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """GuidedUNet.with_uncond of the model that runs at t."""
+        return self._at(t).with_uncond(x_t, t)
 
     def reporting(self, callback: StepCallback):
         """A step callback that passes `callback` each step's record with cond and uncond filled in."""

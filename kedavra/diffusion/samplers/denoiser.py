@@ -3,7 +3,9 @@
 A model is any callable taking x_t (B, ...) in the variance-preserving parameterisation of training,
 x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε, and t, a float tensor (B,) of training-schedule timesteps (fractional
 between integer steps for Karras σ), and returning an ε-, v- or x_0-prediction. A U-Net, a small MLP and
-an analytic Gaussian-mixture denoiser all go through the same `Denoiser`.
+an analytic Gaussian-mixture denoiser all go through the same `Denoiser`. A model that folds classifier-free
+guidance in may also give `model.with_uncond(x_t, t) -> (guided, unconditional)`, both predictions of one
+evaluation (the pipeline's GuidedUNet does): the CFG++ samplers (cfg_pp.py) need the unconditional one.
 
 Samplers work in one of two views of the same state:
     VP  x_t, as in training (DDPM, DDIM, DPM-Solver++, UniPC follow their papers in this view);
@@ -60,17 +62,19 @@ class Denoiser:
         self.evaluations = 0  # how many times the model ran: the cost measure of a sampler
         self._step_level: tuple[float, float, torch.Tensor] | None = None  # (t, ᾱ, x_t) of the step's first evaluation
 
-    def _run(self, x_t: torch.Tensor, t: float, alpha_bar: float) -> torch.Tensor:
+    def _run(self, x_t: torch.Tensor, t: float, alpha_bar: float, with_uncond: bool = False):
+        """The model's output at x_t, or with `with_uncond` its (guided, unconditional) outputs."""
         if self._step_level is None:
             self._step_level = (float(t), float(alpha_bar), x_t)
         t_batch = torch.full((x_t.shape[0],), float(t), dtype=torch.float32, device=x_t.device)
         self.evaluations += 1
-        output = self.model(x_t, t_batch)
-        if output.shape != x_t.shape:
-            raise ValueError(f"the model returned shape {tuple(output.shape)} for input {tuple(x_t.shape)}; "
-                             "it must return a prediction of the input's shape")
-        check_finite(output, f"the model's output at t={t:.4g}")
-        return output
+        outputs = self.model.with_uncond(x_t, t_batch) if with_uncond else (self.model(x_t, t_batch),)
+        for output in outputs:
+            if output.shape != x_t.shape:
+                raise ValueError(f"the model returned shape {tuple(output.shape)} for input {tuple(x_t.shape)}; "
+                                 "it must return a prediction of the input's shape")
+            check_finite(output, f"the model's output at t={t:.4g}")
+        return tuple(outputs) if with_uncond else outputs[0]
 
     def vp(self, x_t: torch.Tensor, t: float, alpha_bar: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(x̂_0, ε̂) at x_t, timestep t with ᾱ_t = alpha_bar, in the VP view."""
@@ -79,13 +83,33 @@ class Denoiser:
     def ve(self, x: torch.Tensor, t: float, sigma: float) -> torch.Tensor:
         """x̂_0 at the VE state x = x_0 + σ ε, timestep t (Karras et al. 2022, eq. 7's D(x; σ))."""
         scale = (sigma**2 + 1) ** 0.5  # x_t = x / √(σ²+1), since √ᾱ = 1/√(σ²+1)
-        output = self._run(x / scale, t, 1 / scale**2)
+        return self._ve_x0(self._run(x / scale, t, 1 / scale**2), x, sigma)
+
+    def ve_with_uncond(self, x: torch.Tensor, t: float, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x̂_0 guided, x̂_0 unconditional) at the VE state x, from one evaluation of a model that gives
+        `with_uncond` (module docstring); ValueError for a model that does not."""
+        self.require_uncond()
+        scale = (sigma**2 + 1) ** 0.5
+        guided, uncond = self._run(x / scale, t, 1 / scale**2, with_uncond=True)
+        return self._ve_x0(guided, x, sigma), self._ve_x0(uncond, x, sigma)
+
+    def _ve_x0(self, output: torch.Tensor, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        """x̂_0 from the model's output at the VE state x = x_0 + σ ε (its input x/√(σ²+1))."""
+        scale = (sigma**2 + 1) ** 0.5
         if self.prediction_type == "eps":
             return x - sigma * output  # x_0 = x - σ ε
         if self.prediction_type == "v":
             return x / scale**2 - (sigma / scale) * output  # x_0 = √ᾱ x_t - √(1-ᾱ) v, with x_t = x/√(σ²+1)
         return output
 
+    def require_uncond(self, sampler: str = "a CFG++ sampler") -> None:
+        """ValueError naming `sampler` unless the model gives classifier-free guidance's unconditional prediction."""
+        if not callable(getattr(self.model, "with_uncond", None)):
+            model = getattr(self.model, "__qualname__", type(self.model).__name__)  # a function's name, else its class
+            raise ValueError(f"{sampler} needs classifier-free guidance's unconditional prediction (CFG++, Chung et "
+                             f"al. 2024: it renoises along it), which this model ({model}) does not give: drive it "
+                             "with a guided model that has with_uncond(x_t, t), as the pipeline's GuidedUNet, or "
+                             "pick a sampler without CFG++")
 
     def after_step(self, callback: StepCallback | None, i: int, n: int, x: torch.Tensor,
                    x0: torch.Tensor) -> torch.Tensor:

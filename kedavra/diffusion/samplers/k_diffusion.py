@@ -26,6 +26,13 @@ import torch
 
 from kedavra.diffusion.forward_process import add_noise
 from kedavra.diffusion.samplers.adams import sample_deis, sample_ipndm, sample_ipndm_v
+from kedavra.diffusion.samplers.cfg_pp import (
+    sample_dpmpp_2m_cfg_pp,
+    sample_dpmpp_2s_ancestral_cfg_pp,
+    sample_euler_ancestral_cfg_pp,
+    sample_gradient_estimation_cfg_pp,
+    sample_res_multistep_cfg_pp,
+)
 from kedavra.diffusion.samplers.consistency import make_lcm_sigma_plan, sample_lcm_kdiffusion
 from kedavra.diffusion.samplers.ddpm import sample_ddim
 from kedavra.diffusion.samplers.ddpm_comfyui import sample_ddpm_comfyui
@@ -105,6 +112,8 @@ class KSamplerSpec:
     # options the function takes from the model's σ table, in either program's convention (SA-Solver's noise
     # interval, from ComfyUI's percent_to_sigma); None for the others
     table_options: Callable[[SigmaTable], dict] | None = None
+    # a CFG++ sampler (cfg_pp.py): it needs the model's unconditional prediction too (Denoiser.ve_with_uncond)
+    cfg_pp: bool = False
 
     @property
     def view(self) -> str:
@@ -160,10 +169,10 @@ K_SAMPLERS: tuple[KSamplerSpec, ...] = (
     KSamplerSpec("", "uni_pc_bh2", functools.partial(sample_unipc_comfyui, variant="bh2"),
                  comfyui_discard_penultimate=True),
     KSamplerSpec("", "ddim", sample_euler),
-    # ComfyUI's newer samplers (comfy/k_diffusion/sampling.py; CFG++ variants not run here): RES multistep (Zhang et
-    # al. 2023), ER-SDE-Solver-3 (Cui et al. 2025), gradient estimation (Permenter & Yuan 2024), Heun++ (Carzit),
-    # DDPM (Ho et al. 2020) in the VE view, SEEDS-2 / 3 (Gonzalez et al. 2023) and their exponential Heun, SA-Solver
-    # (Xue et al. 2023); each module's docstring says what it computes, ComfyUI's defaults as its KSampler calls them
+    # ComfyUI's newer samplers (comfy/k_diffusion/sampling.py): RES multistep (Zhang et al. 2023), ER-SDE-Solver-3
+    # (Cui et al. 2025), gradient estimation (Permenter & Yuan 2024), Heun++ (Carzit), DDPM (Ho et al. 2020) in the VE
+    # view, SEEDS-2 / 3 (Gonzalez et al. 2023) and their exponential Heun, SA-Solver (Xue et al. 2023); each module's
+    # docstring says what it computes, ComfyUI's defaults as its KSampler calls them
     KSamplerSpec("", "res_multistep", sample_res_multistep),
     KSamplerSpec("", "res_multistep_ancestral", functools.partial(sample_res_multistep, eta=1.0), ancestral=True),
     KSamplerSpec("", "gradient_estimation", sample_gradient_estimation),
@@ -179,6 +188,17 @@ K_SAMPLERS: tuple[KSamplerSpec, ...] = (
     KSamplerSpec("", "sa_solver", sample_sa_solver, ancestral=True, table_options=sa_solver_options),
     KSamplerSpec("", "sa_solver_pece", functools.partial(sample_sa_solver, pece=True), ancestral=True,
                  table_options=sa_solver_options),
+    # ComfyUI's CFG++ samplers (Chung et al. 2024; cfg_pp.py): its Euler, Euler ancestral, DPM++ 2S a, DPM++ 2M, RES
+    # multistep (ancestral) and gradient estimation renoising along the unconditional prediction
+    KSamplerSpec("", "euler_cfg_pp", functools.partial(sample_euler_ancestral_cfg_pp, eta=0.0, s_noise=0.0),
+                 cfg_pp=True),
+    KSamplerSpec("", "euler_ancestral_cfg_pp", sample_euler_ancestral_cfg_pp, ancestral=True, cfg_pp=True),
+    KSamplerSpec("", "dpmpp_2s_ancestral_cfg_pp", sample_dpmpp_2s_ancestral_cfg_pp, ancestral=True, cfg_pp=True),
+    KSamplerSpec("", "dpmpp_2m_cfg_pp", sample_dpmpp_2m_cfg_pp, cfg_pp=True),
+    KSamplerSpec("", "res_multistep_cfg_pp", sample_res_multistep_cfg_pp, cfg_pp=True),
+    KSamplerSpec("", "res_multistep_ancestral_cfg_pp", functools.partial(sample_res_multistep_cfg_pp, eta=1.0),
+                 ancestral=True, cfg_pp=True),
+    KSamplerSpec("", "gradient_estimation_cfg_pp", sample_gradient_estimation_cfg_pp, cfg_pp=True),
 )
 ETA_K_SAMPLERS = ("DDIM",)  # the A1111 samplers a request's eta reaches (A1111's eta_ddim)
 A1111_ETA_ANCESTRAL = 1.0  # A1111's "eta_ancestral" default: the η of the samplers that take one (KSamplerSpec.eta)

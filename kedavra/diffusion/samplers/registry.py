@@ -308,6 +308,8 @@ def _sample_k(model, noise, sampler, steps, schedule, prediction_type, schedule_
     run = prepare_k_run(sampler, noise, steps, schedule, schedule_type, convention, init, strength, sdxl, eta,
                         fix_steps, churn, eta_ancestral)
     denoiser = model if isinstance(model, Denoiser) else Denoiser(model, prediction_type)
+    if run.spec.cfg_pp:
+        denoiser.require_uncond(run.spec.comfyui)
     if mask is None:
         return run_k_sampler(denoiser, run, noise_sampler, brownian, callback)
     _check_mask(init, mask)
@@ -324,7 +326,8 @@ class InpaintingDenoiser:
     sample is blended again (processing.py, StableDiffusionProcessingImg2Img.sample); its CompVis samplers (DDIM,
     PLMS, UniPC: mask_before_denoising) blend the model's input x_t with the clean init instead.
     ComfyUI (comfy/samplers.py, KSamplerX0Inpaint): the input is blended with init noised to the level with the run's
-    initial noise (x_0 + σ ε), and the prediction x̂_0 with init."""
+    initial noise (x_0 + σ ε), and the prediction x̂_0 with init; the CFG++ samplers' unconditional x̂_0 is left as the
+    model gave it (ComfyUI's post-CFG hook sees it inside the model KSamplerX0Inpaint wraps)."""
 
     def __init__(self, inner: Denoiser, init: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor, convention: str):
         self.inner, self.init, self.mask, self.noise, self.convention = inner, init, mask, noise, convention
@@ -333,10 +336,17 @@ class InpaintingDenoiser:
     def _keep(self, known: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return known * (1 - self.mask) + x * self.mask
 
-    def ve(self, x: torch.Tensor, t: float, sigma: float) -> torch.Tensor:
+    def _input(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         if self.convention == "comfyui":
-            x = self._keep(self.init + sigma * self.noise, x)  # ComfyUI's scale_latent_inpaint for ε and v
-        return self._keep(self.init, self.inner.ve(x, t, sigma))
+            return self._keep(self.init + sigma * self.noise, x)  # ComfyUI's scale_latent_inpaint for ε and v
+        return x
+
+    def ve(self, x: torch.Tensor, t: float, sigma: float) -> torch.Tensor:
+        return self._keep(self.init, self.inner.ve(self._input(x, sigma), t, sigma))
+
+    def ve_with_uncond(self, x: torch.Tensor, t: float, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+        guided, uncond = self.inner.ve_with_uncond(self._input(x, sigma), t, sigma)
+        return self._keep(self.init, guided), uncond
 
     def vp(self, x_t: torch.Tensor, t: float, alpha_bar: float):
         return self.inner.vp(self._keep(self.init, x_t), t, alpha_bar)  # A1111's mask_before_denoising
