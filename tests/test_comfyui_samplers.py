@@ -5,7 +5,8 @@ sample_deis), comfy/k_diffusion/deis.py (get_deis_coeff_list, "tab" mode) and co
 the scheduler built from the model's float32 σ table, the penultimate σ dropped for uni_pc / uni_pc_bh2, the start
 √(1+σ_0²) ε at σ_max (σ_0 ε + latent for denoise < 1), the model at the nearest table timestep with ComfyUI's
 ModelSamplingDiscrete scalings. x̂_0 after every step and the result agree within 1e-5 relative in fp32 (measured:
-2e-6 at most, mostly 4e-7).
+2e-6 at most, mostly 4e-7). Inpainting: KSAMPLER.sample around KSamplerX0Inpaint (comfy/samplers.py), with the kept
+region's own noise of its ddim (inpaint_options {"random": True}).
 
 From σ_max ≈ 4519 (zero terminal SNR) fp32 loses digits: in ComfyUI's UniPC, a cancelling difference (compared
 with its float64 run there: test_unipc_from_zero_terminal_snr_against_comfyuis_float64_run), and in the multistep
@@ -21,6 +22,7 @@ import math
 import pytest
 import torch
 
+from kedavra.diffusion.rng import comfyui_inpaint_noise, comfyui_noise
 from kedavra.diffusion.samplers import sample
 from kedavra.diffusion.samplers.adams import (
     ADAMS_BASHFORTH,
@@ -287,6 +289,37 @@ def comfy_run(name, steps, schedule, kind, prediction, noise, init=None, denoise
     return comfy_multistep(name, model, x, sigmas)
 
 
+def comfy_inpainting_run(name, steps, schedule, kind, noise, init, mask, seed, denoise=1.0):
+    """comfy/samplers.py's KSAMPLER.sample around KSamplerX0Inpaint, in float32, for ddim (sample_euler with
+    inpaint_options {"random": True}), euler and uni_pc(_bh2); mask is ComfyUI's denoise_mask (1 = paint). With
+    "random" the kept region's noise is torch.randn(noise.shape, generator=torch.manual_seed(seed + 1),
+    device="cpu"); torch.manual_seed seeds and returns torch's default CPU generator, whose stream a fresh CPU
+    generator seeded alike repeats (test_comfyui_inpaint_noise_is_seed_plus_ones), taken here so as not to reseed
+    the tests' global one. Returns x̂_0 of every step and the result."""
+    sigmas = comfy_sigmas(name, steps, schedule, kind, denoise)
+    model = comfy_model(schedule, "eps")
+    if name == "ddim":
+        kept_noise = torch.randn(noise.shape, generator=torch.Generator().manual_seed(seed + 1), device="cpu")
+        kept_noise = kept_noise.to(noise.dtype).to(noise.device)
+    else:
+        kept_noise = noise
+    latent_mask = 1.0 - mask
+
+    def model_k(x, sigma):  # KSamplerX0Inpaint.forward; scale_latent_inpaint = noise_scaling(σ, noise, latent)
+        x = x * mask + (init + kept_noise * sigma.reshape(-1, 1, 1, 1)) * latent_mask
+        return model(x, sigma) * mask + init * latent_mask
+
+    x = comfy_start(noise, sigmas, schedule, init)  # noise_scaling(σ_0, noise, latent_image, max_denoise)
+    if name in ("uni_pc", "uni_pc_bh2"):
+        return comfy_unipc(model_k, x, sigmas, "bh2" if name == "uni_pc_bh2" else "bh1")
+    denoised_all = []
+    for i in range(len(sigmas) - 1):  # k-diffusion's sample_euler, s_churn = 0
+        denoised = model_k(x, sigmas[i] * torch.ones(x.shape[0]))
+        denoised_all.append(denoised)
+        x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+    return denoised_all, x
+
+
 # --- parity ----------------------------------------------------------------------------------------------------------
 
 CASES = [  # (schedule type, steps, schedule, prediction, denoise)
@@ -295,6 +328,12 @@ CASES = [  # (schedule type, steps, schedule, prediction, denoise)
     ("exponential", 2, "sd", "eps", 1.0),
     ("sgm_uniform", 30, "zsnr", "eps", 1.0),
     ("normal", 8, "sd", "eps", 0.6),
+    # one step: ComfyUI's UniPC runs at order min(3, 0) = 0 and returns its start (unipc_comfyui.py); two steps: the
+    # edge above it; both with denoise < 1 too (the last 2 or 3 σ's of a longer sequence)
+    ("normal", 1, "sd", "eps", 1.0),
+    ("karras", 1, "sd", "v", 0.5),
+    ("normal", 2, "sd", "v", 1.0),
+    ("exponential", 2, "sd", "eps", 0.4),
 ]
 
 
@@ -350,6 +389,78 @@ def test_comfyui_ddim_is_euler_and_a1111s_ddim_keeps_its_name():
                                      schedule_type="Automatic"))
 
 
+def _soft_mask() -> torch.Tensor:
+    """A ComfyUI-like soft denoise mask (1 = paint), (1, 1, h, w): 0 on the left columns, soft, then 1."""
+    mask = torch.zeros(1, 1, *SHAPE[2:])
+    mask[..., 2] = 0.4
+    mask[..., 3:] = 1.0
+    return mask
+
+
+INPAINT_CASES = [  # (sampler, schedule type, steps, denoise)
+    ("ddim", "normal", 6, 1.0), ("ddim", "karras", 5, 0.7), ("ddim", "normal", 1, 1.0), ("euler", "normal", 6, 1.0),
+    ("uni_pc", "normal", 6, 1.0), ("uni_pc_bh2", "karras", 4, 0.7), ("uni_pc", "normal", 1, 0.5),
+]
+
+
+@pytest.mark.parametrize("case", INPAINT_CASES, ids=lambda case: "-".join(map(str, case)))
+def test_comfyui_inpainting_follows_comfyuis_code(case):
+    """ComfyUI's inpainting (KSamplerX0Inpaint) transcribed: its ddim noises the kept region with its own noise,
+    torch.randn from seed + 1 (rng.comfyui_inpaint_noise), euler and UniPC with the initial noise; UniPC asks the
+    blend through the VE state. x̂_0 of every step and the result within 1e-5 relative (fp32)."""
+    name, kind, steps, denoise = case
+    schedule, seed, mask = SCHEDULES["sd"], 1234, _soft_mask()
+    noise = comfyui_noise(seed, SHAPE)
+    init = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7)).tanh()
+    theirs, their_result = comfy_inpainting_run(name, steps, schedule, kind, noise, init, mask, seed, denoise)
+    ours = []
+    result = sample(toy_model, noise, sampler=name, steps=steps, schedule=schedule, schedule_type=kind,
+                    convention="comfyui", init=init, strength=denoise, mask=mask,
+                    inpaint_noise=comfyui_inpaint_noise(seed, SHAPE) if name == "ddim" else None,
+                    callback=lambda step: ours.append(step.x0.clone()))
+    assert len(ours) == len(theirs) == steps
+    for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        assert relative(a, b) < REL_TOL, (i, relative(a, b))
+    assert ((result - their_result).abs().max() / their_result.abs().max()).item() < REL_TOL
+    if name == "ddim" and steps > 1:  # the kept region's noise shows: with the initial noise (euler's) it differs
+        euler = sample(toy_model, noise, sampler="euler", steps=steps, schedule=schedule, schedule_type=kind,
+                       convention="comfyui", init=init, strength=denoise, mask=mask)
+        assert relative(euler, result) > 1e-3
+
+
+def test_comfyui_inpaint_noise_is_seed_plus_ones():
+    """ComfyUI's ddim draws torch.randn(noise.shape, generator=torch.manual_seed(seed + 1), device="cpu"): the
+    default CPU generator reseeded, the same numbers as comfyui_noise(seed + 1)."""
+    with torch.random.fork_rng(devices=[]):
+        theirs = torch.randn(SHAPE, generator=torch.manual_seed(41 + 1), device="cpu")
+    assert torch.equal(comfyui_inpaint_noise(41, SHAPE), theirs)
+    assert torch.equal(comfyui_inpaint_noise(41, SHAPE), comfyui_noise(42, SHAPE))
+    with pytest.raises(ValueError, match=r"seed must be an integer \(seed \+ 1 seeds ComfyUI's inpainting noise\)"):
+        comfyui_inpaint_noise(2**64 - 1, SHAPE)
+
+
+def test_inpaint_noise_is_asked_where_it_applies_and_refused_elsewhere():
+    schedule, mask = SCHEDULES["sd"], _soft_mask()
+    noise = comfyui_noise(3, SHAPE)
+    init = torch.zeros(SHAPE)
+    run = {"steps": 3, "schedule": schedule, "schedule_type": "normal", "init": init}
+    with pytest.raises(ValueError, match=r"ComfyUI's ddim noises an inpainting mask's kept region .*comfyui_inpaint"):
+        sample(toy_model, noise, sampler="ddim", convention="comfyui", mask=mask, **run)
+    own = comfyui_inpaint_noise(3, SHAPE)
+    with pytest.raises(ValueError, match="inpaint_noise applies to ComfyUI's ddim with a mask .*not euler "
+                                         r"\(comfyui, with a mask\)"):
+        sample(toy_model, noise, sampler="euler", convention="comfyui", mask=mask, inpaint_noise=own, **run)
+    with pytest.raises(ValueError, match=r"not ddim \(comfyui, without a mask\)"):
+        sample(toy_model, noise, sampler="ddim", convention="comfyui", inpaint_noise=own, **run)
+    with pytest.raises(ValueError, match=r"not DDIM \(a1111, with a mask\)"):
+        sample(toy_model, noise, sampler="ddim", convention="a1111", mask=mask, inpaint_noise=own, **run)
+    with pytest.raises(ValueError, match="inpaint_noise applies to ComfyUI's inpainting with its ddim: give a "
+                                         "schedule type"):
+        sample(toy_model, noise, sampler="ddim", steps=3, init=init, mask=mask, inpaint_noise=own)
+    with pytest.raises(ValueError, match=r"inpaint_noise has shape \(1, 4, 5, 5\) but noise has \(2, 4, 5, 5\)"):
+        sample(toy_model, noise, sampler="ddim", convention="comfyui", mask=mask, inpaint_noise=own[:1], **run)
+
+
 def test_requests_reach_comfyuis_samplers():
     """A request checks its name without the convention and keeps "ddim"; the pipeline's run resolves it again with
     the convention: ComfyUI's ddim is Euler, A1111's DDIM its CompVis sampler."""
@@ -368,6 +479,33 @@ def test_requests_reach_comfyuis_samplers():
     a1111 = {name: pipe("a red circle", steps=3, sampler=name, schedule_type="Automatic", seed=5).latents
              for name in ("ddim", "DDIM")}
     assert torch.equal(a1111["ddim"], a1111["DDIM"])
+
+
+def test_pipeline_gives_comfyuis_ddim_its_inpainting_noise():
+    """A ComfyUI inpainting request with ddim noises the kept region with rng.comfyui_inpaint_noise(seed): the first
+    model input there is init + σ_0·that noise (init read off the result, which Euler's last step into σ = 0 leaves
+    as the init where the mask is 0), where euler's is init + σ_0·the initial noise."""
+    import numpy as np
+    from PIL import Image
+    from random_models import tiny_model
+
+    from kedavra.pipeline.pipeline import Pipeline
+
+    pipe = Pipeline(tiny_model(), dtype="fp32")
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    pixels = np.zeros((32, 32), np.uint8)
+    pixels[:, 16:] = 255
+    seed, noises = 9, {}
+    for name in ("ddim", "euler"):
+        records = []
+        result = pipe("a red circle", steps=3, sampler=name, schedule_type="normal", convention="comfyui", seed=seed,
+                      init_image=picture, mask=Image.fromarray(pixels), strength=1.0, callback=records.append)
+        sigma = math.sqrt((1 - records[0].alpha_bar) / records[0].alpha_bar)
+        x = records[0].x_t / math.sqrt(records[0].alpha_bar)  # the first input, VE view
+        noises[name] = ((x - result.latents) / sigma)[..., :6]  # latent columns 0-5: mask 0 (bilinear, 16 wide)
+    shape = tuple(result.latents.shape)
+    assert relative(noises["ddim"], comfyui_inpaint_noise(seed, shape)[..., :6]) < 1e-5
+    assert relative(noises["euler"], comfyui_noise(seed, shape)[..., :6]) < 1e-5
 
 
 def test_names_resolve_and_unknown_names_list_them_all():
@@ -494,6 +632,28 @@ def test_comfyui_unipc_facts():
     x_0 = noise * math.sqrt(1 + sigmas[0].item() ** 2)
     euler = records[0].x0 + sigmas[1].item() / sigmas[0].item() * (x_0 - records[0].x0)
     assert relative(records[0].x, euler) < 1e-6
+
+
+def test_comfyui_unipc_one_step_returns_the_start_rescaled():
+    """At one step ComfyUI's UniPC runs at order min(3, 0) = 0 and takes no step (unipc_comfyui.py): the result is
+    x_VE·√(1+σ_last²)/√(1+σ_0²), the unit noise itself at denoise 1; the model runs once, its x̂_0 reported."""
+    from kedavra.diffusion.samplers.k_diffusion import prepare_k_run
+
+    schedule = SCHEDULES["sd"]
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(8))
+    init = torch.randn(SHAPE, generator=torch.Generator().manual_seed(9)).tanh()
+    for name in ("uni_pc", "uni_pc_bh2"):
+        for start_image, denoise in ((None, 1.0), (init, 0.5)):
+            records, denoiser = [], Denoiser(toy_model)
+            out = sample(denoiser, noise, sampler=name, steps=1, schedule=schedule, schedule_type="normal",
+                         convention="comfyui", init=start_image, strength=denoise, callback=records.append)
+            run = prepare_k_run(name, noise, 1, schedule, "normal", "comfyui", start_image, denoise)
+            sigma_0 = run.plan.sigmas[0].item()
+            expected = run.start * math.sqrt(1 + COMFYUI_UNIPC_LAST_LEVEL**2) / math.sqrt(1 + sigma_0**2)
+            assert relative(out, expected) < 1e-7
+            assert denoiser.evaluations == 1 and len(records) == 1 and torch.equal(records[0].x, out)
+            if start_image is None:
+                assert relative(out, noise) < 1e-6
 
 
 def test_comfyui_unipc_callback_sees_and_replaces_the_ve_state():

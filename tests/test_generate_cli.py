@@ -13,7 +13,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from kedavra import __version__
-from kedavra.api import model_identity
+from kedavra.api import load, model_identity
 from kedavra.checkpoint import save_model
 from kedavra.cli import build_parser, main
 from kedavra.commands.generate_request import resolve_request
@@ -240,6 +240,31 @@ def test_a1111_inpainting_settings_are_written_and_read_back(model_file, images,
     assert np.array_equal(pixels(first), pixels(again))
 
 
+def test_latent_upscale_and_mask_round_flags_reach_the_pipeline(model_file, images, tmp_path):
+    """--resize-mode latent-upscale: without a mask the request's latent_resize (the image kept at its own size for
+    the pipeline), with a mask A1111's InpaintOptions resize mode 3; --no-mask-round its mask_round. A1111 writes
+    neither into the infotext. A run with latent-upscale is the pipeline's with latent_resize."""
+    odd = Image.open(images / "init.png").resize((27, 45))
+    args = build_parser().parse_args(["generate", PROMPT, "--resize-mode", "latent-upscale"])
+    assert resolve_request(args, None, [], init_image=odd).latent_resize
+    masked = build_parser().parse_args(["generate", PROMPT, "--resize-mode", "latent-upscale", "--no-mask-round",
+                                        "--sampler", "Euler", "--schedule-type", "Automatic"])
+    request = resolve_request(masked, None, [], init_image=odd, mask=Image.new("L", odd.size, 255))
+    assert not request.latent_resize and (request.inpaint.resize_mode, request.inpaint.mask_round) == (3, False)
+    assert resolve_request(build_parser().parse_args(["generate", PROMPT]), None, [], init_image=odd,
+                           mask=Image.new("L", odd.size, 255)).inpaint is None  # mask_round's default: none given
+    odd.save(tmp_path / "odd.png")
+    out = tmp_path / "latent.png"
+    assert generate(PROMPT, "--model", model_file, "--init-image", tmp_path / "odd.png", "--width", SIZE, "--height",
+                    SIZE, "--resize-mode", "latent-upscale", "--sampler", "Euler", "--schedule-type", "Automatic",
+                    "--steps", STEPS, "--seed", "3", "--strength", "0.6", "--precision", "fp32", "-q", "-o", out) == 0
+    assert "Resize mode" not in read_parameters(out).extra
+    pipe = load(model_file, dtype="fp32")
+    direct = pipe(PROMPT, init_image=odd, latent_resize=True, width=SIZE, height=SIZE, sampler="Euler",
+                  schedule_type="Automatic", rng="CPU", steps=int(STEPS), seed=3, strength=0.6, guidance_scale=7.5)
+    assert np.array_equal(pixels(out), np.asarray(direct.images[0]).astype(np.int16))
+
+
 def test_eta_of_a1111s_ancestral_samplers_is_written_and_read_back(model_file, tmp_path):
     first, again, default = tmp_path / "first.png", tmp_path / "again.png", tmp_path / "default.png"
     common = ["--model", model_file, "--sampler", "Euler a", "--schedule-type", "Automatic", "--steps", "4", "--seed",
@@ -290,6 +315,10 @@ BAD_INPUTS = {
                                           "Euler", "--masked-content", "noise"], "unknown masked_content 'noise'"),
     "mask settings on kedavra's plans": (lambda f: [PROMPT, *f.m, *f.init, "--mask", f.images / "mask.png",
                                                     "--only-masked"], "are A1111's inpainting settings"),
+    "mask rounding without mask": (lambda f: [PROMPT, *f.m, *f.init, "--no-mask-round"], "--mask-round set(s)"),
+    "latent upscale on kedavra's plans with a mask": (lambda f: [PROMPT, *f.m, *f.init, "--mask",
+                                                                 f.images / "mask.png", "--resize-mode",
+                                                                 "latent-upscale"], "are A1111's inpainting settings"),
     "init not an image": (lambda f: [PROMPT, *f.m, "--init-image", f.images / "not_an_image.png"], "not_an_image"),
     "init missing": (lambda f: [PROMPT, *f.m, "--init-image", f.images / "nowhere.png"], "nowhere.png"),
     "unknown sampler": (lambda f: [PROMPT, *f.m, "--sampler", "warp_drive"], "warp_drive"),

@@ -28,6 +28,7 @@ from kedavra.cli import main
 from kedavra.diffusion.samplers import resolve_sampler
 from kedavra.diffusion.samplers.k_diffusion import resolve_k_sampler
 from kedavra.formats.png_info import PARAMETERS_KEYWORD, model_hash, parse_parameters
+from kedavra.pipeline.inpainting import InpaintOptions
 from kedavra.viz.sample_image import draw_sample_image
 
 webuiapi = pytest.importorskip("webuiapi")
@@ -270,6 +271,34 @@ def test_inverted_mask_paints_where_the_mask_is_black(client):
         assert ("Mask mode: Inpaint not masked" in json.loads(inverted["info"])["infotexts"][0]) == (sampler == "Euler")
 
 
+def test_resize_mode_3_and_mask_round_reach_the_pipeline(client, server):
+    """resize_mode 3 (latent upscale) and mask_round false are carried out, without a note: the images equal the
+    pipeline's with latent_resize / InpaintOptions(resize_mode=3, mask_round=False); what A1111 cannot run with
+    them is 422, and override_settings.mask_round (no A1111 setting) is named with the field to use."""
+    _, worker = server
+    odd = draw_sample_image(48).resize((27, 45))
+    mask = Image.new("L", odd.size)
+    mask.paste(255, (5, 10, 20, 30))
+    base = {"init_images": [b64_png(odd)], "prompt": "x", "seed": 5, "steps": 4, "denoising_strength": 0.5,
+            "width": SIZE, "height": SIZE, "sampler_name": "Euler", "resize_mode": 3}
+    direct = {"width": SIZE, "height": SIZE, "sampler": "Euler", "schedule_type": "Automatic", "rng": "GPU",
+              "steps": 4, "seed": 5, "strength": 0.5, "guidance_scale": 7.0}
+    masked = {"mask": b64_png(mask), "mask_round": False, "inpainting_fill": 1, "inpaint_full_res": False}
+    options = InpaintOptions(mask_blur_x=4, mask_blur_y=4, resize_mode=3, mask_round=False)
+    for fields, settings in (({}, {"latent_resize": True}), (masked, {"mask": mask, "inpaint": options})):
+        answer = client.post("/sdapi/v1/img2img", json={**base, **fields}).json()
+        assert not json.loads(answer["info"])["notes"]
+        expected = worker.pipeline("x", init_image=odd, **settings, **direct).images[0]
+        assert np.array_equal(np.asarray(decode_png(answer["images"][0]).convert("RGB")), np.asarray(expected))
+    fill = client.post("/sdapi/v1/img2img", json={**base, **masked, "inpainting_fill": 0})
+    assert fill.status_code == 422 and "with masked content 'fill' over the whole picture" in fill.text
+    ours = client.post("/sdapi/v1/img2img", json={**base, **masked, "sampler_name": "DDPM"})
+    assert ours.status_code == 422 and ours.json()["detail"][0]["loc"] == ["body", "resize_mode"]
+    setting = client.post("/sdapi/v1/img2img", json={**base, "override_settings": {"mask_round": False}}).json()
+    assert "override_settings.mask_round is not supported and was ignored (mask_round is a request field: send it " \
+           "beside override_settings)" in json.loads(setting["info"])["notes"]
+
+
 def test_listing_endpoints_through_webuiapi(server, models_dir):
     url, _ = server
     api = webui(url)
@@ -337,6 +366,7 @@ def test_bad_txt2img_fields_are_422_naming_the_field(client, body, loc):
     ({"mask": "????"}, ["body", "mask"]),
     ({"mask": b64_png(Image.new("L", (SIZE // 2, SIZE)))}, ["body", "mask"]),  # not the init image's size
     ({"steps": True}, ["body", "steps"]),  # JSON true is not the number 1
+    ({"resize_mode": 4}, ["body", "resize_mode"]),
 ])
 def test_bad_img2img_fields_are_422_naming_the_field(client, body, loc):
     request = {"init_images": [b64_png(draw_sample_image(SIZE))], "steps": STEPS, **body}

@@ -181,6 +181,25 @@ def test_parity_tiny_diffusers_layout():
     assert_parity(model, reference_outputs(reference, images), images)
 
 
+def test_any_size_encodes_as_diffusers_and_ldm_do():
+    """any_size (A1111's resize mode 3 encodes the image at its own size): sides that are not multiples of f give
+    ⌊H/f⌋ x ⌊W/f⌋ latents, diffusers' encoder's (its padded stride-2 convolutions are ldm's) to PARITY_ATOL."""
+    reference = reference_vae("tiny")
+    model = kedavra_vae(reference.state_dict(), "diffusers", get_vae_config("tiny"))
+    f = model.config.downsample_factor
+    images = torch.rand(1, 3, 37, 51, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        theirs = reference.encode(images).latent_dist
+        ours = model.encode(images, any_size=True)
+    assert ours.mean.shape == theirs.mean.shape == (1, 4, 37 // f, 51 // f)
+    for mine, reference_value in ((ours.mean, theirs.mean), (ours.logvar, theirs.logvar)):
+        assert max_errors(mine, reference_value)[0] <= PARITY_ATOL
+    with pytest.raises(ValueError, match=r"multiples of"):
+        model.encode(images)  # the default still asks for multiples of f
+    with pytest.raises(ValueError, match=rf"images height and width must be at least {f} .*got 1 x 51"):
+        model.encode(images[..., :1, :], any_size=True)
+
+
 def test_scaled_latent_helpers_match_diffusers_pipeline_use():
     """encode_to_latents = posterior draw * 0.18215; decode_latents = decode(latents / 0.18215) in [-1, 1]."""
     reference = reference_vae("tiny")

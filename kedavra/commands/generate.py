@@ -196,7 +196,8 @@ def register(subparsers) -> None:
                        help="inpainting: white where to paint, black where to keep the init image (same size)")
     image.add_argument("--resize-mode", choices=RESIZE_MODE_FLAGS, default=None,
                        help="how an init image (and mask) of another size than --width/--height is brought to it, "
-                            "as A1111's Resize mode (default just-resize: stretched)")
+                            "as A1111's Resize mode (default just-resize: stretched; latent-upscale: the image "
+                            "encoded at its own size, its latents resized)")
     a1111 = parser.add_argument_group("A1111's inpainting settings (with --mask and an A1111 sampler such as "
                                       "'Euler a'; docs/generate.md)")
     a1111.add_argument("--mask-blur", type=int, metavar="PX",
@@ -211,6 +212,9 @@ def register(subparsers) -> None:
                             "'latent nothing'")
     a1111.add_argument("--invert-mask", action=argparse.BooleanOptionalAction, default=None,
                        help="paint where the mask is black (A1111's Mask mode 'Inpaint not masked')")
+    a1111.add_argument("--mask-round", action=argparse.BooleanOptionalAction, default=None,
+                       help="--no-mask-round blends on the soft (blurred) latent mask instead of rounding it to 0 / 1 "
+                            "(A1111's mask_round; default on)")
     hires = parser.add_argument_group("hires fix (A1111's: a second pass at a larger size; docs/generate.md)")
     hires.add_argument("--hires", action=argparse.BooleanOptionalAction, default=None,
                        help="upscale the first pass and run image to image on it (any --hires-* flag turns it on; "
@@ -421,11 +425,13 @@ def _sized(request: GenerationRequest, model_size: int, resize_mode: int = JUST_
     """The request at its size: --width/--height (or the PNG's), else the init image's size, else the model's image
     size; an init image (and mask) of another size is brought to it by `resize_mode` (A1111's resize_image; a mask
     just resized nearest-neighbour), except for A1111 inpainting, which does that itself (kedavra.pipeline.
-    inpainting: it blurs and crops at the image's own size first)."""
+    inpainting: it blurs and crops at the image's own size first), and for resize mode 3 (latent_resize: the
+    pipeline resizes the image's latents)."""
     image, mask = request.init_image, request.mask
     default_width, default_height = image.size if image is not None else (model_size, model_size)
     width, height = request.width or default_width, request.height or default_height
-    if image is not None and image.size != (width, height) and not request.a1111_inpainting:
+    if image is not None and image.size != (width, height) and not (request.a1111_inpainting or
+                                                                     request.latent_resize):
         image = resize_image(image, (width, height), NO_UPSCALER, None, resize_mode)
         mask = (None if mask is None else mask.resize((width, height), Image.Resampling.NEAREST)
                 if resize_mode == JUST_RESIZE else resize_image(mask, (width, height), NO_UPSCALER, None,

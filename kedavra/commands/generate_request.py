@@ -53,6 +53,7 @@ from kedavra.pipeline.request import (
     DEFAULT_REFINER_SWITCH_AT,
     GenerationRequest,
 )
+from kedavra.upscaling.named import LATENT_UPSCALE
 
 DEFAULT_STEPS = 20
 # DPM++ 2M (Lu et al. 2022, "DPM-Solver++", multistep 2nd order): deterministic, so an image depends on its seed's
@@ -136,6 +137,7 @@ def resolve_request(args, png: GenerationParameters | None, notes: list[str], in
         churn=Churn(*(pick(getattr(args, name), _number(extra, key), getattr(Churn(), name)) or
                       (math.inf if name == "s_tmax" else 0.0) for name, key in CHURN_KEYS.items())),
         inpaint=resolve_inpaint(args, extra if mask is not None else {}, mask is not None),
+        latent_resize=args.resize_mode == LATENT_UPSCALE_FLAG and init_image is not None and mask is None,
     )
     if args.eta is None:
         return request
@@ -149,7 +151,7 @@ def resolve_inpaint(args, extra: dict[str, str], masked: bool) -> InpaintOptions
     anywhere)."""
     flags = {"--mask-blur": args.mask_blur, "--only-masked": args.only_masked, "--masked-padding": args.masked_padding,
              "--masked-content": args.masked_content, "--invert-mask": args.invert_mask,
-             "--resize-mode": args.resize_mode}
+             "--mask-round": args.mask_round, "--resize-mode": args.resize_mode}
     given = [flag for flag, value in flags.items() if value is not None and flag != "--resize-mode"]
     if given and not masked:
         raise ValueError(f"{', '.join(given)} set(s) how a mask is used: give --mask (and --init-image)")
@@ -163,10 +165,13 @@ def resolve_inpaint(args, extra: dict[str, str], masked: bool) -> InpaintOptions
         only_masked=png.only_masked if args.only_masked is None else args.only_masked,
         padding=png.padding if args.masked_padding is None else args.masked_padding, masked_content=content,
         invert=png.invert if args.invert_mask is None else args.invert_mask,
-        resize_mode=RESIZE_MODE_FLAGS.index(args.resize_mode) if args.resize_mode is not None else png.resize_mode)
+        resize_mode=RESIZE_MODE_FLAGS.index(args.resize_mode) if args.resize_mode is not None else png.resize_mode,
+        mask_round=png.mask_round if args.mask_round is None else args.mask_round)
 
 
-RESIZE_MODE_FLAGS = ("just-resize", "crop-and-resize", "resize-and-fill")  # A1111's resize modes 0, 1, 2
+# A1111's resize modes 0, 1, 2, 3 (kedavra.upscaling.named: 3 resizes the latents, not the pixels)
+RESIZE_MODE_FLAGS = ("just-resize", "crop-and-resize", "resize-and-fill", "latent-upscale")
+LATENT_UPSCALE_FLAG = RESIZE_MODE_FLAGS[LATENT_UPSCALE]
 INPAINT_KEYS = (MASK_BLUR_KEY, MASK_MODE_KEY, MASKED_CONTENT_KEY, INPAINT_AREA_KEY, PADDING_KEY)
 HIRES_FLAGS = ("hires_scale", "hires_resize", "hires_upscaler", "hires_steps", "hires_sampler", "hires_schedule_type",
                "hires_prompt", "hires_negative")

@@ -30,7 +30,9 @@ ComfyUI (`comfyui_noise`, `ComfyNoiseSampler`) draws the initial noise of the wh
 the sampler's device seeded with the seed (`default_noise_sampler` in comfy/k_diffusion/sampling.py): a CUDA one on
 an NVIDIA card (the "GPU" source here; older ComfyUI drew from torch's global CUDA generator, which
 `prepare_noise` seeds alike, so the same numbers), a CPU one on a CPU-only run, seeded with seed + 1 since ComfyUI
-PR #11528 (before it, with the seed itself, so the first step repeated the initial noise).
+PR #11528 (before it, with the seed itself, so the first step repeated the initial noise). Its "ddim" sampler noises
+an inpainting mask's kept region with noise of its own (`comfyui_inpaint_noise`): torch.randn of the batch from
+torch.manual_seed(seed + 1), on the CPU whatever the device.
 
 Not here: the Brownian-tree noise of the SDE samplers (kedavra.diffusion.brownian), which A1111 and ComfyUI seed
 from the image seeds.
@@ -316,6 +318,15 @@ def comfyui_noise(seed: int, shape, batch_index=None) -> torch.Tensor:
         if index in wanted:
             rows[index] = row
     return torch.cat([rows[index] for index in indices])
+
+
+def comfyui_inpaint_noise(seed: int, shape) -> torch.Tensor:
+    """The noise ComfyUI's "ddim" adds to an inpainting mask's kept region (comfy/samplers.py, KSAMPLER.sample with
+    inpaint_options {"random": True}: KSamplerX0Inpaint's noise, in x_0 + σ·noise at every evaluation) instead of the
+    initial noise: torch.randn of the whole (B, C, h, w) batch from the CPU generator torch.manual_seed(seed + 1),
+    float32 on the CPU. That is `comfyui_noise` of seed + 1 (without batch_index: ComfyUI draws this one whole)."""
+    seed = check_int("seed", seed, 0, MAX_COMFYUI_SEED - 1, note=" (seed + 1 seeds ComfyUI's inpainting noise)")
+    return comfyui_noise(seed + 1, shape)
 
 
 class ComfyNoiseSampler:

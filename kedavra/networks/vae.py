@@ -35,7 +35,7 @@ SD_LATENT_SCALE = 0.18215
 VAE_NORM_EPS = 1e-6  # ldm/modules/diffusionmodules/model.py Normalize(): GroupNorm(32, eps=1e-6)
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # ldm/modules/distributions/distributions.py: logvar clamp
 # F.pad order (left, right, top, bottom): ldm Downsample pads right and bottom only, then a 3x3
-# stride-2 conv without padding, so an H x W map becomes H/2 x W/2.
+# stride-2 conv without padding, so an H x W map becomes ⌊H/2⌋ x ⌊W/2⌋.
 DOWNSAMPLE_PADDING = (0, 1, 0, 1)
 
 
@@ -344,16 +344,19 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
         self.decoder = Decoder(config)
 
-    def _check_input(self, x: Tensor, what: str, channels: int, multiple: int) -> None:
-        """Raise ValueError unless x is (B, channels, H, W) with H, W positive multiples of `multiple`."""
+    def _check_input(self, x: Tensor, what: str, channels: int, multiple: int, smallest: int = 1) -> None:
+        """Raise ValueError unless x is (B, channels, H, W) with H, W positive multiples of `multiple` and at least
+        `smallest`."""
         if x.ndim != 4:
             raise ValueError(f"{what} must be a 4-D (B, C, H, W) tensor, got shape {tuple(x.shape)}")
         if x.shape[1] != channels:
             raise ValueError(f"{what} must have {channels} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
         height, width = x.shape[-2:]
-        if height % multiple or width % multiple or height == 0 or width == 0:
+        low = max(multiple, smallest)
+        if height % multiple or width % multiple or min(height, width) < low:
+            rule = f"positive multiples of {multiple}" if multiple > 1 else f"at least {low}"
             raise ValueError(
-                f"{what} height and width must be positive multiples of {multiple} (2 ** (levels - 1) "
+                f"{what} height and width must be {rule} (2 ** (levels - 1) "
                 f"for this {self.config.num_levels}-level VAE), got {height} x {width}"
             )
 
@@ -375,10 +378,13 @@ class AutoencoderKL(nn.Module):
     def _pixels(self, z: Tensor) -> Tensor:
         return self.decoder(self.post_quant_conv(z))  # (B, C_out, h*f, w*f)
 
-    def encode(self, images: Tensor, tiling: Tiling | None = None) -> DiagonalGaussian:
-        """Posterior over unscaled latents for images (B, C_in, H, W) in [-1, 1]; H, W multiples of f."""
+    def encode(self, images: Tensor, tiling: Tiling | None = None, any_size: bool = False) -> DiagonalGaussian:
+        """Posterior over unscaled latents for images (B, C_in, H, W) in [-1, 1]; H, W multiples of f. With
+        any_size, any H, W of at least f: the latents are ⌊H/f⌋ x ⌊W/f⌋, what ldm's padded stride-2 convolutions
+        give (A1111 encodes its "latent upscale" init images at their own size so); tiled, the last H mod f rows and
+        W mod f columns are left out."""
         f = self.config.downsample_factor
-        self._check_input(images, "images", self.config.in_channels, f)
+        self._check_input(images, "images", self.config.in_channels, 1 if any_size else f, smallest=f)
         grid_tiling = self._grid_tiling(tiling)
         if grid_tiling is not None and tiling.applies_to(*images.shape[-2:]):
             moments = run_tiled(self._moments, images, *grid_tiling, in_scale=f, out_scale=1)
@@ -401,12 +407,13 @@ class AutoencoderKL(nn.Module):
         generator: torch.Generator | None = None,
         sample: bool = True,
         tiling: Tiling | None = None,
+        any_size: bool = False,
     ) -> Tensor:
         """Images in [-1, 1] -> latents for the diffusion model: z * scaling_factor (LDM Sec. 4.3.2).
 
-        sample=True draws z from the posterior with `generator`; sample=False takes its mean.
+        sample=True draws z from the posterior with `generator`; sample=False takes its mean. any_size: as `encode`.
         """
-        posterior = self.encode(images, tiling)
+        posterior = self.encode(images, tiling, any_size)
         z = posterior.sample(generator) if sample else posterior.mode()
         return z * self.config.scaling_factor
 

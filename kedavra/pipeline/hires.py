@@ -194,8 +194,14 @@ def resolve_hires_upscaler(name: str) -> str:
 
 def upscale_latents(latents: torch.Tensor, mode: tuple[str, bool], geometry: HiresGeometry, f: int) -> torch.Tensor:
     """A1111's latent upscale: (B, C, h, w) -> (B, C, H/f, W/f) of the upscaled size, by `mode`."""
+    return interpolate_latents(latents, (geometry.upscaled[1] // f, geometry.upscaled[0] // f), mode)
+
+
+def interpolate_latents(latents: torch.Tensor, size: tuple[int, int], mode: tuple[str, bool]) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, *size) as A1111 resizes latents (`mode`: an entry of LATENT_UPSCALE_MODES):
+    torch's interpolate with align_corners left unset (False), as processing.py calls it for hires fix and for
+    img2img's resize mode 3."""
     interpolation, antialias = mode
-    size = (geometry.upscaled[1] // f, geometry.upscaled[0] // f)  # (h', w') in latent cells
     return F.interpolate(latents, size=size, mode=interpolation, antialias=antialias)
 
 

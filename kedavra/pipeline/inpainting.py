@@ -1,20 +1,27 @@
 """Inpainting as A1111 and ComfyUI do it around the sampler: A1111's mask settings (blur, "only masked", masked
-content, invert, resize mode), the latent mask each program makes of the pixel mask, and A1111's final paste of
-the original pixels. The blending during sampling is the samplers' (kedavra.diffusion.samplers.registry.
-InpaintingDenoiser); kedavra's own plans blend as diffusers does (the kept region noised to each step's level) on a
-nearest-neighbour latent mask of the mask binarised at 0.5.
+content, invert, resize mode, mask rounding), the latent mask each program makes of the pixel mask, and A1111's final
+paste of the original pixels; and A1111's img2img resize mode 3, with a mask or without. The blending during
+sampling is the samplers' (kedavra.diffusion.samplers.registry.InpaintingDenoiser); kedavra's own plans blend as
+diffusers does (the kept region noised to each step's level) on a nearest-neighbour latent mask of the mask
+binarised at 0.5.
 
 A1111's img2img with a mask (modules/processing.py, StableDiffusionProcessingImg2Img.init and process_images):
 
     mask      inverted if asked; blurred along x, then y (OpenCV's GaussianBlur, kernel 2·⌊2.5σ + 0.5⌋ + 1 taps)
     whole picture: image and mask resized to W x H (the resize mode); overlay mask = min(2·mask, 1)
+                   resize mode 3, "latent upscale": the image stays at its own size w x h; the mask is brought to
+                   W x H and the overlay mask back to w x h by resize_image(3, ...), which A1111 runs as mode 2
+                   (resize and fill, its else branch); after encoding, the init latents are resized bilinearly to
+                   W/f x H/f (torch's interpolate, no antialias)
     only masked:   crop = the mask's bounding box + padding, widened to W:H (expand_crop_region); image and mask
                    cropped and resized into W x H ("resize and fill"); overlay mask = the blurred mask, full size
     masked content "fill": the image under the mask replaced by a blur of what surrounds it (masking.fill)
-    latent mask    the (blurred, resized) mask resized to the latent grid (bicubic) and rounded to 0 / 1;
+    latent mask    the (blurred, resized) mask resized to the latent grid (bicubic) and rounded to 0 / 1 (left
+                   soft with mask_round false, which also gives an SD 1.x / 2.x inpainting model the soft mask);
                    "latent noise" / "latent nothing" replace the masked latents by the seed's noise / zeros
     after decoding the generated crop is scaled back into its box ("crop and resize"), and the original image is
-                   laid over everything with alpha 1 − overlay mask (apply_overlay)
+                   laid over everything with alpha 1 − overlay mask (apply_overlay; an overlay of another size than
+                   the output, as mode 3 makes, is laid at the top left, as Pillow's alpha_composite places it)
 
 The blur reproduces OpenCV's 8-bit fixed-point arithmetic, so masks match A1111's bit for bit
 (tests/test_inpaint_a1111.py, against OpenCV itself).
@@ -30,12 +37,14 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 
 from kedavra.formats.images import from_pil, to_pil
+from kedavra.pipeline.hires import LATENT_UPSCALE_MODES, interpolate_latents
 from kedavra.upscaling.named import (
     CROP_AND_RESIZE,
+    IMG2IMG_RESIZE_MODES,
     JUST_RESIZE,
+    LATENT_UPSCALE,
     NO_UPSCALER,
     RESIZE_AND_FILL,
-    RESIZE_MODES,
     resize_image,
 )
 from kedavra.validation import check_bool, check_choice, check_int
@@ -49,6 +58,9 @@ INPAINT_AREA_KEY, PADDING_KEY = "Inpaint area", "Masked area padding"
 ONLY_MASKED, NOT_MASKED = "Only masked", "Inpaint not masked"
 FIXED_ONE = 256  # OpenCV's 8-bit Gaussian blur computes its kernel in units of 1/256 (ufixedpoint16)
 FILL_LAYERS = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))  # masking.fill: (blur radius, composites)
+ALPHA_THRESHOLD = 128  # create_binary_mask: an RGBA mask's alpha above this paints (with mask_round)
+# processing.py resizes mode 3's init latents with interpolate(mode="bilinear"): hires fix's "Latent" upscale
+LATENT_UPSCALE_INTERPOLATION = LATENT_UPSCALE_MODES["Latent"]
 
 
 @dataclass(frozen=True)
@@ -64,7 +76,11 @@ class InpaintOptions:
                               "latent nothing" [inpainting_fill 0-3]
     invert                    paint where the mask is black [inpainting_mask_invert]
     resize_mode               how an image (and mask) of another size than the request's is brought to it: 0 just
-                              resize, 1 crop and resize, 2 resize and fill [resize_mode]
+                              resize, 1 crop and resize, 2 resize and fill, 3 just resize (latent upscale): the
+                              image encoded at its own size, its latents resized [resize_mode]
+    mask_round                round the latent mask to 0 / 1 (A1111's default); False: the soft (blurred) latent mask
+                              blends, an SD 1.x / 2.x inpainting model sees the soft mask, and an RGBA mask's alpha is
+                              taken as it is (`a1111_mask`) [mask_round; A1111 writes no infotext for it]
     """
 
     mask_blur_x: int = 0
@@ -74,6 +90,7 @@ class InpaintOptions:
     masked_content: str = "original"
     invert: bool = False
     resize_mode: int = JUST_RESIZE
+    mask_round: bool = True
 
     def __post_init__(self):
         for name in ("mask_blur_x", "mask_blur_y"):
@@ -82,7 +99,9 @@ class InpaintOptions:
         check_int("padding", self.padding, 0, MAX_PADDING)
         check_choice("masked_content", self.masked_content, MASKED_CONTENT)
         check_bool("invert", self.invert)
-        check_int("resize_mode", self.resize_mode, min(RESIZE_MODES), max(RESIZE_MODES))
+        check_int("resize_mode", self.resize_mode, min(IMG2IMG_RESIZE_MODES), max(IMG2IMG_RESIZE_MODES),
+                  note=f" ({', '.join(f'{k} {v}' for k, v in IMG2IMG_RESIZE_MODES.items())})")
+        check_bool("mask_round", self.mask_round)
 
     @property
     def is_default(self) -> bool:
@@ -176,11 +195,13 @@ def _blur_along(pixels: np.ndarray, sigma: float, axis: int) -> np.ndarray:
     return (windows @ kernel + FIXED_ONE // 2) >> 8  # sums in 1/256 units, rounded half up to 8 bits
 
 
-def a1111_mask(image: Image.Image) -> Image.Image:
-    """The mask A1111 reads from an uploaded image (create_binary_mask, its default round=True): an RGBA image with
-    transparency gives its alpha channel, thresholded above 128 (white = paint); any other image its grey levels."""
+def a1111_mask(image: Image.Image, mask_round: bool = True) -> Image.Image:
+    """The mask A1111 reads from an uploaded image (create_binary_mask(image, round=mask_round)): an RGBA image with
+    transparency gives its alpha channel, thresholded above 128 (white = paint) when mask_round, else as it is; any
+    other image its grey levels."""
     if image.mode == "RGBA" and image.getextrema()[-1] != (255, 255):
-        return image.getchannel("A").point(lambda alpha: 255 if alpha > 128 else 0)
+        alpha = image.getchannel("A")
+        return alpha.point(lambda value: 255 if value > ALPHA_THRESHOLD else 0) if mask_round else alpha
     return image.convert("L")
 
 
@@ -261,6 +282,7 @@ def plan_inpainting(images: list[Image.Image], masks: list[Image.Image], size: t
     """A1111's preparation of one init image and mask per batch image (module docstring) for a W x H `size`.
     An all-black mask with only_masked falls back to the whole picture, as A1111 does."""
     resized, kept_masks, overlays, boxes = [], [], [], []
+    mode = _pixel_mode(options.resize_mode)
     for image, mask in zip(images, masks, strict=True):
         mask = ImageOps.invert(mask.convert("L")) if options.invert else mask.convert("L")
         mask = blur_mask(mask, options.mask_blur_x, options.mask_blur_y)
@@ -269,11 +291,12 @@ def plan_inpainting(images: list[Image.Image], masks: list[Image.Image], size: t
             overlay_mask = mask
             mask = resize_image(mask.crop(box), size, NO_UPSCALER, None, RESIZE_AND_FILL).convert("L")
         else:
-            mask = resize_image(mask, size, NO_UPSCALER, None, options.resize_mode).convert("L")
+            mask = resize_image(mask, size, NO_UPSCALER, None, mode).convert("L")
             overlay_mask = Image.fromarray(np.minimum(np.asarray(mask, dtype=np.uint16) * 2, 255).astype(np.uint8))
-            image = resize_image(image, size, NO_UPSCALER, None, options.resize_mode)
+            if options.resize_mode != LATENT_UPSCALE:  # mode 3: the image is encoded at its own size
+                image = resize_image(image, size, NO_UPSCALER, None, mode)
         if overlay_mask.size != image.size:
-            overlay_mask = resize_image(overlay_mask, image.size, NO_UPSCALER, None, options.resize_mode).convert("L")
+            overlay_mask = resize_image(overlay_mask, image.size, NO_UPSCALER, None, mode).convert("L")
         overlay = Image.new("RGBa", image.size)
         overlay.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(overlay_mask))
         if box is not None:
@@ -287,6 +310,45 @@ def plan_inpainting(images: list[Image.Image], masks: list[Image.Image], size: t
     return InpaintPlan(options, resized, kept_masks, overlays, boxes)
 
 
+def _pixel_mode(resize_mode: int) -> int:
+    """The pixel resize A1111's resize_image does for an img2img resize mode: mode 3 falls in its last branch,
+    resize and fill."""
+    return RESIZE_AND_FILL if resize_mode == LATENT_UPSCALE else resize_mode
+
+
+def check_latent_upscale(options: InpaintOptions, image_size: tuple[int, int], size: tuple[int, int], f: int,
+                         inpainting_model: bool) -> None:
+    """ValueError for an A1111 inpainting run with resize mode 3 that A1111 cannot run: an image with a side under
+    f pixels (the VAE encodes it at its own size), and, over the whole picture with an image of another size than
+    the output's W x H, masked content "fill" (masking.fill pastes the image through the W x H mask: Pillow's
+    "images do not match") or an inpainting model (its masked image and mask differ in size)."""
+    if options.resize_mode != LATENT_UPSCALE:
+        return
+    check_encodable(image_size, f)
+    if options.only_masked or image_size == size:
+        return
+    reason = ("masked content 'fill'" if options.masked_content == "fill" else
+              "an inpainting model" if inpainting_model else None)
+    if reason is not None:
+        raise ValueError(f"resize mode 3 (latent upscale) with {reason} over the whole picture needs the init image "
+                         f"at the output size ({size[0]}x{size[1]}), got {image_size[0]}x{image_size[1]}: A1111 "
+                         "fails there ('images do not match'); give another masked content, only masked, or "
+                         "another resize mode")
+
+
+def check_encodable(image_size: tuple[int, int], f: int) -> None:
+    """ValueError unless an init image that resize mode 3 encodes at its own size has sides of at least f pixels."""
+    if min(image_size) < f:
+        raise ValueError(f"init_image is {image_size[0]}x{image_size[1]}; resize mode 3 (latent upscale) encodes it "
+                         f"at its own size, which needs at least {f} pixels a side")
+
+
+def resize_init_latents(latents: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+    """Resize mode 3 after encoding: the init latents (B, C, h', w') of the images at their own size resized to the
+    request's (h, w) = (H/f, W/f), as StableDiffusionProcessingImg2Img.init does (bilinear, no antialias)."""
+    return interpolate_latents(latents, latent_size, LATENT_UPSCALE_INTERPOLATION)
+
+
 def a1111_inpainting(request, width: int, height: int):
     """(request with its init images and masks prepared at width x height, InpaintPlan) for an A1111-convention
     request with a mask (`GenerationRequest`; its init_image / mask as PIL images or tensors, of any size). With
@@ -295,9 +357,11 @@ def a1111_inpainting(request, width: int, height: int):
     options = request.inpaint or InpaintOptions()
     if options.only_masked and not any(_painted(mask, options) for mask in masks):
         # A1111: 'Unable to perform "Inpaint Only mask" because mask is blank, switch to img2img mode.'
-        images = [resize_image(image, (width, height), NO_UPSCALER, None, options.resize_mode) for image in images]
+        latent_resize = options.resize_mode == LATENT_UPSCALE
+        if not latent_resize:
+            images = [resize_image(image, (width, height), NO_UPSCALER, None, options.resize_mode) for image in images]
         init = torch.cat([from_pil(image.convert("RGB")) for image in images])
-        return dataclasses.replace(request, init_image=init, mask=None, inpaint=None), None
+        return dataclasses.replace(request, init_image=init, mask=None, inpaint=None, latent_resize=latent_resize), None
     plan = plan_inpainting(images, masks, (width, height), options)
     init = torch.cat([from_pil(image) for image in plan.images])  # (B, 3, H, W)
     mask = torch.stack([torch.from_numpy(np.asarray(m, dtype=np.float32) / 255)[None] for m in plan.masks])
@@ -337,10 +401,11 @@ def _pictures(picture, batch: int, name: str, rgb: bool = True) -> list:
     return to_pil(tensor.float()) if rgb else list(tensor)
 
 
-def program_latent_mask(mask: torch.Tensor, latent_size: tuple[int, int], convention: str) -> torch.Tensor:
+def program_latent_mask(mask: torch.Tensor, latent_size: tuple[int, int], convention: str,
+                        mask_round: bool = True) -> torch.Tensor:
     """The latent blend mask (B, 1, h, w) A1111 or ComfyUI makes of a pixel mask (B, 1, H, W) in [0, 1]: A1111's
-    PIL resize of the mask image (bicubic, Pillow's default for RGB), rounded to 0/1 (processing.py, latmask);
-    ComfyUI's bilinear interpolation, left soft (comfy/sampler_helpers.py, prepare_mask)."""
+    PIL resize of the mask image (bicubic, Pillow's default for RGB), rounded to 0/1 when mask_round (processing.py,
+    latmask); ComfyUI's bilinear interpolation, left soft (comfy/sampler_helpers.py, prepare_mask)."""
     if convention == "comfyui":
         return torch.nn.functional.interpolate(mask.float(), size=latent_size, mode="bilinear")
     h, w = latent_size
@@ -348,5 +413,5 @@ def program_latent_mask(mask: torch.Tensor, latent_size: tuple[int, int], conven
     for image in mask.float():
         pixels = Image.fromarray((image[0] * 255).round().to(torch.uint8).numpy(), "L").convert("RGB")
         resized = np.asarray(pixels.resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32)[..., 0] / 255
-        masks.append(torch.from_numpy(np.around(resized))[None])
+        masks.append(torch.from_numpy(np.around(resized) if mask_round else resized)[None])
     return torch.stack(masks)  # (B, 1, h, w)

@@ -27,7 +27,7 @@ from kedavra.adapters.prompt_tags import LoraTag, batch_lora_tags
 from kedavra.adapters.textual_inversion import Embedding, EmbeddingLibrary, LoadReport
 from kedavra.diffusion.brownian import BrownianTreeNoise
 from kedavra.diffusion.guidance import classifier_free_guidance
-from kedavra.diffusion.rng import ComfyNoiseSampler, ImageNoise, comfyui_noise
+from kedavra.diffusion.rng import ComfyNoiseSampler, ImageNoise, comfyui_inpaint_noise, comfyui_noise
 from kedavra.diffusion.samplers import StepCallback, StepRecord, sample
 from kedavra.diffusion.samplers.registry import SET_ALPHA_TO_ONE_SAMPLERS, inpaints_from_noise
 from kedavra.diffusion.sigmas import a1111_img2img_steps
@@ -40,7 +40,7 @@ from kedavra.networks.taesd import TinyAutoencoder, load_tiny_autoencoder
 from kedavra.networks.vae_tiling import Tiling
 from kedavra.pipeline.device import default_device, default_dtype, parse_precision
 from kedavra.pipeline.hires import crop_latents, upscale_latents
-from kedavra.pipeline.inpainting import a1111_inpainting, program_latent_mask
+from kedavra.pipeline.inpainting import a1111_inpainting, program_latent_mask, resize_init_latents
 from kedavra.pipeline.prompt_weighting import TextConditioning, encode_conditioning
 from kedavra.pipeline.request import GenerationRequest
 from kedavra.upscaling.named import UpscalerCache, resize_image
@@ -213,11 +213,17 @@ class Pipeline:
             # U-Net then needs only the masked image, and diffusers' pipeline draws no init posterior either
             from_noise = request.schedule_type is None and inpaints_from_noise(request.mask, request.strength)
             if not (self.config.inpainting and from_noise):
-                init_latents = self._encode_images(images, generators)
+                init_latents = self._encode_images(images, generators, any_size=request.resizes_latents)
+            if init_latents is not None and request.resizes_latents:  # A1111's resize mode 3, "latent upscale"
+                init_latents = resize_init_latents(init_latents, latent_size)
         noise, noise_sampler, brownian = self._draw_noise(request, seeds, subseeds, generators,
                                                           (self.config.vae.latent_channels, *latent_size))
+        mask_round = inpainting is None or inpainting.options.mask_round
         if request.mask is not None:
-            pixel_mask = (request.mask >= 0.5).float().to(self.device)  # (B, 1, H, W), 1 = paint, binarised
+            # (B, 1, H, W), 1 = paint, binarised; A1111 with mask_round false gives an SD 1.x / 2.x inpainting model
+            # the soft mask (inpainting_image_conditioning's round_image_mask), SDXL's the rounded one
+            soft = not mask_round and not self.config.micro_conditioning
+            pixel_mask = (request.mask if soft else request.mask >= 0.5).float().to(self.device)
             latent_mask = torch.nn.functional.interpolate(pixel_mask, size=latent_size)
             if self.config.inpainting:  # the U-Net sees the mask and the image with the painted part blacked out
                 masked_latents = self._encode_images(images * (1 - pixel_mask), generators)
@@ -236,7 +242,7 @@ class Pipeline:
                                   round(self.config.schedule.num_train_timesteps * (1 - request.refiner_switch_at)))
         blend_mask = None
         if request.mask is not None and request.schedule_type is not None:  # A1111 / ComfyUI: every model blends
-            blend_mask = program_latent_mask(request.mask, latent_size, request.convention).to(self.device)
+            blend_mask = program_latent_mask(request.mask, latent_size, request.convention, mask_round).to(self.device)
         elif latent_mask is not None and not self.config.inpainting:
             blend_mask = latent_mask
         if inpainting is not None and inpainting.options.masked_content in ("latent noise", "latent nothing"):
@@ -246,8 +252,12 @@ class Pipeline:
                 replacement = noise if not request.subseed_strength else self._draw_noise(
                     request.replace(subseed_strength=0.0), seeds, None, generators, tuple(noise.shape[1:]))[0]
             init_latents = init_latents * (1 - blend_mask) + replacement * blend_mask
+        inpaint_noise = None
+        if blend_mask is not None and request.comfyui_noise and request.k_sampler.comfyui_inpaint_noise:
+            inpaint_noise = comfyui_inpaint_noise(seeds[0], tuple(noise.shape)).to(self.device)  # ComfyUI's ddim
         latents = self._sample(request, denoise, noise, noise_sampler, brownian, generators, callback,
-                               init=init_latents, strength=request.strength, mask=blend_mask)
+                               init=init_latents, strength=request.strength, mask=blend_mask,
+                               inpaint_noise=inpaint_noise)
         if request.hires is not None:
             latents = self._hires_pass(request, asked_sizes, latents, seeds, subseeds, callback)
         images = to_pil(self.decode(latents))
@@ -257,7 +267,8 @@ class Pipeline:
 
     def _sample(self, request: GenerationRequest, denoise, noise: torch.Tensor, noise_sampler, brownian,
                 generators: list[torch.Generator], callback: StepCallback | None, init: torch.Tensor | None = None,
-                strength: float | None = None, mask: torch.Tensor | None = None, fix_steps: bool = False):
+                strength: float | None = None, mask: torch.Tensor | None = None, fix_steps: bool = False,
+                inpaint_noise: torch.Tensor | None = None):
         """One run of the request's sampler on this model's schedule (kedavra.diffusion.samplers.sample)."""
         return sample(
             denoise, noise, sampler=request.sampler, steps=request.steps, schedule=self.config.schedule,
@@ -268,7 +279,7 @@ class Pipeline:
             schedule_type=request.schedule_type, convention=request.convention, noise_sampler=noise_sampler,
             brownian=brownian, sdxl=self.config.micro_conditioning > 0, final_sigma=self._final_sigma(request),
             diffusers_rules=self.config.timestep_rules == "diffusers", sigmas=request.sigmas, fix_steps=fix_steps,
-            churn=request.churn, eta_ancestral=request.eta_ancestral,
+            churn=request.churn, eta_ancestral=request.eta_ancestral, inpaint_noise=inpaint_noise,
         )
 
     def _draw_noise(self, request: GenerationRequest, seeds: list[int], subseeds: list[int] | None,
@@ -392,7 +403,7 @@ class Pipeline:
         # the refiner runs with its own load_lora LoRAs; the prompt's tags name LoRAs for the base model
         prompts, _ = batch_lora_tags(request.prompts)
         refiner_request = request.replace(prompts=prompts, init_image=None, mask=None, strength=None,
-                                          inpaint=None)
+                                          inpaint=None, latent_resize=False)
         return refiner.guided_unet(refiner_request.for_model(refiner.config), record=record)
 
     def _added_conditioning(self, request: GenerationRequest, text: TextConditioning):
@@ -410,11 +421,14 @@ class Pipeline:
 
         return side(text.pooled, time_ids), side(text.uncond_pooled, negative_time_ids)
 
-    def _encode_images(self, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> (B, C, h, w) scaled latents, image i's posterior drawn with generator i."""
+    def _encode_images(self, images: torch.Tensor, generators: list[torch.Generator],
+                       any_size: bool = False) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, C, h, w) scaled latents, image i's posterior drawn with generator i
+        (any_size: H, W not multiples of f, h, w rounded down, as A1111's resize mode 3 encodes)."""
         vae = self.model.vae
         return torch.cat([
-            vae.encode_to_latents(images[i : i + 1].to(self.dtype), generator=g, tiling=VAE_TILING).float()
+            vae.encode_to_latents(images[i : i + 1].to(self.dtype), generator=g, tiling=VAE_TILING,
+                                  any_size=any_size).float()
             for i, g in enumerate(generators)
         ])
 

@@ -36,7 +36,8 @@ from kedavra.diffusion.sigmas import AUTOMATIC, CONVENTIONS, resolve_schedule_ty
 from kedavra.diffusion.timesteps import SPACINGS, check_steps
 from kedavra.formats.images import from_pil
 from kedavra.pipeline.hires import HiresFix
-from kedavra.pipeline.inpainting import InpaintOptions, inpainting_pictures
+from kedavra.pipeline.inpainting import InpaintOptions, check_encodable, check_latent_upscale, inpainting_pictures
+from kedavra.upscaling.named import LATENT_UPSCALE
 from kedavra.validation import (
     MAX_SEED,
     check_bool,
@@ -118,6 +119,9 @@ class GenerationRequest:
     inpaint                    A1111's inpainting settings (kedavra.pipeline.inpainting.InpaintOptions: mask blur,
                                "only masked" and its padding, masked content, invert, resize mode) for a mask with an
                                A1111 sampler; None: the mask as given over the whole picture
+    latent_resize              A1111's resize mode 3, "Just resize (latent upscale)", for an init_image without a
+                               mask: encoded at its own size (any, at least f a side), its latents resized bilinearly
+                               to height/f x width/f; with a mask it is InpaintOptions(resize_mode=3)
     """
 
     prompts: tuple[str, ...]
@@ -154,6 +158,7 @@ class GenerationRequest:
     churn: Churn | None = None
     inpaint: InpaintOptions | None = None
     eta_ancestral: float = A1111_ETA_ANCESTRAL
+    latent_resize: bool = False
 
     def __post_init__(self):
         prompts, negatives = tuple(self.prompts), tuple(self.negative_prompts)
@@ -226,12 +231,16 @@ class GenerationRequest:
             if not isinstance(self.inpaint, InpaintOptions):
                 raise ValueError(f"inpaint must be an InpaintOptions (kedavra.pipeline.inpainting), got "
                                  f"{type(self.inpaint).__name__}")
+            settings = "mask blur, only masked, masked content, mask rounding and the mask's resize mode"
             if self.mask is None and not self.inpaint.is_default:
-                raise ValueError("mask blur, only masked, masked content and the mask's resize mode need a mask")
+                raise ValueError(f"{settings} need a mask")
             if not self.inpaint.is_default and (schedule_type is None or self.convention != "a1111"):
-                raise ValueError("mask blur, only masked, masked content and the mask's resize mode are A1111's "
-                                 "inpainting settings: give an A1111 sampler with a schedule type (e.g. sampler "
-                                 "'Euler a' with schedule type 'Automatic'; convention 'a1111')")
+                raise ValueError(f"{settings} are A1111's inpainting settings: give an A1111 sampler with a schedule "
+                                 "type (e.g. sampler 'Euler a' with schedule type 'Automatic'; convention 'a1111')")
+        if check_bool("latent_resize", self.latent_resize) and (self.init_image is None or self.mask is not None):
+            raise ValueError("latent_resize (resize mode 3, latent upscale) resizes an init_image without a mask; "
+                             "with a mask give inpaint=InpaintOptions(resize_mode=3) and an A1111 sampler"
+                             if self.init_image is not None else "latent_resize needs init_image")
         check_seed("seed", self.seed, optional=True)
         for name in ("width", "height"):
             check_optional_int(name, getattr(self, name), 1, MAX_SIDE, none_means="the model's image size")
@@ -341,6 +350,13 @@ class GenerationRequest:
         return [(seed + i) % (MAX_SEED + 1) for i in range(n)], None
 
     @property
+    def resizes_latents(self) -> bool:
+        """Whether init_image is encoded at its own size and its latents resized to the request's (A1111's resize
+        mode 3): `latent_resize`, or an A1111 inpainting request's InpaintOptions.resize_mode."""
+        return self.latent_resize or (self.a1111_inpainting and self.inpaint is not None
+                                      and self.inpaint.resize_mode == LATENT_UPSCALE)
+
+    @property
     def a1111_inpainting(self) -> bool:
         """Whether the request inpaints as A1111 does (a mask, an A1111 sampler with a schedule type): its mask
         settings (`inpaint`), latent mask and final overlay (kedavra.pipeline.inpainting)."""
@@ -384,9 +400,12 @@ class GenerationRequest:
         init_image = mask = None
         if self.a1111_inpainting:  # prepared by the pipeline (kedavra.pipeline.inpainting), from any size
             init_image, mask = self.init_image, self.mask
-            inpainting_pictures(init_image, mask, self.num_images)
+            image_size = inpainting_pictures(init_image, mask, self.num_images)[0][0].size
+            check_latent_upscale(self.inpaint or InpaintOptions(), image_size, (width, height), f, config.inpainting)
         elif self.init_image is not None:
-            init_image = _image_batch(self.init_image, self.num_images, width, height)
+            init_image = _image_batch(self.init_image, self.num_images, None if self.latent_resize else (width, height))
+            if self.latent_resize:
+                check_encodable((init_image.shape[-1], init_image.shape[-2]), f)
             if self.mask is not None:
                 mask = _mask_batch(self.mask, self.num_images, width, height)
         return dataclasses.replace(self, width=width, height=height, init_image=init_image, mask=mask,
@@ -403,12 +422,13 @@ class GenerationRequest:
         return common + [self.aesthetic_score], common + [self.negative_aesthetic_score]
 
 
-def _image_batch(image: Picture, batch: int, width: int, height: int) -> torch.Tensor:
-    """An init image (PIL, or a (B|1, 3, H, W) / (3, H, W) tensor in [-1, 1]) as a (B, 3, H, W) tensor in [-1, 1]."""
+def _image_batch(image: Picture, batch: int, size: tuple[int, int] | None) -> torch.Tensor:
+    """An init image (PIL, or a (B|1, 3, H, W) / (3, H, W) tensor in [-1, 1]) as a (B, 3, H, W) tensor in [-1, 1],
+    of `size` (width, height), or of any size for None."""
     tensor = from_pil(image) if isinstance(image, Image.Image) else (image if image.ndim == 4 else image[None])
-    if tensor.ndim != 4 or tensor.shape[-2:] != (height, width) or tensor.shape[-3] != 3:
+    if tensor.ndim != 4 or tensor.shape[-3] != 3 or size not in (None, tensor.shape[:-3:-1]):
         raise ValueError(f"init_image is {tensor.shape[-1]}x{tensor.shape[-2]} with {tensor.shape[-3]} channels; "
-                         f"it must be RGB {width}x{height} (the requested size)")
+                         "it must be RGB" + (f" {size[0]}x{size[1]} (the requested size)" if size else ""))
     if tensor.shape[0] not in (1, batch):
         raise ValueError(f"init_image holds {tensor.shape[0]} images for a batch of {batch}; give 1 or {batch}")
     return tensor.float().expand(batch, -1, -1, -1)

@@ -158,7 +158,11 @@ class GenerationBody(BaseModel):
         """Notes for the A1111 settings in this request that kedavra accepts but does not carry out."""
         notes = [f"{name} is not supported and was ignored" for name, value in self._unsupported().items() if value]
         ignored = sorted(set(self.override_settings or {}) - set(SAMPLING_SETTINGS))
-        return notes + [f"override_settings.{key} is not supported and was ignored" for key in ignored]
+        # A1111 1.10 has no such setting either; some are its request fields (mask_round, resize_mode, ...)
+        fields = {key: f" ({key} is a request field: send it beside override_settings)"
+                  for key in ignored if key in type(self).model_fields}
+        return notes + [f"override_settings.{key} is not supported and was ignored{fields.get(key, '')}"
+                        for key in ignored]
 
     def _unsupported(self) -> dict[str, Any]:
         """The settings kedavra does not act on, by the name a note gives them: their values (falsy: unset)."""
@@ -210,13 +214,13 @@ class Img2ImgRequest(GenerationBody):
     mask: Base64Image | None = Field(None, description="inpainting: white where to paint (or an RGBA image's "
                                                        "transparent part)")
     inpainting_mask_invert: Count = Field(0, ge=0, le=1, description="1: paint where the mask is black")
-    resize_mode: Count = Field(0, ge=0, le=3, description="0 just resize, 1 crop and resize, 2 resize and fill "
-                                                          "(3, latent upscale, is done as 0)")
+    resize_mode: Count = Field(0, ge=0, le=3, description="0 just resize, 1 crop and resize, 2 resize and fill, "
+                                                          "3 just resize (latent upscale)")
     include_init_images: bool = False
     mask_blur: Count | None = Field(None, ge=0, le=MAX_MASK_BLUR, description="sets mask_blur_x and mask_blur_y")
     mask_blur_x: Count = Field(4, ge=0, le=MAX_MASK_BLUR)
     mask_blur_y: Count = Field(4, ge=0, le=MAX_MASK_BLUR)
-    mask_round: bool = True
+    mask_round: bool = Field(True, description="false: blend on the soft (blurred) latent mask, not rounded")
     inpainting_fill: Count = Field(0, ge=0, le=3, description="0 fill, 1 original, 2 latent noise, 3 latent nothing")
     inpaint_full_res: bool = Field(True, description="inpaint area 'only masked'")
     inpaint_full_res_padding: Count = Field(0, ge=0, le=MAX_PADDING)
@@ -228,7 +232,8 @@ class Img2ImgRequest(GenerationBody):
         return InpaintOptions(mask_blur_x=blur_x, mask_blur_y=blur_y, only_masked=self.inpaint_full_res,
                               padding=self.inpaint_full_res_padding,
                               masked_content=MASKED_CONTENT[self.inpainting_fill],
-                              invert=bool(self.inpainting_mask_invert), resize_mode=min(self.resize_mode, 2))
+                              invert=bool(self.inpainting_mask_invert), resize_mode=self.resize_mode,
+                              mask_round=self.mask_round)
 
     def echoed(self) -> dict[str, Any]:
         """As A1111: init_images and mask are not sent back unless include_init_images asks for them."""
@@ -236,13 +241,6 @@ class Img2ImgRequest(GenerationBody):
         if not self.include_init_images:
             parameters["init_images"] = parameters["mask"] = None
         return parameters
-
-    def _unsupported(self) -> dict[str, Any]:
-        unsupported = {**super()._unsupported(), "resize_mode 3 (latent upscale; done as 0, just resize)":
-                       self.resize_mode == 3}
-        if self.mask is not None:
-            unsupported["mask_round false (the latent mask is rounded)"] = not self.mask_round
-        return unsupported
 
 
 # ---- responses ----------------------------------------------------------------------------------------------------

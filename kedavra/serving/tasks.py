@@ -55,7 +55,7 @@ from kedavra.serving.schemas import (
     decode_image,
 )
 from kedavra.serving.worker import GenerationOutcome, GenerationTask, ModelCatalog
-from kedavra.upscaling.named import NO_UPSCALER, RESIZE_AND_FILL, resize_image, upscaler_labels
+from kedavra.upscaling.named import LATENT_UPSCALE, NO_UPSCALER, resize_image, upscaler_labels
 from kedavra.validation import MAX_SEED, check_choice, check_int, check_number
 
 Size = tuple[int, int]  # (width, height) in pixels
@@ -163,9 +163,10 @@ def hires_fix(body: Txt2ImgRequest, pipe: Pipeline, size: Size, admission: Admis
 def img2img_task(body: Img2ImgRequest, pipe: Pipeline, catalog: ModelCatalog,
                  settings: Mapping[str, Any] | None = None, admission: Admission = Admission()) -> GenerationTask:
     """`body` checked and resolved. With an A1111 sampler and a mask, the init images and the mask go to the pipeline
-    at their own size with A1111's inpainting settings (mask blur, only masked, masked content, invert, resize mode:
-    kedavra.pipeline.inpainting); otherwise the init images are brought to the request's size by the resize mode
-    and the mask (white = paint) is resized nearest-neighbour and inverted when asked."""
+    at their own size with A1111's inpainting settings (mask blur, only masked, masked content, invert, resize mode,
+    mask rounding: kedavra.pipeline.inpainting); otherwise the init images are brought to the request's size by the
+    resize mode (3, latent upscale, without a mask: at their own size, the pipeline resizes their latents) and the
+    mask (white = paint) is resized nearest-neighbour and inverted when asked."""
     sampling = resolve_sampling(body, settings)
     decoded = [decode_image(text).convert("RGB") for text in body.init_images]
     width, height = request_size(body, pipe, decoded[0].size, admission)
@@ -179,7 +180,7 @@ def img2img_task(body: Img2ImgRequest, pipe: Pipeline, catalog: ModelCatalog,
         raise field_error("denoising_strength", str(error), body.denoising_strength) from None
     mask = inpaint = None
     if body.mask is not None:
-        mask = a1111_mask(decode_image(body.mask))
+        mask = a1111_mask(decode_image(body.mask), body.mask_round or sampling.schedule_type is None)
         if mask.size not in (decoded[0].size, (width, height)):  # another size cannot say which pixels it means
             raise field_error("mask", f"the mask is {mask.width}x{mask.height}; give it the size of init_images[0] "
                                       f"({decoded[0].width}x{decoded[0].height}) or of the output ({width}x{height})",
@@ -192,13 +193,21 @@ def img2img_task(body: Img2ImgRequest, pipe: Pipeline, catalog: ModelCatalog,
             mask = mask.resize(decoded[0].size, Image.Resampling.NEAREST)
             return checked_task(body, pipe, catalog, sampling, (width, height), tuple(decoded), mask,
                                 body.denoising_strength, inpaint=inpaint)
+        if body.resize_mode == LATENT_UPSCALE:
+            raise field_error("resize_mode", "resize_mode 3 (latent upscale) with a mask runs with A1111's samplers; "
+                                             f"{body.sampler} is kedavra's: give resize_mode 0, 1 or 2, or an A1111 "
+                                             "sampler", body.resize_mode)
         mask = mask.resize((width, height), Image.Resampling.NEAREST)
         if body.inpainting_mask_invert:
             mask = ImageOps.invert(mask)
-    mode = min(body.resize_mode, RESIZE_AND_FILL)
-    init_images = tuple(image if image.size == (width, height) else
-                        resize_image(image, (width, height), NO_UPSCALER, None, mode) for image in decoded)
-    return checked_task(body, pipe, catalog, sampling, (width, height), init_images, mask, body.denoising_strength)
+    latent_resize = body.resize_mode == LATENT_UPSCALE
+    if latent_resize and len({image.size for image in decoded}) > 1:
+        raise field_error("init_images", "resize_mode 3 (latent upscale) encodes the init images at their own size: "
+                                         "give them at one size", [image.size for image in decoded])
+    init_images = tuple(image if image.size == (width, height) or latent_resize else
+                        resize_image(image, (width, height), NO_UPSCALER, None, body.resize_mode) for image in decoded)
+    return checked_task(body, pipe, catalog, sampling, (width, height), init_images, mask, body.denoising_strength,
+                        latent_resize=latent_resize)
 
 
 def resolve_sampling(body: GenerationBody, settings: Mapping[str, Any] | None = None) -> Sampling:
@@ -278,7 +287,7 @@ def request_size(body: GenerationBody, pipe: Pipeline, init_size: Size | None = 
 def checked_task(body: GenerationBody, pipe: Pipeline, catalog: ModelCatalog, sampling: Sampling, size: Size,
                  init_images: tuple[Image.Image, ...] = (), mask: Image.Image | None = None,
                  strength: float | None = None, hires: HiresFix | None = None,
-                 inpaint: InpaintOptions | None = None) -> GenerationTask:
+                 inpaint: InpaintOptions | None = None, latent_resize: bool = False) -> GenerationTask:
     """The task for `body` once its parts are resolved, after the checks that need them all; 422 otherwise."""
     if pipe.config.inpainting and mask is None:
         raise field_error("mask", f"the loaded model ({pipe.config.family}) is an inpainting model: use img2img "
@@ -293,14 +302,14 @@ def checked_task(body: GenerationBody, pipe: Pipeline, catalog: ModelCatalog, sa
         raise field_error("refiner_checkpoint", "hires fix with a refiner is not supported here: send one of "
                                                 "enable_hr or refiner_checkpoint", body.refiner_checkpoint)
     return GenerationTask(request_from_payload(body, pipe, sampling, size, init_images, mask, strength, hires,
-                                               inpaint),
+                                               inpaint, latent_resize),
                           body.n_iter, refiner)
 
 
 def request_from_payload(body: GenerationBody, pipe: Pipeline, sampling: Sampling, size: Size,
                          init_images: tuple[Image.Image, ...], mask: Image.Image | None,
                          strength: float | None, hires: HiresFix | None = None,
-                         inpaint: InpaintOptions | None = None) -> GenerationRequest:
+                         inpaint: InpaintOptions | None = None, latent_resize: bool = False) -> GenerationRequest:
     """The generation request of one HTTP request (each batch's; seed: the first image's), checked against the
     loaded model: a random seed for -1, eta for DDIM and for A1111's samplers that take one, init images
     as one image or one per batch slot; 422 with loc ["body"] for what the request or the model refuses."""
@@ -327,7 +336,7 @@ def request_from_payload(body: GenerationBody, pipe: Pipeline, sampling: Samplin
             eta_noise_seed_delta=sampling.eta_noise_seed_delta, clip_skip=sampling.clip_skip,
             subseed=subseed if body.subseed_strength else None, subseed_strength=body.subseed_strength, hires=hires,
             churn=sampling.churn if sampling.schedule_type is not None else None, inpaint=inpaint,
-            eta_ancestral=eta_ancestral)
+            eta_ancestral=eta_ancestral, latent_resize=latent_resize)
         request_parameters(request, 0, seed, *size, None, None)  # refuses text the PNG's parameters cannot hold
         return pipe.check(request)  # also finds the LoRAs of <lora:NAME:...> tags in the server's LoRA folder
     except (ValueError, FileNotFoundError) as error:
@@ -344,7 +353,7 @@ def request_notes(body: GenerationBody, request: GenerationRequest) -> list[str]
         notes.append(f"eta applies to DDIM and to A1111's ancestral and SDE samplers; "
                      f"{request.sampler if k_spec else spec.a1111 or spec.name} adds its full ancestral noise (eta 1)")
     if isinstance(body, Img2ImgRequest) and body.mask is not None and k_spec is None:
-        notes.append(f"mask_blur, inpaint_full_res, inpainting_fill apply with A1111's samplers; "
+        notes.append(f"mask_blur, inpaint_full_res, inpainting_fill, mask_round apply with A1111's samplers; "
                      f"{spec.a1111 or spec.name} (kedavra's, diffusers' trajectory) used the mask as sent")
     if k_spec is None and body.scheduler and resolve_schedule_type(body.scheduler) not in KEDAVRA_PLAN_SCHEDULES:
         notes.append(f"scheduler {body.scheduler!r} does not apply to {spec.a1111 or spec.name}, which runs on its "

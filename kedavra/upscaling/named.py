@@ -30,6 +30,10 @@ PLAIN_RESIZERS = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampli
 A1111_SIZE_MULTIPLE = 8  # Upscaler.upscale rounds its destination down to a multiple of 8
 JUST_RESIZE, CROP_AND_RESIZE, RESIZE_AND_FILL = 0, 1, 2  # A1111's resize modes (its img2img "Resize mode")
 RESIZE_MODES = {JUST_RESIZE: "just resize", CROP_AND_RESIZE: "crop and resize", RESIZE_AND_FILL: "resize and fill"}
+# A1111's img2img resize mode 3, "Just resize (latent upscale)": no pixel resize (resize_image refuses it); the init
+# image is encoded at its own size and its latents are resized (kedavra.pipeline.inpainting, resize_init_latents)
+LATENT_UPSCALE = 3
+IMG2IMG_RESIZE_MODES = {**RESIZE_MODES, LATENT_UPSCALE: "just resize (latent upscale)"}
 
 
 def installed_models() -> dict[str, tuple[str, Path]]:

@@ -114,6 +114,9 @@ class KSamplerSpec:
     table_options: Callable[[SigmaTable], dict] | None = None
     # a CFG++ sampler (cfg_pp.py): it needs the model's unconditional prediction too (Denoiser.ve_with_uncond)
     cfg_pp: bool = False
+    # ComfyUI's inpainting noises the mask's kept region with noise of its own, not the initial noise (its "ddim":
+    # inpaint_options {"random": True}; kedavra.diffusion.rng.comfyui_inpaint_noise)
+    comfyui_inpaint_noise: bool = False
 
     @property
     def view(self) -> str:
@@ -160,7 +163,7 @@ K_SAMPLERS: tuple[KSamplerSpec, ...] = (
     # ComfyUI's samplers A1111 does not list: the Adams–Bashforth family of Zhang & Chen 2023 (adams.py), UniPC on its
     # σ's, penultimate σ dropped (unipc_comfyui.py), and its "ddim", which is Euler (comfy/samplers.py sampler_object:
     # ksampler("euler", inpaint_options={"random": True}); the option only changes the noise of an inpainting mask's
-    # kept region). "ddim" is also an alias of A1111's DDIM: see resolve_k_sampler
+    # kept region: comfyui_inpaint_noise). "ddim" is also an alias of A1111's DDIM: see resolve_k_sampler
     KSamplerSpec("", "ipndm", sample_ipndm),
     KSamplerSpec("", "ipndm_v", sample_ipndm_v),
     KSamplerSpec("", "deis", sample_deis),
@@ -168,7 +171,7 @@ K_SAMPLERS: tuple[KSamplerSpec, ...] = (
                  comfyui_discard_penultimate=True),
     KSamplerSpec("", "uni_pc_bh2", functools.partial(sample_unipc_comfyui, variant="bh2"),
                  comfyui_discard_penultimate=True),
-    KSamplerSpec("", "ddim", sample_euler),
+    KSamplerSpec("", "ddim", sample_euler, comfyui_inpaint_noise=True),
     # ComfyUI's newer samplers (comfy/k_diffusion/sampling.py): RES multistep (Zhang et al. 2023), ER-SDE-Solver-3
     # (Cui et al. 2025), gradient estimation (Permenter & Yuan 2024), Heun++ (Carzit), DDPM (Ho et al. 2020) in the VE
     # view, SEEDS-2 / 3 (Gonzalez et al. 2023) and their exponential Heun, SA-Solver (Xue et al. 2023); each module's

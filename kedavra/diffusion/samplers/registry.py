@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,7 +22,13 @@ from kedavra.diffusion.samplers.ddpm import sample_ddim, sample_ddpm
 from kedavra.diffusion.samplers.denoiser import Denoiser, Model, StepCallback, StepRecord, with_state
 from kedavra.diffusion.samplers.dpm_solver import sample_dpmpp_2m, sample_dpmpp_2m_sde
 from kedavra.diffusion.samplers.euler import Churn, sample_euler, sample_euler_ancestral, sample_heun
-from kedavra.diffusion.samplers.k_diffusion import A1111_ETA_ANCESTRAL, prepare_k_run, run_k_sampler
+from kedavra.diffusion.samplers.k_diffusion import (
+    A1111_ETA_ANCESTRAL,
+    K_SAMPLERS,
+    KSamplerSpec,
+    prepare_k_run,
+    run_k_sampler,
+)
 from kedavra.diffusion.samplers.noise import NoiseSampler, generator_noise
 from kedavra.diffusion.samplers.pndm import pndm_plan, sample_pndm
 from kedavra.diffusion.samplers.unipc import sample_unipc
@@ -170,6 +177,7 @@ def sample(
     fix_steps: bool = False,
     churn: Churn | None = None,
     eta_ancestral: float = A1111_ETA_ANCESTRAL,
+    inpaint_noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the reverse process from `noise` (standard normal, the shape of a sample) to a sample.
 
@@ -212,11 +220,19 @@ def sample(
     ComfyUI run (schedule_type given), handed to the samplers A1111 hands them to; kedavra's plans refuse them.
     eta_ancestral: A1111's η of its ancestral and SDE samplers (its "eta_ancestral" setting, default 1), for an A1111
     run of a sampler that takes one (k_diffusion.KSamplerSpec.eta); refused elsewhere unless it is 1.
+    inpaint_noise: the noise of a ComfyUI run's kept region (mask 0) where its sampler draws its own
+    (KSamplerSpec.comfyui_inpaint_noise: its "ddim", kedavra.diffusion.rng.comfyui_inpaint_noise(seed, shape)), which
+    such a run with a mask needs; refused elsewhere (ComfyUI's other samplers use the initial noise there).
     """
     noise_sampler = noise_sampler or generator_noise(generator)
     if schedule_type is not None:
         return _sample_k(model, noise, sampler, steps, schedule, prediction_type, schedule_type, convention, init,
-                         strength, mask, noise_sampler, brownian, callback, sdxl, eta, fix_steps, churn, eta_ancestral)
+                         strength, mask, noise_sampler, brownian, callback, sdxl, eta, fix_steps, churn, eta_ancestral,
+                         inpaint_noise)
+    if inpaint_noise is not None:
+        raise ValueError("inpaint_noise applies to ComfyUI's inpainting with its ddim: give a schedule type, e.g. "
+                         "normal, and convention 'comfyui' (kedavra's plans noise the kept region with the initial "
+                         "noise)")
     if eta_ancestral != A1111_ETA_ANCESTRAL:
         raise ValueError(f"eta_ancestral={eta_ancestral} applies to A1111's ancestral and SDE samplers: give a "
                          "schedule type, e.g. Automatic (kedavra's own samplers take eta)")
@@ -298,7 +314,8 @@ def plan_from_levels(schedule: NoiseSchedule, sigmas, steps: int) -> SamplingPla
 
 
 def _sample_k(model, noise, sampler, steps, schedule, prediction_type, schedule_type, convention, init, strength,
-              mask, noise_sampler, brownian, callback, sdxl, eta, fix_steps, churn, eta_ancestral) -> torch.Tensor:
+              mask, noise_sampler, brownian, callback, sdxl, eta, fix_steps, churn, eta_ancestral,
+              inpaint_noise) -> torch.Tensor:
     """`sample` for an A1111 / ComfyUI run (schedule_type given)."""
     check_finite(noise, "noise")
     if init is not None:
@@ -310,12 +327,38 @@ def _sample_k(model, noise, sampler, steps, schedule, prediction_type, schedule_
     denoiser = model if isinstance(model, Denoiser) else Denoiser(model, prediction_type)
     if run.spec.cfg_pp:
         denoiser.require_uncond(run.spec.comfyui)
+    kept_noise = _kept_region_noise(run.spec, convention, mask, noise, inpaint_noise)
     if mask is None:
         return run_k_sampler(denoiser, run, noise_sampler, brownian, callback)
     _check_mask(init, mask)
-    inpainting = InpaintingDenoiser(denoiser, init, mask, noise, convention)
+    inpainting = InpaintingDenoiser(denoiser, init, mask, kept_noise, convention)
     samples = run_k_sampler(inpainting, run, noise_sampler, brownian, callback)
     return samples * mask + init * (1 - mask) if convention == "a1111" else samples
+
+
+def _kept_region_noise(spec: KSamplerSpec, convention: str, mask: torch.Tensor | None, noise: torch.Tensor,
+                       inpaint_noise: torch.Tensor | None) -> torch.Tensor:
+    """The noise ComfyUI's inpainting adds to the kept region's init (x_0 + σ·noise): the initial noise, or
+    `inpaint_noise` for a sampler that draws its own (KSamplerSpec.comfyui_inpaint_noise), which that run with a mask
+    then needs, cast to the initial noise's dtype and device as ComfyUI casts it; ValueError where it does not
+    apply."""
+    own = convention == "comfyui" and spec.comfyui_inpaint_noise and mask is not None
+    if inpaint_noise is None:
+        if own:
+            raise ValueError(f"ComfyUI's {spec.comfyui} noises an inpainting mask's kept region with noise of its own "
+                             "(torch.randn from seed + 1): give it as inpaint_noise, "
+                             "kedavra.diffusion.rng.comfyui_inpaint_noise(seed, noise.shape)")
+        return noise
+    if not own:
+        takers = ", ".join(s.comfyui for s in K_SAMPLERS if s.comfyui_inpaint_noise)
+        name = (spec.comfyui if convention == "comfyui" else spec.a1111) or spec.name
+        raise ValueError(f"inpaint_noise applies to ComfyUI's {takers} with a mask (convention 'comfyui'), not "
+                         f"{name} ({convention}, {'with' if mask is not None else 'without'} a mask)")
+    check_finite(inpaint_noise, "inpaint_noise")
+    if inpaint_noise.shape != noise.shape:
+        raise ValueError(f"inpaint_noise has shape {tuple(inpaint_noise.shape)} but noise has {tuple(noise.shape)}; "
+                         "they must match")
+    return inpaint_noise.to(noise)
 
 
 class InpaintingDenoiser:
@@ -326,8 +369,10 @@ class InpaintingDenoiser:
     sample is blended again (processing.py, StableDiffusionProcessingImg2Img.sample); its CompVis samplers (DDIM,
     PLMS, UniPC: mask_before_denoising) blend the model's input x_t with the clean init instead.
     ComfyUI (comfy/samplers.py, KSamplerX0Inpaint): the input is blended with init noised to the level with the run's
-    initial noise (x_0 + σ ε), and the prediction x̂_0 with init; the CFG++ samplers' unconditional x̂_0 is left as the
-    model gave it (ComfyUI's post-CFG hook sees it inside the model KSamplerX0Inpaint wraps)."""
+    initial noise (x_0 + σ ε; its ddim's own noise instead: `_kept_region_noise`), and the prediction x̂_0 with init;
+    the CFG++ samplers' unconditional x̂_0 is left as the model gave it (ComfyUI's post-CFG hook sees it inside the
+    model KSamplerX0Inpaint wraps). Its UniPC, in the VP view, asks the same blend through the VE state
+    (uni_pc.py's predict_eps_sigma)."""
 
     def __init__(self, inner: Denoiser, init: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor, convention: str):
         self.inner, self.init, self.mask, self.noise, self.convention = inner, init, mask, noise, convention
@@ -349,6 +394,11 @@ class InpaintingDenoiser:
         return self._keep(self.init, guided), uncond
 
     def vp(self, x_t: torch.Tensor, t: float, alpha_bar: float):
+        if self.convention == "comfyui":  # ComfyUI's UniPC: x_VE = x_t/√ᾱ through KSamplerX0Inpaint, ε = (x_VE - x̂_0)/σ
+            sigma = math.sqrt((1 - alpha_bar) / alpha_bar)
+            x = x_t / math.sqrt(alpha_bar)
+            x0 = self.ve(x, t, sigma)
+            return x0, (x - x0) / sigma
         return self.inner.vp(self._keep(self.init, x_t), t, alpha_bar)  # A1111's mask_before_denoising
 
     def after_step(self, *args, **kwargs) -> torch.Tensor:

@@ -10,15 +10,18 @@ What ComfyUI's sample_unipc (comfy/extra_samplers/uni_pc.py, its copy of Zhao et
       "bh2" (uni_pc_bh2), order min(3, n-1) for n steps, lower_order_final, UniC after every step but the last (no
       model runs at the final level): n evaluations. That is sample_unipc(order=3, lower_order_final=True) for every
       n >= 2, since its step orders min(3, i+1, n-i) never exceed n-1;
+    - one step (n = 1: KSampler builds 2 σ's and drops the penultimate, leaving [σ_0, 0]; with denoise < 1 the last
+      two of a longer sequence): its order is min(3, 0) = 0, and its loop's first pass only evaluates the model (the
+      x̂_0 its callback shows) and takes no step, so the result is the start state rescaled, x_VE·√(1+σ_last²)/
+      √(1+σ_0²) (its final division by √ᾱ at 0.001): about the unit noise at denoise 1, not an image. Reproduced
+      here as it is (`sample_unipc_comfyui`), whatever it looks like: a user compares images;
     - KSampler drops the penultimate σ for both (comfy/samplers.py, DISCARD_PENULTIMATE_SIGMA_SAMPLERS), as for
       dpm_2: that is the σ sequence's business (k_diffusion.KSamplerSpec), not this module's.
 
-Left as it is: at n = 1 ComfyUI's order is min(3, 0) = 0 and its loop only evaluates the model, returning the start
-state (noise) unchanged; here the one step is a first-order one. ComfyUI computes in float32, and its λ at σ = 0.001
-comes out as that of σ ≈ 0.00097656 (1 - ᾱ rounds to 2⁻²⁰, so √(1-ᾱ) = 2⁻¹⁰): the level reproduced here is that one,
-COMFYUI_UNIPC_LAST_LEVEL (the rest of ComfyUI's float32 rounding is not). Against a float32 transcription of
-ComfyUI's loop the result is then within 2e-6 (tests/test_comfyui_samplers.py); ending at σ = 0.001 itself it would
-be 8e-6 away.
+ComfyUI computes in float32, and its λ at σ = 0.001 comes out as that of σ ≈ 0.00097656 (1 - ᾱ rounds to 2⁻²⁰, so
+√(1-ᾱ) = 2⁻¹⁰): the level reproduced here is that one, COMFYUI_UNIPC_LAST_LEVEL (the rest of ComfyUI's float32
+rounding is not). Against a float32 transcription of ComfyUI's loop the result is then within 2e-6
+(tests/test_comfyui_samplers.py); ending at σ = 0.001 itself it would be 8e-6 away.
 """
 
 from __future__ import annotations
@@ -66,10 +69,16 @@ def ve_callback(callback: StepCallback | None, plan: SamplingPlan) -> StepCallba
 def sample_unipc_comfyui(denoiser: Denoiser, x: torch.Tensor, plan: SamplingPlan, noise=None, callback=None, *,
                          variant: str = "bh1"):
     """ComfyUI's uni_pc (variant "bh1") / uni_pc_bh2 ("bh2") from the VE state x at the plan's first σ to the VE
-    state at its last (module docstring). `noise` is unused (the sampler is deterministic)."""
+    state at its last (module docstring); a one-step plan evaluates the model once and keeps the state, as ComfyUI's
+    order-0 run does. `noise` is unused (the sampler is deterministic)."""
     variant = check_choice("UniPC variant", variant, UNIPC_VARIANTS)
     plan = comfyui_unipc_plan(plan)
     x = x / math.sqrt(1 + plan.sigmas[0].item() ** 2)  # x_VP = x_VE √ᾱ
-    x = sample_unipc(denoiser, x, plan, callback=ve_callback(callback, plan), order=COMFYUI_UNIPC_ORDER,
-                     variant=variant, lower_order_final=True)
-    return x * math.sqrt(1 + plan.sigmas[-1].item() ** 2)
+    callback = ve_callback(callback, plan)
+    if len(plan) == 1:  # ComfyUI's order min(3, 0) = 0: its first pass evaluates the model and takes no step
+        x0 = denoiser.vp(x, plan.timesteps[0].item(), 1 / (1 + plan.sigmas[0].item() ** 2))[0]
+        x = denoiser.after_step(callback, 0, 1, x, x0)
+    else:
+        x = sample_unipc(denoiser, x, plan, callback=callback, order=COMFYUI_UNIPC_ORDER, variant=variant,
+                         lower_order_final=True)
+    return x * math.sqrt(1 + plan.sigmas[-1].item() ** 2)  # x_VE = x_VP / √ᾱ at the last level
