@@ -15,6 +15,7 @@ import torch
 
 from kedavra.checkpoint import load_model
 from kedavra.formats.png_info import GenerationParameters, model_hash
+from kedavra.pipeline.device import default_device, default_dtype, parse_precision
 from kedavra.pipeline.pipeline import Pipeline
 
 EMBEDDED_DIR = Path(__file__).parent / "assets" / "models"  # models shipped inside the package: NAME.safetensors
@@ -57,7 +58,12 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, device: str | torch
     for what, folder in (("LoRA", lora_dir), ("embeddings", embeddings_dir)):
         if folder is not None and not Path(folder).expanduser().is_dir():
             raise FileNotFoundError(f"{what} folder {str(folder)!r} does not exist or is not a folder")
-    model = load_model(resolve_model(name_or_path), family=family, prediction_type=prediction_type)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = parse_precision(dtype) or default_dtype(device)
+    # read straight into the pipeline's precision and device, one tensor at a time: an SDXL file is never whole in
+    # fp32 (docs/checkpoints.md, peak memory); the same weights as converting after, since fp16 -> fp32 is exact
+    model = load_model(resolve_model(name_or_path), family=family, prediction_type=prediction_type, dtype=dtype,
+                       device=device)
     return Pipeline(model, device=device, dtype=dtype, optimize=optimize,
                     lora_dir=None if lora_dir is None else Path(lora_dir).expanduser(),
                     embeddings_dir=None if embeddings_dir is None else Path(embeddings_dir).expanduser())

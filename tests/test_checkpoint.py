@@ -264,3 +264,19 @@ def test_full_size_random_checkpoint_loads_strictly(tmp_path, name):
     file = SafetensorsFile(path)
     assert torch.equal(model.unet.conv_out.weight, file.tensor("model.diffusion_model.out.2.weight").float())
     assert torch.equal(model.vae.decoder.conv_out.bias, file.tensor("first_stage_model.decoder.conv_out.bias").float())
+
+
+def test_kedavra_load_reads_straight_into_the_pipelines_precision(tiny_refs, tmp_path):
+    """kedavra.load converts each tensor as it reads it (never the whole model in fp32 first): the same weights
+    as loading in fp32 and converting after, since an fp32 -> bf16 conversion is the same either way."""
+    from kedavra.api import load
+
+    folder = write_diffusers(tmp_path / "model", tiny_refs["tiny"], PRESETS["tiny"])
+    pipe = load(folder, dtype="bf16")
+    assert "loaded as bfloat16 on cpu" in pipe.model.source.splitlines()[0]
+    converted = load_model(folder).to(torch.bfloat16).state_dict()
+    loaded = pipe.model.state_dict()  # packed, evicted layers give their dense weights back for it
+    assert loaded.keys() == converted.keys()
+    assert all(loaded[k].dtype == converted[k].dtype and torch.equal(loaded[k], converted[k]) for k in converted)
+    with pytest.raises(ValueError, match="unknown precision 'bf17'"):
+        load(folder, dtype="bf17")  # refused before anything is read

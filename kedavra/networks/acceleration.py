@@ -21,13 +21,22 @@ product at most shapes; where oneDNN blocks the reduction of a half-width matrix
 x 1280 features) an element moves by one bf16 rounding step. fp32 linear layers stay on the eager path:
 oneDNN's packed fp32 inner product is not faster than MKL's sgemm here and rounds differently.
 
-Costs: one packed copy of each swapped weight that has run (measured sizes: docs/benchmark.md), and one reorder
-when a layer first meets a new input shape. The parameters themselves
-are untouched (state_dict, `.to()`, training): a layer repacks when its weight tensor or its version counter
-changes (`load_state_dict`, optimizer steps, `.to()`), drops its packed copy on `.to()` / `.float()`, and
-runs the ordinary way whenever autograd records, the input is not on the CPU or its dtype differs from the
-weight's. An in-place edit through `param.data` bypasses the version counter: call
-`release_packed_weights` after one.
+Memory: with `evict` (the pipeline's setting, `optimize_for_inference`) a layer keeps its weight in the packed
+copy alone once it has run: the parameter then holds a one-element placeholder of the weight's shape and dtype,
+and whatever reads the weight as a tensor gets the dense values back first, rebuilt exactly from the packed copy
+(oneDNN reorders it back; no arithmetic): `layer.weight`, `state_dict()`, `load_state_dict()`, `.to()` /
+`.float()`, copies and pickles, the eager path (autograd, another device or dtype). So the model holds one copy
+of its weights, as an unpacked one does; at a new input shape the layer rebuilds the dense weight, repacks and
+evicts it again, one layer at a time. `parameters()` / `named_parameters()` see the placeholders
+(`release_packed_weights` puts the dense weights back), and so do a Parameter object kept from before a call (read
+`layer.weight` again) and a parameter shared with a module outside the packed one: pack_weights leaves `evict` off
+by default for that reason. Without `evict` the packed copies
+sit beside the dense weights (measured sizes: docs/benchmark.md).
+
+Repacking: a layer repacks when its weight tensor or its version counter changes (`load_state_dict`, optimizer
+steps, LoRA merges, `.to()`), drops its packed copy on `.to()` / `.float()`, and runs the ordinary way whenever
+autograd records, the input is not on the CPU or its dtype differs from the weight's. An in-place edit through
+`param.data` bypasses the version counter: call `release_packed_weights` after one.
 """
 
 from __future__ import annotations
@@ -56,33 +65,28 @@ def packing_available() -> bool:
     )
 
 
-class _PackedWeight:
-    """One packed copy of a weight, valid while the weight tensor, its version and the input shape it was
-    packed for stay the same (a new shape or a modified weight repacks and frees the old copy).
+class _PackState:
+    """Where one layer's weight lives: the packed copies, and whether the parameter still holds the dense values.
 
-    The key and the copy live in one tuple, so a reader never pairs a new key with an old copy. Copies and
-    pickles of a module start empty: oneDNN's opaque tensors have no storage to copy."""
+    copies: one packed tensor per row block of the weight (PackedLinear.row_blocks), made for input shape `shape`
+    from the dense weight whose (data_ptr, version) is `source`; None before the first packed call and after a
+    change. placeholder: while the dense weight is evicted, the stand-in the parameter holds (a broadcast zero of
+    the weight's shape, dtype and device: 1 element of memory); the values then live only in `copies`, and
+    `stride` is the dense weight's, to rebuild it as it was. None while the parameter holds the values."""
+
+    __slots__ = ("copies", "shape", "source", "placeholder", "stride")
 
     def __init__(self):
-        self.entry: tuple[tuple, Tensor] | None = None
+        self.copies: tuple[Tensor, ...] | None = None
+        self.shape: tuple | None = None
+        self.source: tuple[int, int] | None = None
+        self.placeholder: Tensor | None = None
+        self.stride: tuple[int, ...] | None = None
 
-    def get(self, weight: Tensor, shape: tuple, pack: Callable[[], Tensor]) -> Tensor:
-        version = -1 if weight.is_inference() else weight._version  # inference tensors keep no version
-        key = (weight.data_ptr(), version, weight.dtype, shape)
-        entry = self.entry
-        if entry is None or entry[0] != key:
-            self.entry = None  # free the stale copy before allocating the new one
-            entry = self.entry = (key, pack())
-        return entry[1]
 
-    def clear(self) -> None:
-        self.entry = None
-
-    def __deepcopy__(self, memo) -> _PackedWeight:
-        return _PackedWeight()
-
-    def __reduce__(self):
-        return _PackedWeight, ()
+def _source(weight: Tensor) -> tuple[int, int]:
+    """The identity of a dense weight's values: its memory and version (inference tensors keep no version)."""
+    return weight.data_ptr(), (-1 if weight.is_inference() else weight._version)
 
 
 def _use_packed(x: Tensor, weight: Tensor) -> bool:
@@ -96,22 +100,91 @@ def _use_packed(x: Tensor, weight: Tensor) -> bool:
 
 
 class _PackedLayer(nn.Module):
-    """Shared by the packed layers: the per-layer caches of packed copies, dropped whenever the parameters are
-    converted or moved (`.to()`, `.float()`, `.cpu()`), since a copy never outlives the tensor it was made from."""
+    """Shared by the packed layers: the packed copies of `weight` and, with `evict`, the dense weight kept only in
+    them (module docstring). Everything that reads the weight as a tensor finds the dense values: `layer.weight`,
+    `state_dict()`, `load_state_dict()`, `.to()` / `.float()`, copies and pickles put them back first; only
+    `parameters()` / `named_parameters()` yield the placeholder while the weight is evicted."""
 
-    def _caches(self, count: int = 1) -> tuple[_PackedWeight, ...]:
-        caches = self.__dict__.get("_packed")
-        if caches is None:
-            caches = self.__dict__["_packed"] = tuple(_PackedWeight() for _ in range(count))
-        return caches
+    row_blocks = 1  # row blocks of the weight packed separately (2 for a GEGLU's projection: value and gate)
+    evict = False  # drop the dense weight once packed (pack_weights(evict=True)); an instance attribute there
+
+    def _state(self) -> _PackState:
+        state = self.__dict__.get("_pack")
+        if state is None:
+            state = self.__dict__["_pack"] = _PackState()
+        return state
+
+    @property
+    def evicted(self) -> bool:
+        """True while the dense weight lives only in the packed copies."""
+        state = self.__dict__.get("_pack")
+        return state is not None and state.placeholder is not None and (
+            self._parameters["weight"].data_ptr() == state.placeholder.data_ptr())
+
+    def _packed_copies(self, shape: tuple, pack: Callable[[Tensor], Tensor]) -> tuple[Tensor, ...]:
+        """The packed copies of the weight's row blocks for input shape `shape`, made with `pack(dense block)` when
+        there are none for this shape and these values; evicts the dense weight after, if `evict`."""
+        weight, state = self._parameters["weight"], self._state()
+        if state.placeholder is not None and not self.evicted:
+            state.__init__()  # the weight was replaced (`.data =`, a new Parameter): its new values are the truth
+        if state.copies is not None and state.placeholder is None and state.source != _source(weight):
+            state.copies = None  # edited in place since packing
+        if state.copies is not None and state.shape != shape:
+            self.restore_dense()
+            state.copies = None  # free the old copies before making the new ones
+        if state.copies is None:
+            dense = weight.detach()
+            state.copies = tuple(pack(block) for block in dense.chunk(self.row_blocks))  # (rows / row_blocks, ...)
+            state.shape, state.source = shape, _source(weight)
+        if self.evict and state.placeholder is None:
+            self._evict(weight, state)
+        return state.copies
+
+    @staticmethod
+    def _evict(weight: Tensor, state: _PackState) -> None:
+        state.stride = weight.stride()
+        state.placeholder = torch.zeros((), dtype=weight.dtype, device=weight.device).expand(weight.shape)
+        weight.data = state.placeholder  # the dense values' last reference from this layer goes
+
+    def restore_dense(self) -> None:
+        """Put the dense weight back into the parameter (from the packed copies, exactly: a reorder) if evicted."""
+        if not self.evicted:
+            return
+        weight, state = self._parameters["weight"], self._state()
+        blocks = [copy.to_dense() for copy in state.copies]  # oneDNN's blocked layout back to plain (O, I, ...)
+        dense = torch.empty_strided(weight.shape, state.stride, dtype=weight.dtype, device=weight.device)
+        weight.data = dense.copy_(blocks[0] if len(blocks) == 1 else torch.cat(blocks))
+        state.placeholder = None
+        state.source = _source(weight)  # the copies still hold these values
 
     def release(self) -> None:
-        for cache in self.__dict__.get("_packed", ()):
-            cache.clear()
+        """Drop the packed copies, the dense weight put back first."""
+        self.restore_dense()
+        self.__dict__.pop("_pack", None)
+
+    def __getattr__(self, name: str):
+        if name == "weight" and self.__dict__.get("_pack") is not None:
+            self.restore_dense()
+        return super().__getattr__(name)
 
     def _apply(self, fn, recurse=True):
         self.release()
         return super()._apply(fn, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.restore_dense()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.restore_dense()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self):
+        """Copies and pickles get the dense weight and no packed copies (oneDNN's opaque tensors have no storage)."""
+        self.restore_dense()
+        state = self.__dict__.copy()
+        state.pop("_pack", None)
+        return state
 
 
 class PackedConv2d(_PackedLayer, nn.Conv2d):
@@ -129,88 +202,99 @@ class PackedConv2d(_PackedLayer, nn.Conv2d):
         return packed
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.padding_mode != "zeros" or isinstance(self.padding, str) or x.ndim != 4 or not _use_packed(
-            x, self.weight
-        ):
+        weight = self._parameters["weight"]
+        if self.padding_mode != "zeros" or isinstance(self.padding, str) or x.ndim != 4 or not _use_packed(x, weight):
             return super().forward(x)
         args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
-        weight = self._caches()[0].get(self.weight, tuple(x.shape), lambda: (
-            torch.ops.mkldnn._reorder_convolution_weight(self.weight.detach(), *args, list(x.shape))))
-        return torch.ops.mkldnn._convolution_pointwise(x, weight, self.bias, *args, *NO_POST_OP)  # (B, C_out, H', W')
-
-
-def _packed_linear(rows: Tensor, weight: Tensor, bias: Tensor | None, cache: _PackedWeight, key: Tensor) -> Tensor:
-    """rows (N, D_in) @ weight (D_out, D_in)^T + bias with the weight packed for N rows; `key` is the parameter
-    whose identity and version decide when to repack (the weight itself, or the whole matrix it is a slice of)."""
-    packed = cache.get(key, (rows.shape[0],), lambda: torch.ops.mkldnn._reorder_linear_weight(
-        weight.detach(), rows.shape[0]))
-    return torch.ops.mkldnn._linear_pointwise(rows, packed, bias, *NO_POST_OP)  # (N, D_out)
+        (packed,) = self._packed_copies(tuple(x.shape), lambda dense: (
+            torch.ops.mkldnn._reorder_convolution_weight(dense, *args, list(x.shape))))
+        return torch.ops.mkldnn._convolution_pointwise(x, packed, self.bias, *args, *NO_POST_OP)  # (B, C_out, H', W')
 
 
 class PackedLinear(_PackedLayer, nn.Linear):
-    """An `nn.Linear` that keeps its bf16 weight in oneDNN's packed layout between calls (see the module doc)."""
+    """An `nn.Linear` that keeps its bf16 weight in oneDNN's packed layout between calls (see the module doc); with
+    `row_blocks` 2 (a GEGLU's projection) the two halves of its output rows are packed, and run, separately."""
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> PackedLinear:
+    def from_linear(cls, linear: nn.Linear, row_blocks: int = 1) -> PackedLinear:
         """A packed twin of `linear` holding the very same parameter tensors."""
         with torch.device("meta"):
             packed = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
         packed.weight, packed.bias = linear.weight, linear.bias
+        packed.row_blocks = row_blocks
         packed.train(linear.training)
         return packed
 
-    def forward(self, x: Tensor) -> Tensor:
-        # oneDNN's packed fp32 inner product is not faster than MKL's sgemm: only bf16 takes the packed path.
-        if self.weight.dtype != torch.bfloat16 or x.ndim < 2 or not _use_packed(x, self.weight):
-            return super().forward(x)
+    def takes_packed(self, x: Tensor) -> bool:
+        """Whether a call on x runs packed: bf16 only (oneDNN's packed fp32 inner product is not faster than MKL's
+        sgemm here, and rounds differently)."""
+        weight = self._parameters["weight"]
+        return weight.dtype == torch.bfloat16 and x.ndim >= 2 and _use_packed(x, weight)
+
+    def blocks(self, x: Tensor) -> tuple[Tensor, ...]:
+        """x (..., D_in) times each row block of the weight, plus its bias: row_blocks tensors (..., D_out /
+        row_blocks), each contiguous. Only where `takes_packed(x)`."""
         rows = x.reshape(-1, self.in_features).contiguous()  # (N, D_in), N = all leading dims; no copy if contiguous
-        out = _packed_linear(rows, self.weight, self.bias, self._caches()[0], self.weight)  # (N, D_out)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        copies = self._packed_copies((rows.shape[0],), lambda dense: (
+            torch.ops.mkldnn._reorder_linear_weight(dense, rows.shape[0])))
+        biases = (None,) * len(copies) if self.bias is None else self.bias.chunk(len(copies))
+        return tuple(torch.ops.mkldnn._linear_pointwise(rows, packed, bias, *NO_POST_OP).reshape(*x.shape[:-1], -1)
+                     for packed, bias in zip(copies, biases, strict=True))  # each (..., D_out / row_blocks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.takes_packed(x):
+            return super().forward(x)
+        outputs = self.blocks(x)
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
 
 
-class PackedGEGLU(_PackedLayer, GEGLU):
-    """A `GEGLU` whose value and gate matmuls run on packed halves of its projection (bf16 only; see the module
-    doc for when the result is bitwise the chunked one)."""
+class PackedGEGLU(GEGLU):
+    """A `GEGLU` whose value and gate matmuls run on the packed halves of its projection (a PackedLinear with two
+    row blocks; bf16 only; see the module doc for when the result is bitwise the chunked one)."""
 
     @classmethod
     def from_geglu(cls, geglu: GEGLU) -> PackedGEGLU:
-        """A packed twin of `geglu` holding the very same projection (and so the same parameters)."""
+        """A packed twin of `geglu` holding the very same parameters (its projection made a two-block PackedLinear)."""
         with torch.device("meta"):
             packed = cls(geglu.proj.in_features, geglu.proj.out_features // 2)
-        packed.proj = geglu.proj
+        proj = geglu.proj
+        packed.proj = proj if isinstance(proj, PackedLinear) else PackedLinear.from_linear(proj, row_blocks=2)
         packed.train(geglu.training)
         return packed
 
     def forward(self, x: Tensor) -> Tensor:
-        weight, bias = self.proj.weight, self.proj.bias
-        if weight.dtype != torch.bfloat16 or x.ndim < 2 or not _use_packed(x, weight):
+        if not self.proj.takes_packed(x):
             return super().forward(x)
-        inner = weight.shape[0] // 2  # proj rows [0, inner) give the value, [inner, 2 inner) the gate
-        rows = x.reshape(-1, self.proj.in_features).contiguous()  # (N, D), N = all leading dims
-        value_cache, gate_cache = self._caches(2)
-        # Both halves are keyed on the whole weight: a change to it repacks both.
-        value = _packed_linear(rows, weight[:inner], bias[:inner], value_cache, weight)  # (N, inner)
-        gate = _packed_linear(rows, weight[inner:], bias[inner:], gate_cache, weight)  # (N, inner)
-        out = value.mul_(F.gelu(gate))  # Shazeer 2020, eq. 6: x W * GELU(x V)
-        return out.reshape(*x.shape[:-1], inner)
+        value, gate = self.proj.blocks(x)  # (..., inner) each: proj rows [0, inner) and [inner, 2 inner)
+        return value.mul_(F.gelu(gate))  # Shazeer 2020, eq. 6: x W * GELU(x V)
 
 
 PACKED_TYPES = (PackedConv2d, PackedLinear, PackedGEGLU)
 
 
-def pack_weights(module: nn.Module) -> int:
+def pack_weights(module: nn.Module, evict: bool = False) -> int:
     """Swap every nn.Conv2d, nn.Linear and GEGLU inside `module` (in place) for its packed twin; returns how many
-    were swapped (0 on a second call: packed layers are left as they are)."""
+    were swapped (0 on a second call: packed layers are left as they are). evict: each packed layer then keeps its
+    weight in the packed copy alone once it has run (module docstring), instead of beside the dense one."""
+    swapped = _swap_packed(module)
+    if evict:
+        for layer in module.modules():
+            if isinstance(layer, _PackedLayer):
+                layer.evict = True
+    return swapped
+
+
+def _swap_packed(module: nn.Module) -> int:
     swapped = 0
     for name, child in module.named_children():
         if type(child) is nn.Conv2d:
             setattr(module, name, PackedConv2d.from_conv(child))
         elif type(child) is nn.Linear:
             setattr(module, name, PackedLinear.from_linear(child))
-        elif type(child) is GEGLU:  # its projection stays a plain Linear: PackedGEGLU packs the halves itself
+        elif type(child) is GEGLU:  # its projection becomes a PackedLinear of two row blocks
             setattr(module, name, PackedGEGLU.from_geglu(child))
         elif not isinstance(child, PACKED_TYPES):
-            swapped += pack_weights(child)
+            swapped += _swap_packed(child)
             continue
         else:
             continue
@@ -219,8 +303,9 @@ def pack_weights(module: nn.Module) -> int:
 
 
 def release_packed_weights(module: nn.Module) -> int:
-    """Free the packed copies held inside `module` (they are rebuilt on the next call); returns how many layers
-    held a cache. Needed only after editing weights in place through `.data`, which the version check misses."""
+    """Free the packed copies held inside `module`, the dense weights put back first (the copies are rebuilt on the
+    next call); returns how many packed layers there are. Needed after editing weights in place through `.data`,
+    which the version check misses, or to read the weights through `parameters()` after an evicting run."""
     layers = [m for m in module.modules() if isinstance(m, _PackedLayer)]
     for layer in layers:
         layer.release()
@@ -231,10 +316,11 @@ def optimize_for_inference(model: nn.Module, device: str | torch.device, dtype: 
     """Make `model` (already on `device` in `dtype`) faster at inference, in place; returns it.
 
     On a CPU with oneDNN and an fp32 or bf16 model: conv (and bf16 linear) weights are kept packed between
-    calls (see the module docstring for what that changes in the numbers). Elsewhere (CUDA, fp16, a build
+    calls, in place of the dense ones (`pack_weights(evict=True)`; see the module docstring for what that changes
+    in the numbers). Elsewhere (CUDA, fp16, a build
     without oneDNN) the model is returned as it is. Stable Diffusion's pipeline applies it to the U-Net and
     the VAE, the parts that run many times or at high resolution.
     """
     if torch.device(device).type == "cpu" and dtype in PACKABLE_DTYPES and packing_available():
-        pack_weights(model)
+        pack_weights(model, evict=True)
     return model

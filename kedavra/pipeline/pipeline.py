@@ -76,8 +76,9 @@ class Pipeline:
         (default: bf16 where the hardware runs it natively, e.g. a CPU with AMX, else fp32). The samplers'
         arithmetic stays in fp32 whatever the networks run in.
         optimize: on a CPU, keep the U-Net's and the VAE's conv and linear weights in oneDNN's packed layout
-        (kedavra.networks.acceleration): the same images, bitwise or within a bf16 rounding step at a few elements
-        (speed and memory: docs/benchmark.md). The model is changed in place, as `.to()` already is.
+        (kedavra.networks.acceleration), in place of the plain ones once they have run (one copy of the weights):
+        the same images, bitwise or within a bf16 rounding step at a few elements (speed and memory:
+        docs/benchmark.md). The model is changed in place, as `.to()` already is.
         lora_dir: the folder where `<lora:NAME:WEIGHT>` tags in prompts find NAME (A1111's models/Lora); also settable
         as `pipe.lora_dir`. embeddings_dir: textual-inversion embeddings to load (A1111's embeddings/ folder): a
         prompt uses one by naming it; files that cannot be used are in `embeddings_report.failed`."""
