@@ -16,7 +16,7 @@ U-Net batch, one image, the same prompt, negative prompt and seed. Configuration
                      (AttnProcessor2_0) attention
     kedavra          kedavra.load(folder) as it is: automatic precision (bf16 on a CPU with AMX), channels_last,
                      packed oneDNN weights in the U-Net and the VAE (kedavra.networks.acceleration)
-    kedavra-eager    the same without packed weights: Pipeline(model, optimize=False)
+    kedavra-eager    the same without packed weights: kedavra.load(folder, optimize=False)
     kedavra-fp32     kedavra.load(folder, dtype="fp32"): only the short check run, to show parity with
                      diffusers-fp32 at full size (the differences of the bf16 runs are then precision)
 
@@ -136,13 +136,8 @@ def diffusers_pipeline(folder: Path, best: bool):
 def kedavra_pipeline(folder: Path, config: str):
     """(the modules to time, generate(size, steps) -> PIL image) for kedavra as it loads, or without packing."""
     import kedavra
-    from kedavra.checkpoint import load_model
-    from kedavra.pipeline.pipeline import Pipeline
 
-    if config == "kedavra-eager":
-        pipe = Pipeline(load_model(folder), optimize=False)
-    else:
-        pipe = kedavra.load(folder, dtype="fp32" if config == "kedavra-fp32" else None)
+    pipe = kedavra.load(folder, dtype="fp32" if config == "kedavra-fp32" else None, optimize=config != "kedavra-eager")
 
     def generate(size: int, steps: int):
         return pipe(PROMPT, NEGATIVE, steps=steps, sampler="euler", guidance_scale=GUIDANCE, seed=SEED,

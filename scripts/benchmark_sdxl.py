@@ -14,18 +14,23 @@ process, one at a time (scripts/benchmark_pipeline.py defines them for SD 1.5):
     diffusers-bf16   diffusers at its best CPU settings: bf16 weights, channels_last, SDPA (AttnProcessor2_0)
     kedavra          kedavra's U-Net as kedavra.Pipeline runs it on a CPU with AMX: bf16, channels_last, SDPA,
                      packed oneDNN weights (kedavra.networks.acceleration.optimize_for_inference)
+    diffusers-bf16-compiled, kedavra-compiled   (--configs) the same U-Nets (kedavra's unpacked) through
+                     torch.compile (inductor, default mode, frozen weights: torch._inductor.config.freezing); the
+                     warm-up call includes the compilation
 
 Each process makes one U-Net call on the classifier-free guidance batch (2 latents of size/8, one timestep, a
 77-token context, SDXL's pooled text embeds and micro-conditioning time ids) to warm up (oneDNN's kernel choice,
 the packed weights), measures the bf16 matmul peak (benchmark_pipeline.matmul_peak: the machine is shared and its
 speed drifts), then times --calls calls (wall and thread CPU seconds). Reported: the median of the timed calls,
-peak resident memory (VmHWM, building included) and the memory held after the calls (VmRSS), and the agreement of
+peak resident memory (VmHWM, building included), the memory held after the calls (VmRSS), the same after glibc's
+malloc_trim(0) returns the freed pages its heap keeps (the memory really in use), and the agreement of
 the last call's outputs (max |kedavra - diffusers| / max |diffusers|, both bf16).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import subprocess
 import sys
@@ -42,6 +47,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the released SDXL config and the seed
 from benchmark_pipeline import cpu_model, load_average, matmul_peak, vm_kib  # noqa: E402
 
 CONFIGS = ("diffusers-bf16", "kedavra")
+COMPILED = ("diffusers-bf16-compiled", "kedavra-compiled")
 WEIGHT_SEED = 0  # the same random weights on both sides
 INPUT_SEED = 1
 TIMESTEP = 500.0  # mid-schedule: the cost of a call does not depend on it
@@ -65,17 +71,27 @@ def reference_unet() -> torch.nn.Module:
     return unet.eval()
 
 
-def diffusers_unet():
+def compiled(module: torch.nn.Module) -> torch.nn.Module:
+    """`module` through torch.compile with inductor's frozen weights (constant folding, prepacked oneDNN weights)."""
+    import torch._inductor.config as inductor
+
+    inductor.freezing = True
+    return torch.compile(module)
+
+
+def diffusers_unet(compile_it: bool = False):
     """diffusers at its best CPU settings, and call(x, t, context, added) -> (B, 4, h, w) output."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     unet = reference_unet().to(memory_format=torch.channels_last)
     unet.set_attn_processor(AttnProcessor2_0())
-    return lambda x, t, context, added: unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
+    run = compiled(unet) if compile_it else unet
+    return lambda x, t, context, added: run(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
 
 
-def kedavra_unet():
-    """kedavra's U-Net as kedavra.Pipeline prepares it on a CPU with AMX, and call(x, t, context, added)."""
+def kedavra_unet(compile_it: bool = False):
+    """kedavra's U-Net as kedavra.Pipeline prepares it on a CPU with AMX, and call(x, t, context, added); compiled:
+    the unpacked U-Net through `compiled`."""
     from kedavra.networks.acceleration import optimize_for_inference
     from kedavra.networks.model import PRESETS
     from kedavra.networks.unet import UNet
@@ -88,6 +104,9 @@ def kedavra_unet():
     unet.load_state_dict(state, strict=True, assign=True)
     del state  # the diffusers module is gone already; its tensors live on as ours
     unet.eval().to(memory_format=torch.channels_last)
+    if compile_it:
+        run = compiled(unet)
+        return lambda x, t, context, added: run(x, t, context, added_cond=added)
     optimize_for_inference(unet, "cpu", torch.bfloat16)
     return lambda x, t, context, added: unet(x, t, context, added_cond=added)
 
@@ -108,7 +127,8 @@ def inputs(size: int) -> tuple[torch.Tensor, ...]:
 
 def run_child(config: str, size: int, calls: int, out: Path) -> dict:
     started = time.perf_counter()
-    call = diffusers_unet() if config == "diffusers-bf16" else kedavra_unet()
+    build = diffusers_unet if config.startswith("diffusers") else kedavra_unet
+    call = build(compile_it=config.endswith("-compiled"))
     result = {"config": config, "size": size, "build_s": time.perf_counter() - started,
               "built_rss_gib": vm_kib("VmRSS") / 2**20}
     x, t, context, added = inputs(size)
@@ -125,7 +145,19 @@ def run_child(config: str, size: int, calls: int, out: Path) -> dict:
             cpu.append(time.thread_time() - start_cpu)
     torch.save(output.float().contiguous(), out)
     result.update(wall_s=wall, cpu_s=cpu, peak_rss_gib=vm_kib("VmHWM") / 2**20, end_rss_gib=vm_kib("VmRSS") / 2**20)
+    del output
+    result["trimmed_rss_gib"] = trimmed_rss_gib()
     return result
+
+
+def trimmed_rss_gib() -> float | None:
+    """VmRSS in GiB after glibc's malloc_trim(0) hands the heap's freed pages back to the OS: the memory the process
+    really uses, without what its allocator keeps for reuse (None where the C library has no malloc_trim)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        return None
+    return vm_kib("VmRSS") / 2**20
 
 
 # ---- parent ------------------------------------------------------------------------------------------------
@@ -144,6 +176,10 @@ def run_config(config: str, size: int, args, folder: Path) -> tuple[dict, torch.
     return row, torch.load(out)
 
 
+def _gib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def agreement(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return ((ours - reference).abs().max() / reference.abs().max()).item()
 
@@ -153,6 +189,8 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[768, 1024], help="image sides in pixels")
     parser.add_argument("--calls", type=int, default=2, help="timed U-Net calls per configuration, after a warm-up")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS + COMPILED,
+                        help="configurations to run, in this order (default: %(default)s)")
     parser.add_argument("--json", type=Path, help="also write every measurement here")
     parser.add_argument("--child", nargs=3, metavar=("CONFIG", "SIZE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -169,30 +207,35 @@ def main() -> int:
           f"load average {load_average()}")
     rows = []
     print("| size | configuration | U-Net s/call (median of timed; calls) | thread CPU s | warm-up s | bf16 peak "
-          "TFLOP/s | peak RSS GiB | RSS after GiB |")
-    print("|---|---|---|---|---|---|---|---|")
+          "TFLOP/s | peak RSS GiB | RSS after GiB | after malloc_trim GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     summary = []
     with tempfile.TemporaryDirectory() as folder:
         for size in args.sizes:
             outputs = {}
-            for config in CONFIGS:
-                row, outputs[config] = run_config(config, size, args, Path(folder))
+            measured = {}
+            for config in args.configs:
+                measured[config], outputs[config] = run_config(config, size, args, Path(folder))
+                row = measured[config]
                 rows.append(row)
                 calls = ", ".join(f"{s:.2f}" for s in row["wall_s"])
                 print(f"| {size} | {config} | {np.median(row['wall_s']):.2f} ({calls}) "
                       f"| {np.median(row['cpu_s']):.2f} | {row['warmup_s']:.2f} | {row['peak_bf16'] / 1e12:.2f} "
-                      f"| {row['peak_rss_gib']:.2f} | {row['end_rss_gib']:.2f} |", flush=True)
-            theirs, ours = rows[-2:]  # CONFIGS order
-            speedup = np.median(theirs["wall_s"]) / np.median(ours["wall_s"])
-            cpu_speedup = np.median(theirs["cpu_s"]) / np.median(ours["cpu_s"])
-            summary.append((size, speedup, cpu_speedup, agreement(outputs["kedavra"], outputs["diffusers-bf16"]),
-                            np.median(ours["wall_s"])))
+                      f"| {row['peak_rss_gib']:.2f} | {row['end_rss_gib']:.2f} | {_gib(row['trimmed_rss_gib'])} |",
+                      flush=True)
+            for theirs in (c for c in args.configs if c.startswith("diffusers")):
+                for ours in (c for c in args.configs if c.startswith("kedavra")):
+                    wall = np.median(measured[theirs]["wall_s"]) / np.median(measured[ours]["wall_s"])
+                    cpu = np.median(measured[theirs]["cpu_s"]) / np.median(measured[ours]["cpu_s"])
+                    summary.append((size, theirs, ours, wall, cpu, agreement(outputs[ours], outputs[theirs]),
+                                    np.median(measured[ours]["wall_s"])))
     print()
-    print(f"| size | diffusers-bf16 / kedavra, wall (target >= {TARGET_SPEEDUP}x) | thread CPU | output max rel diff | "
-          "20-step U-Net estimate s (kedavra) |")
-    print("|---|---|---|---|---|")
-    for size, speedup, cpu_speedup, difference, per_call in summary:
-        print(f"| {size} | {speedup:.2f}x | {cpu_speedup:.2f}x | {difference:.3g} | {20 * per_call:.0f} |")
+    print(f"| size | against | kedavra | speed-up, wall (target >= {TARGET_SPEEDUP}x) | thread CPU "
+          "| output max rel diff | 20-step U-Net estimate s (kedavra) |")
+    print("|---|---|---|---|---|---|---|")
+    for size, theirs, ours, speedup, cpu_speedup, difference, per_call in summary:
+        print(f"| {size} | {theirs} | {ours} | {speedup:.2f}x | {cpu_speedup:.2f}x | {difference:.3g} "
+              f"| {20 * per_call:.0f} |")
     if args.json:
         args.json.write_text(json.dumps(rows))
     return 0
