@@ -12,7 +12,8 @@ from random_models import tiny_model
 from kedavra.formats.images import from_pil, to_pil
 from kedavra.networks.model import ModelConfig, StableDiffusion
 from kedavra.pipeline.device import release_memory
-from kedavra.pipeline.pipeline import GuidedUNet, Pipeline
+from kedavra.pipeline.guided_unet import GuidedUNet
+from kedavra.pipeline.pipeline import Pipeline
 from kedavra.pipeline.request import MAX_SIDE, GenerationRequest
 
 

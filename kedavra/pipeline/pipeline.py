@@ -5,7 +5,8 @@
     latents -> VAE decoder -> image
 
 The U-Net runs on the conditional and the unconditional (negative-prompt) context in one batch and the two
-predictions are combined by `kedavra.diffusion.guidance.classifier_free_guidance` (Ho and Salimans 2022, eq. 6).
+predictions are combined by `kedavra.diffusion.guidance.classifier_free_guidance` (Ho and Salimans 2022, eq. 6)
+inside the model the sampler drives (kedavra.pipeline.guided_unet).
 Settings arrive as a checked `GenerationRequest` (kedavra.pipeline.request); nothing here checks them again.
 """
 
@@ -15,7 +16,7 @@ import os
 import secrets
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,19 +27,18 @@ from kedavra.adapters.merge import LoraMerger, LoraUse
 from kedavra.adapters.prompt_tags import LoraTag, batch_lora_tags
 from kedavra.adapters.textual_inversion import Embedding, EmbeddingLibrary, LoadReport
 from kedavra.diffusion.brownian import BrownianTreeNoise
-from kedavra.diffusion.guidance import classifier_free_guidance
 from kedavra.diffusion.rng import ComfyNoiseSampler, ImageNoise, comfyui_inpaint_noise, comfyui_noise
-from kedavra.diffusion.samplers import StepCallback, StepRecord, sample
+from kedavra.diffusion.samplers import StepCallback, sample
 from kedavra.diffusion.samplers.registry import SET_ALPHA_TO_ONE_SAMPLERS, inpaints_from_noise
 from kedavra.diffusion.sigmas import a1111_img2img_steps
 from kedavra.diffusion.timesteps import check_steps
 from kedavra.formats.images import from_pil, to_pil
 from kedavra.networks.acceleration import optimize_for_inference
 from kedavra.networks.model import StableDiffusion
-from kedavra.networks.step_cache import StepCache
 from kedavra.networks.taesd import TinyAutoencoder, load_tiny_autoencoder
 from kedavra.networks.vae_tiling import Tiling
 from kedavra.pipeline.device import default_device, default_dtype, parse_precision
+from kedavra.pipeline.guided_unet import GuidedUNet, ModelSwitch
 from kedavra.pipeline.hires import crop_latents, upscale_latents
 from kedavra.pipeline.inpainting import a1111_inpainting, program_latent_mask, resize_init_latents
 from kedavra.pipeline.prompt_weighting import TextConditioning, encode_conditioning
@@ -503,96 +503,3 @@ class Pipeline:
         names = dict.fromkeys(f"{use.lora.name.replace(':', '').replace(',', '')}: {use.lora.short_hash}"
                               for use in uses)
         return prompts, {LORA_HASHES_KEY: ", ".join(names)}
-
-
-class GuidedUNet:
-    """The model a sampler drives: `(x_t, t) -> prediction`, the U-Net (in the working precision, on fp32 samples)
-    with classifier-free guidance folded in (kedavra.diffusion.guidance); an inpainting U-Net also gets the mask and
-    masked-image latents as extra input channels, an SDXL U-Net its added conditioning (`added`: the prompt's and
-    the negative prompt's pooled text and micro-conditioning). `with_uncond` gives the guided prediction with the
-    unconditional one of the same evaluation, for the CFG++ samplers. With `record`, it keeps the conditional and
-    unconditional outputs of the first evaluation since the last step report, for `reporting`'s step records.
-    `embeddings`: the textual-inversion embeddings the text used, for the infotext."""
-
-    def __init__(self, unet, dtype: torch.dtype, context: torch.Tensor, uncond_context: torch.Tensor,
-                 guidance_scale: float, guidance_rescale: float, extra_channels: torch.Tensor | None,
-                 added: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None, record: bool = False,
-                 embeddings: tuple[str, ...] = (), step_cache: int = 0):
-        self.unet, self.dtype, self.extra_channels = unet, dtype, extra_channels
-        self.cache = StepCache(step_cache) if step_cache > 1 else None  # DeepCache: one per sampling run
-        self.embeddings = embeddings
-        self.guidance_scale, self.guidance_rescale = guidance_scale, guidance_rescale
-        self.use_guidance = guidance_scale != 1.0
-        # the conditioning of a conditional call and of a two-halves call (unconditional first, (2B, ...))
-        self.context, self.pair_context = context, torch.cat([uncond_context, context])
-        self.added = self.pair_added = None  # SDXL's added conditioning in the working precision
-        if added is not None:
-            cond, uncond = added
-            self.added = {key: cond[key].to(dtype) for key in cond}
-            self.pair_added = {key: torch.cat([uncond[key], cond[key]]).to(dtype) for key in cond}
-        self.record = record
-        self.outputs: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (cond, uncond) at the step's level
-
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The guided prediction at x_t (the conditional one alone at guidance_scale 1)."""
-        return self._evaluate(x_t, t, both=self.use_guidance)[0]
-
-    def with_uncond(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(guided, unconditional) predictions at x_t from one evaluation; the unconditional half runs even at
-        guidance_scale 1 (ComfyUI's disable_cfg1_optimization, which its CFG++ samplers set)."""
-        return self._evaluate(x_t, t, both=True)
-
-    def _evaluate(self, x_t: torch.Tensor, t: torch.Tensor, both: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(guided, uncond): the U-Net on the conditional context alone (uncond None), or on both halves."""
-        x_in = x_t if self.extra_channels is None else torch.cat([x_t, self.extra_channels], dim=1)
-        if not both:
-            cond = self.unet(x_in.to(self.dtype), t, self.context, added_cond=self.added, cache=self.cache).float()
-            guided, uncond = cond, None
-        else:
-            halves = self.unet(torch.cat([x_in, x_in]).to(self.dtype), torch.cat([t, t]), self.pair_context,
-                               added_cond=self.pair_added, cache=self.cache).float()  # (2B, ...)
-            uncond, cond = halves.chunk(2)
-            guided = classifier_free_guidance(cond, uncond, self.guidance_scale, self.guidance_rescale)
-        if self.record and self.outputs is None:
-            self.outputs = (cond, uncond)
-        return guided, uncond
-
-    def reporting(self, callback: StepCallback):
-        """A step callback that passes `callback` each step's record with cond and uncond filled in."""
-
-        def report(step: StepRecord):
-            cond, uncond = self.outputs
-            self.outputs = None
-            return callback(replace(step, cond=cond, uncond=uncond))
-
-        return report
-
-
-class ModelSwitch:
-    """Two guided U-Nets as one model for the sampler: `first` at timesteps t >= `cutoff`, `second` below (the SDXL
-    base and its refiner). Step records carry the outputs of whichever evaluated the step's own level."""
-
-    def __init__(self, first: GuidedUNet, second: GuidedUNet, cutoff: int):
-        self.first, self.second, self.cutoff = first, second, cutoff
-
-    def _at(self, t: torch.Tensor) -> GuidedUNet:
-        return self.first if float(t[0]) >= self.cutoff else self.second
-
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self._at(t)(x_t, t)
-
-    def with_uncond(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """GuidedUNet.with_uncond of the model that runs at t."""
-        return self._at(t).with_uncond(x_t, t)
-
-    def reporting(self, callback: StepCallback):
-        """A step callback that passes `callback` each step's record with cond and uncond filled in."""
-
-        def report(step: StepRecord):
-            ran = self.first if self.first.outputs is not None else self.second
-            cond, uncond = ran.outputs
-            self.first.outputs = self.second.outputs = None
-            return callback(replace(step, cond=cond, uncond=uncond))
-
-        return report
-
