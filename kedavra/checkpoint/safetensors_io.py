@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from kedavra.checkpoint.errors import _fail
+from kedavra.mapped_memory import drop_pages, register_map
 
 # safetensors format (huggingface/safetensors README): u64 little-endian header length N, N bytes of JSON
 # {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}, then the tensor bytes,
@@ -33,8 +34,6 @@ SAFETENSORS_DTYPES = {
 }
 _DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library refuses larger headers (its MAX_HEADER_SIZE)
-_PAGE = mmap.PAGESIZE
-_CAN_RELEASE = hasattr(mmap, "MADV_DONTNEED")  # POSIX; elsewhere consumed pages stay until the map is dropped
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,8 @@ class SafetensorsFile:
             self._data_start = 8 + header_size
             self._check_coverage(size - self._data_start)
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
-        self._base = torch.frombuffer(self._map, dtype=torch.uint8, count=1).data_ptr() if self._map else 0
+        if self._map is not None:
+            register_map(self._map)  # its pages may be dropped once consumed (release, kedavra.mapped_memory)
 
     def _parse_metadata(self, metadata) -> dict[str, str]:
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
@@ -135,16 +135,8 @@ class SafetensorsFile:
         return {name: self.tensor(name) for name in self.entries}
 
     def release(self, tensor: Tensor) -> None:
-        """Drop the mapped pages wholly inside `tensor`'s bytes (a contiguous view into this file)."""
-        if not _CAN_RELEASE or self._map is None or not tensor.is_contiguous():
-            return
-        start = tensor.data_ptr() - self._base
-        stop = start + tensor.numel() * tensor.element_size()
-        if start < 0 or stop > len(self._map):
-            return  # not a view of this file
-        first, last = -(-start // _PAGE) * _PAGE, stop // _PAGE * _PAGE
-        if last > first:
-            self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
+        """Drop the mapped pages wholly inside `tensor`'s bytes (a contiguous view into this file, consumed)."""
+        drop_pages(tensor)
 
 
 def write_safetensors(

@@ -22,7 +22,8 @@ x 1280 features) an element moves by one bf16 rounding step. fp32 linear layers 
 oneDNN's packed fp32 inner product is not faster than MKL's sgemm here and rounds differently.
 
 Memory: with `evict` (the pipeline's setting, `optimize_for_inference`) a layer keeps its weight in the packed
-copy alone once it has run: the parameter then holds a one-element placeholder of the weight's shape and dtype,
+copy alone once it has run: the parameter then holds a one-element placeholder of the weight's shape and dtype
+(a weight that was a view into a checkpoint's memory map also gives its pages back: kedavra.mapped_memory),
 and whatever reads the weight as a tensor gets the dense values back first, rebuilt exactly from the packed copy
 (oneDNN reorders it back; no arithmetic): `layer.weight`, `state_dict()`, `load_state_dict()`, `.to()` /
 `.float()`, copies and pickles, the eager path (autograd, another device or dtype). So the model holds one copy
@@ -47,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kedavra.mapped_memory import drop_pages
 from kedavra.networks.transformer import GEGLU
 
 # Weight dtypes whose packed kernels pay off here: fp32 (AVX-512) and bf16 (AVX512-BF16 / AMX). fp16 is left
@@ -144,7 +146,8 @@ class _PackedLayer(nn.Module):
     def _evict(weight: Tensor, state: _PackState) -> None:
         state.stride = weight.stride()
         state.placeholder = torch.zeros((), dtype=weight.dtype, device=weight.device).expand(weight.shape)
-        weight.data = state.placeholder  # the dense values' last reference from this layer goes
+        dense, weight.data = weight.data, state.placeholder  # the dense values' last reference from this layer goes
+        drop_pages(dense)  # a view into a checkpoint's memory map: its pages leave the resident set too
 
     def restore_dense(self) -> None:
         """Put the dense weight back into the parameter (from the packed copies, exactly: a reorder) if evicted."""

@@ -33,6 +33,7 @@ from kedavra.diffusion.samplers.registry import SET_ALPHA_TO_ONE_SAMPLERS, inpai
 from kedavra.diffusion.sigmas import a1111_img2img_steps
 from kedavra.diffusion.timesteps import check_steps
 from kedavra.formats.images import from_pil, to_pil
+from kedavra.mapped_memory import drop_unused_pages
 from kedavra.networks.acceleration import optimize_for_inference
 from kedavra.networks.model import StableDiffusion
 from kedavra.networks.taesd import TinyAutoencoder, load_tiny_autoencoder
@@ -89,6 +90,7 @@ class Pipeline:
         if self.device.type == "cpu":  # oneDNN's convolutions run fastest on channels-last activations
             self.model.unet.to(memory_format=torch.channels_last)
             self.model.vae.to(memory_format=torch.channels_last)
+        drop_unused_pages([self.model])  # the checkpoint's mapped pages that conversions above copied away
         if optimize:  # a no-op off the CPU
             for part in (self.model.unet, self.model.vae):
                 optimize_for_inference(part, self.device, self.dtype)
