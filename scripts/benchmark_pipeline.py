@@ -324,10 +324,18 @@ def run_config(args, config: str, size: int, steps: int) -> dict:
     """One configuration in a fresh Python process; its images land in --workdir."""
     command = [sys.executable, __file__, "--child", config, str(size), str(steps), "--threads", str(args.threads),
                "--check-steps", str(args.check_steps), "--workdir", str(args.workdir)]
+    return child_json(command, f"{config} at {size}")
+
+
+def child_json(command: list[str], what: str) -> dict:
+    """Run one configuration's child process (the benchmark scripts' --child) and return the JSON object its last
+    line prints, with the machine's load average when it ended; RuntimeError with its stderr if it failed."""
     proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if proc.returncode:
-        sys.exit(f"{config} at {size} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"{what} failed:\n{proc.stderr[-4000:]}")
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    row.setdefault("load_average", load_average())
+    return row
 
 
 def main() -> None:

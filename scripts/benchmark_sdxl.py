@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +43,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the released SDXL config and the seeded re-draw live in the test helpers
 
-from benchmark_pipeline import cpu_model, load_average, matmul_peak, vm_kib  # noqa: E402
+from benchmark_pipeline import child_json, cpu_model, load_average, matmul_peak, vm_kib  # noqa: E402
 
 CONFIGS = ("diffusers-bf16", "kedavra")
 COMPILED = ("diffusers-bf16-compiled", "kedavra-compiled")
@@ -168,12 +167,7 @@ def run_config(config: str, size: int, args, folder: Path) -> tuple[dict, torch.
     command = [sys.executable, __file__, "--child", config, str(size), str(out), "--calls", str(args.calls)]
     if args.threads is not None:
         command += ["--threads", str(args.threads)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-    if result.returncode != 0:
-        raise RuntimeError(f"{config} at {size} failed:\n{result.stderr[-3000:]}")
-    row = json.loads(result.stdout.splitlines()[-1])
-    row["load_average"] = load_average()
-    return row, torch.load(out)
+    return child_json(command, f"{config} at {size}"), torch.load(out)
 
 
 def _gib(value: float | None) -> str:

@@ -192,23 +192,27 @@ SGM_TEXT_PREFIXES = {  # sd_xl_base.yaml's conditioner.embedders.0 / .1 and sd_x
 }
 
 
-def sdxl_reference_models(config: ModelConfig, seed: int = 0) -> dict[str, torch.nn.Module]:
+def sdxl_reference_models(config: ModelConfig, seed: int = 0, device: str | None = None) -> dict[str, torch.nn.Module]:
     """{"text_encoder", ["text_encoder_2",] "unet", "vae"} shaped like an SDXL `config`, parameters drawn under `seed`:
     transformers' CLIPTextModel for an encoder without a projection, CLIPTextModelWithProjection for one with;
-    diffusers' UNet2DConditionModel with the "text_time" added embedding; AutoencoderKL."""
+    diffusers' UNet2DConditionModel with the "text_time" added embedding; AutoencoderKL. device="meta" builds them
+    without memory or drawing (a full-size SDXL is 14 GB in fp32: materialise one at a time)."""
     encoders = {"text_encoder": config.text_encoder, "text_encoder_2": config.text_encoder_2}
-    models = {
-        name: (CLIPTextModelWithProjection if text.projection_dim else CLIPTextModel)(clip_text_config(text))
-        for name, text in encoders.items()
-        if text is not None
-    }
-    u = config.unet
-    plain = diffusers_unet(u, sample_size=config.image_size // config.vae.downsample_factor)
-    settings = {k: v for k, v in plain.config.items() if not k.startswith("_")}  # from_config drops the added ones
-    settings.update(addition_embed_type="text_time", addition_time_embed_dim=u.addition_time_embed_dim,
-                    projection_class_embeddings_input_dim=u.addition_embed_input_dim)
-    models["unet"] = UNet2DConditionModel(**settings)
-    models["vae"] = DiffusersVAE.from_config(reference_models(config, device="meta")[2].config)
+    with torch.device(device or "cpu"):
+        models = {
+            name: (CLIPTextModelWithProjection if text.projection_dim else CLIPTextModel)(clip_text_config(text))
+            for name, text in encoders.items()
+            if text is not None
+        }
+        u = config.unet
+        plain = diffusers_unet(u, sample_size=config.image_size // config.vae.downsample_factor)
+        settings = {k: v for k, v in plain.config.items() if not k.startswith("_")}  # from_config drops the added
+        settings.update(addition_embed_type="text_time", addition_time_embed_dim=u.addition_time_embed_dim,
+                        projection_class_embeddings_input_dim=u.addition_embed_input_dim)
+        models["unet"] = UNet2DConditionModel(**settings)
+        models["vae"] = DiffusersVAE.from_config(reference_models(config, device="meta")[2].config)
+    if device == "meta":
+        return {name: model.eval() for name, model in models.items()}
     generator = torch.Generator().manual_seed(seed)
     for model in models.values():
         randomize(model, generator)
