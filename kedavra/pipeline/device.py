@@ -72,8 +72,14 @@ def release_memory(device: torch.device | None = None) -> None:
     gc.collect()
     if device is not None and device.type == "cuda":
         torch.cuda.empty_cache()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """glibc's malloc_trim(0): the heap's free pages (freed activations it keeps for reuse) go back to the system;
+    nothing elsewhere (musl and other C libraries have no malloc_trim)."""
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # musl and other C libraries have no malloc_trim
+        except (OSError, AttributeError):
             pass
