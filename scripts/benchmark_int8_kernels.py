@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -35,6 +34,8 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from timing import run_times  # noqa: E402
 
 from kedavra.networks.acceleration import pack_weights  # noqa: E402
 from kedavra.networks.model import PRESETS  # noqa: E402
@@ -90,13 +91,9 @@ def quantise_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up: oneDNN picks and caches its kernel
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * sorted(times)[len(times) // 2]
+    """Milliseconds of the median call after a warm-up (oneDNN picks and caches its kernel on the first)."""
+    times = sorted(run_times(fn, repeats))
+    return 1e3 * times[len(times) // 2]
 
 
 def measure(kind, weight_shape, stride, padding, x_shape, repeats: int) -> dict:

@@ -30,7 +30,6 @@ the last call's outputs (max |kedavra - diffusers| / max |diffusers|, both bf16)
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import sys
 import tempfile
@@ -152,11 +151,9 @@ def run_child(config: str, size: int, calls: int, out: Path) -> dict:
 def trimmed_rss_gib() -> float | None:
     """VmRSS in GiB after glibc's malloc_trim(0) hands the heap's freed pages back to the OS: the memory the process
     really uses, without what its allocator keeps for reuse (None where the C library has no malloc_trim)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        return None
-    return vm_kib("VmRSS") / 2**20
+    from kedavra.pipeline.device import trim_heap
+
+    return vm_kib("VmRSS") / 2**20 if trim_heap() else None
 
 
 # ---- parent ------------------------------------------------------------------------------------------------
@@ -170,7 +167,7 @@ def run_config(config: str, size: int, args, folder: Path) -> tuple[dict, torch.
     return child_json(command, f"{config} at {size}"), torch.load(out)
 
 
-def _gib(value: float | None) -> str:
+def gib_text(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
@@ -215,7 +212,7 @@ def main() -> int:
                 calls = ", ".join(f"{s:.2f}" for s in row["wall_s"])
                 print(f"| {size} | {config} | {np.median(row['wall_s']):.2f} ({calls}) "
                       f"| {np.median(row['cpu_s']):.2f} | {row['warmup_s']:.2f} | {row['peak_bf16'] / 1e12:.2f} "
-                      f"| {row['peak_rss_gib']:.2f} | {row['end_rss_gib']:.2f} | {_gib(row['trimmed_rss_gib'])} |",
+                      f"| {row['peak_rss_gib']:.2f} | {row['end_rss_gib']:.2f} | {gib_text(row['trimmed_rss_gib'])} |",
                       flush=True)
             for theirs in (c for c in args.configs if c.startswith("diffusers")):
                 for ours in (c for c in args.configs if c.startswith("kedavra")):

@@ -52,7 +52,7 @@ from benchmark_pipeline import (  # noqa: E402
     time_calls,
     vm_kib,
 )
-from benchmark_sdxl import trimmed_rss_gib  # noqa: E402
+from benchmark_sdxl import gib_text, trimmed_rss_gib  # noqa: E402
 
 CONFIGS = ("diffusers-bf16", "kedavra")
 PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry, low quality"
@@ -212,11 +212,11 @@ def main() -> int:
             row, images[config] = run_config(config, size, args)
             measured[config] = row
             rows.append(row)
-            trimmed = "n/a" if row["trimmed_rss_gib"] is None else f"{row['trimmed_rss_gib']:.2f}"
             print(f"| {size} | {config} | {np.median(row['unet_wall_s']):.2f} ({min(row['unet_wall_s']):.2f}) "
                   f"| {np.median(row['unet_cpu_s']):.2f} | {row['text_s']:.2f} | {row['vae_s']:.1f} "
                   f"| {row['timed_e2e_s']:.1f} | {row['load_s']:.1f} | {row['peak_bf16'] / 1e12:.2f} "
-                  f"| {row['peak_rss_gib']:.2f} | {row['end_rss_gib']:.2f} | {trimmed} |", flush=True)
+                  f"| {row['peak_rss_gib']:.2f} | {row['end_rss_gib']:.2f} | {gib_text(row['trimmed_rss_gib'])} |",
+                  flush=True)
         if set(CONFIGS) <= set(measured):
             theirs, ours = measured["diffusers-bf16"], measured["kedavra"]
             diff = image_difference(images["kedavra"], images["diffusers-bf16"])

@@ -75,11 +75,13 @@ def release_memory(device: torch.device | None = None) -> None:
     trim_heap()
 
 
-def trim_heap() -> None:
+def trim_heap() -> bool:
     """glibc's malloc_trim(0): the heap's free pages (freed activations it keeps for reuse) go back to the system;
-    nothing elsewhere (musl and other C libraries have no malloc_trim)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+    False, and nothing done, elsewhere (musl and other C libraries have no malloc_trim)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
