@@ -77,7 +77,8 @@ FIGURE_SCALE = 2  # the 32 px images enlarged (nearest neighbour) in the figure
 
 def hexagon_config(colours: tuple[str, ...]) -> ShapesConfig:
     """The shapes data set's config for one-shape prompts of the stand-in shape in `colours`."""
-    return ShapesConfig(shapes=(STAND_IN,), colours=colours, kind_weights=HEXAGON_KIND_WEIGHTS, hold_out=False)
+    return ShapesConfig(shapes=(STAND_IN,), colours=colours, kind_weights=HEXAGON_KIND_WEIGHTS,
+                        placement_probability=0.0, hold_out=False)
 
 
 def hexagon_caption(spec: PromptSpec) -> str:

@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/shapes_adherence.py                                   # the embedded default
     .venv/bin/python scripts/shapes_adherence.py runs/sd/unet/model.safetensors --prompts seen --per-kind 100
+    .venv/bin/python scripts/shapes_adherence.py --phrasing canonical paraphrased --sampler euler --guidance-scale 7.5
 
 Prints the evaluator's Markdown table per prompt set; --json writes the summaries, --grid a PNG of the first
 64 images of each set (prompt order: single, count, pair, relation).
@@ -21,6 +22,7 @@ from kedavra.evaluation.adherence import (
     DEFAULT_SAMPLER,
     DEFAULT_STEPS,
     HELD_OUT_CHOICES,
+    PHRASINGS,
     measure_adherence,
 )
 from kedavra.formats.grid import image_grid
@@ -30,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", default=None, help="model name or path (default: the embedded default)")
     parser.add_argument("--prompts", nargs="+", default=["held-out", "seen"], choices=sorted(HELD_OUT_CHOICES))
+    parser.add_argument("--phrasing", nargs="+", default=["canonical"], choices=PHRASINGS,
+                        help="prompt wordings: canonical, and/or paraphrased (the grammar's other wordings)")
     parser.add_argument("--per-kind", type=int, default=50, help="prompts of each kind (single, count, pair, relation)")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--sampler", default=DEFAULT_SAMPLER)
@@ -44,13 +48,16 @@ def main(argv: list[str] | None = None) -> int:
         pipe = kedavra.load(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype)
         summaries = {}
         for which in args.prompts:
-            result = measure_adherence(pipe, per_kind=args.per_kind, prompts=which, seed=args.seed, steps=args.steps,
-                                       sampler=args.sampler, guidance_scale=args.guidance_scale)
-            summaries[which] = result.summary()
-            print(f"## {which} prompts ({len(result.images)} images, {result.seconds:.1f} s)\n")
-            print(result.report.table() + "\n", flush=True)
-            if args.grid:
-                image_grid(result.images[:64], columns=8).save(f"{args.grid}-{which}.png")
+            for phrasing in args.phrasing:
+                result = measure_adherence(pipe, per_kind=args.per_kind, prompts=which, seed=args.seed,
+                                           steps=args.steps, sampler=args.sampler,
+                                           guidance_scale=args.guidance_scale, phrasing=phrasing)
+                name = which if len(args.phrasing) == 1 else f"{which}-{phrasing}"
+                summaries[name] = result.summary()
+                print(f"## {which} prompts, {phrasing} ({len(result.images)} images, {result.seconds:.1f} s)\n")
+                print(result.report.table() + "\n", flush=True)
+                if args.grid:
+                    image_grid(result.images[:64], columns=8).save(f"{args.grid}-{name}.png")
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

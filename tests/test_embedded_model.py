@@ -51,3 +51,14 @@ def test_kedavra_generate_uses_it_when_no_model_is_named(tmp_path, capsys):
 def test_load_names_what_a_model_may_be(bad):
     with pytest.raises(ValueError, match=f"a model is an embedded name \\({DEFAULT_MODEL}\\) or a path, got"):
         kedavra.load(bad)
+
+
+def test_adherence_can_ask_in_paraphrases_for_the_same_prompts(pipe):
+    from kedavra.data.shapes import parse_prompt
+
+    canonical = measure_adherence(pipe, per_kind=6, steps=2)
+    paraphrased = measure_adherence(pipe, per_kind=6, steps=2, phrasing="paraphrased")
+    assert [parse_prompt(p) for p in canonical.prompts] == [parse_prompt(p) for p in paraphrased.prompts]
+    assert canonical.prompts != paraphrased.prompts and paraphrased.settings["phrasing"] == "paraphrased"
+    with pytest.raises(ValueError, match="phrasing"):
+        measure_adherence(pipe, per_kind=1, phrasing="slang")

@@ -34,7 +34,7 @@ def _check_options(name: str, options: dict, allowed: tuple[str, ...]) -> None:
 
 
 SHAPES_OPTIONS = ("size", "shapes", "colours", "backgrounds", "max_objects", "kind_weights", "size_word_probability",
-                  "hold_out")
+                  "placement_probability", "paraphrase_probability", "hold_out")
 EMOJI_OPTIONS = ("font_path", "background")
 FOLDER_OPTIONS = ("skip_bad",)
 

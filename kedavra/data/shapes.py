@@ -1,7 +1,9 @@
 """Procedural shapes: coloured circles, squares, triangles, stars, crosses and diamonds on plain backgrounds,
 captioned in the style of GenEval's prompts (Ghosh et al. 2023, "GenEval: An Object-Focused Framework for
 Evaluating Text-to-Image Alignment"): "a red circle", "a large blue square", "two green triangles",
-"a red circle and a blue square", "a yellow star above a purple cross".
+"a red circle and a blue square", "a yellow star above a purple cross", "a big pink diamond in the top left
+corner", in the canonical wording or (half the time) any other the grammar knows ("the blue star to the left of
+an orange cross", "3 green triangles"; kedavra/data/shapes_grammar.py).
 
 Every item is a pure function of (seed, split, index): a prompt is sampled (`PromptSpec`), a layout realises it
 (`Scene`, the ground truth the evaluator is tested against), and Pillow draws it at 4x and box-filters it down
@@ -22,7 +24,6 @@ Coordinates are pixels of the final image, x to the right and y down, the image 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -31,40 +32,35 @@ from PIL import Image, ImageDraw
 
 from kedavra.data.folder import image_to_tensor
 from kedavra.data.shape_drawing import SUPERSAMPLE, draw_shape
+from kedavra.data.shapes_grammar import (  # noqa: F401  (the grammar's names are the data set's too)
+    MAX_OBJECTS,
+    NUMBER_WORDS,
+    PALETTE,
+    PLACEMENTS,
+    PLURALS,
+    PROMPT_KINDS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    ObjectSpec,
+    PromptSpec,
+    parse_prompt,
+)
 from kedavra.validation import check_choice, check_int, check_number
 
-SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
-PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars",
-           "cross": "crosses", "diamond": "diamonds"}
-# Object colours, chosen so that every pair is >= 100 apart in RGB (Euclidean; the closest pair, orange/yellow, is
-# 107 apart) and the nearest-colour rule of the evaluator cannot confuse them. GenEval's colour
-# list (red, orange, yellow, green, blue, purple, pink, brown, black, white) less brown, which sits too close to
-# red and orange at 32x32.
-PALETTE = {
-    "red": (220, 20, 20),
-    "orange": (255, 128, 0),
-    "yellow": (255, 235, 0),
-    "green": (20, 170, 40),
-    "blue": (30, 70, 230),
-    "purple": (150, 40, 190),
-    "pink": (255, 105, 180),
-    "white": (245, 245, 245),
-    "black": (20, 20, 20),
-}
 BACKGROUNDS = {"black": (0, 0, 0), "gray": (110, 110, 110), "white": (255, 255, 255)}
 MIN_CONTRAST = 100.0  # an object's colour is at least this far (RGB Euclidean) from its background
-SIZES = ("small", "large")
 # Half the side of an object's bounding box, as a fraction of the image side, drawn uniformly in the range. Small
 # is the smallest at which a star still reads as a star at 32x32 (a 9-10 px box); large leaves room to move.
 SIZE_RADIUS = {"small": (0.14, 0.17), "large": (0.24, 0.30)}
-RELATIONS = ("left of", "right of", "above", "below")
-PROMPT_KINDS = ("single", "count", "pair", "relation")
-NUMBER_WORDS = ("zero", "one", "two", "three", "four")
-MAX_OBJECTS = len(NUMBER_WORDS) - 1  # four small objects are what fits a 32x32 image with gaps between them
 MIN_IMAGE_SIZE = 16  # below this a small star is a 4 px blob
 BORDER_MARGIN = 0.04  # fraction of the side kept free between any object and the image border
 OBJECT_GAP = 0.08  # fraction of the side kept free between the bounding boxes of two objects
 RELATION_DOMINANCE = 2.0  # a generated "left of" moves at least this many times further in x than in y
+# A placed object's centre lies within this fraction of the side from its edge(s) ("left": x <= 0.36 W), or for
+# "middle" within this fraction of the side from the centre on both axes; the evaluator's bounds are looser.
+PLACEMENT_SIDE = 0.36
+PLACEMENT_MIDDLE = 0.08
 LAYOUT_RESTARTS = 200  # placement restarts before a layout is declared impossible (never reached by the presets)
 LAYOUT_TRIES = 64  # candidate centres drawn at once for each object before the layout restarts
 PROMPT_TRIES = 1_000  # draws per wanted evaluation prompt before concluding that none of the asked sort exists
@@ -73,116 +69,22 @@ DEFAULT_SIZES = {"train": 50_000, "test": 1_000}
 
 
 @dataclass(frozen=True)
-class ObjectSpec:
-    """One object a prompt asks for; colour and size None when the prompt does not name them."""
-
-    shape: str
-    colour: str | None = None
-    size: str | None = None
-
-    def __post_init__(self):
-        check_choice("shape", self.shape, SHAPES)
-        if self.colour is not None:
-            check_choice("colour", self.colour, tuple(PALETTE))
-        if self.size is not None:
-            check_choice("size", self.size, SIZES)
-
-    def phrase(self) -> str:
-        """'a large red circle', 'an orange star'."""
-        words = " ".join(w for w in (self.size, self.colour, self.shape) if w is not None)
-        return ("an " if words[0] in "aeiou" else "a ") + words
-
-
-@dataclass(frozen=True)
-class PromptSpec:
-    """A structured prompt: kind in PROMPT_KINDS, its objects, the count (kind 'count') or relation ('relation').
-
-    single    1 object, may name a size          "a large red circle"
-    count     1 object, count 2..MAX_OBJECTS     "two green triangles"
-    pair      2 objects of different shapes      "a red circle and a blue square"
-    relation  2 objects of different shapes      "a red circle left of a blue square" (the first relative to
-              the second, as in GenEval)
-    """
-
-    kind: str
-    objects: tuple[ObjectSpec, ...]
-    count: int = 1
-    relation: str | None = None
-
-    def __post_init__(self):
-        object.__setattr__(self, "objects", tuple(self.objects))
-        check_choice("prompt kind", self.kind, PROMPT_KINDS)
-        expected = 1 if self.kind in ("single", "count") else 2
-        if len(self.objects) != expected or not all(isinstance(o, ObjectSpec) for o in self.objects):
-            raise ValueError(f"a {self.kind!r} prompt takes {expected} ObjectSpec(s), got {self.objects!r}")
-        if self.kind == "count":
-            check_int("count", self.count, 2, MAX_OBJECTS)
-        elif self.count != 1:
-            raise ValueError(f"only 'count' prompts take a count, got count={self.count!r} for {self.kind!r}")
-        if self.kind == "relation":
-            check_choice("relation", self.relation, RELATIONS)
-        elif self.relation is not None:
-            raise ValueError(f"only 'relation' prompts take a relation, got {self.relation!r} for {self.kind!r}")
-        if expected == 2 and self.objects[0].shape == self.objects[1].shape:
-            raise ValueError(f"the two objects of a {self.kind!r} prompt need different shapes, got "
-                             f"{self.objects[0].shape!r} twice")
-        if any(o.size is not None for o in self.objects) and self.kind != "single":
-            raise ValueError(f"only 'single' prompts name a size, got {self.objects!r}")
-
-    @property
-    def caption(self) -> str:
-        """The prompt in words; `parse_prompt(spec.caption) == spec`."""
-        first = self.objects[0]
-        if self.kind == "single":
-            return first.phrase()
-        if self.kind == "count":
-            words = (NUMBER_WORDS[self.count], first.colour, PLURALS[first.shape])
-            return " ".join(w for w in words if w is not None)
-        link = "and" if self.kind == "pair" else self.relation
-        return f"{first.phrase()} {link} {self.objects[1].phrase()}"
-
-
-_OBJECT = (rf"an? (?:({'|'.join(SIZES)}) )?(?:({'|'.join(PALETTE)}) )?({'|'.join(SHAPES)})")
-_COUNT = (rf"({'|'.join(NUMBER_WORDS[2:])}) (?:({'|'.join(PALETTE)}) )?({'|'.join(PLURALS.values())})")
-_TWO = re.compile(rf"{_OBJECT} (and|{'|'.join(RELATIONS)}) {_OBJECT}")
-
-
-def parse_prompt(text: str) -> PromptSpec:
-    """The PromptSpec of a caption in the data set's grammar (case and surrounding spaces ignored)."""
-    if not isinstance(text, str):
-        raise ValueError(f"a prompt must be a string, got {type(text).__name__}")
-    words = " ".join(text.lower().split())
-    if match := re.fullmatch(_OBJECT, words):
-        size, colour, shape = match.groups()
-        return PromptSpec("single", (ObjectSpec(shape, colour, size),))
-    if match := re.fullmatch(_COUNT, words):
-        number, colour, plural = match.groups()
-        shape = next(s for s, p in PLURALS.items() if p == plural)
-        return PromptSpec("count", (ObjectSpec(shape, colour),), count=NUMBER_WORDS.index(number))
-    if match := _TWO.fullmatch(words):
-        size_a, colour_a, shape_a, link, size_b, colour_b, shape_b = match.groups()
-        objects = (ObjectSpec(shape_a, colour_a, size_a), ObjectSpec(shape_b, colour_b, size_b))
-        if link == "and":
-            return PromptSpec("pair", objects)
-        return PromptSpec("relation", objects, relation=link)
-    raise ValueError(f"cannot parse prompt {text!r}; expected forms like 'a large red circle', 'two green "
-                     f"triangles', 'a red circle and a blue square', 'a red circle left of a blue square' with "
-                     f"shapes {SHAPES}, colours {tuple(PALETTE)}, sizes {SIZES}, relations {RELATIONS}")
-
-
-@dataclass(frozen=True)
 class ShapesConfig:
-    """What the shapes data set draws. `kind_weights` are the probabilities of PROMPT_KINDS (in that order);
-    `size_word_probability` is how often a single-object caption names its size; `hold_out` keeps the held-out
-    combinations (module docstring) out of the train split."""
+    """What the shapes data set draws. `kind_weights` are the probabilities of PROMPT_KINDS (in that order; two
+    objects in a relation, the hardest to learn, are drawn most); `size_word_probability` and
+    `placement_probability` are how often a single-object caption names its size and where it stands;
+    `paraphrase_probability` how often an item's caption is a paraphrase (PromptSpec.paraphrase) rather than the
+    canonical wording; `hold_out` keeps the held-out combinations (module docstring) out of the train split."""
 
     image_size: int = 32
     shapes: tuple[str, ...] = SHAPES
     colours: tuple[str, ...] = tuple(PALETTE)
     backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)
     max_objects: int = MAX_OBJECTS
-    kind_weights: tuple[float, ...] = (0.4, 0.2, 0.2, 0.2)
+    kind_weights: tuple[float, ...] = (0.3, 0.2, 0.15, 0.35)
     size_word_probability: float = 0.5
+    placement_probability: float = 0.5
+    paraphrase_probability: float = 0.5
     hold_out: bool = True
 
     def __post_init__(self):
@@ -210,7 +112,8 @@ class ShapesConfig:
         if len(self.shapes) < 2 and (weights[2] or weights[3]):
             raise ValueError(f"two-object prompts need at least two shapes, got shapes={self.shapes!r} with "
                              f"kind_weights={weights!r}")
-        check_number("size_word_probability", self.size_word_probability, 0, 1)
+        for name in ("size_word_probability", "placement_probability", "paraphrase_probability"):
+            check_number(name, getattr(self, name), 0, 1)
         for a in self.colours:
             for b in self.colours:
                 if not _backgrounds_for((a, b), self.backgrounds):
@@ -286,20 +189,64 @@ class Scene:
 def relation_holds(relation: str, a, b, dominance: float):
     """Whether centre `a` is `relation` of centre `b` (arrays (..., 2) or pairs): the displacement along the
     relation's axis points the right way and is at least `dominance` times the one across it (y grows down)."""
+    if relation == "next to":  # either side
+        return relation_holds("left of", a, b, dominance) | relation_holds("right of", a, b, dominance)
     dx, dy = np.asarray(a)[..., 0] - np.asarray(b)[..., 0], np.asarray(a)[..., 1] - np.asarray(b)[..., 1]
     along, across = {"left of": (-dx, dy), "right of": (dx, dy), "above": (-dy, dx), "below": (dy, dx)}[relation]
     return (along > 0) & (along >= dominance * np.abs(across))
 
 
-def _layout(radii: list[float], relation: str | None, image_size: int, rng: np.random.Generator):
-    """Centres for objects of the given radii, inside the margins, their boxes pairwise OBJECT_GAP apart, and
-    (for a relation) object 0 `relation` of object 1 by RELATION_DOMINANCE. Each object takes the first valid
-    of LAYOUT_TRIES uniform candidates; if none is valid the layout starts again."""
+def placement_holds(placement: str, centre, image_size: float, side: float = PLACEMENT_SIDE,
+                    middle: float = PLACEMENT_MIDDLE):
+    """Whether `centre` (arrays (..., 2) or a pair, pixels, y down) stands at `placement` of an image_size square:
+    within `side` x image_size of the named edge(s) ("top left": both), or for "middle" within `middle` x
+    image_size of the image's centre on both axes."""
+    check_choice("placement", placement, PLACEMENTS)
+    x, y = np.asarray(centre)[..., 0] / image_size, np.asarray(centre)[..., 1] / image_size
+    if placement == "middle":
+        return (np.abs(x - 0.5) <= middle) & (np.abs(y - 0.5) <= middle)
+    holds = np.ones(np.shape(x), dtype=bool)
+    for word in placement.split():
+        holds &= {"left": x <= side, "right": x >= 1 - side, "top": y <= side, "bottom": y >= 1 - side}[word]
+    return holds
+
+
+def _placement_bounds(placement: str | None, low: float, high: float, image_size: int):
+    """Per-axis (low, high) bounds of a centre at `placement`, inside the margins' [low, high]."""
+    (x_low, x_high), (y_low, y_high) = (low, high), (low, high)
+    if placement == "middle":
+        half = PLACEMENT_MIDDLE * image_size
+        x_low, x_high = max(low, image_size / 2 - half), min(high, image_size / 2 + half)
+        return (x_low, x_high), (x_low, x_high)
+    edge = PLACEMENT_SIDE * image_size
+    for word in (placement or "").split():
+        if word == "left":
+            x_high = min(high, edge)
+        elif word == "right":
+            x_low = max(low, image_size - edge)
+        elif word == "top":
+            y_high = min(high, edge)
+        else:
+            y_low = max(low, image_size - edge)
+    if x_low > x_high or y_low > y_high:
+        raise ValueError(f"an object this large cannot stand at {placement!r} of a {image_size}x{image_size} image")
+    return (x_low, x_high), (y_low, y_high)
+
+
+def _layout(radii: list[float], relation: str | None, image_size: int, rng: np.random.Generator,
+            placement: str | None = None):
+    """Centres for objects of the given radii, inside the margins, their boxes pairwise OBJECT_GAP apart, (for a
+    relation) object 0 `relation` of object 1 by RELATION_DOMINANCE, and object 0 at `placement`. Each object
+    takes the first valid of LAYOUT_TRIES uniform candidates; if none is valid the layout starts again."""
     margin, gap = BORDER_MARGIN * image_size, OBJECT_GAP * image_size
     for _ in range(LAYOUT_RESTARTS):
         centres: list[np.ndarray] = []
         for r in radii:
-            candidates = rng.uniform(r + margin, image_size - r - margin, size=(LAYOUT_TRIES, 2))  # (T, 2)
+            low, high = r + margin, image_size - r - margin
+            (x_low, x_high), (y_low, y_high) = _placement_bounds(placement if not centres else None, low, high,
+                                                                 image_size)
+            candidates = np.stack([rng.uniform(x_low, x_high, LAYOUT_TRIES),
+                                   rng.uniform(y_low, y_high, LAYOUT_TRIES)], axis=1)  # (T, 2)
             valid = np.ones(LAYOUT_TRIES, dtype=bool)
             for centre, placed_r in zip(centres, radii[:len(centres)], strict=True):
                 reach = r + placed_r + gap  # boxes are apart when the centres are this far apart on some axis
@@ -338,7 +285,7 @@ def prompt_to_scene(prompt: str | PromptSpec, rng: np.random.Generator, config: 
     else:
         sizes = ["small"] * len(wanted)
     radii = [float(rng.uniform(*SIZE_RADIUS[s])) * config.image_size for s in sizes]
-    centres = _layout(radii, spec.relation, config.image_size, rng)
+    centres = _layout(radii, spec.relation, config.image_size, rng, spec.placement)
     backgrounds = _backgrounds_for(set(colours), config.backgrounds) or _backgrounds_for(set(colours), BACKGROUNDS)
     if not backgrounds:
         raise ValueError(f"no background contrasts with all of the colours {sorted(set(colours))}")
@@ -353,7 +300,9 @@ def sample_prompt(config: ShapesConfig, rng: np.random.Generator) -> PromptSpec:
     kind = PROMPT_KINDS[int(rng.choice(len(PROMPT_KINDS), p=np.asarray(config.kind_weights)))]
     if kind == "single":
         size = _pick(SIZES, rng) if rng.random() < config.size_word_probability else None
-        return PromptSpec(kind, (ObjectSpec(_pick(config.shapes, rng), _pick(config.colours, rng), size),))
+        placement = _pick(PLACEMENTS, rng) if rng.random() < config.placement_probability else None
+        return PromptSpec(kind, (ObjectSpec(_pick(config.shapes, rng), _pick(config.colours, rng), size),),
+                          placement=placement)
     if kind == "count":
         count = int(rng.integers(2, config.max_objects + 1))
         return PromptSpec(kind, (ObjectSpec(_pick(config.shapes, rng), _pick(config.colours, rng)),), count=count)
@@ -433,6 +382,13 @@ class ShapesDataset(torch.utils.data.Dataset):
             if self.split == "test" or not self.config.is_held_out(spec):
                 return prompt_to_scene(spec, rng, self.config)
 
+    def caption(self, index: int, scene: Scene | None = None) -> str:
+        """Item `index`'s caption: its scene's canonical caption, or with `paraphrase_probability` a paraphrase
+        (drawn from a stream of its own, so the images do not depend on the wording)."""
+        scene = scene or self.scene(index)
+        rng = np.random.default_rng([self.seed, SPLIT_STREAMS[self.split], int(index) % self.size, 1])
+        return scene.spec.paraphrase(rng) if rng.random() < self.config.paraphrase_probability else scene.caption
+
     def __getitem__(self, index: int) -> dict:
         scene = self.scene(index)
-        return {"image": image_to_tensor(scene.render()), "caption": scene.caption}
+        return {"image": image_to_tensor(scene.render()), "caption": self.caption(index, scene)}

@@ -3,7 +3,9 @@
 `measure_adherence` generates one image per held-out or seen prompt of `kedavra.data.shapes.evaluation_prompts`
 (the same number of prompts of each kind: single object, count, pair, relation) and scores each image with the
 shapes evaluator (kedavra/evaluation/shapes_eval.py): object, colour, count, position, colour binding. The
-prompts, seeds and sampler settings are part of the result, so a report says exactly what was measured.
+prompts, seeds and sampler settings are part of the result, so a report says exactly what was measured. The
+prompts are worded canonically ("a red circle left of a blue square") or, with phrasing="paraphrased", each in a
+wording drawn from the grammar's others ("the red circle is to the left of a blue square"; PromptSpec.paraphrase).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 from PIL import Image
 
 from kedavra.data.shapes import ShapesConfig, evaluation_prompts
@@ -22,6 +25,8 @@ DEFAULT_STEPS = 20
 DEFAULT_SAMPLER = "dpmpp_2m"
 DEFAULT_GUIDANCE = 5.0
 HELD_OUT_CHOICES = {"held-out": True, "seen": False, "any": None}
+PHRASINGS = ("canonical", "paraphrased")
+PARAPHRASE_STREAM = 3  # the paraphrases' seed stream, apart from the prompts' (kedavra.data.shapes.SPLIT_STREAMS + 1)
 
 
 @dataclass
@@ -58,19 +63,26 @@ def measure_adherence(
     guidance_scale: float = DEFAULT_GUIDANCE,
     batch_size: int = 50,
     shapes_config: ShapesConfig | None = None,
+    phrasing: str = "canonical",
     **settings,
 ) -> AdherenceResult:
     """Generate `per_kind` images for each prompt kind and score them.
 
     prompts: "held-out" (colour/shape combinations the shapes data set never shows in training), "seen" (its
         training distribution) or "any". Image i uses seed `seed + i`; the prompts come from their own seed stream.
+    phrasing: "canonical" wording or "paraphrased" (module docstring; the same specs either way).
     settings: other generation settings (GenerationRequest's fields, e.g. sigmas or schedule_type).
     """
     check_choice("prompts", prompts, HELD_OUT_CHOICES)
+    check_choice("phrasing", phrasing, PHRASINGS)
     check_int("batch_size", batch_size, low=1)
     config = shapes_config or ShapesConfig()
     specs = evaluation_prompts(config, per_kind=per_kind, seed=seed, held_out=HELD_OUT_CHOICES[prompts])
-    captions = [spec.caption for spec in specs]
+    if phrasing == "canonical":
+        captions = [spec.caption for spec in specs]
+    else:
+        wording = np.random.default_rng([seed, PARAPHRASE_STREAM])
+        captions = [spec.paraphrase(wording) for spec in specs]
     size = pipe.model.config.image_size
     start = time.perf_counter()
     images, seeds = [], []
@@ -81,6 +93,6 @@ def measure_adherence(
         images += result.images
         seeds += result.seeds
     seconds = time.perf_counter() - start
-    settings = {"per_kind": per_kind, "prompts": prompts, "seed": seed, "steps": steps, "sampler": sampler,
-                "guidance_scale": guidance_scale, "size": size, **settings}
+    settings = {"per_kind": per_kind, "prompts": prompts, "phrasing": phrasing, "seed": seed, "steps": steps,
+                "sampler": sampler, "guidance_scale": guidance_scale, "size": size, **settings}
     return AdherenceResult(evaluate_batch(images, captions), captions, seeds, images, settings, seconds)

@@ -17,10 +17,13 @@ plain image analysis does the same job without weights:
                     named), each template stretched to the component's box and the box refined by half-pixel
                     moves; below MIN_SHAPE_IOU the object has no shape
     7. size         'large' when the box's longer side is at least LARGE_FRACTION of the image side
-    8. relation     GenEval's rule on box centres (`relative_position`)
+    8. relation     GenEval's rule on box centres (`relative_position`); "next to" is left of or right of
+    9. placement    the box centre within PLACEMENT_SIDE of the named edge(s) of the image, or PLACEMENT_MIDDLE of
+                    its centre (`placed_at`; looser than the data set's own bounds, as GenEval's threshold is)
 
 Categories, by prompt kind (GenEval's tag names; an image gets those its prompt asks about):
-    single     single_object (the shape is there), colors (one of them has the colour), size (if named)
+    single     single_object (the shape is there), colors (one of them has the colour), size (if named),
+               position (if a placement is named: one of them, in the named colour, stands there)
     count      counting (exactly that many of the shape), colors (all of them have the colour)
     pair       two_object (both shapes are there), color_attr (each with its own colour)
     relation   two_object, position (every pair of the two shapes, preferring the named colours, stands in the
@@ -38,7 +41,7 @@ import torch
 from PIL import Image
 
 from kedavra.data.shape_drawing import OUTLINES, shape_coverage
-from kedavra.data.shapes import PALETTE, SHAPES, PromptSpec, parse_prompt
+from kedavra.data.shapes import PALETTE, SHAPES, PromptSpec, parse_prompt, placement_holds
 
 FOREGROUND_DISTANCE = 40.0  # RGB distance from the background that makes a pixel foreground (data: >= 100)
 MIN_AREA_FRACTION = 0.008  # smaller components are specks (the smallest drawn object covers ~0.025 of the image)
@@ -52,6 +55,8 @@ DIRECTION_THRESHOLD = 0.5  # GenEval: a relation holds when its axis carries > 0
 BOX_STEP = 0.5  # pixels: each refinement move of a template's box edge
 REFINE_PASSES = 3  # rounds of edge moves per template
 REFINE_CANDIDATES = 3  # templates refined: the best at the unrefined box
+PLACEMENT_SIDE = 0.45  # "on the left": the centre in the left 45 % of the image (the data set draws it in 36 %)
+PLACEMENT_MIDDLE = 0.12  # "in the middle": the centre within 12 % of the side from the image's (data set: 8 %)
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr", "size")
 NEIGHBOURS_8 = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 
@@ -233,6 +238,17 @@ def relative_position(a: DetectedObject, b: DetectedObject) -> set[str]:
     return relations
 
 
+def placed_at(obj: DetectedObject, placement: str, image_size: int) -> bool:
+    """Whether `obj` stands at `placement` (kedavra.data.shapes_grammar.PLACEMENTS) of an image_size image, by the
+    evaluator's bounds PLACEMENT_SIDE and PLACEMENT_MIDDLE."""
+    return bool(placement_holds(placement, obj.centre, image_size, PLACEMENT_SIDE, PLACEMENT_MIDDLE))
+
+
+def _relation_holds(relation: str, a: DetectedObject, b: DetectedObject) -> bool:
+    found = relative_position(a, b)
+    return bool(found & {"left of", "right of"}) if relation == "next to" else relation in found
+
+
 def _as_spec(prompt) -> PromptSpec:
     if isinstance(prompt, PromptSpec):
         return prompt
@@ -241,8 +257,10 @@ def _as_spec(prompt) -> PromptSpec:
     raise ValueError(f"a prompt must be a caption or a PromptSpec, got {type(prompt).__name__}")
 
 
-def score_objects(objects: Sequence[DetectedObject], spec: PromptSpec) -> dict[str, bool]:
-    """The categories `spec` asks about (module docstring), scored on detected objects."""
+def score_objects(objects: Sequence[DetectedObject], spec: PromptSpec, image_size: int | None = None
+                  ) -> dict[str, bool]:
+    """The categories `spec` asks about (module docstring), scored on detected objects; a placement needs the
+    image's side `image_size`."""
     first = spec.objects[0]
     of_first = [o for o in objects if o.shape == first.shape]
     result = {}
@@ -252,6 +270,11 @@ def score_objects(objects: Sequence[DetectedObject], spec: PromptSpec) -> dict[s
             result["colors"] = any(o.colour == first.colour for o in of_first)
         if first.size is not None:
             result["size"] = any(o.size == first.size and first.colour in (None, o.colour) for o in of_first)
+        if spec.placement is not None:
+            if image_size is None:
+                raise ValueError(f"scoring the placement of {spec.caption!r} needs the image size")
+            result["position"] = any(placed_at(o, spec.placement, image_size) and first.colour in (None, o.colour)
+                                     for o in of_first)
         return result
     if spec.kind == "count":
         result["counting"] = len(of_first) == spec.count
@@ -265,7 +288,7 @@ def score_objects(objects: Sequence[DetectedObject], spec: PromptSpec) -> dict[s
         group_a = [o for o in of_first if o.colour == first.colour] or of_first
         group_b = [o for o in of_second if o.colour == second.colour] or of_second
         result["position"] = result["two_object"] and all(
-            spec.relation in relative_position(a, b) for a in group_a for b in group_b)
+            _relation_holds(spec.relation, a, b) for a in group_a for b in group_b)
     if first.colour is not None or second.colour is not None:
         result["color_attr"] = (any(first.colour in (None, o.colour) for o in of_first)
                                 and any(second.colour in (None, o.colour) for o in of_second))
@@ -274,7 +297,7 @@ def score_objects(objects: Sequence[DetectedObject], spec: PromptSpec) -> dict[s
 
 def evaluate_image(image, prompt) -> dict[str, bool]:
     """{category: passed} for `image` against `prompt` (a caption in the data set's grammar or a PromptSpec)."""
-    return score_objects(detect_objects(image), _as_spec(prompt))
+    return score_objects(detect_objects(image), _as_spec(prompt), to_pixels(image).shape[0])
 
 
 @dataclass
@@ -304,7 +327,8 @@ def evaluate_batch(images: Sequence, prompts: Sequence) -> EvaluationReport:
         raise ValueError("evaluate_batch needs at least one image")
     specs = [_as_spec(p) for p in prompts]
     objects = [detect_objects(image) for image in images]
-    results = [score_objects(found, spec) for found, spec in zip(objects, specs, strict=True)]
+    sizes = [to_pixels(image).shape[0] for image in images]
+    results = [score_objects(found, spec, size) for found, spec, size in zip(objects, specs, sizes, strict=True)]
     accuracy, counts = {}, {}
     for category in CATEGORIES:
         scored = [r[category] for r in results if category in r]
