@@ -4,8 +4,8 @@
     .venv/bin/python scripts/shapes_adherence.py runs/sd/unet/model.safetensors --prompts seen --per-kind 100
     .venv/bin/python scripts/shapes_adherence.py --phrasing canonical paraphrased --sampler euler --guidance-scale 7.5
 
-Prints the evaluator's Markdown table per prompt set; --json writes the summaries, --grid a PNG of the first
-64 images of each set (prompt order: single, count, pair, relation).
+Prints the evaluator's Markdown table per prompt set; --json writes the summaries, --grid a PNG per set of the
+first 16 images of each prompt kind, two rows of 8 per kind (single, count, pair, relation).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import kedavra
 from kedavra.api import DEFAULT_MODEL
+from kedavra.data.shapes import parse_prompt
 from kedavra.evaluation.adherence import (
     DEFAULT_GUIDANCE,
     DEFAULT_SAMPLER,
@@ -26,6 +27,20 @@ from kedavra.evaluation.adherence import (
     measure_adherence,
 )
 from kedavra.formats.grid import image_grid
+
+GRID_PER_KIND = 16  # images of each prompt kind in a --grid figure
+
+
+def position_split(result) -> dict:
+    """The position category apart for two-object relations and for placed single objects (both count as
+    `position` in the evaluator's table): {"relations" | "placements": {"accuracy", "images"}}."""
+    split = {}
+    for name, kind in (("relations", "relation"), ("placements", "single")):
+        scored = [r["position"] for r, p in zip(result.report.results, result.prompts, strict=True)
+                  if "position" in r and parse_prompt(p).kind == kind]
+        if scored:
+            split[name] = {"accuracy": sum(scored) / len(scored), "images": len(scored)}
+    return split
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,9 +70,15 @@ def main(argv: list[str] | None = None) -> int:
                 name = which if len(args.phrasing) == 1 else f"{which}-{phrasing}"
                 summaries[name] = result.summary()
                 print(f"## {which} prompts, {phrasing} ({len(result.images)} images, {result.seconds:.1f} s)\n")
-                print(result.report.table() + "\n", flush=True)
+                print(result.report.table() + "\n")
+                split = position_split(result)
+                summaries[name]["position_split"] = split
+                print(", ".join(f"position on {k}: {v['accuracy']:.3f} ({v['images']})" for k, v in split.items())
+                      + "\n", flush=True)
                 if args.grid:
-                    image_grid(result.images[:64], columns=8).save(f"{args.grid}-{name}.png")
+                    shown = [image for kind in range(4)
+                             for image in result.images[kind * args.per_kind : kind * args.per_kind + GRID_PER_KIND]]
+                    image_grid(shown, columns=8).save(f"{args.grid}-{name}.png")
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
