@@ -297,7 +297,8 @@ def score_objects(objects: Sequence[DetectedObject], spec: PromptSpec, image_siz
 
 def evaluate_image(image, prompt) -> dict[str, bool]:
     """{category: passed} for `image` against `prompt` (a caption in the data set's grammar or a PromptSpec)."""
-    return score_objects(detect_objects(image), _as_spec(prompt), to_pixels(image).shape[0])
+    pixels = to_pixels(image)
+    return score_objects(detect_objects(pixels), _as_spec(prompt), pixels.shape[0])
 
 
 @dataclass
@@ -326,9 +327,9 @@ def evaluate_batch(images: Sequence, prompts: Sequence) -> EvaluationReport:
     if not len(images):
         raise ValueError("evaluate_batch needs at least one image")
     specs = [_as_spec(p) for p in prompts]
-    objects = [detect_objects(image) for image in images]
-    sizes = [to_pixels(image).shape[0] for image in images]
-    results = [score_objects(found, spec, size) for found, spec, size in zip(objects, specs, sizes, strict=True)]
+    pixels = [to_pixels(image) for image in images]  # each converted once: detection and the placement's image size
+    objects = [detect_objects(p) for p in pixels]
+    results = [score_objects(found, spec, p.shape[0]) for found, spec, p in zip(objects, specs, pixels, strict=True)]
     accuracy, counts = {}, {}
     for category in CATEGORIES:
         scored = [r[category] for r in results if category in r]
