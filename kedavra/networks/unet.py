@@ -16,7 +16,8 @@ and back up, as diffusers' UNet2DConditionModel does with its `upsample_size`.
 
 The shape comes from `UNetConfig` (kedavra.networks.unet_config, re-exported here): per-level widths, ResBlock
 counts, transformer depths and heads, levels without attention, an optional mid block (BK-SDM has none) and SDXL's
-added embedding of the pooled text and micro-conditioning (Podell et al. 2023, Sec. 2.2), passed as `added_cond`.
+added embedding of the pooled text and micro-conditioning (Podell et al. 2023, Sec. 2.2), passed as `added_cond`,
+and, for kedavra's own models, CoordConv's coordinate channels at conv_in (`coord_channels`, Liu et al. 2018).
 
 `kedavra.networks.unet_keys.convert_unet_state_dict` maps the two checkpoint layouts in the wild ("diffusers":
 UNet2DConditionModel names; "ldm": the CompVis/Stability single file, `model.diffusion_model.`
@@ -50,6 +51,17 @@ def timestep_embedding(t: Tensor, dim: int) -> Tensor:
     freqs = torch.exp(-math.log(MAX_PERIOD) * steps / half)  # (half,)
     angles = t.float()[:, None] * freqs[None, :]  # (B, half)
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # (B, dim)
+
+
+def coordinate_grid(x: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, 2, H, W): each pixel's row and column, scaled so the first is -1 and the last +1 (0 for a
+    side of one pixel); CoordConv's extra input channels (Liu et al. 2018, Sec. 4), in x's dtype and device.
+    Fractions of the side rather than indices, so a model trained at one size places things alike at another."""
+    batch, _, height, width = x.shape
+    rows, cols = (torch.linspace(-1.0, 1.0, n, device=x.device) if n > 1 else torch.zeros(1, device=x.device)
+                  for n in (height, width))
+    grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"))  # (2, H, W): row, column
+    return grid.to(x.dtype)[None].expand(batch, 2, height, width)
 
 
 class TimestepEmbedding(nn.Module):
@@ -191,7 +203,8 @@ class UNet(nn.Module):
             self.add_embedding = TextTimeEmbedding(
                 config.addition_embed_input_dim, config.addition_time_embed_dim, embed_dim
             )
-        self.conv_in = nn.Conv2d(config.in_channels, config.base_channels, kernel_size=3, padding=1)
+        in_channels = config.in_channels + (2 if config.coord_channels else 0)  # CoordConv: + row, column
+        self.conv_in = nn.Conv2d(in_channels, config.base_channels, kernel_size=3, padding=1)
 
         skip_channels = [config.base_channels]  # widths of the tensors the down path leaves as skips
         channels = config.base_channels
@@ -312,7 +325,10 @@ class UNet(nn.Module):
         # DeepCache (Ma et al. 2023, Eq. 4-5): the up sub-block that pops skip `depth` is where a cached call resumes
         resume_at = self.num_skips - 1 - min(cache.depth, self.num_skips - 1) if cache is not None else -1
 
-        h = self.conv_in(x)  # (B, C, H, W)
+        if self.config.coord_channels:  # CoordConv (Liu et al. 2018): conv_in also reads where each pixel is
+            h = self.conv_in(torch.cat([x, coordinate_grid(x)], dim=1))  # (B, C_in + 2, H, W) -> (B, C, H, W)
+        else:
+            h = self.conv_in(x)  # (B, C, H, W)
         skips = [h]
         for level in self.down_blocks:
             if reuse and len(skips) > cache.depth:  # the shallow skips are all a cached call needs

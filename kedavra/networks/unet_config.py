@@ -67,6 +67,9 @@ class UNetConfig:
     norm_eps: float = RESNET_NORM_EPS
     addition_time_embed_dim: int | None = None
     addition_embed_input_dim: int | None = None
+    # CoordConv (Liu et al. 2018): conv_in also reads two channels holding each latent pixel's row and column,
+    # scaled to [-1, 1], so every layer can know where it is. Not SD's: kedavra's own models trained from scratch.
+    coord_channels: bool = False
 
     def __post_init__(self):
         for field in dataclasses.fields(self):  # lists arrive from JSON; keep the config hashable
@@ -94,6 +97,7 @@ class UNetConfig:
         check_bool("UNetConfig.use_linear_projection", self.use_linear_projection)
         check_bool("UNetConfig.upcast_attention", self.upcast_attention)
         check_bool("UNetConfig.mid_block", self.mid_block)
+        check_bool("UNetConfig.coord_channels", self.coord_channels)
         if not isinstance(self.dropout, numbers.Real) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout!r}")
         check_number("UNetConfig.norm_eps", self.norm_eps, low=0, low_inclusive=False)

