@@ -109,6 +109,37 @@ def test_min_snr_weight_is_finite_at_zero_snr():
         assert weights[-1] == at_zero
 
 
+def test_min_snr_floor_keeps_the_x0_weight_at_least_the_floor():
+    """The floor F: the x_0 weight max(min(SNR, γ), F) divided by SNR + 1 (v), in float64 against the closed form;
+    F = 1 is truncated SNR (Salimans and Ho 2022) below SNR 1, plain min-SNR-γ above; finite (F) at SNR 0."""
+    for name in ("sd", "sd-zero-snr"):
+        alpha_bar = get_schedule(name).alpha_bar
+        snr = alpha_bar / (1 - alpha_bar)
+        for floor in (0.5, 1.0, 5.0):
+            expected = snr.clamp(max=5.0).clamp(min=floor) / (snr + 1)
+            weights = min_snr_weight(alpha_bar, 5.0, "v", floor)
+            torch.testing.assert_close(weights, expected, rtol=1e-12, atol=0)
+    sd = get_schedule("sd").alpha_bar
+    high = sd / (1 - sd) >= 1
+    assert torch.equal(min_snr_weight(sd, 5.0, "v", 1.0)[high], min_snr_weight(sd, 5.0, "v")[high])
+    assert min_snr_weight(get_schedule("sd-zero-snr").alpha_bar, 5.0, "v", 1.0)[-1] == 1
+    with pytest.raises(ValueError, match="floor is defined for 'v' prediction"):
+        min_snr_weight(sd, 5.0, "eps", 1.0)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"min_snr_floor": 1.0}, r"is for v prediction \(--prediction-type v\).*got prediction type 'eps'"),
+    ({"min_snr_floor": 1.0, "prediction_type": "v", "min_snr_gamma": None}, "give a γ too"),
+    ({"min_snr_floor": 6.0, "prediction_type": "v"}, r"min_snr_floor must be a number in \(0.0, 5.0\], got 6.0"),
+    ({"min_snr_floor": 0, "prediction_type": "v"}, r"min_snr_floor must be a number in \(0.0, 5.0\], got 0"),
+])
+def test_min_snr_floor_is_checked(tmp_path, changes, message):
+    with pytest.raises(ValueError, match=message):
+        small_config(tmp_path, stage="unet", vae="v.safetensors", **changes)
+    assert small_config(tmp_path, stage="unet", vae="v.safetensors", prediction_type="v",
+                        min_snr_floor=1.0).min_snr_floor == 1.0
+
+
 class ZeroDenoiser(torch.nn.Module):
     """Predicts 0 whatever it sees, and remembers what it saw: the loss is then w_t · mean(target²)."""
 
@@ -142,6 +173,17 @@ def test_diffusion_objective_is_weighted_l_simple(prediction_type, gamma, expect
     x_t, seen_t, seen_ids = objective.denoiser.seen
     torch.testing.assert_close(x_t[0], torch.full((1, 2, 2), 2 * math.sqrt(2)))
     assert torch.equal(seen_t, t) and torch.equal(seen_ids, ids)
+
+
+def test_diffusion_objective_with_a_min_snr_floor():
+    """The same samples as above, v, γ = 2, floor 1: the x_0 weight max(min(SNR, 2), 1) over SNR + 1 is 1/2, 2/5 as
+    without the floor, and 1 and 4/5 (not 0 and 1/5) at SNR 0 and 0.25, times v² = 2, 0.2, 4, 1.8."""
+    alpha_bar = torch.tensor([0.5, 0.8, 0.0, 0.2])
+    x0 = torch.tensor([1.0, 1.0, 2.0, -1.0])[:, None, None, None].expand(4, 1, 2, 2)
+    noise = torch.tensor([3.0, 1.0, 2.0, 1.0])[:, None, None, None].expand(4, 1, 2, 2)
+    objective = DiffusionObjective(ZeroDenoiser(), alpha_bar, "v", 2.0, min_snr_floor=1.0)
+    values = objective(x0=x0, noise=noise, t=torch.arange(4), input_ids=torch.zeros(4, 3, dtype=torch.long))
+    torch.testing.assert_close(values["loss"], torch.tensor([1.0, 0.08, 4.0, 1.44]))
 
 
 def test_learning_rate_warmup_and_cosine():

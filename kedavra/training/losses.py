@@ -17,6 +17,12 @@ with w_t = 1, or min-SNR-γ (Hang et al. 2023, sec. 3.4): w_t = min(SNR_t, γ)/S
 min(SNR_t, γ)/(SNR_t + 1) for v, both written through ᾱ_t (SNR = ᾱ/(1-ᾱ)) so they stay finite at SNR 0:
     ε:  min(SNR, γ)/SNR       = γ(1-ᾱ) / max(ᾱ, γ(1-ᾱ))     (1 where SNR < γ, including SNR = 0)
     v:  min(SNR, γ)/(SNR + 1) = min(ᾱ, γ(1-ᾱ))              (0 at SNR = 0, where the paper's formula is 0 too)
+min-SNR-γ weighs the x_0 error by min(SNR, γ): at the high noise levels where an image's layout is decided (SNR of
+0.005 to 0.1 on SD's schedule) it counts 10 to 200 times less than at SNR 1. A floor F (`min_snr_floor`) keeps it at
+least F there, the x_0 weight max(min(SNR, γ), F): with F = 1 it is Salimans and Ho's (2022, sec. 4) truncated SNR
+weighting max(SNR, 1) below SNR 1, min-SNR-γ above. For v (the only parameterisation it is offered for: the ε weight
+F/SNR would be unbounded at SNR 0):
+    v:  max(min(SNR, γ), F)/(SNR + 1) = max(min(ᾱ, γ(1-ᾱ)), F(1-ᾱ))     (F at SNR = 0)
 """
 
 from __future__ import annotations
@@ -29,17 +35,22 @@ from kedavra.diffusion.forward_process import add_noise, training_target
 from kedavra.networks.vae import AutoencoderKL, DiagonalGaussian
 
 
-def min_snr_weight(alpha_bar: Tensor, gamma: float, prediction_type: str) -> Tensor:
-    """Per-sample loss weights of min-SNR-γ (Hang et al. 2023, sec. 3.4) for ᾱ_t of shape (B,).
+def min_snr_weight(alpha_bar: Tensor, gamma: float, prediction_type: str, floor: float | None = None) -> Tensor:
+    """Per-sample loss weights of min-SNR-γ (Hang et al. 2023, sec. 3.4) for ᾱ_t of shape (B,), with the x_0 weight
+    kept at least `floor` where given (v only; module docstring).
 
     The closed forms in ᾱ (module docstring) divide only by max(ᾱ, γ(1-ᾱ)) >= γ/(1+γ) > 0, so every ᾱ in
     [0, 1] gives a finite weight, a zero-terminal-SNR step (ᾱ = 0, SNR = 0) included.
     """
     noise_part = gamma * (1 - alpha_bar)  # γ(1-ᾱ) = γ·ᾱ/SNR
+    if floor is not None and prediction_type != "v":
+        raise ValueError(f"a min-SNR floor is defined for 'v' prediction (the 'eps' weight floor/SNR is unbounded at "
+                         f"SNR 0), got prediction type {prediction_type!r}")
     if prediction_type == "eps":
         return noise_part / torch.maximum(alpha_bar, noise_part)  # min(SNR, γ)/SNR
     if prediction_type == "v":
-        return torch.minimum(alpha_bar, noise_part)  # min(SNR, γ)/(SNR + 1), as SNR + 1 = 1/(1-ᾱ)
+        weights = torch.minimum(alpha_bar, noise_part)  # min(SNR, γ)/(SNR + 1), as SNR + 1 = 1/(1-ᾱ)
+        return weights if floor is None else torch.maximum(weights, floor * (1 - alpha_bar))  # F/(SNR + 1)
     raise ValueError(f"min-SNR weighting is defined for 'eps' and 'v' prediction, got {prediction_type!r}")
 
 
@@ -82,15 +93,18 @@ class DiffusionObjective(nn.Module):
     [0, T) are drawn by the caller from its generator; conditioning: the denoiser's keyword arguments, input_ids
     (B, L) the captions' token ids (SDXL: also input_ids_2 and time_ids, kedavra.training.conditioning).
     denoiser(x_t, t, **conditioning) predicts `prediction_type` ("eps" or "v") from x_t; `alpha_bar` (T,) is ᾱ_t of
-    the model's schedule. min_snr_gamma: γ of the min-SNR-γ weights (Hang et al. 2023), None for w_t = 1.
+    the model's schedule. min_snr_gamma: γ of the min-SNR-γ weights (Hang et al. 2023), None for w_t = 1;
+    min_snr_floor: the least x_0 weight at high noise (v only, module docstring), None for none.
     """
 
-    def __init__(self, denoiser: nn.Module, alpha_bar: Tensor, prediction_type: str, min_snr_gamma: float | None):
+    def __init__(self, denoiser: nn.Module, alpha_bar: Tensor, prediction_type: str, min_snr_gamma: float | None,
+                 min_snr_floor: float | None = None):
         super().__init__()
         self.denoiser = denoiser
         self.alpha_bar = alpha_bar.float()  # (T,) ᾱ_t, DDPM eq. 4; a plain tensor, not a buffer DDP would broadcast
         self.prediction_type = prediction_type
         self.min_snr_gamma = min_snr_gamma
+        self.min_snr_floor = min_snr_floor
 
     def forward(self, x0: Tensor, noise: Tensor, t: Tensor, **conditioning: Tensor) -> dict[str, Tensor]:
         alpha_bar = self.alpha_bar.to(t.device)[t]  # (B,)
@@ -98,7 +112,8 @@ class DiffusionObjective(nn.Module):
         target = training_target(noise, x0, alpha_bar, self.prediction_type)  # ε, or v (Salimans and Ho 2022, eq. 6)
         prediction = self.denoiser(x_t, t, **conditioning)  # (B, C, h, w)
         gamma = self.min_snr_gamma
-        weights = min_snr_weight(alpha_bar, gamma, self.prediction_type) if gamma is not None else None  # (B,)
+        weights = (min_snr_weight(alpha_bar, gamma, self.prediction_type, self.min_snr_floor)
+                   if gamma is not None else None)  # (B,)
         return {"loss": diffusion_loss(prediction, target, weights)}  # DDPM eq. 14, weighted per sample
 
 
