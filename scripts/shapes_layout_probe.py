@@ -10,6 +10,11 @@ shift along the contrast's axis between the two words (the object's centre for a
 a relation; pixels, positive = the way the words say), and the share of seeds where it is 4 px or more that way. A
 model whose layout comes from the seed alone scores 0 px and 0 %; one that follows the words moves things by about
 a third of the 32-pixel image. Seeds where an object is not found are left out.
+
+--inside also prints where a word is lost: for word pairs that differ in position (and, for scale, in colour or
+shape), the relative difference of the text encoder's token states, and of the U-Net's x_0 prediction from the same
+pure noise at t = 999, 800 and 600 (32 noise draws): rms(a - b) / rms(a), in fp32 (bf16's rounding, amplified by
+1/√ᾱ_t in x_0, would be larger than the differences).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import argparse
 import sys
 
 import numpy as np
+import torch
 
 import kedavra
 from kedavra.api import DEFAULT_MODEL
@@ -73,6 +79,44 @@ def probe(pipe, seeds: int, **settings) -> dict[str, tuple[float, float, int]]:
     return out
 
 
+INSIDE_PAIRS = (("a red circle on the left", "a red circle on the right"),
+                ("a red circle at the top", "a red circle at the bottom"),
+                ("a red circle left of a blue square", "a red circle right of a blue square"),
+                ("a red circle above a blue square", "a red circle below a blue square"),
+                ("a red circle", "a blue circle"), ("a red circle", "a red square"))
+INSIDE_STEPS = (999, 800, 600)
+
+
+@torch.no_grad()
+def inside(pipe, draws: int = 32) -> list[str]:
+    """Markdown rows: prompt pair, text-state difference, x_0-prediction difference at each of INSIDE_STEPS."""
+    model = pipe.model
+    dtype = next(model.unet.parameters()).dtype
+    alpha_bar = model.config.schedule.alpha_bar.float()
+    side = pipe.config.image_size // model.config.vae.downsample_factor
+    generator = torch.Generator().manual_seed(0)
+    x_t = torch.randn(draws, model.config.unet.in_channels, side, side, generator=generator)
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).float().pow(2).mean().sqrt() / a.float().pow(2).mean().sqrt())
+
+    rows = []
+    for first, second in INSIDE_PAIRS:
+        contexts = [model.text_encoder(model.tokenizer([p]).to(pipe.device)) for p in (first, second)]  # (1, L, D)
+        cells = [f"{rel(*contexts):.3f}"]
+        for t in INSIDE_STEPS:
+            a = alpha_bar[t]
+            x0 = []
+            for context in contexts:
+                out = model.unet(x_t.to(pipe.device, dtype), torch.full((draws,), t, device=pipe.device),
+                                 context.expand(draws, -1, -1)).float().cpu()
+                x0.append((x_t - (1 - a).sqrt() * out) / a.sqrt() if model.config.prediction_type == "eps"
+                          else a.sqrt() * x_t - (1 - a).sqrt() * out)  # DDPM eq. 4 / Salimans and Ho 2022, eq. 6
+            cells.append(f"{rel(*x0):.3f}")
+        rows.append(f"| {first} / {second.split(' ', 1)[1]} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", default=None, help="model name or path (default: the embedded default)")
@@ -80,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--sampler", default=DEFAULT_SAMPLER)
     parser.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE)
+    parser.add_argument("--inside", action="store_true", help="also where a word is lost: text states, x_0 predictions")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         print(f"error: --seeds must be at least 1, got {args.seeds}", file=sys.stderr)
@@ -94,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|")
     for name, (shift, moved, n) in result.items():
         print(f"| {name} | {shift:+.1f} | {100 * moved:.0f} % | {n} |")
+    if args.inside:
+        print("\n| prompts | text states | " + " | ".join(f"x_0 at t = {t}" for t in INSIDE_STEPS) + " |")
+        print("|---|---|" + "---|" * len(INSIDE_STEPS))
+        print("\n".join(inside(kedavra.load(args.model or DEFAULT_MODEL, dtype=torch.float32))))
     return 0
 
 
