@@ -27,6 +27,7 @@ import torch
 
 import kedavra
 from kedavra.api import DEFAULT_MODEL
+from kedavra.diffusion.forward_process import to_x0_eps
 from kedavra.evaluation.adherence import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 from kedavra.evaluation.shapes_eval import detect_objects
 
@@ -42,16 +43,17 @@ CONTRASTS = {
 }
 
 
-def find(image, colour: str, shape: str):
-    """The largest detected object of that colour and shape (None if there is none)."""
-    found = [o for o in detect_objects(image) if o.colour == colour and o.shape == shape]
+def find(objects, colour: str, shape: str):
+    """The largest of the detected `objects` of that colour and shape (None if there is none)."""
+    found = [o for o in objects if o.colour == colour and o.shape == shape]
     return max(found, key=lambda o: o.area) if found else None
 
 
 def coordinate(image, kind: str, axis: int, subject, other) -> float | None:
     """The subject's centre along `axis`, minus the other object's for a relation; None where one is missing."""
-    a = find(image, *subject)
-    b = find(image, *other) if kind == "relation" else None
+    objects = detect_objects(image)  # once per image, for both named objects
+    a = find(objects, *subject)
+    b = find(objects, *other) if kind == "relation" else None
     if a is None or (kind == "relation" and b is None):
         return None
     return a.centre[axis] - (b.centre[axis] if b is not None else 0.0)
@@ -110,8 +112,7 @@ def inside(pipe, draws: int = 32) -> list[str]:
             for context in contexts:
                 out = model.unet(x_t.to(pipe.device, dtype), torch.full((draws,), t, device=pipe.device),
                                  context.expand(draws, -1, -1)).float().cpu()
-                x0.append((x_t - (1 - a).sqrt() * out) / a.sqrt() if model.config.prediction_type == "eps"
-                          else a.sqrt() * x_t - (1 - a).sqrt() * out)  # DDPM eq. 4 / Salimans and Ho 2022, eq. 6
+                x0.append(to_x0_eps(out, x_t, a, model.config.prediction_type)[0])
             cells.append(f"{rel(*x0):.3f}")
         rows.append(f"| {first} / {second.split(' ', 1)[1]} | " + " | ".join(cells) + " |")
     return rows
