@@ -10,6 +10,7 @@ cross-attention built by hand attends where it was built to, as its recorder rep
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from kedavra.networks.attention import attend, hidden_keys, merge_heads, split_heads
 from kedavra.networks.minilm import MiniLMConfig, MiniLMEncoder
-from kedavra.networks.text_encoder import CausalSelfAttention, TextEncoderConfig
+from kedavra.networks.text_encoder import SelfAttention, TextEncoderConfig
 from kedavra.networks.transformer import CrossAttention
 from kedavra.networks.vae import SpatialSelfAttention, get_vae_config
 
@@ -189,13 +190,27 @@ def reference_layer(x, context, projections, num_heads, hidden=None):
 def test_clip_attention_is_causal_eq_1():
     torch.manual_seed(0)
     config = TextEncoderConfig.from_preset("tiny")
-    layer = CausalSelfAttention(config)
+    layer = SelfAttention(config)
     x = torch.randn(B, 9, config.width)
     with torch.no_grad():
         future = torch.ones(9, 9, dtype=torch.bool).triu(1)
         expected = reference_layer(x, x, projections_of(layer, ("q_proj", "k_proj", "v_proj", "out_proj")),
                                    config.num_heads, future)
         assert (layer(x).double() - expected).abs().max().item() < 1e-5
+
+
+def test_bidirectional_text_attention_sees_every_token_eq_1():
+    torch.manual_seed(0)
+    config = dataclasses.replace(TextEncoderConfig.from_preset("tiny"), causal=False)
+    layer = SelfAttention(config)
+    x = torch.randn(B, 9, config.width)
+    with torch.no_grad():
+        expected = reference_layer(x, x, projections_of(layer, ("q_proj", "k_proj", "v_proj", "out_proj")),
+                                   config.num_heads, torch.zeros(9, 9, dtype=torch.bool))
+        assert (layer(x).double() - expected).abs().max().item() < 1e-5
+        x_changed = x.clone()
+        x_changed[:, -1] += 1.0  # the last token reaches the first one's output only without the causal mask
+        assert (layer(x_changed)[:, 0] - layer(x)[:, 0]).abs().max().item() > 1e-3
 
 
 def test_unet_self_and_cross_attention_are_eq_1():

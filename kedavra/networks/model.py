@@ -223,7 +223,8 @@ class ModelConfig:
         return (
             f"{self.family}: {self.prediction_type}-prediction, {self.image_size} px, "
             f"{'MiniLM' if isinstance(self.text_encoder, MiniLMConfig) else 'CLIP'} text encoder "
-            f"{' + '.join(f'{text.num_layers}x{text.width}' for text in self.text_encoders)}, "
+            f"{' + '.join(f'{text.num_layers}x{text.width}' for text in self.text_encoders)}"
+            f"{'' if all(getattr(text, 'causal', True) for text in self.text_encoders) else ' bidirectional'}, "
             f"U-Net {self._unet_widths()} in={self.unet.in_channels}{'+xy' if self.unet.coord_channels else ''} "
             f"context={self.unet.context_dim}, VAE f={self.vae.downsample_factor} scale={self.vae.scaling_factor}, "
             f"{self.schedule.kind} schedule, {self.spacing} spacing offset {self.steps_offset}"

@@ -87,6 +87,9 @@ class TextEncoderConfig:
     apply_final_norm: bool = True
     # Width of the pooled-output projection (OpenCLIP's text_projection); None: the model has none.
     projection_dim: int | None = None
+    # CLIP's masked self-attention (token i sees tokens 0..i); False: every token sees the whole prompt, as in
+    # BERT (Devlin et al. 2019), for encoders trained from scratch (`kedavra train --bidirectional-text`).
+    causal: bool = True
 
     def __post_init__(self):
         positive = {
@@ -108,6 +111,7 @@ class TextEncoderConfig:
             raise ValueError(f"TextEncoderConfig.layer_norm_eps must be a positive float, got {self.layer_norm_eps!r}")
         check_int("TextEncoderConfig.clip_skip", self.clip_skip, 1, self.num_layers, note=" (num_layers)")
         check_bool("TextEncoderConfig.apply_final_norm", self.apply_final_norm)
+        check_bool("TextEncoderConfig.causal", self.causal)
 
     @property
     def head_dim(self) -> int:
@@ -187,19 +191,21 @@ PRESETS: dict[str, TextEncoderConfig] = {
 }
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention where token i sees tokens 0..i (Radford et al. 2021, Sec. 2.4)."""
+class SelfAttention(nn.Module):
+    """Multi-head self-attention where token i sees tokens 0..i (Radford et al. 2021, Sec. 2.4), or every token
+    where the config is not causal."""
 
     def __init__(self, config: TextEncoderConfig):
         super().__init__()
         self.num_heads = config.num_heads
+        self.causal = config.causal
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = self_attention_projections(config.width)
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, L, D) -> (B, L, D)."""
         projections = (self.q_proj, self.k_proj, self.v_proj, self.out_proj)
-        # softmax(Q K^T / sqrt(Dh)) V, Vaswani et al. 2017 eq. 1, future positions masked out
-        return multi_head_attention(x, x, projections, self.num_heads, causal=True)  # (B, L, D)
+        # softmax(Q K^T / sqrt(Dh)) V, Vaswani et al. 2017 eq. 1, future positions masked out when causal
+        return multi_head_attention(x, x, projections, self.num_heads, causal=self.causal)  # (B, L, D)
 
 
 class MLP(nn.Module):
@@ -222,7 +228,7 @@ class Block(nn.Module):
     def __init__(self, config: TextEncoderConfig):
         super().__init__()
         self.attn_norm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
-        self.attn = CausalSelfAttention(config)
+        self.attn = SelfAttention(config)
         self.mlp_norm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 

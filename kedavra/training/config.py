@@ -126,6 +126,7 @@ class TrainConfig:
     preset: str | None = None
     text_encoder: str = "clip"
     coord_channels: bool = False
+    bidirectional_text: bool = False
     init: str | None = None
     stage: str | None = None
     vae: str | None = None
@@ -150,6 +151,8 @@ class TrainConfig:
     schedule: str | None = None
     min_snr_gamma: float | None = 5.0  # Hang et al. 2023, sec. 4: γ = 5 works best across their settings
     min_snr_floor: float | None = None
+    min_timestep: int = 0  # t ~ U{min_timestep .. max_timestep - 1}, kohya sd-scripts' --min/max_timestep
+    max_timestep: int | None = None  # None: the schedule's T
     caption_dropout: float = 0.1
     recon_loss: str = "l1"
     kl_weight: float = 1e-6  # LDM's KL-f autoencoders (ldm/configs/autoencoder/*.yaml kl_weight: 0.000001)
@@ -207,6 +210,21 @@ class TrainConfig:
             raise ValueError(f"min_snr_floor={floor!r} (--min-snr-floor) is for v prediction (--prediction-type v): "
                              f"the ε weight floor/SNR is unbounded at SNR 0; got prediction type {prediction!r}")
 
+    def _validate_timestep_range(self) -> None:
+        """0 <= min_timestep < max_timestep; max_timestep <= T is checked against the model's schedule by the unet
+        stage (under init the schedule is the model's, unknown here)."""
+        if (self.min_timestep, self.max_timestep) == (0, None):
+            return
+        if self.stage == "vae":
+            raise ValueError(f"min_timestep={self.min_timestep!r} / max_timestep={self.max_timestep!r} "
+                             "(--min-timestep / --max-timestep) are for stage 'unet' or 'all'; stage 'vae' draws no "
+                             "timesteps")
+        self._check("min_timestep", check_int, 0)
+        if self.max_timestep is not None:
+            self._check("max_timestep", check_int, self.min_timestep + 1,
+                        note=f" (more than min_timestep {self.min_timestep}: timesteps are drawn from "
+                             "min_timestep to max_timestep - 1)")
+
     def _validate_lora(self) -> None:
         """The LoRA fields: settings only a LoRA run has, and a LoRA run's needs (module docstring); α defaults to
         the rank. Checked before the rest, so that a flag contradicting --lora is named as such."""
@@ -262,6 +280,12 @@ class TrainConfig:
             raise ValueError("coord_channels=True (--coord-channels) gives a U-Net trained from scratch its coordinate "
                              f"inputs: it is for stage 'unet' or 'all' without init (got stage {self.stage!r}, init "
                              f"{self.init!r}; an init model keeps its own U-Net's inputs)")
+        check_bool("bidirectional_text", self.bidirectional_text)
+        if self.bidirectional_text and (self.stage == "vae" or self.init is not None or self.text_encoder != "clip"):
+            raise ValueError("bidirectional_text=True (--bidirectional-text) takes the causal mask off a CLIP text "
+                             f"encoder trained from scratch: it is for stage 'unet' or 'all' without init and with "
+                             f"text_encoder 'clip' (got stage {self.stage!r}, init {self.init!r}, text_encoder "
+                             f"{self.text_encoder!r})")
         if self.init is None:
             self._validate_preset()
         else:
@@ -302,6 +326,7 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 self._check(name, check_number, 0.0, low_inclusive=False)
         self._validate_snr_floor()
+        self._validate_timestep_range()
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("recon_loss", self.recon_loss, RECON_LOSSES)
         check_choice("precision", self.precision, PRECISIONS)

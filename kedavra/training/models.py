@@ -28,12 +28,15 @@ from kedavra.training.config import TrainConfig, check_schedule_fits, stream_see
 def model_config_for(config: TrainConfig, vae_config=None) -> ModelConfig:
     """The ModelConfig a run from scratch trains: the preset at the run's image size, prediction type and schedule
     (a zero-terminal-SNR schedule with trailing timestep spacing), with the trained VAE's config (its scaling
-    factor) where one is given, MiniLM as the text side and CoordConv's coordinate inputs where asked."""
+    factor) where one is given, MiniLM as the text side, CoordConv's coordinate inputs and a bidirectional
+    text encoder where asked."""
     preset = PRESETS[config.preset]
     if config.text_encoder == "minilm":
         preset = with_minilm_text_encoder(preset)
     if config.coord_channels:
         preset = dataclasses.replace(preset, unet=dataclasses.replace(preset.unet, coord_channels=True))
+    if config.bidirectional_text:
+        preset = dataclasses.replace(preset, text_encoder=dataclasses.replace(preset.text_encoder, causal=False))
     schedule = get_schedule(config.schedule_name)
     # Lin et al. 2023, sec. 3.3: with zero terminal SNR, sampling starts at the last timestep, where x_T is pure noise
     spacing, offset = ("trailing", 0) if schedule.zero_terminal_snr else (preset.spacing, preset.steps_offset)
