@@ -15,6 +15,12 @@ a third of the 32-pixel image. Seeds where an object is not found are left out.
 shape), the relative difference of the text encoder's token states, and of the U-Net's x_0 prediction from the same
 pure noise at t = 999, 800 and 600 (32 noise draws): rms(a - b) / rms(a), in fp32 (bf16's rounding, amplified by
 1/√ᾱ_t in x_0, would be larger than the differences).
+
+--leak prints what x_t alone says about the layout, which the words then need not: the data set's images for each
+contrast's two prompts (LEAK_IMAGES of each) go through the model's VAE; a linear template (the difference of the two
+prompts' mean latents, from half of them) tells the other half's x_t = √ᾱ_t z + √(1-ᾱ_t) ε apart at each of
+LEAK_STEPS. A share near 0.5 means x_t hides the layout and only the words can place things; near 1, x_t shows it.
+The template is not the best possible classifier, so the shares are lower bounds on what x_t reveals.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ import torch
 
 import kedavra
 from kedavra.api import DEFAULT_MODEL
-from kedavra.diffusion.forward_process import to_x0_eps
+from kedavra.data.shapes import prompt_to_scene
+from kedavra.diffusion.forward_process import add_noise, to_x0_eps
 from kedavra.evaluation.adherence import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 from kedavra.evaluation.shapes_eval import detect_objects
 
@@ -118,6 +125,45 @@ def inside(pipe, draws: int = 32) -> list[str]:
     return rows
 
 
+LEAK_PROMPTS = (INSIDE_PAIRS[0], INSIDE_PAIRS[1], INSIDE_PAIRS[2], INSIDE_PAIRS[3])
+LEAK_STEPS = (999, 950, 900, 800, 700, 500)
+LEAK_IMAGES = 400
+
+
+@torch.no_grad()
+def leak(pipe, images: int = LEAK_IMAGES) -> list[str]:
+    """Markdown rows: prompt pair, then the share of held-out x_t a linear template assigns to the right prompt at
+    each of LEAK_STEPS (fp32, VAE posterior means, fixed seeds)."""
+    model = pipe.model
+    rng = np.random.default_rng(0)
+    generator = torch.Generator().manual_seed(0)
+    alpha_bar = model.config.schedule.alpha_bar.double()
+
+    def latents(prompt: str) -> torch.Tensor:  # (images, C, h, w), scaled as the U-Net sees them
+        pixels = [torch.from_numpy(np.asarray(prompt_to_scene(prompt, rng).render().convert("RGB"), np.float32))
+                  for _ in range(images)]
+        batch = torch.stack(pixels).permute(0, 3, 1, 2) / 127.5 - 1  # (N, H, W, 3) -> (N, 3, H, W) in [-1, 1]
+        return model.vae.encode(batch.to(pipe.device, next(model.vae.parameters()).dtype)).mean.float().cpu() * (
+            model.config.vae.scaling_factor)
+
+    rows, half = [], images // 2
+    for first, second in LEAK_PROMPTS:
+        z = [latents(first), latents(second)]
+        template = z[0][:half].mean(0) - z[1][:half].mean(0)  # (C, h, w)
+        centre = (z[0][:half].mean(0) + z[1][:half].mean(0)) / 2
+        cells = []
+        for t in LEAK_STEPS:
+            a = alpha_bar[t].float()
+            right = 0
+            for sign, held_out in ((1, z[0][half:]), (-1, z[1][half:])):
+                noise = torch.randn(held_out.shape, generator=generator)
+                score = ((add_noise(held_out, noise, a) - a.sqrt() * centre) * template).flatten(1).sum(1)  # (N,)
+                right += int((sign * score > 0).sum())
+            cells.append(f"{right / (2 * (images - half)):.2f}")
+        rows.append(f"| {first} / {second.split(' ', 1)[1]} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", default=None, help="model name or path (default: the embedded default)")
@@ -126,11 +172,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampler", default=DEFAULT_SAMPLER)
     parser.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE)
     parser.add_argument("--inside", action="store_true", help="also where a word is lost: text states, x_0 predictions")
+    parser.add_argument("--leak", action="store_true", help="only what x_t alone shows of the layout, at each t")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         print(f"error: --seeds must be at least 1, got {args.seeds}", file=sys.stderr)
         return 2
     try:
+        if args.leak:
+            rows = leak(kedavra.load(args.model or DEFAULT_MODEL, dtype=torch.float32))
+            print("| prompts | " + " | ".join(f"t = {t}" for t in LEAK_STEPS) + " |")
+            print("|---|" + "---|" * len(LEAK_STEPS))
+            print("\n".join(rows))
+            return 0
         pipe = kedavra.load(args.model or DEFAULT_MODEL)
         result = probe(pipe, args.seeds, steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance_scale)
     except (ValueError, FileNotFoundError) as error:
