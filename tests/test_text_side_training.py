@@ -17,7 +17,8 @@ from kedavra.networks.model import PRESETS, ModelConfig
 from kedavra.networks.text_encoder import TextEncoder, TextEncoderConfig
 from kedavra.training import TrainConfig, train
 from kedavra.training.models import model_config_for
-from kedavra.training.stages import stage_configs, timestep_range
+from kedavra.training.stages import stage_configs
+from kedavra.training.timestep_sampling import sample_timesteps, timestep_range
 
 
 @pytest.fixture(autouse=True)
@@ -118,3 +119,55 @@ def test_a_run_draws_its_timesteps_from_the_range_and_exports_a_bidirectional_mo
     assert all((low, high) != (0, 1000) for low, high, _ in seen)
     model = load_model(result.model_path)
     assert model.config.text_encoder.causal is False and model.text_encoder.layers[0].attn.causal is False
+
+
+def test_uniform_sampling_draws_what_randint_draws(tmp_path):
+    """The default keeps every run's random stream: the same numbers as torch.randint from the same generator."""
+    config = small_config(tmp_path, stage="unet", vae="v.safetensors")
+    got = sample_timesteps(config, 0, 1000, 64, torch.Generator().manual_seed(3))
+    assert torch.equal(got, torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(3)))
+
+
+def test_logit_normal_sampling_is_the_sigmoid_of_a_normal(tmp_path):
+    """The known answer: t = ⌊sigmoid(m + s n) T⌋ for the generator's normals n (Esser et al. 2024, eq. 19); with
+    m = 1 the median is ⌊sigmoid(1) T⌋ = 731, and a sub-range [low, high) maps u onto it."""
+    config = small_config(tmp_path, stage="unet", vae="v.safetensors", timestep_sampling="logit-normal",
+                          logit_mean=1.0, logit_std=0.5)
+    got = sample_timesteps(config, 0, 1000, 4096, torch.Generator().manual_seed(0))
+    n = torch.randn(4096, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert torch.equal(got, (torch.sigmoid(1.0 + 0.5 * n) * 1000).floor().long())
+    assert abs(got.float().median().item() - 731) <= 6
+    ranged = sample_timesteps(config, 700, 1000, 4096, torch.Generator().manual_seed(0))
+    assert torch.equal(ranged, 700 + (torch.sigmoid(1.0 + 0.5 * n) * 300).floor().long())
+    assert ranged.min() >= 700 and ranged.max() <= 999
+
+
+def test_mode_sampling_matches_eq_20_and_its_ends(tmp_path):
+    """f(u) = 1 - u - c (cos²(πu/2) - 1 + u): f(0) = 1 and f(1) = 0 for every c; c = 0 is uniform in reverse;
+    c > 0 draws the middle more often than the ends."""
+    for scale in (0.0, 1.29, -1.0):
+        config = small_config(tmp_path, stage="unet", vae="v.safetensors", timestep_sampling="mode", mode_scale=scale)
+        got = sample_timesteps(config, 0, 1000, 8192, torch.Generator().manual_seed(1))
+        u = torch.rand(8192, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        f = 1 - u - scale * (torch.cos(torch.pi * u / 2) ** 2 - 1 + u)
+        assert torch.equal(got, (f * 1000).floor().long().clamp(0, 999))
+        middle = ((got >= 250) & (got < 750)).float().mean().item()
+        if scale == 1.29:
+            assert middle > 0.6
+        elif scale == 0.0:
+            assert abs(middle - 0.5) < 0.03
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"timestep_sampling": "cosmap"}, r"unknown timestep_sampling 'cosmap'; allowed: uniform, logit-normal, mode"),
+    ({"logit_mean": 1.0}, r"logit_mean=1.0 \(--logit-mean\) shapes the 'logit-normal' timestep density; "
+                          r"timestep_sampling is 'uniform'"),
+    ({"timestep_sampling": "logit-normal", "mode_scale": 0.5}, r"mode_scale=0.5 \(--mode-scale\) shapes the 'mode'"),
+    ({"timestep_sampling": "logit-normal", "logit_std": 0.0}, r"logit_std must be a finite number > 0.0, got 0.0"),
+    ({"timestep_sampling": "mode", "mode_scale": 2.0}, r"mode_scale must be a .*number.*-1.0.*1.75.*got 2.0"),
+    ({"stage": "vae", "vae": None, "timestep_sampling": "mode"}, r"stage 'vae' draws no timesteps"),
+])
+def test_timestep_sampling_is_checked(tmp_path, changes, message):
+    settings = {"stage": "unet", "vae": "v.safetensors"} | changes
+    with pytest.raises(ValueError, match=message):
+        small_config(tmp_path, **settings)

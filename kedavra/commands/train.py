@@ -36,6 +36,7 @@ from kedavra.training.config import (
     STAGE_DEFAULTS,
     STAGES,
     TEXT_ENCODERS,
+    TIMESTEP_SAMPLINGS,
     TrainConfig,
 )
 from kedavra.training.loop import RUN_CONFIG_FILE, train
@@ -138,6 +139,13 @@ def register(subparsers) -> None:
     add("--min-timestep", type=int, metavar="T", default=s, help="draw training timesteps from T up (default 0)")
     add("--max-timestep", type=int, metavar="T", default=s, help="draw training timesteps below T (default: the "
         "schedule's 1000); with --min-timestep, e.g. a fine-tune of the high-noise steps where layouts are decided")
+    add("--timestep-sampling", choices=TIMESTEP_SAMPLINGS, default=s, help="density of the training timesteps: "
+        "uniform (DDPM), logit-normal or mode (SD 3's, Esser et al. 2024; default uniform)")
+    add("--logit-mean", type=float, metavar="M", default=s, help="logit-normal: mean m of the logit; above 0 draws "
+        "high-noise steps more often (default 0)")
+    add("--logit-std", type=float, metavar="S", default=s, help="logit-normal: its standard deviation (default 1)")
+    add("--mode-scale", type=float, metavar="C", default=s, help="mode: heavy-tail scale c in [-1, 1.75] "
+        "(default 1.29)")
     add("--caption-dropout", type=float, default=s, help=f"share of empty captions, for classifier-free guidance "
         f"(default {DEFAULTS.caption_dropout})")
     add("--recon-loss", choices=RECON_LOSSES, default=s,

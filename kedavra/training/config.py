@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,8 @@ PRECISIONS = ("fp32", "bf16")  # bf16: autocast around the forward pass, fp32 ma
 RECON_LOSSES = ("l1", "mse")
 LR_SCHEDULES = ("constant", "cosine")
 DEFAULT_PRESET = "tiny"  # what a run without `init` builds when `preset` is not given
+TIMESTEP_SAMPLINGS = ("uniform", "logit-normal", "mode")  # kedavra.training.timestep_sampling
+TIMESTEP_DEFAULTS = {"timestep_sampling": "uniform", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29}
 TEXT_ENCODERS = ("clip", "minilm")  # the text side of a run from scratch (model.with_minilm_text_encoder)
 
 
@@ -153,6 +156,10 @@ class TrainConfig:
     min_snr_floor: float | None = None
     min_timestep: int = 0  # t ~ U{min_timestep .. max_timestep - 1}, kohya sd-scripts' --min/max_timestep
     max_timestep: int | None = None  # None: the schedule's T
+    timestep_sampling: str = "uniform"  # one of TIMESTEP_SAMPLINGS (kedavra.training.timestep_sampling)
+    logit_mean: float = 0.0  # logit-normal m; diffusers' --logit_mean
+    logit_std: float = 1.0  # logit-normal s; diffusers' --logit_std
+    mode_scale: float = 1.29  # mode sampling's c; diffusers' --mode_scale
     caption_dropout: float = 0.1
     recon_loss: str = "l1"
     kl_weight: float = 1e-6  # LDM's KL-f autoencoders (ldm/configs/autoencoder/*.yaml kl_weight: 0.000001)
@@ -212,7 +219,22 @@ class TrainConfig:
 
     def _validate_timestep_range(self) -> None:
         """0 <= min_timestep < max_timestep; max_timestep <= T is checked against the model's schedule by the unet
-        stage (under init the schedule is the model's, unknown here)."""
+        stage (under init the schedule is the model's, unknown here). The sampling density and its parameters."""
+        check_choice("timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLINGS)
+        self._check("logit_mean", check_number)
+        self._check("logit_std", check_number, 0.0, low_inclusive=False)
+        # Esser et al. 2024, sec. 3.1: f_mode maps [0, 1] onto itself monotonically for c in [-1, 2/(π-2)]
+        self._check("mode_scale", check_number, -1.0, 2 / (math.pi - 2))
+        given = [f"{name}={getattr(self, name)!r}" for name, default in TIMESTEP_DEFAULTS.items()
+                 if getattr(self, name) != default]
+        if self.stage == "vae" and given:
+            raise ValueError(f"{', '.join(given)} (--timestep-sampling and its settings) are for stage 'unet' or "
+                             "'all'; stage 'vae' draws no timesteps")
+        for name, density in (("logit_mean", "logit-normal"), ("logit_std", "logit-normal"), ("mode_scale", "mode")):
+            if getattr(self, name) != TIMESTEP_DEFAULTS[name] and self.timestep_sampling != density:
+                raise ValueError(f"{name}={getattr(self, name)!r} (--{name.replace('_', '-')}) shapes the {density!r} "
+                                 f"timestep density; timestep_sampling is {self.timestep_sampling!r}: give "
+                                 f"--timestep-sampling {density}, or leave it out")
         if (self.min_timestep, self.max_timestep) == (0, None):
             return
         if self.stage == "vae":

@@ -45,9 +45,10 @@ from kedavra.training import lora, report
 from kedavra.training.batches import TokenCache, TrainingData
 from kedavra.training.checkpointing import EXPORT_FILE
 from kedavra.training.conditioning import TextConditionedUNet
-from kedavra.training.config import TrainConfig, stream_seed
+from kedavra.training.config import TIMESTEP_DEFAULTS, TrainConfig, stream_seed
 from kedavra.training.losses import DiffusionObjective, VAEObjective
 from kedavra.training.precision import autocast
+from kedavra.training.timestep_sampling import sample_timesteps, timestep_range
 
 COMPONENTS = ("text_encoder", "unet", "vae")  # the parts of a StableDiffusion a stage trains or freezes
 SCALE_PROBE_ITEMS = 256  # training items whose latents set the scaling factor (LDM: one batch, App. D.1)
@@ -64,7 +65,7 @@ def stage_configs(config: TrainConfig) -> list[TrainConfig]:
     out = Path(config.out_dir)
     vae = dataclasses.replace(config, stage="vae", steps=config.vae_steps, vae_steps=None, train_text_encoder=True,
                               text_encoder="clip", coord_channels=False, bidirectional_text=False, min_timestep=0,
-                              max_timestep=None, out_dir=str(out / "vae"))
+                              max_timestep=None, **TIMESTEP_DEFAULTS, out_dir=str(out / "vae"))
     vae_model = str(out / "vae" / EXPORT_FILE)
     start = {"init": vae_model} if config.init is not None else {"vae": vae_model}
     unet = dataclasses.replace(config, stage="unet", vae_steps=None, out_dir=str(out / "unet"), **start)
@@ -245,7 +246,7 @@ class UNetStage(Stage):
     def draws(self, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
         shape = self.latent_shape(batch)
         return {
-            "t": torch.randint(*self.timesteps, (batch,), generator=generator),  # t ~ U{low .. high - 1}
+            "t": sample_timesteps(self.config, *self.timesteps, batch, generator),
             "noise": torch.randn(shape, generator=generator),
             "drop": torch.rand(batch, generator=generator) < self.config.caption_dropout,
             "posterior": torch.randn(shape, generator=generator),
@@ -279,17 +280,6 @@ class UNetStage(Stage):
         if self.prompts is None:
             self.prompts = list(self.config.sample_prompts) or self.data.sample_prompts()
         report.sample_grid(ema_model, self.prompts, path, self.device)
-
-
-def timestep_range(config: TrainConfig, num_train_timesteps: int) -> tuple[int, int]:
-    """(low, high): the unet stage draws t ~ U{low .. high - 1}; all of [0, T) unless the config narrows it
-    (min_timestep / max_timestep, checked here against the model's T)."""
-    high = num_train_timesteps if config.max_timestep is None else config.max_timestep
-    if high > num_train_timesteps or config.min_timestep >= num_train_timesteps:
-        raise ValueError(f"min_timestep={config.min_timestep} / max_timestep={config.max_timestep} (--min-timestep / "
-                         f"--max-timestep) must lie in [0, {num_train_timesteps}]: the model's schedule has "
-                         f"{num_train_timesteps} training timesteps")
-    return config.min_timestep, high
 
 
 STAGE_TYPES: dict[str, type[Stage]] = {stage.name: stage for stage in (VAEStage, UNetStage)}
