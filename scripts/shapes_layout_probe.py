@@ -33,6 +33,7 @@ import torch
 
 import kedavra
 from kedavra.api import DEFAULT_MODEL
+from kedavra.data.folder import image_to_tensor
 from kedavra.data.shapes import prompt_to_scene
 from kedavra.diffusion.forward_process import add_noise, to_x0_eps
 from kedavra.evaluation.adherence import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
@@ -137,12 +138,10 @@ def leak(pipe, images: int = LEAK_IMAGES) -> list[str]:
     model = pipe.model
     rng = np.random.default_rng(0)
     generator = torch.Generator().manual_seed(0)
-    alpha_bar = model.config.schedule.alpha_bar.double()
+    alpha_bar = model.config.schedule.alpha_bar.float()
 
     def latents(prompt: str) -> torch.Tensor:  # (images, C, h, w), scaled as the U-Net sees them
-        pixels = [torch.from_numpy(np.asarray(prompt_to_scene(prompt, rng).render().convert("RGB"), np.float32))
-                  for _ in range(images)]
-        batch = torch.stack(pixels).permute(0, 3, 1, 2) / 127.5 - 1  # (N, H, W, 3) -> (N, 3, H, W) in [-1, 1]
+        batch = torch.stack([image_to_tensor(prompt_to_scene(prompt, rng).render()) for _ in range(images)])
         return model.vae.encode(batch.to(pipe.device, next(model.vae.parameters()).dtype)).mean.float().cpu() * (
             model.config.vae.scaling_factor)
 
@@ -153,7 +152,7 @@ def leak(pipe, images: int = LEAK_IMAGES) -> list[str]:
         centre = (z[0][:half].mean(0) + z[1][:half].mean(0)) / 2
         cells = []
         for t in LEAK_STEPS:
-            a = alpha_bar[t].float()
+            a = alpha_bar[t]
             right = 0
             for sign, held_out in ((1, z[0][half:]), (-1, z[1][half:])):
                 noise = torch.randn(held_out.shape, generator=generator)

@@ -45,7 +45,9 @@ RECON_LOSSES = ("l1", "mse")
 LR_SCHEDULES = ("constant", "cosine")
 DEFAULT_PRESET = "tiny"  # what a run without `init` builds when `preset` is not given
 TIMESTEP_SAMPLINGS = ("uniform", "logit-normal", "mode")  # kedavra.training.timestep_sampling
-TIMESTEP_DEFAULTS = {"timestep_sampling": "uniform", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29}
+# the TrainConfig fields of which timesteps a unet stage draws, at their defaults (a vae stage keeps these)
+TIMESTEP_DEFAULTS = {"timestep_sampling": "uniform", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29,
+                     "min_timestep": 0, "max_timestep": None}
 TEXT_ENCODERS = ("clip", "minilm")  # the text side of a run from scratch (model.with_minilm_text_encoder)
 
 
@@ -218,29 +220,24 @@ class TrainConfig:
                              f"the ε weight floor/SNR is unbounded at SNR 0; got prediction type {prediction!r}")
 
     def _validate_timestep_range(self) -> None:
-        """0 <= min_timestep < max_timestep; max_timestep <= T is checked against the model's schedule by the unet
-        stage (under init the schedule is the model's, unknown here). The sampling density and its parameters."""
+        """The sampling density and its parameters, and 0 <= min_timestep < max_timestep; max_timestep <= T is
+        checked against the model's schedule by the unet stage (under init the schedule is the model's, unknown
+        here). Every one of them is for the stages that draw timesteps."""
+        given = [f"{name}={getattr(self, name)!r}" for name, default in TIMESTEP_DEFAULTS.items()
+                 if getattr(self, name) != default]
+        if self.stage == "vae" and given:
+            raise ValueError(f"{', '.join(given)} (--timestep-sampling, --min-timestep, --max-timestep and their "
+                             "settings) are for stage 'unet' or 'all'; stage 'vae' draws no timesteps")
         check_choice("timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLINGS)
         self._check("logit_mean", check_number)
         self._check("logit_std", check_number, 0.0, low_inclusive=False)
         # Esser et al. 2024, sec. 3.1: f_mode maps [0, 1] onto itself monotonically for c in [-1, 2/(π-2)]
         self._check("mode_scale", check_number, -1.0, 2 / (math.pi - 2))
-        given = [f"{name}={getattr(self, name)!r}" for name, default in TIMESTEP_DEFAULTS.items()
-                 if getattr(self, name) != default]
-        if self.stage == "vae" and given:
-            raise ValueError(f"{', '.join(given)} (--timestep-sampling and its settings) are for stage 'unet' or "
-                             "'all'; stage 'vae' draws no timesteps")
         for name, density in (("logit_mean", "logit-normal"), ("logit_std", "logit-normal"), ("mode_scale", "mode")):
             if getattr(self, name) != TIMESTEP_DEFAULTS[name] and self.timestep_sampling != density:
                 raise ValueError(f"{name}={getattr(self, name)!r} (--{name.replace('_', '-')}) shapes the {density!r} "
                                  f"timestep density; timestep_sampling is {self.timestep_sampling!r}: give "
                                  f"--timestep-sampling {density}, or leave it out")
-        if (self.min_timestep, self.max_timestep) == (0, None):
-            return
-        if self.stage == "vae":
-            raise ValueError(f"min_timestep={self.min_timestep!r} / max_timestep={self.max_timestep!r} "
-                             "(--min-timestep / --max-timestep) are for stage 'unet' or 'all'; stage 'vae' draws no "
-                             "timesteps")
         self._check("min_timestep", check_int, 0)
         if self.max_timestep is not None:
             self._check("max_timestep", check_int, self.min_timestep + 1,

@@ -64,8 +64,8 @@ def stage_configs(config: TrainConfig) -> list[TrainConfig]:
         return [config]
     out = Path(config.out_dir)
     vae = dataclasses.replace(config, stage="vae", steps=config.vae_steps, vae_steps=None, train_text_encoder=True,
-                              text_encoder="clip", coord_channels=False, bidirectional_text=False, min_timestep=0,
-                              max_timestep=None, **TIMESTEP_DEFAULTS, out_dir=str(out / "vae"))
+                              text_encoder="clip", coord_channels=False, bidirectional_text=False, **TIMESTEP_DEFAULTS,
+                              out_dir=str(out / "vae"))
     vae_model = str(out / "vae" / EXPORT_FILE)
     start = {"init": vae_model} if config.init is not None else {"vae": vae_model}
     unet = dataclasses.replace(config, stage="unet", vae_steps=None, out_dir=str(out / "unet"), **start)
