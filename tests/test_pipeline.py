@@ -27,8 +27,11 @@ def test_batch_equals_single_calls_with_the_same_seeds(pipe):
     assert batch.seeds == [10, 11, 12]
     for i, seed in enumerate(batch.seeds):
         single = pipe("a red circle", seed=seed, steps=6, sampler="euler_a")
-        # equal up to float rounding: a batch runs other matrix kernels than a single image
-        assert torch.allclose(batch.latents[i : i + 1], single.latents, rtol=1e-4, atol=1e-4)
+        # equal up to float rounding: a batch runs other matrix kernels than a single image. The random model's
+        # latents reach |30| after euler_a, so the rounding is measured against that scale (seen: 3.4e-6 of it on an
+        # AMD EPYC, where MKL's fp32 kernels for 1 and 3 images differ); another seed's latents differ by O(1).
+        scale = single.latents.abs().max()
+        assert (batch.latents[i : i + 1] - single.latents).abs().max() <= 2e-5 * scale
 
 
 def test_same_seed_same_image_other_seed_other_image(pipe):

@@ -6,9 +6,10 @@ keeps its rows); they differ only in where the gradient is summed: one process m
 mean 4 rows each and DDP averages the two. So the weights agree up to fp32 rounding, amplified by AdamW's
 division by √v̂ (Kingma and Ba 2015, Alg. 1), which makes an early step ≈ lr·sign(g) whatever the size of g, so a
 rounding-level change in a near-zero gradient moves its weight by a visible fraction of lr. Measured after 3 steps at
-lr 1e-3 (weights of magnitude up to 1): max |Δ| 4.1e-6 in the VAE, 3.4e-6 in the U-Net, 4e-8 in the text encoder;
-the logged losses agree within 1e-7 relative. The test allows 1e-5 (1% of one step's size, lr) for the weights
-and 1e-5 relative for the losses.
+lr 1e-3 (weights of magnitude up to 1): max |Δ| 4.1e-6 in the VAE, 3.4e-6 in the U-Net, 4e-8 in the text encoder
+on an Intel CPU with AMX, 1.2e-5 in the U-Net on an AMD EPYC (other fp32 kernels, other rounding); the logged
+losses agree within 1e-7 relative. The test allows 5e-5 (5% of one step's size, lr) for the weights: a rank that
+dropped or repeated rows moves weights by about lr. The losses must agree within 1e-5 relative.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from kedavra.training import checkpointing, train
 WORLD_SIZE = 2
 STEPS = 3
 LR = 1e-3
-TOLERANCE = 1e-2 * LR  # max |Δweight| allowed between 1 and 2 processes (module docstring)
+TOLERANCE = 5e-2 * LR  # max |Δweight| allowed between 1 and 2 processes (module docstring)
 
 
 def _free_port() -> int:
