@@ -13,9 +13,11 @@ machine's speed reaches every configuration alike. Configurations (--configs):
 
     diffusers-bf16    diffusers at its best CPU settings: bf16, channels_last, SDPA (AttnProcessor2_0)
     kedavra-eager     kedavra's U-Net, bf16, channels_last, no packed weights (Pipeline(optimize=False))
-    kedavra           as kedavra.Pipeline runs it on the CPU: packed oneDNN weights (optimize_for_inference)
+    kedavra           as kedavra.Pipeline runs it on the CPU: packed oneDNN weights (optimize_for_inference), and
+                      on a CPU with AVX-512 BF16 but no AMX kedavra's attention kernel (networks/cpu_attention.py)
+    kedavra-sdpa      the same with that kernel switched off (KEDAVRA_CPU_ATTENTION=0): torch's SDPA throughout
     kedavra-compiled  the eager U-Net through torch.compile (inductor, default mode, frozen weights:
-                      benchmark_sdxl.compiled); its first call, the compilation, is reported apart
+                      benchmark_sdxl.compiled), with SDPA; its first call, the compilation, is reported apart
 
 Reported per configuration: the first call (kernel choice, packing, compilation), the median and minimum of the
 timed calls (wall seconds) and of the calling thread's CPU seconds, the U-Net's achieved TFLOP/s (FLOPs of one
@@ -28,6 +30,7 @@ speed-up over diffusers-bf16 (median of the per-round ratios) and the output's d
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -41,7 +44,10 @@ sys.path.insert(0, str(REPO / "tests"))  # the seeded re-draw of the reference w
 from benchmark_pipeline import cpu_model, load_average, matmul_peak, unet_flops  # noqa: E402
 from benchmark_sdxl import agreement, compiled  # noqa: E402
 
-CONFIGS = ("diffusers-bf16", "kedavra-eager", "kedavra", "kedavra-compiled")
+from kedavra.networks import cpu_attention  # noqa: E402
+
+CONFIGS = ("diffusers-bf16", "kedavra-eager", "kedavra", "kedavra-sdpa", "kedavra-compiled")
+SDPA_ONLY = ("kedavra-sdpa", "kedavra-compiled")  # run with kedavra's CPU attention kernel switched off
 REFERENCE = "diffusers-bf16"
 WEIGHT_SEED = 0
 INPUT_SEED = 1
@@ -79,10 +85,20 @@ def build(config: str, reference: torch.nn.Module):
         unet = UNet(config_unet)
     unet.load_state_dict({name: tensor.clone() for name, tensor in state.items()}, strict=True, assign=True)
     unet.eval().to(memory_format=torch.channels_last)
-    if config == "kedavra":
+    if config in ("kedavra", "kedavra-sdpa"):
         optimize_for_inference(unet, "cpu", torch.bfloat16)
     run = compiled(unet) if config == "kedavra-compiled" else unet
-    return lambda x, t, context: run(x, t, context)
+    if config not in SDPA_ONLY:
+        return lambda x, t, context: run(x, t, context)
+
+    def call_with_sdpa(x, t, context):
+        os.environ[cpu_attention.SWITCH] = "0"
+        try:
+            return run(x, t, context)
+        finally:
+            del os.environ[cpu_attention.SWITCH]
+
+    return call_with_sdpa
 
 
 def inputs(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

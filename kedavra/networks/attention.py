@@ -19,7 +19,9 @@ A hidden key's score gets the dtype's most negative number added (transformers' 
 mask), not -inf, so a query whose every key is hidden attends uniformly instead of giving NaN.
 
 `attend` runs through torch's `F.scaled_dot_product_attention` (SDPA, whose default scale is 1/sqrt(Dh)): a fused
-kernel that never holds the probabilities. Two opt-ins:
+kernel that never holds the probabilities. On a CPU with AVX-512 BF16 and no AMX, an unmasked bf16 call with at
+least 256 keys outside autograd goes to kedavra's own kernel instead (kedavra.networks.cpu_attention: about 2x
+SDPA there, the same rounding error). Two opt-ins:
     slice_size  the queries go slice_size at a time: the score matrix is at most (B, Nh, slice_size, L)
     recorder    a callable handed the probabilities softmax(Q K^T / sqrt(Dh) + mask), float32 (B, Nh, S, L), of
                 every call, for visualisations (kedavra.viz.attention). They are then computed explicitly, in
@@ -32,6 +34,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from kedavra.networks import cpu_attention
 
 Recorder = Callable[[Tensor], None]  # receives the probabilities (B, Nh, S, L) of one attention call
 Projection = Callable[[Tensor], Tensor]  # a Linear layer (or its packed twin, kedavra.networks.acceleration)
@@ -81,6 +85,10 @@ def attend(
     if recorder is not None:
         return _attend_recorded(q, k, v, hidden_keys(queries, k.shape[2], causal, key_padding, q.device), recorder)
     sliced = slice_size is not None and slice_size < queries
+    if key_padding is None and not sliced and not causal and cpu_attention.applies(q, k, v):
+        out = cpu_attention.attention(q, k, v)  # eq. 1 in kedavra's kernel for CPUs with AVX-512 BF16, no AMX
+        if out is not None:
+            return out  # (B, Nh, S, Dh)
     if key_padding is None and not sliced:
         # Vaswani et al. 2017, eq. 1; SDPA's default scale is 1/sqrt(Dh), its causal mask the one of hidden_keys.
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, Nh, S, Dh)

@@ -1,0 +1,139 @@
+"""Attention on CPUs with AVX-512 BF16 but no AMX: a flash-attention kernel of kedavra's own, about 2x torch's SDPA.
+
+On such a CPU (AMD Zen 4, Intel Cooper Lake) PyTorch's CPU flash-attention kernel is bound by its softmax and its
+small-K matrix products: at SD 1.5's 4,096-token self-attention (head width 40) it runs at a third of the bf16
+matmul rate and takes a third of a 512x512 U-Net call, while the convolutions and linear layers run at that rate
+(docs/benchmark.md, "On a CPU without AMX"). kedavra/networks/cpu_attention.cpp computes the same
+    softmax(Q K^T / sqrt(Dh)) V                                     (Vaswani et al. 2017, eq. 1)
+in FlashAttention's blocks (Dao et al. 2022, Algorithm 1; the online softmax of Milakov & Gimelshein 2018) with
+both products on vdpbf16ps and a polynomial 2^x; the source file documents the layouts.
+
+When it runs (`applies`): kedavra.networks.attention.attend hands it a call with no mask and no slicing when the
+tensors are bf16 on the CPU, nothing records gradients, the head width is even, there are at least MIN_KEYS keys
+(with the 77 keys of a text context it is no faster than SDPA), the CPU reports AVX-512 BF16 and not AMX (with AMX,
+SDPA's products run on the matrix units), and KEDAVRA_CPU_ATTENTION is not "0". Everything else, training and
+fp32 among it, goes to SDPA as before, so the parity tests (fp32) and the packed-versus-eager identity (both paths
+call `attend`) are untouched.
+
+Numbers: like SDPA's bf16 kernel it sums in float32 and rounds the probabilities to bf16 before the second
+product; its error against the float32 result is SDPA-bf16's own (tests/test_cpu_attention.py bounds it by
+twice SDPA-bf16's error plus one bf16 step of the output). A U-Net's output moves by about as much as packing
+moves it (measured in docs/benchmark.md).
+
+Building: the C++ file is compiled by torch.utils.cpp_extension on first use (about 30 s with the machine's C++
+compiler and ninja; `scripts/setup.sh` builds it ahead) and cached by torch in ~/.cache/torch_extensions.
+`python -m kedavra.networks.cpu_attention` builds it and reports. If the build fails (no compiler), a warning
+says why once and SDPA runs instead.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MIN_KEYS = 256  # below this the kernel is no faster than SDPA (docs/benchmark.md)
+BLOCK_KEYS = 256  # the kernel's BK: keys are padded to a multiple of it
+SWITCH = "KEDAVRA_CPU_ATTENTION"  # "0" turns the kernel off
+SOURCE = Path(__file__).with_name("cpu_attention.cpp")
+CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-fopenmp"]
+
+_lock = threading.Lock()
+_extension: ModuleType | None = None
+_failed: str | None = None
+
+
+@cache
+def cpu_qualifies() -> bool:
+    """True on a CPU with AVX-512 BF16 and without AMX (the CPUs where the kernel beats SDPA), as torch's own
+    probes (or, without them, /proc/cpuinfo's flags) report it."""
+    amx, avx512_bf16 = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported",
+                                                                   "_is_avx512_bf16_supported"))
+    if amx is not None and avx512_bf16 is not None:
+        return bool(avx512_bf16()) and not amx()
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return "avx512_bf16" in flags and "amx_bf16" not in flags
+
+
+def enabled() -> bool:
+    """The CPU qualifies, KEDAVRA_CPU_ATTENTION is not "0", and the kernel has not failed to build."""
+    return os.environ.get(SWITCH, "1") != "0" and _failed is None and cpu_qualifies()
+
+
+def applies(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether `attend` may hand this unmasked call, q (B, Nh, S, Dh), k and v (B, Nh, L, Dh), to the kernel."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype == k.dtype == v.dtype == torch.bfloat16
+        and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+        and q.dim() == 4
+        and q.shape[-1] % 2 == 0
+        and k.shape[2] >= MIN_KEYS
+        and q.shape[2] > 0
+        and enabled()
+    )
+
+
+def extension() -> ModuleType | None:
+    """The compiled kernel (built on first call, then cached by torch), or None with a warning if it cannot be."""
+    global _extension, _failed
+    with _lock:
+        if _extension is None and _failed is None:
+            try:
+                from torch.utils.cpp_extension import load
+
+                _extension = load("kedavra_cpu_attention", [str(SOURCE)], extra_cflags=CFLAGS, verbose=False)
+            except Exception as error:  # no compiler, no ninja, an old assembler: SDPA stays
+                _failed = f"{type(error).__name__}: {error}".splitlines()[0]
+                warnings.warn(f"kedavra's CPU attention kernel could not be built ({_failed}); using torch's SDPA",
+                              RuntimeWarning, stacklevel=3)
+    return _extension
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
+    """softmax(Q K^T / sqrt(Dh)) V: q (B, Nh, S, Dh), k and v (B, Nh, L, Dh) bf16 -> (B, Nh, S, Dh), a view of a
+    (B, S, Nh, Dh) tensor (merging the heads is then free); None if the kernel is unavailable."""
+    kernel = extension()
+    if kernel is None:
+        return None
+    batch, heads, queries, width = q.shape
+    keys = k.shape[2]
+    padded = -(-keys // BLOCK_KEYS) * BLOCK_KEYS
+    value_width = -(-width // 16) * 16
+    # keys: blocks of 16, and within a block each pair of dimensions for all 16 keys (cpu_attention.cpp, layouts)
+    k_blocks = F.pad(k.reshape(batch * heads, keys, width), (0, 0, 0, padded - keys))  # (BH, Lp, Dh)
+    k_packed = k_blocks.view(batch * heads, padded // 16, 16, width // 2, 2).permute(0, 1, 3, 2, 4).contiguous()
+    # values: pairs of keys, each dimension's two values side by side
+    v_pairs = F.pad(v.reshape(batch * heads, keys, width), (0, value_width - width, 0, padded - keys))  # (BH, Lp, Dv)
+    v_packed = v_pairs.view(batch * heads, padded // 2, 2, value_width).transpose(2, 3).contiguous()  # (.., Dv, 2)
+    out = torch.empty(batch, queries, heads, width, dtype=torch.bfloat16)
+    query = q if q.stride(-1) == 1 else q.contiguous()
+    kernel.attention(query, k_packed, v_packed, out, keys, width**-0.5)
+    return out.transpose(1, 2)  # (B, S, Nh, Dh) -> (B, Nh, S, Dh)
+
+
+def main() -> int:
+    """Build the kernel now (scripts/setup.sh calls this) and say whether kedavra will use it on this machine."""
+    if not cpu_qualifies():
+        print("cpu_attention: this CPU has AMX or lacks AVX-512 BF16; kedavra uses torch's SDPA (nothing to build)")
+        return 0
+    if extension() is None:
+        print(f"cpu_attention: the kernel could not be built ({_failed}); kedavra uses torch's SDPA")
+        return 0
+    print("cpu_attention: kernel built; used for bf16 attention with at least "
+          f"{MIN_KEYS} keys ({SWITCH}=0 turns it off)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
