@@ -102,10 +102,11 @@ def test_attend_uses_the_kernel_where_it_applies(monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["fp32", "grad", "few keys", "causal", "padding", "sliced", "odd width",
-                                  "switched off", "cpu without it"])
+                                  "wider values", "switched off", "cpu without it"])
 def test_attend_keeps_sdpa_elsewhere(case, monkeypatch):
-    """Masks, slices, autograd, fp32, short key sequences (a text context), an odd head width, the switch
-    KEDAVRA_CPU_ATTENTION=0 and a CPU that does not qualify all go to SDPA, with SDPA's result."""
+    """Masks, slices, autograd, fp32, short key sequences (a text context), an odd head width, values wider than
+    the keys, the switch KEDAVRA_CPU_ATTENTION=0 and a CPU that does not qualify all go to SDPA, with SDPA's
+    result."""
     monkeypatch.setattr(cpu_attention, "attention", lambda q, k, v: pytest.fail(f"kernel called for {case}"))
     monkeypatch.setattr(cpu_attention, "cpu_qualifies", lambda: case != "cpu without it")
     if case == "switched off":
@@ -123,6 +124,8 @@ def test_attend_keeps_sdpa_elsewhere(case, monkeypatch):
         kwargs["key_padding"] = torch.zeros(1, k.shape[2], dtype=torch.bool)
     if case == "sliced":
         kwargs["slice_size"] = 128
+    if case == "wider values":
+        v = torch.cat([v, v], dim=-1)  # (B, Nh, L, 2 Dh): SDPA allows a value width of its own
     out = attention_module.attend(q, k, v, **kwargs)
     mask = torch.ones(300, 300, dtype=torch.bool).tril() if case == "causal" else None
     with torch.no_grad():

@@ -9,11 +9,11 @@ in FlashAttention's blocks (Dao et al. 2022, Algorithm 1; the online softmax of 
 both products on vdpbf16ps and a polynomial 2^x; the source file documents the layouts.
 
 When it runs (`applies`): kedavra.networks.attention.attend hands it a call with no mask and no slicing when the
-tensors are bf16 on the CPU, nothing records gradients, the head width is even, there are at least MIN_KEYS keys
-(with the 77 keys of a text context it is no faster than SDPA), the CPU reports AVX-512 BF16 and not AMX (with AMX,
-SDPA's products run on the matrix units), and KEDAVRA_CPU_ATTENTION is not "0". Everything else, training and
-fp32 among it, goes to SDPA as before, so the parity tests (fp32) and the packed-versus-eager identity (both paths
-call `attend`) are untouched.
+tensors are bf16 on the CPU, nothing records gradients, q, k and v share batch, heads and an even head width, there
+are at least MIN_KEYS keys (with the 77 keys of a text context it is no faster than SDPA), the CPU reports AVX-512
+BF16 and not AMX (with AMX, SDPA's products run on the matrix units), and KEDAVRA_CPU_ATTENTION is not "0".
+Everything else, training and fp32 among it, goes to SDPA as before, so the parity tests (fp32) and the
+packed-versus-eager identity (both paths call `attend`) are untouched.
 
 Numbers: like SDPA's bf16 kernel it sums in float32 and rounds the probabilities to bf16 before the second
 product; its error against the float32 result is SDPA-bf16's own (tests/test_cpu_attention.py bounds it by
@@ -77,6 +77,9 @@ def applies(q: Tensor, k: Tensor, v: Tensor) -> bool:
         and q.dtype == k.dtype == v.dtype == torch.bfloat16
         and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
         and q.dim() == 4
+        and k.shape == v.shape
+        and k.shape[:2] == q.shape[:2]
+        and k.shape[-1] == q.shape[-1]
         and q.shape[-1] % 2 == 0
         and k.shape[2] >= MIN_KEYS
         and q.shape[2] > 0
