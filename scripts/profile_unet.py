@@ -6,22 +6,26 @@
 SD 1.5's U-Net shape with random weights (a kernel's cost does not depend on the weights), batch 2 (guidance), bf16,
 channels-last as the pipeline runs it; torch.profiler over one call after a warm-up call, self CPU time of each
 aten / mkldnn op summed into kinds. Attention is split by sequence length and head width (the SDPA kernel's input
-shapes). "eager" is `Pipeline(optimize=False)`, "packed" kedavra's default (kedavra.networks.acceleration).
+shapes). "eager" is `Pipeline(optimize=False)`, "packed" kedavra's default (kedavra.networks.acceleration); on a CPU
+where kedavra's attention kernel runs (kedavra.networks.cpu_attention), "packed, SDPA" is the packed U-Net with the
+kernel switched off, the "before" of that kernel.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from kedavra.networks import cpu_attention
 from kedavra.networks.model import ModelConfig, StableDiffusion
 from kedavra.pipeline.pipeline import Pipeline
 
 KINDS = (  # (kind, substrings of the op name), first match wins
-    ("attention", ("scaled_dot_product", "_flash_attention")),
+    ("attention", ("scaled_dot_product", "_flash_attention", "kedavra::cpu_attention")),
     ("convolution", ("convolution", "conv2d")),
     ("linear / matmul", ("linear", "addmm", "aten::mm", "aten::bmm", "matmul", "baddbmm")),
     ("GroupNorm / LayerNorm", ("group_norm", "layer_norm", "native_batch_norm")),
@@ -39,8 +43,19 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def profile_call(optimize: bool, size: int) -> dict[str, float]:
-    """Self CPU seconds by kind (attention keyed by its sequence length and head width) of one guided call."""
+def profile_call(optimize: bool, size: int, sdpa: bool = False) -> dict[str, float]:
+    """Self CPU seconds by kind (attention keyed by its sequence length and head width) of one guided call; sdpa:
+    with kedavra's CPU attention kernel switched off."""
+    if sdpa:
+        os.environ[cpu_attention.SWITCH] = "0"
+    try:
+        return _profile_call(optimize, size)
+    finally:
+        if sdpa:
+            del os.environ[cpu_attention.SWITCH]
+
+
+def _profile_call(optimize: bool, size: int) -> dict[str, float]:
     torch.manual_seed(0)
     pipe = Pipeline(StableDiffusion(ModelConfig.from_preset("sd15")), dtype="bf16", optimize=optimize)
     generator = torch.Generator().manual_seed(0)
@@ -53,7 +68,9 @@ def profile_call(optimize: bool, size: int) -> dict[str, float]:
     seconds: dict[str, float] = defaultdict(float)
     for event in prof.key_averages(group_by_input_shape=True):
         kind = kind_of(event.key)
-        if kind == "attention" and event.input_shapes and len(event.input_shapes[0]) == 4:
+        if event.key.startswith("kedavra::cpu_attention "):  # kedavra's kernel (cpu_attention.py) names its shape
+            kind = "attention " + event.key.removeprefix("kedavra::cpu_attention ") + " (kedavra's kernel)"
+        elif kind == "attention" and event.input_shapes and len(event.input_shapes[0]) == 4:
             batch, heads, tokens, width = event.input_shapes[0]
             other = event.input_shapes[1][2] if len(event.input_shapes) > 1 and event.input_shapes[1] else tokens
             kind = f"attention {tokens}x{other} tokens, head width {width}"
@@ -68,18 +85,22 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    results = {name: profile_call(optimize, args.size) for name, optimize in (("eager", False), ("packed", True))}
+    configurations = [("eager", False, False), ("packed", True, False)]
+    if cpu_attention.enabled():
+        configurations.append(("packed, SDPA", True, True))
+    results = {name: profile_call(optimize, args.size, sdpa) for name, optimize, sdpa in configurations}
+    names = list(results)
     kinds = sorted(set().union(*results.values()), key=lambda k: -results["packed"].get(k, 0.0))
     totals = {name: sum(values.values()) for name, values in results.items()}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, SD 1.5 U-Net, {args.size}x{args.size}, "
           "guided (batch 2), bf16: self CPU time of one call\n")
-    print("| kind | eager | share | packed | share |")
-    print("|---|---|---|---|---|")
+    print("| kind | " + " | ".join(f"{name} | share" for name in names) + " |")
+    print("|---|" + "---|---|" * len(names))
     for kind in kinds:
         row = [f"{results[n].get(kind, 0.0):.3f} s | {100 * results[n].get(kind, 0.0) / totals[n]:.0f} %"
-               for n in ("eager", "packed")]
+               for n in names]
         print(f"| {kind} | {' | '.join(row)} |")
-    print(f"| total | {totals['eager']:.3f} s | | {totals['packed']:.3f} s | |")
+    print("| total | " + " | ".join(f"{totals[n]:.3f} s | " for n in names) + "|")
 
 
 if __name__ == "__main__":

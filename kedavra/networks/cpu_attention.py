@@ -121,7 +121,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
     v_packed = v_pairs.view(batch * heads, padded // 2, 2, value_width).transpose(2, 3).contiguous()  # (.., Dv, 2)
     out = torch.empty(batch, queries, heads, width, dtype=torch.bfloat16)
     query = q if q.stride(-1) == 1 else q.contiguous()
-    kernel.attention(query, k_packed, v_packed, out, keys, width**-0.5)
+    # named for torch.profiler (scripts/profile_unet.py): the extension's call is not an aten op it would record
+    with torch.profiler.record_function(f"kedavra::cpu_attention {queries}x{keys} tokens, head width {width}"):
+        kernel.attention(query, k_packed, v_packed, out, keys, width**-0.5)
     return out.transpose(1, 2)  # (B, S, Nh, Dh) -> (B, Nh, S, Dh)
 
 
