@@ -150,3 +150,17 @@ def test_a_failed_build_warns_once_and_falls_back_to_sdpa(monkeypatch):
     assert not cpu_attention.enabled()  # later calls go straight to SDPA, without a second warning
     with torch.no_grad():
         torch.testing.assert_close(attention_module.attend(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
+@pytest.mark.parametrize("keys", [256, 300, 513, 17, 1])
+def test_packing_matches_the_layouts_written_out(keys):
+    """pack_keys / pack_values against the layouts of cpu_attention.cpp built the slow way (pad, then permute):
+    key (16 b + j), dimension (2 d + e) at [b, d, j, e]; key (2 p + e), dimension d at [p, d, e]; zeros elsewhere."""
+    q, k, v = random_qkv(2, 3, 4, keys, 40)
+    padded = -(-keys // cpu_attention.BLOCK_KEYS) * cpu_attention.BLOCK_KEYS
+    k_padded = F.pad(k, (0, 0, 0, padded - keys))  # (B, Nh, Lp, Dh)
+    expected_k = k_padded.unflatten(2, (padded // 16, 16)).unflatten(-1, (20, 2)).permute(0, 1, 2, 4, 3, 5)
+    assert torch.equal(cpu_attention.pack_keys(k, padded), expected_k)
+    v_padded = F.pad(v, (0, 48 - 40, 0, padded - keys))  # (B, Nh, Lp, Dv)
+    expected_v = v_padded.unflatten(2, (padded // 2, 2)).transpose(3, 4)  # (B, Nh, Lp/2, Dv, 2)
+    assert torch.equal(cpu_attention.pack_values(v, padded), expected_v)

@@ -36,7 +36,6 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 MIN_KEYS = 256  # below this the kernel is no faster than SDPA (docs/benchmark.md)
@@ -103,6 +102,36 @@ def extension() -> ModuleType | None:
     return _extension
 
 
+def pack_keys(k: Tensor, padded: int) -> Tensor:
+    """k (B, Nh, L, Dh) -> (B, Nh, Lp/16, Dh/2, 16, 2), Lp = padded: per block of 16 keys, each pair of dimensions of
+    all 16 keys (cpu_attention.cpp's layout), zeros past the L keys; one copy, straight from k's strides."""
+    batch, heads, keys, width = k.shape
+    packed = k.new_empty(batch, heads, padded // 16, width // 2, 16, 2)
+    by_key = packed.permute(0, 1, 2, 4, 3, 5)  # (B, Nh, Lp/16, 16, Dh/2, 2): packed, indexed like k
+    full, rest = divmod(keys, 16)
+    if full:
+        by_key[:, :, :full].copy_(k[:, :, : 16 * full].unflatten(2, (full, 16)).unflatten(-1, (width // 2, 2)))
+    packed[:, :, full:].zero_()
+    if rest:
+        by_key[:, :, full, :rest].copy_(k[:, :, 16 * full :].unflatten(-1, (width // 2, 2)))
+    return packed
+
+
+def pack_values(v: Tensor, padded: int) -> Tensor:
+    """v (B, Nh, L, Dh) -> (B, Nh, Lp/2, Dv, 2), Lp = padded, Dv = Dh rounded up to 16: per pair of keys, each
+    dimension's two values side by side (cpu_attention.cpp's layout), zeros past the L keys and the Dh dimensions."""
+    batch, heads, keys, width = v.shape
+    packed = v.new_empty(batch, heads, padded // 2, -(-width // 16) * 16, 2)
+    by_key = packed.permute(0, 1, 2, 4, 3)  # (B, Nh, Lp/2, 2, Dv): packed, indexed like v's key pairs
+    pairs, odd = divmod(keys, 2)
+    by_key[:, :, :pairs, :, :width].copy_(v[:, :, : 2 * pairs].unflatten(2, (pairs, 2)))
+    packed[:, :, :pairs, width:].zero_()
+    packed[:, :, pairs:].zero_()
+    if odd:
+        by_key[:, :, pairs, 0, :width].copy_(v[:, :, keys - 1])
+    return packed
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
     """softmax(Q K^T / sqrt(Dh)) V: q (B, Nh, S, Dh), k and v (B, Nh, L, Dh) bf16 -> (B, Nh, S, Dh), a view of a
     (B, S, Nh, Dh) tensor (merging the heads is then free); None if the kernel is unavailable."""
@@ -112,13 +141,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
     batch, heads, queries, width = q.shape
     keys = k.shape[2]
     padded = -(-keys // BLOCK_KEYS) * BLOCK_KEYS
-    value_width = -(-width // 16) * 16
-    # keys: blocks of 16, and within a block each pair of dimensions for all 16 keys (cpu_attention.cpp, layouts)
-    k_blocks = F.pad(k.reshape(batch * heads, keys, width), (0, 0, 0, padded - keys))  # (BH, Lp, Dh)
-    k_packed = k_blocks.view(batch * heads, padded // 16, 16, width // 2, 2).permute(0, 1, 3, 2, 4).contiguous()
-    # values: pairs of keys, each dimension's two values side by side
-    v_pairs = F.pad(v.reshape(batch * heads, keys, width), (0, value_width - width, 0, padded - keys))  # (BH, Lp, Dv)
-    v_packed = v_pairs.view(batch * heads, padded // 2, 2, value_width).transpose(2, 3).contiguous()  # (.., Dv, 2)
+    k_packed = pack_keys(k, padded).view(batch * heads, padded // 16, width // 2, 16, 2)
+    v_packed = pack_values(v, padded).flatten(0, 1)  # (B*Nh, Lp/2, Dv, 2)
     out = torch.empty(batch, queries, heads, width, dtype=torch.bfloat16)
     query = q if q.stride(-1) == 1 else q.contiguous()
     # named for torch.profiler (scripts/profile_unet.py): the extension's call is not an aten op it would record
