@@ -1,9 +1,10 @@
 """Attention on CPUs with AVX-512 BF16 but no AMX: a flash-attention kernel of kedavra's own, about 2x torch's SDPA.
 
-On such a CPU (AMD Zen 4, Intel Cooper Lake) PyTorch's CPU flash-attention kernel is bound by its softmax and its
-small-K matrix products: at SD 1.5's 4,096-token self-attention (head width 40) it runs at a third of the bf16
-matmul rate and takes a third of a 512x512 U-Net call, while the convolutions and linear layers run at that rate
-(docs/benchmark.md, "On a CPU without AMX"). kedavra/networks/cpu_attention.cpp computes the same
+On such a CPU (measured on an AMD Zen 4; Intel's Cooper Lake is the other kind) PyTorch's CPU flash-attention
+kernel is bound by its softmax and its small-K matrix products: at SD 1.5's 4,096-token self-attention (head
+width 40) it runs at a third of the bf16 matmul rate and takes a third of a 512x512 U-Net call, while the
+convolutions and linear layers run at that rate (docs/benchmark.md, "On a CPU without AMX").
+kedavra/networks/cpu_attention.cpp computes the same
     softmax(Q K^T / sqrt(Dh)) V                                     (Vaswani et al. 2017, eq. 1)
 in FlashAttention's blocks (Dao et al. 2022, Algorithm 1; the online softmax of Milakov & Gimelshein 2018) with
 both products on vdpbf16ps and a polynomial 2^x; the source file documents the layouts.
