@@ -30,7 +30,6 @@ speed-up over diffusers-bf16 (median of the per-round ratios) and the output's d
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -92,11 +91,8 @@ def build(config: str, reference: torch.nn.Module):
         return lambda x, t, context: run(x, t, context)
 
     def call_with_sdpa(x, t, context):
-        os.environ[cpu_attention.SWITCH] = "0"
-        try:
+        with cpu_attention.switched_off():
             return run(x, t, context)
-        finally:
-            del os.environ[cpu_attention.SWITCH]
 
     return call_with_sdpa
 

@@ -14,8 +14,8 @@ kernel switched off, the "before" of that kernel.
 from __future__ import annotations
 
 import argparse
-import os
 from collections import defaultdict
+from contextlib import nullcontext
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -46,13 +46,8 @@ def kind_of(name: str) -> str:
 def profile_call(optimize: bool, size: int, sdpa: bool = False) -> dict[str, float]:
     """Self CPU seconds by kind (attention keyed by its sequence length and head width) of one guided call; sdpa:
     with kedavra's CPU attention kernel switched off."""
-    if sdpa:
-        os.environ[cpu_attention.SWITCH] = "0"
-    try:
+    with cpu_attention.switched_off() if sdpa else nullcontext():
         return _profile_call(optimize, size)
-    finally:
-        if sdpa:
-            del os.environ[cpu_attention.SWITCH]
 
 
 def _profile_call(optimize: bool, size: int) -> dict[str, float]:

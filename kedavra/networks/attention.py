@@ -85,11 +85,11 @@ def attend(
     if recorder is not None:
         return _attend_recorded(q, k, v, hidden_keys(queries, k.shape[2], causal, key_padding, q.device), recorder)
     sliced = slice_size is not None and slice_size < queries
-    if key_padding is None and not sliced and not causal and cpu_attention.applies(q, k, v):
-        out = cpu_attention.attention(q, k, v)  # eq. 1 in kedavra's kernel for CPUs with AVX-512 BF16, no AMX
-        if out is not None:
-            return out  # (B, Nh, S, Dh)
     if key_padding is None and not sliced:
+        if not causal and cpu_attention.applies(q, k, v):
+            out = cpu_attention.attention(q, k, v)  # eq. 1 in kedavra's kernel for CPUs with AVX-512 BF16, no AMX
+            if out is not None:
+                return out  # (B, Nh, S, Dh)
         # Vaswani et al. 2017, eq. 1; SDPA's default scale is 1/sqrt(Dh), its causal mask the one of hidden_keys.
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, Nh, S, Dh)
     hidden = hidden_keys(queries, k.shape[2], causal, key_padding, q.device)

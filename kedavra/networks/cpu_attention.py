@@ -32,6 +32,8 @@ from __future__ import annotations
 import os
 import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -68,6 +70,20 @@ def cpu_qualifies() -> bool:
 def enabled() -> bool:
     """The CPU qualifies, KEDAVRA_CPU_ATTENTION is not "0", and the kernel has not failed to build."""
     return os.environ.get(SWITCH, "1") != "0" and _failed is None and cpu_qualifies()
+
+
+@contextmanager
+def switched_off() -> Iterator[None]:
+    """Within the block, KEDAVRA_CPU_ATTENTION=0 (torch's SDPA everywhere); the variable's previous value after it."""
+    previous = os.environ.get(SWITCH)
+    os.environ[SWITCH] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[SWITCH]
+        else:
+            os.environ[SWITCH] = previous
 
 
 def applies(q: Tensor, k: Tensor, v: Tensor) -> bool:
@@ -146,8 +162,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
     v_packed = pack_values(v, padded).flatten(0, 1)  # (B*Nh, Lp/2, Dv, 2)
     out = torch.empty(batch, queries, heads, width, dtype=torch.bfloat16)
     query = q if q.stride(-1) == 1 else q.contiguous()
-    # named for torch.profiler (scripts/profile_unet.py): the extension's call is not an aten op it would record
-    with torch.profiler.record_function(f"kedavra::cpu_attention {queries}x{keys} tokens, head width {width}"):
+    # named for torch.profiler (scripts/profile_unet.py), which does not see the extension's call as an aten op
+    named = nullcontext()
+    if torch.autograd._profiler_enabled():
+        named = torch.profiler.record_function(f"kedavra::cpu_attention {queries}x{keys} tokens, head width {width}")
+    with named:
         kernel.attention(query, k_packed, v_packed, out, keys, width**-0.5)
     return out.transpose(1, 2)  # (B, S, Nh, Dh) -> (B, Nh, S, Dh)
 
