@@ -15,7 +15,7 @@ import torch
 
 from kedavra.checkpoint import load_model
 from kedavra.formats.png_info import GenerationParameters, model_hash
-from kedavra.pipeline.device import default_device, default_dtype, parse_precision
+from kedavra.pipeline.device import default_device, default_dtype, network_dtype, parse_precision
 from kedavra.pipeline.pipeline import Pipeline
 
 EMBEDDED_DIR = Path(__file__).parent / "assets" / "models"  # models shipped inside the package: NAME.safetensors
@@ -62,8 +62,8 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, device: str | torch
     dtype = parse_precision(dtype) or default_dtype(device)
     # read straight into the pipeline's precision and device, one tensor at a time: an SDXL file is never whole in
     # fp32 (docs/checkpoints.md, peak memory); the same weights as converting after, since fp16 -> fp32 is exact
-    model = load_model(resolve_model(name_or_path), family=family, prediction_type=prediction_type, dtype=dtype,
-                       device=device)
+    model = load_model(resolve_model(name_or_path), family=family, prediction_type=prediction_type,
+                       dtype=network_dtype(dtype), device=device)
     return Pipeline(model, device=device, dtype=dtype, optimize=optimize,
                     lora_dir=None if lora_dir is None else Path(lora_dir).expanduser(),
                     embeddings_dir=None if embeddings_dir is None else Path(embeddings_dir).expanduser())

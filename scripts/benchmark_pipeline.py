@@ -17,6 +17,8 @@ U-Net batch, one image, the same prompt, negative prompt and seed. Configuration
     kedavra          kedavra.load(folder) as it is: automatic precision (bf16 on a CPU with AMX), channels_last,
                      packed oneDNN weights in the U-Net and the VAE (kedavra.networks.acceleration)
     kedavra-eager    the same without packed weights: kedavra.load(folder, optimize=False)
+    kedavra-int8     kedavra.load(folder, dtype="int8"): kedavra --precision int8, the U-Net's large conv and
+                     linear layers as int8 products (kedavra.networks.int8), everything else as kedavra
     kedavra-fp32     kedavra.load(folder, dtype="fp32"): only the short check run, to show parity with
                      diffusers-fp32 at full size (the differences of the bf16 runs are then precision)
 
@@ -53,12 +55,13 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = ("diffusers-fp32", "diffusers-bf16", "kedavra", "kedavra-eager", "kedavra-fp32")
+CONFIGS = ("diffusers-fp32", "diffusers-bf16", "kedavra", "kedavra-eager", "kedavra-int8", "kedavra-fp32")
 CHECK_ONLY = ("kedavra-fp32",)
 REFERENCE = "diffusers-fp32"
 # (ours, theirs) pairs of the speed-up table: the issue's two targets, then what packing alone contributes.
 RATIOS = (("kedavra", "diffusers-bf16"), ("kedavra", "diffusers-fp32"), ("kedavra-eager", "diffusers-bf16"),
-          ("kedavra-eager", "diffusers-fp32"), ("kedavra", "kedavra-eager"))
+          ("kedavra-eager", "diffusers-fp32"), ("kedavra", "kedavra-eager"), ("kedavra-int8", "diffusers-bf16"),
+          ("kedavra-int8", "kedavra"))
 PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry, low quality"
 GUIDANCE = 7.5  # SD's usual classifier-free guidance scale
 SEED = 42
@@ -137,7 +140,8 @@ def kedavra_pipeline(folder: Path, config: str):
     """(the modules to time, generate(size, steps) -> PIL image) for kedavra as it loads, or without packing."""
     import kedavra
 
-    pipe = kedavra.load(folder, dtype="fp32" if config == "kedavra-fp32" else None, optimize=config != "kedavra-eager")
+    dtype = {"kedavra-fp32": "fp32", "kedavra-int8": "int8"}.get(config)
+    pipe = kedavra.load(folder, dtype=dtype, optimize=config != "kedavra-eager")
 
     def generate(size: int, steps: int):
         return pipe(PROMPT, NEGATIVE, steps=steps, sampler="euler", guidance_scale=GUIDANCE, seed=SEED,

@@ -16,6 +16,8 @@ machine's speed reaches every configuration alike. Configurations (--configs):
     kedavra           as kedavra.Pipeline runs it on the CPU: packed oneDNN weights (optimize_for_inference), and
                       on a CPU with AVX-512 BF16 but no AMX kedavra's attention kernel (networks/cpu_attention.py)
     kedavra-sdpa      the same with that kernel switched off (KEDAVRA_CPU_ATTENTION=0): torch's SDPA throughout
+    kedavra-int8      kedavra --precision int8: the packed U-Net with its large conv and linear layers as oneDNN
+                      int8 products (networks/int8.py; weights per channel, activations per tensor each call)
     kedavra-compiled  the eager U-Net through torch.compile (inductor, default mode, frozen weights:
                       benchmark_sdxl.compiled), with SDPA; its first call, the compilation, is reported apart
 
@@ -45,7 +47,7 @@ from benchmark_sdxl import agreement, compiled  # noqa: E402
 
 from kedavra.networks import cpu_attention  # noqa: E402
 
-CONFIGS = ("diffusers-bf16", "kedavra-eager", "kedavra", "kedavra-sdpa", "kedavra-compiled")
+CONFIGS = ("diffusers-bf16", "kedavra-eager", "kedavra", "kedavra-sdpa", "kedavra-int8", "kedavra-compiled")
 SDPA_ONLY = ("kedavra-sdpa", "kedavra-compiled")  # run with kedavra's CPU attention kernel switched off
 REFERENCE = "diffusers-bf16"
 WEIGHT_SEED = 0
@@ -84,7 +86,11 @@ def build(config: str, reference: torch.nn.Module):
         unet = UNet(config_unet)
     unet.load_state_dict({name: tensor.clone() for name, tensor in state.items()}, strict=True, assign=True)
     unet.eval().to(memory_format=torch.channels_last)
-    if config in ("kedavra", "kedavra-sdpa"):
+    if config == "kedavra-int8":  # as Pipeline(dtype="int8") does: the int8 twins first, then packing
+        from kedavra.networks.int8 import quantise_unet
+
+        quantise_unet(unet)
+    if config in ("kedavra", "kedavra-sdpa", "kedavra-int8"):
         optimize_for_inference(unet, "cpu", torch.bfloat16)
     run = compiled(unet) if config == "kedavra-compiled" else unet
     if config not in SDPA_ONLY:

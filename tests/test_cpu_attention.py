@@ -25,7 +25,7 @@ def random_qkv(batch, heads, queries, keys, width, seed=0):
 
 def run_kernel(q, k, v):
     out = cpu_attention.attention(q, k, v)
-    assert out is not None, f"the kernel did not build: {cpu_attention._failed}"
+    assert out is not None, f"the kernel did not build: {cpu_attention.KERNEL.failed}"
     return out
 
 
@@ -141,8 +141,8 @@ def test_a_failed_build_warns_once_and_falls_back_to_sdpa(monkeypatch):
         raise RuntimeError("Ninja is required to load C++ extensions")
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-    monkeypatch.setattr(cpu_attention, "_extension", None)
-    monkeypatch.setattr(cpu_attention, "_failed", None)
+    monkeypatch.setattr(cpu_attention.KERNEL, "module", None)
+    monkeypatch.setattr(cpu_attention.KERNEL, "failed", None)
     monkeypatch.setattr(cpu_attention, "cpu_qualifies", lambda: True)
     q, k, v = random_qkv(1, 2, 40, 300, 40)
     with pytest.warns(RuntimeWarning, match="Ninja is required"):

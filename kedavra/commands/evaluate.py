@@ -205,7 +205,7 @@ def register(subparsers) -> None:
     parser.add_argument("--threads", type=int, metavar="N",
                         help="CPU threads for torch (default: torch's, one per core); where another job holds a "
                              "core, 1 is several times faster")
-    parser.add_argument("--precision", default="auto", metavar="auto|fp32|bf16|fp16",
+    parser.add_argument("--precision", default="auto", metavar="auto|fp32|bf16|fp16|int8",
                         help="the model's precision (default auto); Inception always runs in fp32")
     parser.add_argument("-o", "--out-dir", default=str(DEFAULT_OUT_DIR), metavar="OUT_DIR",
                         help="folder for report.md, report.json and the PNGs (default %(default)s)")

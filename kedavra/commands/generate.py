@@ -119,9 +119,10 @@ def register(subparsers) -> None:
                                "(default: refuse it, naming them)")
     model.add_argument("--device", metavar="DEVICE",
                        help="cpu, cuda, cuda:1, mps (default: CUDA if present, else the CPU)")
-    model.add_argument("--precision", default="auto", metavar="auto|fp32|bf16|fp16",
+    model.add_argument("--precision", default="auto", metavar="auto|fp32|bf16|fp16|int8",
                        help="network precision (default auto: bf16 where the hardware runs it fast, fp16 on GPUs "
-                            "without bf16, else fp32)")
+                            "without bf16, else fp32; int8, CPU only, opt-in: the U-Net's large layers as int8 "
+                            "products, faster and less exact, docs/benchmark.md)")
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--negative", metavar="TEXT", help="negative prompt: what to steer away from")
     sampling.add_argument("--steps", type=int, metavar="N", help=f"sampler steps (default {DEFAULT_STEPS})")

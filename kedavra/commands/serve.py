@@ -71,8 +71,9 @@ def register(subparsers) -> None:
                        help="textual-inversion embeddings a prompt uses by name (A1111's embeddings/; default: "
                             "--models-dir's embeddings subfolder when there is one); /sdapi/v1/embeddings lists them")
     model.add_argument("--device", metavar="DEVICE", help="cpu, cuda, cuda:1, mps (default: CUDA if present)")
-    model.add_argument("--precision", default="auto", metavar="auto|fp32|bf16|fp16",
-                       help="network precision (default auto: bf16 where the hardware runs it fast, else fp32)")
+    model.add_argument("--precision", default="auto", metavar="auto|fp32|bf16|fp16|int8",
+                       help="network precision (default auto: bf16 where the hardware runs it fast, else fp32; int8: "
+                            "the U-Net's large layers as int8 products on the CPU, opt-in, docs/benchmark.md)")
     model.add_argument("--threads", type=int, metavar="N", help="torch threads for generation (default: torch's)")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default=DEFAULT_HOST,

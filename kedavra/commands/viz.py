@@ -150,7 +150,7 @@ def _model_arguments(parser) -> None:
     parser.add_argument("--model", metavar="PATH_OR_NAME",
                         help="checkpoint file, diffusers folder or embedded model name (default: the embedded one)")
     parser.add_argument("--device", metavar="DEVICE", help="cpu, cuda, cuda:1, mps (default: CUDA if present)")
-    parser.add_argument("--precision", default="auto", metavar="auto|fp32|bf16|fp16",
+    parser.add_argument("--precision", default="auto", metavar="auto|fp32|bf16|fp16|int8",
                         help="network precision (default auto, as `kedavra generate`)")
 
 

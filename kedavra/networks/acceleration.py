@@ -294,7 +294,7 @@ def _swap_packed(module: nn.Module) -> int:
             setattr(module, name, PackedConv2d.from_conv(child))
         elif type(child) is nn.Linear:
             setattr(module, name, PackedLinear.from_linear(child))
-        elif type(child) is GEGLU:  # its projection becomes a PackedLinear of two row blocks
+        elif type(child) is GEGLU and type(child.proj) is nn.Linear:  # its projection: a PackedLinear of two blocks
             setattr(module, name, PackedGEGLU.from_geglu(child))
         elif not isinstance(child, PACKED_TYPES):
             swapped += _swap_packed(child)

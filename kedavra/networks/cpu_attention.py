@@ -21,7 +21,7 @@ product; its error against the float32 result is SDPA-bf16's own (tests/test_cpu
 twice SDPA-bf16's error plus one bf16 step of the output). A U-Net's output moves by about as much as packing
 moves it (measured in docs/benchmark.md).
 
-Building: the C++ file is compiled by torch.utils.cpp_extension on first use (about 30 s with the machine's C++
+Building: the C++ file is compiled on first use (kedavra.networks.cpp_extension: about 30 s with the machine's C++
 compiler and ninja; `scripts/setup.sh` builds it ahead) and cached by torch in ~/.cache/torch_extensions.
 `python -m kedavra.networks.cpu_attention` builds it and reports. If the build fails (no compiler), a warning
 says why once and SDPA runs instead.
@@ -30,8 +30,6 @@ says why once and SDPA runs instead.
 from __future__ import annotations
 
 import os
-import threading
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from functools import cache
@@ -41,15 +39,14 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from kedavra.networks.cpp_extension import CppExtension
+
 MIN_KEYS = 256  # below this the kernel is no faster than SDPA (docs/benchmark.md)
 BLOCK_KEYS = 256  # the kernel's BK: keys are padded to a multiple of it
 SWITCH = "KEDAVRA_CPU_ATTENTION"  # "0" turns the kernel off
 SOURCE = Path(__file__).with_name("cpu_attention.cpp")
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-fopenmp"]
-
-_lock = threading.Lock()
-_extension: ModuleType | None = None
-_failed: str | None = None
+KERNEL = CppExtension("kedavra_cpu_attention", SOURCE, CFLAGS, "torch's SDPA")
 
 
 @cache
@@ -69,7 +66,7 @@ def cpu_qualifies() -> bool:
 
 def enabled() -> bool:
     """The CPU qualifies, KEDAVRA_CPU_ATTENTION is not "0", and the kernel has not failed to build."""
-    return os.environ.get(SWITCH, "1") != "0" and _failed is None and cpu_qualifies()
+    return os.environ.get(SWITCH, "1") != "0" and KERNEL.failed is None and cpu_qualifies()
 
 
 @contextmanager
@@ -105,18 +102,7 @@ def applies(q: Tensor, k: Tensor, v: Tensor) -> bool:
 
 def extension() -> ModuleType | None:
     """The compiled kernel (built on first call, then cached by torch), or None with a warning if it cannot be."""
-    global _extension, _failed
-    with _lock:
-        if _extension is None and _failed is None:
-            try:
-                from torch.utils.cpp_extension import load
-
-                _extension = load("kedavra_cpu_attention", [str(SOURCE)], extra_cflags=CFLAGS, verbose=False)
-            except Exception as error:  # no compiler, no ninja, an old assembler: SDPA stays
-                _failed = f"{type(error).__name__}: {error}".splitlines()[0]
-                warnings.warn(f"kedavra's CPU attention kernel could not be built ({_failed}); using torch's SDPA",
-                              RuntimeWarning, stacklevel=3)
-    return _extension
+    return KERNEL.get()
 
 
 def pack_keys(k: Tensor, padded: int) -> Tensor:
@@ -177,7 +163,7 @@ def main() -> int:
         print("cpu_attention: this CPU has AMX or lacks AVX-512 BF16; kedavra uses torch's SDPA (nothing to build)")
         return 0
     if extension() is None:
-        print(f"cpu_attention: the kernel could not be built ({_failed}); kedavra uses torch's SDPA")
+        print(f"cpu_attention: the kernel could not be built ({KERNEL.failed}); kedavra uses torch's SDPA")
         return 0
     print("cpu_attention: kernel built; used for bf16 attention with at least "
           f"{MIN_KEYS} keys ({SWITCH}=0 turns it off)")

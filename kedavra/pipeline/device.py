@@ -9,7 +9,15 @@ from functools import cache
 
 import torch
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# "int8" is carried as torch.qint8: bf16 networks whose U-Net runs its large layers as int8 products on the CPU
+# (kedavra.networks.int8); network_dtype gives the dtype the weights are held in
+INT8 = torch.qint8
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": INT8}
+
+
+def network_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a precision's weights and activations are held in: bf16 for int8 (INT8), else the dtype itself."""
+    return torch.bfloat16 if dtype == INT8 else dtype
 
 
 @cache
@@ -39,7 +47,8 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def parse_precision(name: str | torch.dtype | None) -> torch.dtype | None:
-    """"fp32" / "bf16" / "fp16" / "auto" (None) or a torch dtype -> dtype (None means choose by device)."""
+    """"fp32" / "bf16" / "fp16" / "int8" / "auto" (None) or a torch dtype -> dtype (None means choose by device;
+    "int8" is INT8)."""
     if name is None or name == "auto" or isinstance(name, torch.dtype):
         if isinstance(name, torch.dtype) and name not in PRECISIONS.values():
             raise ValueError(f"unsupported dtype {name}; allowed: {', '.join(map(str, PRECISIONS.values()))}")

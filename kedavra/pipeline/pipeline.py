@@ -35,10 +35,11 @@ from kedavra.diffusion.timesteps import check_steps
 from kedavra.formats.images import from_pil, to_pil
 from kedavra.mapped_memory import drop_unused_pages
 from kedavra.networks.acceleration import optimize_for_inference
+from kedavra.networks.int8 import quantise_unet
 from kedavra.networks.model import StableDiffusion
 from kedavra.networks.taesd import TinyAutoencoder, load_tiny_autoencoder
 from kedavra.networks.vae_tiling import Tiling
-from kedavra.pipeline.device import default_device, default_dtype, parse_precision, trim_heap
+from kedavra.pipeline.device import INT8, default_device, default_dtype, network_dtype, parse_precision, trim_heap
 from kedavra.pipeline.guided_unet import GuidedUNet, ModelSwitch
 from kedavra.pipeline.hires import crop_latents, upscale_latents
 from kedavra.pipeline.inpainting import a1111_inpainting, program_latent_mask, resize_init_latents
@@ -74,8 +75,10 @@ class Pipeline:
                  dtype: str | torch.dtype | None = None, optimize: bool = True,
                  lora_dir: str | os.PathLike | None = None, embeddings_dir: str | os.PathLike | None = None):
         """device: "cpu", "cuda", ... (default: CUDA if present); dtype: "fp32", "bf16", "fp16" or a torch dtype
-        (default: bf16 where the hardware runs it natively, e.g. a CPU with AMX, else fp32). The samplers'
-        arithmetic stays in fp32 whatever the networks run in.
+        (default: bf16 where the hardware runs it natively, e.g. a CPU with AMX, else fp32), or "int8" (CPU only,
+        opt-in: bf16 networks whose U-Net runs its large conv and linear layers as int8 products,
+        kedavra.networks.int8; `self.dtype` is then bf16 and `self.int8` True). The samplers' arithmetic stays in
+        fp32 whatever the networks run in.
         optimize: on a CPU, keep the U-Net's and the VAE's conv and linear weights in oneDNN's packed layout
         (kedavra.networks.acceleration), in place of the plain ones once they have run (one copy of the weights):
         the same images, bitwise or within a bf16 rounding step at a few elements (speed and memory:
@@ -85,12 +88,19 @@ class Pipeline:
         prompt uses one by naming it; files that cannot be used are in `embeddings_report.failed`."""
         check_bool("optimize", optimize)
         self.device = torch.device(device) if device is not None else default_device()
-        self.dtype = parse_precision(dtype) or default_dtype(self.device)
+        precision = parse_precision(dtype) or default_dtype(self.device)
+        self.int8 = precision == INT8
+        if self.int8 and self.device.type != "cpu":
+            raise ValueError(f"precision int8 runs on the CPU only (oneDNN's int8 kernels), not on {self.device}: use "
+                             "bf16 or fp16 there")
+        self.dtype = network_dtype(precision)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         if self.device.type == "cpu":  # oneDNN's convolutions run fastest on channels-last activations
             self.model.unet.to(memory_format=torch.channels_last)
             self.model.vae.to(memory_format=torch.channels_last)
         drop_unused_pages([self.model])  # the checkpoint's mapped pages that conversions above copied away
+        if self.int8:  # before packing, which then packs the layers that stay bf16
+            quantise_unet(self.model.unet)
         if optimize:  # a no-op off the CPU
             for part in (self.model.unet, self.model.vae):
                 optimize_for_inference(part, self.device, self.dtype)

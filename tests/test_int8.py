@@ -1,0 +1,188 @@
+"""int8 inference (kedavra.networks.int8, `--precision int8`): the activation quantiser against hand-worked and torch's
+values, the int8 layers against the integer arithmetic they stand for, what stays bf16, and a pipeline that runs it."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from random_models import tiny_model
+from torch import nn
+
+from kedavra.networks import int8
+from kedavra.networks.int8 import (
+    KEEP_BF16,
+    Int8Conv2d,
+    Int8Linear,
+    quantise_activation,
+    quantise_unet,
+    quantise_weight,
+)
+from kedavra.pipeline.device import INT8, parse_precision
+from kedavra.pipeline.pipeline import Pipeline
+
+pytestmark = pytest.mark.skipif(not int8.available(), reason="this PyTorch build has no oneDNN int8 kernels")
+
+# The kernel's bf16 output against the same integer sum in float64: one bf16 rounding (2^-8 relative) of the result,
+# plus float32 accumulation of the scales; measured 2.2e-3 of the output's range at the shapes below.
+KERNEL_REL_TOL = 8e-3
+# An int8 layer against the fp32 layer on N(0, 1) inputs and N(0, 0.02²) weights: 255 activation levels over the
+# range (about ±4.5σ) and 127 weight levels per channel; measured 0.6-1.4 % of the output's range (the benchmark's
+# figure for SD 1.5's shapes is 1.2-1.6 %).
+QUANTISATION_REL_TOL = 0.03
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def quantiser(request, monkeypatch):
+    """Both activation quantisers: int8.cpp, and torch's ops as used when the C++ cannot be built."""
+    if request.param == "kernel":
+        assert int8.KERNEL.get() is not None, f"int8.cpp did not build: {int8.KERNEL.failed}"
+    else:
+        monkeypatch.setattr(int8.KERNEL, "get", lambda: None)
+    return request.param
+
+
+def test_activation_levels_worked_by_hand(quantiser):
+    """x = (-1, 0, 0.5, 3): scale 4/255, zero point round(63.75) = 64, levels round(x·63.75) + 64 clamped."""
+    q, scale, zero_point = quantise_activation(torch.tensor([-1.0, 0.0, 0.5, 3.0]))
+    assert scale == pytest.approx(4 / 255, rel=1e-12) and zero_point == 64
+    # -63.75 -> -64 + 64 = 0; 31.875 -> 32 + 64; 191.25 -> 191 + 64 = 255
+    assert q.dtype == torch.uint8 and q.tolist() == [0, 64, 96, 255]
+    q, scale, zero_point = quantise_activation(torch.tensor([1.0, 2.0]))  # all positive: 0 still in range, zero point 0
+    assert zero_point == 0 and scale == pytest.approx(2 / 255) and q.tolist() == [128, 255]  # 127.5 rounds to even
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_activation_levels_match_torch_in_any_layout(quantiser, dtype):
+    """Random activations (odd sizes: the C++'s vector body and scalar tail) in channels-last, contiguous and
+    strided forms: the levels of the formula, x times 1/s_x in float32 rounded half to even, in x's own layout."""
+    x = (torch.randn(2, 37, 9, 11, generator=torch.Generator().manual_seed(0)) * 3 + 0.7).to(dtype)
+    expected_scale = (x.float().max().item() - x.float().min().item()) / 255
+    for form in (x, x.contiguous(memory_format=torch.channels_last), x.transpose(2, 3)):
+        q, scale, zero_point = quantise_activation(form)
+        assert scale == pytest.approx(expected_scale, rel=1e-6)
+        inverse = torch.tensor(1 / scale, dtype=torch.float32)
+        expected = (torch.round(form.float() * inverse) + zero_point).clamp(0, 255).to(torch.uint8)
+        assert q.shape == form.shape and torch.equal(q.contiguous(), expected.contiguous())
+        assert q.min() == 0 or q.max() == 255  # the range's ends are the levels' ends
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    assert quantise_activation(channels_last)[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_weights_per_output_channel():
+    w = torch.tensor([[0.5, -1.0, 0.25], [2.0, 1.0, -0.5]])
+    q, scales = quantise_weight(w)
+    torch.testing.assert_close(scales, torch.tensor([1.0, 2.0]) / 127)
+    # 63.5 -> 64 (half to even), 31.75 -> 32
+    assert q.dtype == torch.int8 and q.tolist() == [[64, -127, 32], [127, 64, -32]]
+
+
+def integer_reference(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """What an int8 layer computes, in float64: s_x s_w (q_x - z_x) · q_w + b, the same quantised operands."""
+    q, x_scale, x_zero = quantise_activation(x)
+    q_w, w_scales = quantise_weight(layer.weight.detach())
+    x_hat = (q.double() - x_zero) * x_scale
+    w_hat = q_w.double() * w_scales.double().view(-1, *[1] * (q_w.ndim - 1))
+    bias = layer.bias.detach().double()
+    if isinstance(layer, nn.Conv2d):
+        return F.conv2d(x_hat, w_hat, bias, layer.stride, layer.padding)
+    return F.linear(x_hat, w_hat, bias)
+
+
+def random_layers(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(96, 80, 3, padding=1).bfloat16()
+    linear = nn.Linear(96, 72).bfloat16()
+    with torch.no_grad():
+        for layer in (conv, linear):
+            layer.weight.normal_(0, 0.02, generator=generator)
+            layer.bias.normal_(0, 0.1, generator=generator)
+    x_conv = torch.randn(2, 96, 12, 10, generator=generator).bfloat16().contiguous(memory_format=torch.channels_last)
+    x_linear = torch.randn(2, 50, 96, generator=generator).bfloat16()
+    return (conv, Int8Conv2d.from_conv(conv), x_conv), (linear, Int8Linear.from_linear(linear), x_linear)
+
+
+@pytest.mark.parametrize("kind", [0, 1], ids=["conv", "linear"])
+def test_int8_layers_compute_the_integer_sum(kind):
+    plain, twin, x = random_layers()[kind]
+    with torch.no_grad():
+        out = twin(x)
+        reference = integer_reference(x, plain)
+        fp32 = (F.conv2d(x.float(), plain.weight.float(), plain.bias.float(), 1, 1) if kind == 0
+                else F.linear(x.float(), plain.weight.float(), plain.bias.float()))
+    assert out.dtype == torch.bfloat16 and out.shape == reference.shape
+    assert relative(out, reference) < KERNEL_REL_TOL
+    assert relative(out, fp32) < QUANTISATION_REL_TOL
+    assert twin.weight is plain.weight  # the same parameter: state_dict and LoRA merges see the dense weight
+
+
+@pytest.mark.parametrize("kind", [0, 1], ids=["conv", "linear"])
+def test_int8_layers_leave_autograd_and_fp32_to_the_dense_layer(kind):
+    plain, twin, x = random_layers()[kind]
+    x_grad = x.detach().requires_grad_()
+    out = twin(x_grad)
+    assert torch.equal(out, plain(x_grad))  # autograd records: the bf16 layer, bitwise
+    out.sum().backward()
+    assert x_grad.grad is not None
+    with torch.no_grad():
+        assert torch.equal(twin.float()(x.float()), plain.float()(x.float()))  # fp32: the plain layer's result
+
+
+def test_int8_layer_requantises_when_the_weight_changes():
+    plain, twin, x = random_layers()[1]
+    with torch.no_grad():
+        before = twin(x)
+        twin.weight.mul_(-1)  # in place under no_grad: the version counter moves
+        after = twin(x)
+        assert relative(after, integer_reference(x, plain)) < KERNEL_REL_TOL
+        twin.load_state_dict({"weight": plain.weight * 2, "bias": plain.bias})
+        assert relative(twin(x), integer_reference(x, twin)) < KERNEL_REL_TOL
+    assert not torch.allclose(before, after)
+    assert set(twin.state_dict()) == {"weight", "bias"}  # the int8 copy is not state
+
+
+def test_quantise_unet_keeps_the_sensitive_layers_in_bf16():
+    unet = tiny_model().unet.bfloat16()
+    swapped = quantise_unet(unet)
+    kinds = {name: type(module) for name, module in unet.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))}
+    kept = {name for name in kinds if KEEP_BF16.search(name)}
+    assert {"conv_in", "conv_out"} <= kept
+    assert any(name.endswith("attn2.to_k") for name in kept) and any(name.endswith("time_emb_proj") for name in kept)
+    assert any(name.startswith("time_embedding.") for name in kept)
+    assert all(kinds[name] in (nn.Conv2d, nn.Linear) for name in kept)
+    int8_names = set(kinds) - kept
+    assert swapped == len(int8_names) > 0
+    assert all(kinds[name] in (Int8Conv2d, Int8Linear) for name in int8_names)
+    assert any(name.endswith("attn1.to_q") for name in int8_names)
+    assert any(name.endswith("ff.geglu.proj") for name in int8_names)
+
+
+def psnr(a, b) -> float:
+    mse = np.mean((np.asarray(a, dtype=float) - np.asarray(b, dtype=float)) ** 2)
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+def test_pipeline_in_int8_draws_close_to_bf16():
+    """The tiny model (random weights) through Pipeline(dtype="int8"): bf16 networks, the U-Net's large layers int8,
+    the rest packed as in bf16; the image within 30 dB of the bf16 pipeline's (measured 38 dB)."""
+    quantised, bf16 = Pipeline(tiny_model(), dtype="int8"), Pipeline(tiny_model(), dtype="bf16")
+    assert quantised.int8 and quantised.dtype == torch.bfloat16 and not bf16.int8
+    assert any(isinstance(m, Int8Conv2d) for m in quantised.model.unet.modules())
+    assert not any(isinstance(m, (Int8Conv2d, Int8Linear)) for m in quantised.model.vae.modules())
+    kwargs = dict(seed=7, steps=4, guidance_scale=5.0, width=64, height=48)
+    a, b = quantised("a red circle", **kwargs), bf16("a red circle", **kwargs)
+    assert not torch.equal(a.latents, b.latents)  # int8 did run
+    assert psnr(a.images[0], b.images[0]) > 30
+
+
+def test_int8_is_a_precision_name_and_cpu_only():
+    assert parse_precision("int8") is INT8
+    with pytest.raises(ValueError, match="allowed: auto, fp32, bf16, fp16, int8"):
+        parse_precision("int4")
+    with pytest.raises(ValueError, match="int8 runs on the CPU only"):
+        Pipeline(tiny_model(), device="meta", dtype="int8")
