@@ -1,0 +1,109 @@
+"""Where --precision int8's error comes from: one SD 1.5 U-Net call, relative L2 error of its output against fp32.
+
+    .venv/bin/python scripts/int8_error_sources.py                 # 512x512, about 2 minutes on two threads
+    .venv/bin/python scripts/int8_error_sources.py --size 256
+(docs/benchmark.md, section "int8", quotes its output.)
+
+The U-Net has SD 1.5's sizes and benchmark_unet's seeded random weights and inputs (guided batch of 2, t = 500).
+Rows: the packed bf16 path; int8 as `Pipeline(dtype="int8")` runs it (kedavra.networks.int8); the weights' int8
+rounding alone (each int8 layer's weight replaced by its dequantised per-channel int8 copy, bf16 activations); the
+activations' rounding alone (each int8 layer's input replaced by its dequantised per-tensor uint8 copy, bf16
+weights); and int8 with one kind of layer kept in bf16 (by module name), to find whether one kind carries the error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from benchmark_unet import inputs, reference_unet  # noqa: E402
+
+from kedavra.networks import int8  # noqa: E402
+from kedavra.networks.acceleration import optimize_for_inference  # noqa: E402
+from kedavra.networks.model import PRESETS  # noqa: E402
+from kedavra.networks.unet import UNet  # noqa: E402
+from kedavra.networks.unet_keys import convert_unet_state_dict  # noqa: E402
+
+LAYER_KINDS = {  # kind -> module-name pattern (kedavra's U-Net names)
+    "resnet conv1": r"resnets\.\d+\.conv1$", "resnet conv2": r"resnets\.\d+\.conv2$", "1x1 shortcut": r"shortcut$",
+    "down/up-sampling conv": r"resample\.conv$", "proj_in": r"proj_in$", "proj_out": r"attentions\.\d+\.proj_out$",
+    "self-attention q, k, v": r"attn1\.to_[qkv]$", "self-attention output": r"attn1\.to_out",
+    "cross-attention q": r"attn2\.to_q$", "cross-attention output": r"attn2\.to_out",
+    "GEGLU projection": r"geglu\.proj$", "feed-forward output": r"ff\.proj_out$",
+}
+INT8_TYPES = (int8.Int8Conv2d, int8.Int8Linear)
+
+
+def plain(layer: nn.Module) -> None:
+    """Turn an int8 twin back into the plain layer it was made from (the same parameters)."""
+    layer.__class__ = nn.Conv2d if isinstance(layer, int8.Int8Conv2d) else nn.Linear
+
+
+def dequantised_input(layer: nn.Module, args: tuple) -> tuple:
+    x = args[0]
+    q, scale, zero_point = int8.quantise_activation(x)
+    return (((q.float() - zero_point) * scale).to(x.dtype),)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=512, help="image side in pixels (a multiple of 64)")
+    args = parser.parse_args()
+    if args.size <= 0 or args.size % 64:
+        parser.error(f"--size {args.size}: a positive multiple of 64 is needed")
+    state = convert_unet_state_dict(reference_unet().state_dict(), "diffusers", PRESETS["sd15"].unet)
+    x, t, context = inputs(args.size)
+
+    def unet(dtype: torch.dtype, keep: str | None = None, quantise: bool = False) -> nn.Module:
+        with torch.device("meta"):
+            model = UNet(PRESETS["sd15"].unet)
+        model.load_state_dict({k: v.clone().to(dtype) for k, v in state.items()}, strict=True, assign=True)
+        model.eval().to(memory_format=torch.channels_last)
+        if quantise:
+            int8.quantise_unet(model)
+            for name, layer in model.named_modules():
+                if keep is not None and isinstance(layer, INT8_TYPES) and re.search(keep, name):
+                    plain(layer)
+        return model
+
+    with torch.no_grad():
+        reference = unet(torch.float32)(x.float(), t, context.float())
+
+        def error(model: nn.Module, pack: bool = True) -> float:
+            if pack:  # as the pipeline: the bf16 layers packed
+                optimize_for_inference(model, "cpu", torch.bfloat16)
+            return ((model(x, t, context).float() - reference).norm() / reference.norm()).item()
+
+        print(f"SD 1.5 U-Net at {args.size}, random weights: relative L2 error of one call against fp32\n")
+        print("| configuration | error |\n|---|---|")
+        print(f"| bf16 (packed) | {error(unet(torch.bfloat16)):.4f} |")
+        print(f"| int8 | {error(unet(torch.bfloat16, quantise=True)):.4f} |", flush=True)
+        weights_only = unet(torch.bfloat16, quantise=True)
+        for layer in weights_only.modules():
+            if isinstance(layer, INT8_TYPES):
+                q, scales = int8.quantise_weight(layer.weight)
+                layer.weight = nn.Parameter((q.float() * scales.view(-1, *[1] * (q.ndim - 1))).bfloat16())
+                plain(layer)
+        print(f"| int8 weights alone | {error(weights_only):.4f} |", flush=True)
+        activations_only = unet(torch.bfloat16, quantise=True)
+        for layer in activations_only.modules():
+            if isinstance(layer, INT8_TYPES):
+                plain(layer)
+                layer.register_forward_pre_hook(dequantised_input)
+        # eager bf16 layers: packing would swap the modules (and the GEGLU's projection would bypass its hook)
+        print(f"| int8 activations alone | {error(activations_only, pack=False):.4f} |", flush=True)
+        for kind, pattern in LAYER_KINDS.items():
+            print(f"| int8, {kind} kept bf16 | {error(unet(torch.bfloat16, pattern, quantise=True)):.4f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
