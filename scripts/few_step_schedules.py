@@ -93,7 +93,12 @@ def model_table(per_kind: int) -> str:
             ("unipc", "Karras", lambda n: {"karras": True}),
             ("unipc", "log-uniform", lambda n: {"sigmas": tuple(log_uniform_sigmas(sigma_min, sigma_max, n).tolist())}),
             ("unipc", "optimised (GITS)", lambda n: {"sigmas": optimised[n]}),
-            ("dpmpp_2m", "optimised (GITS)", lambda n: {"sigmas": optimised[n]})]
+            ("dpmpp_2m", "optimised (GITS)", lambda n: {"sigmas": optimised[n]}),
+            ("euler", "Karras", lambda n: {"karras": True}),
+            ("euler", "optimised (GITS)", lambda n: {"sigmas": optimised[n]}),
+            ("Euler", "A1111's Karras", lambda n: {"schedule_type": "Karras"}),
+            ("Euler", "A1111's KL Optimal", lambda n: {"schedule_type": "KL Optimal"}),
+            ("DPM++ 2M", "A1111's Karras", lambda n: {"schedule_type": "Karras"})]
     for sampler, name, settings in runs:
         cells = []
         for n in BUDGETS:

@@ -167,6 +167,14 @@ def psnr(a, b) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
+def test_quantise_unet_keeps_sdxl_added_conditioning_in_bf16():
+    unet = tiny_model("tiny-sdxl").unet.bfloat16()
+    quantise_unet(unet)
+    added = [m for name, m in unet.named_modules() if name.startswith("add_embedding.") and isinstance(m, nn.Linear)]
+    assert added and all(type(m) is nn.Linear for m in added)
+    assert any(isinstance(m, Int8Linear) for m in unet.modules())
+
+
 def test_pipeline_in_int8_draws_close_to_bf16():
     """The tiny model (random weights) through Pipeline(dtype="int8"): bf16 networks, the U-Net's large layers int8,
     the rest packed as in bf16; the image within 30 dB of the bf16 pipeline's (measured 38 dB)."""

@@ -67,6 +67,26 @@ def packing_available() -> bool:
     )
 
 
+def conv_twin(cls: type, conv: nn.Conv2d) -> nn.Conv2d:
+    """An instance of `cls` (an nn.Conv2d subclass) with conv's settings, holding conv's very parameter tensors."""
+    with torch.device("meta"):
+        twin = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                   dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                   padding_mode=conv.padding_mode)
+    twin.weight, twin.bias = conv.weight, conv.bias
+    twin.train(conv.training)
+    return twin
+
+
+def linear_twin(cls: type, linear: nn.Linear) -> nn.Linear:
+    """An instance of `cls` (an nn.Linear subclass) with linear's sizes, holding linear's very parameter tensors."""
+    with torch.device("meta"):
+        twin = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+    twin.weight, twin.bias = linear.weight, linear.bias
+    twin.train(linear.training)
+    return twin
+
+
 class _PackState:
     """Where one layer's weight lives: the packed copies, and whether the parameter still holds the dense values.
 
@@ -196,13 +216,7 @@ class PackedConv2d(_PackedLayer, nn.Conv2d):
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> PackedConv2d:
         """A packed twin of `conv` holding the very same parameter tensors."""
-        with torch.device("meta"):
-            packed = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                         padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                         bias=conv.bias is not None, padding_mode=conv.padding_mode)
-        packed.weight, packed.bias = conv.weight, conv.bias
-        packed.train(conv.training)
-        return packed
+        return conv_twin(cls, conv)
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self._parameters["weight"]
@@ -221,11 +235,8 @@ class PackedLinear(_PackedLayer, nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, row_blocks: int = 1) -> PackedLinear:
         """A packed twin of `linear` holding the very same parameter tensors."""
-        with torch.device("meta"):
-            packed = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
-        packed.weight, packed.bias = linear.weight, linear.bias
+        packed = linear_twin(cls, linear)
         packed.row_blocks = row_blocks
-        packed.train(linear.training)
         return packed
 
     def takes_packed(self, x: Tensor) -> bool:

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from kedavra.networks.acceleration import conv_twin, linear_twin
 from kedavra.networks.cpp_extension import CppExtension
 
 INT8_MAX, UINT8_MAX = 127, 255
@@ -114,13 +115,7 @@ class Int8Conv2d(_Int8Layer, nn.Conv2d):
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> Int8Conv2d:
         """An int8 twin of `conv` holding the very same parameter tensors."""
-        with torch.device("meta"):
-            twin = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                       padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                       bias=conv.bias is not None, padding_mode=conv.padding_mode)
-        twin.weight, twin.bias = conv.weight, conv.bias
-        twin.train(conv.training)
-        return twin
+        return conv_twin(cls, conv)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.padding_mode != "zeros" or isinstance(self.padding, str) or x.ndim != 4 or not self._takes_int8(x):
@@ -140,11 +135,7 @@ class Int8Linear(_Int8Layer, nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         """An int8 twin of `linear` holding the very same parameter tensors."""
-        with torch.device("meta"):
-            twin = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
-        twin.weight, twin.bias = linear.weight, linear.bias
-        twin.train(linear.training)
-        return twin
+        return linear_twin(cls, linear)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim < 2 or not self._takes_int8(x):
