@@ -133,6 +133,17 @@ def test_int8_layers_leave_autograd_and_fp32_to_the_dense_layer(kind):
         assert torch.equal(twin.float()(x.float()), plain.float()(x.float()))  # fp32: the plain layer's result
 
 
+def test_one_int8_copy_serves_every_input_shape():
+    plain, twin, x = random_layers()[0]
+    other = torch.randn(1, 96, 7, 16, generator=torch.Generator().manual_seed(3)).bfloat16()
+    with torch.no_grad():
+        twin(x)
+        copy = twin.__dict__["_int8"]
+        assert relative(twin(other), integer_reference(other.contiguous(memory_format=torch.channels_last), plain)) \
+            < KERNEL_REL_TOL  # a contiguous (not channels-last) input of another size
+        assert twin.__dict__["_int8"] is copy
+
+
 def test_int8_layer_requantises_when_the_weight_changes():
     plain, twin, x = random_layers()[1]
     with torch.no_grad():

@@ -94,11 +94,12 @@ class _Int8Layer:
         return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.bfloat16
                 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
-    def _quantised(self, pack, shape: tuple | None) -> tuple:
-        """(packed int8 weight, s_w, zero points, fp32 bias), built by pack(q_w, s_w) once per weight tensor, weight
-        version and input shape (a LoRA merge or load_state_dict changes the version)."""
+    def _quantised(self, pack) -> tuple:
+        """(packed int8 weight, s_w, zero points, fp32 bias), built by pack(q_w, s_w) once per weight tensor and
+        weight version (a LoRA merge or load_state_dict changes the version); packed without an input shape, so one
+        copy serves every shape (measured as fast as a copy packed for the shape)."""
         weight = self.weight
-        key = (weight.data_ptr(), weight._version, shape)
+        key = (weight.data_ptr(), weight._version)
         cached = self.__dict__.get("_int8")
         if cached is None or cached[0] != key:
             q, scales = quantise_weight(weight.detach())
@@ -123,7 +124,7 @@ class Int8Conv2d(_Int8Layer, nn.Conv2d):
         x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's int8 convolution reads NHWC
         args = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
         packed, scales, zeros, bias = self._quantised(
-            lambda q, s: torch.ops.onednn.qconv_prepack(q, s, 1.0, 0, *args, list(x.shape)), tuple(x.shape))
+            lambda q, s: torch.ops.onednn.qconv_prepack(q, s, 1.0, 0, *args, None))
         q, x_scale, x_zero = quantise_activation(x)
         return torch.ops.onednn.qconv2d_pointwise(q, x_scale, x_zero, packed, scales, zeros, bias, *args, 1.0, 0,
                                                   torch.bfloat16, *NO_POST_OP)  # (B, C_out, H', W'), channels last
@@ -141,7 +142,7 @@ class Int8Linear(_Int8Layer, nn.Linear):
         if x.ndim < 2 or not self._takes_int8(x):
             return super().forward(x)
         rows = x.reshape(-1, self.in_features).contiguous()  # (N, D_in), N = all leading dims
-        packed, scales, zeros, bias = self._quantised(lambda q, s: torch.ops.onednn.qlinear_prepack(q, None), None)
+        packed, scales, zeros, bias = self._quantised(lambda q, s: torch.ops.onednn.qlinear_prepack(q, None))
         q, x_scale, x_zero = quantise_activation(rows)
         out = torch.ops.onednn.qlinear_pointwise(q, x_scale, x_zero, packed, scales, zeros, bias, 1.0, 0,
                                                  torch.bfloat16, *NO_POST_OP)  # (N, D_out)
