@@ -353,11 +353,11 @@ def test_missing_weights_stop_evaluate_before_the_model_loads(model_file, tmp_pa
 
 class DrawingPipe:
     """A perfect shapes "model": draws each prompt with the data set's own renderer (seeded per image). It stands in
-    for a Pipeline in `run_evaluation` (the call, check, device, dtype and model.config it uses)."""
+    for a Pipeline in `run_evaluation` (the call, check, device, dtype, int8 and model.config it uses)."""
 
     def __init__(self, image_size: int = 32):
         self.model = SimpleNamespace(config=SimpleNamespace(image_size=image_size, describe=lambda: "drawing pipe"))
-        self.device, self.dtype = torch.device("cpu"), torch.float32
+        self.device, self.dtype, self.int8 = torch.device("cpu"), torch.float32, False
 
     def check(self, request):
         return request

@@ -135,8 +135,7 @@ def run_evaluation(pipe, net: InceptionV3, settings: EvaluationSettings, *, mode
         for steps in settings.curve_steps:
             curve.append(_curve_point(pipe, net, settings, sampler, steps, captions, real_features, log))
     seconds["sampler-steps curve"] = time.perf_counter() - start
-    # a pipeline-like object without the int8 flag (tests draw with one) reports its dtype
-    precision = "int8 (bfloat16 elsewhere)" if getattr(pipe, "int8", False) else str(pipe.dtype).removeprefix("torch.")
+    precision = "int8 (bfloat16 elsewhere)" if pipe.int8 else str(pipe.dtype).removeprefix("torch.")
     return Evaluation(settings, model_name, pipe.model.config.describe(), str(pipe.device), precision,
                       torch.get_num_threads(), source, len(generated),
                       fid_value, kid_value, generated[:GRID_IMAGES], to_pil(real[:GRID_IMAGES]), adherence,

@@ -38,11 +38,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from kedavra.networks.acceleration import conv_twin, linear_twin
+from kedavra.networks.acceleration import NO_POST_OP, conv_twin, linear_twin
 from kedavra.networks.cpp_extension import CppExtension
 
 INT8_MAX, UINT8_MAX = 127, 255
-NO_POST_OP = ("none", [], "")  # oneDNN fused-op arguments: no activation after the layer (attr, scalars, algo)
 # U-Net module names (kedavra's, the diffusers names) whose layers stay bf16: module docstring
 KEEP_BF16 = re.compile(r"(^|\.)(conv_in|conv_out|time_emb_proj)$|(^|\.)(time_embedding|add_embedding)\.|"
                        r"(^|\.)attn2\.to_[kv]$")
@@ -156,19 +155,15 @@ def quantise_unet(unet: nn.Module) -> int:
     if not available():
         raise ValueError("precision int8 needs oneDNN's int8 kernels (torch.ops.onednn.qlinear_pointwise), which this "
                          "torch build lacks: use bf16 or fp32")
+    twins = {nn.Conv2d: Int8Conv2d.from_conv, nn.Linear: Int8Linear.from_linear}
     swapped = 0
-    for name, module in list(unet.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if KEEP_BF16.search(full):
-                continue
-            if type(child) is nn.Conv2d:
-                setattr(module, child_name, Int8Conv2d.from_conv(child))
-            elif type(child) is nn.Linear:
-                setattr(module, child_name, Int8Linear.from_linear(child))
-            else:
-                continue
-            swapped += 1
+    for name, layer in list(unet.named_modules()):
+        twin = twins.get(type(layer))
+        if twin is None or KEEP_BF16.search(name):
+            continue
+        parent, _, attribute = name.rpartition(".")
+        setattr(unet.get_submodule(parent), attribute, twin(layer))
+        swapped += 1
     return swapped
 
 
