@@ -6,9 +6,11 @@
 
 The U-Net has SD 1.5's sizes and benchmark_unet's seeded random weights and inputs (guided batch of 2, t = 500).
 Rows: the packed bf16 path; int8 as `Pipeline(dtype="int8")` runs it (kedavra.networks.int8); the weights' int8
-rounding alone (each int8 layer's weight replaced by its dequantised per-channel int8 copy, bf16 activations); the
-activations' rounding alone (each int8 layer's input replaced by its dequantised per-tensor uint8 copy, bf16
-weights); and int8 with one kind of layer kept in bf16 (by module name), to find whether one kind carries the error.
+rounding alone (each int8 layer's weight replaced by its dequantised per-channel int8 copy, bf16 activations, no bias
+correction); the activations' rounding alone (each int8 layer's input replaced by its dequantised copy, per row or
+per tensor as int8 quantises it, bf16 weights); int8 as it was before 8 December 2026 (per-tensor activations for
+every layer, no bias correction), and int8 without the bias correction; and int8 with one kind of layer kept in bf16
+(by module name), to find whether one kind carries the error.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from benchmark_unet import inputs, reference_unet  # noqa: E402
 
 from kedavra.networks import int8  # noqa: E402
-from kedavra.networks.acceleration import optimize_for_inference  # noqa: E402
+from kedavra.networks.acceleration import NO_POST_OP, optimize_for_inference  # noqa: E402
 from kedavra.networks.model import PRESETS  # noqa: E402
 from kedavra.networks.unet import UNet  # noqa: E402
 from kedavra.networks.unet_keys import convert_unet_state_dict  # noqa: E402
@@ -48,9 +50,45 @@ def plain(layer: nn.Module) -> None:
 
 
 def dequantised_input(layer: nn.Module, args: tuple) -> tuple:
+    """The input as the int8 layer quantises it: per row, centred (linear layers, 1x1 convolutions), or per tensor."""
     x = args[0]
-    q, scale, zero_point = int8.quantise_activation(x)
+    if isinstance(layer, nn.Linear) or layer.kernel_size == (1, 1):
+        rows = x.permute(0, 2, 3, 1) if x.ndim == 4 else x  # (..., C_in)
+        q, scales, means = int8.quantise_rows(rows.reshape(-1, rows.shape[-1]), centre=True)
+        x_hat = (means + (q.float() - int8.ROW_ZERO_POINT) * scales[:, None]).view(rows.shape)
+        return ((x_hat.permute(0, 3, 1, 2) if x.ndim == 4 else x_hat).to(x.dtype),)
+    q, scale, zero_point, _ = int8.quantise_activation(x)
     return (((q.float() - zero_point) * scale).to(x.dtype),)
+
+
+class PerTensorLinear(int8.Int8Linear):
+    """int8 before 8 December 2026: one asymmetric scale per tensor, the bias added inside the kernel."""
+
+    def forward(self, x):
+        rows = x.reshape(-1, self.in_features)
+        packed, scales, zeros, bias, _ = self._quantised(lambda q, s: torch.ops.onednn.qlinear_prepack(q, None))
+        q, x_scale, x_zero, _ = int8.quantise_activation(rows)
+        out = torch.ops.onednn.qlinear_pointwise(q, x_scale, x_zero, packed, scales, zeros, bias, 1.0, 0,
+                                                 torch.bfloat16, *NO_POST_OP)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+class UncorrectedConv(int8.Int8Conv2d):
+    """int8's convolution without the bias correction (and, with `pointwise` False, 1x1 ones per tensor too)."""
+
+    per_row = True
+
+    @property
+    def pointwise(self):
+        return self.per_row and self.kernel_size == (1, 1)
+
+    def _quantised(self, pack, correction=False):
+        packed, scales, zeros, bias, delta = super()._quantised(pack, correction)
+        return packed, scales, zeros, bias, None if delta is None else torch.zeros_like(delta)
+
+
+class PerTensorConv(UncorrectedConv):
+    per_row = False
 
 
 def main() -> int:
@@ -100,6 +138,13 @@ def main() -> int:
                 layer.register_forward_pre_hook(dequantised_input)
         # eager bf16 layers: packing would swap the modules (and the GEGLU's projection would bypass its hook)
         print(f"| int8 activations alone | {error(activations_only, pack=False):.4f} |", flush=True)
+        for label, swaps in (("int8 before 8 Dec 2026 (per tensor, no bias correction)",
+                              {int8.Int8Linear: PerTensorLinear, int8.Int8Conv2d: PerTensorConv}),
+                             ("int8 without the bias correction", {int8.Int8Conv2d: UncorrectedConv})):
+            variant = unet(torch.bfloat16, quantise=True)
+            for layer in variant.modules():
+                layer.__class__ = swaps.get(type(layer), type(layer))
+            print(f"| {label} | {error(variant):.4f} |", flush=True)
         for kind, pattern in LAYER_KINDS.items():
             print(f"| int8, {kind} kept bf16 | {error(unet(torch.bfloat16, pattern, quantise=True)):.4f} |", flush=True)
     return 0

@@ -1,5 +1,6 @@
-"""int8 inference (kedavra.networks.int8, `--precision int8`): the activation quantiser against hand-worked and torch's
-values, the int8 layers against the integer arithmetic they stand for, what stays bf16, and a pipeline that runs it."""
+"""int8 inference (kedavra.networks.int8, `--precision int8`): the activation quantisers (per tensor with channel means,
+per row) and the per-row epilogue against hand-worked and torch's values, the int8 layers against the integer
+arithmetic they stand for (bias correction included), what stays bf16, and a pipeline that runs it."""
 
 import math
 
@@ -13,11 +14,14 @@ from torch import nn
 from kedavra.networks import int8
 from kedavra.networks.int8 import (
     KEEP_BF16,
+    ROW_ZERO_POINT,
     Int8Conv2d,
     Int8Linear,
     quantise_activation,
+    quantise_rows,
     quantise_unet,
     quantise_weight,
+    scale_rows,
 )
 from kedavra.pipeline.device import INT8, parse_precision
 from kedavra.pipeline.pipeline import Pipeline
@@ -49,11 +53,12 @@ def quantiser(request, monkeypatch):
 
 def test_activation_levels_worked_by_hand(quantiser):
     """x = (-1, 0, 0.5, 3): scale 4/255, zero point round(63.75) = 64, levels round(x·63.75) + 64 clamped."""
-    q, scale, zero_point = quantise_activation(torch.tensor([-1.0, 0.0, 0.5, 3.0]))
-    assert scale == pytest.approx(4 / 255, rel=1e-12) and zero_point == 64
+    q, scale, zero_point, means = quantise_activation(torch.tensor([-1.0, 0.0, 0.5, 3.0]))
+    assert means is None and scale == pytest.approx(4 / 255, rel=1e-12) and zero_point == 64
     # -63.75 -> -64 + 64 = 0; 31.875 -> 32 + 64; 191.25 -> 191 + 64 = 255
     assert q.dtype == torch.uint8 and q.tolist() == [0, 64, 96, 255]
-    q, scale, zero_point = quantise_activation(torch.tensor([1.0, 2.0]))  # all positive: 0 still in range, zero point 0
+    # all positive: 0 still in range, zero point 0
+    q, scale, zero_point, _ = quantise_activation(torch.tensor([1.0, 2.0]))
     assert zero_point == 0 and scale == pytest.approx(2 / 255) and q.tolist() == [128, 255]  # 127.5 rounds to even
 
 
@@ -64,7 +69,7 @@ def test_activation_levels_match_torch_in_any_layout(quantiser, dtype):
     x = (torch.randn(2, 37, 9, 11, generator=torch.Generator().manual_seed(0)) * 3 + 0.7).to(dtype)
     expected_scale = (x.float().max().item() - x.float().min().item()) / 255
     for form in (x, x.contiguous(memory_format=torch.channels_last), x.transpose(2, 3)):
-        q, scale, zero_point = quantise_activation(form)
+        q, scale, zero_point, _ = quantise_activation(form)
         assert scale == pytest.approx(expected_scale, rel=1e-6)
         inverse = torch.tensor(1 / scale, dtype=torch.float32)
         expected = (torch.round(form.float() * inverse) + zero_point).clamp(0, 255).to(torch.uint8)
@@ -72,6 +77,70 @@ def test_activation_levels_match_torch_in_any_layout(quantiser, dtype):
         assert q.min() == 0 or q.max() == 255  # the range's ends are the levels' ends
     channels_last = x.contiguous(memory_format=torch.channels_last)
     assert quantise_activation(channels_last)[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_channel_means_come_with_the_levels(quantiser, dtype):
+    """Asked for C channels, the quantiser also returns each channel's mean over a channels-last tensor (37 channels:
+    the vector body and the scalar tail of each row), and the levels are those of the plain call."""
+    x = (torch.randn(2, 37, 9, 11, generator=torch.Generator().manual_seed(1)) + torch.arange(37).view(1, -1, 1, 1) / 9)
+    x = x.to(dtype).contiguous(memory_format=torch.channels_last)
+    q, scale, zero_point, means = quantise_activation(x, channels=37)
+    torch.testing.assert_close(means, x.double().mean(dim=(0, 2, 3)).float(), rtol=1e-5, atol=1e-6)
+    plain = quantise_activation(x)
+    assert torch.equal(q, plain[0]) and (scale, zero_point) == plain[1:3]
+    with pytest.raises(ValueError, match="channels-last"):
+        quantise_activation(x.contiguous(), channels=37)
+
+
+def test_row_levels_worked_by_hand(quantiser):
+    """Row (-1, 0.5, 0.25): s = 1/127, levels round(-127, 63.5, 31.75) = (-127, 64, 32) + 128 (63.5 to even); a zero
+    row gets the tiny floor scale and the zero level."""
+    q, scales, means = quantise_rows(torch.tensor([[-1.0, 0.5, 0.25], [0.0, 0.0, 0.0]]))
+    assert means is None and q.dtype == torch.uint8 and q.tolist() == [[1, 192, 160], [128, 128, 128]]
+    torch.testing.assert_close(scales, torch.tensor([1 / 127, 1e-12]))
+    # centred: the column means (-0.5, 0.25, 0.125) are taken out first, rows (-0.5, 0.25, 0.125) and their negation
+    q, scales, means = quantise_rows(torch.tensor([[-1.0, 0.5, 0.25], [0.0, 0.0, 0.0]]), centre=True)
+    torch.testing.assert_close(means, torch.tensor([-0.5, 0.25, 0.125]))
+    assert q.tolist() == [[1, 192, 160], [255, 64, 96]]
+    torch.testing.assert_close(scales, torch.tensor([0.5 / 127, 0.5 / 127]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_row_levels_match_the_formula(quantiser, dtype):
+    x = (torch.randn(53, 45, generator=torch.Generator().manual_seed(2)) * torch.rand(53, 1) * 5).to(dtype)
+    for centre in (False, True):
+        q, scales, means = quantise_rows(x, centre=centre)
+        rows = x.float()
+        if centre:  # the mean over every row: 53 rows are under MEAN_ROWS, so none is skipped
+            torch.testing.assert_close(means, rows.double().mean(dim=0).float(), rtol=1e-6, atol=1e-6)
+            rows = rows - means
+        expected_scales = (rows.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        torch.testing.assert_close(scales, expected_scales, rtol=0, atol=0)
+        levels = torch.round(rows * (1 / expected_scales)[:, None]).clamp(-127, 127) + ROW_ZERO_POINT
+        assert torch.equal(q, levels.to(torch.uint8))
+        assert ((q.int() - ROW_ZERO_POINT).abs().amax(dim=1) == 127).all()  # each row's largest value: a full level
+
+
+def test_column_means_of_many_rows_come_from_evenly_spaced_rows(quantiser):
+    """Over MEAN_ROWS rows the means are those of rows 0, k, 2k, ... (k = N // MEAN_ROWS), in both quantisers."""
+    x = torch.randn(int8.MEAN_ROWS * 3 + 5, 24, generator=torch.Generator().manual_seed(5)) + torch.arange(24.0)
+    _, _, means = quantise_rows(x, centre=True)
+    torch.testing.assert_close(means, x[::3].double().mean(dim=0).float(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("acc_dtype", [torch.float32, torch.bfloat16])
+def test_row_epilogue_scales_each_row_and_adds_the_bias(quantiser, acc_dtype):
+    """bf16(acc · s[r] + b[o]) rounded once to nearest even (43 columns: vector body and tail); NaN and inf pass."""
+    generator = torch.Generator().manual_seed(3)
+    acc = (torch.randn(31, 43, generator=generator) * 300).to(acc_dtype)
+    scales, bias = torch.rand(31, generator=generator) / 100, torch.randn(43, generator=generator)
+    acc[0, 5], acc[1, 41] = float("nan"), float("inf")
+    expected = (acc.float() * scales[:, None] + bias).to(torch.bfloat16)
+    for b, want in ((bias, expected), (None, (acc.float() * scales[:, None]).to(torch.bfloat16))):
+        out = scale_rows(acc.clone(), scales, b)
+        assert out.dtype == torch.bfloat16 and torch.equal(out.isnan(), want.isnan())
+        assert torch.equal(out.nan_to_num(), want.nan_to_num())
 
 
 def test_weights_per_output_channel():
@@ -82,46 +151,72 @@ def test_weights_per_output_channel():
     assert q.dtype == torch.int8 and q.tolist() == [[64, -127, 32], [127, 64, -32]]
 
 
-def integer_reference(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    """What an int8 layer computes, in float64: s_x s_w (q_x - z_x) · q_w + b, the same quantised operands."""
-    q, x_scale, x_zero = quantise_activation(x)
+def pointwise(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.Linear) or layer.kernel_size == (1, 1)
+
+
+def integer_reference(x: torch.Tensor, layer: nn.Module, corrected: bool = True) -> torch.Tensor:
+    """What an int8 layer computes, in float64, from the same quantised operands: per-row levels of the centred rows
+    for linear layers and 1x1 convolutions, s_x[r] (q_x - 128) · s_w q_w + W μ + b; per-tensor levels for a 3x3
+    convolution, s_x (q_x - z_x) * s_w q_w + b - ΔW_sum μ (the bias correction, unless `corrected` is False)."""
     q_w, w_scales = quantise_weight(layer.weight.detach())
-    x_hat = (q.double() - x_zero) * x_scale
     w_hat = q_w.double() * w_scales.double().view(-1, *[1] * (q_w.ndim - 1))
     bias = layer.bias.detach().double()
-    if isinstance(layer, nn.Conv2d):
-        return F.conv2d(x_hat, w_hat, bias, layer.stride, layer.padding)
-    return F.linear(x_hat, w_hat, bias)
+    if pointwise(layer):
+        rows = x.permute(0, 2, 3, 1) if x.ndim == 4 else x  # (..., C_in)
+        q, scales, means = quantise_rows(rows.reshape(-1, rows.shape[-1]), centre=corrected)
+        x_hat = ((q.double() - ROW_ZERO_POINT) * scales.double()[:, None]).view(rows.shape)
+        if corrected:
+            bias = bias + layer.weight.detach().double().flatten(1) @ means.double()  # W μ (bf16 in the layer)
+        out = F.linear(x_hat, w_hat.flatten(1), bias)
+        return out.permute(0, 3, 1, 2) if x.ndim == 4 else out
+    q, x_scale, x_zero, _ = quantise_activation(x)
+    x_hat = (q.double() - x_zero) * x_scale
+    if corrected:
+        delta = (w_hat - layer.weight.detach().double()).sum(dim=(2, 3))  # (C_out, C_in)
+        bias = bias - delta @ x.double().mean(dim=(0, 2, 3))
+    return F.conv2d(x_hat, w_hat, bias, layer.stride, layer.padding)
 
 
 def random_layers(seed=0):
+    """(plain, int8 twin, input) for a 3x3 convolution, a linear layer and a 1x1 convolution, N(0, 0.02²) weights."""
     generator = torch.Generator().manual_seed(seed)
     conv = nn.Conv2d(96, 80, 3, padding=1).bfloat16()
     linear = nn.Linear(96, 72).bfloat16()
+    conv1x1 = nn.Conv2d(96, 40, 1).bfloat16()
     with torch.no_grad():
-        for layer in (conv, linear):
+        for layer in (conv, linear, conv1x1):
             layer.weight.normal_(0, 0.02, generator=generator)
             layer.bias.normal_(0, 0.1, generator=generator)
     x_conv = torch.randn(2, 96, 12, 10, generator=generator).bfloat16().contiguous(memory_format=torch.channels_last)
     x_linear = torch.randn(2, 50, 96, generator=generator).bfloat16()
-    return (conv, Int8Conv2d.from_conv(conv), x_conv), (linear, Int8Linear.from_linear(linear), x_linear)
+    return ((conv, Int8Conv2d.from_conv(conv), x_conv), (linear, Int8Linear.from_linear(linear), x_linear),
+            (conv1x1, Int8Conv2d.from_conv(conv1x1), x_conv))
 
 
-@pytest.mark.parametrize("kind", [0, 1], ids=["conv", "linear"])
+def fp32_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(layer, nn.Conv2d):
+        return F.conv2d(x.float(), layer.weight.float(), layer.bias.float(), 1, layer.padding)
+    return F.linear(x.float(), layer.weight.float(), layer.bias.float())
+
+
+KINDS = pytest.mark.parametrize("kind", [0, 1, 2], ids=["conv", "linear", "conv1x1"])
+
+
+@KINDS
 def test_int8_layers_compute_the_integer_sum(kind):
     plain, twin, x = random_layers()[kind]
     with torch.no_grad():
         out = twin(x)
         reference = integer_reference(x, plain)
-        fp32 = (F.conv2d(x.float(), plain.weight.float(), plain.bias.float(), 1, 1) if kind == 0
-                else F.linear(x.float(), plain.weight.float(), plain.bias.float()))
+        fp32 = fp32_layer(plain, x)
     assert out.dtype == torch.bfloat16 and out.shape == reference.shape
     assert relative(out, reference) < KERNEL_REL_TOL
     assert relative(out, fp32) < QUANTISATION_REL_TOL
     assert twin.weight is plain.weight  # the same parameter: state_dict and LoRA merges see the dense weight
 
 
-@pytest.mark.parametrize("kind", [0, 1], ids=["conv", "linear"])
+@KINDS
 def test_int8_layers_leave_autograd_and_fp32_to_the_dense_layer(kind):
     plain, twin, x = random_layers()[kind]
     x_grad = x.detach().requires_grad_()
@@ -131,6 +226,26 @@ def test_int8_layers_leave_autograd_and_fp32_to_the_dense_layer(kind):
     assert x_grad.grad is not None
     with torch.no_grad():
         assert torch.equal(twin.float()(x.float()), plain.float()(x.float()))  # fp32: the plain layer's result
+
+
+@KINDS
+def test_centring_and_bias_correction_remove_the_weight_rounding_shift(kind):
+    """Inputs with a large mean (after SiLU they are not zero-mean): the weights' rounding error ΔW shifts each output
+    channel by ΔW μ. The 3x3 convolution subtracts its estimate, the per-row layers take μ out of the rows and add W μ
+    back exactly: each one's per-channel mean error against fp32 is a small fraction of the plain integer sum's."""
+    plain, twin, x = random_layers()[kind]
+    x = (x.float() * 0.3 + 3.0).bfloat16()
+    x = x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+    with torch.no_grad():
+        out, fp32 = twin(x).double(), fp32_layer(plain, x).double()
+        uncorrected = integer_reference(x, plain, corrected=False)
+    assert relative(out, integer_reference(x, plain)) < KERNEL_REL_TOL
+    if kind == 0:  # the border pixels miss taps: left out
+        out, fp32, uncorrected = (v[:, :, 1:-1, 1:-1] for v in (out, fp32, uncorrected))
+    channel_dims = (0, 2, 3) if out.ndim == 4 else (0, 1)
+    shift = (out - fp32).mean(dim=channel_dims).abs().mean()
+    shift_uncorrected = (uncorrected - fp32).mean(dim=channel_dims).abs().mean()
+    assert shift < 0.1 * shift_uncorrected  # measured 0.01-0.03
 
 
 def test_one_int8_copy_serves_every_input_shape():

@@ -6,27 +6,42 @@ linear layers for int8 twins (`quantise_unet`). Each twin computes
     y = s_x s_w[o] Σ_i (q_x[i] - z_x) q_w[o, i] + b[o]
 
 with the affine quantisation of Jacob et al. 2018 (eq. 1-4, "Quantization and Training of Neural Networks for
-Efficient Integer-Arithmetic-Only Inference"):
+Efficient Integer-Arithmetic-Only Inference"), the sum in int32 inside oneDNN's kernels
+(`torch.ops.onednn.qconv2d_pointwise` / `qlinear_pointwise`, the ones torch.compile's x86 int8 path emits:
+AVX512-VNNI, AMX-INT8 where the CPU has it):
 - weights per output channel, symmetric int8: s_w[o] = max_i |W[o, i]| / 127, q_w = round(W / s_w) (Krishnamoorthi
   2018, sec. 2.3: per-channel scales keep the error of layers whose channels differ in range);
-- activations per tensor, asymmetric uint8, from each call's own range ("dynamic" quantisation, no calibration
-  data): s_x = (max(x_max, 0) - min(x_min, 0)) / 255, z_x = round(-min(x_min, 0) / s_x), found and applied by
-  kedavra/networks/int8.cpp in two passes over the activations (about 0.5 ms for SD 1.5's largest, 2.6 M values);
-- the sum in int32 inside oneDNN's kernels (`torch.ops.onednn.qconv2d_pointwise` / `qlinear_pointwise`, the ones
-  torch.compile's x86 int8 path emits: AVX512-VNNI, AMX-INT8 where the CPU has it), the bias added and the result
-  written in bf16 by the same kernel.
+- activations from each call's own values ("dynamic" quantisation, no calibration data), quantised by
+  kedavra/networks/int8.cpp (a pure-torch fallback with the same arithmetic where it cannot be built):
+  - linear layers and 1x1 convolutions (a linear map of each pixel's channels): the rows (tokens or pixels) are
+    first centred on an estimate μ of each input channel's mean, W x = W μ + W (x - μ), with W μ computed in float32
+    from the bf16 weight and added to the bias; then one scale per row, symmetric, s_x[r] = max_i |x[r, i] - μ_i| /
+    127 ("per-token" quantisation, Yao et al. 2022, "ZeroQuant", sec. 4.1). Centring takes the channels' offsets
+    (the residual stream's, SiLU's positive mean) out of the range each row's 255 levels must span, and with them the
+    shift that the weights' rounding error ΔW would give every output, ΔW μ (the bias correction below, exact here).
+    A row's scale cannot be applied inside the kernel, so the kernel returns Σ q_x q_w s_w[o] and an epilogue
+    multiplies each row by s_x[r] and adds the bias. The levels are stored as uint8 with zero point 128, because
+    oneDNN's signed-int8 source falls back to a reference loop;
+  - 3x3 convolutions (a pixel's neighbours share a sum, so one scale must serve them): one scale per tensor,
+    asymmetric uint8, s_x = (max(x_max, 0) - min(x_min, 0)) / 255, z_x = round(-min(x_min, 0) / s_x), and a bias
+    correction: the weights' rounding error ΔW = s_w q_w - W shifts every output by Σ_i ΔW[o, i] E[x_i], which is
+    not zero-mean where the inputs are not (after SiLU); the same pass that finds the range takes each channel's mean
+    over this call, and the bias is corrected by -ΔW_sum μ (Nagel et al. 2019, "Data-Free Quantization Through
+    Weight Equalization and Bias Correction", sec. 4.2, with the expectation from the call itself instead of batch
+    norm statistics; ΔW_sum sums ΔW over the kernel's taps, so the border pixels' missing taps are ignored).
 
 The layers that stay bf16 (`KEEP_BF16`): the U-Net's first and last convolutions (4 latent channels: little work, and
 the output is the prediction itself), the timestep embedding and its per-block projections (two rows of work per
 call), and cross-attention's key and value projections, whose input is the text encoder's hidden states: CLIP's have
-a few feature dimensions hundreds of times larger than the rest, and one scale per tensor would round the rest to a
-handful of levels (the outlier features of Dettmers et al. 2022, "LLM.int8()"). Attention itself, the norms and the
-activations run in bf16 as in the bf16 path; the VAE and the text encoders are not touched.
+a few feature dimensions hundreds of times larger than the rest, and one scale per token would still round the rest
+to a handful of levels (the outlier features of Dettmers et al. 2022, "LLM.int8()"). Attention itself, the norms and
+the activations run in bf16 as in the bf16 path; the VAE and the text encoders are not touched.
 
 The dense bf16 weight stays the layer's parameter (state_dict, LoRA merges and every path that autograd records or
-that is not bf16 on the CPU use it as before); the quantised, packed copy is built on the first call and rebuilt
-when the weight changes. So int8 holds the U-Net's weights one and a half times. Speed and image error are measured
-in docs/benchmark.md ("int8"); the quality of images is not the bf16 path's, which is why it is opt-in.
+that is not bf16 on the CPU use it as before); the quantised, packed copy (and a 3x3 convolution's ΔW_sum) is built on
+the first call and rebuilt when the weight changes. So int8 holds the U-Net's weights about one and a half times.
+Speed and image error are measured in docs/benchmark.md ("int8"); the quality of images is not the bf16 path's, which
+is why it is opt-in.
 """
 
 from __future__ import annotations
@@ -42,6 +57,10 @@ from kedavra.networks.acceleration import NO_POST_OP, conv_twin, linear_twin
 from kedavra.networks.cpp_extension import CppExtension
 
 INT8_MAX, UINT8_MAX = 127, 255
+ROW_ZERO_POINT = 128  # per-row levels -127..127 stored as uint8 (module docstring)
+MEAN_ROWS = 256  # rows sampled, at least, for the column means that centre them (int8.cpp's MEAN_ROWS)
+_EMPTY = torch.empty(0)
+ACCUMULATOR = torch.bfloat16  # the per-row product's kernel output (fp32 measured up to 1.8x slower, no more exact)
 # U-Net module names (kedavra's, the diffusers names) whose layers stay bf16: module docstring
 KEEP_BF16 = re.compile(r"(^|\.)(conv_in|conv_out|time_emb_proj)$|(^|\.)(time_embedding|add_embedding)\.|"
                        r"(^|\.)attn2\.to_[kv]$")
@@ -56,24 +75,79 @@ def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
 
 
-def quantise_activation(x: Tensor) -> tuple[Tensor, float, int]:
-    """x (bf16 or fp32, any shape) -> (q uint8 of x's shape and memory layout, s_x, z_x) with x ≈ s_x (q - z_x): per
-    tensor, asymmetric, 0 exactly representable (module docstring); int8.cpp, or the same arithmetic in torch's ops
-    where it cannot be built."""
+def quantise_activation(x: Tensor, channels: int = 0) -> tuple[Tensor, float, int, Tensor | None]:
+    """x (bf16 or fp32, any shape) -> (q uint8 of x's shape and memory layout, s_x, z_x, μ) with x ≈ s_x (q - z_x):
+    per tensor, asymmetric, 0 exactly representable (module docstring). With `channels` = C > 0, x's memory is read
+    as rows of C (channels-last) and μ holds each channel's mean (float32, (C,)); otherwise μ is None. int8.cpp, or
+    the same arithmetic in torch's ops where it cannot be built."""
+    if channels and not (x.is_contiguous() if x.ndim != 4 else x.is_contiguous(memory_format=torch.channels_last)):
+        raise ValueError("quantise_activation: channel means need x channels-last (4-d) or contiguous")
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):  # int8.cpp reads dense memory
         x = x.contiguous()
     kernel = KERNEL.get()
     if kernel is not None:
         q = torch.empty_like(x, dtype=torch.uint8)
-        scale, zero_point = kernel.quantise_u8(x, q)
-        return q, scale, zero_point
+        means = torch.empty(channels, dtype=torch.float32)
+        scale, zero_point = kernel.quantise_u8(x, q, means)
+        return q, scale, zero_point, means if channels else None
+    means = None
+    if channels:
+        rows = (x.permute(0, 2, 3, 1) if x.ndim == 4 else x).reshape(-1, channels)  # (N, C), a view
+        means = rows.float().mean(dim=0)
     low, high = (value.item() for value in torch.aminmax(x.float()))
     low, high = min(low, 0.0), max(high, 0.0)
     scale = max((high - low) / UINT8_MAX, 1e-12)
     zero_point = min(max(round(-low / scale), 0), UINT8_MAX)
     inverse = torch.tensor(1 / scale, dtype=torch.float32)  # int8.cpp's arithmetic: x times 1/s_x in float32
     levels = torch.round(x.float() * inverse).add_(zero_point).clamp_(0, UINT8_MAX)  # round half to even
-    return levels.to(torch.uint8), scale, zero_point
+    return levels.to(torch.uint8), scale, zero_point, means
+
+
+def quantise_rows(x: Tensor, centre: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """x (N, C) bf16 or fp32 -> (q uint8 (N, C), s (N,) float32, μ) with x[r] ≈ μ + s[r] (q[r] - ROW_ZERO_POINT): per
+    row, symmetric, levels -127..127 stored with zero point 128 (module docstring). With `centre`, μ (C,) float32 is
+    each column's mean over the rows 0, k, 2k, ... (k = max(1, N // MEAN_ROWS): an estimate from 256-511 rows, cheap
+    on large inputs; the rows are centred on it and W μ is added back exactly, so it need not be the exact mean),
+    taken from the rows before they are quantised; otherwise μ is None (and 0 above). int8.cpp, or the same
+    arithmetic in torch's ops."""
+    x = x.contiguous()
+    kernel = KERNEL.get()
+    if kernel is not None:
+        q = torch.empty_like(x, dtype=torch.uint8)
+        scales = torch.empty(x.shape[0], dtype=torch.float32)
+        means = torch.empty(x.shape[1] if centre else 0, dtype=torch.float32)
+        kernel.quantise_rows_u8(x, q, scales, means)
+        return q, scales, means if centre else None
+    x = x.float()
+    means = x[:: max(1, x.shape[0] // MEAN_ROWS)].double().mean(dim=0).float() if centre else None
+    if centre:
+        x = x - means
+    scales = (x.abs().amax(dim=1) / INT8_MAX).clamp(min=1e-12)  # float32 division, as int8.cpp
+    inverse = 1 / scales  # int8.cpp multiplies by 1/s in float32
+    levels = torch.round(x * inverse[:, None]).clamp_(-INT8_MAX, INT8_MAX).add_(ROW_ZERO_POINT)
+    return levels.to(torch.uint8), scales, means
+
+
+def matvec(weight: Tensor, vector: Tensor) -> Tensor:
+    """W v in float32 for W (O, C) bf16 or fp32 and v (C,) float32 (int8.cpp; torch's ops where it is not built):
+    summed in float32 and not rounded to bf16, because every row of a per-row product gets the same W μ."""
+    weight = weight.contiguous()
+    kernel = KERNEL.get()
+    if kernel is not None:
+        return kernel.matvec_f32(weight, vector)
+    return weight.float() @ vector
+
+
+def scale_rows(acc: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
+    """The per-row product's epilogue: bf16(acc · s[:, None] + b), acc (N, O) fp32 or bf16, s (N,), b (O,) or None;
+    int8.cpp writes in place when acc is bf16 (round to nearest even; torch's conversion where it is not built)."""
+    kernel = KERNEL.get()
+    if kernel is not None:
+        out = acc if acc.dtype == torch.bfloat16 else torch.empty_like(acc, dtype=torch.bfloat16)
+        kernel.scale_rows_bf16(acc, scales, bias if bias is not None else _EMPTY, out)
+        return out
+    out = acc.float() * scales[:, None]
+    return (out if bias is None else out + bias).to(torch.bfloat16)
 
 
 def quantise_weight(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -85,7 +159,8 @@ def quantise_weight(w: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class _Int8Layer:
-    """What the int8 conv and linear twins share: when a call runs in int8, and the quantised weight's cache."""
+    """What the int8 conv and linear twins share: when a call runs in int8, the quantised weight's cache, and the
+    per-row product of linear layers and 1x1 convolutions."""
 
     def _takes_int8(self, x: Tensor) -> bool:
         """bf16 on the CPU with a bf16 weight, and nothing for autograd to record; otherwise the bf16 layer runs."""
@@ -93,10 +168,11 @@ class _Int8Layer:
         return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.bfloat16
                 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
-    def _quantised(self, pack) -> tuple:
-        """(packed int8 weight, s_w, zero points, fp32 bias), built by pack(q_w, s_w) once per weight tensor and
-        weight version (a LoRA merge or load_state_dict changes the version); packed without an input shape, so one
-        copy serves every shape (measured as fast as a copy packed for the shape)."""
+    def _quantised(self, pack, correction: bool = False) -> tuple:
+        """(packed int8 weight, s_w, zero points, fp32 bias, ΔW_sum or None), built by pack(q_w, s_w) once per weight
+        tensor and weight version (a LoRA merge or load_state_dict changes the version); packed without an input
+        shape, so one copy serves every shape (measured as fast as a copy packed for the shape). With `correction`,
+        ΔW_sum (C_out, C_in) float32 = Σ over the kernel's taps of s_w q_w - W, for the bias correction."""
         weight = self.weight
         key = (weight.data_ptr(), weight._version)
         cached = self.__dict__.get("_int8")
@@ -104,9 +180,24 @@ class _Int8Layer:
             q, scales = quantise_weight(weight.detach())
             zeros = torch.zeros(len(scales), dtype=torch.long)
             bias = None if self.bias is None else self.bias.detach().float()
-            cached = (key, (pack(q, scales), scales, zeros, bias))
+            delta = None
+            if correction:  # (C_out, C_in, kH, kW) -> (C_out, C_in)
+                error = q.float() * scales.view(-1, *[1] * (q.ndim - 1)) - weight.detach().float()
+                delta = error.sum(dim=tuple(range(2, q.ndim)))
+            cached = (key, (pack(q, scales), scales, zeros, bias, delta))
             self.__dict__["_int8"] = cached  # outside _buffers: not part of state_dict
         return cached[1]
+
+    def _per_row(self, rows: Tensor) -> Tensor:
+        """rows (N, C_in) bf16 -> (N, C_out) bf16 through the per-row product of the centred rows (module docstring):
+        W x = W μ + W (x - μ), the first term in bf16 (a matrix-vector product), the second in int8."""
+        packed, scales, zeros, bias, _ = self._quantised(
+            lambda q, s: torch.ops.onednn.qlinear_prepack(q.reshape(q.shape[0], -1), None))
+        q, row_scales, means = quantise_rows(rows, centre=True)
+        shift = matvec(self.weight.reshape(self.weight.shape[0], -1), means)  # W μ, (C_out,); 1x1 taps are one
+        acc = torch.ops.onednn.qlinear_pointwise(q, 1.0, ROW_ZERO_POINT, packed, scales, zeros, None, 1.0, 0,
+                                                 ACCUMULATOR, *NO_POST_OP)  # (N, C_out): Σ q_x q_w s_w[o]
+        return scale_rows(acc, row_scales, shift if bias is None else shift + bias)
 
 
 class Int8Conv2d(_Int8Layer, nn.Conv2d):
@@ -117,16 +208,27 @@ class Int8Conv2d(_Int8Layer, nn.Conv2d):
         """An int8 twin of `conv` holding the very same parameter tensors."""
         return conv_twin(cls, conv)
 
+    @property
+    def pointwise(self) -> bool:
+        """A 1x1 convolution without stride, padding, dilation or groups: a linear map of each pixel's channels."""
+        return (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+                and self.dilation == (1, 1) and self.groups == 1)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.padding_mode != "zeros" or isinstance(self.padding, str) or x.ndim != 4 or not self._takes_int8(x):
             return super().forward(x)
         x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's int8 convolution reads NHWC
+        if self.pointwise:
+            b, c, h, w = x.shape
+            out = self._per_row(x.permute(0, 2, 3, 1).reshape(-1, c))  # (B·H·W, C_in), a view of the NHWC memory
+            return out.view(b, h, w, -1).permute(0, 3, 1, 2)  # (B, C_out, H, W), channels last
         args = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
-        packed, scales, zeros, bias = self._quantised(
-            lambda q, s: torch.ops.onednn.qconv_prepack(q, s, 1.0, 0, *args, None))
-        q, x_scale, x_zero = quantise_activation(x)
-        return torch.ops.onednn.qconv2d_pointwise(q, x_scale, x_zero, packed, scales, zeros, bias, *args, 1.0, 0,
-                                                  torch.bfloat16, *NO_POST_OP)  # (B, C_out, H', W'), channels last
+        packed, scales, zeros, bias, delta = self._quantised(
+            lambda q, s: torch.ops.onednn.qconv_prepack(q, s, 1.0, 0, *args, None), correction=True)
+        q, x_scale, x_zero, means = quantise_activation(x, channels=self.in_channels)
+        corrected = -(delta @ means) if bias is None else bias - delta @ means  # Nagel et al. 2019, sec. 4.2
+        return torch.ops.onednn.qconv2d_pointwise(q, x_scale, x_zero, packed, scales, zeros, corrected, *args, 1.0,
+                                                  0, torch.bfloat16, *NO_POST_OP)  # (B, C_out, H', W'), NHWC
 
 
 class Int8Linear(_Int8Layer, nn.Linear):
@@ -140,11 +242,7 @@ class Int8Linear(_Int8Layer, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim < 2 or not self._takes_int8(x):
             return super().forward(x)
-        rows = x.reshape(-1, self.in_features).contiguous()  # (N, D_in), N = all leading dims
-        packed, scales, zeros, bias = self._quantised(lambda q, s: torch.ops.onednn.qlinear_prepack(q, None))
-        q, x_scale, x_zero = quantise_activation(rows)
-        out = torch.ops.onednn.qlinear_pointwise(q, x_scale, x_zero, packed, scales, zeros, bias, 1.0, 0,
-                                                 torch.bfloat16, *NO_POST_OP)  # (N, D_out)
+        out = self._per_row(x.reshape(-1, self.in_features))  # (N, D_in) -> (N, D_out), N = all leading dims
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
