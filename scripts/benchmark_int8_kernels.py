@@ -1,5 +1,9 @@
 """Would an int8 path pay off on this CPU? oneDNN's int8 kernels against kedavra's packed bf16 ones, layer by layer.
 
+(The question that led to `--precision int8`: the kernels as first measured, per-tensor activations with torch's
+eager quantisation. What the int8 layers now run, per-row scales and kedavra's own quantiser, is timed whole in
+scripts/benchmark_unet.py's kedavra-int8.)
+
     .venv/bin/python scripts/benchmark_int8_kernels.py                 # SD 1.5 U-Net at 512, torch's threads
     .venv/bin/python scripts/benchmark_int8_kernels.py --threads 1
 (docs/benchmark.md, section "int8", quotes its output.)

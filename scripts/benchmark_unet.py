@@ -17,7 +17,8 @@ machine's speed reaches every configuration alike. Configurations (--configs):
                       on a CPU with AVX-512 BF16 but no AMX kedavra's attention kernel (networks/cpu_attention.py)
     kedavra-sdpa      the same with that kernel switched off (KEDAVRA_CPU_ATTENTION=0): torch's SDPA throughout
     kedavra-int8      kedavra --precision int8: the packed U-Net with its large conv and linear layers as oneDNN
-                      int8 products (networks/int8.py; weights per channel, activations per tensor each call)
+                      int8 products (networks/int8.py; weights per channel, activations from each call: per
+                      row and centred for linear and 1x1 layers, per tensor with a bias correction for 3x3)
     kedavra-compiled  the eager U-Net through torch.compile (inductor, default mode, frozen weights:
                       benchmark_sdxl.compiled), with SDPA; its first call, the compilation, is reported apart
 
