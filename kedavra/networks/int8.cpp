@@ -182,27 +182,29 @@ void range_and_sums(const T* x, int64_t rows, int64_t C, int64_t stride, float& 
     }
 }
 
-// Each column's mean over the rows r = 0, k, 2k, ... with k = max(1, rows / MEAN_ROWS): 256 to 511 of them, an
-// estimate that costs a sixteenth of a pass over a large x (the rows are centred on it, so it need not be exact).
+// The range of the rows r = 0, step, 2 step, ... of x (rows of C) and each column's mean over them.
 template <typename T>
-void column_means(const T* x, int64_t rows, int64_t C, float* means) {
-    const int64_t step = std::max<int64_t>(1, rows / MEAN_ROWS), sampled = (rows + step - 1) / step;
-    float low = 0.0f, high = 0.0f;
+void range_and_means(const T* x, int64_t rows, int64_t C, int64_t step, float& low, float& high, float* means) {
+    const int64_t sampled = (rows + step - 1) / step;
     std::vector<double> sums(C, 0.0);
     range_and_sums(x, sampled, C, step * C, low, high, sums.data());
     for (int64_t c = 0; c < C; ++c) means[c] = static_cast<float>(sums[c] / static_cast<double>(sampled));
 }
 
+// Each column's mean over the rows r = 0, k, 2k, ... with k = max(1, rows / MEAN_ROWS): 256 to 511 of them (all of
+// them below 512), an estimate that reads a fraction of a large x (the rows are centred on it, so it need not be
+// exact).
+template <typename T>
+void column_means(const T* x, int64_t rows, int64_t C, float* means) {
+    float low = 0.0f, high = 0.0f;
+    range_and_means(x, rows, C, std::max<int64_t>(1, rows / MEAN_ROWS), low, high, means);
+}
+
 template <typename T>
 std::tuple<double, int64_t> quantise(const T* x, int64_t n, uint8_t* q, int64_t C, float* means) {
     float low = 0.0f, high = 0.0f;  // the range always holds 0
-    if (C > 0) {
-        std::vector<double> sums(C, 0.0);
-        range_and_sums(x, n / C, C, C, low, high, sums.data());
-        for (int64_t c = 0; c < C; ++c) means[c] = static_cast<float>(sums[c] / static_cast<double>(n / C));
-    } else {
-        range(x, n, low, high);
-    }
+    if (C > 0) range_and_means(x, n / C, C, 1, low, high, means);
+    else range(x, n, low, high);
     const double scale = std::max((static_cast<double>(high) - low) / 255.0, 1e-12);
     const int64_t zero_point = std::clamp<int64_t>(std::llround(-low / scale), 0, 255);
     const float inverse = static_cast<float>(1.0 / scale), zero = static_cast<float>(zero_point);
@@ -341,7 +343,8 @@ std::tuple<double, int64_t> quantise_u8(const torch::Tensor& x, torch::Tensor& q
 }
 
 // x: (N, C) bf16 or fp32, contiguous; q: (N, C) uint8; scales: (N,) float32; means: empty, or (C,) float32 to be
-// filled with each column's mean, which is then taken from every row before it is quantised.
+// filled with each column's mean over evenly spaced rows (column_means), which is then taken from every row before
+// it is quantised.
 void quantise_rows_u8(const torch::Tensor& x, torch::Tensor& q, torch::Tensor& scales, torch::Tensor& means) {
     check_dense(x, "quantise_rows_u8");
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "quantise_rows_u8: x must be (N, C) and contiguous");
