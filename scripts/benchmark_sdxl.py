@@ -14,6 +14,11 @@ process, one at a time (scripts/benchmark_pipeline.py defines them for SD 1.5):
     diffusers-bf16   diffusers at its best CPU settings: bf16 weights, channels_last, SDPA (AttnProcessor2_0)
     kedavra          kedavra's U-Net as kedavra.Pipeline runs it on a CPU with AMX: bf16, channels_last, SDPA,
                      packed oneDNN weights (kedavra.networks.acceleration.optimize_for_inference)
+    kedavra-int8     the same with `--precision int8` (kedavra.networks.int8.quantise_unet before packing): the large
+                     conv and linear layers as oneDNN int8 products, the rest as kedavra
+    diffusers-fp32   (--configs) diffusers' U-Net in fp32 (the same bf16-drawn weights, widened), one untimed call:
+                     the reference the others' outputs are measured against (relative L2 error, as
+                     scripts/int8_error_sources.py measures SD 1.5's); 10 GB of weights, alone in its process
     diffusers-bf16-compiled, kedavra-compiled   (--configs) the same U-Nets (kedavra's unpacked) through
                      torch.compile (inductor, default mode, frozen weights: torch._inductor.config.freezing); the
                      warm-up call includes the compilation
@@ -24,7 +29,8 @@ the packed weights), measures the bf16 matmul peak (benchmark_pipeline.matmul_pe
 speed drifts), then times --calls calls (wall and thread CPU seconds). Reported: the median of the timed calls,
 peak resident memory (VmHWM, building included), the memory held after the calls (VmRSS), the same after glibc's
 malloc_trim(0) returns the freed pages its heap keeps (the memory really in use), and the agreement of
-the last call's outputs (max |kedavra - diffusers| / max |diffusers|, both bf16).
+the last call's outputs (max |kedavra - diffusers| / max |diffusers|, both bf16) and, with diffusers-fp32 run first,
+each output's relative L2 error ||y - y_fp32|| / ||y_fp32||.
 """
 
 from __future__ import annotations
@@ -44,8 +50,9 @@ sys.path.insert(0, str(REPO / "tests"))  # the released SDXL config and the seed
 
 from benchmark_pipeline import child_json, cpu_model, load_average, matmul_peak, vm_kib  # noqa: E402
 
-CONFIGS = ("diffusers-bf16", "kedavra")
-COMPILED = ("diffusers-bf16-compiled", "kedavra-compiled")
+CONFIGS = ("diffusers-bf16", "kedavra", "kedavra-int8")
+EXTRA = ("diffusers-fp32", "diffusers-bf16-compiled", "kedavra-compiled")
+REFERENCE = "diffusers-fp32"  # untimed: one call, the outputs' reference
 WEIGHT_SEED = 0  # the same random weights on both sides
 INPUT_SEED = 1
 TIMESTEP = 500.0  # mid-schedule: the cost of a call does not depend on it
@@ -57,7 +64,7 @@ TARGET_SPEEDUP = 1.3  # the SDXL issue: kedavra at least 1.3x faster than diffus
 
 
 def reference_unet() -> torch.nn.Module:
-    """diffusers' SDXL base U-Net in bf16 with the seeded random weights, never allocated in fp32."""
+    """diffusers' SDXL base U-Net in bf16 with the seeded random weights, never allocated in fp32 here."""
     from diffusers import UNet2DConditionModel
     from reference_models import randomize
     from test_unet_configs import SDXL_BASE
@@ -77,20 +84,31 @@ def compiled(module: torch.nn.Module) -> torch.nn.Module:
     return torch.compile(module)
 
 
-def diffusers_unet(compile_it: bool = False):
-    """diffusers at its best CPU settings, and call(x, t, context, added) -> (B, 4, h, w) output."""
+def diffusers_unet(compile_it: bool = False, fp32: bool = False):
+    """diffusers at its best CPU settings (fp32: at fp32, the reference), and call(x, t, context, added) -> (B, 4, h, w)
+    output."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    unet = reference_unet().to(memory_format=torch.channels_last)
+    unet = reference_unet()
+    if fp32:
+        unet.float()  # parameter by parameter: the bf16 copy shrinks as the fp32 one grows
+    unet = unet.to(memory_format=torch.channels_last)
     unet.set_attn_processor(AttnProcessor2_0())
     run = compiled(unet) if compile_it else unet
-    return lambda x, t, context, added: run(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
+    dtype = torch.float32 if fp32 else torch.bfloat16
+
+    def call(x, t, context, added):
+        added = {name: value.to(dtype) for name, value in added.items()}
+        return run(x.to(dtype), t, encoder_hidden_states=context.to(dtype), added_cond_kwargs=added).sample
+
+    return call
 
 
-def kedavra_unet(compile_it: bool = False):
+def kedavra_unet(compile_it: bool = False, int8: bool = False):
     """kedavra's U-Net as kedavra.Pipeline prepares it on a CPU with AMX, and call(x, t, context, added); compiled:
-    the unpacked U-Net through `compiled`."""
+    the unpacked U-Net through `compiled`; int8: as `--precision int8` prepares it."""
     from kedavra.networks.acceleration import optimize_for_inference
+    from kedavra.networks.int8 import quantise_unet
     from kedavra.networks.model import PRESETS
     from kedavra.networks.unet import UNet
     from kedavra.networks.unet_keys import convert_unet_state_dict
@@ -105,6 +123,8 @@ def kedavra_unet(compile_it: bool = False):
     if compile_it:
         run = compiled(unet)
         return lambda x, t, context, added: run(x, t, context, added_cond=added)
+    if int8:
+        quantise_unet(unet)
     optimize_for_inference(unet, "cpu", torch.bfloat16)
     return lambda x, t, context, added: unet(x, t, context, added_cond=added)
 
@@ -125,14 +145,19 @@ def inputs(size: int) -> tuple[torch.Tensor, ...]:
 
 def run_child(config: str, size: int, calls: int, out: Path) -> dict:
     started = time.perf_counter()
-    build = diffusers_unet if config.startswith("diffusers") else kedavra_unet
-    call = build(compile_it=config.endswith("-compiled"))
+    compile_it = config.endswith("-compiled")
+    if config.startswith("diffusers"):
+        call = diffusers_unet(compile_it, fp32=config == REFERENCE)
+    else:
+        call = kedavra_unet(compile_it, int8=config == "kedavra-int8")
+    if config == REFERENCE:
+        calls = 0  # the warm-up call's output is the reference
     result = {"config": config, "size": size, "build_s": time.perf_counter() - started,
               "built_rss_gib": vm_kib("VmRSS") / 2**20}
     x, t, context, added = inputs(size)
     with torch.no_grad():
         start = time.perf_counter()
-        call(x, t, context, added)  # warm-up
+        output = call(x, t, context, added)  # warm-up
         result["warmup_s"] = time.perf_counter() - start
         result["peak_bf16"] = matmul_peak(torch.bfloat16)
         wall, cpu = [], []
@@ -171,6 +196,10 @@ def gib_text(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
+def relative_l2(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return (torch.linalg.vector_norm(ours - reference) / torch.linalg.vector_norm(reference)).item()
+
+
 def agreement(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return ((ours - reference).abs().max() / reference.abs().max()).item()
 
@@ -180,7 +209,7 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[768, 1024], help="image sides in pixels")
     parser.add_argument("--calls", type=int, default=2, help="timed U-Net calls per configuration, after a warm-up")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS + COMPILED,
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS + EXTRA,
                         help="configurations to run, in this order (default: %(default)s)")
     parser.add_argument("--json", type=Path, help="also write every measurement here")
     parser.add_argument("--child", nargs=3, metavar=("CONFIG", "SIZE", "OUT"), help=argparse.SUPPRESS)
@@ -200,7 +229,7 @@ def main() -> int:
     print("| size | configuration | U-Net s/call (median of timed; calls) | thread CPU s | warm-up s | bf16 peak "
           "TFLOP/s | peak RSS GiB | RSS after GiB | after malloc_trim GiB |")
     print("|---|---|---|---|---|---|---|---|---|")
-    summary = []
+    summary, errors = [], []
     with tempfile.TemporaryDirectory() as folder:
         for size in args.sizes:
             outputs = {}
@@ -209,17 +238,25 @@ def main() -> int:
                 measured[config], outputs[config] = run_config(config, size, args, Path(folder))
                 row = measured[config]
                 rows.append(row)
+                if config == REFERENCE:
+                    print(f"| {size} | {config} | (reference, untimed) | | {row['warmup_s']:.2f} "
+                          f"| {row['peak_bf16'] / 1e12:.2f} | {row['peak_rss_gib']:.2f} | {row['end_rss_gib']:.2f} "
+                          f"| {gib_text(row['trimmed_rss_gib'])} |", flush=True)
+                    continue
                 calls = ", ".join(f"{s:.2f}" for s in row["wall_s"])
                 print(f"| {size} | {config} | {np.median(row['wall_s']):.2f} ({calls}) "
                       f"| {np.median(row['cpu_s']):.2f} | {row['warmup_s']:.2f} | {row['peak_bf16'] / 1e12:.2f} "
                       f"| {row['peak_rss_gib']:.2f} | {row['end_rss_gib']:.2f} | {gib_text(row['trimmed_rss_gib'])} |",
                       flush=True)
-            for theirs in (c for c in args.configs if c.startswith("diffusers")):
+            for theirs in (c for c in args.configs if c.startswith("diffusers") and c != REFERENCE):
                 for ours in (c for c in args.configs if c.startswith("kedavra")):
                     wall = np.median(measured[theirs]["wall_s"]) / np.median(measured[ours]["wall_s"])
                     cpu = np.median(measured[theirs]["cpu_s"]) / np.median(measured[ours]["cpu_s"])
                     summary.append((size, theirs, ours, wall, cpu, agreement(outputs[ours], outputs[theirs]),
                                     np.median(measured[ours]["wall_s"])))
+            if REFERENCE in outputs:
+                for config in (c for c in args.configs if c != REFERENCE):
+                    errors.append((size, config, relative_l2(outputs[config], outputs[REFERENCE])))
     print()
     print(f"| size | against | kedavra | speed-up, wall (target >= {TARGET_SPEEDUP}x) | thread CPU "
           "| output max rel diff | 20-step U-Net estimate s (kedavra) |")
@@ -227,6 +264,10 @@ def main() -> int:
     for size, theirs, ours, speedup, cpu_speedup, difference, per_call in summary:
         print(f"| {size} | {theirs} | {ours} | {speedup:.2f}x | {cpu_speedup:.2f}x | {difference:.3g} "
               f"| {20 * per_call:.0f} |")
+    if errors:
+        print(f"\n| size | configuration | relative L2 error against {REFERENCE} |\n|---|---|---|")
+        for size, config, error in errors:
+            print(f"| {size} | {config} | {error:.4f} |")
     if args.json:
         args.json.write_text(json.dumps(rows))
     return 0

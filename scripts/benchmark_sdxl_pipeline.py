@@ -16,15 +16,23 @@ each in its own process, one at a time:
                      upcasts the SDXL VAE to fp32 for fp16's overflow, which bf16 does not have)
     kedavra          kedavra.load(folder): automatic precision (bf16 on a CPU with AMX), channels_last, SDPA, packed
                      oneDNN weights in the U-Net and the VAE (what `kedavra generate` runs)
+    kedavra-int8     kedavra.load(folder, dtype="int8"): `kedavra generate --precision int8`, the U-Net's large conv
+                     and linear layers as int8 products (kedavra.networks.int8), everything else as kedavra
+    diffusers-fp32   (--configs) StableDiffusionXLPipeline in fp32 at its defaults, the check run only: the reference
+                     whose image the others' check images are held against, with scripts/benchmark_pipeline.py's
+                     tolerances (mean abs <= 0.02, PSNR >= 30 dB). 14 GB of weights: the prompts are encoded once
+                     (encode_prompt, the pipeline's own call) and the text encoders dropped before sampling, else
+                     the 1024 decode runs this machine's 24 GiB out of memory (seen: 19.9 GB resident when killed)
 
 Each process loads the folder, makes a 2-step run at the size (warm-up: oneDNN's kernels, the packed weights), then
 the timed run. Reported: load seconds, the U-Net's seconds per call (median over the timed run's calls, forward
 hooks; wall and thread CPU), the VAE decode and the two text encoders' seconds, end to end (prompt in, PIL image
 out), peak resident memory (VmHWM, loading included), the memory held after the run (VmRSS) and after glibc's
 malloc_trim(0), and the bf16 matmul peak measured just before the timed run (benchmark_pipeline.matmul_peak). The
-images of the two sides are compared (max and mean abs difference of the 8-bit images, PSNR): with random weights
-and bf16 on both sides they are not expected to match exactly (the per-call U-Net outputs differ by about 1.5 % of
-their range, scripts/benchmark_sdxl.py), only to stay close.
+timed images of kedavra's configurations are compared with diffusers-bf16's (max and mean abs difference of the
+8-bit images, PSNR): with random weights and bf16 on both sides they are not expected to match exactly (the per-call
+U-Net outputs differ by about 1.5 % of their range, scripts/benchmark_sdxl.py), only to stay close. With
+diffusers-fp32 in --configs, every configuration's check image is also held against its check image.
 """
 
 from __future__ import annotations
@@ -51,10 +59,12 @@ from benchmark_pipeline import (  # noqa: E402
     tests_on_path,
     time_calls,
     vm_kib,
+    within_tolerance,
 )
 from benchmark_sdxl import gib_text, trimmed_rss_gib  # noqa: E402
 
-CONFIGS = ("diffusers-bf16", "kedavra")
+CONFIGS = ("diffusers-bf16", "kedavra", "kedavra-int8")
+REFERENCE = "diffusers-fp32"  # --configs: the check run only, the images' reference
 PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry, low quality"
 GUIDANCE = 5.0  # SDXL's usual classifier-free guidance scale
 SEED = 42
@@ -100,31 +110,46 @@ def build_folder(folder: Path) -> None:
 # ---- one configuration (child process) -------------------------------------------------------------------
 
 
-def diffusers_pipeline(folder: Path):
-    """(modules to time, generate(size, steps) -> PIL image) for diffusers at its best CPU settings."""
+def diffusers_pipeline(folder: Path, fp32: bool = False):
+    """(modules to time, generate(size, steps) -> PIL image) for diffusers at its best CPU settings (fp32: at its
+    defaults in fp32)."""
     from diffusers import StableDiffusionXLPipeline
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16)
-    for model in (pipe.unet, pipe.vae):
-        model.to(memory_format=torch.channels_last)
-        model.set_attn_processor(AttnProcessor2_0())
-    pipe.vae.register_to_config(force_upcast=False)
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float32 if fp32 else torch.bfloat16)
+    if not fp32:
+        for model in (pipe.unet, pipe.vae):
+            model.to(memory_format=torch.channels_last)
+            model.set_attn_processor(AttnProcessor2_0())
+        pipe.vae.register_to_config(force_upcast=False)
     pipe.set_progress_bar_config(disable=True)
+    prompts = {"prompt": PROMPT, "negative_prompt": NEGATIVE}
+    if fp32:  # 14 GB of weights: encode once and drop the encoders, or the 1024 decode meets this machine's 24 GiB
+        from kedavra.pipeline.device import trim_heap
+
+        with torch.no_grad():
+            embeds = pipe.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=True,
+                                        negative_prompt=NEGATIVE)
+        prompts = dict(zip(("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                            "negative_pooled_prompt_embeds"), embeds, strict=True))
+        pipe.text_encoder = pipe.text_encoder_2 = None
+        trim_heap()
 
     def generate(size: int, steps: int):
-        return pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=GUIDANCE, height=size,
-                    width=size, generator=torch.Generator().manual_seed(SEED), output_type="pil").images[0]
+        return pipe(**prompts, num_inference_steps=steps, guidance_scale=GUIDANCE, height=size, width=size,
+                    generator=torch.Generator().manual_seed(SEED), output_type="pil").images[0]
 
+    if fp32:
+        return {"unet": pipe.unet, "vae": pipe.vae.decoder}, generate
     return {"unet": pipe.unet, "vae": pipe.vae.decoder, "text": pipe.text_encoder,
             "text_2": pipe.text_encoder_2}, generate
 
 
-def kedavra_pipeline(folder: Path):
-    """(modules to time, generate(size, steps) -> PIL image) for kedavra as it loads."""
+def kedavra_pipeline(folder: Path, int8: bool = False):
+    """(modules to time, generate(size, steps) -> PIL image) for kedavra as it loads (int8: `--precision int8`)."""
     import kedavra
 
-    pipe = kedavra.load(folder)
+    pipe = kedavra.load(folder, dtype="int8" if int8 else None)
     model = pipe.model
 
     def generate(size: int, steps: int):
@@ -138,23 +163,29 @@ def kedavra_pipeline(folder: Path):
 def run_child(config: str, folder: Path, size: int, steps: int, out: Path) -> dict:
     tests_on_path()
     started = time.perf_counter()
-    modules, generate = (diffusers_pipeline if config.startswith("diffusers") else kedavra_pipeline)(folder)
+    if config.startswith("diffusers"):
+        modules, generate = diffusers_pipeline(folder, fp32=config == REFERENCE)
+    else:
+        modules, generate = kedavra_pipeline(folder, int8=config == "kedavra-int8")
     result = {"config": config, "size": size, "load_s": time.perf_counter() - started,
               "loaded_rss_gib": vm_kib("VmRSS") / 2**20}
     calls = {name: time_calls(module) for name, module in modules.items()}
-    image = None
-    for name, n in (("check", CHECK_STEPS), ("timed", steps)):
+    images = {}
+    for name, n in (("check", CHECK_STEPS),) + (() if config == REFERENCE else (("timed", steps),)):
         if name == "timed":
             result["peak_bf16"] = matmul_peak(torch.bfloat16)
         for timings in calls.values():
             timings.clear()
         start = time.perf_counter()
-        image = np.asarray(generate(size, n).convert("RGB"))
+        images[name] = np.asarray(generate(size, n).convert("RGB"))
         result[f"{name}_e2e_s"] = time.perf_counter() - start
+    np.savez(out, **images)
+    if config == REFERENCE:
+        result.update(peak_rss_gib=vm_kib("VmHWM") / 2**20)
+        return result
     result.update(unet_wall_s=[c[0] for c in calls["unet"]], unet_cpu_s=[c[1] for c in calls["unet"]],
                   vae_s=sum(c[0] for c in calls["vae"]),
                   text_s=sum(c[0] for c in calls["text"] + calls["text_2"]), steps=steps)
-    np.save(out, image)
     result.update(peak_rss_gib=vm_kib("VmHWM") / 2**20, end_rss_gib=vm_kib("VmRSS") / 2**20,
                   trimmed_rss_gib=trimmed_rss_gib())
     return result
@@ -163,11 +194,14 @@ def run_child(config: str, folder: Path, size: int, steps: int, out: Path) -> di
 # ---- parent ------------------------------------------------------------------------------------------------
 
 
-def run_config(config: str, size: int, args) -> tuple[dict, np.ndarray]:
-    out = args.workdir / f"{config}-{size}.npy"
+def run_config(config: str, size: int, args) -> tuple[dict, dict[str, np.ndarray]]:
+    """One configuration in its own process: its measurements, and its images by run ("check", "timed")."""
+    out = args.workdir / f"{config}-{size}.npz"
     command = [sys.executable, __file__, "--child", config, str(size), str(out), "--steps", str(args.steps),
                "--workdir", str(args.workdir), "--threads", str(args.threads)]
-    return child_json(command, f"{config} at {size}"), np.load(out)
+    result = child_json(command, f"{config} at {size}")
+    with np.load(out) as images:
+        return result, dict(images)
 
 
 def main() -> int:
@@ -176,7 +210,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20, help="sampling steps of the timed run (default 20)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads in every configuration (default: torch's default)")
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS,
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS + (REFERENCE,),
                         help="configurations to run, in this order (default: %(default)s)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "kedavra-benchmark",
                         help="where the random-weight SDXL folder (7 GB) and the images go")
@@ -205,32 +239,49 @@ def main() -> int:
               "| after malloc_trim GiB |")
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
-    rows, lines = [], []
+    rows, lines, checks = [], [], []
     for size in args.sizes:
         images, measured = {}, {}
         for config in args.configs:
             row, images[config] = run_config(config, size, args)
             measured[config] = row
             rows.append(row)
+            if config == REFERENCE:
+                print(f"| {size} | {config} | (check run only: {row['check_e2e_s']:.1f} s for {CHECK_STEPS} steps) "
+                      f"| | | | | {row['load_s']:.1f} | | {row['peak_rss_gib']:.2f} | | |", flush=True)
+                continue
             print(f"| {size} | {config} | {np.median(row['unet_wall_s']):.2f} ({min(row['unet_wall_s']):.2f}) "
                   f"| {np.median(row['unet_cpu_s']):.2f} | {row['text_s']:.2f} | {row['vae_s']:.1f} "
                   f"| {row['timed_e2e_s']:.1f} | {row['load_s']:.1f} | {row['peak_bf16'] / 1e12:.2f} "
                   f"| {row['peak_rss_gib']:.2f} | {row['end_rss_gib']:.2f} | {gib_text(row['trimmed_rss_gib'])} |",
                   flush=True)
-        if set(CONFIGS) <= set(measured):
-            theirs, ours = measured["diffusers-bf16"], measured["kedavra"]
-            diff = image_difference(images["kedavra"], images["diffusers-bf16"])
-            lines.append(
-                f"| {size} | {np.median(theirs['unet_wall_s']) / np.median(ours['unet_wall_s']):.2f}x "
-                f"| {np.median(theirs['unet_cpu_s']) / np.median(ours['unet_cpu_s']):.2f}x "
-                f"| {theirs['timed_e2e_s'] / ours['timed_e2e_s']:.2f}x "
-                f"| {ours['peak_rss_gib'] / theirs['peak_rss_gib']:.2f} "
-                f"| {diff['max_abs']:.4f} | {diff['mean_abs']:.4f} | {diff['psnr_db']:.1f} |")
-            rows[-1]["image_difference"] = diff
+        if "diffusers-bf16" in measured:
+            theirs = measured["diffusers-bf16"]
+            for name in (c for c in args.configs if c.startswith("kedavra")):
+                ours = measured[name]
+                diff = image_difference(images[name]["timed"], images["diffusers-bf16"]["timed"])
+                lines.append(
+                    f"| {size} | {name} | {np.median(theirs['unet_wall_s']) / np.median(ours['unet_wall_s']):.2f}x "
+                    f"| {np.median(theirs['unet_cpu_s']) / np.median(ours['unet_cpu_s']):.2f}x "
+                    f"| {theirs['timed_e2e_s'] / ours['timed_e2e_s']:.2f}x "
+                    f"| {ours['peak_rss_gib'] / theirs['peak_rss_gib']:.2f} "
+                    f"| {diff['max_abs']:.4f} | {diff['mean_abs']:.4f} | {diff['psnr_db']:.1f} |")
+                ours["image_difference"] = diff
+        if REFERENCE in measured:
+            for name in (c for c in args.configs if c != REFERENCE):
+                diff = image_difference(images[name]["check"], images[REFERENCE]["check"])
+                measured[name]["check_difference_fp32"] = diff
+                checks.append(f"| {size} | {name} | {diff['max_abs']:.4f} | {diff['mean_abs']:.4f} "
+                              f"| {diff['psnr_db']:.1f} | {'yes' if within_tolerance(name, diff) else 'NO'} |")
     if lines:
-        print("\n| size | U-Net per step, diffusers / kedavra (wall) | (CPU) | end to end | peak RSS, kedavra / "
-              "diffusers | image max abs | mean abs | PSNR dB |\n|---|---|---|---|---|---|---|---|")
+        print("\n| size | kedavra | U-Net per step, diffusers-bf16 / kedavra (wall) | (CPU) | end to end "
+              "| peak RSS, kedavra / diffusers | image max abs | mean abs | PSNR dB |\n" + "|---" * 9 + "|")
         print("\n".join(lines))
+    if checks:
+        print(f"\nCheck images ({CHECK_STEPS} steps) against {REFERENCE}'s (8-bit images in [0, 1] units), with "
+              "scripts/benchmark_pipeline.py's tolerances:\n"
+              "| size | configuration | max abs | mean abs | PSNR dB | within tolerance |\n|---|---|---|---|---|---|")
+        print("\n".join(checks))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0

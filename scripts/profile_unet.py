@@ -8,7 +8,8 @@ channels-last as the pipeline runs it; torch.profiler over one call after a warm
 aten / mkldnn op summed into kinds. Attention is split by sequence length and head width (the SDPA kernel's input
 shapes). "eager" is `Pipeline(optimize=False)`, "packed" kedavra's default (kedavra.networks.acceleration); on a CPU
 where kedavra's attention kernel runs (kedavra.networks.cpu_attention), "packed, SDPA" is the packed U-Net with the
-kernel switched off, the "before" of that kernel.
+kernel switched off, the "before" of that kernel; where torch has oneDNN's int8 kernels, "int8" is `--precision int8`
+(kedavra.networks.int8: its oneDNN products, and int8.cpp's quantisers and epilogue, named for the profiler).
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from contextlib import nullcontext
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from kedavra.networks import cpu_attention
+from kedavra.networks import cpu_attention, int8
 from kedavra.networks.model import ModelConfig, StableDiffusion
 from kedavra.pipeline.pipeline import Pipeline
 
 KINDS = (  # (kind, substrings of the op name), first match wins
+    ("int8 products (oneDNN)", ("qlinear_pointwise", "qconv2d_pointwise")),
+    ("int8 quantisers, W μ, row-scale epilogue (int8.cpp)", ("kedavra::int8",)),
     ("attention", ("scaled_dot_product", "_flash_attention", "kedavra::cpu_attention")),
     ("convolution", ("convolution", "conv2d")),
     ("linear / matmul", ("linear", "addmm", "aten::mm", "aten::bmm", "matmul", "baddbmm")),
@@ -43,16 +46,16 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def profile_call(optimize: bool, size: int, sdpa: bool = False) -> dict[str, float]:
+def profile_call(optimize: bool, size: int, sdpa: bool = False, precision: str = "bf16") -> dict[str, float]:
     """Self CPU seconds by kind (attention keyed by its sequence length and head width) of one guided call; sdpa:
-    with kedavra's CPU attention kernel switched off."""
+    with kedavra's CPU attention kernel switched off; precision: "bf16" or "int8"."""
     with cpu_attention.switched_off() if sdpa else nullcontext():
-        return _profile_call(optimize, size)
+        return _profile_call(optimize, size, precision)
 
 
-def _profile_call(optimize: bool, size: int) -> dict[str, float]:
+def _profile_call(optimize: bool, size: int, precision: str) -> dict[str, float]:
     torch.manual_seed(0)
-    pipe = Pipeline(StableDiffusion(ModelConfig.from_preset("sd15")), dtype="bf16", optimize=optimize)
+    pipe = Pipeline(StableDiffusion(ModelConfig.from_preset("sd15")), dtype=precision, optimize=optimize)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn((2, 4, size // 8, size // 8), generator=generator).to(pipe.dtype)
     t, context = torch.tensor([500.0, 500.0]), torch.randn((2, 77, 768), generator=generator).to(pipe.dtype)
@@ -80,15 +83,18 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    configurations = [("eager", False, False), ("packed", True, False)]
+    configurations = [("eager", False, False, "bf16"), ("packed", True, False, "bf16")]
     if cpu_attention.enabled():
-        configurations.append(("packed, SDPA", True, True))
-    results = {name: profile_call(optimize, args.size, sdpa) for name, optimize, sdpa in configurations}
+        configurations.append(("packed, SDPA", True, True, "bf16"))
+    if int8.available():
+        configurations.append(("int8", True, False, "int8"))
+    results = {name: profile_call(optimize, args.size, sdpa, precision)
+               for name, optimize, sdpa, precision in configurations}
     names = list(results)
     kinds = sorted(set().union(*results.values()), key=lambda k: -results["packed"].get(k, 0.0))
     totals = {name: sum(values.values()) for name, values in results.items()}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, SD 1.5 U-Net, {args.size}x{args.size}, "
-          "guided (batch 2), bf16: self CPU time of one call\n")
+          "guided (batch 2), bf16 (int8: its large layers int8): self CPU time of one call\n")
     print("| kind | " + " | ".join(f"{name} | share" for name in names) + " |")
     print("|---|" + "---|---|" * len(names))
     for kind in kinds:

@@ -248,6 +248,23 @@ def test_centring_and_bias_correction_remove_the_weight_rounding_shift(kind):
     assert shift < 0.1 * shift_uncorrected  # measured 0.01-0.03
 
 
+@pytest.mark.parametrize("kind", [0, 1], ids=["conv", "linear"])
+def test_profiler_sees_the_int8_kernels_by_name(kind):
+    """scripts/profile_unet.py sorts a call's time by op name: int8.cpp's calls, which are not ops, get named spans
+    while the profiler records (and only then), beside oneDNN's int8 products."""
+    assert int8.KERNEL.get() is not None, f"int8.cpp did not build: {int8.KERNEL.failed}"
+    _, twin, x = random_layers()[kind]
+    with torch.no_grad():
+        twin(x)  # quantise the weight first
+        with torch.profiler.profile() as prof:
+            twin(x)
+    names = {event.key for event in prof.key_averages()}
+    expected = ({"kedavra::int8 quantise per tensor", "onednn::qconv2d_pointwise"} if kind == 0 else
+                {"kedavra::int8 quantise per row", "kedavra::int8 W mu", "kedavra::int8 row-scale epilogue",
+                 "onednn::qlinear_pointwise"})
+    assert expected <= names
+
+
 def test_one_int8_copy_serves_every_input_shape():
     plain, twin, x = random_layers()[0]
     other = torch.randn(1, 96, 7, 16, generator=torch.Generator().manual_seed(3)).bfloat16()

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import threading
 import warnings
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from types import ModuleType
+
+import torch
 
 
 class CppExtension:
@@ -38,3 +41,9 @@ class CppExtension:
                     warnings.warn(f"kedavra's {self.source.name} could not be built ({self.failed}); using "
                                   f"{self.fallback}", RuntimeWarning, stacklevel=3)
         return self.module
+
+
+def profiled(name: str) -> AbstractContextManager:
+    """A span named `name` around an extension's call while torch.profiler records (scripts/profile_unet.py), which
+    does not see such a call as an op of its own; a no-op otherwise."""
+    return torch.profiler.record_function(name) if torch.autograd._profiler_enabled() else nullcontext()

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -39,7 +39,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from kedavra.networks.cpp_extension import CppExtension
+from kedavra.networks.cpp_extension import CppExtension, profiled
 
 MIN_KEYS = 256  # below this the kernel is no faster than SDPA (docs/benchmark.md)
 BLOCK_KEYS = 256  # the kernel's BK: keys are padded to a multiple of it
@@ -148,11 +148,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
     v_packed = pack_values(v, padded).flatten(0, 1)  # (B*Nh, Lp/2, Dv, 2)
     out = torch.empty(batch, queries, heads, width, dtype=torch.bfloat16)
     query = q if q.stride(-1) == 1 else q.contiguous()
-    # named for torch.profiler (scripts/profile_unet.py), which does not see the extension's call as an aten op
-    named = nullcontext()
-    if torch.autograd._profiler_enabled():
-        named = torch.profiler.record_function(f"kedavra::cpu_attention {queries}x{keys} tokens, head width {width}")
-    with named:
+    name = "kedavra::cpu_attention"
+    if torch.autograd._profiler_enabled():  # the span names the shape (scripts/profile_unet.py)
+        name += f" {queries}x{keys} tokens, head width {width}"
+    with profiled(name):
         kernel.attention(query, k_packed, v_packed, out, keys, width**-0.5)
     return out.transpose(1, 2)  # (B, S, Nh, Dh) -> (B, Nh, S, Dh)
 

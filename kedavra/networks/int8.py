@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from kedavra.networks.acceleration import NO_POST_OP, conv_twin, linear_twin
-from kedavra.networks.cpp_extension import CppExtension
+from kedavra.networks.cpp_extension import CppExtension, profiled
 
 INT8_MAX, UINT8_MAX = 127, 255
 ROW_ZERO_POINT = 128  # per-row levels -127..127 stored as uint8 (module docstring)
@@ -88,7 +88,8 @@ def quantise_activation(x: Tensor, channels: int = 0) -> tuple[Tensor, float, in
     if kernel is not None:
         q = torch.empty_like(x, dtype=torch.uint8)
         means = torch.empty(channels, dtype=torch.float32)
-        scale, zero_point = kernel.quantise_u8(x, q, means)
+        with profiled("kedavra::int8 quantise per tensor"):
+            scale, zero_point = kernel.quantise_u8(x, q, means)
         return q, scale, zero_point, means if channels else None
     means = None
     if channels:
@@ -116,7 +117,8 @@ def quantise_rows(x: Tensor, centre: bool = False) -> tuple[Tensor, Tensor, Tens
         q = torch.empty_like(x, dtype=torch.uint8)
         scales = torch.empty(x.shape[0], dtype=torch.float32)
         means = torch.empty(x.shape[1] if centre else 0, dtype=torch.float32)
-        kernel.quantise_rows_u8(x, q, scales, means)
+        with profiled("kedavra::int8 quantise per row"):
+            kernel.quantise_rows_u8(x, q, scales, means)
         return q, scales, means if centre else None
     x = x.float()
     means = x[:: max(1, x.shape[0] // MEAN_ROWS)].double().mean(dim=0).float() if centre else None
@@ -134,7 +136,8 @@ def matvec(weight: Tensor, vector: Tensor) -> Tensor:
     weight = weight.contiguous()
     kernel = KERNEL.get()
     if kernel is not None:
-        return kernel.matvec_f32(weight, vector)
+        with profiled("kedavra::int8 W mu"):
+            return kernel.matvec_f32(weight, vector)
     return weight.float() @ vector
 
 
@@ -144,7 +147,8 @@ def scale_rows(acc: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
     kernel = KERNEL.get()
     if kernel is not None:
         out = acc if acc.dtype == torch.bfloat16 else torch.empty_like(acc, dtype=torch.bfloat16)
-        kernel.scale_rows_bf16(acc, scales, bias if bias is not None else _EMPTY, out)
+        with profiled("kedavra::int8 row-scale epilogue"):
+            kernel.scale_rows_bf16(acc, scales, bias if bias is not None else _EMPTY, out)
         return out
     out = acc.float() * scales[:, None]
     return (out if bias is None else out + bias).to(torch.bfloat16)
