@@ -18,8 +18,9 @@ each in its own process, one at a time:
                      oneDNN weights in the U-Net and the VAE (what `kedavra generate` runs)
     kedavra-int8     kedavra.load(folder, dtype="int8"): `kedavra generate --precision int8`, the U-Net's large conv
                      and linear layers as int8 products (kedavra.networks.int8), everything else as kedavra
-    diffusers-fp32   (--configs) StableDiffusionXLPipeline in fp32 at its defaults, the check run only: the reference
-                     whose image the others' check images are held against, with scripts/benchmark_pipeline.py's
+    diffusers-fp32   (--configs) StableDiffusionXLPipeline in fp32 at its defaults, the check run only (with
+                     --fp32-full also the full-length run, 3-4x a bf16 run): the reference whose images the others'
+                     images of the same length are held against, with scripts/benchmark_pipeline.py's
                      tolerances (mean abs <= 0.02, PSNR >= 30 dB). 14 GB of weights: the prompts are encoded once
                      (encode_prompt, the pipeline's own call) and the text encoders dropped before sampling, else
                      the 1024 decode runs this machine's 24 GiB out of memory (seen: 19.9 GB resident when killed)
@@ -64,7 +65,7 @@ from benchmark_pipeline import (  # noqa: E402
 from benchmark_sdxl import gib_text, trimmed_rss_gib  # noqa: E402
 
 CONFIGS = ("diffusers-bf16", "kedavra", "kedavra-int8")
-REFERENCE = "diffusers-fp32"  # --configs: the check run only, the images' reference
+REFERENCE = "diffusers-fp32"  # --configs: the images' reference, the check run only unless --fp32-full
 PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry, low quality"
 GUIDANCE = 5.0  # SDXL's usual classifier-free guidance scale
 SEED = 42
@@ -160,7 +161,7 @@ def kedavra_pipeline(folder: Path, int8: bool = False):
             "text_2": model.text_encoder_2}, generate
 
 
-def run_child(config: str, folder: Path, size: int, steps: int, out: Path) -> dict:
+def run_child(config: str, folder: Path, size: int, steps: int, out: Path, fp32_full: bool = False) -> dict:
     tests_on_path()
     started = time.perf_counter()
     if config.startswith("diffusers"):
@@ -171,7 +172,8 @@ def run_child(config: str, folder: Path, size: int, steps: int, out: Path) -> di
               "loaded_rss_gib": vm_kib("VmRSS") / 2**20}
     calls = {name: time_calls(module) for name, module in modules.items()}
     images = {}
-    for name, n in (("check", CHECK_STEPS),) + (() if config == REFERENCE else (("timed", steps),)):
+    full = config != REFERENCE or fp32_full
+    for name, n in (("check", CHECK_STEPS),) + ((("timed", steps),) if full else ()):
         if name == "timed":
             result["peak_bf16"] = matmul_peak(torch.bfloat16)
         for timings in calls.values():
@@ -199,6 +201,7 @@ def run_config(config: str, size: int, args) -> tuple[dict, dict[str, np.ndarray
     out = args.workdir / f"{config}-{size}.npz"
     command = [sys.executable, __file__, "--child", config, str(size), str(out), "--steps", str(args.steps),
                "--workdir", str(args.workdir), "--threads", str(args.threads)]
+    command += ["--fp32-full"] if args.fp32_full else []
     result = child_json(command, f"{config} at {size}")
     with np.load(out) as images:
         return result, dict(images)
@@ -212,6 +215,9 @@ def main() -> int:
                         help="torch threads in every configuration (default: torch's default)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS + (REFERENCE,),
                         help="configurations to run, in this order (default: %(default)s)")
+    parser.add_argument("--fp32-full", action="store_true",
+                        help=f"{REFERENCE} also makes the full-length image, and every configuration's is held against "
+                             "it (an SDXL fp32 step takes 3-4x a bf16 one)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "kedavra-benchmark",
                         help="where the random-weight SDXL folder (7 GB) and the images go")
     parser.add_argument("--json", type=Path, help="also write every measurement here")
@@ -224,7 +230,7 @@ def main() -> int:
     folder = args.workdir / f"sdxl-random-seed{WEIGHT_SEED}-bf16"
     if args.child:
         config, size, out = args.child
-        print(json.dumps(run_child(config, folder, int(size), args.steps, Path(out))))
+        print(json.dumps(run_child(config, folder, int(size), args.steps, Path(out), args.fp32_full)))
         return 0
     for size in args.sizes:
         if size % 8 or size <= 0:
@@ -247,7 +253,9 @@ def main() -> int:
             measured[config] = row
             rows.append(row)
             if config == REFERENCE:
-                print(f"| {size} | {config} | (check run only: {row['check_e2e_s']:.1f} s for {CHECK_STEPS} steps) "
+                runs = f"{CHECK_STEPS}-step check run {row['check_e2e_s']:.1f} s" + (
+                    f", {args.steps}-step run {row['timed_e2e_s']:.1f} s" if "timed_e2e_s" in row else ", no timed run")
+                print(f"| {size} | {config} | (reference: {runs}) "
                       f"| | | | | {row['load_s']:.1f} | | {row['peak_rss_gib']:.2f} | | |", flush=True)
                 continue
             print(f"| {size} | {config} | {np.median(row['unet_wall_s']):.2f} ({min(row['unet_wall_s']):.2f}) "
@@ -268,19 +276,21 @@ def main() -> int:
                     f"| {diff['max_abs']:.4f} | {diff['mean_abs']:.4f} | {diff['psnr_db']:.1f} |")
                 ours["image_difference"] = diff
         if REFERENCE in measured:
-            for name in (c for c in args.configs if c != REFERENCE):
-                diff = image_difference(images[name]["check"], images[REFERENCE]["check"])
-                measured[name]["check_difference_fp32"] = diff
-                checks.append(f"| {size} | {name} | {diff['max_abs']:.4f} | {diff['mean_abs']:.4f} "
-                              f"| {diff['psnr_db']:.1f} | {'yes' if within_tolerance(name, diff) else 'NO'} |")
+            for run in (r for r in ("check", "timed") if r in images[REFERENCE]):
+                for name in (c for c in args.configs if c != REFERENCE):
+                    diff = image_difference(images[name][run], images[REFERENCE][run])
+                    measured[name][f"{run}_difference_fp32"] = diff
+                    checks.append(f"| {size} | {name} | {CHECK_STEPS if run == 'check' else args.steps} "
+                                  f"| {diff['max_abs']:.4f} | {diff['mean_abs']:.4f} | {diff['psnr_db']:.1f} "
+                                  f"| {'yes' if within_tolerance(name, diff) else 'NO'} |")
     if lines:
         print("\n| size | kedavra | U-Net per step, diffusers-bf16 / kedavra (wall) | (CPU) | end to end "
               "| peak RSS, kedavra / diffusers | image max abs | mean abs | PSNR dB |\n" + "|---" * 9 + "|")
         print("\n".join(lines))
     if checks:
-        print(f"\nCheck images ({CHECK_STEPS} steps) against {REFERENCE}'s (8-bit images in [0, 1] units), with "
+        print(f"\nImages against {REFERENCE}'s of the same number of steps (8-bit images in [0, 1] units), with "
               "scripts/benchmark_pipeline.py's tolerances:\n"
-              "| size | configuration | max abs | mean abs | PSNR dB | within tolerance |\n|---|---|---|---|---|---|")
+              "| size | configuration | steps | max abs | mean abs | PSNR dB | within tolerance |\n" + "|---" * 7 + "|")
         print("\n".join(checks))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
