@@ -41,7 +41,9 @@ from kedavra.serving.worker import ModelCatalog, Worker  # noqa: E402
 
 SIZE = 32  # the tiny preset's image size
 STEPS = 2
-LONG_STEPS = 150  # a job that runs for seconds at 32 px, for tests that interrupt or cancel it
+LONG_STEPS = 150  # the API's maximum (MAX_STEPS): a job for tests that interrupt or cancel it
+LONG_BATCHES = 10  # n_iter of a job that must outlast a client's timeout: 150 steps at 32 px take well under a
+#                    second on a fast CPU (seen on an AMD EPYC Zen 5), so one batch alone does not
 INTERRUPTED_STEPS = 60  # a batch long enough to catch the second of two running
 API_KEY = "test-key-0123456789"
 BODY_LIMIT = 2**20  # 1 MiB for the main test server
@@ -461,7 +463,7 @@ def test_a_client_that_hangs_up_cancels_its_work(server):
     url, worker = server
     before = dict(worker.counts)
     long_result = []
-    long_job = start_long_job(url, long_result)  # runs while the next request waits in the queue
+    long_job = start_long_job(url, long_result, n_iter=LONG_BATCHES)  # runs while the next request waits in the queue
     wait_until(lambda: running(worker), "the long job to start")
     with pytest.raises(httpx.TimeoutException):
         httpx.post(f"{url}/sdapi/v1/txt2img", json={"steps": STEPS}, timeout=0.5)
@@ -472,10 +474,11 @@ def test_a_client_that_hangs_up_cancels_its_work(server):
 
     started = time.monotonic()
     with pytest.raises(httpx.TimeoutException):  # now the running job's client leaves
-        httpx.post(f"{url}/sdapi/v1/txt2img", json={"steps": LONG_STEPS, "seed": 2}, timeout=1.0)
+        httpx.post(f"{url}/sdapi/v1/txt2img", json={"steps": LONG_STEPS, "seed": 2, "n_iter": LONG_BATCHES},
+                   timeout=1.0)
     wait_until(lambda: worker.counts["interrupted"] == before["interrupted"] + 2, "the running job to stop")
     wait_until(lambda: worker.progress().state.job_count == 0, "the worker to be idle")
-    assert time.monotonic() - started < WAIT_S / 2  # far less than LONG_STEPS steps
+    assert time.monotonic() - started < WAIT_S / 2  # far less than LONG_BATCHES x LONG_STEPS steps
 
 
 def test_small_load_test(server):
