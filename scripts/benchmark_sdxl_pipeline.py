@@ -140,10 +140,8 @@ def diffusers_pipeline(folder: Path, fp32: bool = False):
         return pipe(**prompts, num_inference_steps=steps, guidance_scale=GUIDANCE, height=size, width=size,
                     generator=torch.Generator().manual_seed(SEED), output_type="pil").images[0]
 
-    if fp32:
-        return {"unet": pipe.unet, "vae": pipe.vae.decoder}, generate
-    return {"unet": pipe.unet, "vae": pipe.vae.decoder, "text": pipe.text_encoder,
-            "text_2": pipe.text_encoder_2}, generate
+    modules = {"unet": pipe.unet, "vae": pipe.vae.decoder, "text": pipe.text_encoder, "text_2": pipe.text_encoder_2}
+    return {name: module for name, module in modules.items() if module is not None}, generate
 
 
 def kedavra_pipeline(folder: Path, int8: bool = False):

@@ -325,6 +325,13 @@ void check_dense(const torch::Tensor& x, const char* name) {
                 ": x must be bf16 or fp32");
 }
 
+// f(elements) with t's elements as bf16 bits (const uint16_t*) or fp32 (const float*), whichever t holds.
+template <typename F>
+auto with_elements(const torch::Tensor& t, F&& f) {
+    if (t.scalar_type() == torch::kBFloat16) return f(reinterpret_cast<const uint16_t*>(t.data_ptr()));
+    return f(static_cast<const float*>(t.data_ptr<float>()));
+}
+
 }  // namespace
 
 // x: bf16 or fp32, non-overlapping and dense; q: uint8, x's shape and strides; means: float32 of C values (x read as
@@ -338,8 +345,7 @@ std::tuple<double, int64_t> quantise_u8(const torch::Tensor& x, torch::Tensor& q
                 "quantise_u8: means must be float32 with a number of values dividing x's");
     uint8_t* out = q.data_ptr<uint8_t>();
     float* m = C > 0 ? means.data_ptr<float>() : nullptr;
-    if (x.scalar_type() == torch::kBFloat16) return quantise(reinterpret_cast<const uint16_t*>(x.data_ptr()), n, out, C, m);
-    return quantise(x.data_ptr<float>(), n, out, C, m);
+    return with_elements(x, [&](const auto* elements) { return quantise(elements, n, out, C, m); });
 }
 
 // x: (N, C) bf16 or fp32, contiguous; q: (N, C) uint8; scales: (N,) float32; means: empty, or (C,) float32 to be
@@ -359,14 +365,10 @@ void quantise_rows_u8(const torch::Tensor& x, torch::Tensor& q, torch::Tensor& s
     if (rows == 0 || C == 0) return;
     const bool centre = means.numel() > 0;
     float* m = centre ? means.data_ptr<float>() : nullptr;
-    if (x.scalar_type() == torch::kBFloat16) {
-        const auto* bits = reinterpret_cast<const uint16_t*>(x.data_ptr());
-        if (centre) column_means(bits, rows, C, m);
-        quantise_rows(bits, rows, C, q.data_ptr<uint8_t>(), scales.data_ptr<float>(), m);
-    } else {
-        if (centre) column_means(x.data_ptr<float>(), rows, C, m);
-        quantise_rows(x.data_ptr<float>(), rows, C, q.data_ptr<uint8_t>(), scales.data_ptr<float>(), m);
-    }
+    with_elements(x, [&](const auto* elements) {
+        if (centre) column_means(elements, rows, C, m);
+        quantise_rows(elements, rows, C, q.data_ptr<uint8_t>(), scales.data_ptr<float>(), m);
+    });
 }
 
 // acc: (N, O) fp32 or bf16, contiguous; scales: (N,) float32; bias: (O,) float32 or empty; out: (N, O) bf16,
@@ -386,11 +388,7 @@ void scale_rows_bf16(const torch::Tensor& acc, const torch::Tensor& scales, cons
     if (rows == 0 || O == 0) return;
     const float* b = bias.numel() ? bias.data_ptr<float>() : nullptr;
     uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
-    if (acc.scalar_type() == torch::kBFloat16) {
-        scale_rows(reinterpret_cast<const uint16_t*>(acc.data_ptr()), rows, O, scales.data_ptr<float>(), b, o);
-    } else {
-        scale_rows(acc.data_ptr<float>(), rows, O, scales.data_ptr<float>(), b, o);
-    }
+    with_elements(acc, [&](const auto* elements) { scale_rows(elements, rows, O, scales.data_ptr<float>(), b, o); });
 }
 
 // w: (O, C) bf16 or fp32, contiguous; v: (C,) float32. Returns W v in float32 (O,), summed in float32.
@@ -400,12 +398,9 @@ torch::Tensor matvec_f32(const torch::Tensor& w, const torch::Tensor& v) {
     TORCH_CHECK(v.scalar_type() == torch::kFloat && v.is_contiguous() && v.numel() == w.size(1),
                 "matvec_f32: v must be float32 with one value per column of w");
     auto out = torch::empty({w.size(0)}, torch::kFloat);
-    if (w.scalar_type() == torch::kBFloat16) {
-        matrix_vector(reinterpret_cast<const uint16_t*>(w.data_ptr()), w.size(0), w.size(1), v.data_ptr<float>(),
-                      out.data_ptr<float>());
-    } else {
-        matrix_vector(w.data_ptr<float>(), w.size(0), w.size(1), v.data_ptr<float>(), out.data_ptr<float>());
-    }
+    with_elements(w, [&](const auto* elements) {
+        matrix_vector(elements, w.size(0), w.size(1), v.data_ptr<float>(), out.data_ptr<float>());
+    });
     return out;
 }
 
