@@ -49,12 +49,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kedavra.mapped_memory import drop_pages
+from kedavra.networks.cpu_features import cpu_has_fast_bf16
 from kedavra.networks.transformer import GEGLU
 
-# Weight dtypes whose packed kernels pay off here: fp32 (AVX-512) and bf16 (AVX512-BF16 / AMX). fp16 is left
-# to the eager path (on CPUs without AMX-FP16 oneDNN emulates it).
-PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+# Weight dtypes whose packed kernels pay off: fp32, and bf16 where the CPU has AVX512-BF16 or AMX (elsewhere
+# oneDNN refuses to pack bf16 weights: kedavra.networks.cpu_features). fp16 is left to the eager path (on CPUs
+# without AMX-FP16 oneDNN emulates it).
+ALWAYS_PACKABLE = (torch.float32,)
+NATIVE_BF16_PACKABLE = (torch.float32, torch.bfloat16)
 NO_POST_OP = ("none", [], "")  # oneDNN fused-op arguments: no activation after the layer (attr, scalars, algo)
+
+
+def packable_dtypes() -> tuple[torch.dtype, ...]:
+    """The weight dtypes this CPU packs: fp32, and bf16 where it computes bf16 natively."""
+    return NATIVE_BF16_PACKABLE if cpu_has_fast_bf16() else ALWAYS_PACKABLE
 
 
 def packing_available() -> bool:
@@ -116,7 +124,7 @@ def _use_packed(x: Tensor, weight: Tensor) -> bool:
     return (
         x.device.type == "cpu"
         and x.dtype == weight.dtype
-        and weight.dtype in PACKABLE_DTYPES
+        and weight.dtype in packable_dtypes()
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     )
 
@@ -329,12 +337,12 @@ def release_packed_weights(module: nn.Module) -> int:
 def optimize_for_inference(model: nn.Module, device: str | torch.device, dtype: torch.dtype) -> nn.Module:
     """Make `model` (already on `device` in `dtype`) faster at inference, in place; returns it.
 
-    On a CPU with oneDNN and an fp32 or bf16 model: conv (and bf16 linear) weights are kept packed between
+    On a CPU with oneDNN and an fp32 model, or a bf16 one where the CPU computes bf16 natively: conv (and bf16 linear) weights are kept packed between
     calls, in place of the dense ones (`pack_weights(evict=True)`; see the module docstring for what that changes
     in the numbers). Elsewhere (CUDA, fp16, a build
     without oneDNN) the model is returned as it is. Stable Diffusion's pipeline applies it to the U-Net and
     the VAE, the parts that run many times or at high resolution.
     """
-    if torch.device(device).type == "cpu" and dtype in PACKABLE_DTYPES and packing_available():
+    if torch.device(device).type == "cpu" and dtype in packable_dtypes() and packing_available():
         pack_weights(model, evict=True)
     return model

@@ -32,7 +32,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import cache
 from pathlib import Path
 from types import ModuleType
 
@@ -40,6 +39,7 @@ import torch
 from torch import Tensor
 
 from kedavra.networks.cpp_extension import CppExtension, profiled
+from kedavra.networks.cpu_features import cpu_has
 
 MIN_KEYS = 256  # below this the kernel is no faster than SDPA (docs/benchmark.md)
 BLOCK_KEYS = 256  # the kernel's BK: keys are padded to a multiple of it
@@ -49,19 +49,9 @@ CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx51
 KERNEL = CppExtension("kedavra_cpu_attention", SOURCE, CFLAGS, "torch's SDPA")
 
 
-@cache
 def cpu_qualifies() -> bool:
-    """True on a CPU with AVX-512 BF16 and without AMX (the CPUs where the kernel beats SDPA), as torch's own
-    probes (or, without them, /proc/cpuinfo's flags) report it."""
-    amx, avx512_bf16 = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported",
-                                                                   "_is_avx512_bf16_supported"))
-    if amx is not None and avx512_bf16 is not None:
-        return bool(avx512_bf16()) and not amx()
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return False
-    return "avx512_bf16" in flags and "amx_bf16" not in flags
+    """True on a CPU with AVX-512 BF16 and without AMX (the CPUs where the kernel beats SDPA)."""
+    return cpu_has("avx512_bf16") and not cpu_has("amx_bf16")
 
 
 def enabled() -> bool:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import ctypes
 import gc
 import sys
-from functools import cache
 
 import torch
+
+from kedavra.networks.cpu_features import cpu_has_fast_bf16
 
 # "int8" is carried as torch.qint8: bf16 networks whose U-Net runs its large layers as int8 products on the CPU
 # (kedavra.networks.int8); network_dtype gives the dtype the weights are held in
@@ -18,21 +19,6 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 def network_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a precision's weights and activations are held in: bf16 for int8 (INT8), else the dtype itself."""
     return torch.bfloat16 if dtype == INT8 else dtype
-
-
-@cache
-def cpu_has_fast_bf16() -> bool:
-    """True when this CPU multiplies bf16 matrices natively (Intel AMX or AVX-512 BF16), where a bf16 matmul
-    runs several times faster than an fp32 one; elsewhere bf16 on the CPU is emulated and slower."""
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    if any(probe is not None for probe in probes):
-        return any(probe is not None and probe() for probe in probes)
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = cpuinfo.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def default_device() -> torch.device:
