@@ -20,15 +20,16 @@ from safetensors.torch import load_file
 from kedavra import cli
 from kedavra.checkpoint import load_model
 from kedavra.commands.demo import torch_threads
+from kedavra.diffusion.forward_process import add_noise, v_from_eps_x0
 from kedavra.diffusion.schedule import get_schedule
 from kedavra.networks.model import StableDiffusion
 from kedavra.networks.vae import SD_LATENT_SCALE
 from kedavra.pipeline.pipeline import Pipeline
-from kedavra.training import NonFiniteLossError, TrainConfig, checkpointing, train
+from kedavra.training import NonFiniteLossError, TrainConfig, checkpointing, precision, train
 from kedavra.training.batches import DataPosition, TrainingData
 from kedavra.training.config import STAGE_DEFAULTS
 from kedavra.training.ema import EMA, ema_decay_at
-from kedavra.training.losses import DiffusionObjective, min_snr_weight
+from kedavra.training.losses import DiffusionObjective, layout_error, min_snr_weight
 from kedavra.training.models import model_config_for
 from kedavra.training.optim import learning_rate
 from kedavra.training.stages import COMPONENTS, make_stage
@@ -186,6 +187,66 @@ def test_diffusion_objective_with_a_min_snr_floor():
     torch.testing.assert_close(values["loss"], torch.tensor([1.0, 0.08, 4.0, 1.44]))
 
 
+def test_layout_error_is_the_pooled_x0_error():
+    """x̂_0 - x_0 = -√((1-ᾱ)/ᾱ) (ε̂ - ε) for ε prediction (DDIM eq. 9): an ε error constant over the latent, c, gives
+    the pooled squared error c²(1-ᾱ)/ᾱ; a checkerboard ±c, which every 2 x 2 cell averages away, gives 0, however
+    large; v prediction's x̂_0 - x_0 = -√(1-ᾱ) (v̂ - v) (Salimans and Ho 2022, sec. 4)."""
+    alpha_bar = torch.tensor([0.5, 0.2, 0.01])
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    x_t = add_noise(x0, noise, alpha_bar)
+    c = torch.tensor([1.0, -2.0, 0.5])[:, None, None, None]
+    expected = c.flatten() ** 2 * (1 - alpha_bar) / alpha_bar
+    torch.testing.assert_close(layout_error(noise + c, x_t, x0, alpha_bar, "eps", 4), expected)
+    checkerboard = (torch.arange(8)[:, None] + torch.arange(8)) % 2 * 2 - 1  # (8, 8) of ±1
+    assert layout_error(noise + 100 * checkerboard, x_t, x0, alpha_bar, "eps", 4).abs().max() < 1e-6
+    v = v_from_eps_x0(noise, x0, alpha_bar)
+    torch.testing.assert_close(layout_error(v + c, x_t, x0, alpha_bar, "v", 1), c.flatten() ** 2 * (1 - alpha_bar))
+
+
+def test_diffusion_objective_adds_the_layout_term():
+    """loss = the weighted L_simple + λ · layout error, with "layout" (the λ-weighted term) returned beside it; a
+    ZeroDenoiser's ε̂ = 0 puts x̂_0 = x_t/√ᾱ: for constant x_0 = a and ε = c per sample the pooled error is
+    (1-ᾱ)/ᾱ · c². An ε model on a zero-terminal-SNR schedule is refused (x̂_0 needs ᾱ > 0)."""
+    alpha_bar = torch.tensor([0.5, 0.8, 0.25, 0.2])
+    x0 = torch.tensor([1.0, 1.0, 2.0, -1.0])[:, None, None, None].expand(4, 1, 4, 4)
+    noise = torch.tensor([3.0, 1.0, 2.0, 1.0])[:, None, None, None].expand(4, 1, 4, 4)
+    ids = torch.zeros(4, 3, dtype=torch.long)
+    plain = DiffusionObjective(ZeroDenoiser(), alpha_bar, "eps", 2.0)(x0=x0, noise=noise, t=torch.arange(4),
+                                                                      input_ids=ids)
+    objective = DiffusionObjective(ZeroDenoiser(), alpha_bar, "eps", 2.0, layout_weight=0.5, layout_grid=2)
+    values = objective(x0=x0, noise=noise, t=torch.arange(4), input_ids=ids)
+    layout = 0.5 * torch.tensor([9.0, 0.25, 12.0, 4.0])  # λ · c² (1-ᾱ)/ᾱ
+    assert list(values) == ["loss", "layout"]
+    torch.testing.assert_close(values["layout"], layout)
+    torch.testing.assert_close(values["loss"], plain["loss"] + layout)
+    with pytest.raises(ValueError, match="zero terminal SNR, so train it with v prediction"):
+        DiffusionObjective(ZeroDenoiser(), get_schedule("sd-zero-snr").alpha_bar, "eps", 5.0, layout_weight=1.0)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"layout_loss": 0.0}, "layout_loss must be a finite number > 0.0, got 0.0"),
+    ({"layout_loss": -1.0}, "layout_loss must be a finite number > 0.0, got -1.0"),
+    ({"layout_grid": 2}, r"layout_grid=2 \(--layout-grid\) is the layout loss's grid; layout_loss is None"),
+    ({"layout_loss": 1.0, "layout_grid": 0}, "layout_grid must be an integer >= 1, got 0"),
+    ({"layout_loss": 1.0, "stage": "vae", "vae": None}, "is a term of the diffusion loss, for stage 'unet' or 'all'"),
+])
+def test_layout_loss_is_checked(tmp_path, changes, message):
+    with pytest.raises(ValueError, match=message):
+        small_config(tmp_path, **{"stage": "unet", "vae": "v.safetensors", **changes})
+    config = small_config(tmp_path, stage="unet", vae="v.safetensors", layout_loss=0.5, layout_grid=2)
+    assert (config.layout_loss, config.layout_grid) == (0.5, 2)
+
+
+def test_auto_precision_is_bf16_where_the_cpu_computes_it(monkeypatch):
+    """"auto" resolves to bf16 on a CPU with native bf16 (AMX or AVX-512 BF16) and to fp32 on one without, where
+    bf16 is emulated; an explicit precision is kept either way."""
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda native=native: native)
+        assert precision.resolve_precision("auto", torch.device("cpu")) == expected
+        assert [precision.resolve_precision(p, torch.device("cpu")) for p in ("fp32", "bf16")] == ["fp32", "bf16"]
+    assert TrainConfig().precision == "auto"
+
+
 def test_learning_rate_warmup_and_cosine():
     """Linear warm-up to lr over warmup_steps, then constant, or cosine down to min_lr_ratio·lr at the last step."""
     common = dict(lr=1e-3, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
@@ -264,7 +325,7 @@ def test_stage_objects_keep_their_contract(tmp_path, stage, trained, draws, part
         ({"preset": "tiny-inpaint"}, "inpainting"),
         ({"image_size": 18}, "image_size must be a multiple of 4"),
         ({"stage": "unet"}, "stage 'unet' needs `vae`"),
-        ({"precision": "fp16"}, "unknown precision 'fp16'; allowed: fp32, bf16"),
+        ({"precision": "fp16"}, "unknown precision 'fp16'; allowed: auto, fp32, bf16"),
         ({"schedule": "sd-zero-snr", "stage": "vae"}, "use prediction_type 'v'"),
         ({"ema_decay": 1.0}, r"ema_decay must be a number in \[0.0, 1.0\), got 1.0"),
         ({"seed": 2**32}, "seed must be an integer from 0 to 4294967295, got 4294967296"),

@@ -136,6 +136,10 @@ def register(subparsers) -> None:
         f"MSE (default {DEFAULTS.min_snr_gamma})")
     add("--min-snr-floor", type=float, metavar="F", default=s, help="v prediction: keep min-SNR-γ's x0 weight at "
         "least F at high noise, where layouts are decided (1: truncated SNR; default: no floor)")
+    add("--layout-loss", type=float, metavar="W", default=s, help="add the error of the predicted x0 averaged over "
+        "a coarse grid of the latent, with x0 weight W at every noise level: the layout the prompt's position words "
+        "decide at high noise (default: none)")
+    add("--layout-grid", type=int, metavar="G", default=s, help="the layout loss's grid: G x G cells (default 4)")
     add("--min-timestep", type=int, metavar="T", default=s, help="draw training timesteps from T up (default 0)")
     add("--max-timestep", type=int, metavar="T", default=s, help="draw training timesteps below T (default: the "
         "schedule's 1000); with --min-timestep, e.g. a fine-tune of the high-noise steps where layouts are decided")
@@ -151,7 +155,8 @@ def register(subparsers) -> None:
     add("--recon-loss", choices=RECON_LOSSES, default=s,
         help=f"VAE reconstruction loss (default {DEFAULTS.recon_loss})")
     add("--kl-weight", type=float, default=s, help=f"VAE KL weight β (default {DEFAULTS.kl_weight})")
-    add("--precision", choices=PRECISIONS, default=s, help=f"autocast precision (default {DEFAULTS.precision})")
+    add("--precision", choices=PRECISIONS, default=s, help="autocast precision; auto: bf16 where the device "
+        f"computes it natively (CUDA, a CPU with AMX or AVX-512 BF16), fp32 elsewhere (default {DEFAULTS.precision})")
     add("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=s,
         help="recompute U-Net blocks in the backward pass (less memory, slower; default off)")
     add("--fsdp", action=argparse.BooleanOptionalAction, default=s,

@@ -40,7 +40,9 @@ from kedavra.networks.model import PRESETS, UNET_PREDICTION_TYPES
 from kedavra.validation import check_bool, check_choice, check_int, check_number, check_seed
 
 STAGES = ("vae", "unet", "all")
-PRECISIONS = ("fp32", "bf16")  # bf16: autocast around the forward pass, fp32 master weights and optimizer state
+# bf16: autocast around the forward pass, fp32 master weights and optimizer state; auto: bf16 where the device
+# computes it natively, else fp32 (kedavra.training.precision.resolve_precision)
+PRECISIONS = ("auto", "fp32", "bf16")
 RECON_LOSSES = ("l1", "mse")
 LR_SCHEDULES = ("constant", "cosine")
 DEFAULT_PRESET = "tiny"  # what a run without `init` builds when `preset` is not given
@@ -108,9 +110,13 @@ class TrainConfig:
     min_snr_gamma    γ of min-SNR-γ loss weighting (Hang et al. 2023); None for the plain MSE
     min_snr_floor    v prediction: the least x_0 weight of min-SNR-γ at high noise, where layouts are decided (1:
                      Salimans and Ho 2022's truncated SNR below SNR 1; kedavra.training.losses); None: no floor
+    layout_loss      λ of the layout term: the error of x̂_0 averaged over a layout_grid x layout_grid grid of the
+                     latent, x_0 weight λ at every noise level (kedavra.training.losses); None: no layout term
     caption_dropout  probability of training on the empty caption (classifier-free guidance, Ho and Salimans 2022)
     recon_loss       the VAE's reconstruction loss, "l1" or "mse"; kl_weight: β on the KL term
-    precision        "fp32" or "bf16" autocast
+    precision        "fp32", "bf16" autocast, or "auto": bf16 where the device computes bf16 natively (a CUDA GPU that
+                     supports it, a CPU with AMX or AVX-512 BF16), fp32 elsewhere, where bf16 is emulated and many
+                     times slower; the trainer resolves it, and its checkpoints record what ran
     gradient_checkpointing  recompute the U-Net's blocks in the backward pass (memory for time)
     fsdp             shard the trained weights, gradients, AdamW state and EMA over the processes of a torchrun
                      launch (FSDP2, kedavra.training.sharding) instead of replicating them (DDP); checkpoints are
@@ -156,6 +162,8 @@ class TrainConfig:
     schedule: str | None = None
     min_snr_gamma: float | None = 5.0  # Hang et al. 2023, sec. 4: γ = 5 works best across their settings
     min_snr_floor: float | None = None
+    layout_loss: float | None = None
+    layout_grid: int = 4  # 4 x 4 cells of a 16 x 16 latent: a quarter of the image's side each
     min_timestep: int = 0  # t ~ U{min_timestep .. max_timestep - 1}, kohya sd-scripts' --min/max_timestep
     max_timestep: int | None = None  # None: the schedule's T
     timestep_sampling: str = "uniform"  # one of TIMESTEP_SAMPLINGS (kedavra.training.timestep_sampling)
@@ -165,7 +173,7 @@ class TrainConfig:
     caption_dropout: float = 0.1
     recon_loss: str = "l1"
     kl_weight: float = 1e-6  # LDM's KL-f autoencoders (ldm/configs/autoencoder/*.yaml kl_weight: 0.000001)
-    precision: str = "bf16"
+    precision: str = "auto"
     gradient_checkpointing: bool = False
     fsdp: bool = False
     latent_cache: bool = True
@@ -218,6 +226,18 @@ class TrainConfig:
         if prediction is not None and prediction != "v":
             raise ValueError(f"min_snr_floor={floor!r} (--min-snr-floor) is for v prediction (--prediction-type v): "
                              f"the ε weight floor/SNR is unbounded at SNR 0; got prediction type {prediction!r}")
+
+    def _validate_layout_loss(self) -> None:
+        self._check("layout_grid", check_int, 1)
+        if self.layout_loss is None:
+            if self.layout_grid != 4:
+                raise ValueError(f"layout_grid={self.layout_grid!r} (--layout-grid) is the layout loss's grid; "
+                                 "layout_loss is None: give --layout-loss too, or leave the grid out")
+            return
+        self._check("layout_loss", check_number, 0.0, low_inclusive=False)
+        if self.stage == "vae":
+            raise ValueError(f"layout_loss={self.layout_loss!r} (--layout-loss) is a term of the diffusion loss, for "
+                             "stage 'unet' or 'all'; stage 'vae' trains the autoencoder")
 
     def _validate_timestep_range(self) -> None:
         """The sampling density and its parameters, and 0 <= min_timestep < max_timestep; max_timestep <= T is
@@ -345,6 +365,7 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 self._check(name, check_number, 0.0, low_inclusive=False)
         self._validate_snr_floor()
+        self._validate_layout_loss()
         self._validate_timestep_range()
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("recon_loss", self.recon_loss, RECON_LOSSES)

@@ -30,6 +30,7 @@ reads the shards into it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -56,7 +57,7 @@ from kedavra.training.distributed import Distributed, close_distributed, init_di
 from kedavra.training.ema import EMA
 from kedavra.training.models import build_model, model_from_state, resolved_config
 from kedavra.training.optim import learning_rate, make_optimizer, set_learning_rate
-from kedavra.training.precision import attention_kernels, autocast
+from kedavra.training.precision import attention_kernels, autocast, resolve_precision
 from kedavra.training.stages import make_stage, stage_configs
 
 RUN_CONFIG_FILE = checkpointing.CONFIG_FILE  # OUT/train_config.json, beside the checkpoints
@@ -141,7 +142,9 @@ class Trainer:
             model = model_from_state(checkpoint.model_config, checkpoint.model_state)
         else:  # a LoRA checkpoint holds no model (its base is the init model, read again), a sharded one only shards
             model = build_model(config)
-        self.config = config = resolved_config(config, model.config)  # a fine-tune's image size: its model's
+        config = resolved_config(config, model.config)  # a fine-tune's image size: its model's
+        # "auto" precision becomes what this device runs, so the checkpoints and metrics say what ran
+        self.config = config = dataclasses.replace(config, precision=resolve_precision(config.precision, self.device))
         if checkpoint is not None:
             checkpointing.check_same_run(checkpoint.config, config, checkpoint.path)
         self.base_fingerprint = lora.weights_fingerprint(model) if config.lora_rank is not None else None

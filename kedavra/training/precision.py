@@ -1,5 +1,6 @@
 """The precision a training step computes in (`TrainConfig.precision`): the weights and the optimizer state stay
-fp32 (the master copy); under "bf16" the forward pass runs in bfloat16 autocast, the losses in fp32."""
+fp32 (the master copy); under "bf16" the forward pass runs in bfloat16 autocast, the losses in fp32. "auto" is
+resolved once, by the trainer, to one of the two (`resolve_precision`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,19 @@ import contextlib
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from kedavra.networks.cpu_features import cpu_has_fast_bf16
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> "bf16" where `device` computes bf16 natively (a CUDA GPU with bf16, a CPU with AMX or AVX-512 BF16),
+    else "fp32": on a CPU without them (AVX2 only, say) bf16 is emulated and a training step runs many times slower
+    than in fp32 (docs/training.md). Any other precision is returned as it is."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

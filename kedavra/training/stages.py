@@ -201,6 +201,7 @@ class UNetStage(Stage):
 
     def __init__(self, config: TrainConfig, model: StableDiffusion, data: TrainingData, device: torch.device):
         super().__init__(config, model, data, device)
+        self.parts = ("layout",) if config.layout_loss is not None else ()  # the layout term, logged beside the loss
         self.tokens = TokenCache(model.tokenizer)
         self.tokens_2 = TokenCache(model.tokenizer_2) if model.tokenizer_2 is not None else None  # SDXL's bigG
         self.latents: tuple[Tensor, Tensor] | None = None  # the posteriors' (mean, std), each (N, C, h, w)
@@ -221,7 +222,8 @@ class UNetStage(Stage):
         model.unet.enable_gradient_checkpointing(self.config.gradient_checkpointing)
         denoiser = TextConditionedUNet(model.text_encoder, model.unet, model.text_encoder_2)
         return DiffusionObjective(denoiser, model.config.schedule.alpha_bar, model.config.prediction_type,
-                                  self.config.min_snr_gamma, self.config.min_snr_floor)
+                                  self.config.min_snr_gamma, self.config.min_snr_floor, self.config.layout_loss,
+                                  self.config.layout_grid)
 
     def prepare(self, progress: bool) -> None:
         if self.config.latent_cache:
