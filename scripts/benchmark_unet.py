@@ -3,15 +3,19 @@
     .venv/bin/python scripts/benchmark_unet.py --size 512                      # torch's default threads
     .venv/bin/python scripts/benchmark_unet.py --size 512 --threads 1
     .venv/bin/python scripts/benchmark_unet.py --size 256 --configs kedavra kedavra-compiled
+    .venv/bin/python scripts/benchmark_unet.py --size 512 --configs diffusers-fp32 kedavra-eager kedavra  # fp32
 (docs/benchmark.md gives the commands behind its tables.)
 
 One process holds every configuration, each with its own copy of the same random weights (diffusers'
 UNet2DConditionModel with SD 1.5's sizes, re-drawn under WEIGHT_SEED by tests/reference_models.randomize; kedavra's
 U-Nets get them through convert_unet_state_dict), and calls them in turn on the same classifier-free guidance batch
 (2 latents of size/8, t = 500, a 77-token context; bf16, channels-last): round after round, so a drift of the
-machine's speed reaches every configuration alike. Configurations (--configs):
+machine's speed reaches every configuration alike. With diffusers-fp32 among them everything runs in fp32 instead:
+what kedavra runs by default on a CPU without native bf16 (no AMX or AVX-512 BF16), where bf16 is emulated.
+Configurations (--configs):
 
     diffusers-bf16    diffusers at its best CPU settings: bf16, channels_last, SDPA (AttnProcessor2_0)
+    diffusers-fp32    the same in fp32 (then every configuration runs in fp32; not with diffusers-bf16 or int8)
     kedavra-eager     kedavra's U-Net, bf16, channels_last, no packed weights (Pipeline(optimize=False))
     kedavra           as kedavra.Pipeline runs it on the CPU: packed oneDNN weights (optimize_for_inference), and
                       on a CPU with AVX-512 BF16 but no AMX kedavra's attention kernel (networks/cpu_attention.py)
@@ -48,30 +52,31 @@ from benchmark_sdxl import agreement, compiled  # noqa: E402
 
 from kedavra.networks import cpu_attention  # noqa: E402
 
-CONFIGS = ("diffusers-bf16", "kedavra-eager", "kedavra", "kedavra-sdpa", "kedavra-int8", "kedavra-compiled")
+CONFIGS = ("diffusers-bf16", "diffusers-fp32", "kedavra-eager", "kedavra", "kedavra-sdpa", "kedavra-int8",
+           "kedavra-compiled")
 SDPA_ONLY = ("kedavra-sdpa", "kedavra-compiled")  # run with kedavra's CPU attention kernel switched off
-REFERENCE = "diffusers-bf16"
+REFERENCES = {torch.bfloat16: "diffusers-bf16", torch.float32: "diffusers-fp32"}  # the diffusers run of each dtype
 WEIGHT_SEED = 0
 INPUT_SEED = 1
 TIMESTEP = 500.0  # mid-schedule: the cost of a call does not depend on it
 CONTEXT_TOKENS = 77
 
 
-def reference_unet() -> torch.nn.Module:
-    """diffusers' U-Net with SD 1.5's sizes (its defaults, cross-attention width 768) in bf16, seeded weights."""
+def reference_unet(dtype: torch.dtype) -> torch.nn.Module:
+    """diffusers' U-Net with SD 1.5's sizes (its defaults, cross-attention width 768) in `dtype`, seeded weights."""
     from diffusers import UNet2DConditionModel
     from reference_models import randomize
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(cross_attention_dim=768).to(torch.bfloat16)
+        unet = UNet2DConditionModel(cross_attention_dim=768).to(dtype)
     unet.to_empty(device="cpu")
     randomize(unet, torch.Generator().manual_seed(WEIGHT_SEED))
     return unet.eval()
 
 
-def build(config: str, reference: torch.nn.Module):
+def build(config: str, reference: torch.nn.Module, dtype: torch.dtype):
     """call(x, t, context) -> (B, 4, h, w) for one configuration, on its own copy of the reference weights."""
-    if config == "diffusers-bf16":
+    if config.startswith("diffusers"):
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         reference.to(memory_format=torch.channels_last).set_attn_processor(AttnProcessor2_0())
@@ -92,7 +97,7 @@ def build(config: str, reference: torch.nn.Module):
 
         quantise_unet(unet)
     if config in ("kedavra", "kedavra-sdpa", "kedavra-int8"):
-        optimize_for_inference(unet, "cpu", torch.bfloat16)
+        optimize_for_inference(unet, "cpu", dtype)
     run = compiled(unet) if config == "kedavra-compiled" else unet
     if config not in SDPA_ONLY:
         return lambda x, t, context: run(x, t, context)
@@ -104,11 +109,11 @@ def build(config: str, reference: torch.nn.Module):
     return call_with_sdpa
 
 
-def inputs(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def inputs(size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(INPUT_SEED)
     side = size // 8  # SD's VAE downsampling factor
-    x = torch.randn(2, 4, side, side, generator=generator).to(torch.bfloat16)
-    context = torch.randn(2, CONTEXT_TOKENS, 768, generator=generator).to(torch.bfloat16)
+    x = torch.randn(2, 4, side, side, generator=generator).to(dtype)
+    context = torch.randn(2, CONTEXT_TOKENS, 768, generator=generator).to(dtype)
     return x.contiguous(memory_format=torch.channels_last), torch.full((2,), TIMESTEP), context
 
 
@@ -127,19 +132,24 @@ def main() -> int:
         if args.threads < 1:
             parser.error(f"--threads {args.threads}: at least 1")
         torch.set_num_threads(args.threads)
+    dtype = torch.float32 if "diffusers-fp32" in args.configs else torch.bfloat16
+    if dtype == torch.float32 and {"diffusers-bf16", "kedavra-int8"} & set(args.configs):
+        parser.error("--configs: diffusers-fp32 runs every configuration in fp32; diffusers-bf16 and kedavra-int8 "
+                     "(bf16 networks) go in a separate run")
+    reference, dtype_name = REFERENCES[dtype], {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     flops = unet_flops(args.size)[0]
     print(f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads; SD 1.5 U-Net at "
-          f"{args.size}x{args.size}, guided batch of 2, bf16: {flops / 1e9:.1f} GFLOP per call", flush=True)
-    x, t, context = inputs(args.size)
+          f"{args.size}x{args.size}, guided batch of 2, {dtype_name}: {flops / 1e9:.1f} GFLOP per call", flush=True)
+    x, t, context = inputs(args.size, dtype)
     calls, first, outputs = {}, {}, {}
     with torch.no_grad():
         for config in args.configs:
-            calls[config] = build(config, reference_unet())
+            calls[config] = build(config, reference_unet(dtype), dtype)
             start = time.perf_counter()
             outputs[config] = calls[config](x, t, context).float()
             first[config] = time.perf_counter() - start
             print(f"  {config}: first call {first[config]:.1f} s", flush=True)
-        peak = matmul_peak(torch.bfloat16)
+        peak = matmul_peak(dtype)
         wall = {config: [] for config in args.configs}
         cpu = {config: [] for config in args.configs}
         for round_ in range(args.rounds):
@@ -150,17 +160,18 @@ def main() -> int:
                 cpu[config].append(time.thread_time() - start_cpu)
                 outputs[config] = output.float()
             print(f"  round {round_ + 1}: " + ", ".join(f"{c} {wall[c][-1]:.3f} s" for c in args.configs), flush=True)
-        peak = max(peak, matmul_peak(torch.bfloat16))
-    print(f"\nbf16 matmul peak in this process: {peak / 1e12:.3f} TFLOP/s; load average at the end {load_average()}\n")
+        peak = max(peak, matmul_peak(dtype))
+    print(f"\n{dtype_name} matmul peak in this process: {peak / 1e12:.3f} TFLOP/s; load average at the end "
+          f"{load_average()}\n")
     print("| configuration | first call s | median s | min s | CPU s (median) | TFLOP/s (median) | % of peak "
-          f"| vs {REFERENCE} | output vs {REFERENCE} |")
+          f"| vs {reference} | output vs {reference} |")
     print("|---|---|---|---|---|---|---|---|---|")
     for config in args.configs:
         median = float(np.median(wall[config]))
         speedup = "n/a"
-        if REFERENCE in wall:
-            speedup = f"{float(np.median(np.array(wall[REFERENCE]) / np.array(wall[config]))):.2f}x"
-        distance = f"{agreement(outputs[config], outputs[REFERENCE]):.4f}" if REFERENCE in outputs else "n/a"
+        if reference in wall:
+            speedup = f"{float(np.median(np.array(wall[reference]) / np.array(wall[config]))):.2f}x"
+        distance = f"{agreement(outputs[config], outputs[reference]):.4f}" if reference in outputs else "n/a"
         print(f"| {config} | {first[config]:.1f} | {median:.3f} | {min(wall[config]):.3f} "
               f"| {float(np.median(cpu[config])):.3f} | {flops / median / 1e12:.3f} "
               f"| {100 * flops / median / peak:.0f} | {speedup} | {distance} |")

@@ -97,8 +97,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.size <= 0 or args.size % 64:
         parser.error(f"--size {args.size}: a positive multiple of 64 is needed")
-    state = convert_unet_state_dict(reference_unet().state_dict(), "diffusers", PRESETS["sd15"].unet)
-    x, t, context = inputs(args.size)
+    state = convert_unet_state_dict(reference_unet(torch.bfloat16).state_dict(), "diffusers", PRESETS["sd15"].unet)
+    x, t, context = inputs(args.size, torch.bfloat16)
 
     def unet(dtype: torch.dtype, keep: str | None = None, quantise: bool = False) -> nn.Module:
         with torch.device("meta"):
