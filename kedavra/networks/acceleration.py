@@ -337,10 +337,10 @@ def release_packed_weights(module: nn.Module) -> int:
 def optimize_for_inference(model: nn.Module, device: str | torch.device, dtype: torch.dtype) -> nn.Module:
     """Make `model` (already on `device` in `dtype`) faster at inference, in place; returns it.
 
-    On a CPU with oneDNN and an fp32 model, or a bf16 one where the CPU computes bf16 natively: conv (and bf16 linear) weights are kept packed between
-    calls, in place of the dense ones (`pack_weights(evict=True)`; see the module docstring for what that changes
-    in the numbers). Elsewhere (CUDA, fp16, a build
-    without oneDNN) the model is returned as it is. Stable Diffusion's pipeline applies it to the U-Net and
+    On a CPU with oneDNN and an fp32 model, or a bf16 one where the CPU computes bf16 natively: conv (and bf16
+    linear) weights are kept packed between calls, in place of the dense ones (`pack_weights(evict=True)`; see the
+    module docstring for what that changes in the numbers). Elsewhere (CUDA, fp16, bf16 on a CPU that emulates it, a
+    build without oneDNN) the model is returned as it is. Stable Diffusion's pipeline applies it to the U-Net and
     the VAE, the parts that run many times or at high resolution.
     """
     if torch.device(device).type == "cpu" and dtype in packable_dtypes() and packing_available():
