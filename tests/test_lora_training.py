@@ -36,6 +36,7 @@ from kedavra.training import TrainConfig, Trainer, checkpointing, train
 from kedavra.training.batches import DataPosition
 from kedavra.training.distributed import close_distributed, init_distributed
 from kedavra.training.lora import base_model_metadata
+from kedavra.training.precision import resolve_precision
 
 RANK, ALPHA = 4, 2.0  # scale α / r = 0.5, so a wrong scale shows
 IMAGE_TOL = 2 / 255  # images in [0, 1]: within two 8-bit steps of diffusers' (the brief's bound)
@@ -430,8 +431,8 @@ def test_train_command_refuses_bad_lora_flags(tmp_path, capsys, flags, message):
 
 @pytest.mark.skipif(DEFAULT_MODEL not in embedded_models(), reason=f"the embedded {DEFAULT_MODEL!r} is not installed")
 def test_train_command_trains_a_lora_of_the_embedded_model(tmp_path, monkeypatch, capsys):
-    """`kedavra train --init kedavra-shapes --lora 4` (bf16, the default precision; a sample grid of the merged EMA
-    LoRA) prints the LoRA's path, and `kedavra generate --lora` draws with it."""
+    """`kedavra train --init kedavra-shapes --lora 4` (the default precision: bf16 where the CPU computes it natively,
+    fp32 elsewhere; a sample grid of the merged EMA LoRA) prints the LoRA's path, and `kedavra generate --lora` draws with it."""
     monkeypatch.setattr("kedavra.training.loop.open_dataset", lambda *a, **k: Squares())
     out = tmp_path / "lora"
     assert cli.main(["train", "--init", DEFAULT_MODEL, "--lora", "4", "--image-size", "16", "--steps", "2",
@@ -442,7 +443,8 @@ def test_train_command_trains_a_lora_of_the_embedded_model(tmp_path, monkeypatch
     assert f"(LoRA: {out / 'checkpoints' / 'step_00000002' / 'lora.safetensors'})" in printed
     assert (out / "samples" / "step_00000002.png").read_bytes().startswith(b"\x89PNG")
     meta = metadata(out / "lora.safetensors")
-    assert meta["ss_mixed_precision"] == "bf16" and meta["ss_sd_model_name"] == DEFAULT_MODEL
+    mixed = "bf16" if resolve_precision("auto", torch.device("cpu")) == "bf16" else "no"  # fp32 without native bf16
+    assert meta["ss_mixed_precision"] == mixed and meta["ss_sd_model_name"] == DEFAULT_MODEL
     image = tmp_path / "out.png"
     assert cli.main(["generate", "a red circle", "--model", DEFAULT_MODEL, "--lora", str(out / "lora.safetensors"),
                      "--steps", "2", "--seed", "0", "--precision", "fp32", "-q", "-o", str(image)]) == 0
