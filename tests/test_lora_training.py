@@ -432,7 +432,8 @@ def test_train_command_refuses_bad_lora_flags(tmp_path, capsys, flags, message):
 @pytest.mark.skipif(DEFAULT_MODEL not in embedded_models(), reason=f"the embedded {DEFAULT_MODEL!r} is not installed")
 def test_train_command_trains_a_lora_of_the_embedded_model(tmp_path, monkeypatch, capsys):
     """`kedavra train --init kedavra-shapes --lora 4` (the default precision: bf16 where the CPU computes it
-    natively, fp32 elsewhere; a sample grid of the merged EMA LoRA) prints the LoRA's path, and `kedavra generate --lora` draws with it."""
+    natively, fp32 elsewhere; a sample grid of the merged EMA LoRA) prints the LoRA's path, and `kedavra generate
+    --lora` draws with it."""
     monkeypatch.setattr("kedavra.training.loop.open_dataset", lambda *a, **k: Squares())
     out = tmp_path / "lora"
     assert cli.main(["train", "--init", DEFAULT_MODEL, "--lora", "4", "--image-size", "16", "--steps", "2",
