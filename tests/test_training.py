@@ -369,6 +369,16 @@ def test_unet_learns(tmp_path, trained_vae):
     assert first / last > 3, (first, last)
 
 
+def test_a_run_with_the_layout_loss_logs_its_term(tmp_path, trained_vae):
+    """--layout-loss: the unet stage names "layout" among its parts, and metrics.jsonl logs the weighted term's
+    interval mean beside the loss, which includes it (so the loss exceeds it)."""
+    config = small_config(tmp_path, stage="unet", vae=str(trained_vae), steps=4, layout_loss=2.0, layout_grid=2)
+    train(config, dataset=Squares())
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [row for row in rows if "layout" in row]
+    assert logged and all(0 < row["layout"] < row["loss"] and math.isfinite(row["layout"]) for row in logged)
+
+
 def test_v_prediction_on_zero_terminal_snr(tmp_path, trained_vae):
     """v-prediction with min-SNR-γ on a zero-terminal-SNR schedule (t = 999 has SNR 0) trains with finite losses,
     and the exported model says how it was trained, sampling from the last timestep (trailing spacing, Lin et al.

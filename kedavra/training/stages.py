@@ -81,7 +81,8 @@ class Stage(ABC):
     """One stage of a run over `model` (on `device`) and `data`; see the module docstring for how it is driven."""
 
     name: ClassVar[str]
-    parts: ClassVar[tuple[str, ...]] = ()  # per-sample values the objective returns beside "loss", logged
+    # per-sample values the objective returns beside "loss", logged: fixed per stage, or per run (UNetStage)
+    parts: tuple[str, ...] = ()
 
     def __init__(self, config: TrainConfig, model: StableDiffusion, data: TrainingData, device: torch.device):
         self.config, self.model, self.data, self.device = config, model, data, device
