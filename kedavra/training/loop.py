@@ -308,7 +308,8 @@ class Trainer:
         last_checkpoint = self.resumed_from
         interval = report.Interval(self.stage.parts, self.stage.log_parts)
         devices = [self.device] if self.device.type == "cuda" else []
-        bar = tqdm(total=config.steps, initial=self.step, desc=f"train {self.stage.name}", unit="step",
+        bar = tqdm(total=config.steps, initial=self.step, unit="step",
+                   desc=f"train {self.stage.name} ({config.precision})",  # the precision "auto" resolved to
                    disable=not (self.progress and context.is_main), dynamic_ncols=True)
         with torch.random.fork_rng(devices=devices), _GracefulStop() as stop:
             torch.set_rng_state(self.global_rng)
