@@ -246,6 +246,25 @@ def test_an_evicting_layer_keeps_its_weight_in_the_packed_copy_alone_with_the_sa
         assert torch.equal(p(x), out) and owner.evicted
 
 
+@torch.no_grad()
+def test_an_evicting_fp32_conv_keeps_its_weight_in_the_packed_copy_alone():
+    """The eviction of the tests above on an fp32 convolution, which packs on every CPU (those tests need bf16
+    packing for their linear and GEGLU layers): the placeholder holds one fp32 element after a call, reading the
+    weight gives the exact dense values back, and the next call evicts again with the same output."""
+    torch.manual_seed(0)
+    eager = nn.Conv2d(32, 64, 3, padding=1).to(memory_format=torch.channels_last)
+    packed = copy.deepcopy(eager)
+    holder = nn.Sequential(packed)
+    assert pack_weights(holder, evict=True) == 1
+    conv, x = holder[0], random_input(2, 32, 8, 8, dtype=torch.float32, channels_last=True)
+    out = conv(x)
+    assert conv.evicted and held_bytes(conv) == 4 and cached(conv) == 1
+    torch.testing.assert_close(out, eager(x), rtol=1e-5, atol=1e-6)
+    weight = conv.weight
+    assert not conv.evicted and torch.equal(weight, eager.weight) and weight.stride() == eager.weight.stride()
+    assert torch.equal(conv(x), out) and conv.evicted
+
+
 @needs_bf16_packing
 @torch.no_grad()
 def test_state_dict_conversion_copies_and_a_new_shape_see_the_dense_weights():
