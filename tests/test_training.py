@@ -24,6 +24,7 @@ from kedavra.diffusion.forward_process import add_noise, v_from_eps_x0
 from kedavra.diffusion.schedule import get_schedule
 from kedavra.networks.model import StableDiffusion
 from kedavra.networks.vae import SD_LATENT_SCALE
+from kedavra.pipeline import device
 from kedavra.pipeline.pipeline import Pipeline
 from kedavra.training import NonFiniteLossError, TrainConfig, checkpointing, precision, train
 from kedavra.training.batches import DataPosition, TrainingData
@@ -241,7 +242,7 @@ def test_auto_precision_is_bf16_where_the_cpu_computes_it(monkeypatch):
     """"auto" resolves to bf16 on a CPU with native bf16 (AMX or AVX-512 BF16) and to fp32 on one without, where
     bf16 is emulated; an explicit precision is kept either way."""
     for native, expected in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda native=native: native)
+        monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda native=native: native)
         assert precision.resolve_precision("auto", torch.device("cpu")) == expected
         assert [precision.resolve_precision(p, torch.device("cpu")) for p in ("fp32", "bf16")] == ["fp32", "bf16"]
     assert TrainConfig().precision == "auto"

@@ -9,18 +9,17 @@ import contextlib
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kedavra.networks.cpu_features import cpu_has_fast_bf16
+from kedavra.pipeline.device import default_dtype
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """"auto" -> "bf16" where `device` computes bf16 natively (a CUDA GPU with bf16, a CPU with AMX or AVX-512 BF16),
-    else "fp32": on a CPU without them (AVX2 only, say) bf16 is emulated and a training step runs many times slower
-    than in fp32 (docs/training.md). Any other precision is returned as it is."""
+    else "fp32": the pipeline's own choice (kedavra.pipeline.device.default_dtype), with its fp16 for older GPUs read
+    as fp32, which training does not autocast to. On a CPU without native bf16 (AVX2 only, say) bf16 is emulated and a
+    training step runs many times slower than in fp32 (docs/training.md). Any other precision is returned as it is."""
     if precision != "auto":
         return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
+    return "bf16" if default_dtype(device) == torch.bfloat16 else "fp32"
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
