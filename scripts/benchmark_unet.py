@@ -4,6 +4,7 @@
     .venv/bin/python scripts/benchmark_unet.py --size 512 --threads 1
     .venv/bin/python scripts/benchmark_unet.py --size 256 --configs kedavra kedavra-compiled
     .venv/bin/python scripts/benchmark_unet.py --size 512 --configs diffusers-fp32 kedavra-eager kedavra  # fp32
+    .venv/bin/python scripts/benchmark_unet.py --size 512 --configs diffusers-fp32 kedavra kedavra-int8  # no bf16
 (docs/benchmark.md gives the commands behind its tables.)
 
 One process holds every configuration, each with its own copy of the same random weights (diffusers'
@@ -15,7 +16,8 @@ what kedavra runs by default on a CPU without native bf16 (no AMX or AVX-512 BF1
 Configurations (--configs):
 
     diffusers-bf16    diffusers at its best CPU settings: bf16, channels_last, SDPA (AttnProcessor2_0)
-    diffusers-fp32    the same in fp32 (then every configuration runs in fp32; not with diffusers-bf16 or int8)
+    diffusers-fp32    the same in fp32 (then every configuration runs in fp32, kedavra-int8's float layers too;
+                      not with diffusers-bf16)
     kedavra-eager     kedavra's U-Net, bf16, channels_last, no packed weights (Pipeline(optimize=False))
     kedavra           as kedavra.Pipeline runs it on the CPU: packed oneDNN weights (optimize_for_inference), and
                       on a CPU with AVX-512 BF16 but no AMX kedavra's attention kernel (networks/cpu_attention.py)
@@ -133,9 +135,9 @@ def main() -> int:
             parser.error(f"--threads {args.threads}: at least 1")
         torch.set_num_threads(args.threads)
     dtype = torch.float32 if "diffusers-fp32" in args.configs else torch.bfloat16
-    if dtype == torch.float32 and {"diffusers-bf16", "kedavra-int8"} & set(args.configs):
-        parser.error("--configs: diffusers-fp32 runs every configuration in fp32; diffusers-bf16 and kedavra-int8 "
-                     "(bf16 networks) go in a separate run")
+    if dtype == torch.float32 and "diffusers-bf16" in args.configs:
+        parser.error("--configs: diffusers-fp32 runs every configuration in fp32; diffusers-bf16 goes in a separate "
+                     "run")
     reference, dtype_name = REFERENCES[dtype], {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     flops = unet_flops(args.size)[0]
     print(f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads; SD 1.5 U-Net at "

@@ -2,9 +2,12 @@
 
     .venv/bin/python scripts/int8_error_sources.py                 # 512x512, about 2 minutes on two threads
     .venv/bin/python scripts/int8_error_sources.py --size 256
+    .venv/bin/python scripts/int8_error_sources.py --dtype fp32    # the networks in fp32, as on a CPU without bf16
 (docs/benchmark.md, section "int8", quotes its output.)
 
-The U-Net has SD 1.5's sizes and benchmark_unet's seeded random weights and inputs (guided batch of 2, t = 500).
+The U-Net has SD 1.5's sizes and benchmark_unet's seeded random weights and inputs (guided batch of 2, t = 500), in
+--dtype (default: the CPU's, as `--precision int8` runs it: bf16 where native, else fp32; "bf16" below means it).
+int8 layers use this CPU's activation bits (kedavra.networks.int8.activation_bits: 8 with VNNI, else 7).
 Rows: the packed bf16 path; int8 as `Pipeline(dtype="int8")` runs it (kedavra.networks.int8); the weights' int8
 rounding alone (each int8 layer's weight replaced by its dequantised per-channel int8 copy, bf16 activations, no bias
 correction); the activations' rounding alone (each int8 layer's input replaced by its dequantised copy, per row or
@@ -33,6 +36,7 @@ from kedavra.networks.acceleration import NO_POST_OP, optimize_for_inference  # 
 from kedavra.networks.model import PRESETS  # noqa: E402
 from kedavra.networks.unet import UNet  # noqa: E402
 from kedavra.networks.unet_keys import convert_unet_state_dict  # noqa: E402
+from kedavra.pipeline.device import default_dtype  # noqa: E402
 
 LAYER_KINDS = {  # kind -> module-name pattern (kedavra's U-Net names)
     "resnet conv1": r"resnets\.\d+\.conv1$", "resnet conv2": r"resnets\.\d+\.conv2$", "1x1 shortcut": r"shortcut$",
@@ -54,10 +58,10 @@ def dequantised_input(layer: nn.Module, args: tuple) -> tuple:
     x = args[0]
     if isinstance(layer, nn.Linear) or layer.kernel_size == (1, 1):
         rows = x.permute(0, 2, 3, 1) if x.ndim == 4 else x  # (..., C_in)
-        q, scales, means = int8.quantise_rows(rows.reshape(-1, rows.shape[-1]), centre=True)
-        x_hat = (means + (q.float() - int8.ROW_ZERO_POINT) * scales[:, None]).view(rows.shape)
+        q, scales, means = int8.quantise_rows(rows.reshape(-1, rows.shape[-1]), centre=True, bits=layer.bits)
+        x_hat = (means + (q.float() - int8.row_zero_point(layer.bits)) * scales[:, None]).view(rows.shape)
         return ((x_hat.permute(0, 3, 1, 2) if x.ndim == 4 else x_hat).to(x.dtype),)
-    q, scale, zero_point, _ = int8.quantise_activation(x)
+    q, scale, zero_point, _ = int8.quantise_activation(x, bits=layer.bits)
     return (((q.float() - zero_point) * scale).to(x.dtype),)
 
 
@@ -67,9 +71,9 @@ class PerTensorLinear(int8.Int8Linear):
     def forward(self, x):
         rows = x.reshape(-1, self.in_features)
         packed, scales, zeros, bias, _ = self._quantised(lambda q, s: torch.ops.onednn.qlinear_prepack(q, None))
-        q, x_scale, x_zero, _ = int8.quantise_activation(rows)
+        q, x_scale, x_zero, _ = int8.quantise_activation(rows, bits=self.bits)
         out = torch.ops.onednn.qlinear_pointwise(q, x_scale, x_zero, packed, scales, zeros, bias, 1.0, 0,
-                                                 torch.bfloat16, *NO_POST_OP)
+                                                 x.dtype, *NO_POST_OP)
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -94,11 +98,13 @@ class PerTensorConv(UncorrectedConv):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (a multiple of 64)")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), help="the networks' precision (default: the CPU's)")
     args = parser.parse_args()
     if args.size <= 0 or args.size % 64:
         parser.error(f"--size {args.size}: a positive multiple of 64 is needed")
-    state = convert_unet_state_dict(reference_unet(torch.bfloat16).state_dict(), "diffusers", PRESETS["sd15"].unet)
-    x, t, context = inputs(args.size, torch.bfloat16)
+    network = {"bf16": torch.bfloat16, "fp32": torch.float32, None: default_dtype(torch.device("cpu"))}[args.dtype]
+    state = convert_unet_state_dict(reference_unet(network).state_dict(), "diffusers", PRESETS["sd15"].unet)
+    x, t, context = inputs(args.size, network)
 
     def unet(dtype: torch.dtype, keep: str | None = None, quantise: bool = False) -> nn.Module:
         with torch.device("meta"):
@@ -116,22 +122,24 @@ def main() -> int:
         reference = unet(torch.float32)(x.float(), t, context.float())
 
         def error(model: nn.Module, pack: bool = True) -> float:
-            if pack:  # as the pipeline: the bf16 layers packed
-                optimize_for_inference(model, "cpu", torch.bfloat16)
+            if pack:  # as the pipeline: the float layers packed
+                optimize_for_inference(model, "cpu", network)
             return ((model(x, t, context).float() - reference).norm() / reference.norm()).item()
 
-        print(f"SD 1.5 U-Net at {args.size}, random weights: relative L2 error of one call against fp32\n")
+        name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[network]
+        print(f"SD 1.5 U-Net at {args.size}, random weights, networks in {name}, int8 activations of "
+              f"{int8.activation_bits()} bits: relative L2 error of one call against fp32\n")
         print("| configuration | error |\n|---|---|")
-        print(f"| bf16 (packed) | {error(unet(torch.bfloat16)):.4f} |")
-        print(f"| int8 | {error(unet(torch.bfloat16, quantise=True)):.4f} |", flush=True)
-        weights_only = unet(torch.bfloat16, quantise=True)
+        print(f"| {name} (packed) | {error(unet(network)):.4f} |")
+        print(f"| int8 | {error(unet(network, quantise=True)):.4f} |", flush=True)
+        weights_only = unet(network, quantise=True)
         for layer in weights_only.modules():
             if isinstance(layer, INT8_TYPES):
                 q, scales = int8.quantise_weight(layer.weight)
-                layer.weight = nn.Parameter((q.float() * scales.view(-1, *[1] * (q.ndim - 1))).bfloat16())
+                layer.weight = nn.Parameter((q.float() * scales.view(-1, *[1] * (q.ndim - 1))).to(network))
                 plain(layer)
         print(f"| int8 weights alone | {error(weights_only):.4f} |", flush=True)
-        activations_only = unet(torch.bfloat16, quantise=True)
+        activations_only = unet(network, quantise=True)
         for layer in activations_only.modules():
             if isinstance(layer, INT8_TYPES):
                 plain(layer)
@@ -141,12 +149,12 @@ def main() -> int:
         for label, swaps in (("int8 before 8 Dec 2026 (per tensor, no bias correction)",
                               {int8.Int8Linear: PerTensorLinear, int8.Int8Conv2d: PerTensorConv}),
                              ("int8 without the bias correction", {int8.Int8Conv2d: UncorrectedConv})):
-            variant = unet(torch.bfloat16, quantise=True)
+            variant = unet(network, quantise=True)
             for layer in variant.modules():
                 layer.__class__ = swaps.get(type(layer), type(layer))
             print(f"| {label} | {error(variant):.4f} |", flush=True)
         for kind, pattern in LAYER_KINDS.items():
-            print(f"| int8, {kind} kept bf16 | {error(unet(torch.bfloat16, pattern, quantise=True)):.4f} |", flush=True)
+            print(f"| int8, {kind} kept {name} | {error(unet(network, pattern, quantise=True)):.4f} |", flush=True)
     return 0
 
 

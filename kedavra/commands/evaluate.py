@@ -135,7 +135,8 @@ def run_evaluation(pipe, net: InceptionV3, settings: EvaluationSettings, *, mode
         for steps in settings.curve_steps:
             curve.append(_curve_point(pipe, net, settings, sampler, steps, captions, real_features, log))
     seconds["sampler-steps curve"] = time.perf_counter() - start
-    precision = "int8 (bfloat16 elsewhere)" if pipe.int8 else str(pipe.dtype).removeprefix("torch.")
+    dtype = str(pipe.dtype).removeprefix("torch.")
+    precision = f"int8 ({dtype} elsewhere)" if pipe.int8 else dtype
     return Evaluation(settings, model_name, pipe.model.config.describe(), str(pipe.device), precision,
                       torch.get_num_threads(), source, len(generated),
                       fid_value, kid_value, generated[:GRID_IMAGES], to_pil(real[:GRID_IMAGES]), adherence,

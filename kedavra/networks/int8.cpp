@@ -1,9 +1,13 @@
 // Activation quantisation for kedavra's int8 layers (kedavra/networks/int8.py), and the per-row epilogue.
 //
+// Levels: `top` is the largest level, 255 (8 bits) where the CPU sums u8 x s8 products exactly (VNNI, AMX-INT8), 127
+// (7 bits) where oneDNN's kernel adds pairs of products into a saturating int16 first (AVX2's vpmaddubsw: 2 x 127 x 127
+// fits in it, 2 x 255 x 127 does not); int8.py's activation_bits chooses.
+//
 // quantise_u8: dynamic per-tensor uint8 quantisation (the 3x3 convolutions' inputs)
 //
-//   scale = (max(x_max, 0) - min(x_min, 0)) / 255,   zero_point = round(-min(x_min, 0) / scale)
-//   q     = clamp(round(x / scale) + zero_point, 0, 255)            (round half to even, as nearbyint)
+//   scale = (max(x_max, 0) - min(x_min, 0)) / top,   zero_point = round(-min(x_min, 0) / scale)
+//   q     = clamp(round(x / scale) + zero_point, 0, top)            (round half to even, as nearbyint)
 //
 // so that x ≈ scale · (q - zero_point) with 0 exactly representable (asymmetric affine quantisation, Jacob et al.
 // 2018, eq. 1). One pass finds the range (and, when asked, each channel's mean: x is then read as rows of C
@@ -13,14 +17,15 @@
 //
 // quantise_rows_u8: dynamic per-row (per-token) symmetric quantisation (the inputs of linear layers and 1x1
 // convolutions, rows of C contiguous values), optionally of the rows minus an estimate μ of each column's mean (over
-// 256-511 evenly spaced rows: column_means)
+// 256-511 evenly spaced rows: column_means); with h = (top - 1) / 2 (127 or 63) and zero point h + 1 (128 or 64)
 //
-//   s[r] = max_c |x[r, c] - μ[c]| / 127,   q[r, c] = clamp(round((x[r, c] - μ[c]) / s[r]), -127, 127) + 128
+//   s[r] = max_c |x[r, c] - μ[c]| / h,   q[r, c] = clamp(round((x[r, c] - μ[c]) / s[r]), -h, h) + h + 1
 //
-// stored as uint8 with a fixed zero point of 128: oneDNN's fast u8 x s8 kernels take it as a per-tensor zero point,
-// and Σ (q - 128) q_w is the signed sum (its signed-int8 source runs a reference loop, measured 3,000x slower).
+// stored as uint8 with that fixed zero point: oneDNN's fast u8 x s8 kernels take it as a per-tensor zero point,
+// and Σ (q - h - 1) q_w is the signed sum (its signed-int8 source runs a reference loop, measured 3,000x slower).
 //
-// scale_rows: the epilogue of a per-row product, out[r, o] = bf16(acc[r, o] · s[r] + b[o]) (acc fp32 or bf16).
+// scale_rows: the epilogue of a per-row product, out[r, o] = acc[r, o] · s[r] + b[o] (acc fp32 or bf16; out bf16,
+// rounded once, or fp32).
 //
 // matvec_f32: W μ in float32 for a bf16 W (the centred rows' shift; torch's bf16 product would round it to bf16,
 // the same rounding for every row of the output).
@@ -55,8 +60,8 @@ inline float bf16_to_float(uint16_t bits) {
     return value;
 }
 
-inline uint8_t level(float value, float inverse, float zero) {
-    return static_cast<uint8_t>(std::min(255.0f, std::max(0.0f, std::nearbyint(value * inverse) + zero)));
+inline uint8_t level(float value, float inverse, float zero, float top) {
+    return static_cast<uint8_t>(std::min(top, std::max(0.0f, std::nearbyint(value * inverse) + zero)));
 }
 
 #ifdef __AVX2__
@@ -66,10 +71,9 @@ inline __m256 load8(const uint16_t* bits) {  // 8 bf16 -> 8 float32
 }
 inline __m256 load8(const float* values) { return _mm256_loadu_ps(values); }
 
-inline __m256i levels8(__m256 value, __m256 inverse, __m256 zero) {  // round(x / scale) + zp, clamped, as int32
+inline __m256i levels8(__m256 value, __m256 inverse, __m256 zero, __m256 top) {  // round(x / s) + zp in [0, top]
     const __m256 rounded = _mm256_round_ps(_mm256_mul_ps(value, inverse), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m256 clamped = _mm256_min_ps(_mm256_set1_ps(255.0f), _mm256_max_ps(_mm256_setzero_ps(),
-                                                                                  _mm256_add_ps(rounded, zero)));
+    const __m256 clamped = _mm256_min_ps(top, _mm256_max_ps(_mm256_setzero_ps(), _mm256_add_ps(rounded, zero)));
     return _mm256_cvtps_epi32(clamped);
 }
 #endif
@@ -115,15 +119,15 @@ inline void widen(float& low, float& high, float value) {
 }
 
 template <typename T>
-void write_levels(const T* x, int64_t begin, int64_t end, uint8_t* q, float inverse, float zero) {
+void write_levels(const T* x, int64_t begin, int64_t end, uint8_t* q, float inverse, float zero, float top) {
     int64_t i = begin;
 #ifdef __AVX2__
-    const __m256 inverses = _mm256_set1_ps(inverse), zeros = _mm256_set1_ps(zero);
+    const __m256 inverses = _mm256_set1_ps(inverse), zeros = _mm256_set1_ps(zero), tops = _mm256_set1_ps(top);
     for (; i + 16 <= end; i += 16) {
-        store16(q + i, levels8(load8(x + i), inverses, zeros), levels8(load8(x + i + 8), inverses, zeros));
+        store16(q + i, levels8(load8(x + i), inverses, zeros, tops), levels8(load8(x + i + 8), inverses, zeros, tops));
     }
 #endif
-    for (; i < end; ++i) q[i] = level(load(x, i), inverse, zero);
+    for (; i < end; ++i) q[i] = level(load(x, i), inverse, zero, top);
 }
 
 // The range of x (always holding 0), flat, in blocks of BLOCK elements.
@@ -201,23 +205,24 @@ void column_means(const T* x, int64_t rows, int64_t C, float* means) {
 }
 
 template <typename T>
-std::tuple<double, int64_t> quantise(const T* x, int64_t n, uint8_t* q, int64_t C, float* means) {
+std::tuple<double, int64_t> quantise(const T* x, int64_t n, uint8_t* q, int64_t C, float* means, int64_t top) {
     float low = 0.0f, high = 0.0f;  // the range always holds 0
     if (C > 0) range_and_means(x, n / C, C, 1, low, high, means);
     else range(x, n, low, high);
-    const double scale = std::max((static_cast<double>(high) - low) / 255.0, 1e-12);
-    const int64_t zero_point = std::clamp<int64_t>(std::llround(-low / scale), 0, 255);
+    const double scale = std::max((static_cast<double>(high) - low) / static_cast<double>(top), 1e-12);
+    const int64_t zero_point = std::clamp<int64_t>(std::llround(-low / scale), 0, top);
     const float inverse = static_cast<float>(1.0 / scale), zero = static_cast<float>(zero_point);
     const int64_t blocks = (n + BLOCK - 1) / BLOCK;
 #pragma omp parallel for num_threads(at::get_num_threads())
     for (int64_t block = 0; block < blocks; ++block) {
-        write_levels(x, block * BLOCK, std::min(n, (block + 1) * BLOCK), q, inverse, zero);
+        write_levels(x, block * BLOCK, std::min(n, (block + 1) * BLOCK), q, inverse, zero, static_cast<float>(top));
     }
     return {scale, zero_point};
 }
 
 template <typename T>
-void quantise_rows(const T* x, int64_t rows, int64_t C, uint8_t* q, float* scales, const float* means) {
+void quantise_rows(const T* x, int64_t rows, int64_t C, uint8_t* q, float* scales, const float* means, int64_t half) {
+    const float h = static_cast<float>(half), zero = h + 1.0f, top = 2.0f * h + 1.0f;
     const int64_t per_block = std::max<int64_t>(1, BLOCK / C), blocks = (rows + per_block - 1) / per_block;
 #pragma omp parallel num_threads(at::get_num_threads())
     {
@@ -247,10 +252,10 @@ void quantise_rows(const T* x, int64_t rows, int64_t C, uint8_t* q, float* scale
                     if (means) centred[c] = value = value - means[c];
                     amax = std::max(amax, std::fabs(value));
                 }
-                const float scale = std::max(amax / 127.0f, 1e-12f);
+                const float scale = std::max(amax / h, 1e-12f);
                 scales[r] = scale;
-                if (means) write_levels(centred.data(), 0, C, q + r * C, 1.0f / scale, 128.0f);
-                else write_levels(row, 0, C, q + r * C, 1.0f / scale, 128.0f);
+                if (means) write_levels(centred.data(), 0, C, q + r * C, 1.0f / scale, zero, top);
+                else write_levels(row, 0, C, q + r * C, 1.0f / scale, zero, top);
             }
         }
     }
@@ -276,25 +281,32 @@ inline __m128i bf16x8(__m256 value) {  // 8 float32 -> 8 bf16, round to nearest 
 }
 #endif
 
-template <typename T>
-void scale_rows(const T* acc, int64_t rows, int64_t O, const float* scales, const float* bias, uint16_t* out) {
+#ifdef __AVX2__
+inline void store8(uint16_t* out, __m256 value) { _mm_storeu_si128(reinterpret_cast<__m128i*>(out), bf16x8(value)); }
+inline void store8(float* out, __m256 value) { _mm256_storeu_ps(out, value); }
+#endif
+inline void store1(uint16_t* out, float value) { *out = float_to_bf16(value); }
+inline void store1(float* out, float value) { *out = value; }
+
+template <typename T, typename U>
+void scale_rows(const T* acc, int64_t rows, int64_t O, const float* scales, const float* bias, U* out) {
     const int64_t per_block = std::max<int64_t>(1, BLOCK / O), blocks = (rows + per_block - 1) / per_block;
 #pragma omp parallel for num_threads(at::get_num_threads())
     for (int64_t block = 0; block < blocks; ++block) {
         const int64_t end = std::min(rows, (block + 1) * per_block);
         for (int64_t r = block * per_block; r < end; ++r) {
             const T* in = acc + r * O;
-            uint16_t* row = out + r * O;
+            U* row = out + r * O;
             const float s = scales[r];
             int64_t o = 0;
 #ifdef __AVX2__
             const __m256 ss = _mm256_set1_ps(s);
             for (; o + 8 <= O; o += 8) {
                 const __m256 b = bias ? _mm256_loadu_ps(bias + o) : _mm256_setzero_ps();
-                _mm_storeu_si128(reinterpret_cast<__m128i*>(row + o), bf16x8(_mm256_fmadd_ps(load8(in + o), ss, b)));
+                store8(row + o, _mm256_fmadd_ps(load8(in + o), ss, b));
             }
 #endif
-            for (; o < O; ++o) row[o] = float_to_bf16(std::fma(load(in, o), s, bias ? bias[o] : 0.0f));
+            for (; o < O; ++o) store1(row + o, std::fma(load(in, o), s, bias ? bias[o] : 0.0f));
         }
     }
 }
@@ -335,9 +347,11 @@ auto with_elements(const torch::Tensor& t, F&& f) {
 }  // namespace
 
 // x: bf16 or fp32, non-overlapping and dense; q: uint8, x's shape and strides; means: float32 of C values (x read as
-// rows of C, channels-last) or empty. Returns (scale, zero_point); fills means when it has values.
-std::tuple<double, int64_t> quantise_u8(const torch::Tensor& x, torch::Tensor& q, torch::Tensor& means) {
+// rows of C, channels-last) or empty; top: the largest level, 1 to 255. Returns (scale, zero_point); fills means when
+// it has values.
+std::tuple<double, int64_t> quantise_u8(const torch::Tensor& x, torch::Tensor& q, torch::Tensor& means, int64_t top) {
     check_dense(x, "quantise_u8");
+    TORCH_CHECK(top >= 1 && top <= 255, "quantise_u8: top must be 1 to 255, got ", top);
     TORCH_CHECK(q.scalar_type() == torch::kUInt8 && q.sizes() == x.sizes() && q.strides() == x.strides(),
                 "quantise_u8: q must be uint8 with x's shape and strides");
     const int64_t n = x.numel(), C = means.numel();
@@ -345,14 +359,16 @@ std::tuple<double, int64_t> quantise_u8(const torch::Tensor& x, torch::Tensor& q
                 "quantise_u8: means must be float32 with a number of values dividing x's");
     uint8_t* out = q.data_ptr<uint8_t>();
     float* m = C > 0 ? means.data_ptr<float>() : nullptr;
-    return with_elements(x, [&](const auto* elements) { return quantise(elements, n, out, C, m); });
+    return with_elements(x, [&](const auto* elements) { return quantise(elements, n, out, C, m, top); });
 }
 
 // x: (N, C) bf16 or fp32, contiguous; q: (N, C) uint8; scales: (N,) float32; means: empty, or (C,) float32 to be
 // filled with each column's mean over evenly spaced rows (column_means), which is then taken from every row before
-// it is quantised.
-void quantise_rows_u8(const torch::Tensor& x, torch::Tensor& q, torch::Tensor& scales, torch::Tensor& means) {
+// it is quantised; half: the largest level magnitude h, 1 to 127 (zero point h + 1).
+void quantise_rows_u8(const torch::Tensor& x, torch::Tensor& q, torch::Tensor& scales, torch::Tensor& means,
+                      int64_t half) {
     check_dense(x, "quantise_rows_u8");
+    TORCH_CHECK(half >= 1 && half <= 127, "quantise_rows_u8: half must be 1 to 127, got ", half);
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "quantise_rows_u8: x must be (N, C) and contiguous");
     TORCH_CHECK(q.scalar_type() == torch::kUInt8 && q.sizes() == x.sizes() && q.is_contiguous(),
                 "quantise_rows_u8: q must be contiguous uint8 of x's shape");
@@ -367,28 +383,32 @@ void quantise_rows_u8(const torch::Tensor& x, torch::Tensor& q, torch::Tensor& s
     float* m = centre ? means.data_ptr<float>() : nullptr;
     with_elements(x, [&](const auto* elements) {
         if (centre) column_means(elements, rows, C, m);
-        quantise_rows(elements, rows, C, q.data_ptr<uint8_t>(), scales.data_ptr<float>(), m);
+        quantise_rows(elements, rows, C, q.data_ptr<uint8_t>(), scales.data_ptr<float>(), m, half);
     });
 }
 
-// acc: (N, O) fp32 or bf16, contiguous; scales: (N,) float32; bias: (O,) float32 or empty; out: (N, O) bf16,
-// contiguous (it may be acc itself when acc is bf16).
-void scale_rows_bf16(const torch::Tensor& acc, const torch::Tensor& scales, const torch::Tensor& bias,
+// acc: (N, O) fp32 or bf16, contiguous; scales: (N,) float32; bias: (O,) float32 or empty; out: (N, O) bf16 or fp32,
+// contiguous (it may be acc itself when they share a dtype).
+void scale_rows_into(const torch::Tensor& acc, const torch::Tensor& scales, const torch::Tensor& bias,
                      torch::Tensor& out) {
-    check_dense(acc, "scale_rows_bf16");
-    TORCH_CHECK(acc.dim() == 2 && acc.is_contiguous(), "scale_rows_bf16: acc must be (N, O) and contiguous");
-    TORCH_CHECK(out.scalar_type() == torch::kBFloat16 && out.sizes() == acc.sizes() && out.is_contiguous(),
-                "scale_rows_bf16: out must be contiguous bf16 of acc's shape");
+    check_dense(acc, "scale_rows");
+    TORCH_CHECK(acc.dim() == 2 && acc.is_contiguous(), "scale_rows: acc must be (N, O) and contiguous");
+    TORCH_CHECK((out.scalar_type() == torch::kBFloat16 || out.scalar_type() == torch::kFloat) &&
+                    out.sizes() == acc.sizes() && out.is_contiguous(),
+                "scale_rows: out must be contiguous bf16 or fp32 of acc's shape");
     TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.is_contiguous() && scales.numel() == acc.size(0),
-                "scale_rows_bf16: scales must be float32 with one value per row");
+                "scale_rows: scales must be float32 with one value per row");
     TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == torch::kFloat && bias.is_contiguous() &&
                                       bias.numel() == acc.size(1)),
-                "scale_rows_bf16: bias must be empty or float32 with one value per column");
+                "scale_rows: bias must be empty or float32 with one value per column");
     const int64_t rows = acc.size(0), O = acc.size(1);
     if (rows == 0 || O == 0) return;
     const float* b = bias.numel() ? bias.data_ptr<float>() : nullptr;
-    uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
-    with_elements(acc, [&](const auto* elements) { scale_rows(elements, rows, O, scales.data_ptr<float>(), b, o); });
+    const float* s = scales.data_ptr<float>();
+    with_elements(acc, [&](const auto* elements) {
+        if (out.scalar_type() == torch::kFloat) scale_rows(elements, rows, O, s, b, out.data_ptr<float>());
+        else scale_rows(elements, rows, O, s, b, reinterpret_cast<uint16_t*>(out.data_ptr()));
+    });
 }
 
 // w: (O, C) bf16 or fp32, contiguous; v: (C,) float32. Returns W v in float32 (O,), summed in float32.
@@ -405,8 +425,8 @@ torch::Tensor matvec_f32(const torch::Tensor& w, const torch::Tensor& v) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.def("quantise_u8", &quantise_u8, "dynamic per-tensor uint8 quantisation of x into q (kedavra int8.cpp)");
-    m.def("quantise_rows_u8", &quantise_rows_u8, "dynamic per-row symmetric quantisation, zero point 128");
-    m.def("scale_rows_bf16", &scale_rows_bf16, "out = bf16(acc * scales[:, None] + bias)");
+    m.def("quantise_u8", &quantise_u8, "dynamic per-tensor uint8 quantisation of x into q, levels 0..top");
+    m.def("quantise_rows_u8", &quantise_rows_u8, "dynamic per-row symmetric quantisation, levels -half..half + half + 1");
+    m.def("scale_rows", &scale_rows_into, "out = acc * scales[:, None] + bias, out bf16 (rounded once) or fp32");
     m.def("matvec_f32", &matvec_f32, "W v in float32 for a bf16 or fp32 W");
 }

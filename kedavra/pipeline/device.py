@@ -10,15 +10,16 @@ import torch
 
 from kedavra.networks.cpu_features import cpu_has_fast_bf16
 
-# "int8" is carried as torch.qint8: bf16 networks whose U-Net runs its large layers as int8 products on the CPU
+# "int8" is carried as torch.qint8: CPU networks whose U-Net runs its large layers as int8 products
 # (kedavra.networks.int8); network_dtype gives the dtype the weights are held in
 INT8 = torch.qint8
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": INT8}
 
 
 def network_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a precision's weights and activations are held in: bf16 for int8 (INT8), else the dtype itself."""
-    return torch.bfloat16 if dtype == INT8 else dtype
+    """The dtype a precision's weights and activations are held in: for int8 (INT8) the CPU's default, bf16 where it
+    is native and fp32 elsewhere (emulated bf16 would cost far more than int8 saves); else the dtype itself."""
+    return default_dtype(torch.device("cpu")) if dtype == INT8 else dtype
 
 
 def default_device() -> torch.device:

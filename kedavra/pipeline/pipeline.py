@@ -76,9 +76,9 @@ class Pipeline:
                  lora_dir: str | os.PathLike | None = None, embeddings_dir: str | os.PathLike | None = None):
         """device: "cpu", "cuda", ... (default: CUDA if present); dtype: "fp32", "bf16", "fp16" or a torch dtype
         (default: bf16 where the hardware runs it natively, e.g. a CPU with AMX, else fp32), or "int8" (CPU only,
-        opt-in: bf16 networks whose U-Net runs its large conv and linear layers as int8 products,
-        kedavra.networks.int8; `self.dtype` is then bf16 and `self.int8` True). The samplers' arithmetic stays in
-        fp32 whatever the networks run in.
+        opt-in: networks in the CPU's default precision whose U-Net runs its large conv and linear layers as int8
+        products, kedavra.networks.int8; `self.dtype` is then bf16 or fp32 and `self.int8` True). The samplers'
+        arithmetic stays in fp32 whatever the networks run in.
         optimize: on a CPU, keep the U-Net's and the VAE's conv and linear weights in oneDNN's packed layout
         (kedavra.networks.acceleration), in place of the plain ones once they have run (one copy of the weights):
         the same images, bitwise or within a bf16 rounding step at a few elements (speed and memory:
@@ -99,7 +99,7 @@ class Pipeline:
             self.model.unet.to(memory_format=torch.channels_last)
             self.model.vae.to(memory_format=torch.channels_last)
         drop_unused_pages([self.model])  # the checkpoint's mapped pages that conversions above copied away
-        if self.int8:  # before packing, which then packs the layers that stay bf16
+        if self.int8:  # before packing, which then packs the layers that stay in float
             quantise_unet(self.model.unet)
         if optimize:  # a no-op off the CPU
             for part in (self.model.unet, self.model.vae):
