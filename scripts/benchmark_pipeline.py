@@ -23,14 +23,15 @@ U-Net batch, one image, the same prompt, negative prompt and seed. Configuration
                      diffusers-fp32 at full size (the differences of the bf16 runs are then precision)
 
 Each process runs a short generation first (--check-steps, 2 by default; it also warms oneDNN's kernels and the
-packed weights), measures the bf16 matmul peak, then runs the timed generation (--steps). Reported per
+packed weights), measures the matmul peak, then runs the timed generation (--steps). Reported per
 configuration: U-Net seconds per call (a forward hook times every call: median and minimum of the wall time,
 median of the thread's CPU time, which leaves out the time other processes held the core but not their slowing
 of it: this machine's 2 vCPUs share one core's execution units), VAE decoder seconds, end-to-end seconds (prompt
 in, decoded image out), peak resident memory (VmHWM of the process, loading included) and the resident memory
 after the run (VmRSS: what the loaded pipeline holds, packed copies included), the U-Net's achieved FLOP/s
 (FLOPs of one forward counted by torch.utils.flop_counter on the meta device, over the median call) and its
-fraction of the machine's bf16 matmul peak (the best torch.matmul FLOP/s over square sides PEAK_SIDES,
+fraction of the machine's matmul peak (in PEAK_DTYPE: bf16 where the CPU has it natively, else fp32, the precision
+kedavra runs in by default; the best torch.matmul FLOP/s over square sides PEAK_SIDES,
 PEAK_REPEATS calls each) measured in the same process just before the timed run: the machine is shared with
 other virtual machines and its speed drifts by 2-3x within minutes, so each run is held against the peak it had.
 Also each image's difference from diffusers-fp32's (8-bit images, in [0, 1] units: max abs, mean abs, PSNR).
@@ -54,6 +55,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kedavra.pipeline.device import default_dtype
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ("diffusers-fp32", "diffusers-bf16", "kedavra", "kedavra-eager", "kedavra-int8", "kedavra-fp32")
 CHECK_ONLY = ("kedavra-fp32",)
@@ -66,7 +69,10 @@ PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry, low q
 GUIDANCE = 7.5  # SD's usual classifier-free guidance scale
 SEED = 42
 WEIGHT_SEED = 0  # reference_models' seed: the same random weights on both sides
-# Square bf16 matmul sides for the peak. 4096 alone (an earlier choice) is slowed by memory traffic here: the
+# The peak's precision: bf16 where native, else fp32 (emulated bf16 would take hours over PEAK_SIDES and say nothing)
+PEAK_DTYPE = default_dtype(torch.device("cpu"))
+PEAK_NAME = {torch.bfloat16: "bf16", torch.float32: "fp32"}[PEAK_DTYPE]
+# Square matmul sides for the peak. 4096 alone (an earlier choice) is slowed by memory traffic here: the
 # U-Net's convolutions ran at 1.5-3x its FLOP/s, so a fraction of it said little. The best side varies by run.
 PEAK_SIDES = (1024, 2048, 4096)
 PEAK_REPEATS = 8
@@ -190,7 +196,7 @@ def run_child(config: str, folder: Path, size: int, steps: int, check_steps: int
     runs = [("check", check_steps)] + ([] if config in CHECK_ONLY else [("timed", steps)])
     for name, n in runs:
         if name == "timed":  # how fast the machine is right now: other tenants share the core
-            result["peak_bf16"] = matmul_peak(torch.bfloat16)
+            result["peak"] = matmul_peak(PEAK_DTYPE)
         for timings in calls.values():
             timings.clear()
         start = time.perf_counter()
@@ -271,27 +277,28 @@ def cpu_model() -> str:
 def summarize(rounds: list[dict], steps: int, flops: int) -> dict:
     """Numbers for the table from every round of one configuration; a capped timed run is extrapolated.
 
-    U-Net times pool the calls of all rounds (median, min). "peak" is the bf16 matmul peak measured inside each
+    U-Net times pool the calls of all rounds (median, min). "peak" is the PEAK_DTYPE matmul peak measured inside each
     round's process just before its timed run, so `efficiency` (achieved U-Net FLOP/s over that peak) compares
     configurations that ran while other tenants slowed the machine by different amounts."""
     wall = [s for r in rounds for s in r["timed_unet_wall_s"]]
     per_step = float(np.median(wall))
     measured = rounds[0]["timed_steps"]
     e2e = float(np.median([r["timed_e2e_s"] for r in rounds])) + (steps - measured) * per_step
-    efficiency = [flops / float(np.median(r["timed_unet_wall_s"])) / r["peak_bf16"] for r in rounds]
+    efficiency = [flops / float(np.median(r["timed_unet_wall_s"])) / r["peak"] for r in rounds]
     return {"unet_s": per_step, "unet_min_s": min(wall), "e2e_s": e2e,
             "unet_cpu_s": float(np.median([s for r in rounds for s in r["timed_unet_cpu_s"]])),
             "vae_s": float(np.median([r["timed_vae_s"] for r in rounds])), "extrapolated": measured != steps,
             "measured_steps": measured, "flops_per_s": flops / per_step,
-            "peak": float(np.median([r["peak_bf16"] for r in rounds])), "efficiency": float(np.median(efficiency)),
+            "peak": float(np.median([r["peak"] for r in rounds])), "efficiency": float(np.median(efficiency)),
             "rss_gib": max(r["peak_rss_gib"] for r in rounds), "end_rss_gib": max(r["end_rss_gib"] for r in rounds),
             "rounds": len(rounds)}
 
 
 def markdown(rows: dict, diffs: dict, steps: int, check_steps: int) -> str:
     lines = [f"| size | configuration | U-Net s/step (median) | min | CPU s/step | VAE decode s "
-             f"| e2e s ({steps} steps) | peak RSS GiB | RSS after GiB | U-Net TFLOP/s | bf16 peak in run, TFLOP/s "
-             "| % of that peak |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"| e2e s ({steps} steps) | peak RSS GiB | RSS after GiB | U-Net TFLOP/s "
+             f"| {PEAK_NAME} peak in run, TFLOP/s | % of that peak |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (size, config), r in sorted(rows.items(), key=lambda item: (item[0][0], CONFIGS.index(item[0][1]))):
         e2e = f"{r['e2e_s']:.1f}" + (f" (extrapolated from {r['measured_steps']})" if r["extrapolated"] else "")
         lines.append(f"| {size} | {config} | {r['unet_s']:.2f} | {r['unet_min_s']:.2f} | {r['unet_cpu_s']:.2f} "
@@ -366,9 +373,9 @@ def main() -> None:
         return
 
     print(f"CPU: {cpu_model()}; torch {torch.__version__}, {args.threads} thread(s); load average {load_average()}")
-    peaks = [matmul_peak(torch.bfloat16)]
-    print(f"bf16 matmul (best over sides {PEAK_SIDES}): {peaks[0] / 1e12:.3f} TFLOP/s; fp32: "
-          f"{matmul_peak(torch.float32) / 1e12:.3f} TFLOP/s", flush=True)
+    peaks = [matmul_peak(PEAK_DTYPE)]
+    other = "" if PEAK_DTYPE == torch.float32 else f"; fp32: {matmul_peak(torch.float32) / 1e12:.3f} TFLOP/s"
+    print(f"{PEAK_NAME} matmul (best over sides {PEAK_SIDES}): {peaks[0] / 1e12:.3f} TFLOP/s{other}", flush=True)
     if not (folder / "complete").exists():
         start = time.perf_counter()
         build_folder(folder)
@@ -387,8 +394,8 @@ def main() -> None:
                 capped = config == REFERENCE and args.fp32_steps
                 result = run_config(args, config, size, args.fp32_steps if capped else args.steps)
                 results.setdefault((size, config), []).append(result)
-                if "peak_bf16" in result:
-                    peaks.append(result["peak_bf16"])
+                if "peak" in result:
+                    peaks.append(result["peak"])
                 if round_index == 0:
                     with np.load(args.workdir / f"images-{config}-{size}.npz") as saved:
                         images[size, config] = {k: saved[k] for k in saved.files}
@@ -396,14 +403,14 @@ def main() -> None:
                 print(f"  {config}" + (f" (round {round_index + 1})" if args.rounds > 1 else "") + ": "
                       + (f"U-Net {np.median(timed):.2f} s/step (CPU {np.median(result['timed_unet_cpu_s']):.2f}), "
                          f"VAE decode {result['timed_vae_s']:.1f} s, e2e {result['timed_e2e_s']:.1f} s over "
-                         f"{result['timed_steps']} steps, bf16 peak {result['peak_bf16'] / 1e12:.2f} TFLOP/s, "
+                         f"{result['timed_steps']} steps, {PEAK_NAME} peak {result['peak'] / 1e12:.2f} TFLOP/s, "
                          if timed else "")
                       + f"check run {result['check_e2e_s']:.1f} s, load {result['load_s']:.1f} s, peak RSS "
                       f"{result['peak_rss_gib']:.2f} GiB, after {result['end_rss_gib']:.2f} GiB; load average "
                       f"{load_average()}", flush=True)
 
-    peaks.append(matmul_peak(torch.bfloat16))
-    print(f"\nbf16 matmul peak: best {max(peaks) / 1e12:.3f} TFLOP/s, lowest {min(peaks) / 1e12:.3f} over "
+    peaks.append(matmul_peak(PEAK_DTYPE))
+    print(f"\n{PEAK_NAME} matmul peak: best {max(peaks) / 1e12:.3f} TFLOP/s, lowest {min(peaks) / 1e12:.3f} over "
           f"{len(peaks)} measurements during the run; load average at the end {load_average()}\n")
     rows = {key: summarize(rounds, args.steps, flops[key[0]]) for key, rounds in results.items()
             if key[1] not in CHECK_ONLY}
@@ -418,7 +425,7 @@ def main() -> None:
                 diffs[size, config, label] = image_difference(found[run], reference[run])
     print(markdown(rows, diffs, args.steps, args.check_steps))
     if args.json:
-        args.json.write_text(json.dumps({"peaks_bf16": peaks, "results": {
+        args.json.write_text(json.dumps({"peak_dtype": PEAK_NAME, "peaks": peaks, "results": {
             f"{s} {c}": r for (s, c), r in results.items()}, "diffs": {
             f"{s} {c} {r}": d for (s, c, r), d in diffs.items()}}, indent=1))
 

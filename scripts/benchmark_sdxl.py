@@ -23,14 +23,14 @@ process, one at a time (scripts/benchmark_pipeline.py defines them for SD 1.5):
                      torch.compile (inductor, default mode, frozen weights: torch._inductor.config.freezing); the
                      warm-up call includes the compilation
 
-Each process makes one U-Net call on the classifier-free guidance batch (2 latents of size/8, one timestep, a
-77-token context, SDXL's pooled text embeds and micro-conditioning time ids) to warm up (oneDNN's kernel choice,
-the packed weights), measures the bf16 matmul peak (benchmark_pipeline.matmul_peak: the machine is shared and its
-speed drifts), then times --calls calls (wall and thread CPU seconds). Reported: the median of the timed calls,
+Each process makes one U-Net call on the classifier-free guidance batch (2 latents of size/8, one timestep, a 77-token
+context, SDXL's pooled text embeds and micro-conditioning time ids) to warm up (oneDNN's kernel choice, the packed
+weights), measures the matmul peak (benchmark_pipeline.matmul_peak, bf16 where native, else fp32: the machine is shared
+and its speed drifts), then times --calls calls (wall and thread CPU seconds). Reported: the median of the timed calls,
 peak resident memory (VmHWM, building included), the memory held after the calls (VmRSS), the same after glibc's
-malloc_trim(0) returns the freed pages its heap keeps (the memory really in use), and the agreement of
-the last call's outputs (max |kedavra - diffusers| / max |diffusers|, both bf16) and, with diffusers-fp32 run first,
-each output's relative L2 error ||y - y_fp32|| / ||y_fp32||.
+malloc_trim(0) returns the freed pages its heap keeps (the memory really in use), and the agreement of the last call's
+outputs (max |kedavra - diffusers| / max |diffusers|, both bf16) and, with diffusers-fp32 run first, each output's
+relative L2 error ||y - y_fp32|| / ||y_fp32||.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the released SDXL config and the seeded re-draw live in the test helpers
 
-from benchmark_pipeline import child_json, cpu_model, load_average, matmul_peak, vm_kib  # noqa: E402
+from benchmark_pipeline import PEAK_DTYPE, PEAK_NAME, child_json, cpu_model, load_average, matmul_peak, vm_kib  # noqa: E402
 
 CONFIGS = ("diffusers-bf16", "kedavra", "kedavra-int8")
 EXTRA = ("diffusers-fp32", "diffusers-bf16-compiled", "kedavra-compiled")
@@ -159,7 +159,7 @@ def run_child(config: str, size: int, calls: int, out: Path) -> dict:
         start = time.perf_counter()
         output = call(x, t, context, added)  # warm-up
         result["warmup_s"] = time.perf_counter() - start
-        result["peak_bf16"] = matmul_peak(torch.bfloat16)
+        result["peak"] = matmul_peak(PEAK_DTYPE)
         wall, cpu = [], []
         for _ in range(calls):
             start, start_cpu = time.perf_counter(), time.thread_time()
@@ -226,7 +226,8 @@ def main() -> int:
     print(f"CPU: {cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
           f"load average {load_average()}")
     rows = []
-    print("| size | configuration | U-Net s/call (median of timed; calls) | thread CPU s | warm-up s | bf16 peak "
+    print("| size | configuration | U-Net s/call (median of timed; calls) | thread CPU s | warm-up s | "
+          f"{PEAK_NAME} peak "
           "TFLOP/s | peak RSS GiB | RSS after GiB | after malloc_trim GiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     summary, errors = [], []
@@ -240,12 +241,12 @@ def main() -> int:
                 rows.append(row)
                 if config == REFERENCE:
                     print(f"| {size} | {config} | (reference, untimed) | | {row['warmup_s']:.2f} "
-                          f"| {row['peak_bf16'] / 1e12:.2f} | {row['peak_rss_gib']:.2f} | {row['end_rss_gib']:.2f} "
+                          f"| {row['peak'] / 1e12:.2f} | {row['peak_rss_gib']:.2f} | {row['end_rss_gib']:.2f} "
                           f"| {gib_text(row['trimmed_rss_gib'])} |", flush=True)
                     continue
                 calls = ", ".join(f"{s:.2f}" for s in row["wall_s"])
                 print(f"| {size} | {config} | {np.median(row['wall_s']):.2f} ({calls}) "
-                      f"| {np.median(row['cpu_s']):.2f} | {row['warmup_s']:.2f} | {row['peak_bf16'] / 1e12:.2f} "
+                      f"| {np.median(row['cpu_s']):.2f} | {row['warmup_s']:.2f} | {row['peak'] / 1e12:.2f} "
                       f"| {row['peak_rss_gib']:.2f} | {row['end_rss_gib']:.2f} | {gib_text(row['trimmed_rss_gib'])} |",
                       flush=True)
             for theirs in (c for c in args.configs if c.startswith("diffusers") and c != REFERENCE):

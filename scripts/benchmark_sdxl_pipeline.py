@@ -25,15 +25,15 @@ each in its own process, one at a time:
                      (encode_prompt, the pipeline's own call) and the text encoders dropped before sampling, else
                      the 1024 decode runs this machine's 24 GiB out of memory (seen: 19.9 GB resident when killed)
 
-Each process loads the folder, makes a 2-step run at the size (warm-up: oneDNN's kernels, the packed weights), then
-the timed run. Reported: load seconds, the U-Net's seconds per call (median over the timed run's calls, forward
-hooks; wall and thread CPU), the VAE decode and the two text encoders' seconds, end to end (prompt in, PIL image
-out), peak resident memory (VmHWM, loading included), the memory held after the run (VmRSS) and after glibc's
-malloc_trim(0), and the bf16 matmul peak measured just before the timed run (benchmark_pipeline.matmul_peak). The
-timed images of kedavra's configurations are compared with diffusers-bf16's (max and mean abs difference of the
-8-bit images, PSNR): with random weights and bf16 on both sides they are not expected to match exactly (the per-call
-U-Net outputs differ by about 1.5 % of their range, scripts/benchmark_sdxl.py), only to stay close. With
-diffusers-fp32 in --configs, every configuration's check image is also held against its check image.
+Each process loads the folder, makes a 2-step run at the size (warm-up: oneDNN's kernels, the packed weights), then the
+timed run. Reported: load seconds, the U-Net's seconds per call (median over the timed run's calls, forward hooks; wall
+and thread CPU), the VAE decode and the two text encoders' seconds, end to end (prompt in, PIL image out), peak resident
+memory (VmHWM, loading included), the memory held after the run (VmRSS) and after glibc's malloc_trim(0), and the matmul
+peak (bf16 where native, else fp32) measured just before the timed run (benchmark_pipeline.matmul_peak). The timed
+images of kedavra's configurations are compared with diffusers-bf16's (max and mean abs difference of the 8-bit images,
+PSNR): with random weights and bf16 on both sides they are not expected to match exactly (the per-call U-Net outputs
+differ by about 1.5 % of their range, scripts/benchmark_sdxl.py), only to stay close. With diffusers-fp32 in --configs,
+every configuration's check image is also held against its check image.
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmark_pipeline import (  # noqa: E402
+    PEAK_DTYPE,
+    PEAK_NAME,
     child_json,
     cpu_model,
     image_difference,
@@ -173,7 +175,7 @@ def run_child(config: str, folder: Path, size: int, steps: int, out: Path, fp32_
     full = config != REFERENCE or fp32_full
     for name, n in (("check", CHECK_STEPS),) + ((("timed", steps),) if full else ()):
         if name == "timed":
-            result["peak_bf16"] = matmul_peak(torch.bfloat16)
+            result["peak"] = matmul_peak(PEAK_DTYPE)
         for timings in calls.values():
             timings.clear()
         start = time.perf_counter()
@@ -239,7 +241,7 @@ def main() -> int:
         print(f"built the random-weight SDXL folder in {time.perf_counter() - started:.0f} s: {folder}", flush=True)
     print(f"CPU: {cpu_model()}; torch {torch.__version__}, {args.threads} thread(s); load average {load_average()}")
     header = ("| size | configuration | U-Net s/step (median; min) | CPU s/step | text encoders s | VAE decode s "
-              f"| e2e s ({args.steps} steps) | load s | bf16 peak TFLOP/s | peak RSS GiB | RSS after GiB "
+              f"| e2e s ({args.steps} steps) | load s | {PEAK_NAME} peak TFLOP/s | peak RSS GiB | RSS after GiB "
               "| after malloc_trim GiB |")
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
@@ -258,7 +260,7 @@ def main() -> int:
                 continue
             print(f"| {size} | {config} | {np.median(row['unet_wall_s']):.2f} ({min(row['unet_wall_s']):.2f}) "
                   f"| {np.median(row['unet_cpu_s']):.2f} | {row['text_s']:.2f} | {row['vae_s']:.1f} "
-                  f"| {row['timed_e2e_s']:.1f} | {row['load_s']:.1f} | {row['peak_bf16'] / 1e12:.2f} "
+                  f"| {row['timed_e2e_s']:.1f} | {row['load_s']:.1f} | {row['peak'] / 1e12:.2f} "
                   f"| {row['peak_rss_gib']:.2f} | {row['end_rss_gib']:.2f} | {gib_text(row['trimmed_rss_gib'])} |",
                   flush=True)
         if "diffusers-bf16" in measured:

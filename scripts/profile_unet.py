@@ -3,12 +3,13 @@
     .venv/bin/python scripts/profile_unet.py --size 512                 # torch's default thread count
     OMP_NUM_THREADS=1 .venv/bin/python scripts/profile_unet.py --threads 1 --size 512
 
-SD 1.5's U-Net shape with random weights (a kernel's cost does not depend on the weights), batch 2 (guidance), bf16,
-channels-last as the pipeline runs it; torch.profiler over one call after a warm-up call, self CPU time of each
-aten / mkldnn op summed into kinds. Attention is split by sequence length and head width (the SDPA kernel's input
-shapes). "eager" is `Pipeline(optimize=False)`, "packed" kedavra's default (kedavra.networks.acceleration); on a CPU
-where kedavra's attention kernel runs (kedavra.networks.cpu_attention), "packed, SDPA" is the packed U-Net with the
-kernel switched off, the "before" of that kernel; where torch has oneDNN's int8 kernels, "int8" is `--precision int8`
+SD 1.5's U-Net shape with random weights (a kernel's cost does not depend on the weights), batch 2 (guidance), in the
+CPU's default precision (bf16 where native, else fp32; --dtype to choose), channels-last as the pipeline runs it;
+torch.profiler over one call after a warm-up call, self CPU time of each aten / mkldnn op summed into kinds.
+Attention is split by sequence length and head width (the SDPA kernel's input shapes). "eager" is
+`Pipeline(optimize=False)`, "packed" kedavra's default (kedavra.networks.acceleration); on a CPU where kedavra's
+attention kernel runs (kedavra.networks.cpu_attention), "packed, SDPA" is the packed U-Net with the kernel switched
+off, the "before" of that kernel; where torch has oneDNN's int8 kernels, "int8" is `--precision int8`
 (kedavra.networks.int8: its oneDNN products, and int8.cpp's quantisers and epilogue, named for the profiler).
 """
 
@@ -23,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from kedavra.networks import cpu_attention, int8
 from kedavra.networks.model import ModelConfig, StableDiffusion
+from kedavra.pipeline.device import default_dtype
 from kedavra.pipeline.pipeline import Pipeline
 
 KINDS = (  # (kind, substrings of the op name), first match wins
@@ -48,7 +50,7 @@ def kind_of(name: str) -> str:
 
 def profile_call(optimize: bool, size: int, sdpa: bool = False, precision: str = "bf16") -> dict[str, float]:
     """Self CPU seconds by kind (attention keyed by its sequence length and head width) of one guided call; sdpa:
-    with kedavra's CPU attention kernel switched off; precision: "bf16" or "int8"."""
+    with kedavra's CPU attention kernel switched off; precision: "bf16", "fp32" or "int8"."""
     with cpu_attention.switched_off() if sdpa else nullcontext():
         return _profile_call(optimize, size, precision)
 
@@ -80,12 +82,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), help="the float configurations' precision "
+                        "(default: the CPU's, which int8 keeps its other layers in whatever this says)")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    configurations = [("eager", False, False, "bf16"), ("packed", True, False, "bf16")]
-    if cpu_attention.enabled():
-        configurations.append(("packed, SDPA", True, True, "bf16"))
+    dtype = args.dtype or {torch.bfloat16: "bf16", torch.float32: "fp32"}[default_dtype(torch.device("cpu"))]
+    configurations = [("eager", False, False, dtype), ("packed", True, False, dtype)]
+    if cpu_attention.enabled() and dtype == "bf16":
+        configurations.append(("packed, SDPA", True, True, dtype))
     if int8.available():
         configurations.append(("int8", True, False, "int8"))
     results = {name: profile_call(optimize, args.size, sdpa, precision)
@@ -94,7 +99,8 @@ def main() -> None:
     kinds = sorted(set().union(*results.values()), key=lambda k: -results["packed"].get(k, 0.0))
     totals = {name: sum(values.values()) for name, values in results.items()}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, SD 1.5 U-Net, {args.size}x{args.size}, "
-          "guided (batch 2), bf16 (int8: its large layers int8): self CPU time of one call\n")
+          f"guided (batch 2), {dtype} (int8: its large layers int8, {int8.activation_bits()}-bit activations): self "
+          "CPU time of one call\n")
     print("| kind | " + " | ".join(f"{name} | share" for name in names) + " |")
     print("|---|" + "---|---|" * len(names))
     for kind in kinds:
