@@ -1,8 +1,8 @@
 // Activation quantisation for kedavra's int8 layers (kedavra/networks/int8.py), and the per-row epilogue.
 //
-// Levels: `top` is the largest level, 255 (8 bits) where the CPU sums u8 x s8 products exactly (VNNI, AMX-INT8), 127
-// (7 bits) where oneDNN's kernel adds pairs of products into a saturating int16 first (AVX2's vpmaddubsw: 2 x 127 x 127
-// fits in it, 2 x 255 x 127 does not); int8.py's activation_bits chooses.
+// Levels: `bits` of them, 8 where the CPU sums u8 x s8 products exactly (VNNI, AMX-INT8), 7 where oneDNN's kernel adds
+// pairs of products into a saturating int16 first (AVX2's vpmaddubsw: 2 x 127 x 127 fits in it, 2 x 255 x 127 does
+// not); int8.py's activation_bits chooses. The largest level is top = 2^bits - 1 (255 or 127).
 //
 // quantise_u8: dynamic per-tensor uint8 quantisation (the 3x3 convolutions' inputs)
 //
@@ -17,7 +17,7 @@
 //
 // quantise_rows_u8: dynamic per-row (per-token) symmetric quantisation (the inputs of linear layers and 1x1
 // convolutions, rows of C contiguous values), optionally of the rows minus an estimate μ of each column's mean (over
-// 256-511 evenly spaced rows: column_means); with h = (top - 1) / 2 (127 or 63) and zero point h + 1 (128 or 64)
+// 256-511 evenly spaced rows: column_means); with h = 2^(bits-1) - 1 (127 or 63) and zero point h + 1 (128 or 64)
 //
 //   s[r] = max_c |x[r, c] - μ[c]| / h,   q[r, c] = clamp(round((x[r, c] - μ[c]) / s[r]), -h, h) + h + 1
 //
@@ -347,11 +347,12 @@ auto with_elements(const torch::Tensor& t, F&& f) {
 }  // namespace
 
 // x: bf16 or fp32, non-overlapping and dense; q: uint8, x's shape and strides; means: float32 of C values (x read as
-// rows of C, channels-last) or empty; top: the largest level, 1 to 255. Returns (scale, zero_point); fills means when
-// it has values.
-std::tuple<double, int64_t> quantise_u8(const torch::Tensor& x, torch::Tensor& q, torch::Tensor& means, int64_t top) {
+// rows of C, channels-last) or empty; bits: of the levels, 2 to 8. Returns (scale, zero_point); fills means when it
+// has values.
+std::tuple<double, int64_t> quantise_u8(const torch::Tensor& x, torch::Tensor& q, torch::Tensor& means, int64_t bits) {
     check_dense(x, "quantise_u8");
-    TORCH_CHECK(top >= 1 && top <= 255, "quantise_u8: top must be 1 to 255, got ", top);
+    TORCH_CHECK(bits >= 2 && bits <= 8, "quantise_u8: bits must be 2 to 8, got ", bits);
+    const int64_t top = (int64_t{1} << bits) - 1;
     TORCH_CHECK(q.scalar_type() == torch::kUInt8 && q.sizes() == x.sizes() && q.strides() == x.strides(),
                 "quantise_u8: q must be uint8 with x's shape and strides");
     const int64_t n = x.numel(), C = means.numel();
@@ -364,11 +365,12 @@ std::tuple<double, int64_t> quantise_u8(const torch::Tensor& x, torch::Tensor& q
 
 // x: (N, C) bf16 or fp32, contiguous; q: (N, C) uint8; scales: (N,) float32; means: empty, or (C,) float32 to be
 // filled with each column's mean over evenly spaced rows (column_means), which is then taken from every row before
-// it is quantised; half: the largest level magnitude h, 1 to 127 (zero point h + 1).
+// it is quantised; bits: of the levels, 2 to 8 (levels -h..h, h = 2^(bits-1) - 1, stored with zero point h + 1).
 void quantise_rows_u8(const torch::Tensor& x, torch::Tensor& q, torch::Tensor& scales, torch::Tensor& means,
-                      int64_t half) {
+                      int64_t bits) {
     check_dense(x, "quantise_rows_u8");
-    TORCH_CHECK(half >= 1 && half <= 127, "quantise_rows_u8: half must be 1 to 127, got ", half);
+    TORCH_CHECK(bits >= 2 && bits <= 8, "quantise_rows_u8: bits must be 2 to 8, got ", bits);
+    const int64_t half = (int64_t{1} << (bits - 1)) - 1;
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "quantise_rows_u8: x must be (N, C) and contiguous");
     TORCH_CHECK(q.scalar_type() == torch::kUInt8 && q.sizes() == x.sizes() && q.is_contiguous(),
                 "quantise_rows_u8: q must be contiguous uint8 of x's shape");
@@ -425,8 +427,8 @@ torch::Tensor matvec_f32(const torch::Tensor& w, const torch::Tensor& v) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.def("quantise_u8", &quantise_u8, "dynamic per-tensor uint8 quantisation of x into q, levels 0..top");
-    m.def("quantise_rows_u8", &quantise_rows_u8, "dynamic per-row symmetric quantisation, levels -half..half + half + 1");
+    m.def("quantise_u8", &quantise_u8, "dynamic per-tensor uint8 quantisation of x into q, levels 0..2^bits - 1");
+    m.def("quantise_rows_u8", &quantise_rows_u8, "dynamic per-row symmetric quantisation, levels -h..h + h + 1");
     m.def("scale_rows", &scale_rows_into, "out = acc * scales[:, None] + bias, out bf16 (rounded once) or fp32");
     m.def("matvec_f32", &matvec_f32, "W v in float32 for a bf16 or fp32 W");
 }

@@ -66,6 +66,7 @@ from torch import Tensor, nn
 from kedavra.networks.acceleration import NO_POST_OP, conv_twin, linear_twin
 from kedavra.networks.cpp_extension import CppExtension, profiled
 from kedavra.networks.cpu_features import cpu_has_exact_int8_pairs
+from kedavra.validation import is_int
 
 INT8_MAX = 127  # weights: symmetric levels -127..127
 FLOAT_DTYPES = (torch.bfloat16, torch.float32)  # the network precisions whose calls run in int8
@@ -114,7 +115,7 @@ def quantise_activation(x: Tensor, channels: int = 0, bits: int = 8) -> tuple[Te
         q = torch.empty_like(x, dtype=torch.uint8)
         means = torch.empty(channels, dtype=torch.float32)
         with profiled("kedavra::int8 quantise per tensor"):
-            scale, zero_point = kernel.quantise_u8(x, q, means, top_level(bits))
+            scale, zero_point = kernel.quantise_u8(x, q, means, bits)
         return q, scale, zero_point, means if channels else None
     means = None
     if channels:
@@ -143,7 +144,7 @@ def quantise_rows(x: Tensor, centre: bool = False, bits: int = 8) -> tuple[Tenso
         scales = torch.empty(x.shape[0], dtype=torch.float32)
         means = torch.empty(x.shape[1] if centre else 0, dtype=torch.float32)
         with profiled("kedavra::int8 quantise per row"):
-            kernel.quantise_rows_u8(x, q, scales, means, row_zero_point(bits) - 1)
+            kernel.quantise_rows_u8(x, q, scales, means, bits)
         return q, scales, means if centre else None
     x = x.float()
     means = x[:: max(1, x.shape[0] // MEAN_ROWS)].double().mean(dim=0).float() if centre else None
@@ -292,7 +293,7 @@ def check_bits(bits: int | None) -> int:
     """Activation bits for a layer: 8 or 7 (None: this CPU's activation_bits())."""
     if bits is None:
         return activation_bits()
-    if bits not in (7, 8):
+    if not is_int(bits) or bits not in (7, 8):
         raise ValueError(f"int8 activation bits must be 8 or 7 (7 where the CPU lacks VNNI), got {bits!r}")
     return bits
 
